@@ -1,0 +1,295 @@
+"""The gateway's YAML config: pydantic models, loading, cross-checks and schema export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from ensemble.config_errors import Loc, LocatedError, dotted, format_errors, line_index
+from ensemble.errors import ConfigError
+from policies import registry
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are not coerced loosely."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LinkConfig(StrictModel):
+    """Network link from the gateway to a tier; emulated in userspace when ``emulate`` is on."""
+
+    emulate: bool = Field(False, description="Emulate this link's behaviour (tests, demos).")
+    delay_ms: float = Field(0.0, ge=0, le=60_000, description="One-way added delay, ms.")
+    jitter_ms: float = Field(0.0, ge=0, le=60_000, description="Uniform jitter around delay, ms.")
+    loss: float = Field(0.0, ge=0, lt=1, description="Probability a call is dropped.")
+    bandwidth_mbps: float | None = Field(
+        None, gt=0, description="Bandwidth cap in megabits per second; none means uncapped."
+    )
+
+
+class TierConfig(StrictModel):
+    """A placement tier such as edge or cloud: its link and its prices."""
+
+    link: LinkConfig = Field(default_factory=LinkConfig, description="Link to this tier.")
+    cost_per_replica_hour: float = Field(
+        0.0, ge=0, description="Price of one replica for one hour, in the config's currency."
+    )
+    cost_per_request: float = Field(0.0, ge=0, description="Price of one member call on this tier.")
+    max_replicas: int | None = Field(
+        None, ge=1, description="Upper bound on replicas across all members on this tier."
+    )
+
+
+class ReplicaBounds(StrictModel):
+    """How many replicas a member keeps on one tier."""
+
+    min: int = Field(1, ge=0, le=256, description="Replicas kept at all times.")
+    max: int = Field(1, ge=1, le=256, description="Replicas the autoscaler may grow to.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaBounds:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
+class Placement(StrictModel):
+    """Where a member's replicas run and how the gateway reaches them."""
+
+    tier: Name = Field(description="Name of a tier defined under `tiers`.")
+    backend: Literal["inprocess"] = Field(
+        "inprocess", description="How replicas are reached: `inprocess` (onnxruntime here)."
+    )
+    replicas: ReplicaBounds = Field(default_factory=ReplicaBounds, description="Replica bounds.")
+
+
+class MemberConfig(StrictModel):
+    """One ensemble member: an ONNX classifier and where its replicas run."""
+
+    name: Name = Field(description="Member name; also addressable as a model of its own.")
+    model: Path = Field(description="ONNX file, relative to this config file's directory.")
+    card: Path | None = Field(
+        None, description="Member card JSON; default: `<model stem>.card.json` beside the model."
+    )
+    probability_output: str | None = Field(
+        None, description="Output holding class scores; default: from the card, else inferred."
+    )
+    output_kind: Literal["probabilities", "logits"] = Field(
+        "probabilities", description="`logits` outputs are turned into probabilities by softmax."
+    )
+    classes: list[int] | None = Field(
+        None, min_length=2, description="Class labels in output order; default: card, else 0..C-1."
+    )
+    placement: list[Placement] = Field(min_length=1, description="Tiers this member runs on.")
+
+
+class PolicySpec(StrictModel):
+    """A named policy and its parameters, validated by the policy's own params model."""
+
+    name: str = Field(description="Registered policy name.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Policy parameters.")
+
+
+class ProfileConfig(StrictModel):
+    """An operator-defined policy profile: how an ensemble answers."""
+
+    selection: PolicySpec = Field(
+        default_factory=lambda: PolicySpec(name="all"), description="Which members answer."
+    )
+    aggregation: PolicySpec = Field(
+        default_factory=lambda: PolicySpec(name="mean_probability"),
+        description="How answers are combined.",
+    )
+
+
+class EnsembleConfig(StrictModel):
+    """An ensemble served as one model."""
+
+    name: Name = Field(description="Model name clients use.")
+    description: str = Field("", description="Free text shown in model metadata.")
+    policy: str = Field("default", description="Name of a profile under `policies`.")
+    members: list[MemberConfig] = Field(min_length=1, description="The ensemble's members.")
+
+
+class ServerConfig(StrictModel):
+    """Listening addresses and request limits."""
+
+    host: str = Field("127.0.0.1", description="Address both frontends bind to.")
+    http_port: int = Field(8000, ge=0, le=65535, description="OIP REST port; 0 picks a free one.")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="OIP gRPC port; 0 picks a free one.")
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 above it)."
+    )
+    max_batch_size: int = Field(1024, ge=1, description="Largest accepted batch dimension.")
+    executor_threads: int = Field(
+        2, ge=1, le=64, description="Threads running onnxruntime (never the event loop)."
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+
+
+class ModelZooConfig(StrictModel):
+    """Where the built-in model zoo lives; `serve` builds it when member files are missing."""
+
+    dir: Path = Field(Path("../models/digits"), description="Zoo directory, relative to config.")
+    build_if_missing: bool = Field(True, description="Build the zoo on first use.")
+
+
+def _default_tiers() -> dict[str, TierConfig]:
+    return {"edge": TierConfig(), "cloud": TierConfig()}
+
+
+class GatewayConfig(StrictModel):
+    """The whole gateway config file."""
+
+    server: ServerConfig = Field(default_factory=ServerConfig, description="Frontends, limits.")
+    tiers: dict[Name, TierConfig] = Field(
+        default_factory=_default_tiers, description="Placement tiers by name."
+    )
+    ensembles: list[EnsembleConfig] = Field(min_length=1, description="Ensembles to serve.")
+    policies: dict[Name, ProfileConfig] = Field(
+        default_factory=dict, description="Policy profiles; `default` exists unless redefined."
+    )
+    model_zoo: ModelZooConfig = Field(
+        default_factory=ModelZooConfig, description="The built-in model zoo."
+    )
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory relative paths in this config are resolved against."""
+        return self._base_dir
+
+    def resolve(self, path: Path) -> Path:
+        """``path`` made absolute against the config file's directory."""
+        return path if path.is_absolute() else (self._base_dir / path).resolve()
+
+    def profile(self, name: str) -> ProfileConfig:
+        """The named policy profile (``default`` is built in)."""
+        if name in self.policies:
+            return self.policies[name]
+        if name == "default":
+            return ProfileConfig()
+        raise KeyError(name)
+
+    def model_names(self) -> list[str]:
+        """Every name a client can address: ensembles, then members."""
+        return [e.name for e in self.ensembles] + [
+            m.name for e in self.ensembles for m in e.members
+        ]
+
+    def zoo_dir(self) -> Path:
+        return self.resolve(self.model_zoo.dir)
+
+
+def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
+    """Cross-field problems pydantic cannot see: references, uniqueness, policy params, files."""
+    errors: list[LocatedError] = []
+    seen: dict[str, Loc] = {}
+    for ei, ens in enumerate(cfg.ensembles):
+        for loc, name in [(("ensembles", ei, "name"), ens.name)] + [
+            (("ensembles", ei, "members", mi, "name"), m.name) for mi, m in enumerate(ens.members)
+        ]:
+            if name in seen:
+                errors.append((loc, f"model name {name!r} is already used at {dotted(seen[name])}"))
+            else:
+                seen[name] = loc
+        if ens.policy not in cfg.policies and ens.policy != "default":
+            known = ", ".join(sorted({*cfg.policies, "default"}))
+            errors.append(
+                (("ensembles", ei, "policy"), f"unknown profile {ens.policy!r}; defined: {known}")
+            )
+        for mi, member in enumerate(ens.members):
+            mloc: Loc = ("ensembles", ei, "members", mi)
+            for pi, place in enumerate(member.placement):
+                if place.tier not in cfg.tiers:
+                    known = ", ".join(sorted(cfg.tiers)) or "none"
+                    errors.append(
+                        (
+                            (*mloc, "placement", pi, "tier"),
+                            f"unknown tier {place.tier!r}; defined: {known}",
+                        )
+                    )
+            errors.extend(_file_errors(cfg, member, mloc))
+    for pname, profile in cfg.policies.items():
+        for kind in ("selection", "aggregation"):
+            spec: PolicySpec = getattr(profile, kind)
+            errors.extend(_policy_errors(kind, spec, ("policies", pname, kind)))
+    return errors
+
+
+def _file_errors(cfg: GatewayConfig, member: MemberConfig, loc: Loc) -> list[LocatedError]:
+    path = cfg.resolve(member.model)
+    if path.is_file():
+        return []
+    zoo = cfg.zoo_dir()
+    if cfg.model_zoo.build_if_missing and path.parent == zoo:
+        return []  # `serve` builds the zoo on first use
+    return [((*loc, "model"), f"model file not found: {path}")]
+
+
+def _policy_errors(kind: str, spec: PolicySpec, loc: Loc) -> list[LocatedError]:
+    try:
+        entry = registry.lookup(kind, spec.name)  # type: ignore[arg-type]
+    except KeyError as exc:
+        return [((*loc, "name"), str(exc.args[0]))]
+    try:
+        entry.params_model.model_validate(spec.params)
+    except ValidationError as exc:
+        return [((*loc, "params", *e["loc"]), e["msg"]) for e in exc.errors()]
+    return []
+
+
+def parse_config(
+    data: Any, *, source: str = "<config>", base_dir: Path | None = None
+) -> GatewayConfig:
+    """Validate a decoded YAML document; raises ConfigError listing every problem."""
+    return _parse(data, source=source, base_dir=base_dir, text=None)
+
+
+def _parse(data: Any, *, source: str, base_dir: Path | None, text: str | None) -> GatewayConfig:
+    lines = line_index(text) if text is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"{source}: the document must be a mapping of sections"])
+    try:
+        cfg = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, format_errors(source, exc, lines)) from None
+    cfg._base_dir = (base_dir or Path.cwd()).resolve()
+    problems = _semantic_errors(cfg)
+    if problems:
+        raise ConfigError(source, format_errors(source, problems, lines))
+    return cfg
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read, parse and fully validate a YAML config file; raises ConfigError."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"{source}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError(source, [f"{where}: invalid YAML: {exc}"]) from None
+    return _parse(data, source=source, base_dir=path.parent, text=text)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of the config file (what `configs/schema.json` holds)."""
+    schema = GatewayConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Ensemble gateway configuration"
+    return schema

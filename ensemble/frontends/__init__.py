@@ -1,0 +1,1 @@
+"""Transports: OIP over HTTP (ASGI) and gRPC, both over one dispatcher."""

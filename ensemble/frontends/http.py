@@ -1,0 +1,245 @@
+"""OIP REST frontend as a plain ASGI app: health, metadata, inference, /metrics."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, TypeAlias
+
+from ensemble.dispatcher import Dispatcher
+from ensemble.errors import (
+    EnsembleError,
+    InvalidInput,
+    MethodNotAllowed,
+    ModelNotReady,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from ensemble.frontends.rest_codec import (
+    HEADER_LENGTH,
+    decode_infer_request,
+    dumps,
+    encode_infer_response,
+)
+from ensemble.metrics import GatewayMetrics
+from ensemble.repository import EnsembleModel, ServedModel
+
+Scope: TypeAlias = MutableMapping[str, Any]
+Message: TypeAlias = MutableMapping[str, Any]
+Receive: TypeAlias = Callable[[], Awaitable[Message]]
+Send: TypeAlias = Callable[[Message], Awaitable[None]]
+Reply: TypeAlias = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+log = logging.getLogger("ensemble.http")
+
+JSON = b"application/json"
+_OK_LIVE = dumps({"live": True})
+_OK_READY = dumps({"ready": True})
+
+
+def _json(status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> Reply:
+    return status, [(b"content-type", JSON), *(extra or [])], body
+
+
+def error_reply(exc: EnsembleError) -> Reply:
+    """The one place an error becomes an HTTP response: OIP's ``{"error": "..."}`` body."""
+    extra = [(b"connection", b"close")] if isinstance(exc, PayloadTooLarge) else None
+    return _json(exc.http_status, dumps({"error": exc.message}), extra)
+
+
+def model_metadata_doc(model: ServedModel) -> dict[str, Any]:
+    meta = model.metadata
+    return {
+        "name": meta.name,
+        "versions": list(meta.versions),
+        "platform": meta.platform,
+        "inputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs
+        ],
+        "outputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.outputs
+        ],
+    }
+
+
+def model_config_doc(model: ServedModel) -> dict[str, Any]:
+    """A Triton-style model configuration (what `tritonclient` get_model_config returns)."""
+    meta = model.metadata
+
+    def tensors(specs: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": list(t.shape[1:])}
+            for t in specs
+        ]
+
+    doc: dict[str, Any] = {
+        "name": meta.name,
+        "platform": meta.platform,
+        "max_batch_size": 0,
+        "input": tensors(meta.inputs),
+        "output": tensors(meta.outputs),
+    }
+    if isinstance(model, EnsembleModel):
+        doc["parameters"] = {
+            "policy": {"string_value": model.profile},
+            "members": {"string_value": ",".join(model.members)},
+        }
+    return doc
+
+
+class HttpFrontend:
+    """ASGI application serving the OIP REST API over the shared dispatcher."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, metrics: GatewayMetrics, *, max_request_bytes: int
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan and websockets are not used
+        try:
+            status, headers, body = await self._route(scope, receive)
+        except EnsembleError as exc:
+            status, headers, body = error_reply(exc)
+        except Exception:
+            log.exception("unhandled error serving %s %s", scope["method"], scope["path"])
+            status, headers, body = _json(500, dumps({"error": "internal server error"}))
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _route(self, scope: Scope, receive: Receive) -> Reply:
+        method: str = scope["method"]
+        parts = [p for p in scope["path"].split("/") if p]
+        if parts[:2] == ["v2", "models"] and len(parts) >= 3:
+            return await self._model_route(method, parts[2:], scope, receive)
+        if parts == ["metrics"]:
+            _expect(method, "GET")
+            body, content_type = self.metrics.exposition()
+            return 200, [(b"content-type", content_type.encode())], body
+        if parts == ["v2"]:
+            _expect(method, "GET")
+            return _json(200, dumps(self.dispatcher.server_metadata()))
+        if parts == ["v2", "health", "live"]:
+            _expect(method, "GET")
+            return _json(200, _OK_LIVE)
+        if parts == ["v2", "health", "ready"]:
+            _expect(method, "GET")
+            if self.dispatcher.ready():
+                return _json(200, _OK_READY)
+            return _json(503, dumps({"ready": False, "error": "not ready"}))
+        if parts == ["v2", "repository", "index"]:
+            _expect(method, "GET", "POST")
+            return _json(200, dumps(self._repository_index()))
+        raise NotFound(f"no route for {method} {scope['path']}")
+
+    async def _model_route(
+        self, method: str, rest: list[str], scope: Scope, receive: Receive
+    ) -> Reply:
+        name, rest = rest[0], rest[1:]
+        version: str | None = None
+        if rest[:1] == ["versions"]:
+            if len(rest) < 2:
+                raise NotFound(f"no route for {method} {scope['path']}")
+            version, rest = rest[1], rest[2:]
+        if rest == ["infer"]:
+            _expect(method, "POST")
+            return await self._infer(name, version, scope, receive)
+        if len(rest) > 1:
+            raise NotFound(f"no route for {method} {scope['path']}")
+        model = self.dispatcher.model(name, version)
+        if not rest:
+            _expect(method, "GET")
+            return _json(200, dumps(model_metadata_doc(model)))
+        if rest == ["ready"]:
+            _expect(method, "GET")
+            if not model.ready():
+                raise ModelNotReady(f"model {name!r} is not ready")
+            return _json(200, _OK_READY)
+        if rest == ["config"]:
+            _expect(method, "GET")
+            return _json(200, dumps(model_config_doc(model)))
+        raise NotFound(f"no route for {method} {scope['path']}")
+
+    async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive) -> Reply:
+        headers = _headers(scope)
+        body = await self._read_body(headers, receive)
+        request = decode_infer_request(body, headers.get(HEADER_LENGTH), name, version)
+        response = await self.dispatcher.infer(request, "http")
+        payload, header_length = encode_infer_response(response, request)
+        if header_length is None:
+            return _json(200, payload)
+        return (
+            200,
+            [
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", str(header_length).encode()),
+            ],
+            payload,
+        )
+
+    async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
+        limit = self.max_request_bytes
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise EnsembleError("client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = headers.get("content-encoding", "identity").lower()
+        if encoding in ("identity", ""):
+            return body
+        if encoding in ("gzip", "deflate"):
+            return _decompress(body, encoding, limit)
+        raise UnsupportedMediaType(
+            f"unsupported Content-Encoding {encoding!r}; use gzip or deflate"
+        )
+
+    def _repository_index(self) -> list[dict[str, str]]:
+        repo = self.dispatcher.repository
+        return [
+            {
+                "name": name,
+                "version": "1",
+                "state": "READY" if repo.get(name).ready() else "UNAVAILABLE",
+            }
+            for name in repo.names()
+        ]
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _expect(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise MethodNotAllowed(f"method {method} not allowed here; use {' or '.join(allowed)}")
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Inflate with a cap, so a small compressed body cannot expand past the size limit."""
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"body is not valid {encoding} data: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    return out

@@ -1,0 +1,265 @@
+"""OIP REST bodies to and from internal requests: JSON tensors and the binary tensor extension."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+import orjson
+
+from ensemble.datatypes import OIP_TO_NUMPY
+from ensemble.errors import InvalidInput
+from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
+
+HEADER_LENGTH = "inference-header-content-length"
+_JSON_DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def _param_dict(value: Any, where: str) -> Parameters:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where}: 'parameters' must be a JSON object")
+    for key, item in value.items():
+        if not isinstance(item, bool | int | float | str):
+            raise InvalidInput(f"{where}: parameter {key!r} must be a boolean, number or string")
+    return value
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    ):
+        raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
+    return tuple(value)
+
+
+def _decode_bytes_elements(buf: memoryview, where: str) -> list[bytes]:
+    """BYTES tensors in binary form: each element is a 4-byte little-endian length, then data."""
+    out: list[bytes] = []
+    offset = 0
+    while offset < len(buf):
+        if offset + 4 > len(buf):
+            raise InvalidInput(f"{where}: truncated BYTES element length")
+        (length,) = struct.unpack_from("<I", buf, offset)
+        offset += 4
+        if offset + length > len(buf):
+            raise InvalidInput(f"{where}: BYTES element longer than the data left")
+        out.append(bytes(buf[offset : offset + length]))
+        offset += length
+    return out
+
+
+def _tensor_from_json(
+    name: str, datatype: str, shape: tuple[int, ...], data: Any, where: str
+) -> np.ndarray:
+    count = math.prod(shape)
+    if not isinstance(data, list):
+        raise InvalidInput(f"{where}: 'data' must be a JSON array")
+    try:
+        if datatype == "BYTES":
+            flat = np.asarray(data, dtype=np.object_).ravel()
+            if not all(isinstance(x, str) for x in flat):
+                raise InvalidInput(f"{where}: BYTES data must be strings")
+            array = np.array([x.encode() for x in flat], dtype=np.object_)
+        else:
+            if datatype == "BOOL":
+                if not all(isinstance(x, bool) for x in np.asarray(data, np.object_).ravel()):
+                    raise InvalidInput(f"{where}: BOOL data must be true or false")
+            elif _contains_non_number(data):
+                raise InvalidInput(f"{where}: {datatype} data must be numbers")
+            array = np.asarray(data, dtype=OIP_TO_NUMPY[datatype]).ravel()
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"{where}: data does not fit datatype {datatype}: {exc}") from None
+    if array.size != count:
+        raise InvalidInput(
+            f"{where}: shape {list(shape)} needs {count} elements, data has {array.size}"
+        )
+    return array.reshape(shape)
+
+
+def _contains_non_number(data: list[Any]) -> bool:
+    """True when a nested list holds anything but ints and floats (bools and strings included)."""
+    stack: list[Any] = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, bool) or not isinstance(item, int | float):
+            return True
+    return False
+
+
+def _tensor_from_binary(
+    datatype: str, shape: tuple[int, ...], chunk: memoryview, where: str
+) -> np.ndarray:
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        elements = _decode_bytes_elements(chunk, where)
+        if len(elements) != count:
+            raise InvalidInput(
+                f"{where}: shape {list(shape)} needs {count} elements, data has {len(elements)}"
+            )
+        return np.array(elements, dtype=np.object_).reshape(shape)
+    dtype = OIP_TO_NUMPY[datatype].newbyteorder("<")
+    if len(chunk) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"{where}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, "
+            f"binary data has {len(chunk)}"
+        )
+    return np.frombuffer(chunk, dtype=dtype).reshape(shape)
+
+
+def decode_infer_request(
+    body: bytes, header_length: str | None, model_name: str, model_version: str | None
+) -> InferRequest:
+    """Parse an infer request body; every defect raises InvalidInput naming what is wrong."""
+    json_end = len(body)
+    if header_length is not None:
+        try:
+            json_end = int(header_length)
+        except ValueError:
+            raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
+        if not 0 < json_end <= len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length {json_end} is outside the body "
+                f"of {len(body)} bytes"
+            )
+    try:
+        doc = orjson.loads(body[:json_end])
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in request body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("'inputs' must be a non-empty list")
+
+    binary = memoryview(body)[json_end:]
+    offset = 0
+    inputs: list[Tensor] = []
+    for i, raw in enumerate(raw_inputs):
+        where = f"inputs[{i}]"
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"{where} must be a JSON object")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInput(f"{where}: 'name' must be a non-empty string")
+        where = f"input {name!r}"
+        datatype = raw.get("datatype")
+        if datatype not in OIP_TO_NUMPY:
+            raise InvalidInput(
+                f"{where}: unknown datatype {datatype!r}; expected one of {', '.join(OIP_TO_NUMPY)}"
+            )
+        shape = _shape(raw.get("shape"), where)
+        params = _param_dict(raw.get("parameters"), where)
+        size = params.get("binary_data_size")
+        if size is not None:
+            if "data" in raw:
+                raise InvalidInput(f"{where}: has both 'data' and binary_data_size")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"{where}: binary_data_size {size} runs past the end of the body "
+                    f"({len(binary) - offset} bytes left)"
+                )
+            data = _tensor_from_binary(datatype, shape, binary[offset : offset + size], where)
+            offset += size
+            params = {k: v for k, v in params.items() if k != "binary_data_size"}
+        elif "data" in raw:
+            data = _tensor_from_json(name, datatype, shape, raw["data"], where)
+        else:
+            raise InvalidInput(f"{where}: needs 'data' or parameters.binary_data_size")
+        inputs.append(Tensor(name, datatype, shape, data, params))
+    if offset != len(binary):
+        raise InvalidInput(
+            f"binary data is {len(binary)} bytes but inputs declare {offset} "
+            "(check Inference-Header-Content-Length and binary_data_size)"
+        )
+
+    outputs = None
+    raw_outputs = doc.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise InvalidInput("'outputs' must be a list")
+        outputs = []
+        for i, raw in enumerate(raw_outputs):
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+                raise InvalidInput(f"outputs[{i}] must be an object with a string 'name'")
+            oparams = _param_dict(raw.get("parameters"), f"output {raw['name']!r}")
+            wants = oparams.get("binary_data")
+            if wants is not None and not isinstance(wants, bool):
+                raise InvalidInput(f"output {raw['name']!r}: binary_data must be true or false")
+            outputs.append(RequestedOutput(raw["name"], wants))
+    parameters = _param_dict(doc.get("parameters"), "request")
+    return InferRequest(model_name, model_version, inputs, request_id, outputs, parameters)
+
+
+def _bytes_elements_binary(array: np.ndarray) -> bytes:
+    parts = []
+    for item in array.ravel():
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _json_data(tensor: Tensor) -> Any:
+    flat = tensor.data.ravel()
+    if tensor.datatype == "BYTES":
+        return [x.decode(errors="replace") if isinstance(x, bytes) else str(x) for x in flat]
+    return flat
+
+
+def encode_infer_response(
+    response: InferResponse, request: InferRequest
+) -> tuple[bytes, int | None]:
+    """Serialise a response; returns the body and the JSON header length when binary follows."""
+    default_binary = request.parameters.get("binary_data_output") is True
+    wanted = {o.name: o.binary for o in request.outputs or ()}
+    outputs_json = []
+    blobs: list[bytes] = []
+    for tensor in response.outputs:
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
+        choice = wanted.get(tensor.name)
+        if choice if choice is not None else default_binary:
+            if tensor.datatype == "BYTES":
+                blob = _bytes_elements_binary(tensor.data)
+            else:
+                little = tensor.data.astype(tensor.data.dtype.newbyteorder("<"), copy=False)
+                blob = np.ascontiguousarray(little).tobytes()
+            entry["parameters"] = {**tensor.parameters, "binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            if tensor.parameters:
+                entry["parameters"] = tensor.parameters
+            entry["data"] = _json_data(tensor)
+        outputs_json.append(entry)
+    doc: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": outputs_json,
+    }
+    if response.id is not None:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = response.parameters
+    header = orjson.dumps(doc, option=_JSON_DUMPS_OPTS)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)
+
+
+def dumps(doc: Any) -> bytes:
+    """JSON-encode a metadata or error document."""
+    return orjson.dumps(doc, option=_JSON_DUMPS_OPTS)

@@ -1,0 +1,1 @@
+"""Replicas: one client per backend kind, and the members that own them."""

@@ -1,0 +1,159 @@
+"""An ensemble member: its model's schema, its card, its class-probability output and replicas."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ensemble.errors import EnsembleError, ModelNotReady
+from ensemble.models.card import MemberCard
+from ensemble.replicas.base import Replica
+from ensemble.types import MemberAnswer, MemberView, ModelMetadata, TensorSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifierSchema:
+    """How to read class probabilities out of a model's outputs."""
+
+    probability_output: str
+    classes: tuple[int, ...]
+    logits: bool
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def infer_classifier_schema(
+    name: str,
+    outputs: Sequence[TensorSpec],
+    *,
+    probability_output: str | None,
+    classes: Sequence[int] | None,
+    logits: bool,
+    card: MemberCard | None,
+) -> ClassifierSchema:
+    """Find the class-score output: config first, then the card, then the only rank-2 float."""
+    by_name = {o.name: o for o in outputs}
+    chosen = probability_output or (card.probability_output if card else None)
+    if chosen is None:
+        candidates = [
+            o for o in outputs if o.datatype in ("FP32", "FP64", "FP16") and len(o.shape) == 2
+        ]
+        if len(candidates) != 1:
+            listed = ", ".join(f"{o.name} {o.datatype}{list(o.shape)}" for o in outputs)
+            raise EnsembleError(
+                f"member {name!r}: cannot tell which output holds class scores ({listed}); "
+                "set `probability_output` in its config"
+            )
+        chosen = candidates[0].name
+    spec = by_name.get(chosen)
+    if spec is None:
+        raise EnsembleError(
+            f"member {name!r}: output {chosen!r} not in the model (has {', '.join(by_name)})"
+        )
+    if spec.datatype not in ("FP32", "FP64", "FP16") or len(spec.shape) != 2:
+        raise EnsembleError(
+            f"member {name!r}: output {chosen!r} is {spec.datatype}{list(spec.shape)}; "
+            "class scores must be a float tensor of shape [batch, classes]"
+        )
+    labels = tuple(classes) if classes else (tuple(card.classes) if card else ())
+    width = spec.shape[1]
+    if not labels:
+        if width < 2:
+            raise EnsembleError(
+                f"member {name!r}: output {chosen!r} has no fixed class count; set `classes`"
+            )
+        labels = tuple(range(width))
+    if width not in (-1, len(labels)):
+        raise EnsembleError(
+            f"member {name!r}: {len(labels)} classes configured but output {chosen!r} has {width}"
+        )
+    return ClassifierSchema(chosen, labels, logits)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+class Member:
+    """A model with replicas on one or more tiers; addressable as a model of its own."""
+
+    def __init__(
+        self,
+        name: str,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        schema: ClassifierSchema,
+        replicas: Sequence[Replica],
+        card: MemberCard | None = None,
+    ) -> None:
+        if not replicas:
+            raise EnsembleError(f"member {name!r} has no replicas")
+        self.name = name
+        self.inputs = inputs
+        self.outputs = outputs
+        self.schema = schema
+        self.card = card
+        self.replicas = list(replicas)
+        self._turn = itertools.count()
+        self.metadata = ModelMetadata(
+            name=name,
+            versions=("1",),
+            platform="onnxruntime_onnx",
+            inputs=inputs,
+            outputs=outputs,
+        )
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r.tier for r in self.replicas))
+
+    def ready(self) -> bool:
+        return any(r.ready() for r in self.replicas)
+
+    def view(self) -> MemberView:
+        """What selection policies see of this member."""
+        return MemberView(
+            self.name, self.tiers, self.card.accuracy if self.card else None, self.ready()
+        )
+
+    def pick(self) -> Replica:
+        """Round robin over ready replicas (routing policies replace this later)."""
+        ready = [r for r in self.replicas if r.ready()]
+        if not ready:
+            raise ModelNotReady(f"member {self.name!r} has no ready replica")
+        return ready[next(self._turn) % len(ready)]
+
+    async def infer(
+        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Call one replica with the member's own input names."""
+        return await self.pick().infer(feed, outputs)
+
+    async def answer(self, feed: dict[str, np.ndarray]) -> MemberAnswer:
+        """Class probabilities for ``feed`` (keyed by this member's input names)."""
+        replica = self.pick()
+        start = time.perf_counter()
+        result = await replica.infer(feed, (self.schema.probability_output,))
+        latency = time.perf_counter() - start
+        scores = np.asarray(result[self.schema.probability_output], dtype=np.float32)
+        if scores.ndim != 2 or scores.shape[1] != self.schema.n_classes:
+            raise EnsembleError(
+                f"member {self.name!r} returned scores of shape {list(scores.shape)}, "
+                f"expected [batch, {self.schema.n_classes}]"
+            )
+        if self.schema.logits:
+            scores = _softmax(scores)
+        return MemberAnswer(self.name, replica.tier, replica.name, scores, latency)
+
+    async def close(self) -> None:
+        for replica in self.replicas:
+            await replica.close()

@@ -1,0 +1,189 @@
+"""The models a gateway serves, built from config: ensembles and their members."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ensemble.config import EnsembleConfig, GatewayConfig, MemberConfig
+from ensemble.errors import EnsembleError, ModelNotFound
+from ensemble.models.card import MemberCard, card_path_for, load_card
+from ensemble.replicas.base import Replica
+from ensemble.replicas.inprocess import InProcessReplica
+from ensemble.replicas.member import Member, infer_classifier_schema
+from ensemble.replicas.onnx import load_session, session_io
+from ensemble.types import ModelMetadata, TensorSpec
+from policies import registry
+from policies.base import AggregationPolicy, SelectionPolicy
+
+VERSION = "1"
+
+
+@dataclass
+class EnsembleModel:
+    """An ensemble served as one model: members, policies and the combined output schema."""
+
+    name: str
+    members: dict[str, Member]
+    profile: str
+    selection: SelectionPolicy
+    aggregation: AggregationPolicy
+    classes: tuple[int, ...]
+    metadata: ModelMetadata
+    description: str = ""
+
+    def ready(self) -> bool:
+        return any(m.ready() for m in self.members.values())
+
+    def member_feed(self, member: Member, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The ensemble's feed renamed (by position) to the member's own input names."""
+        return {
+            spec.name: feed[own.name]
+            for spec, own in zip(member.inputs, self.metadata.inputs, strict=True)
+        }
+
+
+ServedModel = EnsembleModel | Member
+
+
+def _load_card(cfg: GatewayConfig, member: MemberConfig, model_path: Path) -> MemberCard | None:
+    path = cfg.resolve(member.card) if member.card else card_path_for(model_path)
+    if not path.is_file():
+        if member.card:
+            raise EnsembleError(f"member {member.name!r}: card not found: {path}")
+        return None
+    try:
+        return load_card(path)
+    except Exception as exc:
+        raise EnsembleError(f"member {member.name!r}: unreadable card {path}: {exc}") from exc
+
+
+def build_member(cfg: GatewayConfig, member: MemberConfig, executor: Executor) -> Member:
+    """Load a member's ONNX file into its in-process replicas and read its card."""
+    path = cfg.resolve(member.model)
+    if not path.is_file():
+        raise EnsembleError(f"member {member.name!r}: model file not found: {path}")
+    card = _load_card(cfg, member, path)
+    replicas: list[Replica] = []
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    for place in member.placement:
+        for i in range(max(1, place.replicas.min)):
+            session = load_session(path)
+            inputs, outputs = session_io(session)
+            replicas.append(InProcessReplica(f"{place.tier}/{i}", place.tier, session, executor))
+    schema = infer_classifier_schema(
+        member.name,
+        outputs,
+        probability_output=member.probability_output,
+        classes=member.classes,
+        logits=member.output_kind == "logits",
+        card=card,
+    )
+    return Member(member.name, inputs, outputs, schema, replicas, card)
+
+
+def _compatible(a: TensorSpec, b: TensorSpec) -> bool:
+    return (
+        a.datatype == b.datatype
+        and len(a.shape) == len(b.shape)
+        and all(x == y or -1 in (x, y) for x, y in zip(a.shape, b.shape, strict=True))
+    )
+
+
+def build_ensemble(
+    cfg: GatewayConfig, ens: EnsembleConfig, members: dict[str, Member]
+) -> EnsembleModel:
+    """Check the members agree on inputs and classes, and wire the profile's policies."""
+    first = members[ens.members[0].name]
+    for m in ens.members[1:]:
+        other = members[m.name]
+        if len(other.inputs) != len(first.inputs) or not all(
+            _compatible(a, b) for a, b in zip(first.inputs, other.inputs, strict=True)
+        ):
+            raise EnsembleError(
+                f"ensemble {ens.name!r}: member {m.name!r} inputs {_specs(other.inputs)} differ "
+                f"from {first.name!r} inputs {_specs(first.inputs)}"
+            )
+        if other.schema.classes != first.schema.classes:
+            raise EnsembleError(
+                f"ensemble {ens.name!r}: member {m.name!r} classes differ from {first.name!r}'s"
+            )
+    profile = cfg.profile(ens.policy)
+    selection: SelectionPolicy = registry.build(
+        "selection", profile.selection.name, profile.selection.params, SelectionPolicy
+    )
+    aggregation: AggregationPolicy = registry.build(
+        "aggregation", profile.aggregation.name, profile.aggregation.params, AggregationPolicy
+    )
+    n = first.schema.n_classes
+    metadata = ModelMetadata(
+        name=ens.name,
+        versions=(VERSION,),
+        platform="ensemble",
+        inputs=first.inputs,
+        outputs=(TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, n))),
+    )
+    return EnsembleModel(
+        ens.name,
+        {m.name: members[m.name] for m in ens.members},
+        ens.policy,
+        selection,
+        aggregation,
+        first.schema.classes,
+        metadata,
+        ens.description,
+    )
+
+
+def _specs(specs: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(f"{s.name} {s.datatype}{list(s.shape)}" for s in specs)
+
+
+class Repository:
+    """Every model the gateway serves, by name; each has exactly one version, ``1``."""
+
+    def __init__(self, ensembles: list[EnsembleModel], members: list[Member]) -> None:
+        self.ensembles = {e.name: e for e in ensembles}
+        self.members = {m.name: m for m in members}
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: GatewayConfig,
+        executor: Executor,
+        progress: Callable[[str], None] | None = None,
+    ) -> Repository:
+        members: dict[str, Member] = {}
+        for ens in cfg.ensembles:
+            for m in ens.members:
+                if progress:
+                    progress(f"loading member {m.name} from {cfg.resolve(m.model)}")
+                members[m.name] = build_member(cfg, m, executor)
+        ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
+        return cls(ensembles, list(members.values()))
+
+    def get(self, name: str, version: str | None = None) -> ServedModel:
+        """The model ``name``; ModelNotFound for unknown names or versions."""
+        model: ServedModel | None = self.ensembles.get(name) or self.members.get(name)
+        if model is None:
+            raise ModelNotFound(f"unknown model {name!r}; available: {', '.join(self.names())}")
+        if version not in (None, "", VERSION):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; available: {VERSION}")
+        return model
+
+    def names(self) -> list[str]:
+        return [*self.ensembles, *self.members]
+
+    def all_ready(self) -> bool:
+        return all(e.ready() for e in self.ensembles.values()) and all(
+            m.ready() for m in self.members.values()
+        )
+
+    async def close(self) -> None:
+        for member in self.members.values():
+            await member.close()

@@ -1,0 +1,159 @@
+"""The gateway process: build the models, run both frontends, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import uvicorn
+
+from ensemble.config import GatewayConfig
+from ensemble.dispatcher import Dispatcher
+from ensemble.frontends.grpc import start_grpc_server
+from ensemble.frontends.http import HttpFrontend
+from ensemble.metrics import GatewayMetrics
+from ensemble.repository import Repository
+
+log = logging.getLogger("ensemble.server")
+
+
+class _Uvicorn(uvicorn.Server):
+    """Uvicorn without its own signal handling: the gateway drains both frontends together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where a running gateway listens."""
+
+    host: str
+    http_port: int
+    grpc_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+class Gateway:
+    """One gateway: executor, models, dispatcher, and the HTTP and gRPC frontends."""
+
+    def __init__(self, cfg: GatewayConfig, progress: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self._progress = progress
+        self.metrics = GatewayMetrics()
+        self._executor = ThreadPoolExecutor(
+            cfg.server.executor_threads, thread_name_prefix="onnxruntime"
+        )
+        self.repository = Repository.from_config(cfg, self._executor, progress)
+        self.dispatcher = Dispatcher(
+            self.repository, self.metrics, max_batch_size=cfg.server.max_batch_size
+        )
+        self._http: _Uvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._grpc: grpc.aio.Server | None = None
+
+    async def start(self, host: str, http_port: int, grpc_port: int) -> Addresses:
+        server = self.cfg.server
+        sock = _listen(host, http_port)
+        app = HttpFrontend(
+            self.dispatcher, self.metrics, max_request_bytes=server.max_request_bytes
+        )
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            http="httptools",
+            loop="none",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=int(server.drain_timeout_s) or 1,
+            timeout_keep_alive=30,
+        )
+        self._http = _Uvicorn(config)
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+        self._grpc, bound_grpc = await start_grpc_server(
+            self.dispatcher, host, grpc_port, max_message_bytes=server.max_request_bytes
+        )
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # re-raises why the HTTP server could not start
+                raise RuntimeError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+        return Addresses(host, sock.getsockname()[1], bound_grpc)
+
+    async def stop(self) -> None:
+        """Stop taking requests, let in-flight ones finish (bounded by drain_timeout_s)."""
+        self.dispatcher.draining = True
+        grace = self.cfg.server.drain_timeout_s
+        waits = []
+        if self._grpc is not None:
+            waits.append(self._grpc.stop(grace))
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            waits.append(self._http_task)
+        await asyncio.gather(*waits, return_exceptions=True)
+        await self.repository.close()
+        self._executor.shutdown(wait=True)
+
+    async def wait_failed(self) -> None:
+        """Returns if a frontend dies on its own (a bug, or a lost socket)."""
+        if self._http_task is not None:
+            await asyncio.shield(self._http_task)
+
+
+async def run_gateway(
+    cfg: GatewayConfig,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    announce: Callable[[Addresses], None],
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; the process's exit code."""
+    gateway = Gateway(cfg, progress)
+    addresses = await gateway.start(host, http_port, grpc_port)
+    announce(addresses)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(gateway.wait_failed())
+    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if failed.done() and not stopped.done():
+        log.error("a frontend stopped unexpectedly; shutting down")
+        code = 1
+    log.info("draining in-flight requests")
+    await gateway.stop()
+    stopped.cancel()
+    failed.cancel()
+    return code

@@ -1,0 +1,120 @@
+"""Value types shared by frontends, the dispatcher and policies (a leaf module: no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import numpy as np
+
+Param: TypeAlias = bool | int | float | str
+"""An OIP parameter value: the protocol allows booleans, integers, floats and strings."""
+
+Parameters: TypeAlias = dict[str, Param]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output as metadata describes it; -1 marks a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class Tensor:
+    """A named tensor; ``data`` is a numpy array already shaped as ``shape``."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    """An output the client asked for; ``binary`` is the HTTP binary-data preference."""
+
+    name: str
+    binary: bool | None = None
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """One inference request, whichever protocol carried it."""
+
+    model_name: str
+    model_version: str | None
+    inputs: list[Tensor]
+    id: str | None = None
+    outputs: list[RequestedOutput] | None = None
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferResponse:
+    """One inference response; ``parameters`` say how the answer was produced."""
+
+    model_name: str
+    model_version: str
+    outputs: list[Tensor]
+    id: str | None = None
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    """What ``GET /v2/models/{name}`` reports."""
+
+    name: str
+    versions: tuple[str, ...]
+    platform: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parameters: Mapping[str, Param] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    """What a selection policy knows about one ensemble member."""
+
+    name: str
+    tiers: tuple[str, ...]
+    accuracy: float | None
+    ready: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionContext:
+    """Input of a selection policy for one request."""
+
+    ensemble: str
+    members: tuple[MemberView, ...]
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MemberAnswer:
+    """Class probabilities one member returned for a whole request batch."""
+
+    member: str
+    tier: str
+    replica: str
+    probabilities: np.ndarray
+    """Shape [batch, n_classes], rows are probability distributions."""
+    latency_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """The ensemble's combined answer for a request batch."""
+
+    probabilities: np.ndarray
+    """Shape [batch, n_classes]."""
+    class_index: np.ndarray
+    """Shape [batch], the index of the winning class per row."""
+    confidence: np.ndarray
+    """Shape [batch], in [0, 1]: the policy's own measure of agreement or certainty."""

@@ -1,0 +1,1 @@
+"""Pure decision code (selection, aggregation, routing, ...), reached through registries."""
