@@ -1,0 +1,208 @@
+"""OIP gRPC frontend: the GRPCInferenceService servicer over a Dispatcher, and its server."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeAlias
+
+import grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from ensemble.dispatcher import Dispatcher
+from ensemble.errors import EnsembleError
+from ensemble.frontends.grpc_codec import decode_infer_request, encode_infer_response
+from ensemble.types import ModelMetadata, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL: Final = "grpc"
+
+_CONFIG_TYPES: Final[dict[str, Any]] = {
+    "BOOL": model_config_pb2.TYPE_BOOL,
+    "UINT8": model_config_pb2.TYPE_UINT8,
+    "UINT16": model_config_pb2.TYPE_UINT16,
+    "UINT32": model_config_pb2.TYPE_UINT32,
+    "UINT64": model_config_pb2.TYPE_UINT64,
+    "INT8": model_config_pb2.TYPE_INT8,
+    "INT16": model_config_pb2.TYPE_INT16,
+    "INT32": model_config_pb2.TYPE_INT32,
+    "INT64": model_config_pb2.TYPE_INT64,
+    "FP16": model_config_pb2.TYPE_FP16,
+    "FP32": model_config_pb2.TYPE_FP32,
+    "FP64": model_config_pb2.TYPE_FP64,
+    "BYTES": model_config_pb2.TYPE_STRING,
+}
+
+_Handler: TypeAlias = Callable[["InferenceServicer", Any, Any], Awaitable[Any]]
+
+
+def _rpc(method: _Handler) -> _Handler:
+    """The one place where errors become gRPC statuses, wrapped around every implemented RPC."""
+
+    @functools.wraps(method)
+    async def handle(self: InferenceServicer, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except EnsembleError as exc:
+            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            # The client gets no internals (paths, stack frames); the operator gets the traceback.
+            logger.exception("gRPC %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the gateway log")
+
+    return handle
+
+
+def _tensor_metadata(spec: TensorSpec) -> Any:
+    return service_pb2.ModelMetadataResponse.TensorMetadata(
+        name=spec.name, datatype=spec.datatype, shape=spec.shape
+    )
+
+
+def model_metadata_response(meta: ModelMetadata) -> Any:
+    """A ModelMetadataResponse for one model."""
+    return service_pb2.ModelMetadataResponse(
+        name=meta.name,
+        versions=meta.versions,
+        platform=meta.platform,
+        inputs=[_tensor_metadata(s) for s in meta.inputs],
+        outputs=[_tensor_metadata(s) for s in meta.outputs],
+    )
+
+
+def model_config(meta: ModelMetadata, max_batch_size: int) -> Any:
+    """A minimal Triton ModelConfig: name, platform, max_batch_size, inputs and outputs.
+
+    As in Triton, a model that batches (every tensor's first dimension is variable) reports
+    ``max_batch_size > 0`` and dims without the batch dimension; otherwise 0 and the full shape.
+    """
+    specs = (*meta.inputs, *meta.outputs)
+    batching = bool(specs) and all(s.shape and s.shape[0] == -1 for s in specs)
+
+    def dims(spec: TensorSpec) -> tuple[int, ...]:
+        return spec.shape[1:] if batching else spec.shape
+
+    return model_config_pb2.ModelConfig(
+        name=meta.name,
+        platform=meta.platform,
+        max_batch_size=max_batch_size if batching else 0,
+        input=[
+            model_config_pb2.ModelInput(
+                name=s.name, data_type=_CONFIG_TYPES[s.datatype], dims=dims(s)
+            )
+            for s in meta.inputs
+        ],
+        output=[
+            model_config_pb2.ModelOutput(
+                name=s.name, data_type=_CONFIG_TYPES[s.datatype], dims=dims(s)
+            )
+            for s in meta.outputs
+        ],
+    )
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """GRPCInferenceService over a Dispatcher; RPCs not defined here stay UNIMPLEMENTED.
+
+    Subclassing the generated servicer is what gives the remaining RPCs (streaming, shared
+    memory, statistics, load/unload...) their UNIMPLEMENTED answers.
+    """
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    @_rpc
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerLiveResponse(live=self._dispatcher.live())
+
+    @_rpc
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerReadyResponse(ready=self._dispatcher.ready())
+
+    @_rpc
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        model = self._dispatcher.model(request.name, request.version or None)
+        return service_pb2.ModelReadyResponse(ready=model.ready())
+
+    @_rpc
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        meta = self._dispatcher.server_metadata()
+        return service_pb2.ServerMetadataResponse(
+            name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+        )
+
+    @_rpc
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        model = self._dispatcher.model(request.name, request.version or None)
+        return model_metadata_response(model.metadata)
+
+    @_rpc
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        model = self._dispatcher.model(request.name, request.version or None)
+        config = model_config(model.metadata, self._dispatcher.max_batch_size)
+        return service_pb2.ModelConfigResponse(config=config)
+
+    @_rpc
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        # There is a single repository, so repository_name is not consulted.
+        index: list[Any] = []
+        for name in self._dispatcher.repository.names():
+            model = self._dispatcher.model(name)
+            ready = model.ready()
+            if request.ready and not ready:
+                continue
+            state = "READY" if ready else "UNAVAILABLE"
+            reason = "" if ready else "no ready replica"
+            index.extend(
+                service_pb2.RepositoryIndexResponse.ModelIndex(
+                    name=name, version=version, state=state, reason=reason
+                )
+                for version in model.metadata.versions
+            )
+        return service_pb2.RepositoryIndexResponse(models=index)
+
+    @_rpc
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        infer_request = decode_infer_request(request)
+        response = await self._dispatcher.infer(infer_request, PROTOCOL)
+        return encode_infer_response(response)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def start_grpc_server(
+    dispatcher: Dispatcher, host: str, port: int, *, max_message_bytes: int
+) -> tuple[grpc.aio.Server, int]:
+    """Bind ``host:port`` (0 picks a free port), start serving, return the server and its port.
+
+    ``max_message_bytes`` caps both received and sent messages. gRPC itself rejects an
+    oversized request with RESOURCE_EXHAUSTED before it reaches the servicer, so such requests
+    never show up in the gateway's request metrics. Stop the server with ``await
+    server.stop(grace)``.
+    """
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # gRPC defaults to SO_REUSEPORT, which would let a second gateway share a busy port
+        # silently and split the traffic; a busy port must be an error instead.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(dispatcher), server
+    )
+    address = _address(host, port)
+    try:
+        bound: int = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises rather than returning 0 on recent versions
+        raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    await server.start()
+    return server, bound

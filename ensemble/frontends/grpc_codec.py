@@ -1,0 +1,280 @@
+"""OIP gRPC messages to and from internal requests: raw and typed tensor contents, parameters."""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from ensemble.datatypes import OIP_TO_NUMPY
+from ensemble.errors import EnsembleError, InvalidInput
+from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
+
+# The wire format is little-endian whatever the host is; on little-endian hosts these equal the
+# native dtypes, so np.frombuffer / np.asarray below neither swap nor copy.
+_WIRE_DTYPES: Final[dict[str, np.dtype[Any]]] = {
+    name: dtype.newbyteorder("<") for name, dtype in OIP_TO_NUMPY.items() if name != "BYTES"
+}
+
+# Which InferTensorContents field carries each datatype (as in Triton's grpc_service.proto).
+# FP16 has no typed field: it can only travel in raw_input_contents.
+TYPED_FIELDS: Final[dict[str, str]] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+_UINT64_MAX: Final = 2**64 - 1
+
+# Triton parameters saying the data lives in a shared-memory region, which this gateway lacks;
+# without this check such a request would fail later with a confusing "no data" message.
+_SHARED_MEMORY_PARAMS: Final = ("shared_memory_region", "shared_memory_byte_size")
+
+
+# -- parameters ------------------------------------------------------------------------------
+
+
+def params_from_proto(params: Mapping[str, Any], where: str) -> Parameters:
+    """A protobuf ``map<string, InferParameter>`` as a Parameters dict."""
+    out: Parameters = {}
+    for key, param in params.items():
+        choice = param.WhichOneof("parameter_choice")
+        if choice is None:
+            raise InvalidInput(f"{where}: parameter {key!r} has no value")
+        out[key] = getattr(param, choice)
+    return out
+
+
+def params_to_proto(params: Parameters, target: Any) -> None:
+    """Fill a protobuf ``map<string, InferParameter>`` from a Parameters dict."""
+    for key, value in params.items():
+        param = target[key]
+        # bool first: it is a subclass of int.
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            if _INT64_MIN <= value <= _INT64_MAX:
+                param.int64_param = value
+            elif 0 <= value <= _UINT64_MAX:
+                param.uint64_param = value
+            else:
+                raise EnsembleError(f"parameter {key!r} = {value} does not fit in 64 bits")
+        elif isinstance(value, float):
+            param.double_param = value
+        else:
+            param.string_param = value
+
+
+# -- tensors ---------------------------------------------------------------------------------
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return str(list(shape))
+
+
+def split_bytes_elements(blob: bytes, where: str) -> list[bytes]:
+    """BYTES tensors in raw form: each element is a 4-byte little-endian length, then the data."""
+    out: list[bytes] = []
+    offset = 0
+    end = len(blob)
+    unpack = struct.Struct("<I").unpack_from
+    while offset < end:
+        if offset + 4 > end:
+            raise InvalidInput(f"{where}: truncated BYTES element length at byte {offset}")
+        (length,) = unpack(blob, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidInput(
+                f"{where}: BYTES element of {length} bytes at byte {offset} runs past the end "
+                f"of the {end}-byte raw contents"
+            )
+        out.append(blob[offset : offset + length])
+        offset += length
+    return out
+
+
+def join_bytes_elements(array: np.ndarray) -> bytes:
+    """The raw form of a BYTES tensor (str elements are sent UTF-8 encoded)."""
+    parts: list[bytes] = []
+    pack = struct.Struct("<I").pack
+    for item in array.ravel():
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(pack(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _bytes_array(elements: Sequence[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    # Filling an empty object array never lets numpy guess a 2-D shape from the elements.
+    array = np.empty(len(elements), dtype=np.object_)
+    array[:] = elements
+    return array.reshape(shape)
+
+
+def _from_raw(
+    datatype: str, shape: tuple[int, ...], count: int, blob: bytes, index: int, where: str
+) -> np.ndarray:
+    if datatype == "BYTES":
+        elements = split_bytes_elements(blob, where)
+        if len(elements) != count:
+            raise InvalidInput(
+                f"{where}: shape {_shape_text(shape)} needs {count} BYTES elements, "
+                f"raw_input_contents[{index}] has {len(elements)}"
+            )
+        return _bytes_array(elements, shape)
+    dtype = _WIRE_DTYPES[datatype]
+    need = count * dtype.itemsize
+    if len(blob) != need:
+        raise InvalidInput(
+            f"{where}: shape {_shape_text(shape)} of {datatype} needs {need} bytes, "
+            f"raw_input_contents[{index}] has {len(blob)}"
+        )
+    return np.frombuffer(blob, dtype=dtype).reshape(shape)
+
+
+def _from_contents(
+    datatype: str, shape: tuple[int, ...], count: int, contents: Any, where: str
+) -> np.ndarray:
+    field = TYPED_FIELDS.get(datatype)
+    if field is None:
+        raise InvalidInput(
+            f"{where}: {datatype} has no typed contents field; send it in raw_input_contents"
+        )
+    others = [desc.name for desc, _ in contents.ListFields() if desc.name != field]
+    if others:
+        raise InvalidInput(
+            f"{where}: {datatype} data goes in contents.{field}, not {', '.join(others)}"
+        )
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise InvalidInput(
+            f"{where}: shape {_shape_text(shape)} needs {count} elements, "
+            f"contents.{field} has {len(values)}"
+        )
+    if datatype == "BYTES":
+        return _bytes_array(list(values), shape)
+    try:
+        # int_contents carries INT8/INT16 as int32: numpy refuses values that do not fit.
+        return np.array(values, dtype=OIP_TO_NUMPY[datatype]).reshape(shape)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidInput(f"{where}: contents.{field} does not fit {datatype}: {exc}") from None
+
+
+def _check_no_shared_memory(params: Parameters, where: str) -> None:
+    for key in _SHARED_MEMORY_PARAMS:
+        if key in params:
+            raise InvalidInput(f"{where}: shared memory ({key}) is not supported; send the data")
+
+
+def _input_tensor(inp: Any, raw: Sequence[bytes], index: int) -> Tensor:
+    name: str = inp.name
+    if not name:
+        raise InvalidInput(f"inputs[{index}]: 'name' must be a non-empty string")
+    where = f"input {name!r}"
+    datatype: str = inp.datatype
+    if datatype not in OIP_TO_NUMPY:
+        raise InvalidInput(
+            f"{where}: unknown datatype {datatype!r}; expected one of {', '.join(OIP_TO_NUMPY)}"
+        )
+    shape = tuple(inp.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{where}: shape {_shape_text(shape)} has a negative dimension")
+    params = params_from_proto(inp.parameters, where)
+    _check_no_shared_memory(params, where)
+    count = math.prod(shape)
+    if raw:
+        data = _from_raw(datatype, shape, count, raw[index], index, where)
+    elif inp.HasField("contents"):
+        data = _from_contents(datatype, shape, count, inp.contents, where)
+    elif count == 0:
+        data = (
+            _bytes_array([], shape)
+            if datatype == "BYTES"
+            else np.empty(shape, _WIRE_DTYPES[datatype])
+        )
+    else:
+        raise InvalidInput(f"{where}: no data; send raw_input_contents or contents")
+    return Tensor(name, datatype, shape, data, params)
+
+
+def _requested_output(out: Any, index: int) -> RequestedOutput:
+    name: str = out.name
+    if not name:
+        raise InvalidInput(f"outputs[{index}]: 'name' must be a non-empty string")
+    where = f"output {name!r}"
+    params = params_from_proto(out.parameters, where)
+    _check_no_shared_memory(params, where)
+    # Triton's top-k classification rewrites the output; answering with the plain tensor would
+    # hand the client data of a shape it did not ask for.
+    if params.get("classification", 0):
+        raise InvalidInput(f"{where}: classification (class_count) is not supported")
+    return RequestedOutput(name)
+
+
+def decode_infer_request(msg: Any) -> InferRequest:
+    """A ModelInferRequest as an InferRequest; every defect raises InvalidInput saying what."""
+    inputs_pb = msg.inputs
+    if not inputs_pb:
+        raise InvalidInput("request has no inputs")
+    raw: Sequence[bytes] = msg.raw_input_contents
+    if raw:
+        if len(raw) != len(inputs_pb):
+            raise InvalidInput(
+                f"raw_input_contents has {len(raw)} entries for {len(inputs_pb)} inputs; "
+                "send one per input, in order"
+            )
+        mixed = [inp.name for inp in inputs_pb if inp.HasField("contents")]
+        if mixed:
+            raise InvalidInput(
+                f"input(s) {', '.join(map(repr, mixed))} have typed contents while the request "
+                "also has raw_input_contents; use one or the other"
+            )
+    inputs = [_input_tensor(inp, raw, i) for i, inp in enumerate(inputs_pb)]
+    outputs = [_requested_output(out, i) for i, out in enumerate(msg.outputs)] or None
+    return InferRequest(
+        model_name=msg.model_name,
+        model_version=msg.model_version or None,
+        inputs=inputs,
+        id=msg.id or None,
+        outputs=outputs,
+        parameters=params_from_proto(msg.parameters, "request"),
+    )
+
+
+def _raw_output(tensor: Tensor) -> bytes:
+    if tensor.datatype == "BYTES":
+        return join_bytes_elements(tensor.data)
+    # No copy when the array already has the wire dtype and is contiguous (the usual case).
+    wire = np.ascontiguousarray(tensor.data, dtype=_WIRE_DTYPES[tensor.datatype])
+    return wire.tobytes()
+
+
+def encode_infer_response(response: InferResponse) -> Any:
+    """An InferResponse as a ModelInferResponse; tensor data always in raw_output_contents."""
+    msg = service_pb2.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id or "",
+    )
+    for tensor in response.outputs:
+        out = msg.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        if tensor.parameters:
+            params_to_proto(tensor.parameters, out.parameters)
+    msg.raw_output_contents.extend([_raw_output(t) for t in response.outputs])
+    params_to_proto(response.parameters, msg.parameters)
+    return msg

@@ -1,0 +1,28 @@
+"""A real `ensemble serve` process on the default config, shared by the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.integration.process import ROOT, GatewayProcess, start_gateway
+
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+
+
+@pytest.fixture(scope="session")
+def gateway(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    proc = start_gateway(DEFAULT_CONFIG, tmp_path_factory.mktemp("gw") / "gateway.log")
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"gateway exited {code} after SIGTERM\n{proc.log()}"
+    assert "Traceback" not in proc.log(), proc.log()
+
+
+@pytest.fixture(scope="session")
+def test_split(zoo_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(zoo_dir / "test.npz")
+    return data["X"].astype(np.float32), data["y"].astype(np.int64)

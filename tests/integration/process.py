@@ -1,0 +1,87 @@
+"""Start `ensemble serve` as a real process on free ports and stop it the way operators do."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+READY = re.compile(r"ensemble gateway ready: http=(\S+):(\d+) grpc=(\S+):(\d+)")
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen[str]
+    host: str
+    http_port: int
+    grpc_port: int
+    log_path: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def http_target(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, then wait for the drain; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            return code
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"gateway did not exit after SIGTERM\n{self.log()}") from None
+
+
+def start_gateway(
+    config: Path, log_path: Path, *extra: str, timeout_s: float = 120.0
+) -> GatewayProcess:
+    """Run `ensemble serve CONFIG --http-port 0 --grpc-port 0` and wait for its ready line."""
+    cmd = [sys.executable, "-m", "ensemble.cli", "serve", str(config),
+           "--http-port", "0", "--grpc-port", "0", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file,
+                                text=True, env=env)
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
+            match = READY.search(line)
+            if match:
+                host, http_port, _, grpc_port = match.groups()
+                return GatewayProcess(proc, host, int(http_port), int(grpc_port), log_path)
+    finally:
+        sel.close()
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    raise AssertionError(f"gateway did not become ready:\n{log_path.read_text()}")

@@ -1,0 +1,119 @@
+"""Config loading: good files parse, every error names its YAML path and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ensemble.cli import main
+from ensemble.config import json_schema, load_config, parse_config
+from ensemble.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = """
+tiers:
+  edge: {link: {delay_ms: 2}}
+ensembles:
+  - name: e
+    members:
+      - {name: a, model: a.onnx, placement: [{tier: edge}]}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "a.onnx").write_bytes(b"")
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def errors_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value.errors
+
+
+def test_default_config_is_valid() -> None:
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    assert [e.name for e in cfg.ensembles] == ["digits"]
+    assert {"edge", "cloud"} <= set(cfg.tiers)
+    assert cfg.zoo_dir() == ROOT / "models" / "digits"
+    assert all(p.tier in cfg.tiers for e in cfg.ensembles for m in e.members for p in m.placement)
+
+
+def test_relative_model_paths_resolve_against_config_dir(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.resolve(cfg.ensembles[0].members[0].model) == tmp_path / "a.onnx"
+
+
+def test_unknown_key_names_path_line_and_suggestion(tmp_path: Path) -> None:
+    text = GOOD.replace("{name: a, model:", "{name: a, modle: x, model:")
+    [err] = errors_of(write(tmp_path, text))
+    assert "c.yaml:7:" in err
+    assert "ensembles[0].members[0].modle" in err
+    assert "unknown key 'modle'" in err and "did you mean 'model'" in err
+
+
+def test_all_structural_errors_reported_together(tmp_path: Path) -> None:
+    text = GOOD.replace("delay_ms: 2", "delay_ms: -2, lossy: 1") + "\nserver: {http_port: 70000}\n"
+    errs = errors_of(write(tmp_path, text))
+    joined = "\n".join(errs)
+    assert len(errs) == 3
+    assert "tiers.edge.link.delay_ms" in joined
+    assert "tiers.edge.link.lossy: unknown key" in joined
+    assert "server.http_port" in joined
+
+
+def test_semantic_errors_have_paths(tmp_path: Path) -> None:
+    text = """
+tiers: {edge: {}}
+ensembles:
+  - name: e
+    policy: nope
+    members:
+      - {name: a, model: a.onnx, placement: [{tier: moon}]}
+      - {name: a, model: missing.onnx, placement: [{tier: edge}]}
+policies:
+  p: {selection: {name: bogus}, aggregation: {name: mean_probability, params: {k: 1}}}
+"""
+    joined = "\n".join(errors_of(write(tmp_path, text)))
+    assert "ensembles[0].policy: unknown profile 'nope'" in joined
+    assert "ensembles[0].members[0].placement[0].tier: unknown tier 'moon'" in joined
+    assert "ensembles[0].members[1].name: model name 'a' is already used" in joined
+    assert "ensembles[0].members[1].model: model file not found" in joined
+    assert "policies.p.selection.name: unknown selection policy 'bogus'" in joined
+    assert "policies.p.aggregation.params.k" in joined
+
+
+def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
+    [err] = errors_of(write(tmp_path, "ensembles: [\n  - {name: x\n"))
+    assert "invalid YAML" in err and "c.yaml:" in err
+
+
+def test_non_mapping_document_rejected() -> None:
+    with pytest.raises(ConfigError):
+        parse_config(["a", "b"])
+
+
+def test_replica_bounds_checked(tmp_path: Path) -> None:
+    text = GOOD.replace("[{tier: edge}]", "[{tier: edge, replicas: {min: 3, max: 2}}]")
+    [err] = errors_of(write(tmp_path, text))
+    assert "replicas" in err and "min (3) must not exceed max (2)" in err
+
+
+def test_schema_file_is_current() -> None:
+    on_disk = json.loads((ROOT / "configs" / "schema.json").read_text())
+    assert on_disk == json.loads(json.dumps(json_schema())), "run `ensemble schema`"
+
+
+def test_validate_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = write(tmp_path, GOOD)
+    assert main(["validate", str(good)]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("tier: edge", "tier: mars"))
+    assert main(["validate", str(bad)]) == 1
+    assert "unknown tier 'mars'" in capsys.readouterr().err
