@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Final
+import struct
+from typing import Any, Final
 
 import numpy as np
+
+from ensemble.errors import InvalidInput
 
 OIP_TO_NUMPY: Final[dict[str, np.dtype[np.generic]]] = {
     "BOOL": np.dtype(np.bool_),
@@ -23,8 +26,9 @@ OIP_TO_NUMPY: Final[dict[str, np.dtype[np.generic]]] = {
 }
 
 NUMPY_TO_OIP: Final[dict[np.dtype[np.generic], str]] = {
-    dt: name for name, dt in OIP_TO_NUMPY.items() if name != "BYTES"
+    dt: name for name, dt in OIP_TO_NUMPY.items()
 }
+"""Fixed-size numpy dtypes (and object, for BYTES) to OIP names; see :func:`numpy_to_oip`."""
 
 ORT_TO_OIP: Final[dict[str, str]] = {
     "tensor(bool)": "BOOL",
@@ -43,18 +47,44 @@ ORT_TO_OIP: Final[dict[str, str]] = {
 }
 
 
-def oip_datatype_of(array: np.ndarray) -> str:
-    """The OIP datatype name for a numpy array (object/str/bytes arrays are BYTES)."""
-    if array.dtype.kind in ("O", "S", "U"):
+def numpy_to_oip(dtype: np.dtype[Any]) -> str:
+    """The OIP datatype of a numpy dtype; any bytes, str or object dtype is BYTES."""
+    # Bytes and str dtypes carry their item size ("S5", "<U3"), so they never hit the table.
+    if dtype.kind in ("S", "U", "O"):
         return "BYTES"
     try:
-        return NUMPY_TO_OIP[array.dtype]
+        return NUMPY_TO_OIP[dtype.newbyteorder("=")]
     except KeyError:
-        raise TypeError(f"numpy dtype {array.dtype} has no OIP datatype") from None
+        raise ValueError(f"numpy dtype {dtype} has no OIP datatype") from None
 
 
-def element_size(datatype: str) -> int:
-    """Bytes per element in the binary tensor encoding (0 for variable-length BYTES)."""
-    if datatype == "BYTES":
-        return 0
-    return OIP_TO_NUMPY[datatype].itemsize
+def split_bytes_elements(blob: bytes | memoryview, where: str) -> list[bytes]:
+    """BYTES tensors in raw form: each element is a 4-byte little-endian length, then the data."""
+    out: list[bytes] = []
+    offset = 0
+    end = len(blob)
+    unpack = struct.Struct("<I").unpack_from
+    while offset < end:
+        if offset + 4 > end:
+            raise InvalidInput(f"{where}: truncated BYTES element length at byte {offset}")
+        (length,) = unpack(blob, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidInput(
+                f"{where}: BYTES element of {length} bytes at byte {offset} runs past the end "
+                f"of the {end}-byte raw contents"
+            )
+        out.append(bytes(blob[offset : offset + length]))
+        offset += length
+    return out
+
+
+def join_bytes_elements(array: np.ndarray) -> bytes:
+    """The raw form of a BYTES tensor (str elements are sent UTF-8 encoded)."""
+    parts: list[bytes] = []
+    pack = struct.Struct("<I").pack
+    for item in array.ravel():
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(pack(len(raw)))
+        parts.append(raw)
+    return b"".join(parts)

@@ -12,7 +12,7 @@ from ensemble import __version__
 from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.member import Member
-from ensemble.repository import EnsembleModel, Repository, ServedModel
+from ensemble.repository import VERSION, EnsembleModel, Repository, ServedModel
 from ensemble.types import (
     InferRequest,
     InferResponse,
@@ -85,7 +85,7 @@ class Dispatcher:
                 wanted = [o.name for o in request.outputs]
                 by_name = {t.name: t for t in outputs}
                 outputs = [by_name[n] for n in wanted]
-            return InferResponse(model.name, "1", outputs, request.id, params)
+            return InferResponse(model.name, VERSION, outputs, request.id, params)
         except BaseException as exc:
             error = exc
             raise
@@ -121,13 +121,14 @@ class Dispatcher:
     async def _ask(
         self, model: EnsembleModel, member: Member, feed: dict[str, np.ndarray]
     ) -> MemberAnswer:
+        replica = member.pick()
         start = time.perf_counter()
+        outcome = "error"
         try:
-            answer = await member.answer(model.member_feed(member, feed))
-        except Exception:
-            self._observe_call(member.name, member.tiers[0], start, "error")
-            raise
-        self._observe_call(member.name, answer.tier, start, "success")
+            answer = await member.answer(model.member_feed(member, feed), replica)
+            outcome = "success"
+        finally:
+            self._observe_call(member.name, replica.tier, start, outcome)
         return answer
 
     async def _ensemble(
@@ -148,15 +149,15 @@ class Dispatcher:
         failures = [r for r in results if isinstance(r, BaseException)]
         self.metrics.members_asked.labels(model.name).inc(len(chosen))
         self.metrics.members_answered.labels(model.name).inc(len(answers))
+        for failure in failures:
+            if not isinstance(failure, Exception):
+                raise failure  # cancellation and interpreter exits are not member failures
         if not answers:
             for failure in failures:
                 if isinstance(failure, InvalidInput):
                     raise failure
-            reasons = "; ".join(f"{n}: {f}" for n, f in zip(chosen, failures, strict=False))
+            reasons = "; ".join(f"{n}: {f}" for n, f in zip(chosen, results, strict=True))
             raise MemberFailed(f"all {len(chosen)} members failed: {reasons}")
-        for failure in failures:
-            if not isinstance(failure, Exception):
-                raise failure  # cancellation and interpreter exits are not member failures
         agg = model.aggregation.aggregate(answers, len(model.classes))
         labels = np.asarray(model.classes, dtype=np.int64)[agg.class_index]
         probs = np.ascontiguousarray(agg.probabilities, dtype=np.float32)

@@ -55,7 +55,7 @@ class PayloadTooLarge(EnsembleError):
     """The request body exceeds the configured size limit."""
 
     http_status = 413
-    grpc_code = "INVALID_ARGUMENT"
+    grpc_code = "RESOURCE_EXHAUSTED"  # what gRPC's own message limit answers
 
 
 class UnsupportedMediaType(EnsembleError):

@@ -16,11 +16,11 @@ from ensemble.replicas.base import Replica
 from ensemble.replicas.inprocess import InProcessReplica
 from ensemble.replicas.member import Member, infer_classifier_schema
 from ensemble.replicas.onnx import load_session, session_io
-from ensemble.types import ModelMetadata, TensorSpec
+from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec
 from policies import registry
 from policies.base import AggregationPolicy, SelectionPolicy
 
-VERSION = "1"
+VERSION = MODEL_VERSION
 
 
 @dataclass

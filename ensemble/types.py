@@ -13,6 +13,9 @@ Param: TypeAlias = bool | int | float | str
 
 Parameters: TypeAlias = dict[str, Param]
 
+MODEL_VERSION = "1"
+"""Every served model has exactly this one version (no version policies yet)."""
+
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:

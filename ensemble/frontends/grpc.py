@@ -181,14 +181,14 @@ async def start_grpc_server(
 ) -> tuple[grpc.aio.Server, int]:
     """Bind ``host:port`` (0 picks a free port), start serving, return the server and its port.
 
-    ``max_message_bytes`` caps both received and sent messages. gRPC itself rejects an
-    oversized request with RESOURCE_EXHAUSTED before it reaches the servicer, so such requests
-    never show up in the gateway's request metrics. Stop the server with ``await
-    server.stop(grace)``.
+    ``max_message_bytes`` caps received messages (responses are the gateway's own). gRPC
+    itself rejects an oversized request with RESOURCE_EXHAUSTED before it reaches the
+    servicer, so such requests never show up in the gateway's request metrics. Stop the
+    server with ``await server.stop(grace)``.
     """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", -1),
         # gRPC defaults to SO_REUSEPORT, which would let a second gateway share a busy port
         # silently and split the traffic; a busy port must be an error instead.
         ("grpc.so_reuseport", 0),

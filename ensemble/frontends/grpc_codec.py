@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from ensemble.datatypes import OIP_TO_NUMPY
+from ensemble.datatypes import OIP_TO_NUMPY, join_bytes_elements, split_bytes_elements
 from ensemble.errors import EnsembleError, InvalidInput
 from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
@@ -52,6 +51,8 @@ _SHARED_MEMORY_PARAMS: Final = ("shared_memory_region", "shared_memory_byte_size
 def params_from_proto(params: Mapping[str, Any], where: str) -> Parameters:
     """A protobuf ``map<string, InferParameter>`` as a Parameters dict."""
     out: Parameters = {}
+    if not params:  # the common case; skips building a protobuf map iterator per tensor
+        return out
     for key, param in params.items():
         choice = param.WhichOneof("parameter_choice")
         if choice is None:
@@ -87,43 +88,8 @@ def _shape_text(shape: Sequence[int]) -> str:
     return str(list(shape))
 
 
-def split_bytes_elements(blob: bytes, where: str) -> list[bytes]:
-    """BYTES tensors in raw form: each element is a 4-byte little-endian length, then the data."""
-    out: list[bytes] = []
-    offset = 0
-    end = len(blob)
-    unpack = struct.Struct("<I").unpack_from
-    while offset < end:
-        if offset + 4 > end:
-            raise InvalidInput(f"{where}: truncated BYTES element length at byte {offset}")
-        (length,) = unpack(blob, offset)
-        offset += 4
-        if offset + length > end:
-            raise InvalidInput(
-                f"{where}: BYTES element of {length} bytes at byte {offset} runs past the end "
-                f"of the {end}-byte raw contents"
-            )
-        out.append(blob[offset : offset + length])
-        offset += length
-    return out
-
-
-def join_bytes_elements(array: np.ndarray) -> bytes:
-    """The raw form of a BYTES tensor (str elements are sent UTF-8 encoded)."""
-    parts: list[bytes] = []
-    pack = struct.Struct("<I").pack
-    for item in array.ravel():
-        raw = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(pack(len(raw)))
-        parts.append(raw)
-    return b"".join(parts)
-
-
 def _bytes_array(elements: Sequence[bytes], shape: tuple[int, ...]) -> np.ndarray:
-    # Filling an empty object array never lets numpy guess a 2-D shape from the elements.
-    array = np.empty(len(elements), dtype=np.object_)
-    array[:] = elements
-    return array.reshape(shape)
+    return np.array(elements, dtype=np.object_).reshape(shape)
 
 
 def _from_raw(

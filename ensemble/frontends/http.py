@@ -25,6 +25,7 @@ from ensemble.frontends.rest_codec import (
 )
 from ensemble.metrics import GatewayMetrics
 from ensemble.repository import EnsembleModel, ServedModel
+from ensemble.types import MODEL_VERSION
 
 Scope: TypeAlias = MutableMapping[str, Any]
 Message: TypeAlias = MutableMapping[str, Any]
@@ -216,7 +217,7 @@ class HttpFrontend:
         return [
             {
                 "name": name,
-                "version": "1",
+                "version": MODEL_VERSION,
                 "state": "READY" if repo.get(name).ready() else "UNAVAILABLE",
             }
             for name in repo.names()

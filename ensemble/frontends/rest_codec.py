@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import numpy as np
 import orjson
 
-from ensemble.datatypes import OIP_TO_NUMPY
+from ensemble.datatypes import OIP_TO_NUMPY, join_bytes_elements, split_bytes_elements
 from ensemble.errors import InvalidInput
 from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
@@ -34,22 +33,6 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     ):
         raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
     return tuple(value)
-
-
-def _decode_bytes_elements(buf: memoryview, where: str) -> list[bytes]:
-    """BYTES tensors in binary form: each element is a 4-byte little-endian length, then data."""
-    out: list[bytes] = []
-    offset = 0
-    while offset < len(buf):
-        if offset + 4 > len(buf):
-            raise InvalidInput(f"{where}: truncated BYTES element length")
-        (length,) = struct.unpack_from("<I", buf, offset)
-        offset += 4
-        if offset + length > len(buf):
-            raise InvalidInput(f"{where}: BYTES element longer than the data left")
-        out.append(bytes(buf[offset : offset + length]))
-        offset += length
-    return out
 
 
 def _tensor_from_json(
@@ -97,7 +80,7 @@ def _tensor_from_binary(
 ) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
-        elements = _decode_bytes_elements(chunk, where)
+        elements = split_bytes_elements(chunk, where)
         if len(elements) != count:
             raise InvalidInput(
                 f"{where}: shape {list(shape)} needs {count} elements, data has {len(elements)}"
@@ -201,15 +184,6 @@ def decode_infer_request(
     return InferRequest(model_name, model_version, inputs, request_id, outputs, parameters)
 
 
-def _bytes_elements_binary(array: np.ndarray) -> bytes:
-    parts = []
-    for item in array.ravel():
-        raw = item if isinstance(item, bytes) else str(item).encode()
-        parts.append(struct.pack("<I", len(raw)))
-        parts.append(raw)
-    return b"".join(parts)
-
-
 def _json_data(tensor: Tensor) -> Any:
     flat = tensor.data.ravel()
     if tensor.datatype == "BYTES":
@@ -234,7 +208,7 @@ def encode_infer_response(
         choice = wanted.get(tensor.name)
         if choice if choice is not None else default_binary:
             if tensor.datatype == "BYTES":
-                blob = _bytes_elements_binary(tensor.data)
+                blob = join_bytes_elements(tensor.data)
             else:
                 little = tensor.data.astype(tensor.data.dtype.newbyteorder("<"), copy=False)
                 blob = np.ascontiguousarray(little).tobytes()

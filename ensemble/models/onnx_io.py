@@ -1,65 +1,14 @@
-"""Translate ONNX tensor types to OIP datatypes and numpy dtypes, and read a model's I/O specs."""
+"""Read an ONNX model's input and output specs as OIP tensor specs (for member cards)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import cast
 
-import numpy as np
 import onnxruntime as ort
 
+from ensemble.datatypes import NUMPY_TO_OIP, OIP_TO_NUMPY, ORT_TO_OIP, numpy_to_oip
 from ensemble.models.card import OipDatatype, TensorSpec
-
-ORT_TO_OIP: dict[str, OipDatatype] = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
-"""onnxruntime type strings (``NodeArg.type``) to OIP datatype names."""
-
-OIP_TO_NUMPY: dict[OipDatatype, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    # onnxruntime takes and returns string tensors as object arrays.
-    "BYTES": np.dtype(np.object_),
-}
-"""OIP datatype names to the numpy dtype onnxruntime uses for them."""
-
-NUMPY_TO_OIP: dict[np.dtype[Any], OipDatatype] = {
-    dtype: datatype for datatype, dtype in OIP_TO_NUMPY.items()
-}
-"""Fixed-size numpy dtypes to OIP datatype names; use :func:`numpy_to_oip` for string arrays."""
-
-
-def numpy_to_oip(dtype: np.dtype[Any]) -> OipDatatype:
-    """Return the OIP datatype for a numpy dtype, mapping any bytes/str/object dtype to BYTES."""
-    # Bytes and str dtypes carry their item size ("S5", "<U3"), so they never hit the table.
-    if dtype.kind in ("S", "U", "O"):
-        return "BYTES"
-    try:
-        return NUMPY_TO_OIP[dtype.newbyteorder("=")]
-    except KeyError:
-        raise ValueError(f"numpy dtype {dtype} has no OIP datatype") from None
 
 
 def onnx_io_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -78,7 +27,7 @@ def session_io_specs(session: ort.InferenceSession) -> tuple[list[TensorSpec], l
 def _tensor_spec(arg: ort.NodeArg) -> TensorSpec:
     ort_type = str(arg.type)
     try:
-        datatype = ORT_TO_OIP[ort_type]
+        datatype = cast(OipDatatype, ORT_TO_OIP[ort_type])
     except KeyError:
         raise ValueError(
             f"tensor {arg.name!r} has type {ort_type}, which OIP cannot carry"
@@ -86,3 +35,13 @@ def _tensor_spec(arg: ort.NodeArg) -> TensorSpec:
     # Symbolic dimensions come back as strings and unknown ones as None: both are dynamic.
     shape = [dim if isinstance(dim, int) and dim >= 0 else -1 for dim in arg.shape]
     return TensorSpec(name=str(arg.name), datatype=datatype, shape=shape)
+
+
+__all__ = [
+    "NUMPY_TO_OIP",
+    "OIP_TO_NUMPY",
+    "ORT_TO_OIP",
+    "numpy_to_oip",
+    "onnx_io_specs",
+    "session_io_specs",
+]

@@ -12,7 +12,7 @@ import numpy as np
 from ensemble.errors import EnsembleError, ModelNotReady
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
-from ensemble.types import MemberAnswer, MemberView, ModelMetadata, TensorSpec
+from ensemble.types import MODEL_VERSION, MemberAnswer, MemberView, ModelMetadata, TensorSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +106,7 @@ class Member:
         self._turn = itertools.count()
         self.metadata = ModelMetadata(
             name=name,
-            versions=("1",),
+            versions=(MODEL_VERSION,),
             platform="onnxruntime_onnx",
             inputs=inputs,
             outputs=outputs,
@@ -138,9 +138,11 @@ class Member:
         """Call one replica with the member's own input names."""
         return await self.pick().infer(feed, outputs)
 
-    async def answer(self, feed: dict[str, np.ndarray]) -> MemberAnswer:
+    async def answer(
+        self, feed: dict[str, np.ndarray], replica: Replica | None = None
+    ) -> MemberAnswer:
         """Class probabilities for ``feed`` (keyed by this member's input names)."""
-        replica = self.pick()
+        replica = replica or self.pick()
         start = time.perf_counter()
         result = await replica.infer(feed, (self.schema.probability_output,))
         latency = time.perf_counter() - start

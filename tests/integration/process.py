@@ -58,12 +58,23 @@ def start_gateway(
     config: Path, log_path: Path, *extra: str, timeout_s: float = 120.0
 ) -> GatewayProcess:
     """Run `ensemble serve CONFIG --http-port 0 --grpc-port 0` and wait for its ready line."""
-    cmd = [sys.executable, "-m", "ensemble.cli", "serve", str(config),
-           "--http-port", "0", "--grpc-port", "0", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ensemble.cli",
+        "serve",
+        str(config),
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file,
-                                text=True, env=env)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env
+        )
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)

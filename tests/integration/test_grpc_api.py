@@ -31,8 +31,13 @@ def stub(gateway: GatewayProcess) -> Iterator[service_pb2_grpc.GRPCInferenceServ
     channel.close()
 
 
-def infer(client: grpcclient.InferenceServerClient, model: str, x: np.ndarray,
-          datatype: str = "FP32", name: str = "input") -> grpcclient.InferResult:
+def infer(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    x: np.ndarray,
+    datatype: str = "FP32",
+    name: str = "input",
+) -> grpcclient.InferResult:
     inp = grpcclient.InferInput(name, list(x.shape), datatype)
     inp.set_data_from_numpy(x)
     return client.infer(model, [inp])
@@ -44,7 +49,8 @@ def test_health_and_metadata(client: grpcclient.InferenceServerClient) -> None:
     meta = client.get_model_metadata("digits")
     assert meta.platform == "ensemble" and list(meta.versions) == ["1"]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("input", "FP32", [-1, 64])]
+        ("input", "FP32", [-1, 64])
+    ]
     assert [t.name for t in meta.outputs] == ["label", "probabilities"]
     for name in ["digits", *MEMBERS]:
         assert client.is_model_ready(name)
@@ -54,8 +60,9 @@ def test_accuracy_over_test_split(
     client: grpcclient.InferenceServerClient, test_split: tuple[np.ndarray, np.ndarray]
 ) -> None:
     x, y = test_split
-    labels = [int(infer(client, "digits", x[i : i + 1]).as_numpy("label")[0])
-              for i in range(len(x))]
+    labels = [
+        int(infer(client, "digits", x[i : i + 1]).as_numpy("label")[0]) for i in range(len(x))
+    ]
     ensemble_acc = float(np.mean(np.asarray(labels) == y))
     best = max(float(np.mean(infer(client, m, x).as_numpy("label") == y)) for m in MEMBERS)
     assert ensemble_acc >= best - 0.01, (ensemble_acc, best)
@@ -74,18 +81,49 @@ def test_response_parameters(client: grpcclient.InferenceServerClient) -> None:
     ("model", "x", "datatype", "name", "code", "fragment"),
     [
         ("nope", np.zeros((1, 64), np.float32), "FP32", "input", "NOT_FOUND", "unknown model"),
-        ("digits", np.zeros((1, 64), np.float32), "FP32", "pixels", "INVALID_ARGUMENT",
-         "unknown input 'pixels'"),
-        ("digits", np.zeros((1, 63), np.float32), "FP32", "input", "INVALID_ARGUMENT",
-         "does not match"),
-        ("digits", np.zeros((1, 64), np.float64), "FP64", "input", "INVALID_ARGUMENT",
-         "datatype FP64"),
-        ("digits", np.zeros((0, 64), np.float32), "FP32", "input", "INVALID_ARGUMENT",
-         "batch dimension is 0"),
+        (
+            "digits",
+            np.zeros((1, 64), np.float32),
+            "FP32",
+            "pixels",
+            "INVALID_ARGUMENT",
+            "unknown input 'pixels'",
+        ),
+        (
+            "digits",
+            np.zeros((1, 63), np.float32),
+            "FP32",
+            "input",
+            "INVALID_ARGUMENT",
+            "does not match",
+        ),
+        (
+            "digits",
+            np.zeros((1, 64), np.float64),
+            "FP64",
+            "input",
+            "INVALID_ARGUMENT",
+            "datatype FP64",
+        ),
+        (
+            "digits",
+            np.zeros((0, 64), np.float32),
+            "FP32",
+            "input",
+            "INVALID_ARGUMENT",
+            "batch dimension is 0",
+        ),
     ],
 )
-def test_bad_requests(client: grpcclient.InferenceServerClient, model: str, x: np.ndarray,
-                      datatype: str, name: str, code: str, fragment: str) -> None:
+def test_bad_requests(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    x: np.ndarray,
+    datatype: str,
+    name: str,
+    code: str,
+    fragment: str,
+) -> None:
     with pytest.raises(InferenceServerException) as info:
         infer(client, model, x, datatype, name)
     assert code in str(info.value.status()) and fragment in info.value.message()
@@ -103,8 +141,12 @@ def raw_request(**over: object) -> service_pb2.ModelInferRequest:
     return req
 
 
-def expect(stub: service_pb2_grpc.GRPCInferenceServiceStub, req: service_pb2.ModelInferRequest,
-           code: grpc.StatusCode, fragment: str) -> None:
+def expect(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+    req: service_pb2.ModelInferRequest,
+    code: grpc.StatusCode,
+    fragment: str,
+) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(req, timeout=30)
     assert info.value.code() == code and fragment in info.value.details()

@@ -30,8 +30,13 @@ def raw(gateway: GatewayProcess) -> httpx.Client:
         yield c
 
 
-def infer(client: httpclient.InferenceServerClient, model: str, x: np.ndarray, binary: bool,
-          outputs: tuple[str, ...] = ("label", "probabilities")) -> httpclient.InferResult:
+def infer(
+    client: httpclient.InferenceServerClient,
+    model: str,
+    x: np.ndarray,
+    binary: bool,
+    outputs: tuple[str, ...] = ("label", "probabilities"),
+) -> httpclient.InferResult:
     inp = httpclient.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=binary)
     outs = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in outputs]
@@ -98,25 +103,36 @@ def test_ensemble_batch_json_matches_binary(
 
 
 def test_response_parameters_say_who_answered(raw: httpx.Client) -> None:
-    body = {"id": "abc", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
-                                     "data": [0.0] * 64}]}
+    body = {
+        "id": "abc",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}],
+    }
     doc = raw.post("/v2/models/digits/infer", json=body).json()
     assert doc["id"] == "abc" and doc["model_name"] == "digits" and doc["model_version"] == "1"
     params = doc["parameters"]
     assert params["members_asked"].split(",") == MEMBERS
     answered = dict(item.split("@") for item in params["members_answered"].split(","))
-    assert answered == {"mlp_small_int8": "edge", "logreg": "edge", "forest": "edge",
-                        "mlp_large": "cloud", "svm": "cloud"}
+    assert answered == {
+        "mlp_small_int8": "edge",
+        "logreg": "edge",
+        "forest": "edge",
+        "mlp_large": "cloud",
+        "svm": "cloud",
+    }
     assert params["completeness"] == 1.0
     assert 0.0 < params["confidence"] <= 1.0
     assert params["policy"] == "default"
 
 
 def test_gzip_request_body(raw: httpx.Client) -> None:
-    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
-                                   "data": [1.0] * 64}]}).encode()
-    resp = raw.post("/v2/models/digits/infer", content=gzip.compress(body),
-                    headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    body = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [1.0] * 64}]}
+    ).encode()
+    resp = raw.post(
+        "/v2/models/digits/infer",
+        content=gzip.compress(body),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
     assert resp.status_code == 200, resp.text
 
 
@@ -127,8 +143,12 @@ def test_metrics_parse_with_prometheus_parser(
     text = raw.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     requests = families["ensemble_requests"]
-    ok = [s for s in requests.samples if s.name == "ensemble_requests_total"
-          and s.labels == {"model": "digits", "protocol": "http", "outcome": "success"}]
+    ok = [
+        s
+        for s in requests.samples
+        if s.name == "ensemble_requests_total"
+        and s.labels == {"model": "digits", "protocol": "http", "outcome": "success"}
+    ]
     assert ok and ok[0].value >= 1
     latency = families["ensemble_request_duration_seconds"]
     assert any(s.name.endswith("_count") and s.value >= 1 for s in latency.samples)
@@ -139,14 +159,20 @@ def test_metrics_parse_with_prometheus_parser(
 
 # ---- bad input: each answers 4xx with {"error": ...} and the gateway keeps serving ----------
 
-def post(raw: httpx.Client, path: str, content: bytes, headers: dict[str, str] | None = None
-         ) -> httpx.Response:
+
+def post(
+    raw: httpx.Client, path: str, content: bytes, headers: dict[str, str] | None = None
+) -> httpx.Response:
     return raw.post(path, content=content, headers=headers or {})
 
 
 def good_input(**over: object) -> dict[str, object]:
-    base: dict[str, object] = {"name": "input", "datatype": "FP32", "shape": [1, 64],
-                               "data": [0.0] * 64}
+    base: dict[str, object] = {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": [1, 64],
+        "data": [0.0] * 64,
+    }
     base.update(over)
     return base
 
@@ -156,26 +182,56 @@ BAD_JSON_CASES = {
     "not_an_object": (b"[1, 2]", 400, "JSON object"),
     "missing_inputs": (b"{}", 400, "'inputs'"),
     "missing_tensor": (json.dumps({"inputs": []}).encode(), 400, "'inputs'"),
-    "unknown_tensor": (json.dumps({"inputs": [good_input(name="pixels")]}).encode(), 400,
-                       "unknown input 'pixels'"),
-    "extra_tensor": (json.dumps({"inputs": [good_input(), good_input(name="more")]}).encode(),
-                     400, "unknown input 'more'"),
-    "duplicate_tensor": (json.dumps({"inputs": [good_input(), good_input()]}).encode(), 400,
-                         "more than once"),
-    "wrong_shape": (json.dumps({"inputs": [good_input(shape=[1, 63], data=[0.0] * 63)]}).encode(),
-                    400, "does not match"),
-    "wrong_rank": (json.dumps({"inputs": [good_input(shape=[64])]}).encode(), 400,
-                   "does not match"),
-    "wrong_datatype": (json.dumps({"inputs": [good_input(datatype="INT32", data=[0] * 64)]}
-                                  ).encode(), 400, "datatype INT32"),
-    "unknown_datatype": (json.dumps({"inputs": [good_input(datatype="FLOAT32")]}).encode(), 400,
-                         "unknown datatype"),
-    "data_length": (json.dumps({"inputs": [good_input(data=[0.0] * 60)]}).encode(), 400,
-                    "needs 64 elements"),
-    "data_not_numbers": (json.dumps({"inputs": [good_input(data=["x"] * 64)]}).encode(), 400,
-                         "must be numbers"),
-    "unknown_output": (json.dumps({"inputs": [good_input()], "outputs": [{"name": "logits"}]}
-                                  ).encode(), 400, "unknown output 'logits'"),
+    "unknown_tensor": (
+        json.dumps({"inputs": [good_input(name="pixels")]}).encode(),
+        400,
+        "unknown input 'pixels'",
+    ),
+    "extra_tensor": (
+        json.dumps({"inputs": [good_input(), good_input(name="more")]}).encode(),
+        400,
+        "unknown input 'more'",
+    ),
+    "duplicate_tensor": (
+        json.dumps({"inputs": [good_input(), good_input()]}).encode(),
+        400,
+        "more than once",
+    ),
+    "wrong_shape": (
+        json.dumps({"inputs": [good_input(shape=[1, 63], data=[0.0] * 63)]}).encode(),
+        400,
+        "does not match",
+    ),
+    "wrong_rank": (
+        json.dumps({"inputs": [good_input(shape=[64])]}).encode(),
+        400,
+        "does not match",
+    ),
+    "wrong_datatype": (
+        json.dumps({"inputs": [good_input(datatype="INT32", data=[0] * 64)]}).encode(),
+        400,
+        "datatype INT32",
+    ),
+    "unknown_datatype": (
+        json.dumps({"inputs": [good_input(datatype="FLOAT32")]}).encode(),
+        400,
+        "unknown datatype",
+    ),
+    "data_length": (
+        json.dumps({"inputs": [good_input(data=[0.0] * 60)]}).encode(),
+        400,
+        "needs 64 elements",
+    ),
+    "data_not_numbers": (
+        json.dumps({"inputs": [good_input(data=["x"] * 64)]}).encode(),
+        400,
+        "must be numbers",
+    ),
+    "unknown_output": (
+        json.dumps({"inputs": [good_input()], "outputs": [{"name": "logits"}]}).encode(),
+        400,
+        "unknown output 'logits'",
+    ),
 }
 
 
@@ -189,11 +245,23 @@ def test_bad_json_requests(raw: httpx.Client, case: str) -> None:
 
 
 def binary_body(n_bytes: int, declared: int, extra: bytes = b"") -> tuple[bytes, dict[str, str]]:
-    header = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
-                                     "parameters": {"binary_data_size": declared}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 64],
+                    "parameters": {"binary_data_size": declared},
+                }
+            ]
+        }
+    ).encode()
     body = header + np.zeros(n_bytes // 4, "<f4").tobytes() + extra
-    return body, {"Inference-Header-Content-Length": str(len(header)),
-                  "Content-Type": "application/octet-stream"}
+    return body, {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
 
 
 @pytest.mark.parametrize(
@@ -208,11 +276,13 @@ def binary_body(n_bytes: int, declared: int, extra: bytes = b"") -> tuple[bytes,
         (256, 256, 10_000, "outside the body"),
     ],
 )
-def test_binary_extension_lengths(raw: httpx.Client, n_bytes: int, declared: int,
-                                  header_delta: int, fragment: str | None) -> None:
+def test_binary_extension_lengths(
+    raw: httpx.Client, n_bytes: int, declared: int, header_delta: int, fragment: str | None
+) -> None:
     body, headers = binary_body(n_bytes, declared)
     headers["Inference-Header-Content-Length"] = str(
-        int(headers["Inference-Header-Content-Length"]) + header_delta)
+        int(headers["Inference-Header-Content-Length"]) + header_delta
+    )
     resp = post(raw, "/v2/models/digits/infer", body, headers)
     if fragment is None:
         assert resp.status_code == 200, resp.text

@@ -31,12 +31,16 @@ def inflight(url: str) -> float:
 def test_sigterm_drains_inflight_requests(zoo_dir: Path, tmp_path: Path) -> None:
     gw = start_gateway(DEFAULT_CONFIG, tmp_path / "gw.log")
     x = np.random.default_rng(0).uniform(0, 16, (1024, 64)).astype(np.float32)
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1024, 64],
-                        "data": x.ravel().tolist()}]}
+    body = {
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [1024, 64], "data": x.ravel().tolist()}
+        ]
+    }
 
     def call() -> int:
-        return httpx.post(f"{gw.http_url}/v2/models/digits/infer", json=body, timeout=60
-                          ).status_code
+        return httpx.post(
+            f"{gw.http_url}/v2/models/digits/infer", json=body, timeout=60
+        ).status_code
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(call) for _ in range(8)]
@@ -51,8 +55,13 @@ def test_sigterm_drains_inflight_requests(zoo_dir: Path, tmp_path: Path) -> None
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ensemble.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ensemble.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_invalid_config_refuses_to_start(tmp_path: Path) -> None:
@@ -81,8 +90,7 @@ def test_port_in_use_is_a_clear_error(zoo_dir: Path, tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli("serve", str(DEFAULT_CONFIG), "--http-port", str(port),
-                         "--grpc-port", "0")
+        result = run_cli("serve", str(DEFAULT_CONFIG), "--http-port", str(port), "--grpc-port", "0")
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
 

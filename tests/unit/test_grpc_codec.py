@@ -72,7 +72,6 @@ def test_raw_bytes_are_length_prefixed_elements() -> None:
 
 
 def test_equal_length_bytes_elements_stay_one_element_each() -> None:
-    # numpy would otherwise be tempted to see ["ab", "cd"] as a 2x2 array of characters.
     words = np.array([b"ab", b"cd"], dtype=np.object_)
     (tensor,) = decode_infer_request(raw_request("text", words, "BYTES")).inputs
     assert tensor.data.shape == (2,)

@@ -31,7 +31,7 @@ def test_duplicate_registration_rejected() -> None:
 
 
 def test_unknown_policy_lists_known() -> None:
-    with pytest.raises(KeyError, match="registered: .*all"):
+    with pytest.raises(KeyError, match=r"registered: .*all"):
         registry.lookup("selection", "nope")
 
 
@@ -59,9 +59,11 @@ def test_select_all_skips_unready_members() -> None:
 @pytest.mark.parametrize("name", AGGREGATIONS)
 def test_aggregation_conformance(name: str) -> None:
     policy = registry.build("aggregation", name, None, AggregationPolicy)
-    answers = [answer([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], "a"),
-               answer([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]], "b"),
-               answer([[0.2, 0.5, 0.3], [0.1, 0.2, 0.7]], "c")]
+    answers = [
+        answer([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], "a"),
+        answer([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1]], "b"),
+        answer([[0.2, 0.5, 0.3], [0.1, 0.2, 0.7]], "c"),
+    ]
     agg = policy.aggregate(answers, 3)
     assert agg.probabilities.shape == (2, 3)
     assert agg.class_index.tolist() == [0, 2]
@@ -80,7 +82,9 @@ probability_rows = st.lists(
 @pytest.mark.parametrize("name", AGGREGATIONS)
 @settings(max_examples=50, deadline=None)
 @given(rows=probability_rows, copies=st.integers(1, 5))
-def test_identical_answers_return_that_answer(name: str, rows: list[list[float]], copies: int) -> None:
+def test_identical_answers_return_that_answer(
+    name: str, rows: list[list[float]], copies: int
+) -> None:
     policy = registry.build("aggregation", name, None, AggregationPolicy)
     agg = policy.aggregate([answer(rows, f"m{i}") for i in range(copies)], 4)
     assert agg.class_index.tolist() == np.asarray(rows, dtype=np.float32).argmax(axis=1).tolist()

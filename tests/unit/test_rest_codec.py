@@ -41,8 +41,13 @@ def test_json_tensor_decoded_with_shape() -> None:
 
 def test_binary_tensor_decoded() -> None:
     raw = np.array([[1, 2, 3]], dtype="<i8").tobytes()
-    doc = {"inputs": [inp(datatype="INT64", shape=[1, 3], data=None,
-                          parameters={"binary_data_size": len(raw)})]}
+    doc = {
+        "inputs": [
+            inp(
+                datatype="INT64", shape=[1, 3], data=None, parameters={"binary_data_size": len(raw)}
+            )
+        ]
+    }
     req = decode(doc, raw)
     assert req.inputs[0].data.tolist() == [[1, 2, 3]]  # type: ignore[attr-defined]
 
@@ -51,8 +56,11 @@ def test_bytes_tensor_json_and_binary() -> None:
     req = decode({"inputs": [inp(datatype="BYTES", shape=[2], data=["a", "bc"])]})
     assert req.inputs[0].data.tolist() == [b"a", b"bc"]  # type: ignore[attr-defined]
     raw = struct.pack("<I", 1) + b"a" + struct.pack("<I", 2) + b"bc"
-    doc = {"inputs": [inp(datatype="BYTES", shape=[2], data=None,
-                          parameters={"binary_data_size": len(raw)})]}
+    doc = {
+        "inputs": [
+            inp(datatype="BYTES", shape=[2], data=None, parameters={"binary_data_size": len(raw)})
+        ]
+    }
     assert decode(doc, raw).inputs[0].data.tolist() == [b"a", b"bc"]  # type: ignore[attr-defined]
 
 
@@ -82,8 +90,10 @@ def test_bytes_tensor_json_and_binary() -> None:
         ({"inputs": [inp()], "id": 5}, "'id'"),
         ({"inputs": [inp()], "outputs": {}}, "'outputs'"),
         ({"inputs": [inp()], "outputs": [{"nam": "x"}]}, "string 'name'"),
-        ({"inputs": [inp()], "outputs": [{"name": "y", "parameters": {"binary_data": 1}}]},
-         "binary_data"),
+        (
+            {"inputs": [inp()], "outputs": [{"name": "y", "parameters": {"binary_data": 1}}]},
+            "binary_data",
+        ),
     ],
 )
 def test_malformed_requests(doc: object, match: str) -> None:
@@ -113,12 +123,18 @@ def test_header_length_checked(header: str) -> None:
 def test_encode_json_and_binary_outputs() -> None:
     probs = np.array([[0.25, 0.75]], dtype=np.float32)
     resp = InferResponse(
-        "m", "1",
+        "m",
+        "1",
         [Tensor("label", "INT64", (1,), np.array([1])), Tensor("p", "FP32", (1, 2), probs)],
-        id="9", parameters={"confidence": 0.75},
+        id="9",
+        parameters={"confidence": 0.75},
     )
-    req = decode({"inputs": [inp()], "outputs": [{"name": "p", "parameters": {"binary_data": True}},
-                                                 {"name": "label"}]})
+    req = decode(
+        {
+            "inputs": [inp()],
+            "outputs": [{"name": "p", "parameters": {"binary_data": True}}, {"name": "label"}],
+        }
+    )
     body, header_length = encode_infer_response(resp, req)  # type: ignore[arg-type]
     assert header_length is not None
     doc = orjson.loads(body[:header_length])

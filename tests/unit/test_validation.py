@@ -10,7 +10,9 @@ from ensemble.types import ModelMetadata, RequestedOutput, Tensor, TensorSpec
 from ensemble.validation import check_inputs, check_outputs
 
 META = ModelMetadata(
-    "m", ("1",), "onnxruntime_onnx",
+    "m",
+    ("1",),
+    "onnxruntime_onnx",
     (TensorSpec("input", "FP32", (-1, 4)),),
     (TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 3))),
 )
