@@ -83,8 +83,11 @@ class MemberConfig(StrictModel):
     output_kind: Literal["probabilities", "logits"] = Field(
         "probabilities", description="`logits` outputs are turned into probabilities by softmax."
     )
-    classes: list[int] | None = Field(
-        None, min_length=2, description="Class labels in output order; default: card, else 0..C-1."
+    classes: list[int] | list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Class labels in output order; default: the card, the graph's classifier "
+        "node, else 0..C-1.",
     )
     placement: list[Placement] = Field(min_length=1, description="Tiers this member runs on.")
 

@@ -159,10 +159,10 @@ class Dispatcher:
             reasons = "; ".join(f"{n}: {f}" for n, f in zip(chosen, results, strict=True))
             raise MemberFailed(f"all {len(chosen)} members failed: {reasons}")
         agg = model.aggregation.aggregate(answers, len(model.classes))
-        labels = np.asarray(model.classes, dtype=np.int64)[agg.class_index]
+        labels = model.labels[agg.class_index]
         probs = np.ascontiguousarray(agg.probabilities, dtype=np.float32)
         outputs = [
-            Tensor("label", "INT64", (batch,), labels),
+            Tensor("label", model.metadata.outputs[0].datatype, (batch,), labels),
             Tensor("probabilities", "FP32", tuple(probs.shape), probs),
         ]
         params: Parameters = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from ensemble.models.card import MemberCard, card_path_for, load_card
 from ensemble.replicas.base import Replica
 from ensemble.replicas.inprocess import InProcessReplica
 from ensemble.replicas.member import Member, infer_classifier_schema
-from ensemble.replicas.onnx import load_session, session_io
+from ensemble.replicas.onnx import ClassLabel, load_session, read_signature
 from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec
 from policies import registry
 from policies.base import AggregationPolicy, SelectionPolicy
@@ -32,9 +32,13 @@ class EnsembleModel:
     profile: str
     selection: SelectionPolicy
     aggregation: AggregationPolicy
-    classes: tuple[int, ...]
+    classes: tuple[ClassLabel, ...]
     metadata: ModelMetadata
     description: str = ""
+    labels: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.labels = label_array(self.classes)
 
     def ready(self) -> bool:
         return any(m.ready() for m in self.members.values())
@@ -69,22 +73,25 @@ def build_member(cfg: GatewayConfig, member: MemberConfig, executor: Executor) -
         raise EnsembleError(f"member {member.name!r}: model file not found: {path}")
     card = _load_card(cfg, member, path)
     replicas: list[Replica] = []
-    inputs: tuple[TensorSpec, ...] = ()
-    outputs: tuple[TensorSpec, ...] = ()
+    signature = None
     for place in member.placement:
         for i in range(max(1, place.replicas.min)):
             session = load_session(path)
-            inputs, outputs = session_io(session)
-            replicas.append(InProcessReplica(f"{place.tier}/{i}", place.tier, session, executor))
+            signature = signature or read_signature(path, session)
+            replicas.append(
+                InProcessReplica(f"{place.tier}/{i}", place.tier, session, executor, signature)
+            )
+    assert signature is not None  # placement has at least one entry (config validation)
     schema = infer_classifier_schema(
         member.name,
-        outputs,
+        signature.outputs,
         probability_output=member.probability_output,
         classes=member.classes,
         logits=member.output_kind == "logits",
         card=card,
+        graph_classes=signature.graph_classes,
     )
-    return Member(member.name, inputs, outputs, schema, replicas, card)
+    return Member(member.name, signature.inputs, signature.outputs, schema, replicas, card)
 
 
 def _compatible(a: TensorSpec, b: TensorSpec) -> bool:
@@ -126,7 +133,10 @@ def build_ensemble(
         versions=(VERSION,),
         platform="ensemble",
         inputs=first.inputs,
-        outputs=(TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, n))),
+        outputs=(
+            TensorSpec("label", label_datatype(first.schema.classes), (-1,)),
+            TensorSpec("probabilities", "FP32", (-1, n)),
+        ),
     )
     return EnsembleModel(
         ens.name,
@@ -138,6 +148,18 @@ def build_ensemble(
         metadata,
         ens.description,
     )
+
+
+def label_datatype(classes: tuple[ClassLabel, ...]) -> str:
+    """INT64 labels when every class label is an integer, else BYTES (UTF-8 strings)."""
+    return "INT64" if all(isinstance(c, int) for c in classes) else "BYTES"
+
+
+def label_array(classes: tuple[ClassLabel, ...]) -> np.ndarray:
+    """Class labels as the array the `label` output indexes into."""
+    if label_datatype(classes) == "INT64":
+        return np.asarray(classes, dtype=np.int64)
+    return np.array([str(c).encode() for c in classes], dtype=np.object_)
 
 
 def _specs(specs: tuple[TensorSpec, ...]) -> str:

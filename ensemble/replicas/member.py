@@ -12,6 +12,7 @@ import numpy as np
 from ensemble.errors import EnsembleError, ModelNotReady
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
+from ensemble.replicas.onnx import ClassLabel
 from ensemble.types import MODEL_VERSION, MemberAnswer, MemberView, ModelMetadata, TensorSpec
 
 
@@ -20,7 +21,7 @@ class ClassifierSchema:
     """How to read class probabilities out of a model's outputs."""
 
     probability_output: str
-    classes: tuple[int, ...]
+    classes: tuple[ClassLabel, ...]
     logits: bool
 
     @property
@@ -33,11 +34,13 @@ def infer_classifier_schema(
     outputs: Sequence[TensorSpec],
     *,
     probability_output: str | None,
-    classes: Sequence[int] | None,
+    classes: Sequence[ClassLabel] | None,
     logits: bool,
     card: MemberCard | None,
+    graph_classes: Sequence[ClassLabel] | None = None,
 ) -> ClassifierSchema:
-    """Find the class-score output: config first, then the card, then the only rank-2 float."""
+    """Find the class-score output (config, card, else the only rank-2 float) and class labels
+    (config, card, the graph's classifier node, else 0..C-1)."""
     by_name = {o.name: o for o in outputs}
     chosen = probability_output or (card.probability_output if card else None)
     if chosen is None:
@@ -61,7 +64,11 @@ def infer_classifier_schema(
             f"member {name!r}: output {chosen!r} is {spec.datatype}{list(spec.shape)}; "
             "class scores must be a float tensor of shape [batch, classes]"
         )
-    labels = tuple(classes) if classes else (tuple(card.classes) if card else ())
+    labels: tuple[ClassLabel, ...] = ()
+    for source in (classes, card.classes if card else None, graph_classes):
+        if source:
+            labels = tuple(source)
+            break
     width = spec.shape[1]
     if not labels:
         if width < 2:

@@ -1,14 +1,20 @@
-"""Loading ONNX models into onnxruntime sessions tuned for a small CPU machine."""
+"""Loading ONNX models into onnxruntime sessions tuned for a small CPU machine, and their I/O."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
+import onnx
 import onnxruntime as ort
 
 from ensemble.datatypes import ORT_TO_OIP
 from ensemble.errors import EnsembleError
 from ensemble.types import TensorSpec
+
+ClassLabel: TypeAlias = int | str
 
 
 def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
@@ -36,19 +42,74 @@ def load_session(path: Path, intra_op_threads: int = 1) -> ort.InferenceSession:
         raise EnsembleError(f"cannot load ONNX model {path}: {exc}") from exc
 
 
-def _spec(arg: ort.NodeArg) -> TensorSpec:
-    datatype = ORT_TO_OIP.get(arg.type)
-    if datatype is None:
-        raise EnsembleError(f"tensor {arg.name!r} has unsupported type {arg.type}")
-    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
-    return TensorSpec(arg.name, datatype, shape)
+@dataclass(frozen=True)
+class OnnxSignature:
+    """A model's inputs and outputs as OIP sees them.
+
+    scikit-learn exports (skl2onnx's default ZipMap) return class probabilities as a sequence
+    of maps, which OIP cannot carry; such an output is presented as an FP32 [batch, classes]
+    tensor of the same name and converted on every call, in class order ``map_outputs[name]``.
+    """
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    map_outputs: Mapping[str, tuple[ClassLabel, ...]] = field(default_factory=dict)
+    graph_classes: tuple[ClassLabel, ...] | None = None
+    """Class labels declared by the graph's classifier or ZipMap node, if any."""
 
 
-def session_io(
-    session: ort.InferenceSession,
-) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Inputs and outputs of a session as OIP tensor specs (-1 for dynamic dimensions)."""
-    return (
-        tuple(_spec(a) for a in session.get_inputs()),
-        tuple(_spec(a) for a in session.get_outputs()),
-    )
+def _labels(node: onnx.NodeProto) -> tuple[ClassLabel, ...] | None:
+    for attr in node.attribute:
+        if attr.name in ("classlabels_ints", "classlabels_int64s") and attr.ints:
+            return tuple(int(v) for v in attr.ints)
+        if attr.name == "classlabels_strings" and attr.strings:
+            return tuple(s.decode() for s in attr.strings)
+    return None
+
+
+def _graph_labels(
+    path: Path,
+) -> tuple[tuple[ClassLabel, ...] | None, dict[str, tuple[ClassLabel, ...]]]:
+    """Class labels of the graph, and per ZipMap output name the labels of its map keys."""
+    model = onnx.load(str(path), load_external_data=False)
+    classes: tuple[ClassLabel, ...] | None = None
+    zipmaps: dict[str, tuple[ClassLabel, ...]] = {}
+    for node in model.graph.node:
+        labels = _labels(node)
+        if labels is None:
+            continue
+        if node.op_type == "ZipMap":
+            for out in node.output:
+                zipmaps[out] = labels
+        classes = classes or labels
+    return classes, zipmaps
+
+
+def _dims(arg: ort.NodeArg) -> tuple[int, ...]:
+    # Symbolic dimensions come back as strings and unknown ones as None: both are dynamic.
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
+
+
+def read_signature(path: Path, session: ort.InferenceSession) -> OnnxSignature:
+    """Inputs and outputs of a loaded model; unsupported inputs are an error, outputs skipped."""
+    inputs = []
+    for arg in session.get_inputs():
+        datatype = ORT_TO_OIP.get(arg.type)
+        if datatype is None:
+            raise EnsembleError(
+                f"{path}: input {arg.name!r} has type {arg.type}, OIP cannot carry it"
+            )
+        inputs.append(TensorSpec(arg.name, datatype, _dims(arg)))
+    graph_classes, zipmaps = _graph_labels(path)
+    outputs = []
+    map_outputs: dict[str, tuple[ClassLabel, ...]] = {}
+    for arg in session.get_outputs():
+        datatype = ORT_TO_OIP.get(arg.type)
+        if datatype is not None:
+            outputs.append(TensorSpec(arg.name, datatype, _dims(arg)))
+        elif arg.type.startswith("seq(map(") and arg.name in zipmaps:
+            labels = zipmaps[arg.name]
+            map_outputs[arg.name] = labels
+            outputs.append(TensorSpec(arg.name, "FP32", (-1, len(labels))))
+        # Any other non-tensor output is left out of the model's OIP signature.
+    return OnnxSignature(tuple(inputs), tuple(outputs), map_outputs, graph_classes)

@@ -25,7 +25,7 @@ from ensemble.frontends.grpc import start_grpc_server
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.inprocess import InProcessReplica
 from ensemble.replicas.member import Member, infer_classifier_schema
-from ensemble.replicas.onnx import load_session, session_io
+from ensemble.replicas.onnx import load_session, read_signature
 from ensemble.repository import EnsembleModel, Repository
 from ensemble.types import ModelMetadata, TensorSpec
 from policies import registry
@@ -72,12 +72,12 @@ def classifier_onnx(path: Path, weights: np.ndarray, inputs: tuple[str, ...] = (
 
 def make_member(name: str, path: Path, executor: ThreadPoolExecutor) -> Member:
     session = load_session(path)
-    inputs, outputs = session_io(session)
+    signature = read_signature(path, session)
     schema = infer_classifier_schema(
-        name, outputs, probability_output=None, classes=None, logits=False, card=None
+        name, signature.outputs, probability_output=None, classes=None, logits=False, card=None
     )
-    replica = InProcessReplica("edge/0", "edge", session, executor)
-    return Member(name, inputs, outputs, schema, [replica])
+    replica = InProcessReplica("edge/0", "edge", session, executor, signature)
+    return Member(name, signature.inputs, signature.outputs, schema, [replica])
 
 
 def make_repository(directory: Path, executor: ThreadPoolExecutor) -> Repository:
