@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeAlias
 
 import grpc
-from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import model_config_pb2, service_pb2
 
 from ensemble.dispatcher import Dispatcher
 from ensemble.errors import EnsembleError
@@ -18,6 +19,7 @@ from ensemble.types import ModelMetadata, TensorSpec
 logger = logging.getLogger(__name__)
 
 PROTOCOL: Final = "grpc"
+SERVICE_NAME: Final = "inference.GRPCInferenceService"
 
 _CONFIG_TYPES: Final[dict[str, Any]] = {
     "BOOL": model_config_pb2.TYPE_BOOL,
@@ -105,12 +107,19 @@ def model_config(meta: ModelMetadata, max_batch_size: int) -> Any:
     )
 
 
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """GRPCInferenceService over a Dispatcher; RPCs not defined here stay UNIMPLEMENTED.
+class InferenceServicer:
+    """GRPCInferenceService over a Dispatcher; RPCs not defined here answer UNIMPLEMENTED."""
 
-    Subclassing the generated servicer is what gives the remaining RPCs (streaming, shared
-    memory, statistics, load/unload...) their UNIMPLEMENTED answers.
-    """
+    IMPLEMENTED: Final = (
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelConfig",
+        "RepositoryIndex",
+        "ModelInfer",
+    )
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
@@ -172,6 +181,27 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return encode_infer_response(response)
 
 
+def _raw_handler(servicer: InferenceServicer, name: str) -> Any:
+    """A unary handler that parses the request itself, so a malformed message is the client's
+    fault (INVALID_ARGUMENT) instead of grpcio's UNKNOWN with parser internals."""
+    request_type = getattr(service_pb2, f"{name}Request")
+    response_type = getattr(service_pb2, f"{name}Response")
+    method = getattr(servicer, name)
+
+    async def handle(raw: bytes, context: Any) -> Any:
+        try:
+            request = request_type.FromString(raw)
+        except DecodeError as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name}Request message: {exc}"
+            )
+        return await method(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=None, response_serializer=response_type.SerializeToString
+    )
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -194,9 +224,9 @@ async def start_grpc_server(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(dispatcher), server
-    )
+    servicer = InferenceServicer(dispatcher)
+    handlers = {name: _raw_handler(servicer, name) for name in servicer.IMPLEMENTED}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     address = _address(host, port)
     try:
         bound: int = server.add_insecure_port(address)

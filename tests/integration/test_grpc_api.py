@@ -178,3 +178,17 @@ def test_message_over_size_limit(stub: service_pb2_grpc.GRPCInferenceServiceStub
         stub.ModelInfer(big, timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=30).live
+
+
+def test_malformed_protobuf_is_invalid_argument(gateway: GatewayProcess) -> None:
+    with grpc.insecure_channel(gateway.grpc_target) as channel:
+        for method in ("ModelInfer", "ModelMetadata", "ServerLive"):
+            call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"\xff\xff\xff\x0f not a protobuf", timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"malformed {method}Request" in info.value.details()
+        unimplemented = channel.unary_unary("/inference.GRPCInferenceService/ModelStatistics")
+        with pytest.raises(grpc.RpcError) as info:
+            unimplemented(b"", timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
