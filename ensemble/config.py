@@ -133,6 +133,14 @@ class ServerConfig(StrictModel):
     executor_threads: int = Field(
         2, ge=1, le=64, description="Threads running onnxruntime (never the event loop)."
     )
+    batching: bool = Field(
+        True,
+        description="Combine concurrent calls to one model into one onnxruntime call "
+        "(only when calls queue up, so an idle gateway adds no wait).",
+    )
+    batch_max_rows: int = Field(
+        256, ge=1, le=65536, description="Most rows one combined onnxruntime call may hold."
+    )
     drain_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )

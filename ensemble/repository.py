@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from ensemble.config import EnsembleConfig, GatewayConfig, MemberConfig
 from ensemble.errors import EnsembleError, ModelNotFound
 from ensemble.models.card import MemberCard, card_path_for, load_card
 from ensemble.replicas.base import Replica
+from ensemble.replicas.engine import InProcessEngine, SessionRunner
 from ensemble.replicas.inprocess import InProcessReplica
 from ensemble.replicas.member import Member, infer_classifier_schema
 from ensemble.replicas.onnx import ClassLabel, load_session, read_signature
@@ -66,7 +66,7 @@ def _load_card(cfg: GatewayConfig, member: MemberConfig, model_path: Path) -> Me
         raise EnsembleError(f"member {member.name!r}: unreadable card {path}: {exc}") from exc
 
 
-def build_member(cfg: GatewayConfig, member: MemberConfig, executor: Executor) -> Member:
+def build_member(cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngine) -> Member:
     """Load a member's ONNX file into its in-process replicas and read its card."""
     path = cfg.resolve(member.model)
     if not path.is_file():
@@ -78,9 +78,11 @@ def build_member(cfg: GatewayConfig, member: MemberConfig, executor: Executor) -
         for i in range(max(1, place.replicas.min)):
             session = load_session(path)
             signature = signature or read_signature(path, session)
-            replicas.append(
-                InProcessReplica(f"{place.tier}/{i}", place.tier, session, executor, signature)
-            )
+            runner = SessionRunner(session, signature)
+            if card is not None:  # start cost estimates from the card's measured latency
+                one, many = card.latency_ms["batch_1"].p50_ms, card.latency_ms["batch_32"].p50_ms
+                runner.fixed_s, runner.per_row_s = one / 1e3, max(0.0, many - one) / 31e3
+            replicas.append(InProcessReplica(f"{place.tier}/{i}", place.tier, runner, engine))
     assert signature is not None  # placement has at least one entry (config validation)
     schema = infer_classifier_schema(
         member.name,
@@ -177,7 +179,7 @@ class Repository:
     def from_config(
         cls,
         cfg: GatewayConfig,
-        executor: Executor,
+        engine: InProcessEngine,
         progress: Callable[[str], None] | None = None,
     ) -> Repository:
         members: dict[str, Member] = {}
@@ -185,7 +187,7 @@ class Repository:
             for m in ens.members:
                 if progress:
                     progress(f"loading member {m.name} from {cfg.resolve(m.model)}")
-                members[m.name] = build_member(cfg, m, executor)
+                members[m.name] = build_member(cfg, m, engine)
         ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
         return cls(ensembles, list(members.values()))
 

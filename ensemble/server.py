@@ -8,7 +8,6 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -19,6 +18,7 @@ from ensemble.dispatcher import Dispatcher
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.frontends.http import HttpFrontend
 from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.engine import InProcessEngine
 from ensemble.repository import Repository
 
 log = logging.getLogger("ensemble.server")
@@ -70,10 +70,12 @@ class Gateway:
         self.cfg = cfg
         self._progress = progress
         self.metrics = GatewayMetrics()
-        self._executor = ThreadPoolExecutor(
-            cfg.server.executor_threads, thread_name_prefix="onnxruntime"
+        self.engine = InProcessEngine(
+            cfg.server.executor_threads,
+            max_batch_rows=cfg.server.batch_max_rows,
+            batching=cfg.server.batching,
         )
-        self.repository = Repository.from_config(cfg, self._executor, progress)
+        self.repository = Repository.from_config(cfg, self.engine, progress)
         self.dispatcher = Dispatcher(
             self.repository, self.metrics, max_batch_size=cfg.server.max_batch_size
         )
@@ -121,7 +123,7 @@ class Gateway:
             waits.append(self._http_task)
         await asyncio.gather(*waits, return_exceptions=True)
         await self.repository.close()
-        self._executor.shutdown(wait=True)
+        self.engine.shutdown()
 
     async def wait_failed(self) -> None:
         """Returns if a frontend dies on its own (a bug, or a lost socket)."""

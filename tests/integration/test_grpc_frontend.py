@@ -6,7 +6,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from ensemble.dispatcher import Dispatcher
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.engine import InProcessEngine, SessionRunner
 from ensemble.replicas.inprocess import InProcessReplica
 from ensemble.replicas.member import Member, infer_classifier_schema
 from ensemble.replicas.onnx import load_session, read_signature
@@ -70,21 +70,21 @@ def classifier_onnx(path: Path, weights: np.ndarray, inputs: tuple[str, ...] = (
     return path
 
 
-def make_member(name: str, path: Path, executor: ThreadPoolExecutor) -> Member:
+def make_member(name: str, path: Path, engine: InProcessEngine) -> Member:
     session = load_session(path)
     signature = read_signature(path, session)
     schema = infer_classifier_schema(
         name, signature.outputs, probability_output=None, classes=None, logits=False, card=None
     )
-    replica = InProcessReplica("edge/0", "edge", session, executor, signature)
+    replica = InProcessReplica("edge/0", "edge", SessionRunner(session, signature), engine)
     return Member(name, signature.inputs, signature.outputs, schema, [replica])
 
 
-def make_repository(directory: Path, executor: ThreadPoolExecutor) -> Repository:
-    a = make_member("linear_a", classifier_onnx(directory / "a.onnx", WEIGHTS_A), executor)
-    b = make_member("linear_b", classifier_onnx(directory / "b.onnx", WEIGHTS_B), executor)
+def make_repository(directory: Path, engine: InProcessEngine) -> Repository:
+    a = make_member("linear_a", classifier_onnx(directory / "a.onnx", WEIGHTS_A), engine)
+    b = make_member("linear_b", classifier_onnx(directory / "b.onnx", WEIGHTS_B), engine)
     pair = make_member(
-        "pair", classifier_onnx(directory / "pair.onnx", WEIGHTS_A, ("x", "y")), executor
+        "pair", classifier_onnx(directory / "pair.onnx", WEIGHTS_A, ("x", "y")), engine
     )
     iris = EnsembleModel(
         name="iris",
@@ -109,9 +109,10 @@ def make_repository(directory: Path, executor: ThreadPoolExecutor) -> Repository
 
 @pytest.fixture(scope="module")
 def dispatcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dispatcher]:
-    with ThreadPoolExecutor(max_workers=2) as executor:
-        repository = make_repository(tmp_path_factory.mktemp("models"), executor)
-        yield Dispatcher(repository, GatewayMetrics())
+    engine = InProcessEngine(2)
+    repository = make_repository(tmp_path_factory.mktemp("models"), engine)
+    yield Dispatcher(repository, GatewayMetrics())
+    engine.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,230 @@
+"""Runs onnxruntime calls on a bounded thread pool, batching concurrent calls per session.
+
+Calls that arrive while the pool is busy (or in the same event-loop tick) are grouped by
+session and concatenated along the batch dimension into one ``session.run``: batching comes
+from load itself, so an idle gateway adds no wait and a busy one amortises per-call overhead
+(Clipper's adaptive batching without a timer). Work is handed to threads in jobs of roughly
+equal estimated cost, so both cores of a small machine stay busy and each request pays for
+few thread hand-offs instead of one per member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from ensemble.errors import EnsembleError, InvalidInput
+from ensemble.replicas.onnx import OnnxSignature
+
+Outputs = dict[str, np.ndarray]
+SPLIT_MIN_S = 1e-3
+"""Work estimated below this runs in one job rather than spread over threads."""
+
+
+class SessionRunner:
+    """One onnxruntime session and how to run it; learns its own cost per call and per row."""
+
+    def __init__(self, session: ort.InferenceSession, signature: OnnxSignature) -> None:
+        self.session = session
+        self.output_names = tuple(o.name for o in signature.outputs)
+        self.map_outputs = signature.map_outputs
+        # Concatenating requests needs a variable first dimension on every input and output.
+        self.batchable = all(
+            spec.shape[:1] == (-1,) for spec in (*signature.inputs, *signature.outputs)
+        )
+        self.fixed_s = 50e-6
+        self.per_row_s = 5e-6
+
+    def estimate_s(self, rows: int) -> float:
+        return self.fixed_s + self.per_row_s * rows
+
+    def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Outputs:
+        """Run synchronously (in a pool thread); errors become the gateway's own."""
+        names = list(outputs or self.output_names)
+        start = time.perf_counter()
+        try:
+            values = self.session.run(names, dict(feed))
+        except Exception as exc:
+            # onnxruntime reports bad shapes/types as InvalidArgument; anything else is ours.
+            if type(exc).__name__ in ("InvalidArgument", "InvalidGraph"):
+                raise InvalidInput(f"the model rejected the input: {exc}") from exc
+            raise EnsembleError(f"onnxruntime failed: {exc}") from exc
+        self._learn(time.perf_counter() - start, _rows(feed))
+        result = dict(zip(names, values, strict=True))
+        for name, classes in self.map_outputs.items():
+            if name in result:  # ZipMap: a list of {class: probability} per row
+                rows = result[name]
+                result[name] = np.array([[row[c] for c in classes] for row in rows], np.float32)
+        return result
+
+    def _learn(self, elapsed_s: float, rows: int) -> None:
+        # A rough split of the observed time into a fixed and a per-row part, smoothed; only
+        # used to balance work across threads, so races between threads are harmless.
+        if rows <= 1:
+            self.fixed_s += 0.2 * (elapsed_s - self.fixed_s)
+        else:
+            per_row = max(0.0, (elapsed_s - self.fixed_s) / rows)
+            self.per_row_s += 0.2 * (per_row - self.per_row_s)
+
+
+def _rows(feed: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+@dataclass(eq=False)
+class _Call:
+    runner: SessionRunner
+    feed: Mapping[str, np.ndarray]
+    outputs: tuple[str, ...]
+    future: asyncio.Future[Outputs]
+    rows: int
+
+
+@dataclass(eq=False)
+class _Batch:
+    runner: SessionRunner
+    outputs: tuple[str, ...]
+    calls: list[_Call] = field(default_factory=list)
+    rows: int = 0
+
+    def cost_s(self) -> float:
+        return self.runner.estimate_s(self.rows)
+
+
+def _signature_key(call: _Call) -> tuple[object, ...]:
+    """Calls can share one run only with the same session, outputs and non-batch shapes."""
+    shapes = tuple((k, v.shape[1:], v.dtype.str) for k, v in call.feed.items())
+    return (id(call.runner), call.outputs, shapes)
+
+
+def _run_batch(batch: _Batch) -> list[Outputs | BaseException]:
+    """Run one batch in a pool thread; one result (or error) per call, in order."""
+    calls = batch.calls
+    if len(calls) == 1:
+        try:
+            return [batch.runner.run(calls[0].feed, batch.outputs)]
+        except Exception as exc:
+            return [exc]
+    feed = {name: np.concatenate([c.feed[name] for c in calls]) for name in calls[0].feed}
+    try:
+        merged = batch.runner.run(feed, batch.outputs)
+    except Exception:
+        # One bad request must not fail its neighbours: retry each on its own.
+        return [r for c in calls for r in _run_batch(_Batch(batch.runner, batch.outputs, [c]))]
+    results: list[Outputs | BaseException] = []
+    offset = 0
+    for call in calls:
+        results.append({k: v[offset : offset + call.rows] for k, v in merged.items()})
+        offset += call.rows
+    return results
+
+
+def _run_job(job: list[_Batch]) -> list[list[Outputs | BaseException]]:
+    return [_run_batch(batch) for batch in job]
+
+
+class InProcessEngine:
+    """The bounded pool onnxruntime runs on; never blocks the event loop."""
+
+    def __init__(self, threads: int, *, max_batch_rows: int = 256, batching: bool = True) -> None:
+        self.threads = threads
+        self.max_batch_rows = max_batch_rows
+        self.batching = batching
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="onnxruntime")
+        self._queue: list[_Call] = []
+        self._busy = 0
+        self._scheduled = False
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a thread (a load signal)."""
+        return len(self._queue)
+
+    def submit(
+        self, runner: SessionRunner, feed: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> asyncio.Future[Outputs]:
+        """Queue one call; the future resolves with its outputs."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outputs] = loop.create_future()
+        self._queue.append(_Call(runner, feed, tuple(outputs), future, _rows(feed)))
+        if not self._scheduled:
+            # Dispatch after the current tick, so calls made together are planned together.
+            self._scheduled = True
+            loop.call_soon(self._dispatch)
+        return future
+
+    def _batches(self, calls: list[_Call]) -> list[_Batch]:
+        batches: list[_Batch] = []
+        open_batches: dict[tuple[object, ...], _Batch] = {}
+        for call in calls:
+            if call.future.done():
+                continue  # cancelled while queued (its request gave up)
+            key = _signature_key(call)
+            batch = open_batches.get(key) if self.batching and call.runner.batchable else None
+            if batch is None or batch.rows + call.rows > self.max_batch_rows:
+                batch = _Batch(call.runner, call.outputs)
+                batches.append(batch)
+                open_batches[key] = batch
+            batch.calls.append(call)
+            batch.rows += call.rows
+        return batches
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        free = self.threads - self._busy
+        if free <= 0 or not self._queue:
+            return
+        batches = self._batches(self._queue)
+        self._queue = []
+        # Largest first; each free thread gets about its share of the estimated cost, and the
+        # last free one takes whatever is left, so nothing waits behind a whole job.
+        batches.sort(key=_Batch.cost_s, reverse=True)
+        total = sum(b.cost_s() for b in batches)
+        share = total / self.threads
+        loop = asyncio.get_running_loop()
+        while batches and free > 0:
+            # Two small onnxruntime runs in parallel were slower than back to back on a 2-vCPU
+            # machine (measured: 1.17 ms vs 0.81 ms for the default ensemble), so small work
+            # stays in one job and only big work is spread over threads.
+            if free == 1 or total < SPLIT_MIN_S:
+                job, batches = batches, []
+            else:
+                job, cost = [], 0.0
+                while batches and cost < share:
+                    job.append(batches.pop(0))
+                    cost += job[-1].cost_s()
+            free -= 1
+            self._busy += 1
+            done = loop.run_in_executor(self._pool, _run_job, job)
+            done.add_done_callback(functools.partial(self._finish, job))
+
+    def _finish(
+        self, job: list[_Batch], done: asyncio.Future[list[list[Outputs | BaseException]]]
+    ) -> None:
+        self._busy -= 1
+        try:
+            results = done.result()
+        except BaseException as exc:  # the pool itself failed (shut down): fail the calls
+            results = [[exc] * len(batch.calls) for batch in job]
+        for batch, batch_results in zip(job, results, strict=True):
+            for call, result in zip(batch.calls, batch_results, strict=True):
+                if call.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    call.future.set_exception(result)
+                else:
+                    call.future.set_result(result)
+        if self._queue and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,143 @@
+"""The in-process engine: batching under concurrency, exact results, isolated failures."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from ensemble.errors import InvalidInput
+from ensemble.replicas.engine import InProcessEngine, SessionRunner
+from ensemble.replicas.onnx import load_session, read_signature
+
+
+def doubler(path: Path, batch: int | str = "N") -> SessionRunner:
+    """y = 2 * x with x: FP32 [batch, 3]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "g", [x], [y], [two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    session = load_session(path)
+    return SessionRunner(session, read_signature(path, session))
+
+
+class CountingRunner(SessionRunner):
+    def __init__(self, base: SessionRunner) -> None:
+        self.__dict__.update(base.__dict__)
+        self.row_counts: list[int] = []
+
+    def run(self, feed, outputs):  # type: ignore[no-untyped-def]
+        self.row_counts.append(int(next(iter(feed.values())).shape[0]))
+        return super().run(feed, outputs)
+
+
+def rows(n: int, start: float) -> dict[str, np.ndarray]:
+    return {"x": np.arange(start, start + 3 * n, dtype=np.float32).reshape(n, 3)}
+
+
+def test_concurrent_calls_are_batched_and_split_back(tmp_path: Path) -> None:
+    runner = CountingRunner(doubler(tmp_path / "d.onnx"))
+    engine = InProcessEngine(1)
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        return await asyncio.gather(
+            *(engine.submit(runner, rows(i % 3 + 1, 100.0 * i), ("y",)) for i in range(20))
+        )
+
+    results = asyncio.run(main())
+    engine.shutdown()
+    for i, result in enumerate(results):
+        assert np.array_equal(result["y"], 2 * rows(i % 3 + 1, 100.0 * i)["x"])
+    assert sum(runner.row_counts) == sum(i % 3 + 1 for i in range(20))
+    assert len(runner.row_counts) < 20  # calls queued together ran together
+
+
+def test_batches_respect_max_rows(tmp_path: Path) -> None:
+    runner = CountingRunner(doubler(tmp_path / "d.onnx"))
+    engine = InProcessEngine(1, max_batch_rows=4)
+
+    async def main() -> None:
+        await asyncio.gather(*(engine.submit(runner, rows(2, i), ("y",)) for i in range(10)))
+
+    asyncio.run(main())
+    engine.shutdown()
+    assert max(runner.row_counts) <= 4 and sum(runner.row_counts) == 20
+
+
+def test_batching_off_runs_each_call_alone(tmp_path: Path) -> None:
+    runner = CountingRunner(doubler(tmp_path / "d.onnx"))
+    engine = InProcessEngine(2, batching=False)
+
+    async def main() -> None:
+        await asyncio.gather(*(engine.submit(runner, rows(1, i), ("y",)) for i in range(6)))
+
+    asyncio.run(main())
+    engine.shutdown()
+    assert runner.row_counts == [1] * 6
+
+
+def test_fixed_batch_models_are_never_merged(tmp_path: Path) -> None:
+    runner = CountingRunner(doubler(tmp_path / "fixed.onnx", batch=1))
+    assert not runner.batchable
+    engine = InProcessEngine(1)
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        return await asyncio.gather(*(engine.submit(runner, rows(1, i), ("y",)) for i in range(5)))
+
+    results = asyncio.run(main())
+    engine.shutdown()
+    assert runner.row_counts == [1] * 5
+    assert [float(r["y"][0, 0]) for r in results] == [0.0, 2.0, 4.0, 6.0, 8.0]
+
+
+def test_a_bad_call_does_not_fail_its_batch_neighbours(tmp_path: Path) -> None:
+    runner = doubler(tmp_path / "d.onnx")
+    engine = InProcessEngine(1)
+
+    async def main() -> list[object]:
+        good = [engine.submit(runner, rows(1, i), ("y",)) for i in range(3)]
+        bad = engine.submit(runner, {"x": np.zeros((1, 3), np.float64)}, ("y",))
+        return await asyncio.gather(*good, bad, return_exceptions=True)
+
+    *good, bad = asyncio.run(main())
+    engine.shutdown()
+    assert all(isinstance(r, dict) for r in good)
+    assert isinstance(bad, InvalidInput)
+
+
+def test_cancelled_call_is_skipped(tmp_path: Path) -> None:
+    runner = CountingRunner(doubler(tmp_path / "d.onnx"))
+    engine = InProcessEngine(1)
+
+    async def main() -> dict[str, np.ndarray]:
+        doomed = engine.submit(runner, rows(5, 0), ("y",))
+        kept = engine.submit(runner, rows(1, 0), ("y",))
+        doomed.cancel()
+        return await kept
+
+    assert asyncio.run(main())["y"].shape == (1, 3)
+    engine.shutdown()
+    assert runner.row_counts == [1]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_concurrent_calls_all_answer(tmp_path: Path, threads: int) -> None:
+    runners = [doubler(tmp_path / f"m{i}.onnx") for i in range(3)]
+    for r in runners:
+        r.fixed_s = 5e-3  # make the work look big enough to spread over threads
+    engine = InProcessEngine(threads)
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        calls = [engine.submit(runners[i % 3], rows(1, i), ("y",)) for i in range(300)]
+        return await asyncio.gather(*calls)
+
+    results = asyncio.run(main())
+    engine.shutdown()
+    assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(300)]
