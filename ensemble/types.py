@@ -80,6 +80,22 @@ class ModelMetadata:
     parameters: Mapping[str, Param] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class Contract:
+    """What one request asks for; every field is optional (None: no constraint)."""
+
+    timeout_us: int | None = None
+    """Deadline in microseconds from arrival (Triton's `timeout` parameter)."""
+    priority: int = 0
+    """Lower is more important (Triton's convention)."""
+    min_accuracy: float | None = None
+    max_cost: float | None = None
+    tier: str | None = None
+    """Where data may go: a tier name; None means any tier."""
+    policy: str | None = None
+    """An operator-defined policy profile to use instead of the ensemble's own."""
+
+
 @dataclass(frozen=True, slots=True)
 class MemberView:
     """What a selection policy knows about one ensemble member."""
