@@ -1,4 +1,4 @@
-"""The `ensemble` command: serve, validate, schema, models build."""
+"""The `ensemble` command: serve, validate, schema, models build, loadtest."""
 
 from __future__ import annotations
 
@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=Path, default=Path("models/digits"), help="Output directory.")
     build.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
     build.set_defaults(func=cmd_models_build)
+
+    from loadtest.cli import register as register_loadtest
+
+    register_loadtest(sub)
     return parser
 
 

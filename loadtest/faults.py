@@ -1,0 +1,155 @@
+"""Fault injection: timed events handled by hooks registered by name (pause, log, ...)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class FaultEvent:
+    """One scheduled fault: when (seconds after the start), which hook, its validated params."""
+
+    at_s: float
+    name: str
+    params: BaseModel
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A moment worth showing in the report and on the plots."""
+
+    at_s: float
+    name: str
+    message: str
+
+
+@dataclass
+class FaultContext:
+    """What hooks may touch: the harness-started gateway (if any), the run clock, the marks."""
+
+    gateway_pid: int | None
+    elapsed: Callable[[], float]
+    marks: list[Mark] = field(default_factory=list)
+
+    def mark(self, name: str, message: str) -> None:
+        self.marks.append(Mark(round(self.elapsed(), 3), name, message))
+
+
+class FaultHook(Protocol):
+    """A fault kind. ``apply`` runs at the event's time and may take as long as it needs."""
+
+    async def apply(self, event: FaultEvent, ctx: FaultContext) -> None: ...
+
+
+@dataclass(frozen=True)
+class HookEntry:
+    factory: Callable[[], FaultHook]
+    params_model: type[BaseModel]
+    needs_process: bool
+    """True when the hook acts on the gateway's process, so the harness must have started it."""
+
+
+_HOOKS: dict[str, HookEntry] = {}
+
+
+def register_fault(
+    name: str, params_model: type[BaseModel], *, needs_process: bool = False
+) -> Callable[[type[Any]], type[Any]]:
+    """Class decorator adding a hook to the registry; duplicate names are errors."""
+
+    def add(cls: type[Any]) -> type[Any]:
+        if name in _HOOKS:
+            raise ValueError(f"fault hook {name!r} is already registered")
+        _HOOKS[name] = HookEntry(cls, params_model, needs_process)
+        return cls
+
+    return add
+
+
+def hook_names() -> list[str]:
+    return sorted(_HOOKS)
+
+
+def _entry(name: str) -> HookEntry:
+    try:
+        return _HOOKS[name]
+    except KeyError:
+        raise KeyError(f"unknown fault {name!r}; known: {', '.join(hook_names())}") from None
+
+
+def validate_params(name: str, params: dict[str, Any]) -> BaseModel:
+    """The hook's params model; KeyError for an unknown hook, ValidationError for bad params."""
+    return _entry(name).params_model.model_validate(params)
+
+
+def needs_process(name: str) -> bool:
+    return _entry(name).needs_process
+
+
+def create_hook(name: str) -> FaultHook:
+    return _entry(name).factory()
+
+
+async def run_faults(
+    events: list[FaultEvent], ctx: FaultContext, sleep_until: Callable[[float], Any]
+) -> None:
+    """Run every event at its time (concurrently, so a long pause does not delay the next)."""
+
+    async def one(event: FaultEvent) -> None:
+        await sleep_until(event.at_s)
+        try:
+            await create_hook(event.name).apply(event, ctx)
+        except (OSError, ValueError, RuntimeError) as exc:
+            # A fault that cannot be applied (the gateway already died) is a finding, not a crash.
+            ctx.mark(event.name, f"failed: {exc}")
+
+    async with asyncio.TaskGroup() as group:
+        for event in events:
+            group.create_task(one(event))
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogParams(_Params):
+    message: str = Field("", description="Text shown at this moment in the report and plots.")
+
+
+@register_fault("log", LogParams)
+class LogHook:
+    """Marks a moment (a deploy, a config change made by hand) without touching anything."""
+
+    async def apply(self, event: FaultEvent, ctx: FaultContext) -> None:
+        assert isinstance(event.params, LogParams)
+        ctx.mark(event.name, event.params.message or "mark")
+
+
+class PauseParams(_Params):
+    duration_s: float = Field(gt=0, le=600, description="How long the gateway stays stopped.")
+
+
+@register_fault("pause", PauseParams, needs_process=True)
+class PauseGateway:
+    """SIGSTOPs the harness-started gateway, then SIGCONTs it: a frozen host or a long GC pause."""
+
+    async def apply(self, event: FaultEvent, ctx: FaultContext) -> None:
+        assert isinstance(event.params, PauseParams) and ctx.gateway_pid is not None
+        os.kill(ctx.gateway_pid, signal.SIGSTOP)
+        ctx.mark(event.name, f"gateway paused (SIGSTOP) for {event.params.duration_s:g} s")
+        try:
+            await asyncio.sleep(event.params.duration_s)
+        finally:
+            # Always resume, also when the run is cancelled, or the gateway would hang forever.
+            os.kill(ctx.gateway_pid, signal.SIGCONT)
+            ctx.mark(event.name, "gateway resumed (SIGCONT)")
+
+
+register_fault("sigstop_gateway", PauseParams, needs_process=True)(PauseGateway)
