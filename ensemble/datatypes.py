@@ -88,3 +88,25 @@ def join_bytes_elements(array: np.ndarray) -> bytes:
         parts.append(pack(len(raw)))
         parts.append(raw)
     return b"".join(parts)
+
+
+MAX_RANK: Final = 64
+"""numpy's limit on dimensions (NPY_MAXDIMS); no model input comes anywhere near it."""
+
+
+def check_rank(shape: tuple[int, ...], where: str) -> None:
+    """InvalidInput for more dimensions than numpy (and so any model) can hold."""
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"{where}: shape has {len(shape)} dimensions; at most {MAX_RANK}")
+
+
+def reshape(array: np.ndarray, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """``array`` in ``shape``; InvalidInput when numpy cannot represent the shape.
+
+    With a zero dimension the element count matches, yet numpy still refuses shapes whose
+    dimensions multiply past its index range (e.g. [0, 2**62]).
+    """
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:
+        raise InvalidInput(f"{where}: shape {list(shape)} cannot be allocated: {exc}") from None

@@ -153,9 +153,10 @@ class Dispatcher:
             if not isinstance(failure, Exception):
                 raise failure  # cancellation and interpreter exits are not member failures
         if not answers:
-            for failure in failures:
-                if isinstance(failure, InvalidInput):
-                    raise failure
+            invalid = [f for f in failures if isinstance(f, InvalidInput)]
+            if len(invalid) == len(failures):
+                reasons = "; ".join(str(f) for f in invalid)
+                raise InvalidInput(f"no member could answer this input: {reasons}")
             reasons = "; ".join(f"{n}: {f}" for n, f in zip(chosen, results, strict=True))
             raise MemberFailed(f"all {len(chosen)} members failed: {reasons}")
         agg = model.aggregation.aggregate(answers, len(model.classes))

@@ -11,7 +11,9 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import grpc
+import orjson
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ensemble.config import GatewayConfig
 from ensemble.dispatcher import Dispatcher
@@ -22,6 +24,22 @@ from ensemble.replicas.engine import InProcessEngine
 from ensemble.repository import Repository
 
 log = logging.getLogger("ensemble.server")
+
+
+class _OipHttpProtocol(HttpToolsProtocol):
+    """httptools' protocol, answering unparseable HTTP with OIP's JSON error body too.
+
+    uvicorn answers requests it cannot parse (bad methods, chunk sizes, Content-Length) itself,
+    in plain text, before the app sees them; clients of an OIP server expect `{"error": ...}`.
+    """
+
+    def send_400_response(self, msg: str) -> None:
+        body = orjson.dumps({"error": f"malformed HTTP request: {msg}"})
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
+        )
+        self.transport.close()
 
 
 class _Uvicorn(uvicorn.Server):
@@ -92,7 +110,7 @@ class Gateway:
         config = uvicorn.Config(
             app,
             lifespan="off",
-            http="httptools",
+            http=_OipHttpProtocol,
             loop="none",
             log_level="warning",
             access_log=False,
@@ -140,13 +158,15 @@ async def run_gateway(
     progress: Callable[[str], None] | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT, then drain; the process's exit code."""
-    gateway = Gateway(cfg, progress)
-    addresses = await gateway.start(host, http_port, grpc_port)
-    announce(addresses)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Installed before the models load, so a stop request during start-up is also orderly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(cfg, progress)
+    addresses = await gateway.start(host, http_port, grpc_port)
+    if not stop.is_set():
+        announce(addresses)
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(gateway.wait_failed())
     await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)

@@ -9,7 +9,13 @@ from typing import Any, Final
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from ensemble.datatypes import OIP_TO_NUMPY, join_bytes_elements, split_bytes_elements
+from ensemble.datatypes import (
+    OIP_TO_NUMPY,
+    check_rank,
+    join_bytes_elements,
+    reshape,
+    split_bytes_elements,
+)
 from ensemble.errors import EnsembleError, InvalidInput
 from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
@@ -88,8 +94,8 @@ def _shape_text(shape: Sequence[int]) -> str:
     return str(list(shape))
 
 
-def _bytes_array(elements: Sequence[bytes], shape: tuple[int, ...]) -> np.ndarray:
-    return np.array(elements, dtype=np.object_).reshape(shape)
+def _bytes_array(elements: Sequence[bytes], shape: tuple[int, ...], where: str) -> np.ndarray:
+    return reshape(np.array(elements, dtype=np.object_), shape, where)
 
 
 def _from_raw(
@@ -102,7 +108,7 @@ def _from_raw(
                 f"{where}: shape {_shape_text(shape)} needs {count} BYTES elements, "
                 f"raw_input_contents[{index}] has {len(elements)}"
             )
-        return _bytes_array(elements, shape)
+        return _bytes_array(elements, shape, where)
     dtype = _WIRE_DTYPES[datatype]
     need = count * dtype.itemsize
     if len(blob) != need:
@@ -110,7 +116,7 @@ def _from_raw(
             f"{where}: shape {_shape_text(shape)} of {datatype} needs {need} bytes, "
             f"raw_input_contents[{index}] has {len(blob)}"
         )
-    return np.frombuffer(blob, dtype=dtype).reshape(shape)
+    return reshape(np.frombuffer(blob, dtype=dtype), shape, where)
 
 
 def _from_contents(
@@ -133,10 +139,10 @@ def _from_contents(
             f"contents.{field} has {len(values)}"
         )
     if datatype == "BYTES":
-        return _bytes_array(list(values), shape)
+        return _bytes_array(list(values), shape, where)
     try:
         # int_contents carries INT8/INT16 as int32: numpy refuses values that do not fit.
-        return np.array(values, dtype=OIP_TO_NUMPY[datatype]).reshape(shape)
+        return reshape(np.array(values, dtype=OIP_TO_NUMPY[datatype]), shape, where)
     except (OverflowError, ValueError) as exc:
         raise InvalidInput(f"{where}: contents.{field} does not fit {datatype}: {exc}") from None
 
@@ -160,6 +166,7 @@ def _input_tensor(inp: Any, raw: Sequence[bytes], index: int) -> Tensor:
     shape = tuple(inp.shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{where}: shape {_shape_text(shape)} has a negative dimension")
+    check_rank(shape, where)
     params = params_from_proto(inp.parameters, where)
     _check_no_shared_memory(params, where)
     count = math.prod(shape)
@@ -168,11 +175,8 @@ def _input_tensor(inp: Any, raw: Sequence[bytes], index: int) -> Tensor:
     elif inp.HasField("contents"):
         data = _from_contents(datatype, shape, count, inp.contents, where)
     elif count == 0:
-        data = (
-            _bytes_array([], shape)
-            if datatype == "BYTES"
-            else np.empty(shape, _WIRE_DTYPES[datatype])
-        )
+        dtype = np.dtype(np.object_) if datatype == "BYTES" else _WIRE_DTYPES[datatype]
+        data = reshape(np.empty(0, dtype), shape, where)
     else:
         raise InvalidInput(f"{where}: no data; send raw_input_contents or contents")
     return Tensor(name, datatype, shape, data, params)

@@ -44,9 +44,21 @@ def _json(status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = No
     return status, [(b"content-type", JSON), *(extra or [])], body
 
 
+class WrongMethod(MethodNotAllowed):
+    """A 405 that knows the path's methods, for the ``Allow`` header RFC 9110 requires."""
+
+    def __init__(self, method: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(f"method {method} not allowed here; use {' or '.join(allowed)}")
+        self.allowed = allowed
+
+
 def error_reply(exc: EnsembleError) -> Reply:
     """The one place an error becomes an HTTP response: OIP's ``{"error": "..."}`` body."""
-    extra = [(b"connection", b"close")] if isinstance(exc, PayloadTooLarge) else None
+    extra: list[tuple[bytes, bytes]] = []
+    if isinstance(exc, PayloadTooLarge):
+        extra.append((b"connection", b"close"))
+    if isinstance(exc, WrongMethod):
+        extra.append((b"allow", ", ".join(exc.allowed).encode()))
     return _json(exc.http_status, dumps({"error": exc.message}), extra)
 
 
@@ -230,7 +242,7 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 def _expect(method: str, *allowed: str) -> None:
     if method not in allowed:
-        raise MethodNotAllowed(f"method {method} not allowed here; use {' or '.join(allowed)}")
+        raise WrongMethod(method, allowed)
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -243,4 +255,12 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         raise InvalidInput(f"body is not valid {encoding} data: {exc}") from None
     if len(out) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    # zlib stops quietly at a truncated stream or at the end of the first one: neither is a body.
+    if not inflater.eof:
+        raise InvalidInput(f"body is truncated {encoding} data")
+    if inflater.unused_data:
+        raise InvalidInput(
+            f"body has {len(inflater.unused_data)} bytes after the end of its {encoding} data "
+            "(several gzip members are not supported)"
+        )
     return out

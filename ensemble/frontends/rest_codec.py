@@ -8,7 +8,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ensemble.datatypes import OIP_TO_NUMPY, join_bytes_elements, split_bytes_elements
+from ensemble.datatypes import (
+    OIP_TO_NUMPY,
+    check_rank,
+    join_bytes_elements,
+    reshape,
+    split_bytes_elements,
+)
 from ensemble.errors import InvalidInput
 from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
@@ -32,7 +38,9 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
     ):
         raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
-    return tuple(value)
+    shape = tuple(value)
+    check_rank(shape, where)
+    return shape
 
 
 def _tensor_from_json(
@@ -60,7 +68,7 @@ def _tensor_from_json(
         raise InvalidInput(
             f"{where}: shape {list(shape)} needs {count} elements, data has {array.size}"
         )
-    return array.reshape(shape)
+    return reshape(array, shape, where)
 
 
 def _contains_non_number(data: list[Any]) -> bool:
@@ -85,14 +93,14 @@ def _tensor_from_binary(
             raise InvalidInput(
                 f"{where}: shape {list(shape)} needs {count} elements, data has {len(elements)}"
             )
-        return np.array(elements, dtype=np.object_).reshape(shape)
+        return reshape(np.array(elements, dtype=np.object_), shape, where)
     dtype = OIP_TO_NUMPY[datatype].newbyteorder("<")
     if len(chunk) != count * dtype.itemsize:
         raise InvalidInput(
             f"{where}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, "
             f"binary data has {len(chunk)}"
         )
-    return np.frombuffer(chunk, dtype=dtype).reshape(shape)
+    return reshape(np.frombuffer(chunk, dtype=dtype), shape, where)
 
 
 def decode_infer_request(
@@ -135,7 +143,7 @@ def decode_infer_request(
             raise InvalidInput(f"{where}: 'name' must be a non-empty string")
         where = f"input {name!r}"
         datatype = raw.get("datatype")
-        if datatype not in OIP_TO_NUMPY:
+        if not isinstance(datatype, str) or datatype not in OIP_TO_NUMPY:
             raise InvalidInput(
                 f"{where}: unknown datatype {datatype!r}; expected one of {', '.join(OIP_TO_NUMPY)}"
             )

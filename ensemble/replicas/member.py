@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ensemble.errors import EnsembleError, ModelNotReady
+from ensemble.errors import EnsembleError, InvalidInput, ModelNotReady
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
 from ensemble.replicas.onnx import ClassLabel
@@ -161,6 +161,10 @@ class Member:
             )
         if self.schema.logits:
             scores = _softmax(scores)
+        if not np.isfinite(scores).all():
+            # Extreme inputs (huge or non-finite pixels) make some models emit NaN; such an
+            # answer would poison any aggregate, so it counts as this member failing.
+            raise InvalidInput(f"member {self.name!r} returned non-finite class scores")
         return MemberAnswer(self.name, replica.tier, replica.name, scores, latency)
 
     async def close(self) -> None:

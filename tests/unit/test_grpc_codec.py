@@ -334,3 +334,15 @@ def test_response_casts_data_to_the_declared_datatype() -> None:
     msg = encode_infer_response(response)
     assert msg.raw_output_contents[0] == np.array([0.5, 1.0], dtype="<f4").tobytes()
     assert msg.id == ""
+
+
+@pytest.mark.parametrize(
+    ("shape", "fragment"),
+    [([1] * 65, "at most 64"), ([0, 2**62], "cannot be allocated"), ([2**63 - 1, 0], "allocated")],
+)
+def test_shapes_numpy_cannot_hold_are_invalid(shape: list[int], fragment: str) -> None:
+    req = service_pb2.ModelInferRequest(model_name="m")
+    tensor = req.inputs.add(name="x", datatype="FP32")
+    tensor.shape.extend(shape)
+    with pytest.raises(InvalidInput, match=fragment):
+        decode_infer_request(req)

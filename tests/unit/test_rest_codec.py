@@ -152,3 +152,34 @@ def test_encode_json_and_binary_outputs() -> None:
     all_binary = decode({"inputs": [inp()], "parameters": {"binary_data_output": True}})
     _, header_length = encode_infer_response(resp, all_binary)  # type: ignore[arg-type]
     assert header_length is not None
+
+
+# ---- found by fuzzing the running gateway: each used to escape as a 500 -------------------
+
+
+@pytest.mark.parametrize("datatype", [["FP32"], {"FP32": 1}, 32, None])
+def test_non_string_datatype_is_invalid(datatype: object) -> None:
+    bad({"inputs": [{**inp(), "datatype": datatype}]}, match="unknown datatype")
+
+
+def test_shape_rank_beyond_numpy_is_invalid() -> None:
+    bad({"inputs": [inp(shape=[1] * 70, data=[0])]}, match="70 dimensions")
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [2**63, 0], [0, 2**40, 2**40]])
+@pytest.mark.parametrize("datatype", ["FP32", "BOOL", "BYTES"])
+def test_empty_json_tensor_of_unallocatable_shape_is_invalid(
+    shape: list[int], datatype: str
+) -> None:
+    bad({"inputs": [inp(datatype=datatype, shape=shape, data=[])]}, match="cannot be allocated")
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES"])
+def test_empty_binary_tensor_of_unallocatable_shape_is_invalid(datatype: str) -> None:
+    doc = {
+        "inputs": [
+            inp(datatype=datatype, shape=[0, 2**63], data=None, parameters={"binary_data_size": 0})
+        ]
+    }
+    with pytest.raises(InvalidInput, match="cannot be allocated"):
+        decode(doc, header=True)
