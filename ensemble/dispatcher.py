@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -11,12 +12,14 @@ import numpy as np
 from ensemble import __version__
 from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
 from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.base import Replica
 from ensemble.replicas.member import Member
 from ensemble.repository import VERSION, EnsembleModel, Repository, ServedModel
 from ensemble.types import (
     InferRequest,
     InferResponse,
     MemberAnswer,
+    Param,
     Parameters,
     SelectionContext,
     Tensor,
@@ -91,45 +94,30 @@ class Dispatcher:
             raise
         finally:
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(label, protocol, outcome_of(error)).inc()
-            if label:
-                self.metrics.request_latency.labels(label, protocol).observe(
-                    time.perf_counter() - start
-                )
+            self.metrics.record_request(
+                label, protocol, outcome_of(error), time.perf_counter() - start
+            )
 
     async def _member(
         self, member: Member, feed: dict[str, np.ndarray]
     ) -> tuple[list[Tensor], Parameters]:
-        replica = member.pick()
-        start = time.perf_counter()
-        outcome = "error"
+        call = _Call(member, member.pick(), feed, None)
         try:
-            result = await replica.infer(feed)
-            outcome = "success"
+            result = await call.future
         finally:
-            self._observe_call(member.name, replica.tier, start, outcome)
+            self._record(call)
         outputs = [
             Tensor(spec.name, spec.datatype, tuple(result[spec.name].shape), result[spec.name])
             for spec in member.outputs
         ]
-        return outputs, {"members_answered": f"{member.name}@{replica.tier}"}
+        return outputs, {"members_answered": f"{member.name}@{call.replica.tier}"}
 
-    def _observe_call(self, member: str, tier: str, start: float, outcome: str) -> None:
-        self.metrics.member_latency.labels(member, tier).observe(time.perf_counter() - start)
-        self.metrics.member_calls.labels(member, tier, outcome).inc()
-
-    async def _ask(
-        self, model: EnsembleModel, member: Member, feed: dict[str, np.ndarray]
-    ) -> MemberAnswer:
-        replica = member.pick()
-        start = time.perf_counter()
-        outcome = "error"
-        try:
-            answer = await member.answer(model.member_feed(member, feed), replica)
-            outcome = "success"
-        finally:
-            self._observe_call(member.name, replica.tier, start, outcome)
-        return answer
+    def _record(self, call: _Call) -> None:
+        future = call.future
+        ok = future.done() and not future.cancelled() and future.exception() is None
+        self.metrics.record_member_call(
+            call.member.name, call.replica.tier, "success" if ok else "error", call.latency_s()
+        )
 
     async def _ensemble(
         self, model: EnsembleModel, feed: dict[str, np.ndarray]
@@ -142,22 +130,42 @@ class Dispatcher:
             raise EnsembleError(
                 f"selection policy returned {list(chosen)!r} for ensemble {model.name!r}"
             )
-        results = await asyncio.gather(
-            *(self._ask(model, model.members[n], feed) for n in chosen), return_exceptions=True
-        )
-        answers = [r for r in results if isinstance(r, MemberAnswer)]
-        failures = [r for r in results if isinstance(r, BaseException)]
+        calls = []
+        for name in chosen:
+            member = model.members[name]
+            calls.append(
+                _Call(member, member.pick(), model.member_feed(member, feed), member.score_outputs)
+            )
+        try:
+            await asyncio.wait([c.future for c in calls])
+        except asyncio.CancelledError:
+            for call in calls:
+                call.future.cancel()  # a queued in-process call is then skipped
+            raise
+        answers: list[MemberAnswer] = []
+        failures: list[BaseException] = []
+        for call in calls:
+            self._record(call)
+            try:
+                scores = call.member.scores(call.future.result())
+            except Exception as exc:
+                failures.append(exc)
+                continue
+            answers.append(
+                MemberAnswer(
+                    call.member.name, call.replica.tier, call.replica.name, scores, call.latency_s()
+                )
+            )
         self.metrics.members_asked.labels(model.name).inc(len(chosen))
         self.metrics.members_answered.labels(model.name).inc(len(answers))
-        for failure in failures:
-            if not isinstance(failure, Exception):
-                raise failure  # cancellation and interpreter exits are not member failures
         if not answers:
             invalid = [f for f in failures if isinstance(f, InvalidInput)]
             if len(invalid) == len(failures):
                 reasons = "; ".join(str(f) for f in invalid)
                 raise InvalidInput(f"no member could answer this input: {reasons}")
-            reasons = "; ".join(f"{n}: {f}" for n, f in zip(chosen, results, strict=True))
+            reasons = "; ".join(
+                f"{c.member.name}: {f}" for c, f in zip(calls, failures, strict=True)
+            )
             raise MemberFailed(f"all {len(chosen)} members failed: {reasons}")
         agg = model.aggregation.aggregate(answers, len(model.classes))
         labels = model.labels[agg.class_index]
@@ -166,11 +174,48 @@ class Dispatcher:
             Tensor("label", model.metadata.outputs[0].datatype, (batch,), labels),
             Tensor("probabilities", "FP32", tuple(probs.shape), probs),
         ]
-        params: Parameters = {
-            "policy": model.profile,
-            "members_asked": ",".join(chosen),
-            "members_answered": ",".join(f"{a.member}@{a.tier}" for a in answers),
-            "completeness": round(len(answers) / len(chosen), 6),
-            "confidence": round(float(agg.confidence.min()), 6),
-        }
+        params = dict(_describe(model.profile, chosen, tuple((a.member, a.tier) for a in answers)))
+        params["confidence"] = round(float(agg.confidence.min()), 6)
         return outputs, params
+
+
+@functools.lru_cache(maxsize=1024)
+def _describe(
+    profile: str, chosen: tuple[str, ...], answered: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, Param], ...]:
+    """The response parameters that depend only on who was asked and who answered (cached:
+    the same few combinations repeat on every request)."""
+    return (
+        ("policy", profile),
+        ("members_asked", ",".join(chosen)),
+        ("members_answered", ",".join(f"{m}@{t}" for m, t in answered)),
+        ("completeness", round(len(answered) / len(chosen), 6)),
+    )
+
+
+class _Call:
+    """One call to a member replica in flight, timed from start to completion."""
+
+    __slots__ = ("end", "future", "member", "replica", "start")
+
+    def __init__(
+        self,
+        member: Member,
+        replica: Replica,
+        feed: dict[str, np.ndarray],
+        outputs: tuple[str, ...] | None,
+    ) -> None:
+        self.member = member
+        self.replica = replica
+        self.start = time.perf_counter()
+        self.end = 0.0
+        self.future: asyncio.Future[dict[str, np.ndarray]] = asyncio.ensure_future(
+            replica.infer(feed, outputs)
+        )
+        self.future.add_done_callback(self._stamp)
+
+    def _stamp(self, _: object) -> None:
+        self.end = time.perf_counter()
+
+    def latency_s(self) -> float:
+        return (self.end or time.perf_counter()) - self.start

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -82,6 +84,36 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+
+        # labels() costs a lock and a dict build per call; the request path records through
+        # these caches of label children instead.
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._call_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def record_request(self, model: str, protocol: str, outcome: str, seconds: float) -> None:
+        """Count one finished request; latency is recorded for known models only."""
+        key = (model, protocol, outcome)
+        children = self._request_children.get(key)
+        if children is None:
+            latency = self.request_latency.labels(model, protocol) if model else None
+            children = (self.requests.labels(model, protocol, outcome), latency)
+            self._request_children[key] = children
+        children[0].inc()
+        if children[1] is not None:
+            children[1].observe(seconds)
+
+    def record_member_call(self, member: str, tier: str, outcome: str, seconds: float) -> None:
+        """Count one call to a member replica and its latency."""
+        key = (member, tier, outcome)
+        children = self._call_children.get(key)
+        if children is None:
+            children = (
+                self.member_calls.labels(member, tier, outcome),
+                self.member_latency.labels(member, tier),
+            )
+            self._call_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         """Body and content type of the Prometheus text exposition."""

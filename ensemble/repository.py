@@ -36,6 +36,7 @@ class EnsembleModel:
     metadata: ModelMetadata
     description: str = ""
     labels: np.ndarray = field(init=False)
+    _renames: dict[str, tuple[tuple[str, str], ...]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels = label_array(self.classes)
@@ -45,10 +46,14 @@ class EnsembleModel:
 
     def member_feed(self, member: Member, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The ensemble's feed renamed (by position) to the member's own input names."""
-        return {
-            spec.name: feed[own.name]
-            for spec, own in zip(member.inputs, self.metadata.inputs, strict=True)
-        }
+        renames = self._renames.get(member.name)
+        if renames is None:
+            pairs = zip(member.inputs, self.metadata.inputs, strict=True)
+            renames = tuple((spec.name, own.name) for spec, own in pairs)
+            self._renames[member.name] = renames
+        if all(a == b for a, b in renames):
+            return feed  # the common case: same input names, no copy
+        return {theirs: feed[ours] for theirs, ours in renames}
 
 
 ServedModel = EnsembleModel | Member

@@ -28,10 +28,18 @@ class MeanProbability:
         del params
 
     def aggregate(self, answers: Sequence[MemberAnswer], n_classes: int) -> Aggregate:
-        mean = _stack(answers, n_classes).mean(axis=0)
-        winner = mean.argmax(axis=1)
-        confidence = mean[np.arange(mean.shape[0]), winner]
-        return Aggregate(mean.astype(np.float32), winner, confidence.astype(np.float64))
+        if not answers:
+            raise ValueError("cannot aggregate zero answers")
+        # A running sum: on a handful of small arrays, np.stack + mean costs several times more.
+        total = np.array(answers[0].probabilities, dtype=np.float32)
+        if total.shape[-1] != n_classes:
+            raise ValueError(f"answers have {total.shape[-1]} classes, expected {n_classes}")
+        for answer in answers[1:]:
+            total += answer.probabilities
+        total /= len(answers)
+        winner = total.argmax(axis=1)
+        confidence = total[np.arange(total.shape[0]), winner].astype(np.float64)
+        return Aggregate(total, winner, confidence)
 
 
 @register("aggregation", "majority_vote")

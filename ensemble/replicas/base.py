@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -19,10 +19,14 @@ class Replica(Protocol):
         """True when the replica can take requests now."""
         ...
 
-    async def infer(
+    def infer(
         self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Run the model; returns the named outputs (all of them when ``outputs`` is None)."""
+    ) -> Awaitable[dict[str, np.ndarray]]:
+        """Start the model on ``feed``; the awaitable gives the named outputs (all when None).
+
+        Returning an awaitable rather than being a coroutine lets a backend hand back a future
+        it already has (the in-process engine does), so the dispatcher creates no task per call.
+        """
         ...
 
     async def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,10 +23,10 @@ class InProcessReplica:
     def ready(self) -> bool:
         return not self._closed
 
-    async def infer(
+    def infer(
         self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        return await self._engine.submit(self.runner, feed, outputs or self.runner.output_names)
+    ) -> asyncio.Future[dict[str, np.ndarray]]:
+        return self._engine.submit(self.runner, feed, outputs or self.runner.output_names)
 
     async def close(self) -> None:
         self._closed = True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ from ensemble.errors import EnsembleError, InvalidInput, ModelNotReady
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
 from ensemble.replicas.onnx import ClassLabel
-from ensemble.types import MODEL_VERSION, MemberAnswer, MemberView, ModelMetadata, TensorSpec
+from ensemble.types import MODEL_VERSION, MemberView, ModelMetadata, TensorSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +110,7 @@ class Member:
         self.card = card
         self.replicas = list(replicas)
         self._turn = itertools.count()
+        self._view: MemberView | None = None
         self.metadata = ModelMetadata(
             name=name,
             versions=(MODEL_VERSION,),
@@ -127,10 +127,12 @@ class Member:
         return any(r.ready() for r in self.replicas)
 
     def view(self) -> MemberView:
-        """What selection policies see of this member."""
-        return MemberView(
-            self.name, self.tiers, self.card.accuracy if self.card else None, self.ready()
-        )
+        """What selection policies see of this member (rebuilt only when readiness changes)."""
+        ready = self.ready()
+        if self._view is None or self._view.ready != ready:
+            accuracy = self.card.accuracy if self.card else None
+            self._view = MemberView(self.name, self.tiers, accuracy, ready)
+        return self._view
 
     def pick(self) -> Replica:
         """Round robin over ready replicas (routing policies replace this later)."""
@@ -139,20 +141,13 @@ class Member:
             raise ModelNotReady(f"member {self.name!r} has no ready replica")
         return ready[next(self._turn) % len(ready)]
 
-    async def infer(
-        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Call one replica with the member's own input names."""
-        return await self.pick().infer(feed, outputs)
+    @property
+    def score_outputs(self) -> tuple[str, ...]:
+        """The outputs to request when only class scores are needed."""
+        return (self.schema.probability_output,)
 
-    async def answer(
-        self, feed: dict[str, np.ndarray], replica: Replica | None = None
-    ) -> MemberAnswer:
-        """Class probabilities for ``feed`` (keyed by this member's input names)."""
-        replica = replica or self.pick()
-        start = time.perf_counter()
-        result = await replica.infer(feed, (self.schema.probability_output,))
-        latency = time.perf_counter() - start
+    def scores(self, result: dict[str, np.ndarray]) -> np.ndarray:
+        """Class probabilities [batch, classes] from a replica's outputs; raises if unusable."""
         scores = np.asarray(result[self.schema.probability_output], dtype=np.float32)
         if scores.ndim != 2 or scores.shape[1] != self.schema.n_classes:
             raise EnsembleError(
@@ -165,7 +160,7 @@ class Member:
             # Extreme inputs (huge or non-finite pixels) make some models emit NaN; such an
             # answer would poison any aggregate, so it counts as this member failing.
             raise InvalidInput(f"member {self.name!r} returned non-finite class scores")
-        return MemberAnswer(self.name, replica.tier, replica.name, scores, latency)
+        return scores
 
     async def close(self) -> None:
         for replica in self.replicas:
