@@ -50,8 +50,7 @@ class Dispatcher:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.draining = False
-        for name in repository.names():
-            metrics.model_ready.labels(name).set(1 if repository.get(name).ready() else 0)
+        metrics.readiness = lambda: {n: repository.get(n).ready() for n in repository.names()}
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -74,7 +73,7 @@ class Dispatcher:
         start = time.perf_counter()
         label = ""  # unknown model names never become label values (unbounded cardinality)
         error: BaseException | None = None
-        self.metrics.inflight.inc()
+        self.metrics.inflight += 1
         try:
             model = self.repository.get(request.model_name, request.model_version)
             label = model.name
@@ -93,7 +92,7 @@ class Dispatcher:
             error = exc
             raise
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.inflight -= 1
             self.metrics.record_request(
                 label, protocol, outcome_of(error), time.perf_counter() - start
             )
@@ -156,8 +155,7 @@ class Dispatcher:
                     call.member.name, call.replica.tier, call.replica.name, scores, call.latency_s()
                 )
             )
-        self.metrics.members_asked.labels(model.name).inc(len(chosen))
-        self.metrics.members_answered.labels(model.name).inc(len(answers))
+        self.metrics.record_completeness(model.name, len(chosen), len(answers))
         if not answers:
             invalid = [f for f in failures if isinstance(f, InvalidInput)]
             if len(invalid) == len(failures):

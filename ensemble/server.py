@@ -114,6 +114,7 @@ class Gateway:
             loop="none",
             log_level="warning",
             access_log=False,
+            proxy_headers=False,  # no proxy in front to trust; its middleware costs per request
             timeout_graceful_shutdown=int(server.drain_timeout_s) or 1,
             timeout_keep_alive=30,
         )

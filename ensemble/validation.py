@@ -14,6 +14,12 @@ def _names(items: Sequence[str]) -> str:
     return ", ".join(repr(n) for n in items)
 
 
+def _fits(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:
+    return len(shape) == len(spec) and all(
+        want in (-1, got) for got, want in zip(shape, spec, strict=True)
+    )
+
+
 def check_inputs(
     meta: ModelMetadata, inputs: Sequence[Tensor], max_batch_size: int
 ) -> dict[str, np.ndarray]:
@@ -41,9 +47,7 @@ def check_inputs(
             raise InvalidInput(
                 f"{where}: datatype {tensor.datatype} does not match the model's {spec.datatype}"
             )
-        if len(tensor.shape) != len(spec.shape) or any(
-            want not in (-1, got) for want, got in zip(spec.shape, tensor.shape, strict=True)
-        ):
+        if tensor.shape != spec.shape and not _fits(tensor.shape, spec.shape):
             raise InvalidInput(
                 f"{where}: shape {list(tensor.shape)} does not match the model's "
                 f"{list(spec.shape)} (-1 is any size)"

@@ -236,8 +236,18 @@ class HttpFrontend:
         ]
 
 
+_WANTED_HEADERS = frozenset(
+    {b"content-length", b"content-encoding", HEADER_LENGTH.encode("latin-1")}
+)
+
+
 def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    """The few request headers the infer route reads (decoding all of them costs per request)."""
+    return {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in scope["headers"]
+        if k in _WANTED_HEADERS
+    }
 
 
 def _expect(method: str, *allowed: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -156,7 +157,8 @@ class Member:
             )
         if self.schema.logits:
             scores = _softmax(scores)
-        if not np.isfinite(scores).all():
+        # A finite sum implies every element is finite; only otherwise look element-wise.
+        if not math.isfinite(float(scores.sum())) and not np.isfinite(scores).all():
             # Extreme inputs (huge or non-finite pixels) make some models emit NaN; such an
             # answer would poison any aggregate, so it counts as this member failing.
             raise InvalidInput(f"member {self.name!r} returned non-finite class scores")
