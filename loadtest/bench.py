@@ -1,0 +1,382 @@
+"""The gateway against Ray Serve, onnxruntime alone and a no-op server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest import bench_report as report
+from loadtest.bench_clients import (
+    GrpcLoad,
+    LoadResult,
+    http_request,
+    oip_grpc_body,
+    oip_http_body,
+    run_open_loop,
+)
+from loadtest.peers import ROOT, Peer, PeerError, free_port, machine_busy_seconds, spawn
+from loadtest.wrk import WrkError, WrkResult, run_wrk, write_script, wrk_binary
+
+BENCH_CONFIG = ROOT / "loadtest" / "configs" / "bench.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+INFER_PATH = "/v2/models/digits/infer"
+DESCRIPTION = """The gateway against Ray Serve, onnxruntime alone and a no-op server.
+
+Systems, all serving the digits ensemble of ``loadtest/configs/bench.yaml`` (logreg, mlp_small,
+forest; mean of class probabilities) from the same ONNX files:
+
+  gateway-http, gateway-grpc  `ensemble serve` in a subprocess
+  ray-http                    a Ray Serve application (loadtest.peers.ray_app) in a subprocess
+  floor                       the members run back to back in this process at batch 1
+  noop-http, noop-grpc        a server that reads the body and answers a fixed OIP response on the
+                              same stack (loadtest.peers.noop): the ceiling, and the generators' own
+  gateway5-http               the gateway serving configs/default.yaml (5 members) for reference
+
+Closed loop: wrk (one thread) over HTTP, grpc.aio generator processes over gRPC, at each
+concurrency, the systems interleaved, each measurement after a warm-up. Open loop: the bench's
+own asyncio client (loadtest.bench_clients) at fixed rates, latency from each request's intended
+send time.
+Writes DIR/bench.json and prints a table; progress goes to stderr.
+"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures and for how long."""
+
+    concurrency: tuple[int, ...]
+    warmup_s: int
+    duration_s: int
+    rates: tuple[float, ...]
+    grpc: bool = True
+    default5: bool = True
+    floor_iterations: int = 5000
+
+
+PLANS = {
+    "full": Plan(concurrency=(1, 8, 32, 64), warmup_s=2, duration_s=10, rates=(100, 500)),
+    "quick": Plan(concurrency=(1, 8, 32, 64), warmup_s=1, duration_s=2, rates=(100, 500)),
+    "smoke": Plan(
+        concurrency=(1, 32),
+        warmup_s=1,
+        duration_s=1,
+        rates=(100,),
+        grpc=False,
+        default5=False,
+        floor_iterations=500,
+    ),
+}
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def measure_floor(config: Path, zoo: Path, iterations: int) -> dict[str, Any]:
+    """Per-request latency of the config's members run back to back at batch 1 in-process,
+    with the gateway's own session options: what no server can go below."""
+    from ensemble.config import load_config
+    from ensemble.replicas.onnx import load_session
+
+    cfg = load_config(config)
+    members = cfg.ensembles[0].members
+    sessions = [load_session(cfg.resolve(m.model)) for m in members]
+    x = np.load(zoo / "test.npz")["X"][:1].astype(np.float32)
+    feeds = [({s.get_inputs()[0].name: x}, ["probabilities"]) for s in sessions]
+    for _ in range(max(100, iterations // 10)):
+        for session, (feed, out) in zip(sessions, feeds, strict=True):
+            session.run(out, feed)
+    times = np.empty(iterations)
+    for i in range(iterations):
+        start = time.perf_counter()
+        for session, (feed, out) in zip(sessions, feeds, strict=True):
+            session.run(out, feed)
+        times[i] = time.perf_counter() - start
+    ms = times * 1e3
+    return {
+        "members": [m.name for m in members],
+        "iterations": iterations,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+    }
+
+
+@dataclass
+class Target:
+    """One system as the load generators see it."""
+
+    name: str
+    peer: Peer
+    protocol: str  # "http" or "grpc"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        address = self.peer.grpc if self.protocol == "grpc" else self.peer.http
+        assert address is not None
+        return address
+
+
+class Bench:
+    """Runs the measurements of one plan against running peers and collects the rows."""
+
+    def __init__(
+        self, plan: Plan, peers: list[Peer], work: Path, grpc_procs: int, zoo: Path
+    ) -> None:
+        self.plan = plan
+        self.peers = peers
+        body, header_length = oip_http_body(zoo)
+        self.http_headers = {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(header_length),
+        }
+        self.http_body = body
+        self.script = write_script(work, "infer", body, self.http_headers)
+        self.grpc_body = oip_grpc_body(zoo)
+        self.grpc = GrpcLoad(grpc_procs) if plan.grpc else None
+
+    def close(self) -> None:
+        if self.grpc is not None:
+            self.grpc.close()
+
+    def _cpu_window(
+        self, target: Target, run: Callable[[], WrkResult | LoadResult]
+    ) -> tuple[WrkResult | LoadResult, dict[str, float]]:
+        """Run a measurement and account where the machine's CPU went meanwhile."""
+        idle = [p for p in self.peers if p is not target.peer]
+        server0, idle0 = target.peer.cpu_seconds(), sum(p.cpu_seconds() for p in idle)
+        machine0, wall0 = machine_busy_seconds(), time.time()
+        result = run()
+        wall = time.time() - wall0
+        server = (target.peer.cpu_seconds() - server0) / wall
+        idle_peers = (sum(p.cpu_seconds() for p in idle) - idle0) / wall
+        machine = (machine_busy_seconds() - machine0) / wall
+        generator = result.generator_cpu_s / wall
+        cpu = {
+            "server_cores": round(server, 3),
+            "generator_cores": round(generator, 3),
+            # The other peers while they wait their turn (Ray's background work shows here).
+            "idle_peers_cores": round(idle_peers, 3),
+            # Whatever else ran: this process, other users of the machine.
+            "other_cores": round(max(0.0, machine - server - generator - idle_peers), 3),
+        }
+        return result, cpu
+
+    def closed(self, target: Target, concurrency: int) -> dict[str, Any]:
+        plan = self.plan
+        host, port = target.address
+        if target.protocol == "http":
+            url = f"http://{host}:{port}{INFER_PATH}"
+            run_wrk(url, self.script, concurrency, plan.warmup_s).check(f"{target.name} warm-up")
+
+            def run() -> WrkResult | LoadResult:
+                return run_wrk(url, self.script, concurrency, plan.duration_s)
+        else:
+            grpc = self.grpc
+            assert grpc is not None
+            addr = f"{host}:{port}"
+            grpc.run(addr, self.grpc_body, concurrency, 0, plan.warmup_s)
+
+            def run() -> WrkResult | LoadResult:
+                return grpc.run(addr, self.grpc_body, concurrency, 0, plan.duration_s)
+
+        result, cpu = self._cpu_window(target, run)
+        _check(target.name, concurrency, result)
+        return report.row(result, cpu)
+
+    def open(self, target: Target, rate: float) -> dict[str, Any]:
+        host, port = target.address
+        raw = http_request(host, port, INFER_PATH, self.http_body, self.http_headers)
+
+        def run() -> LoadResult:
+            return run_open_loop(host, port, raw, rate, self.plan.warmup_s, self.plan.duration_s)
+
+        result, cpu = self._cpu_window(target, run)
+        _check(target.name, f"{rate:g} req/s", result)
+        return report.row(result, cpu)
+
+
+def _check(name: str, where: object, result: WrkResult | LoadResult) -> None:
+    if isinstance(result, WrkResult):
+        result.check(f"{name} at {where}")
+    elif result.errors:
+        raise WrkError(
+            f"{name} at {where}: {result.errors} failed requests ({result.error_sample})"
+        )
+
+
+def start_peers(plan: Plan, logs: Path, with_ray: bool) -> dict[str, Peer]:
+    """Start every peer at once (Ray takes longest), then wait for each ready line."""
+    pending = []
+    if with_ray:
+        # Ray starts its workers at nice 15 by default; other processes (the load generator,
+        # anyone else on the machine) would then take the CPU from its replicas first.
+        env = {"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
+        args = ["-m", "loadtest.peers.ray_app", str(BENCH_CONFIG), "--port", str(free_port())]
+        pending.append(spawn("ray", args, logs, env))
+    serve = ["-m", "ensemble.cli", "serve"]
+    ports = ["--http-port", "0", "--grpc-port", "0"]
+    pending.append(spawn("gateway", [*serve, str(BENCH_CONFIG), *ports], logs))
+    if plan.default5:
+        pending.append(spawn("gateway5", [*serve, str(DEFAULT_CONFIG), *ports], logs))
+    pending.append(spawn("noop", ["-m", "loadtest.peers.noop"], logs))
+    peers: dict[str, Peer] = {}
+    try:
+        for p in pending:
+            peers[p.name] = p.wait_ready(timeout_s=180 if p.name == "ray" else 90)
+            progress(f"{p.name} ready at {peers[p.name].http[0]}:{peers[p.name].http[1]}")
+    except BaseException:
+        stop_peers(peers)
+        for p in pending:
+            if p.name not in peers and p.proc.poll() is None:
+                p.proc.kill()
+        raise
+    return peers
+
+
+def stop_peers(peers: dict[str, Peer]) -> dict[str, int]:
+    codes = {}
+    for name, peer in peers.items():
+        codes[name] = peer.stop()
+        if codes[name] != 0:
+            progress(f"{name} exited {codes[name]}; log tail:\n{peer.log_tail()}")
+    return codes
+
+
+def targets(peers: dict[str, Peer], plan: Plan) -> list[Target]:
+    """The interleaving order at each concurrency."""
+    order = [("noop-http", "noop", "http")]
+    if plan.grpc:
+        order.append(("noop-grpc", "noop", "grpc"))
+    order.append(("gateway-http", "gateway", "http"))
+    if plan.grpc:
+        order.append(("gateway-grpc", "gateway", "grpc"))
+    order += [("ray-http", "ray", "http"), ("gateway5-http", "gateway5", "http")]
+    return [Target(name, peers[peer], proto) for name, peer, proto in order if peer in peers]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.concurrency:
+        plan = replace(plan, concurrency=tuple(args.concurrency))
+    if args.duration:
+        plan = replace(plan, duration_s=args.duration)
+    if args.rates:
+        plan = replace(plan, rates=tuple(args.rates))
+    out: Path = args.out
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    from ensemble.models import ensure_zoo
+
+    zoo = ROOT / "models" / "digits"
+    ensure_zoo(zoo)
+    started = time.time()
+    doc = report.header(plan, started)
+    busy = report.busy_cores(1.0)
+    doc["machine"]["busy_cores_before_start"] = busy
+    if busy > 0.3:
+        progress(f"warning: {busy:.2f} cores already busy before start; results will be noisy")
+    peers = start_peers(plan, out / "logs", with_ray=not args.no_ray)
+    bench: Bench | None = None
+    try:
+        report.check_answers(peers, INFER_PATH, *oip_http_body(zoo))
+        with tempfile.TemporaryDirectory(prefix="bench-") as work:
+            bench = Bench(plan, list(peers.values()), Path(work), args.grpc_procs, zoo)
+            progress("floor: onnxruntime in-process, members back to back at batch 1")
+            doc["floor"] = measure_floor(BENCH_CONFIG, zoo, plan.floor_iterations)
+            if plan.default5:
+                doc["floor_default5"] = measure_floor(DEFAULT_CONFIG, zoo, plan.floor_iterations)
+            systems = targets(peers, plan)
+            closed: dict[str, dict[str, Any]] = {t.name: {} for t in systems}
+            for c in plan.concurrency:
+                for target in systems:
+                    report.settle(target.peer)
+                    row = bench.closed(target, c)
+                    closed[target.name][str(c)] = row
+                    progress(f"closed c={c:<3} {target.name:<14} {report.brief(row)}")
+            doc["closed_loop"] = closed
+            opened: dict[str, dict[str, Any]] = {}
+            for rate in plan.rates:
+                for target in systems:
+                    if target.protocol != "http" or target.name == "gateway5-http":
+                        continue
+                    capacity = max(r["rps"] for r in closed[target.name].values())
+                    if rate > capacity:
+                        # Past its capacity an open-loop queue only grows: no steady state to
+                        # measure, just a backlog that would delay the next system's turn.
+                        row = {"skipped": f"offered rate above closed-loop capacity {capacity}"}
+                        opened.setdefault(target.name, {})[f"{rate:g}"] = row
+                        progress(f"open {rate:>5g}/s {target.name:<14} skipped: {row['skipped']}")
+                        continue
+                    report.settle(target.peer)
+                    row = bench.open(target, rate)
+                    opened.setdefault(target.name, {})[f"{rate:g}"] = row
+                    progress(f"open {rate:>5g}/s {target.name:<14} {report.brief(row)}")
+            doc["open_loop"] = opened
+    finally:
+        if bench is not None:
+            bench.close()
+        doc["exit_codes"] = stop_peers(peers)
+    doc["elapsed_s"] = round(time.time() - started, 1)
+    report.finish(doc)
+    (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 s warm-up + 2 s per measurement, under three minutes in all (default: a full "
+        "run, 2 s + 10 s per measurement, about eight minutes)",
+    )
+    mode.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run for the integration test: c=1,32, HTTP only, 1 s each",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "loadtest" / "results",
+        help="directory for bench.json and the peers' logs (default: loadtest/results)",
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", help="override the levels")
+    parser.add_argument("--duration", type=int, help="override seconds per measurement")
+    parser.add_argument("--rates", type=float, nargs="+", help="override open-loop req/s")
+    parser.add_argument(
+        "--grpc-procs", type=int, default=2, help="gRPC generator processes (default: 2)"
+    )
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve peer")
+    args = parser.parse_args(argv)
+    try:
+        wrk_binary()
+    except WrkError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    try:
+        doc = run(args)
+    except (WrkError, PeerError, report.AnswerMismatch) as exc:
+        print(f"bench: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(report.table(doc))
+    progress(f"wrote {args.out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

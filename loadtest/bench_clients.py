@@ -1,0 +1,352 @@
+"""The benchmark's own load clients: closed-loop gRPC in generator processes, open-loop HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from array import array
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import httptools
+import numpy as np
+import orjson
+import uvloop
+from tritonclient.grpc import service_pb2
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """One measurement by one of these clients, in the same terms as a wrk result."""
+
+    requests: int
+    duration_s: float
+    rps: float
+    latency_ms: dict[str, float]
+    errors: int = 0
+    error_sample: str | None = None
+    generator_cpu_s: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def latency_summary(latencies_s: np.ndarray) -> dict[str, float]:
+    """p50/p90/p99/p99.9, mean and max in milliseconds (empty when nothing completed)."""
+    if latencies_s.size == 0:
+        return {}
+    ms = latencies_s * 1e3
+    p50, p90, p99, p999 = np.percentile(ms, [50, 90, 99, 99.9])
+    return {
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "p99.9": float(p999),
+        "mean": float(ms.mean()),
+        "max": float(ms.max()),
+    }
+
+
+def _test_image(zoo: Path) -> np.ndarray:
+    x: np.ndarray = np.load(zoo / "test.npz")["X"][:1].astype("<f4")
+    return x
+
+
+def oip_http_body(zoo: Path) -> tuple[bytes, int]:
+    """The first test image as an OIP binary-extension body, and its JSON header's length."""
+    x = _test_image(zoo)
+    tensor = {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": list(x.shape),
+        "parameters": {"binary_data_size": x.nbytes},
+    }
+    header = orjson.dumps({"inputs": [tensor]})
+    return header + x.tobytes(), len(header)
+
+
+def oip_grpc_body(zoo: Path, model: str = "digits") -> bytes:
+    """The same image as a serialised ModelInferRequest with raw contents."""
+    x = _test_image(zoo)
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(
+        name="input", datatype="FP32", shape=list(x.shape)
+    )
+    request = service_pb2.ModelInferRequest(
+        model_name=model, inputs=[tensor], raw_input_contents=[x.tobytes()]
+    )
+    return bytes(request.SerializeToString())
+
+
+# -- closed-loop gRPC, several processes ------------------------------------------------------
+
+
+async def _grpc_drive(
+    target: str, body: bytes, concurrency: int, warm_until: float, end: float
+) -> tuple[bytes, int, str | None, float]:
+    """``concurrency`` callers back to back on one channel; latencies inside [warm_until, end]."""
+    loop = asyncio.get_running_loop()
+    latencies = array("d")
+    errors = 0
+    sample: str | None = None
+    cpu: list[float] = []
+    loop.call_later(
+        max(0.0, warm_until - time.monotonic()), lambda: cpu.append(time.process_time())
+    )
+    if target not in _CHANNELS:  # kept across runs: the warm-up run has already connected
+        _CHANNELS[target] = grpc.aio.insecure_channel(target)
+    # Raw bytes in and out: the request is serialised once by the bench, so the generator spends
+    # its CPU on gRPC itself and not on protobuf.
+    call = _CHANNELS[target].unary_unary(MODEL_INFER)
+
+    async def caller() -> None:
+        nonlocal errors, sample
+        while (start := time.monotonic()) < end:
+            try:
+                await call(body, timeout=30.0)
+            except grpc.aio.AioRpcError as exc:
+                if start >= warm_until:
+                    errors += 1
+                    sample = sample or f"{exc.code().name}: {exc.details()}"
+                continue
+            done = time.monotonic()
+            if start >= warm_until and done <= end:
+                latencies.append(done - start)
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    cpu_s = time.process_time() - (cpu[0] if cpu else time.process_time())
+    return latencies.tobytes(), errors, sample, cpu_s
+
+
+_CHANNELS: dict[str, grpc.aio.Channel] = {}
+"""Per generator process: one channel (one HTTP/2 connection) per target, as tritonclient has."""
+
+
+def _grpc_worker(conn: Connection) -> None:
+    # One event loop for the process's life: grpc.aio channels belong to the loop that made them.
+    loop = asyncio.new_event_loop()
+    try:
+        while (job := conn.recv()) is not None:
+            conn.send(loop.run_until_complete(_grpc_drive(*job)))
+        for channel in _CHANNELS.values():
+            loop.run_until_complete(channel.close())
+    finally:
+        loop.close()
+
+
+class GrpcLoad:
+    """Generator processes driving ModelInfer closed-loop over grpc.aio (one Python process
+    cannot saturate a gRPC server, so the concurrency is split across processes)."""
+
+    def __init__(self, processes: int) -> None:
+        ctx = multiprocessing.get_context("spawn")  # fork after grpc is imported is unsafe
+        self._workers: list[tuple[Any, Connection]] = []
+        for i in range(processes):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_grpc_worker, args=(child,), name=f"grpc-gen-{i}")
+            proc.start()
+            self._workers.append((proc, parent))
+
+    def run(
+        self, target: str, body: bytes, concurrency: int, warmup_s: float, duration_s: float
+    ) -> LoadResult:
+        workers = self._workers[: min(len(self._workers), concurrency)]
+        shares = [
+            concurrency // len(workers) + (i < concurrency % len(workers))
+            for i in range(len(workers))
+        ]
+        warm_until = time.monotonic() + 0.1 + warmup_s  # 0.1 s for the jobs to reach the workers
+        end = warm_until + duration_s
+        for (_, conn), share in zip(workers, shares, strict=True):
+            conn.send((target, body, share, warm_until, end))
+        latencies: list[np.ndarray] = []
+        errors, sample, cpu = 0, None, 0.0
+        for proc, conn in workers:
+            if not conn.poll(end - time.monotonic() + 60):
+                raise RuntimeError(f"gRPC generator {proc.name} did not report back")
+            raw, errs, err_sample, cpu_s = conn.recv()
+            latencies.append(np.frombuffer(raw, dtype=np.float64))
+            errors += errs
+            sample = sample or err_sample
+            cpu += cpu_s
+        merged = np.concatenate(latencies)
+        return LoadResult(
+            requests=int(merged.size),
+            duration_s=duration_s,
+            rps=merged.size / duration_s,
+            latency_ms=latency_summary(merged),
+            errors=errors,
+            error_sample=sample,
+            generator_cpu_s=cpu,
+            extra={"processes": float(len(workers))},
+        )
+
+    def close(self) -> None:
+        for proc, conn in self._workers:
+            conn.send(None)
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            conn.close()
+
+
+# -- open-loop HTTP --------------------------------------------------------------------------
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with at most one request outstanding."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[int] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ConnectionError(f"bad HTTP response: {exc}"))
+
+    def on_message_complete(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(self.parser.get_status_code())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._fail(ConnectionError(f"connection closed: {exc}"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    def send(self, raw: bytes) -> asyncio.Future[int]:
+        self.waiter = asyncio.get_running_loop().create_future()
+        if self.transport is None:  # the server closed it between our requests
+            self.waiter.set_exception(ConnectionError("connection closed before sending"))
+        else:
+            self.transport.write(raw)
+        return self.waiter
+
+
+def http_request(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """The raw bytes of one POST, as wrk sends it."""
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _open_loop(
+    host: str,
+    port: int,
+    raw: bytes,
+    rate: float,
+    warmup_s: float,
+    duration_s: float,
+    max_connections: int,
+    grace_s: float,
+) -> LoadResult:
+    loop = asyncio.get_running_loop()
+    idle: list[_Connection] = []
+    pool: list[_Connection] = []
+    slots = asyncio.Semaphore(max_connections)
+    latencies: list[float] = []
+    lags: list[float] = []
+    last_done = 0.0
+    errors: list[str] = []
+    n_warm = int(warmup_s * rate)
+    n_total = n_warm + int(duration_s * rate)
+
+    async def one(intended: float, record: bool) -> None:
+        nonlocal last_done
+        async with slots:
+            conn = idle.pop() if idle else None
+            sent = time.perf_counter()
+            try:
+                if conn is None or conn.transport is None:
+                    _, conn = await loop.create_connection(_Connection, host, port)
+                    pool.append(conn)
+                status = await conn.send(raw)
+            except OSError as exc:  # ConnectionError included: refused, reset, closed
+                if record:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            done = time.perf_counter()
+            idle.append(conn)
+        if not record:
+            return
+        if not 200 <= status < 300:
+            errors.append(f"HTTP {status}")
+        # Late sends (a busy client, or every connection busy) count from the intended time,
+        # so a slow server cannot hide its queue behind a slowed-down client (wrk2's rule).
+        latencies.append(done - min(intended, sent))
+        lags.append(max(0.0, sent - intended))
+        last_done = max(last_done, done)
+
+    tasks: set[asyncio.Task[None]] = set()
+    # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
+    start = time.perf_counter() + 0.05
+    cpu_start = 0.0
+    for i in range(n_total):
+        intended = start + i / rate
+        if i == n_warm:
+            cpu_start = time.process_time()
+        # Timers fire on millisecond ticks: wake up to 1 ms early rather than always late.
+        delay = intended - time.perf_counter() - 0.001
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.add(asyncio.create_task(one(intended, i >= n_warm)))
+    _, pending = await asyncio.wait(tasks, timeout=grace_s) if tasks else (set(), set())
+    cpu = time.process_time() - cpu_start
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for conn in pool:
+        if conn.transport is not None:
+            conn.transport.close()
+    done = np.asarray(latencies)
+    lag = np.asarray(lags) * 1e3 if lags else np.zeros(1)
+    # Achieved rate over the time the answers took to arrive: an overloaded server answers the
+    # same number of requests, but over a longer span than the sending window.
+    span = max(duration_s, last_done - (start + n_warm / rate))
+    return LoadResult(
+        requests=int(done.size),
+        duration_s=span,
+        rps=done.size / span,
+        latency_ms=latency_summary(done),
+        errors=len(errors),
+        error_sample=errors[0] if errors else None,
+        generator_cpu_s=cpu,
+        extra={
+            "offered_rps": rate,
+            "unfinished": float(len(pending)),
+            "connections": float(len(pool)),
+            "client_lag_p99_ms": float(np.percentile(lag, 99)),
+        },
+    )
+
+
+def run_open_loop(
+    host: str,
+    port: int,
+    raw: bytes,
+    rate: float,
+    warmup_s: float,
+    duration_s: float,
+    *,
+    max_connections: int = 64,
+    grace_s: float = 5.0,
+) -> LoadResult:
+    """Send ``raw`` at a fixed ``rate`` whatever the answers do (open loop), over at most
+    ``max_connections`` keep-alive connections; requests still unanswered ``grace_s`` after the
+    last send are cancelled and reported as ``unfinished``."""
+    return uvloop.run(
+        _open_loop(host, port, raw, rate, warmup_s, duration_s, max_connections, grace_s)
+    )

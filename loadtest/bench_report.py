@@ -1,0 +1,292 @@
+"""The benchmark's record: machine facts, rows, ratios against the goals, and the printed table."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+from loadtest.bench_clients import LoadResult
+from loadtest.peers import Peer, machine_busy_seconds
+from loadtest.wrk import WrkResult
+
+if TYPE_CHECKING:
+    from loadtest.bench import Plan
+
+REFERENCE_CONCURRENCY = 32
+GOALS = (
+    ("gateway HTTP throughput vs Ray Serve at c=32", "throughput_vs_ray_serve", ">=", 30.0),
+    ("gateway HTTP throughput vs no-op ceiling at c=32", "throughput_vs_noop", ">=", 0.5),
+    ("gateway HTTP p50 overhead over the onnxruntime floor at c=1 (ms)", "overhead", "<=", 0.5),
+)
+
+
+class AnswerMismatch(RuntimeError):
+    """The peers do not compute the same answer, so their speeds are not comparable."""
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in ("onnxruntime", "ray", "uvicorn", "httptools", "uvloop", "grpcio", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    out["wrk"] = (
+        (wrk.stdout or wrk.stderr).splitlines()[0].strip() if wrk.stdout or wrk.stderr else ""
+    )
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
+    return {
+        "cpu": names[0] if names else platform.processor(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_at_start": list(os.getloadavg()),
+        "versions": _versions(),
+    }
+
+
+def header(plan: Plan, started: float) -> dict[str, Any]:
+    return {
+        "date": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.orig_argv),
+        "cwd": os.getcwd(),
+        "plan": {
+            "concurrency": list(plan.concurrency),
+            "warmup_s": plan.warmup_s,
+            "duration_s": plan.duration_s,
+            "open_loop_rates": list(plan.rates),
+        },
+        "generators": {
+            "http_closed_loop": "wrk -t1 -c N --latency, Lua script POSTing the binary OIP body",
+            "grpc_closed_loop": "grpc.aio in N processes, raw ModelInfer bytes on one channel each",
+            "http_open_loop": "loadtest.bench_clients asyncio+httptools at a fixed rate, "
+            "latency from the intended send time, at most 64 connections",
+        },
+        "machine": machine(),
+    }
+
+
+def busy_cores(window_s: float) -> float:
+    """How many cores the machine keeps busy right now (other users, leftovers)."""
+    before = machine_busy_seconds()
+    time.sleep(window_s)
+    return round((machine_busy_seconds() - before) / window_s, 3)
+
+
+def row(result: WrkResult | LoadResult, cpu: dict[str, float]) -> dict[str, Any]:
+    """One system at one load level, in the units bench.json uses (ms, req/s, cores)."""
+    out: dict[str, Any] = {"rps": round(result.rps, 1), "requests": result.requests}
+    for key, value in result.latency_ms.items():
+        out[f"{key}_ms"] = round(value, 3)
+    out.update(cpu)
+    if result.rps > 0:
+        out["server_cpu_ms_per_request"] = round(cpu["server_cores"] / result.rps * 1e3, 3)
+    if isinstance(result, LoadResult):
+        out.update({k: round(v, 3) for k, v in result.extra.items()})
+    return out
+
+
+def brief(r: dict[str, Any]) -> str:
+    p50, p99 = r.get("p50_ms", float("nan")), r.get("p99_ms", float("nan"))
+    text = f"{r['rps']:>8.1f} req/s  p50 {p50:8.2f} ms  p99 {p99:8.2f} ms"
+    text += f"  cores server {r['server_cores']:.2f} gen {r['generator_cores']:.2f}"
+    if r.get("unfinished"):
+        text += f"  unfinished {r['unfinished']:.0f}"
+    return text
+
+
+def settle(peer: Peer, busy_cores: float = 0.5, max_wait_s: float = 20.0) -> None:
+    """Wait until ``peer`` is idle again, e.g. Ray still working off a backlog from the last
+    run, so one system's leftovers do not land in the next system's measurement."""
+    start = time.monotonic()
+    while time.monotonic() - start < max_wait_s:
+        before = peer.cpu_seconds()
+        time.sleep(0.25)
+        if (peer.cpu_seconds() - before) / 0.25 < busy_cores:
+            return
+
+
+def _post(address: tuple[str, int], path: str, body: bytes, header_length: int) -> Any:
+    conn = http.client.HTTPConnection(*address, timeout=60)
+    try:
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(header_length),
+        }
+        conn.request("POST", path, body, headers)
+        response = conn.getresponse()
+        payload = response.read()
+        if response.status != 200:
+            raise AnswerMismatch(f"{address}: HTTP {response.status}: {payload[:200]!r}")
+        return orjson.loads(payload)
+    finally:
+        conn.close()
+
+
+def check_answers(peers: dict[str, Peer], path: str, body: bytes, header_length: int) -> None:
+    """The gateway and Ray Serve must return the same probabilities for the request we send."""
+    answers = {name: _post(peer.http, path, body, header_length) for name, peer in peers.items()}
+
+    def probabilities(doc: Any) -> np.ndarray:
+        out = next(o for o in doc["outputs"] if o["name"] == "probabilities")
+        return np.asarray(out["data"], dtype=np.float64)
+
+    if "ray" in answers:
+        gateway, ray = probabilities(answers["gateway"]), probabilities(answers["ray"])
+        if not np.allclose(gateway, ray, atol=1e-5):
+            raise AnswerMismatch(f"gateway answered {gateway}, Ray Serve {ray}")
+
+
+def _at(doc: dict[str, Any], system: str, level: int) -> dict[str, Any] | None:
+    value: dict[str, Any] | None = doc["closed_loop"].get(system, {}).get(str(level))
+    return value
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    if a is None or b is None or not b["rps"]:
+        return None
+    return round(float(a["rps"]) / float(b["rps"]), 3)
+
+
+def _overhead(system: dict[str, Any] | None, floor: dict[str, Any] | None) -> float | None:
+    if system is None or floor is None:
+        return None
+    return round(float(system["p50_ms"]) - float(floor["p50_ms"]), 3)
+
+
+def finish(doc: dict[str, Any]) -> None:
+    """Ratios, overheads, the generators' ceilings and the goals, from the measured rows."""
+    levels = [int(c) for c in doc["plan"]["concurrency"]]
+    ref = REFERENCE_CONCURRENCY if REFERENCE_CONCURRENCY in levels else max(levels)
+    low = min(levels)
+    gw, gw_grpc = _at(doc, "gateway-http", ref), _at(doc, "gateway-grpc", ref)
+    doc["ratios"] = {
+        "concurrency": ref,
+        "throughput_vs_ray_serve": _ratio(gw, _at(doc, "ray-http", ref)),
+        "throughput_vs_noop": _ratio(gw, _at(doc, "noop-http", ref)),
+        "grpc_throughput_vs_ray_serve": _ratio(gw_grpc, _at(doc, "ray-http", ref)),
+        "grpc_throughput_vs_noop_grpc": _ratio(gw_grpc, _at(doc, "noop-grpc", ref)),
+    }
+    floor, floor5 = doc.get("floor"), doc.get("floor_default5")
+    doc["overhead_p50_ms_vs_floor"] = _overhead(_at(doc, "gateway-http", low), floor)
+    doc["overheads_p50_ms_vs_floor"] = {
+        "concurrency": low,
+        "gateway-http": doc["overhead_p50_ms_vs_floor"],
+        "gateway-grpc": _overhead(_at(doc, "gateway-grpc", low), floor),
+        "ray-http": _overhead(_at(doc, "ray-http", low), floor),
+        "gateway5-http vs its 5-member floor": _overhead(_at(doc, "gateway5-http", low), floor5),
+    }
+    noop = _at(doc, "noop-http", low)
+    # The HTTP stack's own round trip: what any server here pays before any model work.
+    doc["noop_http_p50_ms"] = noop["p50_ms"] if noop else None
+    ceiling = {}
+    for system, name in (("noop-http", "wrk_http"), ("noop-grpc", "grpc_aio")):
+        rows = doc["closed_loop"].get(system, {})
+        if rows:
+            level, best = max(rows.items(), key=lambda kv: kv[1]["rps"])
+            ceiling[name] = {
+                "rps": best["rps"],
+                "concurrency": int(level),
+                "generator_cores": best["generator_cores"],
+            }
+    doc["generator_ceiling"] = ceiling
+    measured = {
+        "throughput_vs_ray_serve": doc["ratios"]["throughput_vs_ray_serve"],
+        "throughput_vs_noop": doc["ratios"]["throughput_vs_noop"],
+        "overhead": doc["overhead_p50_ms_vs_floor"],
+    }
+    doc["goals"] = [
+        {
+            "goal": text,
+            "target": f"{op} {target:g}",
+            "measured": measured[key],
+            "met": None
+            if measured[key] is None
+            else (measured[key] >= target if op == ">=" else measured[key] <= target),
+        }
+        for text, key, op, target in GOALS
+    ]
+    doc["machine"]["loadavg_at_end"] = list(os.getloadavg())
+
+
+def _cell(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    if "skipped" in r:
+        return "over capacity"
+    if "p50_ms" not in r:
+        return f"{r['rps']:.0f} (no answers)"
+    return f"{r['rps']:.0f} ({r['p50_ms']:.2f}/{r['p99_ms']:.1f})"
+
+
+def table(doc: dict[str, Any]) -> str:
+    """The results as plain text: req/s (p50/p99 ms) per system and load level."""
+    lines = [
+        f"benchmark {doc['date']}  {doc['command']}",
+        f"machine: {doc['machine']['cores']} cores, {doc['machine']['cpu']}",
+        "",
+    ]
+    levels = doc["plan"]["concurrency"]
+    lines.append("closed loop: req/s (p50/p99 ms)")
+    lines.append(f"{'system':<15}" + "".join(f"{'c=' + str(c):>22}" for c in levels))
+    for system, rows in doc["closed_loop"].items():
+        lines.append(f"{system:<15}" + "".join(f"{_cell(rows.get(str(c))):>22}" for c in levels))
+    lines += ["", "open loop: achieved req/s (p50/p99 ms) at the offered rate"]
+    rates = doc["plan"]["open_loop_rates"]
+    lines.append(f"{'system':<15}" + "".join(f"{f'{r:g}/s':>22}" for r in rates))
+    for system, rows in doc.get("open_loop", {}).items():
+        lines.append(f"{system:<15}" + "".join(f"{_cell(rows.get(f'{r:g}')):>22}" for r in rates))
+    floor = doc.get("floor")
+    if floor:
+        lines += [
+            "",
+            f"floor ({'+'.join(floor['members'])} back to back, batch 1): "
+            f"p50 {floor['p50_ms']:.3f} ms  p99 {floor['p99_ms']:.3f} ms",
+        ]
+    if doc.get("floor_default5"):
+        f5 = doc["floor_default5"]
+        lines.append(f"floor default5 ({len(f5['members'])} members): p50 {f5['p50_ms']:.3f} ms")
+    lines += [
+        "",
+        f"ratios at c={doc['ratios']['concurrency']}: "
+        + ", ".join(f"{k} {v}" for k, v in doc["ratios"].items() if k != "concurrency"),
+    ]
+    lines.append(
+        "p50 overhead over the floor (ms): "
+        + ", ".join(
+            f"{k} {v}" for k, v in doc["overheads_p50_ms_vs_floor"].items() if k != "concurrency"
+        )
+    )
+    lines.append(
+        "generator ceiling: "
+        + ", ".join(
+            f"{k} {v['rps']:.0f} req/s at c={v['concurrency']} ({v['generator_cores']:.2f} cores)"
+            for k, v in doc["generator_ceiling"].items()
+        )
+    )
+    lines.append("")
+    for goal in doc["goals"]:
+        verdict = {True: "MET", False: "NOT MET", None: "n/a"}[goal["met"]]
+        lines.append(f"goal {goal['goal']} {goal['target']}: {goal['measured']} -> {verdict}")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""A no-op OIP server on the gateway's stack (uvicorn, httptools, uvloop; grpc.aio): the ceiling."""
+
+# It reads each request body and answers a fixed, small OIP response of the gateway's shape, so
+# what it sustains is the most any Python server on this stack can do on this machine. Run as
+# `python -m loadtest.peers.noop`: prints `noop ready: http=H:P grpc=H:P`, exits 0 on SIGTERM.
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from typing import Any, TypeAlias
+
+import grpc
+import orjson
+import uvicorn
+import uvloop
+from tritonclient.grpc import service_pb2
+
+Scope: TypeAlias = MutableMapping[str, Any]
+Receive: TypeAlias = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send: TypeAlias = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+PROBABILITIES = [0.91, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01]
+RESPONSE = orjson.dumps(
+    {
+        "model_name": "digits",
+        "model_version": "1",
+        "outputs": [
+            {"name": "label", "datatype": "INT64", "shape": [1], "data": [0]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [1, 10], "data": PROBABILITIES},
+        ],
+        "parameters": {"policy": "noop"},
+    }
+)
+_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(RESPONSE)).encode()),
+]
+GRPC_RESPONSE: bytes = service_pb2.ModelInferResponse(
+    model_name="digits",
+    model_version="1",
+    outputs=[
+        service_pb2.ModelInferResponse.InferOutputTensor(name="label", datatype="INT64", shape=[1]),
+        service_pb2.ModelInferResponse.InferOutputTensor(
+            name="probabilities", datatype="FP32", shape=[1, 10]
+        ),
+    ],
+    raw_output_contents=[bytes(8), bytes(40)],
+).SerializeToString()
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Raw ASGI: read the whole body (as a real server must), answer the fixed response."""
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+    await send({"type": "http.response.body", "body": RESPONSE})
+
+
+async def _model_infer(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    return GRPC_RESPONSE
+
+
+class _Uvicorn(uvicorn.Server):
+    """Uvicorn without its own signal handling, so SIGTERM stops HTTP and gRPC together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def serve(host: str, http_port: int, grpc_port: int) -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, http_port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        http="httptools",
+        loop="none",
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=30,
+    )
+    http = _Uvicorn(config)
+    http_task = asyncio.create_task(http.serve(sockets=[sock]))
+
+    # Raw bytes in and out, like the gateway's handlers: no protobuf work on the no-op path.
+    grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    handler = grpc.unary_unary_rpc_method_handler(_model_infer)
+    grpc_server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService", {"ModelInfer": handler}
+            ),
+        )
+    )
+    bound_grpc = grpc_server.add_insecure_port(f"{host}:{grpc_port}")
+    await grpc_server.start()
+    while not http.started:
+        if http_task.done():
+            http_task.result()
+            return 1
+        await asyncio.sleep(0.01)
+    port = sock.getsockname()[1]
+    print(f"noop ready: http={host}:{port} grpc={host}:{bound_grpc}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    http.should_exit = True
+    await asyncio.gather(grpc_server.stop(1.0), http_task)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.peers.noop", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    parser.add_argument("--http-port", type=int, default=0, help="HTTP port; 0 picks a free one")
+    parser.add_argument("--grpc-port", type=int, default=0, help="gRPC port; 0 picks a free one")
+    args = parser.parse_args(argv)
+    return uvloop.run(serve(args.host, args.http_port, args.grpc_port))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
