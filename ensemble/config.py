@@ -59,6 +59,14 @@ class ReplicaBounds(StrictModel):
         return self
 
 
+class StragglerConfig(StrictModel):
+    """Emulated tail latency for tests and demos: some calls answer late. Off in production."""
+
+    probability: float = Field(ge=0, le=1, description="Share of calls that answer late.")
+    delay_ms: float = Field(gt=0, le=60_000, description="How late those calls answer, ms.")
+    seed: int = Field(0, description="Seed of the choice of late calls (repeatable runs).")
+
+
 class Placement(StrictModel):
     """Where a member's replicas run and how the gateway reaches them."""
 
@@ -67,6 +75,9 @@ class Placement(StrictModel):
         "inprocess", description="How replicas are reached: `inprocess` (onnxruntime here)."
     )
     replicas: ReplicaBounds = Field(default_factory=ReplicaBounds, description="Replica bounds.")
+    straggler: StragglerConfig | None = Field(
+        None, description="Emulate a straggler: some calls to these replicas answer late."
+    )
 
 
 class MemberConfig(StrictModel):

@@ -10,12 +10,15 @@ from typing import Any
 import numpy as np
 
 from ensemble import __version__
-from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
+from ensemble.contract import parse_contract
+from ensemble.errors import DeadlineExceeded, EnsembleError, InvalidInput, MemberFailed
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.base import Replica
 from ensemble.replicas.member import Member
 from ensemble.repository import VERSION, EnsembleModel, Repository, ServedModel
 from ensemble.types import (
+    AggregationContext,
+    Contract,
     InferRequest,
     InferResponse,
     MemberAnswer,
@@ -79,10 +82,16 @@ class Dispatcher:
             label = model.name
             feed = check_inputs(model.metadata, request.inputs, self.max_batch_size)
             check_outputs(model.metadata, request.outputs)
+            contract = parse_contract(
+                request.parameters,
+                tiers=self.repository.tiers,
+                profiles=self.repository.profile_names,
+            )
+            deadline = start + contract.timeout_us / 1e6 if contract.timeout_us else None
             if isinstance(model, EnsembleModel):
-                outputs, params = await self._ensemble(model, feed)
+                outputs, params = await self._ensemble(model, feed, contract, deadline)
             else:
-                outputs, params = await self._member(model, feed)
+                outputs, params = await self._member(model, feed, contract, deadline)
             if request.outputs is not None:
                 wanted = [o.name for o in request.outputs]
                 by_name = {t.name: t for t in outputs}
@@ -98,83 +107,142 @@ class Dispatcher:
             )
 
     async def _member(
-        self, member: Member, feed: dict[str, np.ndarray]
+        self,
+        member: Member,
+        feed: dict[str, np.ndarray],
+        contract: Contract,
+        deadline: float | None,
     ) -> tuple[list[Tensor], Parameters]:
+        if contract.tier is not None and contract.tier not in member.tiers:
+            raise InvalidInput(
+                f"member {member.name!r} runs on {', '.join(member.tiers)}, "
+                f"not on tier {contract.tier!r}"
+            )
         call = _Call(member, member.pick(), feed, None)
+        outcome: str | None = None
         try:
-            result = await call.future
+            await _wait([call], deadline)
+            if not call.future.done():
+                call.future.cancel()
+                outcome = "timeout"
+                raise DeadlineExceeded(f"member {member.name!r} did not answer in time")
+            result = call.future.result()
         finally:
-            self._record(call)
+            self._record(call, outcome)
         outputs = [
             Tensor(spec.name, spec.datatype, tuple(result[spec.name].shape), result[spec.name])
             for spec in member.outputs
         ]
         return outputs, {"members_answered": f"{member.name}@{call.replica.tier}"}
 
-    def _record(self, call: _Call) -> None:
-        future = call.future
-        ok = future.done() and not future.cancelled() and future.exception() is None
+    def _record(self, call: _Call, outcome: str | None = None) -> None:
+        if outcome is None:
+            future = call.future
+            ok = future.done() and not future.cancelled() and future.exception() is None
+            outcome = "success" if ok else "error"
         self.metrics.record_member_call(
-            call.member.name, call.replica.tier, "success" if ok else "error", call.latency_s()
+            call.member.name, call.replica.tier, outcome, call.latency_s()
         )
 
     async def _ensemble(
-        self, model: EnsembleModel, feed: dict[str, np.ndarray]
+        self,
+        model: EnsembleModel,
+        feed: dict[str, np.ndarray],
+        contract: Contract,
+        deadline: float | None,
     ) -> tuple[list[Tensor], Parameters]:
+        profile = model.profiles[contract.policy or model.profile]
         batch = next(iter(feed.values())).shape[0]
         views = tuple(m.view() for m in model.members.values())
-        chosen = model.selection.select(SelectionContext(model.name, views, batch))
-        unknown = [n for n in chosen if n not in model.members]
-        if not chosen or unknown:
-            raise EnsembleError(
-                f"selection policy returned {list(chosen)!r} for ensemble {model.name!r}"
-            )
-        calls = []
-        for name in chosen:
-            member = model.members[name]
-            calls.append(
-                _Call(member, member.pick(), model.member_feed(member, feed), member.score_outputs)
-            )
-        try:
-            await asyncio.wait([c.future for c in calls])
-        except asyncio.CancelledError:
-            for call in calls:
-                call.future.cancel()  # a queued in-process call is then skipped
-            raise
+        asked: list[str] = []
         answers: list[MemberAnswer] = []
-        failures: list[BaseException] = []
-        for call in calls:
-            self._record(call)
-            try:
-                scores = call.member.scores(call.future.result())
-            except Exception as exc:
-                failures.append(exc)
-                continue
-            answers.append(
-                MemberAnswer(
-                    call.member.name, call.replica.tier, call.replica.name, scores, call.latency_s()
+        failures: list[tuple[str, BaseException]] = []
+        late = False
+        # Selection may go in stages (a cascade escalates while unsure); each stage's calls
+        # run concurrently, and everything shares the request's one deadline.
+        while not late:
+            remaining = None if deadline is None else deadline - time.perf_counter()
+            ctx = SelectionContext(model.name, views, batch, contract, remaining, model.validation)
+            chosen, profile.state = profile.selection.select(ctx, tuple(answers), profile.state)
+            chosen = tuple(
+                n for n in dict.fromkeys(chosen) if n in model.members and n not in asked
+            )
+            if not chosen:
+                break
+            asked.extend(chosen)
+            calls = [
+                _Call(m, m.pick(), model.member_feed(m, feed), m.score_outputs)
+                for m in (model.members[n] for n in chosen)
+            ]
+            await _wait(calls, deadline)
+            for call in calls:
+                if not call.future.done():
+                    late = True  # at the deadline: answer with what arrived
+                    call.future.cancel()
+                    self._record(call, "timeout")
+                    failures.append((call.member.name, DeadlineExceeded("no answer in time")))
+                    continue
+                self._record(call)
+                try:
+                    scores = call.member.scores(call.future.result())
+                except Exception as exc:
+                    failures.append((call.member.name, exc))
+                    continue
+                answers.append(
+                    MemberAnswer(
+                        call.member.name,
+                        call.replica.tier,
+                        call.replica.name,
+                        scores,
+                        call.latency_s(),
+                    )
                 )
-            )
-        self.metrics.record_completeness(model.name, len(chosen), len(answers))
+        self.metrics.record_completeness(model.name, len(asked), len(answers))
+        if not asked:
+            where = f" on tier {contract.tier!r}" if contract.tier else ""
+            raise InvalidInput(f"no member of ensemble {model.name!r} can answer{where}")
         if not answers:
-            invalid = [f for f in failures if isinstance(f, InvalidInput)]
-            if len(invalid) == len(failures):
-                reasons = "; ".join(str(f) for f in invalid)
-                raise InvalidInput(f"no member could answer this input: {reasons}")
-            reasons = "; ".join(
-                f"{c.member.name}: {f}" for c, f in zip(calls, failures, strict=True)
-            )
-            raise MemberFailed(f"all {len(chosen)} members failed: {reasons}")
-        agg = model.aggregation.aggregate(answers, len(model.classes))
+            raise _no_answer(failures, late)
+        members = {v.name: v for v in views}
+        agg = profile.aggregation.aggregate(
+            answers, AggregationContext(len(model.classes), members, profile.weights())
+        )
         labels = model.labels[agg.class_index]
         probs = np.ascontiguousarray(agg.probabilities, dtype=np.float32)
         outputs = [
             Tensor("label", model.metadata.outputs[0].datatype, (batch,), labels),
             Tensor("probabilities", "FP32", tuple(probs.shape), probs),
         ]
-        params = dict(_describe(model.profile, chosen, tuple((a.member, a.tier) for a in answers)))
+        params = dict(
+            _describe(profile.name, tuple(asked), tuple((a.member, a.tier) for a in answers))
+        )
         params["confidence"] = round(float(agg.confidence.min()), 6)
+        if deadline is not None:
+            params["deadline_met"] = not late
         return outputs, params
+
+
+def _no_answer(failures: list[tuple[str, BaseException]], late: bool) -> EnsembleError:
+    """The error for a request no member answered: the client's fault, time, or members'."""
+    if late and all(isinstance(f, DeadlineExceeded) for _, f in failures):
+        return DeadlineExceeded("no member answered before the request's timeout")
+    if all(isinstance(f, InvalidInput) for _, f in failures):
+        return InvalidInput(
+            "no member could answer this input: " + "; ".join(str(f) for _, f in failures)
+        )
+    reasons = "; ".join(f"{name}: {f}" for name, f in failures)
+    return MemberFailed(f"all {len(failures)} members asked failed: {reasons}")
+
+
+async def _wait(calls: list[_Call], deadline: float | None) -> None:
+    """Wait for the calls until the deadline; cancel them if the request itself is cancelled."""
+    timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+    try:
+        await asyncio.wait([c.future for c in calls], timeout=timeout)
+    except asyncio.CancelledError:
+        for call in calls:
+            call.future.cancel()  # a queued in-process call is then skipped
+        raise
 
 
 @functools.lru_cache(maxsize=1024)

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ensemble.config import EnsembleConfig, GatewayConfig, MemberConfig
+from ensemble.config import EnsembleConfig, GatewayConfig, MemberConfig, ProfileConfig
 from ensemble.errors import EnsembleError, ModelNotFound
-from ensemble.models.card import MemberCard, card_path_for, load_card
+from ensemble.models.card import MemberCard, card_path_for, load_card, load_manifest
 from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine, SessionRunner
+from ensemble.replicas.faults import StragglerReplica
 from ensemble.replicas.inprocess import InProcessReplica
 from ensemble.replicas.member import Member, infer_classifier_schema
 from ensemble.replicas.onnx import ClassLabel, load_session, read_signature
-from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec
+from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec, ValidationSet
 from policies import registry
 from policies.base import AggregationPolicy, SelectionPolicy
 
@@ -24,17 +26,44 @@ VERSION = MODEL_VERSION
 
 
 @dataclass
+class Profile:
+    """An operator's policy profile built for one ensemble, with its selection state."""
+
+    name: str
+    selection: SelectionPolicy
+    aggregation: AggregationPolicy
+    state: Any = None
+
+    @classmethod
+    def build(cls, name: str, config: ProfileConfig) -> Profile:
+        selection: SelectionPolicy = registry.build(
+            "selection", config.selection.name, config.selection.params, SelectionPolicy
+        )
+        aggregation: AggregationPolicy = registry.build(
+            "aggregation", config.aggregation.name, config.aggregation.params, AggregationPolicy
+        )
+        return cls(name, selection, aggregation, selection.initial_state())
+
+    def weights(self) -> Mapping[str, float] | None:
+        """Member weights the selection policy learned, for aggregation (Exp4's)."""
+        learned = getattr(self.selection, "weights", None)
+        return learned(self.state) if callable(learned) else None
+
+
+@dataclass
 class EnsembleModel:
-    """An ensemble served as one model: members, policies and the combined output schema."""
+    """An ensemble served as one model: members, profiles and the combined output schema."""
 
     name: str
     members: dict[str, Member]
+    profiles: dict[str, Profile]
     profile: str
-    selection: SelectionPolicy
-    aggregation: AggregationPolicy
+    """The profile used when a request names none."""
     classes: tuple[ClassLabel, ...]
     metadata: ModelMetadata
     description: str = ""
+    validation: ValidationSet | None = None
+    tiers: tuple[str, ...] = ("edge", "cloud")
     labels: np.ndarray = field(init=False)
     _renames: dict[str, tuple[tuple[str, str], ...]] = field(init=False, default_factory=dict)
 
@@ -87,7 +116,13 @@ def build_member(cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngi
             if card is not None:  # start cost estimates from the card's measured latency
                 one, many = card.latency_ms["batch_1"].p50_ms, card.latency_ms["batch_32"].p50_ms
                 runner.fixed_s, runner.per_row_s = one / 1e3, max(0.0, many - one) / 31e3
-            replicas.append(InProcessReplica(f"{place.tier}/{i}", place.tier, runner, engine))
+            replica: Replica = InProcessReplica(f"{place.tier}/{i}", place.tier, runner, engine)
+            if place.straggler is not None:
+                late = place.straggler
+                replica = StragglerReplica(
+                    replica, late.probability, late.delay_ms / 1e3, late.seed + i
+                )
+            replicas.append(replica)
     assert signature is not None  # placement has at least one entry (config validation)
     schema = infer_classifier_schema(
         member.name,
@@ -98,7 +133,9 @@ def build_member(cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngi
         card=card,
         graph_classes=signature.graph_classes,
     )
-    return Member(member.name, signature.inputs, signature.outputs, schema, replicas, card)
+    built = Member(member.name, signature.inputs, signature.outputs, schema, replicas, card)
+    built.cost_per_call = cfg.tiers[member.placement[0].tier].cost_per_request
+    return built
 
 
 def _compatible(a: TensorSpec, b: TensorSpec) -> bool:
@@ -127,13 +164,9 @@ def build_ensemble(
             raise EnsembleError(
                 f"ensemble {ens.name!r}: member {m.name!r} classes differ from {first.name!r}'s"
             )
-    profile = cfg.profile(ens.policy)
-    selection: SelectionPolicy = registry.build(
-        "selection", profile.selection.name, profile.selection.params, SelectionPolicy
-    )
-    aggregation: AggregationPolicy = registry.build(
-        "aggregation", profile.aggregation.name, profile.aggregation.params, AggregationPolicy
-    )
+    profiles = {
+        name: Profile.build(name, cfg.profile(name)) for name in sorted({*cfg.policies, "default"})
+    }
     n = first.schema.n_classes
     metadata = ModelMetadata(
         name=ens.name,
@@ -145,16 +178,52 @@ def build_ensemble(
             TensorSpec("probabilities", "FP32", (-1, n)),
         ),
     )
+    chosen = {m.name: members[m.name] for m in ens.members}
     return EnsembleModel(
         ens.name,
-        {m.name: members[m.name] for m in ens.members},
+        chosen,
+        profiles,
         ens.policy,
-        selection,
-        aggregation,
         first.schema.classes,
         metadata,
         ens.description,
+        validation_set(chosen, [_card_path(cfg, m) for m in ens.members]),
+        tuple(cfg.tiers),
     )
+
+
+def _card_path(cfg: GatewayConfig, member: MemberConfig) -> Path:
+    return cfg.resolve(member.card) if member.card else card_path_for(cfg.resolve(member.model))
+
+
+def validation_set(members: Mapping[str, Member], card_paths: list[Path]) -> ValidationSet | None:
+    """Held-out labels and every member's answers on them, when all cards share one zoo.
+
+    The labels live in the zoo manifest beside the cards; members without a card, or cards
+    scored on different splits, leave the ensemble without one (policies then fall back).
+    """
+    if not card_paths or any(m.card is None for m in members.values()):
+        return None
+    directories = {p.parent for p in card_paths}
+    if len(directories) != 1:
+        return None
+    try:
+        manifest = load_manifest(directories.pop())
+    except (OSError, ValueError):
+        return None
+    labels = np.asarray(manifest.validation_labels)
+    probabilities = {}
+    for name, member in members.items():
+        assert member.card is not None
+        probs = np.asarray(member.card.validation_probabilities, dtype=np.float32)
+        if probs.shape != (len(labels), member.schema.n_classes):
+            return None
+        probabilities[name] = probs
+    classes = list(next(iter(members.values())).schema.classes)
+    if not all(label in classes for label in manifest.validation_labels):
+        return None
+    index = np.asarray([classes.index(label) for label in manifest.validation_labels])
+    return ValidationSet(index, probabilities)
 
 
 def label_datatype(classes: tuple[ClassLabel, ...]) -> str:
@@ -179,6 +248,13 @@ class Repository:
     def __init__(self, ensembles: list[EnsembleModel], members: list[Member]) -> None:
         self.ensembles = {e.name: e for e in ensembles}
         self.members = {m.name: m for m in members}
+        self.tiers = tuple(
+            dict.fromkeys(
+                [*(t for e in ensembles for t in e.tiers), *(t for m in members for t in m.tiers)]
+            )
+        )
+        """Tier names a request's contract may name."""
+        self.profile_names = frozenset(p for e in ensembles for p in e.profiles)
 
     @classmethod
     def from_config(

@@ -98,12 +98,32 @@ class Contract:
 
 @dataclass(frozen=True, slots=True)
 class MemberView:
-    """What a selection policy knows about one ensemble member."""
+    """What selection and aggregation policies know about one ensemble member."""
 
     name: str
     tiers: tuple[str, ...]
     accuracy: float | None
+    """Validation accuracy from the member card; None without a card."""
     ready: bool
+    per_class_accuracy: tuple[float, ...] | None = None
+    """Validation recall per class index, from the card."""
+    cost_per_call: float = 0.0
+    """Expected price of one call, in the config's currency."""
+    latency_s: float | None = None
+    """Expected latency of one call: the live window's median, else the card's batch-1 p50."""
+    latency_p95_s: float | None = None
+    rolling_accuracy: float | None = None
+    """Accuracy over recent feedback (true labels joined to answers); None before any."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationSet:
+    """Held-out labels and each member's answers on them: exact accuracy of any subset."""
+
+    labels: np.ndarray
+    """Shape [n], class indices."""
+    probabilities: Mapping[str, np.ndarray]
+    """Member name -> shape [n, n_classes]."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +133,59 @@ class SelectionContext:
     ensemble: str
     members: tuple[MemberView, ...]
     batch_size: int
+    contract: Contract = field(default_factory=Contract)
+    remaining_s: float | None = None
+    """Time left before the request's deadline; None when it has none."""
+    validation: ValidationSet | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AggregationContext:
+    """What an aggregation policy may use besides the answers."""
+
+    n_classes: int
+    members: Mapping[str, MemberView] = field(default_factory=dict)
+    weights: Mapping[str, float] | None = None
+    """Member weights the selection policy learned (e.g. Exp4's), when it has any."""
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """A true label joined (by request id) to what members answered for that request."""
+
+    ensemble: str
+    request_id: str
+    labels: np.ndarray
+    """Shape [batch], true class indices."""
+    answers: Mapping[str, np.ndarray]
+    """Member name -> the probabilities [batch, n_classes] it returned for the request."""
+    asked: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """What a routing policy knows about one replica of a member."""
+
+    name: str
+    tier: str
+    ready: bool
+    outstanding: int = 0
+    """Calls sent and not yet answered."""
+    latency_ewma_s: float | None = None
+    latency_p95_s: float | None = None
+    ejected: bool = False
+    """Taken out by outlier detection (circuit open)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingContext:
+    """Input of a routing policy for one call."""
+
+    member: str
+    tier: str | None = None
+    """The contract's tier restriction; None means any tier."""
+    tier_order: tuple[str, ...] = ("edge", "cloud")
+    """Tiers from nearest to farthest, for tier-preferring policies."""
 
 
 @dataclass(frozen=True, slots=True)

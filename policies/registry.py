@@ -64,7 +64,12 @@ def _ensure_loaded() -> None:
         return
     _entry_points_loaded = True
     import policies.aggregation
-    import policies.selection  # noqa: F401
+    import policies.reliability
+    import policies.routing
+    import policies.selection
+    import policies.selection_bandits
+    import policies.selection_cocktail
+    import policies.selection_slo  # noqa: F401
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()

@@ -112,6 +112,8 @@ class Member:
         self.replicas = list(replicas)
         self._turn = itertools.count()
         self._view: MemberView | None = None
+        self.cost_per_call = 0.0
+        """Price of one call, from its tier's `cost_per_request` (set by the repository)."""
         self.metadata = ModelMetadata(
             name=name,
             versions=(MODEL_VERSION,),
@@ -131,8 +133,26 @@ class Member:
         """What selection policies see of this member (rebuilt only when readiness changes)."""
         ready = self.ready()
         if self._view is None or self._view.ready != ready:
-            accuracy = self.card.accuracy if self.card else None
-            self._view = MemberView(self.name, self.tiers, accuracy, ready)
+            card = self.card
+            per_class = None
+            latency = p95 = None
+            if card is not None:
+                recall = card.per_class_accuracy
+                if all(str(c) in recall for c in self.schema.classes):
+                    per_class = tuple(recall[str(c)] for c in self.schema.classes)
+                one = card.latency_ms.get("batch_1")
+                if one is not None:
+                    latency, p95 = one.p50_ms / 1e3, one.p99_ms / 1e3
+            self._view = MemberView(
+                self.name,
+                self.tiers,
+                card.accuracy if card else None,
+                ready,
+                per_class_accuracy=per_class,
+                cost_per_call=self.cost_per_call,
+                latency_s=latency,
+                latency_p95_s=p95,
+            )
         return self._view
 
     def pick(self) -> Replica:

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from ensemble.config import ProfileConfig
 from ensemble.dispatcher import Dispatcher
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.metrics import GatewayMetrics
@@ -26,10 +27,8 @@ from ensemble.replicas.engine import InProcessEngine, SessionRunner
 from ensemble.replicas.inprocess import InProcessReplica
 from ensemble.replicas.member import Member, infer_classifier_schema
 from ensemble.replicas.onnx import load_session, read_signature
-from ensemble.repository import EnsembleModel, Repository
+from ensemble.repository import EnsembleModel, Profile, Repository
 from ensemble.types import ModelMetadata, TensorSpec
-from policies import registry
-from policies.base import AggregationPolicy, SelectionPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -89,9 +88,8 @@ def make_repository(directory: Path, engine: InProcessEngine) -> Repository:
     iris = EnsembleModel(
         name="iris",
         members={"linear_a": a, "linear_b": b},
+        profiles={"test": Profile.build("test", ProfileConfig())},
         profile="test",
-        selection=registry.build("selection", "all", None, SelectionPolicy),
-        aggregation=registry.build("aggregation", "mean_probability", None, AggregationPolicy),
         classes=(0, 1, 2),
         metadata=ModelMetadata(
             name="iris",

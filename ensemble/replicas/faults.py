@@ -1,0 +1,41 @@
+"""Emulated replica faults for tests and demos: a replica that answers some calls late."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Sequence
+
+import numpy as np
+
+from ensemble.replicas.base import Replica
+
+
+class StragglerReplica:
+    """Wraps a replica so that a share of its calls answer ``delay_s`` late (tail latency)."""
+
+    def __init__(self, inner: Replica, probability: float, delay_s: float, seed: int) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.tier = inner.tier
+        self.probability = probability
+        self.delay_s = delay_s
+        self._rng = random.Random(seed)
+
+    def ready(self) -> bool:
+        return self.inner.ready()
+
+    def infer(
+        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> Awaitable[dict[str, np.ndarray]]:
+        if self._rng.random() >= self.probability:
+            return self.inner.infer(feed, outputs)
+        return self._late(self.inner.infer(feed, outputs))
+
+    async def _late(self, call: Awaitable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        result = await call
+        await asyncio.sleep(self.delay_s)
+        return result
+
+    async def close(self) -> None:
+        await self.inner.close()
