@@ -184,6 +184,12 @@ class GatewayConfig(StrictModel):
     )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this config was read from (None when built from data)."""
+        return self._source
 
     @property
     def base_dir(self) -> Path:
@@ -292,21 +298,29 @@ def _parse(data: Any, *, source: str, base_dir: Path | None, text: str | None) -
     return cfg
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read, parse and fully validate a YAML config file; raises ConfigError."""
-    path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(source, [f"{source}: cannot read: {exc.strerror or exc}"]) from None
+def parse_yaml(text: str, *, source: str, base_dir: Path) -> GatewayConfig:
+    """Parse and fully validate YAML text; errors carry ``source:line:col`` and the YAML path."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         raise ConfigError(source, [f"{where}: invalid YAML: {exc}"]) from None
-    return _parse(data, source=source, base_dir=path.parent, text=text)
+    return _parse(data, source=source, base_dir=base_dir, text=text)
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read, parse and fully validate a YAML config file; raises ConfigError."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(source, [f"{source}: cannot read: {reason or exc}"]) from None
+    cfg = parse_yaml(text, source=source, base_dir=path.parent)
+    cfg._source = path.resolve()
+    return cfg
 
 
 def json_schema() -> dict[str, Any]:

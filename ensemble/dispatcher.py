@@ -53,9 +53,13 @@ class Dispatcher:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.draining = False
-        metrics.readiness = lambda: {n: repository.get(n).ready() for n in repository.names()}
+        metrics.readiness = self._readiness
 
     # -- health and metadata ------------------------------------------------------------
+
+    def _readiness(self) -> dict[str, bool]:
+        repository = self.repository  # read once: a reload may swap it
+        return {n: repository.get(n).ready() for n in repository.names()}
 
     def live(self) -> bool:
         return True
@@ -162,7 +166,9 @@ class Dispatcher:
         # run concurrently, and everything shares the request's one deadline.
         while not late:
             remaining = None if deadline is None else deadline - time.perf_counter()
-            ctx = SelectionContext(model.name, views, batch, contract, remaining, model.validation)
+            ctx = SelectionContext(
+                model.name, views, batch, contract, remaining, model.validation, tuple(asked)
+            )
             chosen, profile.state = profile.selection.select(ctx, tuple(answers), profile.state)
             chosen = tuple(
                 n for n in dict.fromkeys(chosen) if n in model.members and n not in asked

@@ -65,6 +65,20 @@ class UnsupportedMediaType(EnsembleError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class Unauthorized(EnsembleError):
+    """The admin API needs `Authorization: Bearer <token>`."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class Forbidden(EnsembleError):
+    """The admin token is wrong, or the admin API is disabled."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
 class ModelNotReady(EnsembleError):
     """The model exists but has no replica able to answer."""
 

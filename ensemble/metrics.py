@@ -9,6 +9,7 @@ request. Record only from the event-loop thread.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -76,6 +77,8 @@ class GatewayMetrics:
         self.members_asked: defaultdict[str, int] = defaultdict(int)
         self.members_answered: defaultdict[str, int] = defaultdict(int)
         self.inflight = 0
+        self.reloads: defaultdict[str, int] = defaultdict(int)
+        self.last_reload_success_s = 0.0
         self.readiness: Callable[[], Mapping[str, bool]] = dict
         """Read at scrape time: each model's readiness now (the dispatcher sets it)."""
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -95,6 +98,12 @@ class GatewayMetrics:
     def record_completeness(self, ensemble: str, asked: int, answered: int) -> None:
         self.members_asked[ensemble] += asked
         self.members_answered[ensemble] += answered
+
+    def record_reload(self, outcome: str) -> None:
+        """Count a config reload attempt: `success` or `failure` (rejected, old config kept)."""
+        self.reloads[outcome] += 1
+        if outcome == "success":
+            self.last_reload_success_s = time.time()
 
     def collect(self) -> Iterator[Metric]:
         """prometheus-client's collector hook: the current values as metric families."""
@@ -145,6 +154,19 @@ class GatewayMetrics:
             yield family
         yield GaugeMetricFamily(
             "ensemble_inflight_requests", "Inference requests being processed now.", self.inflight
+        )
+        reloads = CounterMetricFamily(
+            "ensemble_config_reloads",
+            "Config reloads by outcome (success, failure: rejected, the old config kept serving).",
+            labels=["outcome"],
+        )
+        for outcome in ("success", "failure"):
+            reloads.add_metric([outcome], self.reloads.get(outcome, 0))
+        yield reloads
+        yield GaugeMetricFamily(
+            "ensemble_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config reload (0: none since start).",
+            self.last_reload_success_s,
         )
         ready = GaugeMetricFamily(
             "ensemble_model_ready", "1 when the model can answer, else 0.", labels=["model"]

@@ -33,6 +33,8 @@ class Profile:
     selection: SelectionPolicy
     aggregation: AggregationPolicy
     state: Any = None
+    spec: ProfileConfig | None = None
+    """The config it was built from (a reload keeps the state of an unchanged profile)."""
 
     @classmethod
     def build(cls, name: str, config: ProfileConfig) -> Profile:
@@ -42,12 +44,11 @@ class Profile:
         aggregation: AggregationPolicy = registry.build(
             "aggregation", config.aggregation.name, config.aggregation.params, AggregationPolicy
         )
-        return cls(name, selection, aggregation, selection.initial_state())
+        return cls(name, selection, aggregation, selection.initial_state(), config)
 
     def weights(self) -> Mapping[str, float] | None:
         """Member weights the selection policy learned, for aggregation (Exp4's)."""
-        learned = getattr(self.selection, "weights", None)
-        return learned(self.state) if callable(learned) else None
+        return self.selection.weights(self.state)
 
 
 @dataclass

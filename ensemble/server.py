@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Generator
@@ -20,10 +21,12 @@ from ensemble.dispatcher import Dispatcher
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.frontends.http import HttpFrontend
 from ensemble.metrics import GatewayMetrics
+from ensemble.reload import Reloader
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.repository import Repository
 
 log = logging.getLogger("ensemble.server")
+ADMIN_TOKEN_ENV = "ENSEMBLE_ADMIN_TOKEN"
 
 
 class _OipHttpProtocol(HttpToolsProtocol):
@@ -97,6 +100,7 @@ class Gateway:
         self.dispatcher = Dispatcher(
             self.repository, self.metrics, max_batch_size=cfg.server.max_batch_size
         )
+        self.reloader = Reloader(cfg, cfg.source, self.engine, self.dispatcher, self.metrics)
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -105,7 +109,11 @@ class Gateway:
         server = self.cfg.server
         sock = _listen(host, http_port)
         app = HttpFrontend(
-            self.dispatcher, self.metrics, max_request_bytes=server.max_request_bytes
+            self.dispatcher,
+            self.metrics,
+            max_request_bytes=server.max_request_bytes,
+            reloader=self.reloader,
+            admin_token=os.environ.get(ADMIN_TOKEN_ENV),
         )
         config = uvicorn.Config(
             app,
@@ -141,7 +149,8 @@ class Gateway:
             self._http.should_exit = True
             waits.append(self._http_task)
         await asyncio.gather(*waits, return_exceptions=True)
-        await self.repository.close()
+        for repository in (*self.reloader.retired, self.dispatcher.repository):
+            await repository.close()
         self.engine.shutdown()
 
     async def wait_failed(self) -> None:
@@ -165,6 +174,14 @@ async def run_gateway(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     gateway = Gateway(cfg, progress)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def reload_on_sighup() -> None:
+        task: asyncio.Task[object] = asyncio.create_task(gateway.reloader.reload_file())
+        reloads.add(task)  # keep a reference until it finishes (asyncio holds tasks weakly)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
     addresses = await gateway.start(host, http_port, grpc_port)
     if not stop.is_set():
         announce(addresses)

@@ -137,6 +137,8 @@ class SelectionContext:
     remaining_s: float | None = None
     """Time left before the request's deadline; None when it has none."""
     validation: ValidationSet | None = None
+    asked: tuple[str, ...] = ()
+    """Members already asked for this request, answered or failed (never ask them again)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ testable in virtual time, and a hot reload can drop or carry state explicitly.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from ensemble.types import (
@@ -43,6 +43,10 @@ class SelectionPolicy(Protocol):
 
     def feedback(self, event: Feedback, state: Any) -> Any:
         """Learn from a true label joined to an earlier request; returns the new state."""
+        ...
+
+    def weights(self, state: Any) -> Mapping[str, float] | None:
+        """Member weights learned so far (Exp4's), handed to aggregation; None if none."""
         ...
 
 

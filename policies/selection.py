@@ -132,8 +132,8 @@ class Cascade(Stateless):
     Confidence of the answers so far is, per row, the top probability of their mean
     probabilities (the mean-probability aggregate); the request escalates while any row is
     below its threshold: ``per_class[predicted class]`` if given, else ``threshold``.
-    Escalation resumes after the furthest member in the order that answered, so a member
-    that failed is not asked again once a later one has answered.
+    Escalation resumes after the furthest member in the order already asked (answered or
+    failed), so a member that failed is skipped and the next one is asked instead.
     """
 
     def __init__(self, params: CascadeParams) -> None:
@@ -169,7 +169,8 @@ class Cascade(Stateless):
         order = self._order(ctx)
         if answers and self.confident(answers):
             return (), state
-        answered = {a.member for a in answers}
-        furthest = max((i for i, m in enumerate(order) if m in answered), default=-1)
-        rest = not_yet_asked(order[furthest + 1 :], answers)
-        return rest[:1], state
+        # Asked includes members that failed: escalation moves past them too (failover).
+        tried = {a.member for a in answers} | set(ctx.asked)
+        furthest = max((i for i, m in enumerate(order) if m in tried), default=-1)
+        rest = [m for m in not_yet_asked(order[furthest + 1 :], answers) if m not in tried]
+        return tuple(rest[:1]), state

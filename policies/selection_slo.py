@@ -99,12 +99,18 @@ class SloGreedy(Stateless):
         return min(feasible, key=_Candidate.accuracy_key)
 
     def _exact(self, views: list[MemberView], ctx: SelectionContext) -> list[_Candidate]:
+        budget = math.inf if ctx.contract.max_cost is None else ctx.contract.max_cost + 1e-12
+        limit_s = math.inf if ctx.remaining_s is None else ctx.remaining_s
+        factor = self.params.safety_factor
         feasible: list[_Candidate] = []
         for size in range(1, len(views) + 1):
             for combo in itertools.combinations(views, size):
-                c = self._candidate(combo, ctx)
-                if self._fits(c, ctx):
-                    feasible.append(c)
+                # Cost and latency are cheap; accuracy (a validation pass) only for sets that fit.
+                if sum(m.cost_per_call for m in combo) > budget:
+                    continue
+                if max(m.latency_s or 0.0 for m in combo) * factor > limit_s:
+                    continue
+                feasible.append(self._candidate(combo, ctx))
         return feasible
 
     def _greedy(self, views: list[MemberView], ctx: SelectionContext) -> list[_Candidate]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -10,11 +11,13 @@ from typing import Any, TypeAlias
 from ensemble.dispatcher import Dispatcher
 from ensemble.errors import (
     EnsembleError,
+    Forbidden,
     InvalidInput,
     MethodNotAllowed,
     ModelNotReady,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
     UnsupportedMediaType,
 )
 from ensemble.frontends.rest_codec import (
@@ -24,6 +27,7 @@ from ensemble.frontends.rest_codec import (
     encode_infer_response,
 )
 from ensemble.metrics import GatewayMetrics
+from ensemble.reload import Reloader
 from ensemble.repository import EnsembleModel, ServedModel
 from ensemble.types import MODEL_VERSION
 
@@ -59,6 +63,8 @@ def error_reply(exc: EnsembleError) -> Reply:
         extra.append((b"connection", b"close"))
     if isinstance(exc, WrongMethod):
         extra.append((b"allow", ", ".join(exc.allowed).encode()))
+    if isinstance(exc, Unauthorized):
+        extra.append((b"www-authenticate", b'Bearer realm="ensemble-admin"'))
     return _json(exc.http_status, dumps({"error": exc.message}), extra)
 
 
@@ -106,11 +112,19 @@ class HttpFrontend:
     """ASGI application serving the OIP REST API over the shared dispatcher."""
 
     def __init__(
-        self, dispatcher: Dispatcher, metrics: GatewayMetrics, *, max_request_bytes: int
+        self,
+        dispatcher: Dispatcher,
+        metrics: GatewayMetrics,
+        *,
+        max_request_bytes: int,
+        reloader: Reloader | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
+        self.reloader = reloader
+        self.admin_token = admin_token or None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -146,6 +160,10 @@ class HttpFrontend:
             if self.dispatcher.ready():
                 return _json(200, _OK_READY)
             return _json(503, dumps({"ready": False, "error": "not ready"}))
+        if parts == ["admin", "config"]:
+            _expect(method, "PUT")
+            self._authorize(scope)
+            return await self._reload(scope, receive)
         if parts == ["v2", "repository", "index"]:
             _expect(method, "GET", "POST")
             return _json(200, dumps(self._repository_index()))
@@ -223,6 +241,36 @@ class HttpFrontend:
         raise UnsupportedMediaType(
             f"unsupported Content-Encoding {encoding!r}; use gzip or deflate"
         )
+
+    def _authorize(self, scope: Scope) -> None:
+        if self.admin_token is None or self.reloader is None:
+            raise Forbidden(
+                "the admin API is disabled; start the gateway with ENSEMBLE_ADMIN_TOKEN set"
+            )
+        given = b""
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                given = value
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            raise Unauthorized("send the admin token as `Authorization: Bearer <token>`")
+        if not hmac.compare_digest(token.strip(), self.admin_token.encode()):
+            raise Forbidden("wrong admin token")
+
+    async def _reload(self, scope: Scope, receive: Receive) -> Reply:
+        assert self.reloader is not None
+        body = await self._read_body(_headers(scope), receive)
+        if body.strip():
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput("the config must be UTF-8 YAML") from None
+            result = await self.reloader.reload_text(text)
+        else:
+            result = await self.reloader.reload_file()
+        if result.ok:
+            return _json(200, dumps({"reloaded": True, "message": result.message}))
+        return _json(400, dumps({"error": result.message, "errors": result.errors}))
 
     def _repository_index(self) -> list[dict[str, str]]:
         repo = self.dispatcher.repository

@@ -55,7 +55,11 @@ class GatewayProcess:
 
 
 def start_gateway(
-    config: Path, log_path: Path, *extra: str, timeout_s: float = 120.0
+    config: Path,
+    log_path: Path,
+    *extra: str,
+    timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
 ) -> GatewayProcess:
     """Run `ensemble serve CONFIG --http-port 0 --grpc-port 0` and wait for its ready line."""
     cmd = [
@@ -70,7 +74,7 @@ def start_gateway(
         "0",
         *extra,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env

@@ -99,6 +99,15 @@ def test_cascade_starts_cheapest_and_escalates_below_threshold() -> None:
     assert policy.select(ctx, everyone, None)[0] == ()
 
 
+def test_cascade_fails_over_past_a_member_that_failed() -> None:
+    policy = build("cascade", threshold=0.8)
+    failed_first = SelectionContext("e", CASCADE_MEMBERS, 1, asked=("small",))
+    assert policy.select(failed_first, (), None)[0] == ("mid",)
+    unsure = (ans("mid", [[0.6, 0.3, 0.1]]),)
+    failed_two = SelectionContext("e", CASCADE_MEMBERS, 1, asked=("small", "mid", "mid_slow"))
+    assert policy.select(failed_two, unsure, None)[0] == ("big",)
+
+
 def test_cascade_stops_when_confident() -> None:
     policy = build("cascade", threshold=0.8)
     ctx = SelectionContext("e", CASCADE_MEMBERS, 2)

@@ -1,0 +1,115 @@
+"""Hot reload: validate a whole new config, build its models off the loop, swap atomically."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ensemble.config import GatewayConfig, load_config, parse_yaml
+from ensemble.dispatcher import Dispatcher
+from ensemble.errors import ConfigError, EnsembleError
+from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.engine import InProcessEngine
+from ensemble.repository import Repository
+
+log = logging.getLogger("ensemble.reload")
+
+
+@dataclass
+class ReloadResult:
+    """What a reload did; ``errors`` lists every problem when it was rejected."""
+
+    ok: bool
+    message: str
+    errors: list[str] = field(default_factory=list)
+
+
+class Reloader:
+    """Applies new configs to a running gateway, one at a time; the old one serves until then."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        source: Path | None,
+        engine: InProcessEngine,
+        dispatcher: Dispatcher,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.cfg = cfg
+        self.source = source
+        self._engine = engine
+        self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._lock = asyncio.Lock()
+        self.retired: list[Repository] = []
+        """Replaced repositories; closed when the gateway stops (in-flight calls may use them)."""
+
+    async def reload_file(self) -> ReloadResult:
+        """Re-read the config file the gateway was started with (SIGHUP, empty admin PUT)."""
+        if self.source is None:
+            return self._reject(["the gateway was not started from a config file"])
+        source = self.source
+        return await self._apply(lambda: load_config(source), str(source))
+
+    async def reload_text(self, text: str) -> ReloadResult:
+        """Apply YAML sent to the admin API; relative paths resolve as in the config file."""
+        base = self.source.parent if self.source else self.cfg.base_dir
+        return await self._apply(
+            lambda: parse_yaml(text, source="<admin request>", base_dir=base), "request body"
+        )
+
+    async def _apply(self, load: Callable[[], GatewayConfig], what: str) -> ReloadResult:
+        async with self._lock:
+            start = time.perf_counter()
+            try:
+                cfg = await asyncio.to_thread(load)
+                _check_restart_only(self.cfg, cfg)
+                # Loading sessions blocks for a while: never on the event loop.
+                repository = await asyncio.to_thread(Repository.from_config, cfg, self._engine)
+            except ConfigError as exc:
+                return self._reject(exc.errors)
+            except (EnsembleError, OSError) as exc:
+                return self._reject([str(exc)])
+            old = self._dispatcher.repository
+            _carry_state(old, repository)
+            self._dispatcher.repository = repository  # new requests see it from now on
+            self.retired.append(old)
+            self.cfg = cfg
+            self._metrics.record_reload("success")
+            took = time.perf_counter() - start
+            message = f"reloaded {what} in {took:.2f} s: {', '.join(repository.names())}"
+            log.info(message)
+            return ReloadResult(True, message)
+
+    def _reject(self, errors: list[str]) -> ReloadResult:
+        self._metrics.record_reload("failure")
+        log.warning("config reload rejected; the previous config keeps serving: %s", errors)
+        return ReloadResult(False, f"invalid config: {len(errors)} error(s)", errors)
+
+
+def _check_restart_only(old: GatewayConfig, new: GatewayConfig) -> None:
+    """Listening addresses, limits and the thread pool are fixed for a process's life."""
+    changed = [
+        f"server.{key}: {getattr(old.server, key)!r} -> {getattr(new.server, key)!r} "
+        "needs a restart"
+        for key in type(old.server).model_fields
+        if getattr(old.server, key) != getattr(new.server, key)
+    ]
+    if changed:
+        raise ConfigError("reload", changed)
+
+
+def _carry_state(old: Repository, new: Repository) -> None:
+    """Learned selection state (bandit weights) survives a reload of an unchanged profile."""
+    for name, ensemble in new.ensembles.items():
+        before = old.ensembles.get(name)
+        if before is None or set(before.members) != set(ensemble.members):
+            continue
+        for profile_name, profile in ensemble.profiles.items():
+            previous = before.profiles.get(profile_name)
+            if previous is not None and previous.spec == profile.spec:
+                profile.state = previous.state
