@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -26,3 +27,22 @@ def gateway(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def test_split(zoo_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     data = np.load(zoo_dir / "test.npz")
     return data["X"].astype(np.float32), data["y"].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def raw(gateway: GatewayProcess) -> Iterator[httpx.Client]:
+    """A plain HTTP client on the shared gateway, for requests tritonclient will not send."""
+    with httpx.Client(base_url=gateway.http_url, timeout=30) as client:
+        yield client
+
+
+def good_input(**over: object) -> dict[str, object]:
+    """A valid `digits` input tensor in OIP JSON, with fields replaced by ``over``."""
+    base: dict[str, object] = {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": [1, 64],
+        "data": [0.0] * 64,
+    }
+    base.update(over)
+    return base

@@ -13,6 +13,7 @@ import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from tests.integration.conftest import good_input
 from tests.integration.process import GatewayProcess
 
 pytestmark = pytest.mark.integration
@@ -22,12 +23,6 @@ MEMBERS = ["mlp_small_int8", "logreg", "forest", "mlp_large", "svm"]
 @pytest.fixture(scope="module")
 def client(gateway: GatewayProcess) -> httpclient.InferenceServerClient:
     return httpclient.InferenceServerClient(gateway.http_target, concurrency=4)
-
-
-@pytest.fixture(scope="module")
-def raw(gateway: GatewayProcess) -> httpx.Client:
-    with httpx.Client(base_url=gateway.http_url, timeout=30) as c:
-        yield c
 
 
 def infer(
@@ -164,17 +159,6 @@ def post(
     raw: httpx.Client, path: str, content: bytes, headers: dict[str, str] | None = None
 ) -> httpx.Response:
     return raw.post(path, content=content, headers=headers or {})
-
-
-def good_input(**over: object) -> dict[str, object]:
-    base: dict[str, object] = {
-        "name": "input",
-        "datatype": "FP32",
-        "shape": [1, 64],
-        "data": [0.0] * 64,
-    }
-    base.update(over)
-    return base
 
 
 BAD_JSON_CASES = {

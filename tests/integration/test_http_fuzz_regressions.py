@@ -5,33 +5,16 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 
+from tests.integration.conftest import good_input
 from tests.integration.process import GatewayProcess
 
 pytestmark = pytest.mark.integration
 INFER = "/v2/models/digits/infer"
-
-
-@pytest.fixture(scope="module")
-def raw(gateway: GatewayProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway.http_url, timeout=30) as c:
-        yield c
-
-
-def good_input(**over: object) -> dict[str, object]:
-    base: dict[str, object] = {
-        "name": "input",
-        "datatype": "FP32",
-        "shape": [1, 64],
-        "data": [0.0] * 64,
-    }
-    base.update(over)
-    return base
 
 
 def assert_error(resp: httpx.Response, status: int, fragment: str) -> None:
