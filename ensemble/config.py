@@ -155,6 +155,20 @@ class ServerConfig(StrictModel):
     drain_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    feedback_window: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="Answered ensemble requests with an `id` remembered per ensemble for "
+        "feedback (oldest forgotten first).",
+    )
+    feedback_accuracy_window: int = Field(
+        200,
+        ge=1,
+        le=1_000_000,
+        description="Labelled rows per member the rolling accuracy is computed over "
+        "(a sliding window).",
+    )
 
 
 class ModelZooConfig(StrictModel):

@@ -12,6 +12,7 @@ import numpy as np
 from ensemble import __version__
 from ensemble.contract import parse_contract
 from ensemble.errors import DeadlineExceeded, EnsembleError, InvalidInput, MemberFailed
+from ensemble.feedback import DEFAULT_ACCURACY_WINDOW, DEFAULT_WINDOW, FeedbackHub
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.base import Replica
 from ensemble.replicas.member import Member
@@ -47,11 +48,23 @@ class Dispatcher:
     """Serves inference for both frontends; knows nothing about HTTP or gRPC."""
 
     def __init__(
-        self, repository: Repository, metrics: GatewayMetrics, *, max_batch_size: int = 1024
+        self,
+        repository: Repository,
+        metrics: GatewayMetrics,
+        *,
+        max_batch_size: int = 1024,
+        feedback_window: int = DEFAULT_WINDOW,
+        feedback_accuracy_window: int = DEFAULT_ACCURACY_WINDOW,
     ) -> None:
         self.repository = repository
         self.metrics = metrics
         self.max_batch_size = max_batch_size
+        self.feedback = FeedbackHub(
+            metrics,
+            lambda: self.repository,  # read at each use: a reload swaps the repository
+            window=feedback_window,
+            accuracy_window=feedback_accuracy_window,
+        )
         self.draining = False
         metrics.readiness = self._readiness
 
@@ -93,7 +106,7 @@ class Dispatcher:
             )
             deadline = start + contract.timeout_us / 1e6 if contract.timeout_us else None
             if isinstance(model, EnsembleModel):
-                outputs, params = await self._ensemble(model, feed, contract, deadline)
+                outputs, params = await self._ensemble(model, feed, contract, deadline, request.id)
             else:
                 outputs, params = await self._member(model, feed, contract, deadline)
             if request.outputs is not None:
@@ -154,6 +167,7 @@ class Dispatcher:
         feed: dict[str, np.ndarray],
         contract: Contract,
         deadline: float | None,
+        request_id: str | None = None,
     ) -> tuple[list[Tensor], Parameters]:
         profile = model.profiles[contract.policy or model.profile]
         batch = next(iter(feed.values())).shape[0]
@@ -225,6 +239,8 @@ class Dispatcher:
         params["confidence"] = round(float(agg.confidence.min()), 6)
         if deadline is not None:
             params["deadline_met"] = not late
+        if request_id:  # only requests with an id can be joined to a label later
+            self.feedback.remember(model.name, request_id, profile.name, tuple(asked), answers)
         return outputs, params
 
 

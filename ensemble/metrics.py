@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -81,6 +81,11 @@ class GatewayMetrics:
         self.last_reload_success_s = 0.0
         self.readiness: Callable[[], Mapping[str, bool]] = dict
         """Read at scrape time: each model's readiness now (the dispatcher sets it)."""
+        self.feedback: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.rolling_accuracy: dict[tuple[str, str], float] = {}
+        """(ensemble, member) -> accuracy over the member's recent labelled rows."""
+        self.selection_weights: Callable[[], Iterable[tuple[str, str, str, float]]] = tuple
+        """Read at scrape time: (ensemble, profile, member, weight) learned from feedback."""
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -104,6 +109,10 @@ class GatewayMetrics:
         self.reloads[outcome] += 1
         if outcome == "success":
             self.last_reload_success_s = time.time()
+
+    def record_feedback(self, ensemble: str, outcome: str) -> None:
+        """Count one feedback post: accepted, unknown_id, duplicate or invalid."""
+        self.feedback[(ensemble, outcome)] += 1
 
     def collect(self) -> Iterator[Metric]:
         """prometheus-client's collector hook: the current values as metric families."""
@@ -174,6 +183,32 @@ class GatewayMetrics:
         for model, is_ready in self.readiness().items():
             ready.add_metric([model], 1.0 if is_ready else 0.0)
         yield ready
+        feedback = CounterMetricFamily(
+            "ensemble_feedback",
+            "Feedback posts (true labels joined by request id) by ensemble and outcome "
+            "(accepted, unknown_id, duplicate, invalid).",
+            labels=["ensemble", "outcome"],
+        )
+        for pair, count in list(self.feedback.items()):
+            feedback.add_metric(list(pair), count)
+        yield feedback
+        accuracy = GaugeMetricFamily(
+            "ensemble_member_rolling_accuracy",
+            "Share of a member's last labelled rows it classified right (a sliding window of "
+            "server.feedback_accuracy_window rows).",
+            labels=["ensemble", "member"],
+        )
+        for pair, share in list(self.rolling_accuracy.items()):
+            accuracy.add_metric(list(pair), share)
+        yield accuracy
+        weights = GaugeMetricFamily(
+            "ensemble_selection_weight",
+            "Member weight a selection profile learned from feedback (Exp4's, summing to 1).",
+            labels=["ensemble", "profile", "member"],
+        )
+        for ensemble, profile, member, weight in self.selection_weights():
+            weights.add_metric([ensemble, profile, member], weight)
+        yield weights
 
     def exposition(self) -> tuple[bytes, str]:
         """Body and content type of the Prometheus text exposition."""

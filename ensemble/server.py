@@ -98,7 +98,11 @@ class Gateway:
         )
         self.repository = Repository.from_config(cfg, self.engine, progress)
         self.dispatcher = Dispatcher(
-            self.repository, self.metrics, max_batch_size=cfg.server.max_batch_size
+            self.repository,
+            self.metrics,
+            max_batch_size=cfg.server.max_batch_size,
+            feedback_window=cfg.server.feedback_window,
+            feedback_accuracy_window=cfg.server.feedback_accuracy_window,
         )
         self.reloader = Reloader(cfg, cfg.source, self.engine, self.dispatcher, self.metrics)
         self._http: _Uvicorn | None = None

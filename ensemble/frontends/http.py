@@ -181,6 +181,10 @@ class HttpFrontend:
         if rest == ["infer"]:
             _expect(method, "POST")
             return await self._infer(name, version, scope, receive)
+        if rest == ["feedback"] and version is None:
+            _expect(method, "POST")
+            body = await self._read_body(_headers(scope), receive)
+            return _json(200, dumps(self.dispatcher.feedback.submit(name, body)))
         if len(rest) > 1:
             raise NotFound(f"no route for {method} {scope['path']}")
         model = self.dispatcher.model(name, version)

@@ -113,6 +113,8 @@ class Member:
         self._turn = itertools.count()
         self._view: MemberView | None = None
         self.cost_per_call = 0.0
+        self.rolling_accuracy: float | None = None
+        """Accuracy over recent feedback, set by the feedback hub; None before any."""
         """Price of one call, from its tier's `cost_per_request` (set by the repository)."""
         self.metadata = ModelMetadata(
             name=name,
@@ -130,9 +132,11 @@ class Member:
         return any(r.ready() for r in self.replicas)
 
     def view(self) -> MemberView:
-        """What selection policies see of this member (rebuilt only when readiness changes)."""
+        """What selection policies see of this member (rebuilt only when readiness or the
+        rolling accuracy changes)."""
         ready = self.ready()
-        if self._view is None or self._view.ready != ready:
+        view = self._view
+        if view is None or view.ready != ready or view.rolling_accuracy != self.rolling_accuracy:
             card = self.card
             per_class = None
             latency = p95 = None
@@ -143,7 +147,7 @@ class Member:
                 one = card.latency_ms.get("batch_1")
                 if one is not None:
                     latency, p95 = one.p50_ms / 1e3, one.p99_ms / 1e3
-            self._view = MemberView(
+            view = self._view = MemberView(
                 self.name,
                 self.tiers,
                 card.accuracy if card else None,
@@ -152,8 +156,9 @@ class Member:
                 cost_per_call=self.cost_per_call,
                 latency_s=latency,
                 latency_p95_s=p95,
+                rolling_accuracy=self.rolling_accuracy,
             )
-        return self._view
+        return view
 
     def pick(self) -> Replica:
         """Round robin over ready replicas (routing policies replace this later)."""

@@ -64,6 +64,13 @@ def reloads(gw: GatewayProcess, outcome: str) -> float:
     return 0.0
 
 
+def inflight(gw: GatewayProcess) -> float:
+    for line in httpx.get(f"{gw.http_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("ensemble_inflight_requests "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def test_admin_api_needs_the_token(gw: tuple[GatewayProcess, Path]) -> None:
     proc, _ = gw
     missing = put(proc, token=None)
@@ -92,6 +99,9 @@ def test_good_reload_applies_atomically_and_inflight_finish_on_old(
     slow_result: dict[str, httpx.Response] = {}
     slow = threading.Thread(target=lambda: slow_result.setdefault("r", infer(proc)))
     slow.start()  # waits ~1.5 s on the straggler `forest`
+    deadline = time.monotonic() + 30
+    while inflight(proc) < 1 and time.monotonic() < deadline:
+        pass  # the reload must arrive while that request is in flight
     new = yaml.safe_dump(config(["logreg", "mlp_small"], profiles=True))
     resp = put(proc, new)
     assert resp.status_code == 200, resp.text
