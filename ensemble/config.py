@@ -120,6 +120,10 @@ class ProfileConfig(StrictModel):
         default_factory=lambda: PolicySpec(name="mean_probability"),
         description="How answers are combined.",
     )
+    routing: PolicySpec = Field(
+        default_factory=lambda: PolicySpec(name="round_robin"),
+        description="Which replica of a member takes a call (p2c, peak_ewma, tier_preference...).",
+    )
 
 
 class EnsembleConfig(StrictModel):
@@ -262,7 +266,7 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
                     )
             errors.extend(_file_errors(cfg, member, mloc))
     for pname, profile in cfg.policies.items():
-        for kind in ("selection", "aggregation"):
+        for kind in ("selection", "aggregation", "routing"):
             spec: PolicySpec = getattr(profile, kind)
             errors.extend(_policy_errors(kind, spec, ("policies", pname, kind)))
     return errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ from ensemble.types import (
     MemberAnswer,
     Param,
     Parameters,
+    RoutingContext,
     SelectionContext,
     Tensor,
 )
@@ -66,6 +68,7 @@ class Dispatcher:
             accuracy_window=feedback_accuracy_window,
         )
         self.draining = False
+        self._rng = random.Random(0)  # routing draws (p2c); seeded for repeatable runs
         metrics.readiness = self._readiness
 
     # -- health and metadata ------------------------------------------------------------
@@ -135,7 +138,9 @@ class Dispatcher:
                 f"member {member.name!r} runs on {', '.join(member.tiers)}, "
                 f"not on tier {contract.tier!r}"
             )
-        call = _Call(member, member.pick(), feed, None)
+        call = _Call(
+            member, member.pick(ctx=RoutingContext(member.name, contract.tier)), feed, None
+        )
         outcome: str | None = None
         try:
             await _wait([call], deadline)
@@ -170,6 +175,7 @@ class Dispatcher:
         request_id: str | None = None,
     ) -> tuple[list[Tensor], Parameters]:
         profile = model.profiles[contract.policy or model.profile]
+        rng = self._rng
         batch = next(iter(feed.values())).shape[0]
         views = tuple(m.view() for m in model.members.values())
         asked: list[str] = []
@@ -191,7 +197,14 @@ class Dispatcher:
                 break
             asked.extend(chosen)
             calls = [
-                _Call(m, m.pick(), model.member_feed(m, feed), m.score_outputs)
+                _Call(
+                    m,
+                    m.pick(
+                        profile.routing, RoutingContext(m.name, contract.tier, model.tiers), rng
+                    ),
+                    model.member_feed(m, feed),
+                    m.score_outputs,
+                )
                 for m in (model.members[n] for n in chosen)
             ]
             await _wait(calls, deadline)
@@ -284,7 +297,7 @@ def _describe(
 class _Call:
     """One call to a member replica in flight, timed from start to completion."""
 
-    __slots__ = ("end", "future", "member", "replica", "start")
+    __slots__ = ("end", "future", "member", "replica", "start", "stats")
 
     def __init__(
         self,
@@ -300,10 +313,14 @@ class _Call:
         self.future: asyncio.Future[dict[str, np.ndarray]] = asyncio.ensure_future(
             replica.infer(feed, outputs)
         )
+        self.stats = member.stats[replica.name]
+        self.stats.started()
         self.future.add_done_callback(self._stamp)
 
-    def _stamp(self, _: object) -> None:
+    def _stamp(self, future: asyncio.Future[dict[str, np.ndarray]]) -> None:
         self.end = time.perf_counter()
+        ok = not future.cancelled() and future.exception() is None
+        self.stats.finished(self.end - self.start, ok)
 
     def latency_s(self) -> float:
         return (self.end or time.perf_counter()) - self.start

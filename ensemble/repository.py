@@ -20,7 +20,7 @@ from ensemble.replicas.member import Member, infer_classifier_schema
 from ensemble.replicas.onnx import ClassLabel, load_session, read_signature
 from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec, ValidationSet
 from policies import registry
-from policies.base import AggregationPolicy, SelectionPolicy
+from policies.base import AggregationPolicy, RoutingPolicy, SelectionPolicy
 
 VERSION = MODEL_VERSION
 
@@ -32,6 +32,7 @@ class Profile:
     name: str
     selection: SelectionPolicy
     aggregation: AggregationPolicy
+    routing: RoutingPolicy
     state: Any = None
     spec: ProfileConfig | None = None
     """The config it was built from (a reload keeps the state of an unchanged profile)."""
@@ -44,7 +45,10 @@ class Profile:
         aggregation: AggregationPolicy = registry.build(
             "aggregation", config.aggregation.name, config.aggregation.params, AggregationPolicy
         )
-        return cls(name, selection, aggregation, selection.initial_state(), config)
+        routing: RoutingPolicy = registry.build(
+            "routing", config.routing.name, config.routing.params, RoutingPolicy
+        )
+        return cls(name, selection, aggregation, routing, selection.initial_state(), config)
 
     def weights(self) -> Mapping[str, float] | None:
         """Member weights the selection policy learned, for aggregation (Exp4's)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,7 +14,16 @@ from ensemble.errors import EnsembleError, InvalidInput, ModelNotReady
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
 from ensemble.replicas.onnx import ClassLabel
-from ensemble.types import MODEL_VERSION, MemberView, ModelMetadata, TensorSpec
+from ensemble.replicas.stats import ReplicaStats
+from ensemble.types import (
+    MODEL_VERSION,
+    MemberView,
+    ModelMetadata,
+    ReplicaView,
+    RoutingContext,
+    TensorSpec,
+)
+from policies.base import RoutingPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +122,12 @@ class Member:
         self.replicas = list(replicas)
         self._turn = itertools.count()
         self._view: MemberView | None = None
+        self.stats = {r.name: ReplicaStats() for r in self.replicas}
+        self._by_name = {r.name: r for r in self.replicas}
         self.cost_per_call = 0.0
+        """Price of one call, from its tier's `cost_per_request` (set by the repository)."""
         self.rolling_accuracy: float | None = None
         """Accuracy over recent feedback, set by the feedback hub; None before any."""
-        """Price of one call, from its tier's `cost_per_request` (set by the repository)."""
         self.metadata = ModelMetadata(
             name=name,
             versions=(MODEL_VERSION,),
@@ -160,12 +172,49 @@ class Member:
             )
         return view
 
-    def pick(self) -> Replica:
-        """Round robin over ready replicas (routing policies replace this later)."""
-        ready = [r for r in self.replicas if r.ready()]
-        if not ready:
-            raise ModelNotReady(f"member {self.name!r} has no ready replica")
-        return ready[next(self._turn) % len(ready)]
+    def replica_views(self) -> list[ReplicaView]:
+        """What routing policies see of this member's replicas, from their live stats."""
+        views = []
+        for replica in self.replicas:
+            stats = self.stats[replica.name]
+            views.append(
+                ReplicaView(
+                    replica.name,
+                    replica.tier,
+                    replica.ready(),
+                    stats.outstanding,
+                    stats.ewma_s,
+                    stats.p95_s,
+                )
+            )
+        return views
+
+    def pick(
+        self,
+        routing: RoutingPolicy | None = None,
+        ctx: RoutingContext | None = None,
+        rng: random.Random | None = None,
+    ) -> Replica:
+        """The replica for one call: the routing policy's first choice, else round robin."""
+        if len(self.replicas) == 1 and ctx is None:
+            only = self.replicas[0]
+            if not only.ready():
+                raise ModelNotReady(f"member {self.name!r} has no ready replica")
+            return only
+        if routing is None or len(self.replicas) == 1:
+            allowed = ctx.tier if ctx is not None else None
+            ready = [
+                r for r in self.replicas if r.ready() and (allowed is None or r.tier == allowed)
+            ]
+            if not ready:
+                raise ModelNotReady(f"member {self.name!r} has no ready replica")
+            return ready[next(self._turn) % len(ready)]
+        order = routing.route(
+            self.replica_views(), ctx or RoutingContext(self.name), rng or random.Random()
+        )
+        if not order:
+            raise ModelNotReady(f"member {self.name!r} has no ready replica the request may use")
+        return self._by_name[order[0]]
 
     @property
     def score_outputs(self) -> tuple[str, ...]:

@@ -1,0 +1,51 @@
+"""Live per-replica load and latency: what routing and hedging policies decide on."""
+
+from __future__ import annotations
+
+from array import array
+
+WINDOW = 128
+"""Latencies kept per replica for its p95 (recent behaviour, bounded memory)."""
+EWMA_ALPHA = 0.3
+
+
+class ReplicaStats:
+    """Calls in flight, a latency EWMA and a recent-latency window; event-loop thread only."""
+
+    __slots__ = ("_p95", "_since_p95", "_window", "ewma_s", "failures", "outstanding")
+
+    def __init__(self) -> None:
+        self.outstanding = 0
+        self.ewma_s: float | None = None
+        self.failures = 0
+        self._window = array("d")
+        self._p95: float | None = None
+        self._since_p95 = 0
+
+    def started(self) -> None:
+        self.outstanding += 1
+
+    def finished(self, latency_s: float, ok: bool) -> None:
+        self.outstanding -= 1
+        if not ok:
+            self.failures += 1
+            return  # a fast failure must not make a broken replica look attractive
+        self.ewma_s = (
+            latency_s
+            if self.ewma_s is None
+            else self.ewma_s + EWMA_ALPHA * (latency_s - self.ewma_s)
+        )
+        if len(self._window) < WINDOW:
+            self._window.append(latency_s)
+        else:
+            self._window[self._since_p95 % WINDOW] = latency_s
+        self._since_p95 += 1
+        if self._p95 is None or self._since_p95 % 16 == 0:
+            self._p95 = None  # recomputed lazily: sorting on every call would cost the hot path
+
+    @property
+    def p95_s(self) -> float | None:
+        if self._p95 is None and len(self._window) >= 8:
+            ordered = sorted(self._window)
+            self._p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        return self._p95

@@ -1,0 +1,43 @@
+"""Live replica stats: outstanding calls, latency EWMA, recent p95."""
+
+from __future__ import annotations
+
+import pytest
+
+from ensemble.replicas.stats import WINDOW, ReplicaStats
+
+
+def test_outstanding_and_ewma() -> None:
+    stats = ReplicaStats()
+    stats.started()
+    stats.started()
+    assert stats.outstanding == 2
+    stats.finished(0.010, ok=True)
+    assert stats.outstanding == 1 and stats.ewma_s == pytest.approx(0.010)
+    stats.finished(0.020, ok=True)
+    assert stats.ewma_s == pytest.approx(0.013)  # 0.010 + 0.3 * (0.020 - 0.010)
+
+
+def test_failures_do_not_lower_latency() -> None:
+    stats = ReplicaStats()
+    stats.started()
+    stats.finished(0.5, ok=True)
+    stats.started()
+    stats.finished(0.0001, ok=False)
+    assert stats.ewma_s == pytest.approx(0.5) and stats.failures == 1 and stats.outstanding == 0
+
+
+def test_p95_over_a_bounded_recent_window() -> None:
+    stats = ReplicaStats()
+    for _ in range(7):
+        stats.started()
+        stats.finished(0.001, ok=True)
+    assert stats.p95_s is None  # too few samples to call it a p95
+    for i in range(100):
+        stats.started()
+        stats.finished(0.1 if i % 10 == 0 else 0.001, ok=True)  # 10% slow
+    assert stats.p95_s == pytest.approx(0.1)
+    for _ in range(WINDOW * 2):  # the old slow calls age out of the window
+        stats.started()
+        stats.finished(0.002, ok=True)
+    assert stats.p95_s == pytest.approx(0.002)
