@@ -124,6 +124,11 @@ class ProfileConfig(StrictModel):
         default_factory=lambda: PolicySpec(name="round_robin"),
         description="Which replica of a member takes a call (p2c, peak_ewma, tier_preference...).",
     )
+    hedging: PolicySpec = Field(
+        default_factory=lambda: PolicySpec(name="none"),
+        description="When to send a second copy of a slow call to another replica "
+        "(`percentile`: after the replica's p95, within a budget of extra calls).",
+    )
 
 
 class EnsembleConfig(StrictModel):
@@ -266,7 +271,7 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
                     )
             errors.extend(_file_errors(cfg, member, mloc))
     for pname, profile in cfg.policies.items():
-        for kind in ("selection", "aggregation", "routing"):
+        for kind in ("selection", "aggregation", "routing", "hedging"):
             spec: PolicySpec = getattr(profile, kind)
             errors.extend(_policy_errors(kind, spec, ("policies", pname, kind)))
     return errors

@@ -11,13 +11,13 @@ from typing import Any
 import numpy as np
 
 from ensemble import __version__
+from ensemble.calls import Call, HedgedCall
 from ensemble.contract import parse_contract
 from ensemble.errors import DeadlineExceeded, EnsembleError, InvalidInput, MemberFailed
 from ensemble.feedback import DEFAULT_ACCURACY_WINDOW, DEFAULT_WINDOW, FeedbackHub
 from ensemble.metrics import GatewayMetrics
-from ensemble.replicas.base import Replica
 from ensemble.replicas.member import Member
-from ensemble.repository import VERSION, EnsembleModel, Repository, ServedModel
+from ensemble.repository import VERSION, EnsembleModel, Profile, Repository, ServedModel
 from ensemble.types import (
     AggregationContext,
     Contract,
@@ -138,9 +138,7 @@ class Dispatcher:
                 f"member {member.name!r} runs on {', '.join(member.tiers)}, "
                 f"not on tier {contract.tier!r}"
             )
-        call = _Call(
-            member, member.pick(ctx=RoutingContext(member.name, contract.tier)), feed, None
-        )
+        call = Call(member, member.pick(ctx=RoutingContext(member.name, contract.tier)), feed, None)
         outcome: str | None = None
         try:
             await _wait([call], deadline)
@@ -157,7 +155,36 @@ class Dispatcher:
         ]
         return outputs, {"members_answered": f"{member.name}@{call.replica.tier}"}
 
-    def _record(self, call: _Call, outcome: str | None = None) -> None:
+    def _start(
+        self,
+        model: EnsembleModel,
+        member: Member,
+        feed: dict[str, np.ndarray],
+        profile: Profile,
+        contract: Contract,
+        rng: random.Random,
+    ) -> Call:
+        """Start one member's call: route it, and hedge it when the profile says so."""
+        member_feed = model.member_feed(member, feed)
+        if len(member.replicas) == 1:  # nothing to route, nothing to hedge: the cheap path
+            return Call(member, member.pick(), member_feed, member.score_outputs)
+        ctx = RoutingContext(member.name, contract.tier, model.tiers)
+        order = member.route(profile.routing, ctx, rng)
+        profile.hedge_state = profile.hedging.on_primary(profile.hedge_state)
+        delay = profile.hedging.delay_s(member.replica_view(order[0])) if len(order) > 1 else None
+        if delay is None:
+            return Call(member, order[0], member_feed, member.score_outputs)
+        return HedgedCall(
+            member,
+            order[0],
+            member_feed,
+            member.score_outputs,
+            backup=order[1],
+            delay_s=delay,
+            may_hedge=profile.may_hedge,
+        )
+
+    def _record(self, call: Call, outcome: str | None = None) -> None:
         if outcome is None:
             future = call.future
             ok = future.done() and not future.cancelled() and future.exception() is None
@@ -165,6 +192,10 @@ class Dispatcher:
         self.metrics.record_member_call(
             call.member.name, call.replica.tier, outcome, call.latency_s()
         )
+        if call.hedged:
+            self.metrics.record_hedge(
+                call.member.name, isinstance(call, HedgedCall) and call.won_by_hedge
+            )
 
     async def _ensemble(
         self,
@@ -182,6 +213,7 @@ class Dispatcher:
         answers: list[MemberAnswer] = []
         failures: list[tuple[str, BaseException]] = []
         late = False
+        hedges = 0
         # Selection may go in stages (a cascade escalates while unsure); each stage's calls
         # run concurrently, and everything shares the request's one deadline.
         while not late:
@@ -197,17 +229,10 @@ class Dispatcher:
                 break
             asked.extend(chosen)
             calls = [
-                _Call(
-                    m,
-                    m.pick(
-                        profile.routing, RoutingContext(m.name, contract.tier, model.tiers), rng
-                    ),
-                    model.member_feed(m, feed),
-                    m.score_outputs,
-                )
-                for m in (model.members[n] for n in chosen)
+                self._start(model, model.members[n], feed, profile, contract, rng) for n in chosen
             ]
             await _wait(calls, deadline)
+            hedges += sum(call.hedged for call in calls)
             for call in calls:
                 if not call.future.done():
                     late = True  # at the deadline: answer with what arrived
@@ -252,6 +277,8 @@ class Dispatcher:
         params["confidence"] = round(float(agg.confidence.min()), 6)
         if deadline is not None:
             params["deadline_met"] = not late
+        if hedges:
+            params["hedges"] = hedges
         if request_id:  # only requests with an id can be joined to a label later
             self.feedback.remember(model.name, request_id, profile.name, tuple(asked), answers)
         return outputs, params
@@ -269,7 +296,7 @@ def _no_answer(failures: list[tuple[str, BaseException]], late: bool) -> Ensembl
     return MemberFailed(f"all {len(failures)} members asked failed: {reasons}")
 
 
-async def _wait(calls: list[_Call], deadline: float | None) -> None:
+async def _wait(calls: list[Call], deadline: float | None) -> None:
     """Wait for the calls until the deadline; cancel them if the request itself is cancelled."""
     timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
     try:
@@ -292,35 +319,3 @@ def _describe(
         ("members_answered", ",".join(f"{m}@{t}" for m, t in answered)),
         ("completeness", round(len(answered) / len(chosen), 6)),
     )
-
-
-class _Call:
-    """One call to a member replica in flight, timed from start to completion."""
-
-    __slots__ = ("end", "future", "member", "replica", "start", "stats")
-
-    def __init__(
-        self,
-        member: Member,
-        replica: Replica,
-        feed: dict[str, np.ndarray],
-        outputs: tuple[str, ...] | None,
-    ) -> None:
-        self.member = member
-        self.replica = replica
-        self.start = time.perf_counter()
-        self.end = 0.0
-        self.future: asyncio.Future[dict[str, np.ndarray]] = asyncio.ensure_future(
-            replica.infer(feed, outputs)
-        )
-        self.stats = member.stats[replica.name]
-        self.stats.started()
-        self.future.add_done_callback(self._stamp)
-
-    def _stamp(self, future: asyncio.Future[dict[str, np.ndarray]]) -> None:
-        self.end = time.perf_counter()
-        ok = not future.cancelled() and future.exception() is None
-        self.stats.finished(self.end - self.start, ok)
-
-    def latency_s(self) -> float:
-        return (self.end or time.perf_counter()) - self.start

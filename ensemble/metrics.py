@@ -76,6 +76,7 @@ class GatewayMetrics:
         self.member_latency: defaultdict[tuple[str, str], Histogram] = defaultdict(Histogram)
         self.members_asked: defaultdict[str, int] = defaultdict(int)
         self.members_answered: defaultdict[str, int] = defaultdict(int)
+        self.hedges: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.inflight = 0
         self.reloads: defaultdict[str, int] = defaultdict(int)
         self.last_reload_success_s = 0.0
@@ -103,6 +104,12 @@ class GatewayMetrics:
     def record_completeness(self, ensemble: str, asked: int, answered: int) -> None:
         self.members_asked[ensemble] += asked
         self.members_answered[ensemble] += answered
+
+    def record_hedge(self, member: str, won: bool) -> None:
+        """A hedge went out for a call to ``member``; ``won`` when its answer was used."""
+        self.hedges[(member, "sent")] += 1
+        if won:
+            self.hedges[(member, "won")] += 1
 
     def record_reload(self, outcome: str) -> None:
         """Count a config reload attempt: `success` or `failure` (rejected, old config kept)."""
@@ -164,6 +171,14 @@ class GatewayMetrics:
         yield GaugeMetricFamily(
             "ensemble_inflight_requests", "Inference requests being processed now.", self.inflight
         )
+        hedges = CounterMetricFamily(
+            "ensemble_hedges",
+            "Hedged calls by member: sent (a second copy went out) and won (its answer was used).",
+            labels=["member", "outcome"],
+        )
+        for (member, outcome), count in list(self.hedges.items()):
+            hedges.add_metric([member, outcome], count)
+        yield hedges
         reloads = CounterMetricFamily(
             "ensemble_config_reloads",
             "Config reloads by outcome (success, failure: rejected, the old config kept serving).",

@@ -21,6 +21,7 @@ from ensemble.replicas.onnx import ClassLabel, load_session, read_signature
 from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec, ValidationSet
 from policies import registry
 from policies.base import AggregationPolicy, RoutingPolicy, SelectionPolicy
+from policies.reliability import HedgeState, HedgingPolicy
 
 VERSION = MODEL_VERSION
 
@@ -33,9 +34,16 @@ class Profile:
     selection: SelectionPolicy
     aggregation: AggregationPolicy
     routing: RoutingPolicy
+    hedging: HedgingPolicy
     state: Any = None
     spec: ProfileConfig | None = None
     """The config it was built from (a reload keeps the state of an unchanged profile)."""
+    hedge_state: HedgeState = field(default_factory=lambda: HedgeState(tokens=0.0))
+
+    def may_hedge(self) -> bool:
+        """Spend one hedge from the budget if it has one (the hedging policy decides)."""
+        allowed, self.hedge_state = self.hedging.try_hedge(self.hedge_state)
+        return allowed
 
     @classmethod
     def build(cls, name: str, config: ProfileConfig) -> Profile:
@@ -48,7 +56,19 @@ class Profile:
         routing: RoutingPolicy = registry.build(
             "routing", config.routing.name, config.routing.params, RoutingPolicy
         )
-        return cls(name, selection, aggregation, routing, selection.initial_state(), config)
+        hedging: HedgingPolicy = registry.build(
+            "hedging", config.hedging.name, config.hedging.params, HedgingPolicy
+        )
+        return cls(
+            name,
+            selection,
+            aggregation,
+            routing,
+            hedging,
+            selection.initial_state(),
+            config,
+            hedging.initial_state(),
+        )
 
     def weights(self) -> Mapping[str, float] | None:
         """Member weights the selection policy learned, for aggregation (Exp4's)."""

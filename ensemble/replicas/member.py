@@ -174,20 +174,7 @@ class Member:
 
     def replica_views(self) -> list[ReplicaView]:
         """What routing policies see of this member's replicas, from their live stats."""
-        views = []
-        for replica in self.replicas:
-            stats = self.stats[replica.name]
-            views.append(
-                ReplicaView(
-                    replica.name,
-                    replica.tier,
-                    replica.ready(),
-                    stats.outstanding,
-                    stats.ewma_s,
-                    stats.p95_s,
-                )
-            )
-        return views
+        return [self.replica_view(r) for r in self.replicas]
 
     def pick(
         self,
@@ -209,12 +196,27 @@ class Member:
             if not ready:
                 raise ModelNotReady(f"member {self.name!r} has no ready replica")
             return ready[next(self._turn) % len(ready)]
-        order = routing.route(
-            self.replica_views(), ctx or RoutingContext(self.name), rng or random.Random()
-        )
+        return self.route(routing, ctx or RoutingContext(self.name), rng or random.Random())[0]
+
+    def route(
+        self, routing: RoutingPolicy, ctx: RoutingContext, rng: random.Random
+    ) -> list[Replica]:
+        """Replicas in the routing policy's preference order (first: the primary); never empty."""
+        order = routing.route(self.replica_views(), ctx, rng)
         if not order:
             raise ModelNotReady(f"member {self.name!r} has no ready replica the request may use")
-        return self._by_name[order[0]]
+        return [self._by_name[name] for name in order]
+
+    def replica_view(self, replica: Replica) -> ReplicaView:
+        stats = self.stats[replica.name]
+        return ReplicaView(
+            replica.name,
+            replica.tier,
+            replica.ready(),
+            stats.outstanding,
+            stats.ewma_s,
+            stats.p95_s,
+        )
 
     @property
     def score_outputs(self) -> tuple[str, ...]:
