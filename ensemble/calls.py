@@ -26,15 +26,18 @@ class Call:
         feed: dict[str, np.ndarray],
         outputs: tuple[str, ...] | None,
     ) -> None:
+        self._begin(member, replica)
+        self.future: asyncio.Future[Outputs] = asyncio.ensure_future(replica.infer(feed, outputs))
+        self.stats.started()
+        self.future.add_done_callback(self._stamp)
+
+    def _begin(self, member: Member, replica: Replica) -> None:
         self.member = member
         self.replica = replica
+        self.stats = member.stats[replica.name]
         self.start = time.perf_counter()
         self.end = 0.0
         self.hedged = False
-        self.future: asyncio.Future[Outputs] = asyncio.ensure_future(replica.infer(feed, outputs))
-        self.stats = member.stats[replica.name]
-        self.stats.started()
-        self.future.add_done_callback(self._stamp)
 
     def _stamp(self, future: asyncio.Future[Outputs]) -> None:
         self.end = time.perf_counter()
@@ -68,12 +71,7 @@ class HedgedCall(Call):
         may_hedge: Callable[[], bool],
     ) -> None:
         loop = asyncio.get_running_loop()
-        self.member = member
-        self.replica = replica
-        self.stats = member.stats[replica.name]
-        self.start = time.perf_counter()
-        self.end = 0.0
-        self.hedged = False
+        self._begin(member, replica)
         self._primary = replica
         self._backup = backup
         self._may_hedge = may_hedge

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+ZOO = ROOT / "models" / "digits"
 READY = re.compile(r"ensemble gateway ready: http=(\S+):(\d+) grpc=(\S+):(\d+)")
 
 
@@ -100,3 +101,23 @@ def start_gateway(
     proc.wait()
     proc.stdout.close()
     raise AssertionError(f"gateway did not become ready:\n{log_path.read_text()}")
+
+
+def zoo_member(name: str, *placements: dict[str, object]) -> dict[str, object]:
+    """A config entry for the zoo model ``name`` (default placement: one edge replica)."""
+    return {
+        "name": name,
+        "model": str(ZOO / f"{name}.onnx"),
+        "placement": list(placements) or [{"tier": "edge"}],
+    }
+
+
+def start_from_config(
+    doc: dict[str, object], tmp: Path, env: dict[str, str] | None = None
+) -> GatewayProcess:
+    """Write ``doc`` (zoo directory filled in) as YAML in ``tmp`` and start a gateway on it."""
+    import yaml
+
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"model_zoo": {"dir": str(ZOO)}, **doc}))
+    return start_gateway(path, tmp / "gw.log", env=env)

@@ -11,25 +11,16 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-import yaml
 from tritonclient.utils import InferenceServerException
 
-from tests.integration.process import ROOT, GatewayProcess, start_gateway
+from tests.integration.process import GatewayProcess, start_from_config, zoo_member
 
 pytestmark = pytest.mark.integration
-ZOO = ROOT / "models" / "digits"
 
 
 @pytest.fixture(scope="module")
 def gateway(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("contracts")
-
-    def member(name: str, tier: str, **placement: object) -> dict[str, object]:
-        return {
-            "name": name,
-            "model": str(ZOO / f"{name}.onnx"),
-            "placement": [{"tier": tier, **placement}],
-        }
 
     config = {
         "tiers": {"edge": {}, "cloud": {"cost_per_request": 0.001}},
@@ -37,19 +28,19 @@ def gateway(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             {
                 "name": "digits",
                 "members": [
-                    member("logreg", "edge"),
-                    member("forest", "edge"),
+                    zoo_member("logreg"),
+                    zoo_member("forest"),
                     # every call to this cloud member answers 400 ms late
-                    member("mlp_small", "cloud", straggler={"probability": 1.0, "delay_ms": 400}),
+                    zoo_member(
+                        "mlp_small",
+                        {"tier": "cloud", "straggler": {"probability": 1.0, "delay_ms": 400}},
+                    ),
                 ],
             }
         ],
         "policies": {"vote": {"aggregation": {"name": "majority_vote"}}},
-        "model_zoo": {"dir": str(ZOO)},
     }
-    path = tmp / "contracts.yaml"
-    path.write_text(yaml.safe_dump(config))
-    gw = start_gateway(path, tmp / "gw.log")
+    gw = start_from_config(config, tmp)
     yield gw
     assert gw.stop() == 0
 

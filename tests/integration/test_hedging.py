@@ -8,13 +8,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.integration.conftest import good_input
-from tests.integration.process import ROOT, GatewayProcess, start_gateway
+from tests.integration.process import GatewayProcess, start_from_config, zoo_member
 
 pytestmark = pytest.mark.integration
-ZOO = ROOT / "models" / "digits"
 LATE = {"probability": 0.3, "delay_ms": 300}
 
 
@@ -26,13 +24,10 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
             {
                 "name": "digits",
                 "members": [
-                    {
-                        "name": "forest",
-                        "model": str(ZOO / "forest.onnx"),
-                        "placement": [
-                            {"tier": "edge", "replicas": {"min": 2, "max": 2}, "straggler": LATE}
-                        ],
-                    },
+                    zoo_member(
+                        "forest",
+                        {"tier": "edge", "replicas": {"min": 2, "max": 2}, "straggler": LATE},
+                    ),
                 ],
             }
         ],
@@ -44,11 +39,8 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
                 }
             },
         },
-        "model_zoo": {"dir": str(ZOO)},
     }
-    path = tmp / "hedging.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = start_gateway(path, tmp / "gw.log")
+    proc = start_from_config(config, tmp)
     yield proc
     assert proc.stop() == 0, proc.log()
 

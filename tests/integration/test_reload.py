@@ -12,10 +12,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.process import ROOT, GatewayProcess, start_gateway
+from tests.integration.process import ZOO, GatewayProcess, start_gateway, zoo_member
 
 pytestmark = pytest.mark.integration
-ZOO = ROOT / "models" / "digits"
 TOKEN = "s3cret-admin-token"
 
 
@@ -24,7 +23,7 @@ def config(members: list[str], *, slow: str | None = None, profiles: bool = Fals
         place: dict[str, object] = {"tier": "edge"}
         if name == slow:
             place["straggler"] = {"probability": 1.0, "delay_ms": 1500}
-        return {"name": name, "model": str(ZOO / f"{name}.onnx"), "placement": [place]}
+        return zoo_member(name, place)
 
     doc: dict[str, object] = {
         "ensembles": [{"name": "digits", "members": [member(m) for m in members]}],

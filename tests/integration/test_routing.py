@@ -8,13 +8,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.integration.conftest import good_input
-from tests.integration.process import ROOT, GatewayProcess, start_gateway
+from tests.integration.process import GatewayProcess, start_from_config, zoo_member
 
 pytestmark = pytest.mark.integration
-ZOO = ROOT / "models" / "digits"
 
 
 @pytest.fixture(scope="module")
@@ -25,20 +23,13 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
             {
                 "name": "digits",
                 "members": [
-                    {
-                        "name": "logreg",
-                        "model": str(ZOO / "logreg.onnx"),
-                        "placement": [{"tier": "edge"}],
-                    },
+                    zoo_member("logreg"),
                     # two replicas of one member: a straggler on the edge, a fast one in the cloud
-                    {
-                        "name": "forest",
-                        "model": str(ZOO / "forest.onnx"),
-                        "placement": [
-                            {"tier": "edge", "straggler": {"probability": 1.0, "delay_ms": 300}},
-                            {"tier": "cloud"},
-                        ],
-                    },
+                    zoo_member(
+                        "forest",
+                        {"tier": "edge", "straggler": {"probability": 1.0, "delay_ms": 300}},
+                        {"tier": "cloud"},
+                    ),
                 ],
             }
         ],
@@ -46,11 +37,8 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
             "ewma": {"routing": {"name": "peak_ewma"}},
             "nearest": {"routing": {"name": "tier_preference"}},
         },
-        "model_zoo": {"dir": str(ZOO)},
     }
-    path = tmp / "routing.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = start_gateway(path, tmp / "gw.log")
+    proc = start_from_config(config, tmp)
     yield proc
     assert proc.stop() == 0, proc.log()
 
