@@ -1,13 +1,15 @@
-"""Calls to member replicas in flight: a plain call, and a hedged one (Tail at Scale)."""
+"""Calls to member replicas in flight: a plain call, and a resilient one that can hedge (The
+Tail at Scale), retry on another replica or tier within a budget, and time out each attempt."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ensemble.errors import DeadlineExceeded, InvalidInput
 from ensemble.replicas.base import Replica
 from ensemble.replicas.member import Member
 
@@ -17,7 +19,17 @@ Outputs = dict[str, np.ndarray]
 class Call:
     """One call to a member replica, timed from start to completion; ``future`` is its outcome."""
 
-    __slots__ = ("end", "future", "hedged", "member", "replica", "start", "stats")
+    __slots__ = (
+        "cost",
+        "end",
+        "future",
+        "hedged",
+        "member",
+        "replica",
+        "retries",
+        "start",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -28,107 +40,180 @@ class Call:
     ) -> None:
         self._begin(member, replica)
         self.future: asyncio.Future[Outputs] = asyncio.ensure_future(replica.infer(feed, outputs))
-        self.stats.started()
+        self.stats = member.attempt(replica)
+        self.cost = member.tier_costs.get(replica.tier, 0.0)
         self.future.add_done_callback(self._stamp)
 
     def _begin(self, member: Member, replica: Replica) -> None:
         self.member = member
         self.replica = replica
-        self.stats = member.stats[replica.name]
         self.start = time.perf_counter()
         self.end = 0.0
         self.hedged = False
+        self.retries = 0
 
     def _stamp(self, future: asyncio.Future[Outputs]) -> None:
         self.end = time.perf_counter()
-        ok = not future.cancelled() and future.exception() is None
-        self.stats.finished(self.end - self.start, ok)
+        outcome = (
+            "cancelled" if future.cancelled() else "error" if future.exception() else "success"
+        )
+        self.member.observe(self.stats, self.end - self.start, outcome)
+
+    @property
+    def won_by_hedge(self) -> bool:
+        return False
 
     def latency_s(self) -> float:
         return (self.end or time.perf_counter()) - self.start
 
 
-class HedgedCall(Call):
-    """A call that sends a second copy to another replica once the first runs long.
+class ResilientCall(Call):
+    """A member call over an ordered list of replicas (the routing policy's preference).
 
-    The hedge goes out ``delay_s`` after the primary if the primary is still running and
-    ``may_hedge()`` grants it (the hedging policy's budget). The first successful attempt wins
-    and the other is cancelled. If the primary fails before any hedge went out, the backup is
-    asked at once (failover, same budget); a failed attempt with a twin still running waits for it.
+    The first attempt goes to ``order[0]``. A **hedge** goes to the next replica ``hedge_delay_s``
+    later if the first is still running and ``may_hedge()`` grants it; the first successful
+    attempt wins and the others are cancelled. A **failed** attempt (an error, or running past
+    its own timeout) with no twin still running is **retried** on the next untried replica while
+    ``max_attempts`` and ``may_retry()`` (the retry budget) allow; with retries spent, a hedge
+    not yet sent may still fail over. Errors caused by the input itself are never retried.
+    ``attempt_timeout(attempts_left)`` gives each attempt's timeout (None: none).
     """
 
-    __slots__ = ("_attempts", "_backup", "_feed", "_may_hedge", "_outputs", "_primary", "_timer")
+    __slots__ = (
+        "_attempt_timeout",
+        "_attempts",
+        "_feed",
+        "_max_attempts",
+        "_may_hedge",
+        "_may_retry",
+        "_order",
+        "_outputs",
+        "_primary",
+        "_timer",
+        "_tried",
+    )
 
     def __init__(
         self,
         member: Member,
-        replica: Replica,
+        order: Sequence[Replica],
         feed: dict[str, np.ndarray],
         outputs: tuple[str, ...] | None,
         *,
-        backup: Replica,
-        delay_s: float,
+        hedge_delay_s: float | None,
         may_hedge: Callable[[], bool],
+        may_retry: Callable[[], bool],
+        max_attempts: int,
+        attempt_timeout: Callable[[int], float | None],
     ) -> None:
         loop = asyncio.get_running_loop()
-        self._begin(member, replica)
-        self._primary = replica
-        self._backup = backup
+        self._begin(member, order[0])
+        self.cost = 0.0
+        self._primary = order[0]
+        self._order = order
+        self._tried = 0
         self._may_hedge = may_hedge
+        self._may_retry = may_retry
+        self._max_attempts = max_attempts
+        self._attempt_timeout = attempt_timeout
         self._feed = feed
         self._outputs = outputs
         self._attempts: list[asyncio.Future[Outputs]] = []
         self.future = loop.create_future()
         self.future.add_done_callback(self._settled)
-        self._launch(replica)
-        self._timer = loop.call_later(delay_s, self._hedge)
+        self._launch()
+        self._timer = (
+            loop.call_later(hedge_delay_s, self._hedge) if hedge_delay_s is not None else None
+        )
 
     @property
     def won_by_hedge(self) -> bool:
         return (
-            self.future.done() and not self.future.cancelled() and self.replica is not self._primary
+            self.hedged
+            and self.future.done()
+            and not self.future.cancelled()
+            and self.replica is not self._primary
         )
 
     def _hedge(self) -> None:
-        if not self.hedged and not self.future.done() and self._may_hedge():
+        if (
+            not self.hedged
+            and not self.future.done()
+            and self._tried < len(self._order)
+            and self._may_hedge()
+        ):
             self.hedged = True
-            self._launch(self._backup)
+            self._launch()
 
-    def _launch(self, replica: Replica) -> None:
+    def _launch(self) -> None:
+        replica = self._order[self._tried]
+        self._tried += 1
+        left = min(self._max_attempts - self.retries, len(self._order) - self._tried + 1)
+        timeout = self._attempt_timeout(left)
         attempt = asyncio.ensure_future(replica.infer(self._feed, self._outputs))
-        stats = self.member.stats[replica.name]
-        stats.started()
+        stats = self.member.attempt(replica)
+        self.cost += self.member.tier_costs.get(replica.tier, 0.0)
         began = time.perf_counter()
         self._attempts.append(attempt)
+        expired = False
+        timer: asyncio.TimerHandle | None = None
+        if timeout is not None:
+
+            def expire() -> None:
+                nonlocal expired
+                expired = True
+                attempt.cancel()
+
+            timer = asyncio.get_running_loop().call_later(timeout, expire)
 
         def done(fut: asyncio.Future[Outputs]) -> None:
-            ok = not fut.cancelled() and fut.exception() is None
-            stats.finished(time.perf_counter() - began, ok)
+            if timer is not None:
+                timer.cancel()
+            error: BaseException | None = None
+            if expired:
+                error = DeadlineExceeded(
+                    f"replica {replica.name!r} did not answer within its attempt's "
+                    f"{timeout * 1000.0 if timeout else 0.0:.1f} ms"
+                )
+            elif not fut.cancelled():
+                error = fut.exception()
+            outcome = "error" if error else "cancelled" if fut.cancelled() else "success"
+            self.member.observe(stats, time.perf_counter() - began, outcome)
             if self.future.done():
                 return  # the twin already won, or the request gave up
-            if ok:
+            if outcome == "success":
                 self.replica = replica
                 self.future.set_result(fut.result())
                 return
             if any(not a.done() for a in self._attempts):
                 return  # the twin may still answer
-            if not self.hedged:
-                self._timer.cancel()
-                self._hedge()  # fail over now rather than at the hedge delay
-                if self.hedged:
-                    return
-            if fut.cancelled():
+            self.replica = replica  # the last one tried, until another answers
+            if self._retry(error):
+                return
+            if error is None:
                 self.future.cancel()
             else:
-                exc = fut.exception()
-                assert exc is not None
-                self.future.set_exception(exc)
+                self.future.set_exception(error)
 
         attempt.add_done_callback(done)
 
+    def _retry(self, error: BaseException | None) -> bool:
+        """Send another attempt after a failure if anything allows it; whether one went out."""
+        if error is None or isinstance(error, InvalidInput) or self._tried >= len(self._order):
+            return False
+        if 1 + self.retries < self._max_attempts and self._may_retry():
+            self.retries += 1
+            self._launch()
+            return True
+        if not self.hedged:  # fail over now rather than at the hedge delay
+            self._hedge()
+            return self.hedged
+        return False
+
     def _settled(self, _: asyncio.Future[Outputs]) -> None:
         self.end = time.perf_counter()
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         for attempt in self._attempts:
             if not attempt.done():
                 attempt.cancel()  # the loser: its queued in-process work is skipped

@@ -8,7 +8,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from ensemble.config_errors import Loc, LocatedError, dotted, format_errors, line_index
+from ensemble.config_errors import (
+    Loc,
+    LocatedError,
+    did_you_mean,
+    dotted,
+    format_errors,
+    line_index,
+)
 from ensemble.errors import ConfigError
 from policies import registry
 
@@ -67,6 +74,15 @@ class StragglerConfig(StrictModel):
     seed: int = Field(0, description="Seed of the choice of late calls (repeatable runs).")
 
 
+class FailureConfig(StrictModel):
+    """Emulated replica failures for tests and demos: some calls fail. Off in production."""
+
+    probability: float = Field(
+        ge=0, le=1, description="Share of calls that fail (1: the replica is dead)."
+    )
+    seed: int = Field(0, description="Seed of the choice of failing calls (repeatable runs).")
+
+
 class Placement(StrictModel):
     """Where a member's replicas run and how the gateway reaches them."""
 
@@ -77,6 +93,9 @@ class Placement(StrictModel):
     replicas: ReplicaBounds = Field(default_factory=ReplicaBounds, description="Replica bounds.")
     straggler: StragglerConfig | None = Field(
         None, description="Emulate a straggler: some calls to these replicas answer late."
+    )
+    failures: FailureConfig | None = Field(
+        None, description="Emulate failures: some calls to these replicas fail."
     )
 
 
@@ -128,6 +147,23 @@ class ProfileConfig(StrictModel):
         default_factory=lambda: PolicySpec(name="none"),
         description="When to send a second copy of a slow call to another replica "
         "(`percentile`: after the replica's p95, within a budget of extra calls).",
+    )
+    retry: PolicySpec = Field(
+        default_factory=lambda: PolicySpec(name="budget"),
+        description="Retrying a failed member call on another replica or tier (`budget`: up to "
+        "`max_attempts`, within a budget of extra calls; `none`).",
+    )
+    on_violation: Literal["reject", "degrade", "reroute", "alert"] = Field(
+        "degrade",
+        description="When the request's contract is not met (deadline, a member failing, "
+        "min_accuracy, max_cost): `reject` answers with an error; `degrade` answers with what "
+        "arrived (or the fallback member) and says so; `reroute` first asks the members not yet "
+        "asked, then degrades; `alert` answers as is and logs a warning. Always counted.",
+    )
+    fallback: str | None = Field(
+        None,
+        description="A member (fast and cheap) asked when nothing else can answer in time: "
+        "under `degrade` or `reroute`, started early enough to answer before the deadline.",
     )
 
 
@@ -205,6 +241,12 @@ class GatewayConfig(StrictModel):
     model_zoo: ModelZooConfig = Field(
         default_factory=ModelZooConfig, description="The built-in model zoo."
     )
+    outlier_detection: PolicySpec = Field(
+        default_factory=lambda: PolicySpec(name="consecutive_failures"),
+        description="Ejecting failing replicas from routing, per replica, with half-open "
+        "probing (`consecutive_failures`; `none`). A member's last usable replicas are "
+        "never all ejected.",
+    )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source: Path | None = PrivateAttr(default=None)
@@ -270,10 +312,21 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
                         )
                     )
             errors.extend(_file_errors(cfg, member, mloc))
+    members = {m.name for ens in cfg.ensembles for m in ens.members}
     for pname, profile in cfg.policies.items():
-        for kind in ("selection", "aggregation", "routing", "hedging"):
+        for kind in ("selection", "aggregation", "routing", "hedging", "retry"):
             spec: PolicySpec = getattr(profile, kind)
             errors.extend(_policy_errors(kind, spec, ("policies", pname, kind)))
+        if profile.fallback is not None and profile.fallback not in members:
+            errors.append(
+                (
+                    ("policies", pname, "fallback"),
+                    f"unknown member {profile.fallback!r}{did_you_mean(profile.fallback, members)}",
+                )
+            )
+    errors.extend(
+        _policy_errors("outlier_detection", cfg.outlier_detection, ("outlier_detection",))
+    )
     return errors
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
 
 import yaml
@@ -81,13 +81,16 @@ def _message(loc: Loc, msg: str, kind: str) -> str:
     if kind == "extra_forbidden" and loc:
         key = str(loc[-1])
         text = f"unknown key {key!r}"
-        close = difflib.get_close_matches(key, _known_keys(loc), n=1)
-        if close:
-            text += f"; did you mean {close[0]!r}?"
-        return text
+        return text + did_you_mean(key, _known_keys(loc))
     if kind == "missing":
         return "required key is missing"
     return msg
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest known name, else ``""``."""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def format_errors(

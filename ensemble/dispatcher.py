@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import random
 import time
 from typing import Any
@@ -11,9 +12,16 @@ from typing import Any
 import numpy as np
 
 from ensemble import __version__
-from ensemble.calls import Call, HedgedCall
+from ensemble.calls import Call, ResilientCall
 from ensemble.contract import parse_contract
-from ensemble.errors import DeadlineExceeded, EnsembleError, InvalidInput, MemberFailed
+from ensemble.errors import (
+    ContractUnmet,
+    DeadlineExceeded,
+    EnsembleError,
+    InvalidInput,
+    MemberFailed,
+    ModelNotReady,
+)
 from ensemble.feedback import DEFAULT_ACCURACY_WINDOW, DEFAULT_WINDOW, FeedbackHub
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.member import Member
@@ -31,6 +39,7 @@ from ensemble.types import (
     Tensor,
 )
 from ensemble.validation import check_inputs, check_outputs
+from policies.ensemble_math import estimated_accuracy
 
 SERVER_NAME = "ensemble-gateway"
 EXTENSIONS = ("binary_tensor_data", "parameters", "model_configuration", "model_repository")
@@ -70,12 +79,21 @@ class Dispatcher:
         self.draining = False
         self._rng = random.Random(0)  # routing draws (p2c); seeded for repeatable runs
         metrics.readiness = self._readiness
+        metrics.replicas = self._replica_states
 
     # -- health and metadata ------------------------------------------------------------
 
     def _readiness(self) -> dict[str, bool]:
         repository = self.repository  # read once: a reload may swap it
         return {n: repository.get(n).ready() for n in repository.names()}
+
+    def _replica_states(self) -> list[tuple[str, str, str, bool, int]]:
+        members = self.repository.members.values()
+        return [
+            (m.name, v.name, v.tier, v.ejected, m.stats[v.name].ejections)
+            for m in members
+            for v in m.replica_views()
+        ]
 
     def live(self) -> bool:
         return True
@@ -148,12 +166,15 @@ class Dispatcher:
                 raise DeadlineExceeded(f"member {member.name!r} did not answer in time")
             result = call.future.result()
         finally:
-            self._record(call, outcome)
+            self._record(member.name, call, outcome)
         outputs = [
             Tensor(spec.name, spec.datatype, tuple(result[spec.name].shape), result[spec.name])
             for spec in member.outputs
         ]
-        return outputs, {"members_answered": f"{member.name}@{call.replica.tier}"}
+        return outputs, {
+            "members_answered": f"{member.name}@{call.replica.tier}",
+            "cost": round(call.cost, 9),
+        }
 
     def _start(
         self,
@@ -162,29 +183,37 @@ class Dispatcher:
         feed: dict[str, np.ndarray],
         profile: Profile,
         contract: Contract,
-        rng: random.Random,
+        deadline: float | None,
     ) -> Call:
-        """Start one member's call: route it, and hedge it when the profile says so."""
+        """Start one member's call: route it; hedge, retry and time out its attempts as the
+        profile says."""
         member_feed = model.member_feed(member, feed)
-        if len(member.replicas) == 1:  # nothing to route, nothing to hedge: the cheap path
+        if len(member.replicas) == 1:  # nothing to route, hedge or fail over to: the cheap path
             return Call(member, member.pick(), member_feed, member.score_outputs)
         ctx = RoutingContext(member.name, contract.tier, model.tiers)
-        order = member.route(profile.routing, ctx, rng)
-        profile.hedge_state = profile.hedging.on_primary(profile.hedge_state)
-        delay = profile.hedging.delay_s(member.replica_view(order[0])) if len(order) > 1 else None
-        if delay is None:
+        order = member.route(profile.routing, ctx, self._rng)
+        profile.first_attempt()
+        if len(order) == 1:
             return Call(member, order[0], member_feed, member.score_outputs)
-        return HedgedCall(
+        retry = profile.retry
+
+        def attempt_timeout(attempts_left: int) -> float | None:
+            remaining = None if deadline is None else deadline - time.perf_counter()
+            return retry.attempt_timeout_s(remaining, attempts_left)
+
+        return ResilientCall(
             member,
-            order[0],
+            order,
             member_feed,
             member.score_outputs,
-            backup=order[1],
-            delay_s=delay,
+            hedge_delay_s=profile.hedging.delay_s(member.replica_view(order[0])),
             may_hedge=profile.may_hedge,
+            may_retry=profile.may_retry,
+            max_attempts=retry.max_attempts,
+            attempt_timeout=attempt_timeout,
         )
 
-    def _record(self, call: Call, outcome: str | None = None) -> None:
+    def _record(self, model: str, call: Call, outcome: str | None = None) -> None:
         if outcome is None:
             future = call.future
             ok = future.done() and not future.cancelled() and future.exception() is None
@@ -192,10 +221,9 @@ class Dispatcher:
         self.metrics.record_member_call(
             call.member.name, call.replica.tier, outcome, call.latency_s()
         )
+        self.metrics.record_call_extras(model, call.member.name, call.retries, call.cost)
         if call.hedged:
-            self.metrics.record_hedge(
-                call.member.name, isinstance(call, HedgedCall) and call.won_by_hedge
-            )
+            self.metrics.record_hedge(call.member.name, call.won_by_hedge)
 
     async def _ensemble(
         self,
@@ -206,82 +234,295 @@ class Dispatcher:
         request_id: str | None = None,
     ) -> tuple[list[Tensor], Parameters]:
         profile = model.profiles[contract.policy or model.profile]
-        rng = self._rng
-        batch = next(iter(feed.values())).shape[0]
-        views = tuple(m.view() for m in model.members.values())
-        asked: list[str] = []
-        answers: list[MemberAnswer] = []
-        failures: list[tuple[str, BaseException]] = []
-        late = False
-        hedges = 0
+        run = _Run(self, model, profile, feed, contract, deadline)
         # Selection may go in stages (a cascade escalates while unsure); each stage's calls
         # run concurrently, and everything shares the request's one deadline.
-        while not late:
+        views = tuple(m.view() for m in model.members.values())
+        while not run.late:
             remaining = None if deadline is None else deadline - time.perf_counter()
             ctx = SelectionContext(
-                model.name, views, batch, contract, remaining, model.validation, tuple(asked)
+                model.name,
+                views,
+                run.batch,
+                contract,
+                remaining,
+                model.validation,
+                tuple(run.asked),
             )
-            chosen, profile.state = profile.selection.select(ctx, tuple(answers), profile.state)
-            chosen = tuple(
-                n for n in dict.fromkeys(chosen) if n in model.members and n not in asked
-            )
-            if not chosen:
+            chosen, profile.state = profile.selection.select(ctx, tuple(run.answers), profile.state)
+            if not await run.stage(chosen):
                 break
-            asked.extend(chosen)
-            calls = [
-                self._start(model, model.members[n], feed, profile, contract, rng) for n in chosen
-            ]
-            await _wait(calls, deadline)
-            hedges += sum(call.hedged for call in calls)
-            for call in calls:
-                if not call.future.done():
-                    late = True  # at the deadline: answer with what arrived
-                    call.future.cancel()
-                    self._record(call, "timeout")
-                    failures.append((call.member.name, DeadlineExceeded("no answer in time")))
-                    continue
-                self._record(call)
-                try:
-                    scores = call.member.scores(call.future.result())
-                except Exception as exc:
-                    failures.append((call.member.name, exc))
-                    continue
-                answers.append(
-                    MemberAnswer(
-                        call.member.name,
-                        call.replica.tier,
-                        call.replica.name,
-                        scores,
-                        call.latency_s(),
-                    )
-                )
-        self.metrics.record_completeness(model.name, len(asked), len(answers))
-        if not asked:
+        if not run.asked:
             where = f" on tier {contract.tier!r}" if contract.tier else ""
             raise InvalidInput(f"no member of ensemble {model.name!r} can answer{where}")
-        if not answers:
-            raise _no_answer(failures, late)
+        violations = run.violations()
+        action = profile.on_violation
+        rerouted = False
+        if violations and action == "reroute" and not run.late:
+            # Ask every member the policy left out that the contract allows, in one stage.
+            rerouted = await run.stage(tuple(model.members), checked=False)
+            violations = run.violations()
+        if not run.answers and action in ("degrade", "reroute"):
+            await run.fall_back()
+        self.metrics.record_completeness(model.name, len(run.asked), len(run.answers))
+        if violations:
+            self.metrics.record_violations(model.name, violations, action)
+            if action == "reject":
+                raise _violation_error(violations, run)
+            if action == "alert":
+                _log_violation(model.name, violations, run)
+        if not run.answers:
+            raise _no_answer(run.failures, run.late)
         members = {v.name: v for v in views}
         agg = profile.aggregation.aggregate(
-            answers, AggregationContext(len(model.classes), members, profile.weights())
+            run.answers, AggregationContext(len(model.classes), members, profile.weights())
         )
         labels = model.labels[agg.class_index]
         probs = np.ascontiguousarray(agg.probabilities, dtype=np.float32)
         outputs = [
-            Tensor("label", model.metadata.outputs[0].datatype, (batch,), labels),
+            Tensor("label", model.metadata.outputs[0].datatype, (run.batch,), labels),
             Tensor("probabilities", "FP32", tuple(probs.shape), probs),
         ]
-        params = dict(
-            _describe(profile.name, tuple(asked), tuple((a.member, a.tier) for a in answers))
-        )
+        answered = tuple((a.member, a.tier) for a in run.answers)
+        params = dict(_describe(profile.name, tuple(run.asked), answered))
         params["confidence"] = round(float(agg.confidence.min()), 6)
+        params["cost"] = round(run.cost, 9)
+        accuracy = run.estimated_accuracy()
+        if accuracy is not None:
+            params["estimated_accuracy"] = round(accuracy, 6)
         if deadline is not None:
-            params["deadline_met"] = not late
-        if hedges:
-            params["hedges"] = hedges
+            params["deadline_met"] = not run.late
+        if run.hedges:
+            params["hedges"] = run.hedges
+        if run.retries:
+            params["retries"] = run.retries
+        degraded = bool(violations) or run.fallback_used
+        if degraded:
+            params["degraded"] = True
+            if violations:
+                params["violations"] = ",".join(violations)
+            self.metrics.record_degraded(model.name)
+        if run.fallback_used:
+            params["fallback"] = str(profile.fallback)
+        if rerouted:
+            params["rerouted"] = True
         if request_id:  # only requests with an id can be joined to a label later
-            self.feedback.remember(model.name, request_id, profile.name, tuple(asked), answers)
+            self.feedback.remember(
+                model.name, request_id, profile.name, tuple(run.asked), run.answers
+            )
         return outputs, params
+
+
+_VIOLATION_KINDS = ("deadline", "availability", "accuracy", "cost")
+_log = logging.getLogger("ensemble.contract")
+_last_alert: dict[str, float] = {}
+
+
+class _Run:
+    """One ensemble request's calls: who was asked, what came back, what it cost."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        model: EnsembleModel,
+        profile: Profile,
+        feed: dict[str, np.ndarray],
+        contract: Contract,
+        deadline: float | None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.model = model
+        self.profile = profile
+        self.feed = feed
+        self.contract = contract
+        self.deadline = deadline
+        self.batch = next(iter(feed.values())).shape[0]
+        self.asked: list[str] = []
+        self.answers: list[MemberAnswer] = []
+        self.failures: list[tuple[str, BaseException]] = []
+        self.late = False
+        self.hedges = 0
+        self.retries = 0
+        self.cost = 0.0
+        self.fallback_used = False
+
+    def _allowed(self, name: str, *, checked: bool) -> bool:
+        """Whether ``name`` may be asked now; ``checked``: the selection policy already checked
+        readiness and the contract's tier (a reroute or fallback checks them here)."""
+        member = self.model.members.get(name)
+        if member is None or name in self.asked:
+            return False
+        if checked:
+            return True
+        tier = self.contract.tier
+        return member.ready() and (tier is None or tier in member.tiers)
+
+    async def stage(self, names: tuple[str, ...], *, checked: bool = True) -> bool:
+        """Ask ``names`` (those not asked yet and allowed) concurrently, until they answer or
+        the deadline; whether anyone was asked."""
+        chosen = [n for n in dict.fromkeys(names) if self._allowed(n, checked=checked)]
+        if not chosen:
+            return False
+        calls = self._start(chosen)
+        fallback = self._fallback_member()
+        if fallback is not None and self.deadline is not None and not self.answers:
+            # Wait until just before the deadline, leaving the fallback member time to answer;
+            # if nothing usable has arrived by then, ask it too.
+            early = self.deadline - _reserve_s(fallback, self.contract.timeout_us)
+            await _wait(calls, early)
+            if not any(_succeeded(c) for c in calls) and time.perf_counter() < self.deadline:
+                calls.extend(self._start([fallback.name]))
+                self.fallback_used = True
+        await _wait(calls, self.deadline)
+        self._collect(calls)
+        return True
+
+    async def fall_back(self) -> None:
+        """Nothing answered: ask the fallback member, if the profile has one and time remains."""
+        fallback = self._fallback_member()
+        if fallback is None or (self.deadline is not None and time.perf_counter() >= self.deadline):
+            return
+        calls = self._start([fallback.name])
+        self.fallback_used = True
+        await _wait(calls, self.deadline)
+        self._collect(calls)
+
+    def _fallback_member(self) -> Member | None:
+        name = self.profile.fallback
+        if name is None or self.profile.on_violation not in ("degrade", "reroute"):
+            return None
+        return self.model.members[name] if self._allowed(name, checked=False) else None
+
+    def _start(self, names: list[str]) -> list[Call]:
+        self.asked.extend(names)
+        calls = []
+        for name in names:
+            try:
+                calls.append(
+                    self.dispatcher._start(
+                        self.model,
+                        self.model.members[name],
+                        self.feed,
+                        self.profile,
+                        self.contract,
+                        self.deadline,
+                    )
+                )
+            except ModelNotReady as exc:  # no replica it may use: a failure like any other
+                self.failures.append((name, exc))
+        return calls
+
+    def _collect(self, calls: list[Call]) -> None:
+        record = self.dispatcher._record
+        for call in calls:
+            self.hedges += call.hedged
+            self.retries += call.retries
+            self.cost += call.cost
+            if not call.future.done():
+                self.late = True  # at the deadline: answer with what arrived
+                call.future.cancel()
+                record(self.model.name, call, "timeout")
+                self.failures.append((call.member.name, DeadlineExceeded("no answer in time")))
+                continue
+            record(self.model.name, call)
+            try:
+                scores = call.member.scores(call.future.result())
+            except Exception as exc:
+                self.failures.append((call.member.name, exc))
+                continue
+            self.answers.append(
+                MemberAnswer(
+                    call.member.name,
+                    call.replica.tier,
+                    call.replica.name,
+                    scores,
+                    call.latency_s(),
+                )
+            )
+
+    def estimated_accuracy(self) -> float | None:
+        """Expected accuracy of the members that answered, from the validation set."""
+        if not self.answers:
+            return None
+        return _subset_accuracy(self.model, frozenset(a.member for a in self.answers))
+
+    def violations(self) -> tuple[str, ...]:
+        """How the contract is not met so far, in ``_VIOLATION_KINDS`` order."""
+        kinds: list[str] = []
+        if self.late:
+            kinds.append("deadline")
+        if any(not isinstance(f, DeadlineExceeded) for _, f in self.failures):
+            kinds.append("availability")
+        wanted = self.contract.min_accuracy
+        if wanted is not None:
+            accuracy = self.estimated_accuracy()
+            if accuracy is not None and accuracy < wanted:
+                kinds.append("accuracy")
+        budget = self.contract.max_cost
+        if budget is not None and self.cost > budget * (1 + 1e-9):
+            kinds.append("cost")
+        return tuple(kinds)
+
+
+def _succeeded(call: Call) -> bool:
+    f = call.future
+    return f.done() and not f.cancelled() and f.exception() is None
+
+
+def _reserve_s(member: Member, timeout_us: int | None) -> float:
+    """Time to leave a fallback member before the deadline: twice its replicas' worst observed
+    p95 (else its card's) plus 2 ms, and at least a tenth of the request's timeout (a busy
+    gateway is slower than any window saw)."""
+    observed = [s.p95_s for s in member.stats.values() if s.p95_s is not None]
+    expected = max(observed) if observed else member.view().latency_p95_s or 0.0
+    share = (timeout_us or 0) / 1e7
+    return max(2.0 * expected + 0.002, share)
+
+
+def _subset_accuracy(model: EnsembleModel, members: frozenset[str]) -> float | None:
+    cache = model.accuracy_cache
+    if members not in cache:
+        views = [model.members[m].view() for m in members]
+        known = model.validation is not None or all(v.accuracy is not None for v in views)
+        cache[members] = estimated_accuracy(views, model.validation) if known else None
+    return cache[members]
+
+
+def _violation_error(kinds: tuple[str, ...], run: _Run) -> EnsembleError:
+    """The error a `reject` profile answers with: the first kind decides the status."""
+    detail = _violation_detail(kinds, run)
+    kind = kinds[0]
+    if kind == "deadline":
+        return DeadlineExceeded(f"contract not met ({detail})")
+    if kind == "availability":
+        return MemberFailed(f"contract not met ({detail})")
+    return ContractUnmet(f"contract not met ({detail})")
+
+
+def _violation_detail(kinds: tuple[str, ...], run: _Run) -> str:
+    parts = []
+    for kind in kinds:
+        if kind == "deadline":
+            parts.append("deadline: not every member answered before the request's timeout")
+        elif kind == "availability":
+            failed = ", ".join(sorted({n for n, f in run.failures}))
+            parts.append(f"availability: members failed: {failed}")
+        elif kind == "accuracy":
+            accuracy = run.estimated_accuracy() or 0.0
+            parts.append(
+                f"accuracy: estimated {accuracy:.4f} < min_accuracy {run.contract.min_accuracy}"
+            )
+        else:
+            parts.append(f"cost: spent {run.cost:.6g} > max_cost {run.contract.max_cost}")
+    return "; ".join(parts)
+
+
+def _log_violation(ensemble: str, kinds: tuple[str, ...], run: _Run) -> None:
+    """`alert`: a warning per ensemble at most once a second (the counter has every one)."""
+    now = time.monotonic()
+    if now - _last_alert.get(ensemble, -1e9) >= 1.0:
+        _last_alert[ensemble] = now
+        _log.warning("ensemble %s: contract not met: %s", ensemble, _violation_detail(kinds, run))
 
 
 def _no_answer(failures: list[tuple[str, BaseException]], late: bool) -> EnsembleError:
@@ -298,6 +539,8 @@ def _no_answer(failures: list[tuple[str, BaseException]], late: bool) -> Ensembl
 
 async def _wait(calls: list[Call], deadline: float | None) -> None:
     """Wait for the calls until the deadline; cancel them if the request itself is cancelled."""
+    if not calls:
+        return
     timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
     try:
         await asyncio.wait([c.future for c in calls], timeout=timeout)

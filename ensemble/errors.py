@@ -100,6 +100,13 @@ class DeadlineExceeded(EnsembleError):
     grpc_code = "DEADLINE_EXCEEDED"
 
 
+class ContractUnmet(EnsembleError):
+    """A `reject` profile could not meet the request's min_accuracy or max_cost."""
+
+    http_status = 422
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class MemberFailed(EnsembleError):
     """Every asked member failed, so there is nothing to aggregate."""
 

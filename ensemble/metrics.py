@@ -77,6 +77,12 @@ class GatewayMetrics:
         self.members_asked: defaultdict[str, int] = defaultdict(int)
         self.members_answered: defaultdict[str, int] = defaultdict(int)
         self.hedges: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.retries: defaultdict[str, int] = defaultdict(int)
+        self.violations: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.degraded: defaultdict[str, int] = defaultdict(int)
+        self.cost: defaultdict[str, float] = defaultdict(float)
+        self.replicas: Callable[[], Iterable[tuple[str, str, str, bool, int]]] = tuple
+        """Read at scrape time: (member, replica, tier, ejected now, times ejected)."""
         self.inflight = 0
         self.reloads: defaultdict[str, int] = defaultdict(int)
         self.last_reload_success_s = 0.0
@@ -110,6 +116,21 @@ class GatewayMetrics:
         self.hedges[(member, "sent")] += 1
         if won:
             self.hedges[(member, "won")] += 1
+
+    def record_call_extras(self, model: str, member: str, retries: int, cost: float) -> None:
+        """Retries a member call needed (failovers to another replica or tier) and its cost."""
+        if retries:
+            self.retries[member] += retries
+        self.cost[model] += cost
+
+    def record_violations(self, ensemble: str, kinds: Iterable[str], action: str) -> None:
+        """A request's contract was not met in each of ``kinds``; ``action`` is on_violation."""
+        for kind in kinds:
+            self.violations[(ensemble, kind, action)] += 1
+
+    def record_degraded(self, ensemble: str) -> None:
+        """An answer went out flagged degraded (partial, fallback, or contract not met)."""
+        self.degraded[ensemble] += 1
 
     def record_reload(self, outcome: str) -> None:
         """Count a config reload attempt: `success` or `failure` (rejected, old config kept)."""
@@ -179,6 +200,56 @@ class GatewayMetrics:
         for (member, outcome), count in list(self.hedges.items()):
             hedges.add_metric([member, outcome], count)
         yield hedges
+        retries = CounterMetricFamily(
+            "ensemble_retries",
+            "Member calls re-sent to another replica or tier after a failure (failovers).",
+            labels=["member"],
+        )
+        for member, count in list(self.retries.items()):
+            retries.add_metric([member], count)
+        yield retries
+        violations = CounterMetricFamily(
+            "ensemble_contract_violations",
+            "Requests whose contract was not met, by kind (deadline, availability, accuracy, "
+            "cost) and the profile's on_violation action.",
+            labels=["ensemble", "kind", "action"],
+        )
+        for triple, count in list(self.violations.items()):
+            violations.add_metric(list(triple), count)
+        yield violations
+        degraded = CounterMetricFamily(
+            "ensemble_degraded_answers",
+            "Answers flagged degraded: partial, from the fallback member, or short of the "
+            "contract.",
+            labels=["ensemble"],
+        )
+        for ensemble, count in list(self.degraded.items()):
+            degraded.add_metric([ensemble], count)
+        yield degraded
+        cost = CounterMetricFamily(
+            "ensemble_cost",
+            "Accumulated price of member calls (hedges and retries included), in the config's "
+            "currency, by requested model.",
+            labels=["model"],
+        )
+        for model, total in list(self.cost.items()):
+            cost.add_metric([model], total)
+        yield cost
+        ejected = GaugeMetricFamily(
+            "ensemble_replica_ejected",
+            "1 while outlier detection keeps the replica out of routing, else 0.",
+            labels=["member", "replica", "tier"],
+        )
+        ejections = CounterMetricFamily(
+            "ensemble_replica_ejections",
+            "Times outlier detection ejected the replica.",
+            labels=["member", "replica", "tier"],
+        )
+        for member, replica, tier, is_ejected, times in self.replicas():
+            ejected.add_metric([member, replica, tier], 1.0 if is_ejected else 0.0)
+            ejections.add_metric([member, replica, tier], times)
+        yield ejected
+        yield ejections
         reloads = CounterMetricFamily(
             "ensemble_config_reloads",
             "Config reloads by outcome (success, failure: rejected, the old config kept serving).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +15,22 @@ from ensemble.errors import EnsembleError, ModelNotFound
 from ensemble.models.card import MemberCard, card_path_for, load_card, load_manifest
 from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine, SessionRunner
-from ensemble.replicas.faults import StragglerReplica
+from ensemble.replicas.faults import FailingReplica, StragglerReplica
 from ensemble.replicas.inprocess import InProcessReplica
 from ensemble.replicas.member import Member, infer_classifier_schema
 from ensemble.replicas.onnx import ClassLabel, load_session, read_signature
 from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec, ValidationSet
 from policies import registry
 from policies.base import AggregationPolicy, RoutingPolicy, SelectionPolicy
-from policies.reliability import HedgeState, HedgingPolicy
+from policies.registry import NoParams
+from policies.reliability import (
+    HedgeState,
+    HedgingPolicy,
+    NoRetry,
+    OutlierDetector,
+    RetryBudgetState,
+    RetryPolicy,
+)
 
 VERSION = MODEL_VERSION
 
@@ -39,11 +48,26 @@ class Profile:
     spec: ProfileConfig | None = None
     """The config it was built from (a reload keeps the state of an unchanged profile)."""
     hedge_state: HedgeState = field(default_factory=lambda: HedgeState(tokens=0.0))
+    retry: RetryPolicy = field(default_factory=lambda: NoRetry(NoParams()))
+    retry_state: RetryBudgetState = field(default_factory=RetryBudgetState)
+    on_violation: str = "degrade"
+    fallback: str | None = None
+    """A member asked when nothing else can answer in time (under degrade or reroute)."""
 
     def may_hedge(self) -> bool:
         """Spend one hedge from the budget if it has one (the hedging policy decides)."""
         allowed, self.hedge_state = self.hedging.try_hedge(self.hedge_state)
         return allowed
+
+    def may_retry(self) -> bool:
+        """Spend one retry from the budget if it has one (the retry policy decides)."""
+        allowed, self.retry_state = self.retry.try_retry(self.retry_state, time.perf_counter())
+        return allowed
+
+    def first_attempt(self) -> None:
+        """A member call's first attempt goes out: the budgets earn their shares."""
+        self.hedge_state = self.hedging.on_primary(self.hedge_state)
+        self.retry_state = self.retry.on_request(self.retry_state, time.perf_counter())
 
     @classmethod
     def build(cls, name: str, config: ProfileConfig) -> Profile:
@@ -59,6 +83,9 @@ class Profile:
         hedging: HedgingPolicy = registry.build(
             "hedging", config.hedging.name, config.hedging.params, HedgingPolicy
         )
+        retry: RetryPolicy = registry.build(
+            "retry", config.retry.name, config.retry.params, RetryPolicy
+        )
         return cls(
             name,
             selection,
@@ -68,6 +95,10 @@ class Profile:
             selection.initial_state(),
             config,
             hedging.initial_state(),
+            retry,
+            retry.initial_state(),
+            config.on_violation,
+            config.fallback,
         )
 
     def weights(self) -> Mapping[str, float] | None:
@@ -90,6 +121,8 @@ class EnsembleModel:
     validation: ValidationSet | None = None
     tiers: tuple[str, ...] = ("edge", "cloud")
     labels: np.ndarray = field(init=False)
+    accuracy_cache: dict[frozenset[str], float | None] = field(init=False, default_factory=dict)
+    """Estimated accuracy per subset of members that answered (a few subsets recur)."""
     _renames: dict[str, tuple[tuple[str, str], ...]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -133,8 +166,10 @@ def build_member(cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngi
     card = _load_card(cfg, member, path)
     replicas: list[Replica] = []
     signature = None
+    per_tier: dict[str, int] = {}
     for place in member.placement:
-        for i in range(max(1, place.replicas.min)):
+        for _ in range(max(1, place.replicas.min)):
+            i = per_tier[place.tier] = per_tier.get(place.tier, -1) + 1
             session = load_session(path)
             signature = signature or read_signature(path, session)
             runner = SessionRunner(session, signature)
@@ -146,6 +181,10 @@ def build_member(cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngi
                 late = place.straggler
                 replica = StragglerReplica(
                     replica, late.probability, late.delay_ms / 1e3, late.seed + i
+                )
+            if place.failures is not None:
+                replica = FailingReplica(
+                    replica, place.failures.probability, place.failures.seed + i
                 )
             replicas.append(replica)
     assert signature is not None  # placement has at least one entry (config validation)
@@ -159,7 +198,14 @@ def build_member(cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngi
         graph_classes=signature.graph_classes,
     )
     built = Member(member.name, signature.inputs, signature.outputs, schema, replicas, card)
-    built.cost_per_call = cfg.tiers[member.placement[0].tier].cost_per_request
+    built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
+    built.cost_per_call = built.tier_costs[member.placement[0].tier]
+    built.outlier = registry.build(
+        "outlier_detection",
+        cfg.outlier_detection.name,
+        cfg.outlier_detection.params,
+        OutlierDetector,
+    )
     return built
 
 

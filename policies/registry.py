@@ -9,7 +9,16 @@ from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-Kind = Literal["selection", "routing", "hedging", "aggregation", "admission", "autoscaling"]
+Kind = Literal[
+    "selection",
+    "routing",
+    "hedging",
+    "retry",
+    "outlier_detection",
+    "aggregation",
+    "admission",
+    "autoscaling",
+]
 KINDS: tuple[str, ...] = get_args(Kind)
 ENTRY_POINT_GROUP = "ensemble.policies"
 

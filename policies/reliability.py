@@ -20,10 +20,14 @@ __all__ = [
     "HedgePolicy",
     "HedgeState",
     "HedgingPolicy",
+    "NoEjection",
     "NoHedge",
+    "NoRetry",
+    "OutlierDetector",
     "RetryBudget",
     "RetryBudgetParams",
     "RetryBudgetState",
+    "RetryPolicy",
     "deadline_share",
     "per_call_timeout_s",
 ]
@@ -180,10 +184,23 @@ class NoHedge:
 
 
 class RetryBudgetParams(BaseModel):
-    """Params of a retry budget (Finagle's RetryBudget, Envoy's retry_budget)."""
+    """Params of the ``budget`` retry policy (Finagle's RetryBudget, Envoy's retry_budget)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    max_attempts: int = Field(
+        default=2,
+        ge=1,
+        le=10,
+        description="Attempts per member call, the first included; each retry goes to a replica "
+        "not yet tried (another replica or tier, in the routing policy's order).",
+    )
+    min_attempt_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="With a request deadline, each attempt gets an even share of the time left "
+        "(so a hung replica leaves time to try another), but never less than this.",
+    )
     ratio: float = Field(
         default=0.2,
         ge=0.0,
@@ -206,6 +223,31 @@ class RetryBudgetParams(BaseModel):
     )
 
 
+@runtime_checkable
+class RetryPolicy(Protocol):
+    """Whether a failed call may be retried on another replica, and how long each attempt may
+    take."""
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts per member call, the first included (1: never retry)."""
+        ...
+
+    def initial_state(self) -> RetryBudgetState: ...
+
+    def on_request(self, state: RetryBudgetState, now: float) -> RetryBudgetState:
+        """A first attempt went out."""
+        ...
+
+    def try_retry(self, state: RetryBudgetState, now: float) -> tuple[bool, RetryBudgetState]:
+        """Whether a retry may go out now; counts it when it may."""
+        ...
+
+    def attempt_timeout_s(self, remaining_s: float | None, attempts_left: int) -> float | None:
+        """How long the next attempt may run (None: until the request's deadline)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class RetryBudgetState:
     """Counts per window bucket, oldest first: (bucket index, requests, retries)."""
@@ -213,12 +255,23 @@ class RetryBudgetState:
     buckets: tuple[tuple[int, int, int], ...] = ()
 
 
+@register("retry", "budget", params=RetryBudgetParams)
 class RetryBudget:
-    """Retries allowed while retries <= ratio * requests + min_retries_per_s * window_s."""
+    """Retry on another replica while retries <= ratio * requests + min_retries_per_s * window_s."""
 
     def __init__(self, params: RetryBudgetParams | None = None) -> None:
         self.params = params or RetryBudgetParams()
         self._bucket_s = self.params.window_s / self.params.buckets
+
+    @property
+    def max_attempts(self) -> int:
+        return self.params.max_attempts
+
+    def attempt_timeout_s(self, remaining_s: float | None, attempts_left: int) -> float | None:
+        if remaining_s is None or attempts_left <= 1:
+            return None
+        share = deadline_share(remaining_s, attempts_left, self.params.min_attempt_ms / 1000.0)
+        return share if share is not None else max(remaining_s, 0.0)
 
     def initial_state(self) -> RetryBudgetState:
         return RetryBudgetState()
@@ -256,6 +309,33 @@ class RetryBudget:
             return False, state
         kept[-1][2] += 1
         return True, RetryBudgetState(tuple((b[0], b[1], b[2]) for b in kept))
+
+
+@register("retry", "none")
+class NoRetry:
+    """Never retry: a failed call is the member's failure (hedging may still fail over)."""
+
+    def __init__(self, params: NoParams) -> None:
+        del params
+
+    @property
+    def max_attempts(self) -> int:
+        return 1
+
+    def initial_state(self) -> RetryBudgetState:
+        return RetryBudgetState()
+
+    def on_request(self, state: RetryBudgetState, now: float) -> RetryBudgetState:
+        del now
+        return state
+
+    def try_retry(self, state: RetryBudgetState, now: float) -> tuple[bool, RetryBudgetState]:
+        del now
+        return False, state
+
+    def attempt_timeout_s(self, remaining_s: float | None, attempts_left: int) -> float | None:
+        del remaining_s, attempts_left
+        return None
 
 
 # --- circuit breaker -----------------------------------------------------------------------
@@ -313,6 +393,26 @@ class BreakerState:
     """When the last ejection ended with a successful probe."""
 
 
+@runtime_checkable
+class OutlierDetector(Protocol):
+    """Per-replica ejection from call outcomes; one ``BreakerState`` per replica."""
+
+    def initial_state(self) -> BreakerState: ...
+
+    def is_ejected(self, state: BreakerState, now: float) -> bool:
+        """Whether routing must skip the replica now."""
+        ...
+
+    def allow(self, state: BreakerState, now: float) -> tuple[bool, BreakerState]:
+        """Whether a call may go now; records a half-open probe."""
+        ...
+
+    def on_success(self, state: BreakerState, now: float) -> BreakerState: ...
+
+    def on_failure(self, state: BreakerState, now: float) -> BreakerState: ...
+
+
+@register("outlier_detection", "consecutive_failures", params=CircuitBreakerParams)
 class CircuitBreaker:
     """Outlier ejection per replica: eject, wait, one half-open probe, close or eject longer."""
 
@@ -331,8 +431,13 @@ class CircuitBreaker:
         return "half_open" if state.probe_sent_at is None else "probing"
 
     def is_ejected(self, state: BreakerState, now: float) -> bool:
-        """Whether routing must skip the replica (it stays routable while a probe may go)."""
-        return self.phase(state, now) in ("open", "probing")
+        """Whether routing must skip the replica (it stays routable while a probe may go, and
+        once a probe has gone unanswered for probe_timeout_s, so that ``allow`` settles it)."""
+        phase = self.phase(state, now)
+        if phase == "probing":
+            assert state.probe_sent_at is not None
+            return now - state.probe_sent_at < self.params.probe_timeout_s
+        return phase == "open"
 
     def allow(self, state: BreakerState, now: float) -> tuple[bool, BreakerState]:
         """Whether a call may go to the replica now; granting the half-open probe is recorded."""
@@ -377,6 +482,33 @@ class CircuitBreaker:
         times += 1
         length = min(self.params.base_ejection_s * times, self.params.max_ejection_s)
         return BreakerState(times_ejected=times, ejected_until=now + length)
+
+
+@register("outlier_detection", "none")
+class NoEjection:
+    """Never eject a replica."""
+
+    def __init__(self, params: NoParams) -> None:
+        del params
+
+    def initial_state(self) -> BreakerState:
+        return BreakerState()
+
+    def is_ejected(self, state: BreakerState, now: float) -> bool:
+        del state, now
+        return False
+
+    def allow(self, state: BreakerState, now: float) -> tuple[bool, BreakerState]:
+        del now
+        return True, state
+
+    def on_success(self, state: BreakerState, now: float) -> BreakerState:
+        del now
+        return state
+
+    def on_failure(self, state: BreakerState, now: float) -> BreakerState:
+        del now
+        return state
 
 
 # --- deadlines -----------------------------------------------------------------------------

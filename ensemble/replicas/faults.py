@@ -1,4 +1,4 @@
-"""Emulated replica faults for tests and demos: a replica that answers some calls late."""
+"""Emulated replica faults for tests and demos: replicas that answer some calls late or fail."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Sequence
 
 import numpy as np
 
+from ensemble.errors import MemberFailed
 from ensemble.replicas.base import Replica
 
 
@@ -36,6 +37,33 @@ class StragglerReplica:
         result = await call
         await asyncio.sleep(self.delay_s)
         return result
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class FailingReplica:
+    """Wraps a replica so that a share of its calls fail (probability 1: a dead replica)."""
+
+    def __init__(self, inner: Replica, probability: float, seed: int) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.tier = inner.tier
+        self.probability = probability
+        self._rng = random.Random(seed)
+
+    def ready(self) -> bool:
+        return self.inner.ready()
+
+    def infer(
+        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> Awaitable[dict[str, np.ndarray]]:
+        if self._rng.random() >= self.probability:
+            return self.inner.infer(feed, outputs)
+        return self._fail()
+
+    async def _fail(self) -> dict[str, np.ndarray]:
+        raise MemberFailed(f"replica {self.name} failed (emulated fault)")
 
     async def close(self) -> None:
         await self.inner.close()

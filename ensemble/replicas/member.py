@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from ensemble.errors import EnsembleError, InvalidInput, ModelNotReady
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
 from ensemble.replicas.onnx import ClassLabel
-from ensemble.replicas.stats import ReplicaStats
+from ensemble.replicas.stats import HEALTHY, ReplicaStats
 from ensemble.types import (
     MODEL_VERSION,
     MemberView,
@@ -24,6 +25,8 @@ from ensemble.types import (
     TensorSpec,
 )
 from policies.base import RoutingPolicy
+from policies.registry import NoParams
+from policies.reliability import NoEjection, OutlierDetector
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +128,14 @@ class Member:
         self.stats = {r.name: ReplicaStats() for r in self.replicas}
         self._by_name = {r.name: r for r in self.replicas}
         self.cost_per_call = 0.0
-        """Price of one call, from its tier's `cost_per_request` (set by the repository)."""
+        """Expected price of one call: its first tier's `cost_per_request` (set by the
+        repository)."""
+        self.tier_costs: dict[str, float] = {}
+        """Price of one call per tier its replicas run on (set by the repository)."""
         self.rolling_accuracy: float | None = None
         """Accuracy over recent feedback, set by the feedback hub; None before any."""
+        self.outlier: OutlierDetector = NoEjection(NoParams())
+        """Ejects failing replicas from routing (set by the repository from the config)."""
         self.metadata = ModelMetadata(
             name=name,
             versions=(MODEL_VERSION,),
@@ -201,14 +209,25 @@ class Member:
     def route(
         self, routing: RoutingPolicy, ctx: RoutingContext, rng: random.Random
     ) -> list[Replica]:
-        """Replicas in the routing policy's preference order (first: the primary); never empty."""
-        order = routing.route(self.replica_views(), ctx, rng)
+        """Replicas in the routing policy's preference order (first: the primary); never empty.
+
+        When outlier detection has ejected every replica the request may use, they are routed
+        to anyway (Envoy's panic mode): a likely failure beats a certain one.
+        """
+        views = self.replica_views()
+        order = routing.route(views, ctx, rng)
+        if not order and any(v.ejected for v in views):
+            views = [replace(v, ejected=False) for v in views]
+            order = routing.route(views, ctx, rng)
         if not order:
             raise ModelNotReady(f"member {self.name!r} has no ready replica the request may use")
         return [self._by_name[name] for name in order]
 
     def replica_view(self, replica: Replica) -> ReplicaView:
         stats = self.stats[replica.name]
+        ejected = stats.breaker is not HEALTHY and self.outlier.is_ejected(
+            stats.breaker, time.perf_counter()
+        )
         return ReplicaView(
             replica.name,
             replica.tier,
@@ -216,7 +235,35 @@ class Member:
             stats.outstanding,
             stats.ewma_s,
             stats.p95_s,
+            ejected,
         )
+
+    def attempt(self, replica: Replica) -> ReplicaStats:
+        """An attempt goes to ``replica``: count it, and let a half-open breaker's probe out."""
+        stats = self.stats[replica.name]
+        stats.started()
+        if stats.breaker is not HEALTHY:
+            _, stats.breaker = self.outlier.allow(stats.breaker, time.perf_counter())
+        return stats
+
+    def observe(self, stats: ReplicaStats, latency_s: float, outcome: str) -> None:
+        """An attempt ended: ``success``, ``error`` (counts against the replica: failures and
+        attempt timeouts) or ``cancelled`` (a hedge's loser, a request that gave up: neutral)."""
+        stats.finished(latency_s, outcome == "success")
+        if outcome == "cancelled":
+            if stats.breaker.probe_sent_at is not None:  # a cancelled probe tells nothing:
+                stats.breaker = replace(stats.breaker, probe_sent_at=None)  # let another go
+            return
+        state = stats.breaker
+        if outcome == "success":
+            if state is not HEALTHY:
+                state = self.outlier.on_success(state, time.perf_counter())
+                stats.breaker = HEALTHY if state == HEALTHY else state
+            return
+        stats.breaker = self.outlier.on_failure(state, time.perf_counter())
+        until = stats.breaker.ejected_until
+        if until is not None and until != state.ejected_until:
+            stats.ejections += 1  # ejected, or ejected again after a failed probe
 
     @property
     def score_outputs(self) -> tuple[str, ...]:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from array import array
 
+from policies.reliability import BreakerState
+
+HEALTHY = BreakerState()
+"""The breaker state of a replica with no recent failure (shared: states are immutable)."""
+
 WINDOW = 128
 """Latencies kept per replica for its p95 (recent behaviour, bounded memory)."""
 EWMA_ALPHA = 0.3
@@ -12,7 +17,16 @@ EWMA_ALPHA = 0.3
 class ReplicaStats:
     """Calls in flight, a latency EWMA and a recent-latency window; event-loop thread only."""
 
-    __slots__ = ("_p95", "_since_p95", "_window", "ewma_s", "failures", "outstanding")
+    __slots__ = (
+        "_p95",
+        "_since_p95",
+        "_window",
+        "breaker",
+        "ejections",
+        "ewma_s",
+        "failures",
+        "outstanding",
+    )
 
     def __init__(self) -> None:
         self.outstanding = 0
@@ -21,6 +35,10 @@ class ReplicaStats:
         self._window = array("d")
         self._p95: float | None = None
         self._since_p95 = 0
+        self.breaker = HEALTHY
+        """Outlier detection's state for this replica."""
+        self.ejections = 0
+        """Times outlier detection ejected this replica."""
 
     def started(self) -> None:
         self.outstanding += 1

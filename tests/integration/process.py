@@ -119,5 +119,5 @@ def start_from_config(
     import yaml
 
     path = tmp / "gateway.yaml"
-    path.write_text(yaml.safe_dump({"model_zoo": {"dir": str(ZOO)}, **doc}))
+    path.write_text(yaml.safe_dump({"model_zoo": {"dir": str(ZOO)}, **doc}, sort_keys=False))
     return start_gateway(path, tmp / "gw.log", env=env)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import DEFAULT_CONFIG
-from tests.integration.process import ROOT, start_gateway
+from tests.integration.process import ROOT, start_from_config, start_gateway, zoo_member
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +29,15 @@ def inflight(url: str) -> float:
 
 
 def test_sigterm_drains_inflight_requests(zoo_dir: Path, tmp_path: Path) -> None:
-    gw = start_gateway(DEFAULT_CONFIG, tmp_path / "gw.log")
-    x = np.random.default_rng(0).uniform(0, 16, (1024, 64)).astype(np.float32)
+    # Every call answers 1 s late, so all eight requests are surely in flight at the signal.
+    late = {"tier": "edge", "straggler": {"probability": 1.0, "delay_ms": 1000}}
+    gw = start_from_config(
+        {"ensembles": [{"name": "digits", "members": [zoo_member("logreg", late)]}]}, tmp_path
+    )
+    x = np.random.default_rng(0).uniform(0, 16, (64, 64)).astype(np.float32)
     body = {
         "inputs": [
-            {"name": "input", "datatype": "FP32", "shape": [1024, 64], "data": x.ravel().tolist()}
+            {"name": "input", "datatype": "FP32", "shape": [64, 64], "data": x.ravel().tolist()}
         ]
     }
 
@@ -45,8 +49,9 @@ def test_sigterm_drains_inflight_requests(zoo_dir: Path, tmp_path: Path) -> None
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(call) for _ in range(8)]
         deadline = time.monotonic() + 30
-        while inflight(gw.http_url) < 1 and time.monotonic() < deadline:
-            pass  # busy-poll: the requests are in flight within milliseconds
+        while inflight(gw.http_url) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert inflight(gw.http_url) == 8
         gw.proc.send_signal(signal.SIGTERM)
         statuses = [f.result() for f in futures]
     assert statuses == [200] * 8

@@ -88,6 +88,30 @@ policies:
     assert "policies.p.aggregation.params.k" in joined
 
 
+def test_reliability_settings_are_checked(tmp_path: Path) -> None:
+    text = (
+        GOOD
+        + """
+outlier_detection: {name: consecutive_failures, params: {consecutive_failures: 0}}
+policies:
+  p:
+    retry: {name: budget, params: {max_attempts: 0}}
+    on_violation: explode
+    fallback: b
+  q: {retry: {name: forever}, fallback: aa}
+"""
+    )
+    joined = "\n".join(errors_of(write(tmp_path, text)))
+    assert "policies.p.on_violation: Input should be 'reject', 'degrade'" in joined
+    # Structural errors come first; fix them to see the cross-field ones.
+    joined = "\n".join(errors_of(write(tmp_path, text.replace("explode", "alert"))))
+    assert "outlier_detection.params.consecutive_failures" in joined
+    assert "policies.p.retry.params.max_attempts" in joined
+    assert "policies.p.fallback: unknown member 'b'" in joined
+    assert "policies.q.retry.name: unknown retry policy 'forever'" in joined
+    assert "policies.q.fallback: unknown member 'aa'; did you mean 'a'?" in joined
+
+
 def test_yaml_syntax_error_has_line(tmp_path: Path) -> None:
     [err] = errors_of(write(tmp_path, "ensembles: [\n  - {name: x\n"))
     assert "invalid YAML" in err and "c.yaml:" in err

@@ -1,4 +1,5 @@
-"""Conformance of every registered routing and hedging policy to its kind's contract."""
+"""Conformance of every registered routing, hedging, retry and outlier-detection policy to its
+kind's contract."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from hypothesis import strategies as st
 from ensemble.types import ReplicaView, RoutingContext
 from policies import registry
 from policies.base import RoutingPolicy
-from policies.reliability import HedgeState, HedgingPolicy
+from policies.reliability import HedgeState, HedgingPolicy, OutlierDetector, RetryPolicy
 
 ROUTINGS = registry.names("routing")
 HEDGINGS = registry.names("hedging")
+RETRIES = registry.names("retry")
+OUTLIERS = registry.names("outlier_detection")
 TIERS = ("edge", "cloud", "gpu")
 
 
@@ -135,3 +138,63 @@ def test_hedging_budget_is_finite(name: str, ops: list[str]) -> None:
     ok, state = policy.try_hedge(state)
     assert not ok, "once dry, the budget stays dry until primaries earn more"
     assert granted <= 1_000
+
+
+@pytest.mark.parametrize("name", RETRIES)
+@settings(max_examples=100, deadline=None)
+@given(
+    ops=st.lists(st.sampled_from(["request", "retry", "tick"]), max_size=300),
+    remaining=st.none() | st.floats(min_value=-1.0, max_value=10.0),
+    left=st.integers(min_value=1, max_value=10),
+)
+def test_retries_stay_within_their_budget(
+    name: str, ops: list[str], remaining: float | None, left: int
+) -> None:
+    """However requests and retries interleave, retries granted within one window never
+    exceed what a budget of ratio 1 plus its floor could give, and attempt timeouts are sane."""
+    policy = registry.build("retry", name, None, RetryPolicy)
+    assert policy.max_attempts >= 1
+    state, now, requests, granted = policy.initial_state(), 0.0, 0, 0
+    for op in ops:
+        if op == "request":
+            state, requests = policy.on_request(state, now), requests + 1
+        elif op == "retry":
+            ok, state = policy.try_retry(state, now)
+            granted += ok
+        else:
+            now += 0.001
+    if policy.max_attempts == 1:
+        assert granted == 0, "a policy of one attempt never retries"
+    assert granted <= requests + 1_000
+    timeout = policy.attempt_timeout_s(remaining, left)
+    if remaining is None or left == 1:
+        assert timeout is None, "no deadline or last attempt: the request's deadline rules"
+    if timeout is not None:
+        assert math.isfinite(timeout) and timeout >= 0.0
+
+
+@pytest.mark.parametrize("name", OUTLIERS)
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(st.sampled_from(["ok", "fail", "allow", "tick"]), max_size=200))
+def test_outlier_detection_recovers_after_successes(name: str, ops: list[str]) -> None:
+    """Any history of outcomes leaves a replica that answers again routable eventually."""
+    policy = registry.build("outlier_detection", name, None, OutlierDetector)
+    state, now = policy.initial_state(), 0.0
+    for op in ops:
+        if op == "ok":
+            state = policy.on_success(state, now)
+        elif op == "fail":
+            state = policy.on_failure(state, now)
+        elif op == "allow":
+            _, state = policy.allow(state, now)
+        else:
+            now += 1.0
+    for _ in range(3):  # a probe left unanswered may cost one more ejection period
+        now += 1e6
+        assert not policy.is_ejected(state, now), "after an ejection period, a probe may go"
+        allowed, state = policy.allow(state, now)
+        if allowed:
+            break
+    assert allowed
+    state = policy.on_success(state, now)
+    assert not policy.is_ejected(state, now)
