@@ -101,10 +101,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"  ensemble {ens.name} (profile {ens.policy}): {members}")
     for name in sorted({*cfg.policies, "default"}):
         profile = cfg.profile(name)
+        fallback = f" fallback={profile.fallback}" if profile.fallback else ""
         print(
             f"  profile {name}: selection={profile.selection.name} "
-            f"aggregation={profile.aggregation.name}"
+            f"aggregation={profile.aggregation.name} routing={profile.routing.name} "
+            f"hedging={profile.hedging.name} retry={profile.retry.name} "
+            f"on_violation={profile.on_violation}{fallback}"
         )
+    print(f"  outlier detection: {cfg.outlier_detection.name}")
     missing = _missing_models(cfg)
     if missing:
         print(f"  note: {len(missing)} model file(s) not built yet; `ensemble serve` builds them")
