@@ -29,7 +29,6 @@ __all__ = [
     "RetryBudgetState",
     "RetryPolicy",
     "deadline_share",
-    "per_call_timeout_s",
 ]
 
 # Budgets add up fractional tokens (0.05 twenty times is not exactly 1.0 in floating point);
@@ -529,11 +528,3 @@ def deadline_share(remaining_s: float, stages_left: int, min_call_s: float) -> f
     if remaining_s <= 0.0 or remaining_s < min_call_s:
         return None
     return max(remaining_s / stages_left, min_call_s)
-
-
-def per_call_timeout_s(remaining_s: float, safety: float) -> float:
-    """Timeout for one call: the remaining time minus a ``safety`` fraction kept to aggregate
-    and respond; 0.0 once the deadline has passed."""
-    if not 0.0 <= safety < 1.0:
-        raise ValueError(f"safety must be in [0, 1); got {safety}")
-    return max(remaining_s, 0.0) * (1.0 - safety)

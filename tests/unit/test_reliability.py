@@ -22,7 +22,6 @@ from policies.reliability import (
     RetryBudget,
     RetryBudgetParams,
     deadline_share,
-    per_call_timeout_s,
 )
 
 
@@ -374,11 +373,3 @@ def test_deadline_share_fits_the_remaining_time(
         assert remaining <= 0.0 or remaining < minimum
     else:
         assert minimum <= share <= remaining
-
-
-def test_per_call_timeout_keeps_a_safety_margin() -> None:
-    assert per_call_timeout_s(1.0, 0.1) == pytest.approx(0.9)
-    assert per_call_timeout_s(1.0, 0.0) == pytest.approx(1.0)
-    assert per_call_timeout_s(-0.5, 0.1) == 0.0
-    with pytest.raises(ValueError, match="safety"):
-        per_call_timeout_s(1.0, 1.0)

@@ -13,7 +13,7 @@ from ensemble.calls import ResilientCall
 from ensemble.errors import DeadlineExceeded, InvalidInput
 from ensemble.replicas.member import ClassifierSchema, Member
 from ensemble.types import TensorSpec
-from policies.reliability import CircuitBreaker, CircuitBreakerParams
+from policies.reliability import BreakerState, CircuitBreaker, CircuitBreakerParams
 
 
 class FakeReplica:
@@ -243,3 +243,20 @@ def test_cancelled_attempts_do_not_count_against_a_replica() -> None:
 
     m = asyncio.run(main())
     assert not any(v.ejected for v in m.replica_views())
+
+
+def test_a_cancelled_probe_lets_the_next_one_go() -> None:
+    slow, fast = FakeReplica("a", 1.0), FakeReplica("b", 0.001)
+
+    async def main() -> Member:
+        m = member(slow, fast)
+        m.outlier = CircuitBreaker(CircuitBreakerParams(consecutive_failures=1))
+        # Ejected long ago: the ejection is over and the next call to "a" is its probe.
+        m.stats["a"].breaker = BreakerState(times_ejected=1, ejected_until=-1.0)
+        await settle(resilient(m, [slow, fast], 0.005, [True]))  # the probe loses to the hedge
+        return m
+
+    m = asyncio.run(main())
+    state = m.stats["a"].breaker
+    assert state.probe_sent_at is None  # released: another probe may go
+    assert not m.replica_views()[0].ejected
