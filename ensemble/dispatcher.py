@@ -156,7 +156,8 @@ class Dispatcher:
                 f"member {member.name!r} runs on {', '.join(member.tiers)}, "
                 f"not on tier {contract.tier!r}"
             )
-        call = Call(member, member.pick(ctx=RoutingContext(member.name, contract.tier)), feed, None)
+        profile = self.repository.direct
+        call = self._start(member, feed, None, profile, contract, deadline, self.repository.tiers)
         outcome: str | None = None
         try:
             await _wait([call], deadline)
@@ -178,23 +179,24 @@ class Dispatcher:
 
     def _start(
         self,
-        model: EnsembleModel,
         member: Member,
         feed: dict[str, np.ndarray],
+        outputs: tuple[str, ...] | None,
         profile: Profile,
         contract: Contract,
         deadline: float | None,
+        tiers: tuple[str, ...],
     ) -> Call:
         """Start one member's call: route it; hedge, retry and time out its attempts as the
         profile says."""
-        member_feed = model.member_feed(member, feed)
         if len(member.replicas) == 1:  # nothing to route, hedge or fail over to: the cheap path
-            return Call(member, member.pick(), member_feed, member.score_outputs)
-        ctx = RoutingContext(member.name, contract.tier, model.tiers)
-        order = member.route(profile.routing, ctx, self._rng)
+            return Call(member, member.only(), feed, outputs)
+        order = member.route(
+            profile.routing, RoutingContext(member.name, contract.tier, tiers), self._rng
+        )
         profile.first_attempt()
         if len(order) == 1:
-            return Call(member, order[0], member_feed, member.score_outputs)
+            return Call(member, order[0], feed, outputs)
         retry = profile.retry
 
         def attempt_timeout(attempts_left: int) -> float | None:
@@ -204,8 +206,8 @@ class Dispatcher:
         return ResilientCall(
             member,
             order,
-            member_feed,
-            member.score_outputs,
+            feed,
+            outputs,
             hedge_delay_s=profile.hedging.delay_s(member.replica_view(order[0])),
             may_hedge=profile.may_hedge,
             may_retry=profile.may_retry,
@@ -396,16 +398,19 @@ class _Run:
     def _start(self, names: list[str]) -> list[Call]:
         self.asked.extend(names)
         calls = []
+        model = self.model
         for name in names:
+            member = model.members[name]
             try:
                 calls.append(
                     self.dispatcher._start(
-                        self.model,
-                        self.model.members[name],
-                        self.feed,
+                        member,
+                        model.member_feed(member, self.feed),
+                        member.score_outputs,
                         self.profile,
                         self.contract,
                         self.deadline,
+                        model.tiers,
                     )
                 )
             except ModelNotReady as exc:  # no replica it may use: a failure like any other

@@ -326,6 +326,8 @@ class Repository:
         )
         """Tier names a request's contract may name."""
         self.profile_names = frozenset(p for e in ensembles for p in e.profiles)
+        self.direct = Profile.build("direct", ProfileConfig())
+        """How a member addressed as a model of its own is called: default routing and retries."""
 
     @classmethod
     def from_config(

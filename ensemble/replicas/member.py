@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import time
@@ -123,7 +122,6 @@ class Member:
         self.schema = schema
         self.card = card
         self.replicas = list(replicas)
-        self._turn = itertools.count()
         self._view: MemberView | None = None
         self.stats = {r.name: ReplicaStats() for r in self.replicas}
         self._by_name = {r.name: r for r in self.replicas}
@@ -184,27 +182,12 @@ class Member:
         """What routing policies see of this member's replicas, from their live stats."""
         return [self.replica_view(r) for r in self.replicas]
 
-    def pick(
-        self,
-        routing: RoutingPolicy | None = None,
-        ctx: RoutingContext | None = None,
-        rng: random.Random | None = None,
-    ) -> Replica:
-        """The replica for one call: the routing policy's first choice, else round robin."""
-        if len(self.replicas) == 1 and ctx is None:
-            only = self.replicas[0]
-            if not only.ready():
-                raise ModelNotReady(f"member {self.name!r} has no ready replica")
-            return only
-        if routing is None or len(self.replicas) == 1:
-            allowed = ctx.tier if ctx is not None else None
-            ready = [
-                r for r in self.replicas if r.ready() and (allowed is None or r.tier == allowed)
-            ]
-            if not ready:
-                raise ModelNotReady(f"member {self.name!r} has no ready replica")
-            return ready[next(self._turn) % len(ready)]
-        return self.route(routing, ctx or RoutingContext(self.name), rng or random.Random())[0]
+    def only(self) -> Replica:
+        """The replica of a member that has exactly one (no routing needed)."""
+        only = self.replicas[0]
+        if not only.ready():
+            raise ModelNotReady(f"member {self.name!r} has no ready replica")
+        return only
 
     def route(
         self, routing: RoutingPolicy, ctx: RoutingContext, rng: random.Random

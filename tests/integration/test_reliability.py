@@ -52,6 +52,12 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
                 ],
             },
             {
+                "name": "direct",
+                "members": [
+                    zoo_member("mlp_large", {"tier": "edge", "failures": DEAD}, {"tier": "cloud"})
+                ],
+            },
+            {
                 "name": "contracts",
                 "policy": "plain",
                 "members": [
@@ -135,6 +141,14 @@ def test_dead_replica_fails_over_then_is_ejected_and_probed(gw: GatewayProcess) 
         assert metric(gw, ejections) == 2.0
         status, doc = infer(client, "failover")
         assert status == 200 and "retries" not in doc["parameters"]
+
+
+def test_a_member_addressed_directly_fails_over_too(gw: GatewayProcess) -> None:
+    with httpx.Client(base_url=gw.http_url, timeout=30) as client:
+        results = [infer(client, "mlp_large") for _ in range(6)]
+    assert [status for status, _ in results] == [200] * 6, results
+    assert {doc["parameters"]["members_answered"] for _, doc in results} == {"mlp_large@cloud"}
+    assert metric(gw, 'ensemble_retries_total{member="mlp_large"}') >= 1
 
 
 def test_without_retries_a_failure_is_the_answer(gw: GatewayProcess) -> None:
