@@ -1,4 +1,4 @@
-"""The `ensemble` command: serve, validate, schema, models build, loadtest."""
+"""The `ensemble` command: serve, replica, validate, schema, models build, loadtest."""
 
 from __future__ import annotations
 
@@ -7,11 +7,20 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from ensemble import __version__
-from ensemble.config import GatewayConfig, json_schema, load_config
+from ensemble.config import (
+    NAME_PATTERN,
+    GatewayConfig,
+    Placement,
+    ServerConfig,
+    json_schema,
+    load_config,
+)
 from ensemble.errors import ConfigError, EnsembleError
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -58,6 +67,23 @@ def _ensure_models(cfg: GatewayConfig) -> None:
         _progress(f"model zoo ready in {time.perf_counter() - start:.1f} s")
 
 
+def _announcer(kind: str, models: list[str]) -> Callable[[object], None]:
+    """Prints the one line on stdout that says the server listens (scripts and tests wait for
+    it): ``ensemble gateway ready: http=HOST:PORT grpc=HOST:PORT models=a,b``."""
+
+    def announce(addr: object) -> None:
+        from ensemble.server import Addresses
+
+        assert isinstance(addr, Addresses)
+        print(
+            f"ensemble {kind} ready: http={addr.host}:{addr.http_port} "
+            f"grpc={addr.host}:{addr.grpc_port} models={','.join(models)}",
+            flush=True,
+        )
+
+    return announce
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
@@ -66,25 +92,76 @@ def cmd_serve(args: argparse.Namespace) -> int:
     http_port = cfg.server.http_port if args.http_port is None else args.http_port
     grpc_port = cfg.server.grpc_port if args.grpc_port is None else args.grpc_port
 
-    def announce(addr: object) -> None:
-        from ensemble.server import Addresses
-
-        assert isinstance(addr, Addresses)
-        print(
-            f"ensemble gateway ready: http={addr.host}:{addr.http_port} "
-            f"grpc={addr.host}:{addr.grpc_port} models={','.join(cfg.model_names())}",
-            flush=True,
-        )
-
+    announce = _announcer("gateway", cfg.model_names())
     try:
         _ensure_models(cfg)
         import uvloop
 
-        from ensemble.server import run_gateway
+        from ensemble.server import Gateway, run_gateway
 
-        return uvloop.run(run_gateway(cfg, host, http_port, grpc_port, announce, _progress))
+        def make() -> Gateway:
+            return Gateway.from_config(cfg, _progress)
+
+        return uvloop.run(run_gateway(make, host, http_port, grpc_port, announce))
     except (EnsembleError, OSError) as exc:
         print(f"ensemble: cannot serve {args.config}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _server_settings(args: argparse.Namespace) -> ServerConfig | None:
+    """The replica's server settings from its flags; None (errors printed) when invalid."""
+    given = {
+        "host": args.host,
+        "http_port": args.http_port,
+        "grpc_port": args.grpc_port,
+        "executor_threads": args.executor_threads,
+        "max_batch_size": args.max_batch_size,
+        "max_request_bytes": args.max_request_bytes,
+        "batching": not args.no_batching,
+        "batch_max_rows": args.batch_max_rows,
+        "drain_timeout_s": args.drain_timeout_s,
+    }
+    try:
+        return ServerConfig.model_validate(given)
+    except ValidationError as exc:
+        for error in exc.errors():
+            flag = "--" + str(error["loc"][0]).replace("_", "-")
+            print(f"ensemble replica: {flag}: {error['msg']}", file=sys.stderr)
+        return None
+
+
+def cmd_replica(args: argparse.Namespace) -> int:
+    server = _server_settings(args)
+    name = args.name or args.model.stem
+    if not NAME_PATTERN.fullmatch(name):
+        print(
+            f"ensemble replica: model name {name!r} must match {NAME_PATTERN.pattern} "
+            "(set one with --name)",
+            file=sys.stderr,
+        )
+        return 2
+    if server is None:
+        return 2
+
+    announce = _announcer("replica", [name])
+
+    try:
+        import uvloop
+
+        from ensemble.repository import Repository
+        from ensemble.server import Gateway, run_gateway
+
+        def make() -> Gateway:
+            _progress(f"loading {args.model} as model {name}")
+            return Gateway(
+                server, lambda engine: Repository.single_model(args.model, name, engine, args.card)
+            )
+
+        return uvloop.run(
+            run_gateway(make, server.host, server.http_port, server.grpc_port, announce)
+        )
+    except (EnsembleError, OSError) as exc:
+        print(f"ensemble: cannot serve {args.model}: {exc}", file=sys.stderr)
         return 1
 
 
@@ -96,7 +173,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  tiers: {', '.join(cfg.tiers)}")
     for ens in cfg.ensembles:
         members = ", ".join(
-            f"{m.name}@{'/'.join(p.tier for p in m.placement)}" for m in ens.members
+            f"{m.name}@{'/'.join(_placement_summary(p) for p in m.placement)}" for m in ens.members
         )
         print(f"  ensemble {ens.name} (profile {ens.policy}): {members}")
     for name in sorted({*cfg.policies, "default"}):
@@ -113,6 +190,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if missing:
         print(f"  note: {len(missing)} model file(s) not built yet; `ensemble serve` builds them")
     return 0
+
+
+def _placement_summary(place: Placement) -> str:
+    if not place.remote:
+        return place.tier
+    return f"{place.tier}({place.backend} x{len(place.endpoints or ())})"
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -173,9 +256,101 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Config YAML (default: {DEFAULT_CONFIG}).",
     )
     serve.add_argument("--host", help="Bind address (default: the config's server.host).")
-    serve.add_argument("--http-port", type=int, help="OIP REST port (0 = any free port).")
-    serve.add_argument("--grpc-port", type=int, help="OIP gRPC port (0 = any free port).")
+    serve.add_argument(
+        "--http-port", type=int, metavar="PORT", help="OIP REST port (0 = any free port)."
+    )
+    serve.add_argument(
+        "--grpc-port", type=int, metavar="PORT", help="OIP gRPC port (0 = any free port)."
+    )
     serve.set_defaults(func=cmd_serve)
+
+    replica = sub.add_parser(
+        "replica",
+        help="Serve one ONNX model over OIP (HTTP + gRPC): the light server of an edge device.",
+        description=(
+            "Serve one ONNX model over the Open Inference Protocol, REST and gRPC, with the "
+            "gateway's own frontends: health (/v2/health/live, /v2/health/ready, "
+            "/v2/models/NAME/ready), metadata, Triton's model config, /metrics, the binary "
+            "tensor extension and OIP errors (400 / INVALID_ARGUMENT for bad input). No "
+            "ensemble, no config file, no Ray: a gateway reaches it with backend oip-http or "
+            "oip-grpc. The member card beside the model (FILE.card.json) is read when present. "
+            "Prints one 'ensemble replica ready: http=HOST:PORT grpc=HOST:PORT models=NAME' "
+            "line on stdout once both frontends listen; SIGTERM/SIGINT drain in-flight "
+            "requests, then exit 0. Exit 2 on invalid options, 1 when it cannot start."
+        ),
+        epilog=(
+            "example: ensemble replica models/digits/logreg.onnx --http-port 9000 --grpc-port 9001"
+        ),
+    )
+    replica.add_argument("model", type=Path, help="The ONNX file to serve.")
+    replica.add_argument(
+        "--name", help="Model name clients use (default: the file name without .onnx)."
+    )
+    replica.add_argument(
+        "--card",
+        type=Path,
+        metavar="PATH",
+        help="Member card JSON (default: the model's FILE.card.json beside FILE.onnx).",
+    )
+    replica.add_argument(
+        "--host", default="127.0.0.1", help="Bind address (default: 127.0.0.1; 0.0.0.0: all)."
+    )
+    replica.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        default=9000,
+        help="OIP REST port (default 9000; 0 = any free).",
+    )
+    replica.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        default=9001,
+        help="OIP gRPC port (default 9001; 0 = any free).",
+    )
+    replica.add_argument(
+        "--executor-threads",
+        type=int,
+        metavar="N",
+        default=2,
+        help="Threads running onnxruntime, one call each (default 2; about one per core).",
+    )
+    replica.add_argument(
+        "--max-batch-size",
+        type=int,
+        metavar="N",
+        default=1024,
+        help="Largest accepted batch dimension (default 1024).",
+    )
+    replica.add_argument(
+        "--max-request-bytes",
+        type=int,
+        metavar="N",
+        default=64 * 1024 * 1024,
+        help="Largest accepted request body in bytes, REST and gRPC (default 64 MiB).",
+    )
+    replica.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="Run concurrent calls one by one instead of combining them into one onnxruntime "
+        "call (combining happens only when calls queue up).",
+    )
+    replica.add_argument(
+        "--batch-max-rows",
+        type=int,
+        metavar="N",
+        default=256,
+        help="Most rows one combined onnxruntime call may hold (default 256).",
+    )
+    replica.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        metavar="S",
+        default=30.0,
+        help="On SIGTERM, how long in-flight requests may take to finish (default 30).",
+    )
+    replica.set_defaults(func=cmd_replica)
 
     validate = sub.add_parser(
         "validate",
@@ -219,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="ensemble: %(levelname)s %(name)s: %(message)s"
     )
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per remote call otherwise
     code: int = args.func(args)
     return code
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -19,7 +21,8 @@ from ensemble.config_errors import (
 from ensemble.errors import ConfigError
 from policies import registry
 
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+Name = Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
 
 
 class StrictModel(BaseModel):
@@ -83,20 +86,140 @@ class FailureConfig(StrictModel):
     seed: int = Field(0, description="Seed of the choice of failing calls (repeatable runs).")
 
 
+Backend = Literal["inprocess", "oip-http", "oip-grpc"]
+REMOTE_BACKENDS: tuple[Backend, ...] = ("oip-http", "oip-grpc")
+_REMOTE_ONLY = (
+    "endpoints",
+    "remote_model",
+    "timeout_s",
+    "health_check_interval_s",
+    "health_check_timeout_s",
+    "unhealthy_threshold",
+)
+
+
 class Placement(StrictModel):
     """Where a member's replicas run and how the gateway reaches them."""
 
     tier: Name = Field(description="Name of a tier defined under `tiers`.")
-    backend: Literal["inprocess"] = Field(
-        "inprocess", description="How replicas are reached: `inprocess` (onnxruntime here)."
+    backend: Backend = Field(
+        "inprocess",
+        description="How replicas are reached: `inprocess` (onnxruntime in the gateway), "
+        "`oip-http` (an OIP REST server, binary tensors over pooled keep-alive connections), "
+        "`oip-grpc` (an OIP gRPC server, raw tensor contents).",
     )
-    replicas: ReplicaBounds = Field(default_factory=ReplicaBounds, description="Replica bounds.")
+    replicas: ReplicaBounds = Field(
+        default_factory=ReplicaBounds,
+        description="Replica bounds; a remote placement has exactly one replica per endpoint "
+        "(default: the endpoint count).",
+    )
+    endpoints: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Remote backends only: one server per replica, `http://HOST:PORT` for "
+        "oip-http, `HOST:PORT` for oip-grpc.",
+    )
+    remote_model: Name | None = Field(
+        None,
+        description="Remote backends only: the model's name on the server (default: the "
+        "member name).",
+    )
+    timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Remote backends only: longest a call may take before it counts as failed "
+        "(the request's own timeout, when shorter, applies too).",
+    )
+    health_check_interval_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="Remote backends only: how often each server's model-ready endpoint is "
+        "polled; a replica takes calls only while its checks pass.",
+    )
+    health_check_timeout_s: float = Field(
+        1.0, gt=0, le=600, description="Remote backends only: a check slower than this fails."
+    )
+    unhealthy_threshold: int = Field(
+        2,
+        ge=1,
+        le=100,
+        description="Remote backends only: consecutive failed checks that make a ready replica "
+        "unready (one passing check makes it ready again).",
+    )
     straggler: StragglerConfig | None = Field(
         None, description="Emulate a straggler: some calls to these replicas answer late."
     )
     failures: FailureConfig | None = Field(
         None, description="Emulate failures: some calls to these replicas fail."
     )
+
+    @property
+    def remote(self) -> bool:
+        return self.backend in REMOTE_BACKENDS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_replica_per_endpoint(cls, data: Any) -> Any:
+        # A remote placement's replicas are its endpoints, so the bounds default to their count.
+        if isinstance(data, dict) and "replicas" not in data:
+            endpoints = data.get("endpoints")
+            if data.get("backend") in REMOTE_BACKENDS and isinstance(endpoints, list) and endpoints:
+                return {**data, "replicas": {"min": len(endpoints), "max": len(endpoints)}}
+        return data
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> Placement:
+        if not self.remote:
+            given = [key for key in _REMOTE_ONLY if key in self.model_fields_set]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: only for the remote backends "
+                    f"({', '.join(REMOTE_BACKENDS)}), not for {self.backend}"
+                )
+            return self
+        if self.endpoints is None:
+            example = "http://127.0.0.1:9000" if self.backend == "oip-http" else "127.0.0.1:9001"
+            raise ValueError(
+                f"backend {self.backend} needs `endpoints`: one server per replica, e.g. "
+                f"[{example}]"
+            )
+        problems = [p for p in map(self._endpoint_problem, self.endpoints) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        if len(set(self.endpoints)) != len(self.endpoints):
+            raise ValueError("endpoints must not repeat (each one is a replica)")
+        n, bounds = len(self.endpoints), self.replicas
+        if not bounds.min <= n <= bounds.max:
+            raise ValueError(
+                f"replicas {{min: {bounds.min}, max: {bounds.max}}} does not fit the {n} "
+                f"endpoint(s): a remote placement has exactly one replica per endpoint (the "
+                f"gateway does not start or stop remote servers), so min <= {n} <= max; "
+                "leave `replicas` out to use the endpoint count"
+            )
+        return self
+
+    def _endpoint_problem(self, endpoint: str) -> str | None:
+        """Why ``endpoint`` is not an address this backend can use (None when it is)."""
+        if self.backend == "oip-http":
+            url = urlsplit(endpoint)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                return f"endpoint {endpoint!r} must be a URL like http://HOST:PORT"
+            if url.query or url.fragment:
+                return f"endpoint {endpoint!r} must not have a query or fragment"
+            try:
+                url.port  # noqa: B018  (raises on a malformed port)
+            except ValueError:
+                return f"endpoint {endpoint!r} has an invalid port"
+            return None
+        host, sep, port = endpoint.rpartition(":")
+        if "://" in endpoint or not sep or not host or not port.isdigit():
+            return f"endpoint {endpoint!r} must be HOST:PORT (no scheme) for oip-grpc"
+        if not 0 < int(port) < 65536:
+            return f"endpoint {endpoint!r} has an invalid port"
+        return None
 
 
 class MemberConfig(StrictModel):
@@ -302,7 +425,17 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
             )
         for mi, member in enumerate(ens.members):
             mloc: Loc = ("ensembles", ei, "members", mi)
+            endpoints: dict[str, int] = {}
             for pi, place in enumerate(member.placement):
+                for endpoint in place.endpoints or ():
+                    if endpoints.setdefault(endpoint, pi) != pi:
+                        errors.append(
+                            (
+                                (*mloc, "placement", pi, "endpoints"),
+                                f"endpoint {endpoint!r} is already a replica of this member "
+                                f"(placement[{endpoints[endpoint]}])",
+                            )
+                        )
                 if place.tier not in cfg.tiers:
                     known = ", ".join(sorted(cfg.tiers)) or "none"
                     errors.append(

@@ -84,6 +84,8 @@ def _message(loc: Loc, msg: str, kind: str) -> str:
         return text + did_you_mean(key, _known_keys(loc))
     if kind == "missing":
         return "required key is missing"
+    if kind == "value_error":  # our validators' own messages, without pydantic's prefix
+        return msg.removeprefix("Value error, ")
     return msg
 
 

@@ -25,6 +25,12 @@ OIP_TO_NUMPY: Final[dict[str, np.dtype[np.generic]]] = {
     "BYTES": np.dtype(np.object_),
 }
 
+WIRE_DTYPES: Final[dict[str, np.dtype[Any]]] = {
+    name: dtype.newbyteorder("<") for name, dtype in OIP_TO_NUMPY.items() if name != "BYTES"
+}
+"""The wire format is little-endian whatever the host is; on little-endian hosts these equal
+the native dtypes, so ``np.frombuffer`` / ``np.asarray`` with them neither swap nor copy."""
+
 NUMPY_TO_OIP: Final[dict[np.dtype[np.generic], str]] = {
     dt: name for name, dt in OIP_TO_NUMPY.items()
 }
@@ -88,6 +94,14 @@ def join_bytes_elements(array: np.ndarray) -> bytes:
         parts.append(pack(len(raw)))
         parts.append(raw)
     return b"".join(parts)
+
+
+def to_wire(datatype: str, array: np.ndarray) -> bytes:
+    """A tensor's raw form on the wire (binary extension, gRPC raw contents): little-endian and
+    row-major, BYTES elements length-prefixed; no copy beyond ``tobytes`` in the usual case."""
+    if datatype == "BYTES":
+        return join_bytes_elements(array)
+    return np.ascontiguousarray(array, dtype=WIRE_DTYPES[datatype]).tobytes()
 
 
 MAX_RANK: Final = 64

@@ -87,10 +87,10 @@ class Dispatcher:
         repository = self.repository  # read once: a reload may swap it
         return {n: repository.get(n).ready() for n in repository.names()}
 
-    def _replica_states(self) -> list[tuple[str, str, str, bool, int]]:
+    def _replica_states(self) -> list[tuple[str, str, str, bool, bool, int]]:
         members = self.repository.members.values()
         return [
-            (m.name, v.name, v.tier, v.ejected, m.stats[v.name].ejections)
+            (m.name, v.name, v.tier, v.ready, v.ejected, m.stats[v.name].ejections)
             for m in members
             for v in m.replica_views()
         ]

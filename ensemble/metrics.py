@@ -81,8 +81,8 @@ class GatewayMetrics:
         self.violations: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.degraded: defaultdict[str, int] = defaultdict(int)
         self.cost: defaultdict[str, float] = defaultdict(float)
-        self.replicas: Callable[[], Iterable[tuple[str, str, str, bool, int]]] = tuple
-        """Read at scrape time: (member, replica, tier, ejected now, times ejected)."""
+        self.replicas: Callable[[], Iterable[tuple[str, str, str, bool, bool, int]]] = tuple
+        """Read at scrape time: (member, replica, tier, ready now, ejected now, times ejected)."""
         self.inflight = 0
         self.reloads: defaultdict[str, int] = defaultdict(int)
         self.last_reload_success_s = 0.0
@@ -235,6 +235,12 @@ class GatewayMetrics:
         for model, total in list(self.cost.items()):
             cost.add_metric([model], total)
         yield cost
+        replica_ready = GaugeMetricFamily(
+            "ensemble_replica_ready",
+            "1 while the replica can take calls (a remote one: its last health checks passed), "
+            "else 0.",
+            labels=["member", "replica", "tier"],
+        )
         ejected = GaugeMetricFamily(
             "ensemble_replica_ejected",
             "1 while outlier detection keeps the replica out of routing, else 0.",
@@ -245,9 +251,11 @@ class GatewayMetrics:
             "Times outlier detection ejected the replica.",
             labels=["member", "replica", "tier"],
         )
-        for member, replica, tier, is_ejected, times in self.replicas():
+        for member, replica, tier, is_ready, is_ejected, times in self.replicas():
+            replica_ready.add_metric([member, replica, tier], 1.0 if is_ready else 0.0)
             ejected.add_metric([member, replica, tier], 1.0 if is_ejected else 0.0)
             ejections.add_metric([member, replica, tier], times)
+        yield replica_ready
         yield ejected
         yield ejections
         reloads = CounterMetricFamily(

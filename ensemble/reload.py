@@ -46,7 +46,10 @@ class Reloader:
         self._metrics = metrics
         self._lock = asyncio.Lock()
         self.retired: list[Repository] = []
-        """Replaced repositories; closed when the gateway stops (in-flight calls may use them)."""
+        """Replaced repositories not closed yet (requests that started on them may still call
+        their replicas): each is closed ``server.drain_timeout_s`` after it was replaced, or when
+        the gateway stops."""
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def reload_file(self) -> ReloadResult:
         """Re-read the config file the gateway was started with (SIGHUP, empty admin PUT)."""
@@ -74,16 +77,36 @@ class Reloader:
                 return self._reject(exc.errors)
             except (EnsembleError, OSError) as exc:
                 return self._reject([str(exc)])
+            await repository.start()  # remote replicas' first health checks
             old = self._dispatcher.repository
             _carry_state(old, repository)
             self._dispatcher.repository = repository  # new requests see it from now on
             self.retired.append(old)
+            closing = asyncio.create_task(self._close_later(old))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
             self.cfg = cfg
             self._metrics.record_reload("success")
             took = time.perf_counter() - start
             message = f"reloaded {what} in {took:.2f} s: {', '.join(repository.names())}"
             log.info(message)
             return ReloadResult(True, message)
+
+    async def _close_later(self, repository: Repository) -> None:
+        # Stops its health checks and connection pools once requests begun on it are done.
+        await asyncio.sleep(self.cfg.server.drain_timeout_s)
+        self.retired.remove(repository)
+        await repository.close()
+
+    async def close(self) -> None:
+        """Close every replaced repository now (the gateway is stopping)."""
+        pending = list(self._closing)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for repository in self.retired:
+            await repository.close()
+        self.retired.clear()
 
     def _reject(self, errors: list[str]) -> ReloadResult:
         self._metrics.record_reload("failure")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -10,15 +11,24 @@ from typing import Any
 
 import numpy as np
 
-from ensemble.config import EnsembleConfig, GatewayConfig, MemberConfig, ProfileConfig
+from ensemble.config import (
+    EnsembleConfig,
+    GatewayConfig,
+    MemberConfig,
+    Placement,
+    ProfileConfig,
+)
 from ensemble.errors import EnsembleError, ModelNotFound
 from ensemble.models.card import MemberCard, card_path_for, load_card, load_manifest
 from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine, SessionRunner
 from ensemble.replicas.faults import FailingReplica, StragglerReplica
 from ensemble.replicas.inprocess import InProcessReplica
-from ensemble.replicas.member import Member, infer_classifier_schema
-from ensemble.replicas.onnx import ClassLabel, load_session, read_signature
+from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_schema
+from ensemble.replicas.oip_grpc import GrpcReplica
+from ensemble.replicas.oip_http import HttpReplica
+from ensemble.replicas.onnx import ClassLabel, OnnxSignature, load_session, read_signature
+from ensemble.replicas.remote import HealthCheck
 from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec, ValidationSet
 from policies import registry
 from policies.base import AggregationPolicy, RoutingPolicy, SelectionPolicy
@@ -33,6 +43,8 @@ from policies.reliability import (
 )
 
 VERSION = MODEL_VERSION
+LOCAL_TIER = "local"
+"""The tier label of a model served on its own by `ensemble replica` (it knows no tiers)."""
 
 
 @dataclass
@@ -148,35 +160,70 @@ ServedModel = EnsembleModel | Member
 
 def _load_card(cfg: GatewayConfig, member: MemberConfig, model_path: Path) -> MemberCard | None:
     path = cfg.resolve(member.card) if member.card else card_path_for(model_path)
+    return read_card(path, member.name, required=member.card is not None)
+
+
+def read_card(path: Path, member: str, *, required: bool) -> MemberCard | None:
+    """A member's card; None when an optional one is absent; an error when it is unreadable."""
     if not path.is_file():
-        if member.card:
-            raise EnsembleError(f"member {member.name!r}: card not found: {path}")
+        if required:
+            raise EnsembleError(f"member {member!r}: card not found: {path}")
         return None
     try:
         return load_card(path)
     except Exception as exc:
-        raise EnsembleError(f"member {member.name!r}: unreadable card {path}: {exc}") from exc
+        raise EnsembleError(f"member {member!r}: unreadable card {path}: {exc}") from exc
 
 
 def build_member(cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngine) -> Member:
-    """Load a member's ONNX file into its in-process replicas and read its card."""
+    """A config's member: its replicas on every placement, its card, costs, outlier detection."""
     path = cfg.resolve(member.model)
+    built = load_member(member, path, _load_card(cfg, member, path), engine)
+    built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
+    built.cost_per_call = built.tier_costs[member.placement[0].tier]
+    built.outlier = registry.build(
+        "outlier_detection",
+        cfg.outlier_detection.name,
+        cfg.outlier_detection.params,
+        OutlierDetector,
+    )
+    return built
+
+
+def load_member(
+    member: MemberConfig,
+    path: Path,
+    card: MemberCard | None,
+    engine: InProcessEngine,
+    *,
+    classifier: bool = True,
+) -> Member:
+    """Load a member's ONNX file (its schema, and sessions for in-process replicas) and make its
+    replicas; ``classifier=False`` serves a model whose class scores cannot be found as is."""
     if not path.is_file():
         raise EnsembleError(f"member {member.name!r}: model file not found: {path}")
-    card = _load_card(cfg, member, path)
+    session = load_session(path)
+    signature = read_signature(path, session)
     replicas: list[Replica] = []
-    signature = None
     per_tier: dict[str, int] = {}
     for place in member.placement:
-        for _ in range(max(1, place.replicas.min)):
+        count = len(place.endpoints or ()) if place.remote else max(1, place.replicas.min)
+        for k in range(count):
             i = per_tier[place.tier] = per_tier.get(place.tier, -1) + 1
-            session = load_session(path)
-            signature = signature or read_signature(path, session)
-            runner = SessionRunner(session, signature)
-            if card is not None:  # start cost estimates from the card's measured latency
-                one, many = card.latency_ms["batch_1"].p50_ms, card.latency_ms["batch_32"].p50_ms
-                runner.fixed_s, runner.per_row_s = one / 1e3, max(0.0, many - one) / 31e3
-            replica: Replica = InProcessReplica(f"{place.tier}/{i}", place.tier, runner, engine)
+            name = f"{place.tier}/{i}"
+            replica: Replica
+            if place.remote:
+                assert place.endpoints is not None  # config validation
+                replica = _remote_replica(member, place, name, place.endpoints[k], signature)
+            else:
+                session = session or load_session(path)
+                runner = SessionRunner(session, signature)
+                session = None  # each in-process replica runs a session of its own
+                if card is not None:  # start cost estimates from the card's measured latency
+                    one = card.latency_ms["batch_1"].p50_ms
+                    many = card.latency_ms["batch_32"].p50_ms
+                    runner.fixed_s, runner.per_row_s = one / 1e3, max(0.0, many - one) / 31e3
+                replica = InProcessReplica(name, place.tier, runner, engine)
             if place.straggler is not None:
                 late = place.straggler
                 replica = StragglerReplica(
@@ -187,26 +234,38 @@ def build_member(cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngi
                     replica, place.failures.probability, place.failures.seed + i
                 )
             replicas.append(replica)
-    assert signature is not None  # placement has at least one entry (config validation)
-    schema = infer_classifier_schema(
-        member.name,
+    try:
+        schema: ClassifierSchema | None = infer_classifier_schema(
+            member.name,
+            signature.outputs,
+            probability_output=member.probability_output,
+            classes=member.classes,
+            logits=member.output_kind == "logits",
+            card=card,
+            graph_classes=signature.graph_classes,
+        )
+    except EnsembleError:
+        if classifier:
+            raise
+        schema = None
+    return Member(member.name, signature.inputs, signature.outputs, schema, replicas, card)
+
+
+def _remote_replica(
+    member: MemberConfig, place: Placement, name: str, endpoint: str, signature: OnnxSignature
+) -> Replica:
+    kind = HttpReplica if place.backend == "oip-http" else GrpcReplica
+    return kind(
+        name,
+        place.tier,
+        endpoint,
+        place.remote_model or member.name,
         signature.outputs,
-        probability_output=member.probability_output,
-        classes=member.classes,
-        logits=member.output_kind == "logits",
-        card=card,
-        graph_classes=signature.graph_classes,
+        timeout_s=place.timeout_s,
+        health=HealthCheck(
+            place.health_check_interval_s, place.health_check_timeout_s, place.unhealthy_threshold
+        ),
     )
-    built = Member(member.name, signature.inputs, signature.outputs, schema, replicas, card)
-    built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
-    built.cost_per_call = built.tier_costs[member.placement[0].tier]
-    built.outlier = registry.build(
-        "outlier_detection",
-        cfg.outlier_detection.name,
-        cfg.outlier_detection.params,
-        OutlierDetector,
-    )
-    return built
 
 
 def _compatible(a: TensorSpec, b: TensorSpec) -> bool:
@@ -231,21 +290,21 @@ def build_ensemble(
                 f"ensemble {ens.name!r}: member {m.name!r} inputs {_specs(other.inputs)} differ "
                 f"from {first.name!r} inputs {_specs(first.inputs)}"
             )
-        if other.schema.classes != first.schema.classes:
+        if other.classifier.classes != first.classifier.classes:
             raise EnsembleError(
                 f"ensemble {ens.name!r}: member {m.name!r} classes differ from {first.name!r}'s"
             )
     profiles = {
         name: Profile.build(name, cfg.profile(name)) for name in sorted({*cfg.policies, "default"})
     }
-    n = first.schema.n_classes
+    n = first.classifier.n_classes
     metadata = ModelMetadata(
         name=ens.name,
         versions=(VERSION,),
         platform="ensemble",
         inputs=first.inputs,
         outputs=(
-            TensorSpec("label", label_datatype(first.schema.classes), (-1,)),
+            TensorSpec("label", label_datatype(first.classifier.classes), (-1,)),
             TensorSpec("probabilities", "FP32", (-1, n)),
         ),
     )
@@ -255,7 +314,7 @@ def build_ensemble(
         chosen,
         profiles,
         ens.policy,
-        first.schema.classes,
+        first.classifier.classes,
         metadata,
         ens.description,
         validation_set(chosen, [_card_path(cfg, m) for m in ens.members]),
@@ -287,10 +346,10 @@ def validation_set(members: Mapping[str, Member], card_paths: list[Path]) -> Val
     for name, member in members.items():
         assert member.card is not None
         probs = np.asarray(member.card.validation_probabilities, dtype=np.float32)
-        if probs.shape != (len(labels), member.schema.n_classes):
+        if probs.shape != (len(labels), member.classifier.n_classes):
             return None
         probabilities[name] = probs
-    classes = list(next(iter(members.values())).schema.classes)
+    classes = list(next(iter(members.values())).classifier.classes)
     if not all(label in classes for label in manifest.validation_labels):
         return None
     index = np.asarray([classes.index(label) for label in manifest.validation_labels])
@@ -328,6 +387,7 @@ class Repository:
         self.profile_names = frozenset(p for e in ensembles for p in e.profiles)
         self.direct = Profile.build("direct", ProfileConfig())
         """How a member addressed as a model of its own is called: default routing and retries."""
+        self._closed = False
 
     @classmethod
     def from_config(
@@ -344,6 +404,21 @@ class Repository:
                 members[m.name] = build_member(cfg, m, engine)
         ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
         return cls(ensembles, list(members.values()))
+
+    @classmethod
+    def single_model(
+        cls, path: Path, name: str, engine: InProcessEngine, card_path: Path | None = None
+    ) -> Repository:
+        """One ONNX model served on its own (the replica server): no ensemble, one in-process
+        replica; its card (default: beside the model) is read when there is one."""
+        card = read_card(card_path or card_path_for(path), name, required=card_path is not None)
+        member = MemberConfig(name=name, model=path, placement=[Placement(tier=LOCAL_TIER)])
+        return cls([], [load_member(member, path, card, engine, classifier=False)])
+
+    async def start(self) -> None:
+        """Start the replicas' background work (health checks); returns once every remote
+        replica has been checked once, so readiness is known before traffic arrives."""
+        await asyncio.gather(*(r.start() for m in self.members.values() for r in m.replicas))
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         """The model ``name``; ModelNotFound for unknown names or versions."""
@@ -363,5 +438,9 @@ class Repository:
         )
 
     async def close(self) -> None:
+        """Stop health checks and close every replica's connections (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         for member in self.members.values():
             await member.close()

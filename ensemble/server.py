@@ -16,7 +16,7 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ensemble.config import GatewayConfig
+from ensemble.config import GatewayConfig, ServerConfig
 from ensemble.dispatcher import Dispatcher
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.frontends.http import HttpFrontend
@@ -85,32 +85,56 @@ class Addresses:
 
 
 class Gateway:
-    """One gateway: executor, models, dispatcher, and the HTTP and gRPC frontends."""
+    """One server: executor, models, dispatcher, and the HTTP and gRPC frontends.
 
-    def __init__(self, cfg: GatewayConfig, progress: Callable[[str], None] | None = None) -> None:
-        self.cfg = cfg
-        self._progress = progress
+    ``ensemble serve`` builds it from a config (with hot reload); ``ensemble replica`` from one
+    ONNX file (no admin API). ``build`` makes the repository on the gateway's engine.
+    """
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        build: Callable[[InProcessEngine], Repository],
+        *,
+        config: GatewayConfig | None = None,
+    ) -> None:
+        self.server = server
         self.metrics = GatewayMetrics()
         self.engine = InProcessEngine(
-            cfg.server.executor_threads,
-            max_batch_rows=cfg.server.batch_max_rows,
-            batching=cfg.server.batching,
+            server.executor_threads,
+            max_batch_rows=server.batch_max_rows,
+            batching=server.batching,
         )
-        self.repository = Repository.from_config(cfg, self.engine, progress)
+        self.repository = build(self.engine)
         self.dispatcher = Dispatcher(
             self.repository,
             self.metrics,
-            max_batch_size=cfg.server.max_batch_size,
-            feedback_window=cfg.server.feedback_window,
-            feedback_accuracy_window=cfg.server.feedback_accuracy_window,
+            max_batch_size=server.max_batch_size,
+            feedback_window=server.feedback_window,
+            feedback_accuracy_window=server.feedback_accuracy_window,
         )
-        self.reloader = Reloader(cfg, cfg.source, self.engine, self.dispatcher, self.metrics)
+        self.reloader = (
+            Reloader(config, config.source, self.engine, self.dispatcher, self.metrics)
+            if config is not None
+            else None
+        )
+        """Hot reload, for a gateway built from a config."""
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._grpc: grpc.aio.Server | None = None
 
+    @classmethod
+    def from_config(
+        cls, cfg: GatewayConfig, progress: Callable[[str], None] | None = None
+    ) -> Gateway:
+        """The gateway of ``ensemble serve``: the config's ensembles, hot-reloadable."""
+        return cls(
+            cfg.server, lambda engine: Repository.from_config(cfg, engine, progress), config=cfg
+        )
+
     async def start(self, host: str, http_port: int, grpc_port: int) -> Addresses:
-        server = self.cfg.server
+        server = self.server
+        await self.repository.start()  # first health checks: readiness known before listening
         sock = _listen(host, http_port)
         app = HttpFrontend(
             self.dispatcher,
@@ -145,7 +169,7 @@ class Gateway:
     async def stop(self) -> None:
         """Stop taking requests, let in-flight ones finish (bounded by drain_timeout_s)."""
         self.dispatcher.draining = True
-        grace = self.cfg.server.drain_timeout_s
+        grace = self.server.drain_timeout_s
         waits = []
         if self._grpc is not None:
             waits.append(self._grpc.stop(grace))
@@ -153,8 +177,9 @@ class Gateway:
             self._http.should_exit = True
             waits.append(self._http_task)
         await asyncio.gather(*waits, return_exceptions=True)
-        for repository in (*self.reloader.retired, self.dispatcher.repository):
-            await repository.close()
+        if self.reloader is not None:
+            await self.reloader.close()
+        await self.dispatcher.repository.close()
         self.engine.shutdown()
 
     async def wait_failed(self) -> None:
@@ -164,28 +189,33 @@ class Gateway:
 
 
 async def run_gateway(
-    cfg: GatewayConfig,
+    make: Callable[[], Gateway],
     host: str,
     http_port: int,
     grpc_port: int,
     announce: Callable[[Addresses], None],
-    progress: Callable[[str], None] | None = None,
 ) -> int:
-    """Serve until SIGTERM or SIGINT, then drain; the process's exit code."""
+    """Serve until SIGTERM or SIGINT, then drain; the process's exit code. ``make`` builds the
+    gateway (loading its models) once the signal handlers are in place."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Installed before the models load, so a stop request during start-up is also orderly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(cfg, progress)
+    gateway = make()
     reloads: set[asyncio.Task[object]] = set()
+    reloader = gateway.reloader
 
     def reload_on_sighup() -> None:
-        task: asyncio.Task[object] = asyncio.create_task(gateway.reloader.reload_file())
+        assert reloader is not None
+        task: asyncio.Task[object] = asyncio.create_task(reloader.reload_file())
         reloads.add(task)  # keep a reference until it finishes (asyncio holds tasks weakly)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
+    if reloader is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
+    else:  # a replica server has no config to re-read; SIGHUP must not terminate it
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
     addresses = await gateway.start(host, http_port, grpc_port)
     if not stop.is_set():
         announce(addresses)
@@ -200,4 +230,10 @@ async def run_gateway(
     await gateway.stop()
     stopped.cancel()
     failed.cancel()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Drained: the process only exits now. Closing the loop would restore the default
+        # handlers, and a repeated stop request (a supervisor that signals twice) would then
+        # kill the exit half-way with -SIGTERM instead of 0.
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     return code

@@ -11,19 +11,14 @@ from tritonclient.grpc import service_pb2
 
 from ensemble.datatypes import (
     OIP_TO_NUMPY,
+    WIRE_DTYPES,
     check_rank,
-    join_bytes_elements,
     reshape,
     split_bytes_elements,
+    to_wire,
 )
 from ensemble.errors import EnsembleError, InvalidInput
 from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
-
-# The wire format is little-endian whatever the host is; on little-endian hosts these equal the
-# native dtypes, so np.frombuffer / np.asarray below neither swap nor copy.
-_WIRE_DTYPES: Final[dict[str, np.dtype[Any]]] = {
-    name: dtype.newbyteorder("<") for name, dtype in OIP_TO_NUMPY.items() if name != "BYTES"
-}
 
 # Which InferTensorContents field carries each datatype (as in Triton's grpc_service.proto).
 # FP16 has no typed field: it can only travel in raw_input_contents.
@@ -98,30 +93,38 @@ def _bytes_array(elements: Sequence[bytes], shape: tuple[int, ...], where: str) 
     return reshape(np.array(elements, dtype=np.object_), shape, where)
 
 
-def _from_raw(
-    datatype: str, shape: tuple[int, ...], count: int, blob: bytes, index: int, where: str
+def tensor_from_raw(
+    datatype: str,
+    shape: tuple[int, ...],
+    count: int,
+    blob: bytes,
+    index: int,
+    where: str,
+    field: str = "raw_input_contents",
 ) -> np.ndarray:
+    """One tensor from its raw contents (``field[index]``); InvalidInput when they do not fit."""
     if datatype == "BYTES":
         elements = split_bytes_elements(blob, where)
         if len(elements) != count:
             raise InvalidInput(
                 f"{where}: shape {_shape_text(shape)} needs {count} BYTES elements, "
-                f"raw_input_contents[{index}] has {len(elements)}"
+                f"{field}[{index}] has {len(elements)}"
             )
         return _bytes_array(elements, shape, where)
-    dtype = _WIRE_DTYPES[datatype]
+    dtype = WIRE_DTYPES[datatype]
     need = count * dtype.itemsize
     if len(blob) != need:
         raise InvalidInput(
             f"{where}: shape {_shape_text(shape)} of {datatype} needs {need} bytes, "
-            f"raw_input_contents[{index}] has {len(blob)}"
+            f"{field}[{index}] has {len(blob)}"
         )
     return reshape(np.frombuffer(blob, dtype=dtype), shape, where)
 
 
-def _from_contents(
+def tensor_from_contents(
     datatype: str, shape: tuple[int, ...], count: int, contents: Any, where: str
 ) -> np.ndarray:
+    """One tensor from typed ``InferTensorContents``; InvalidInput when they do not fit."""
     field = TYPED_FIELDS.get(datatype)
     if field is None:
         raise InvalidInput(
@@ -171,11 +174,11 @@ def _input_tensor(inp: Any, raw: Sequence[bytes], index: int) -> Tensor:
     _check_no_shared_memory(params, where)
     count = math.prod(shape)
     if raw:
-        data = _from_raw(datatype, shape, count, raw[index], index, where)
+        data = tensor_from_raw(datatype, shape, count, raw[index], index, where)
     elif inp.HasField("contents"):
-        data = _from_contents(datatype, shape, count, inp.contents, where)
+        data = tensor_from_contents(datatype, shape, count, inp.contents, where)
     elif count == 0:
-        dtype = np.dtype(np.object_) if datatype == "BYTES" else _WIRE_DTYPES[datatype]
+        dtype = np.dtype(np.object_) if datatype == "BYTES" else WIRE_DTYPES[datatype]
         data = reshape(np.empty(0, dtype), shape, where)
     else:
         raise InvalidInput(f"{where}: no data; send raw_input_contents or contents")
@@ -226,14 +229,6 @@ def decode_infer_request(msg: Any) -> InferRequest:
     )
 
 
-def _raw_output(tensor: Tensor) -> bytes:
-    if tensor.datatype == "BYTES":
-        return join_bytes_elements(tensor.data)
-    # No copy when the array already has the wire dtype and is contiguous (the usual case).
-    wire = np.ascontiguousarray(tensor.data, dtype=_WIRE_DTYPES[tensor.datatype])
-    return wire.tobytes()
-
-
 def encode_infer_response(response: InferResponse) -> Any:
     """An InferResponse as a ModelInferResponse; tensor data always in raw_output_contents."""
     msg = service_pb2.ModelInferResponse(
@@ -245,6 +240,36 @@ def encode_infer_response(response: InferResponse) -> Any:
         out = msg.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         if tensor.parameters:
             params_to_proto(tensor.parameters, out.parameters)
-    msg.raw_output_contents.extend([_raw_output(t) for t in response.outputs])
+    msg.raw_output_contents.extend([to_wire(t.datatype, t.data) for t in response.outputs])
     params_to_proto(response.parameters, msg.parameters)
     return msg
+
+
+# -- the client side (the oip-grpc backend): responses in ------------------------------------
+
+
+def decode_infer_response(msg: Any) -> dict[str, np.ndarray]:
+    """The outputs of a ModelInferResponse, raw or typed; InvalidInput names any defect."""
+    raw: Sequence[bytes] = msg.raw_output_contents
+    if raw and len(raw) != len(msg.outputs):
+        raise InvalidInput(
+            f"raw_output_contents has {len(raw)} entries for {len(msg.outputs)} outputs"
+        )
+    result: dict[str, np.ndarray] = {}
+    for i, out in enumerate(msg.outputs):
+        where = f"output {out.name!r}"
+        if out.datatype not in OIP_TO_NUMPY:
+            raise InvalidInput(f"{where}: unknown datatype {out.datatype!r}")
+        shape = tuple(out.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"{where}: shape {_shape_text(shape)} has a negative dimension")
+        check_rank(shape, where)
+        count = math.prod(shape)
+        if raw:
+            data = tensor_from_raw(
+                out.datatype, shape, count, raw[i], i, where, "raw_output_contents"
+            )
+        else:
+            data = tensor_from_contents(out.datatype, shape, count, out.contents, where)
+        result[out.name] = data
+    return result

@@ -109,7 +109,8 @@ def model_config_doc(model: ServedModel) -> dict[str, Any]:
 
 
 class HttpFrontend:
-    """ASGI application serving the OIP REST API over the shared dispatcher."""
+    """ASGI application serving the OIP REST API over the shared dispatcher; the admin API
+    exists only with a ``reloader`` (a gateway from a config, not a replica server)."""
 
     def __init__(
         self,
@@ -160,7 +161,7 @@ class HttpFrontend:
             if self.dispatcher.ready():
                 return _json(200, _OK_READY)
             return _json(503, dumps({"ready": False, "error": "not ready"}))
-        if parts == ["admin", "config"]:
+        if parts == ["admin", "config"] and self.reloader is not None:
             _expect(method, "PUT")
             self._authorize(scope)
             return await self._reload(scope, receive)
@@ -247,7 +248,7 @@ class HttpFrontend:
         )
 
     def _authorize(self, scope: Scope) -> None:
-        if self.admin_token is None or self.reloader is None:
+        if self.admin_token is None:
             raise Forbidden(
                 "the admin API is disabled; start the gateway with ENSEMBLE_ADMIN_TOKEN set"
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,9 +12,10 @@ import orjson
 from ensemble.datatypes import (
     OIP_TO_NUMPY,
     check_rank,
-    join_bytes_elements,
+    numpy_to_oip,
     reshape,
     split_bytes_elements,
+    to_wire,
 )
 from ensemble.errors import InvalidInput
 from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
@@ -103,45 +105,33 @@ def _tensor_from_binary(
     return reshape(np.frombuffer(chunk, dtype=dtype), shape, where)
 
 
-def decode_infer_request(
-    body: bytes, header_length: str | None, model_name: str, model_version: str | None
-) -> InferRequest:
-    """Parse an infer request body; every defect raises InvalidInput naming what is wrong."""
-    json_end = len(body)
-    if header_length is not None:
-        try:
-            json_end = int(header_length)
-        except ValueError:
-            raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
-        if not 0 < json_end <= len(body):
-            raise InvalidInput(
-                f"Inference-Header-Content-Length {json_end} is outside the body "
-                f"of {len(body)} bytes"
-            )
+def _json_end(body: bytes, header_length: str | None) -> int:
+    """Where the JSON header ends: ``Inference-Header-Content-Length``, else the whole body."""
+    if header_length is None:
+        return len(body)
     try:
-        doc = orjson.loads(body[:json_end])
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"malformed JSON in request body: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidInput("request body must be a JSON object")
-    request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
-    raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise InvalidInput("'inputs' must be a non-empty list")
+        json_end = int(header_length)
+    except ValueError:
+        raise InvalidInput("Inference-Header-Content-Length must be an integer") from None
+    if not 0 < json_end <= len(body):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length {json_end} is outside the body of {len(body)} bytes"
+        )
+    return json_end
 
-    binary = memoryview(body)[json_end:]
+
+def _decode_tensors(raw_tensors: list[Any], binary: memoryview, noun: str) -> list[Tensor]:
+    """The ``inputs`` (or ``outputs``) of a body: JSON data or slices of the binary part."""
     offset = 0
-    inputs: list[Tensor] = []
-    for i, raw in enumerate(raw_inputs):
-        where = f"inputs[{i}]"
+    tensors: list[Tensor] = []
+    for i, raw in enumerate(raw_tensors):
+        where = f"{noun}s[{i}]"
         if not isinstance(raw, dict):
             raise InvalidInput(f"{where} must be a JSON object")
         name = raw.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"{where}: 'name' must be a non-empty string")
-        where = f"input {name!r}"
+        where = f"{noun} {name!r}"
         datatype = raw.get("datatype")
         if not isinstance(datatype, str) or datatype not in OIP_TO_NUMPY:
             raise InvalidInput(
@@ -167,12 +157,33 @@ def decode_infer_request(
             data = _tensor_from_json(name, datatype, shape, raw["data"], where)
         else:
             raise InvalidInput(f"{where}: needs 'data' or parameters.binary_data_size")
-        inputs.append(Tensor(name, datatype, shape, data, params))
+        tensors.append(Tensor(name, datatype, shape, data, params))
     if offset != len(binary):
         raise InvalidInput(
-            f"binary data is {len(binary)} bytes but inputs declare {offset} "
+            f"binary data is {len(binary)} bytes but {noun}s declare {offset} "
             "(check Inference-Header-Content-Length and binary_data_size)"
         )
+    return tensors
+
+
+def decode_infer_request(
+    body: bytes, header_length: str | None, model_name: str, model_version: str | None
+) -> InferRequest:
+    """Parse an infer request body; every defect raises InvalidInput naming what is wrong."""
+    json_end = _json_end(body, header_length)
+    try:
+        doc = orjson.loads(body[:json_end])
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in request body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput("request body must be a JSON object")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("'id' must be a string")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInput("'inputs' must be a non-empty list")
+    inputs = _decode_tensors(raw_inputs, memoryview(body)[json_end:], "input")
 
     outputs = None
     raw_outputs = doc.get("outputs")
@@ -215,11 +226,7 @@ def encode_infer_response(
         }
         choice = wanted.get(tensor.name)
         if choice if choice is not None else default_binary:
-            if tensor.datatype == "BYTES":
-                blob = join_bytes_elements(tensor.data)
-            else:
-                little = tensor.data.astype(tensor.data.dtype.newbyteorder("<"), copy=False)
-                blob = np.ascontiguousarray(little).tobytes()
+            blob = to_wire(tensor.datatype, tensor.data)
             entry["parameters"] = {**tensor.parameters, "binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -245,3 +252,54 @@ def encode_infer_response(
 def dumps(doc: Any) -> bytes:
     """JSON-encode a metadata or error document."""
     return orjson.dumps(doc, option=_JSON_DUMPS_OPTS)
+
+
+# -- the client side (the oip-http backend): requests out, responses in ---------------------
+
+
+def encode_request_body(
+    feed: Mapping[str, np.ndarray], outputs: Sequence[str]
+) -> tuple[bytes, int]:
+    """An infer request with every input as binary data and ``outputs`` asked for as binary;
+    the body and its JSON header's length (``Inference-Header-Content-Length``)."""
+    inputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, array in feed.items():
+        datatype = numpy_to_oip(array.dtype)
+        blob = to_wire(datatype, array)
+        inputs.append(
+            {
+                "name": name,
+                "datatype": datatype,
+                "shape": list(array.shape),
+                "parameters": {"binary_data_size": len(blob)},
+            }
+        )
+        blobs.append(blob)
+    wanted = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]
+    header = orjson.dumps({"inputs": inputs, "outputs": wanted})
+    return b"".join([header, *blobs]), len(header)
+
+
+def decode_response_body(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    """The outputs of an infer response, binary or JSON; InvalidInput names any defect."""
+    json_end = _json_end(body, header_length)
+    try:
+        doc = orjson.loads(body[:json_end])
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON in response body: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list):
+        raise InvalidInput("response body must be a JSON object with a list of 'outputs'")
+    tensors = _decode_tensors(doc["outputs"], memoryview(body)[json_end:], "output")
+    return {t.name: t.data for t in tensors}
+
+
+def error_message(body: bytes) -> str:
+    """The message of an OIP error body ``{"error": "..."}``, else the body's start."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        return str(doc["error"])
+    return body[:200].decode("utf-8", errors="replace") or "(empty body)"

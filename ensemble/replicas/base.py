@@ -29,6 +29,11 @@ class Replica(Protocol):
         """
         ...
 
+    async def start(self) -> None:
+        """Begin background work (a remote replica's health checks), on the event loop, before
+        the replica takes calls; returns once ``ready()`` reflects a first look at it."""
+        ...
+
     async def close(self) -> None:
-        """Release the replica's resources; in-flight calls may still finish."""
+        """Stop background work and release the replica's resources."""
         ...

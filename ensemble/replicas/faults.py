@@ -38,6 +38,9 @@ class StragglerReplica:
         await asyncio.sleep(self.delay_s)
         return result
 
+    async def start(self) -> None:
+        await self.inner.start()
+
     async def close(self) -> None:
         await self.inner.close()
 
@@ -64,6 +67,9 @@ class FailingReplica:
 
     async def _fail(self) -> dict[str, np.ndarray]:
         raise MemberFailed(f"replica {self.name} failed (emulated fault)")
+
+    async def start(self) -> None:
+        await self.inner.start()
 
     async def close(self) -> None:
         await self.inner.close()

@@ -28,5 +28,8 @@ class InProcessReplica:
     ) -> asyncio.Future[dict[str, np.ndarray]]:
         return self._engine.submit(self.runner, feed, outputs or self.runner.output_names)
 
+    async def start(self) -> None:
+        return None
+
     async def close(self) -> None:
         self._closed = True

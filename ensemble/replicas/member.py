@@ -110,7 +110,7 @@ class Member:
         name: str,
         inputs: tuple[TensorSpec, ...],
         outputs: tuple[TensorSpec, ...],
-        schema: ClassifierSchema,
+        schema: ClassifierSchema | None,
         replicas: Sequence[Replica],
         card: MemberCard | None = None,
     ) -> None:
@@ -120,6 +120,8 @@ class Member:
         self.inputs = inputs
         self.outputs = outputs
         self.schema = schema
+        """How to read class scores out of its outputs; None for a model that is served on its
+        own (a replica server) and is no classifier."""
         self.card = card
         self.replicas = list(replicas)
         self._view: MemberView | None = None
@@ -160,8 +162,9 @@ class Member:
             latency = p95 = None
             if card is not None:
                 recall = card.per_class_accuracy
-                if all(str(c) in recall for c in self.schema.classes):
-                    per_class = tuple(recall[str(c)] for c in self.schema.classes)
+                classes = self.schema.classes if self.schema else ()
+                if classes and all(str(c) in recall for c in classes):
+                    per_class = tuple(recall[str(c)] for c in classes)
                 one = card.latency_ms.get("batch_1")
                 if one is not None:
                     latency, p95 = one.p50_ms / 1e3, one.p99_ms / 1e3
@@ -208,13 +211,20 @@ class Member:
 
     def replica_view(self, replica: Replica) -> ReplicaView:
         stats = self.stats[replica.name]
+        ready = replica.ready()
+        if ready != stats.ready:
+            stats.ready = ready
+            if ready and stats.breaker is not HEALTHY:
+                # Its server was down and passes its health checks again: the failures that
+                # ejected it are history (Envoy un-ejects on a passing active check too).
+                stats.breaker = HEALTHY
         ejected = stats.breaker is not HEALTHY and self.outlier.is_ejected(
             stats.breaker, time.perf_counter()
         )
         return ReplicaView(
             replica.name,
             replica.tier,
-            replica.ready(),
+            ready,
             stats.outstanding,
             stats.ewma_s,
             stats.p95_s,
@@ -249,19 +259,27 @@ class Member:
             stats.ejections += 1  # ejected, or ejected again after a failed probe
 
     @property
+    def classifier(self) -> ClassifierSchema:
+        """Its classifier schema; an error for a model that is no classifier."""
+        if self.schema is None:
+            raise EnsembleError(f"member {self.name!r} has no class-score output")
+        return self.schema
+
+    @property
     def score_outputs(self) -> tuple[str, ...]:
         """The outputs to request when only class scores are needed."""
-        return (self.schema.probability_output,)
+        return (self.classifier.probability_output,)
 
     def scores(self, result: dict[str, np.ndarray]) -> np.ndarray:
         """Class probabilities [batch, classes] from a replica's outputs; raises if unusable."""
-        scores = np.asarray(result[self.schema.probability_output], dtype=np.float32)
-        if scores.ndim != 2 or scores.shape[1] != self.schema.n_classes:
+        schema = self.classifier
+        scores = np.asarray(result[schema.probability_output], dtype=np.float32)
+        if scores.ndim != 2 or scores.shape[1] != schema.n_classes:
             raise EnsembleError(
                 f"member {self.name!r} returned scores of shape {list(scores.shape)}, "
-                f"expected [batch, {self.schema.n_classes}]"
+                f"expected [batch, {schema.n_classes}]"
             )
-        if self.schema.logits:
+        if schema.logits:
             scores = _softmax(scores)
         # A finite sum implies every element is finite; only otherwise look element-wise.
         if not math.isfinite(float(scores.sum())) and not np.isfinite(scores).all():

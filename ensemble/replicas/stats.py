@@ -26,6 +26,7 @@ class ReplicaStats:
         "ewma_s",
         "failures",
         "outstanding",
+        "ready",
     )
 
     def __init__(self) -> None:
@@ -39,6 +40,8 @@ class ReplicaStats:
         """Outlier detection's state for this replica."""
         self.ejections = 0
         """Times outlier detection ejected this replica."""
+        self.ready = True
+        """Its readiness when last looked at (a change back to ready clears an ejection)."""
 
     def started(self) -> None:
         self.outstanding += 1

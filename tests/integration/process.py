@@ -1,4 +1,5 @@
-"""Start `ensemble serve` as a real process on free ports and stop it the way operators do."""
+"""Start `ensemble serve` / `ensemble replica` as real processes on free ports; stop them the way
+operators do."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = ROOT / "models" / "digits"
-READY = re.compile(r"ensemble gateway ready: http=(\S+):(\d+) grpc=(\S+):(\d+)")
+READY = re.compile(r"ensemble (?:gateway|replica) ready: http=(\S+):(\d+) grpc=(\S+):(\d+)")
 
 
 @dataclass
 class GatewayProcess:
+    """A running `ensemble serve` or `ensemble replica` and where it listens."""
+
     proc: subprocess.Popen[str]
     host: str
     http_port: int
@@ -39,6 +42,13 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, as in a crash or a power cut."""
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM, then wait for the drain; returns the exit code."""
@@ -63,18 +73,27 @@ def start_gateway(
     env: dict[str, str] | None = None,
 ) -> GatewayProcess:
     """Run `ensemble serve CONFIG --http-port 0 --grpc-port 0` and wait for its ready line."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "ensemble.cli",
-        "serve",
-        str(config),
-        "--http-port",
-        "0",
-        "--grpc-port",
-        "0",
-        *extra,
-    ]
+    args = ["serve", str(config), "--http-port", "0", "--grpc-port", "0", *extra]
+    return _start(args, log_path, timeout_s, env)
+
+
+def start_replica(
+    model: Path,
+    log_path: Path,
+    *extra: str,
+    http_port: int = 0,
+    grpc_port: int = 0,
+    timeout_s: float = 120.0,
+) -> GatewayProcess:
+    """Run `ensemble replica MODEL` (free ports unless given) and wait for its ready line."""
+    args = ["replica", str(model), "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    return _start([*args, *extra], log_path, timeout_s, None)
+
+
+def _start(
+    args: list[str], log_path: Path, timeout_s: float, env: dict[str, str] | None
+) -> GatewayProcess:
+    cmd = [sys.executable, "-m", "ensemble.cli", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
@@ -100,7 +119,17 @@ def start_gateway(
     proc.kill()
     proc.wait()
     proc.stdout.close()
-    raise AssertionError(f"gateway did not become ready:\n{log_path.read_text()}")
+    raise AssertionError(f"`ensemble {args[0]}` did not become ready:\n{log_path.read_text()}")
+
+
+def inflight(url: str) -> float:
+    """Requests the server at ``url`` is processing now (its metrics' gauge)."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("ensemble_inflight_requests "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def zoo_member(name: str, *placements: dict[str, object]) -> dict[str, object]:

@@ -16,16 +16,15 @@ import pytest
 import yaml
 
 from tests.integration.conftest import DEFAULT_CONFIG
-from tests.integration.process import ROOT, start_from_config, start_gateway, zoo_member
+from tests.integration.process import (
+    ROOT,
+    inflight,
+    start_from_config,
+    start_gateway,
+    zoo_member,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def inflight(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("ensemble_inflight_requests "):
-            return float(line.split()[1])
-    return 0.0
 
 
 def test_sigterm_drains_inflight_requests(zoo_dir: Path, tmp_path: Path) -> None:

@@ -141,3 +141,60 @@ def test_validate_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtu
     bad.write_text(GOOD.replace("tier: edge", "tier: mars"))
     assert main(["validate", str(bad)]) == 1
     assert "unknown tier 'mars'" in capsys.readouterr().err
+
+
+def placement_errors(tmp_path: Path, placement: str) -> list[str]:
+    return errors_of(write(tmp_path, GOOD.replace("[{tier: edge}]", f"[{placement}]")))
+
+
+def test_remote_placements_take_one_replica_per_endpoint(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "[{tier: edge}]",
+        "[{tier: edge, backend: oip-http, endpoints: [http://10.0.0.5:9000, "
+        "'http://[::1]:9000/prefix']}, "
+        "{tier: cloud, backend: oip-grpc, endpoints: ['cloud.example:9001'], "
+        "remote_model: logreg_v2, timeout_s: 2, health_check_interval_s: 0.5}]",
+    ).replace("edge: {link: {delay_ms: 2}}", "edge: {}\n  cloud: {}")
+    edge, cloud = load_config(write(tmp_path, text)).ensembles[0].members[0].placement
+    assert edge.remote and (edge.replicas.min, edge.replicas.max) == (2, 2)
+    assert edge.timeout_s == 30.0 and edge.remote_model is None
+    assert (cloud.replicas.min, cloud.replicas.max) == (1, 1)
+    assert cloud.remote_model == "logreg_v2" and cloud.health_check_interval_s == 0.5
+
+
+@pytest.mark.parametrize(
+    ("placement", "message"),
+    [
+        ("{tier: edge, backend: oip-http}", "backend oip-http needs `endpoints`"),
+        ("{tier: edge, backend: oip-grpc, endpoints: []}", "at least 1 item"),
+        ("{tier: edge, endpoints: ['h:1']}", "endpoints: only for the remote backends"),
+        ("{tier: edge, timeout_s: 5}", "timeout_s: only for the remote backends"),
+        ("{tier: edge, backend: oip-http, endpoints: ['127.0.0.1:9000']}", "http://HOST:PORT"),
+        ("{tier: edge, backend: oip-http, endpoints: ['http://h:99999']}", "invalid port"),
+        ("{tier: edge, backend: oip-grpc, endpoints: ['http://h:1']}", "HOST:PORT (no scheme)"),
+        ("{tier: edge, backend: oip-grpc, endpoints: ['h']}", "HOST:PORT (no scheme)"),
+        ("{tier: edge, backend: oip-grpc, endpoints: ['h:1', 'h:1']}", "must not repeat"),
+        ("{tier: edge, backend: ray}", "Input should be 'inprocess', 'oip-http' or 'oip-grpc'"),
+        (
+            "{tier: edge, backend: oip-grpc, endpoints: ['h:1'], replicas: {min: 2, max: 4}}",
+            "does not fit the 1 endpoint(s): a remote placement has exactly one replica per "
+            "endpoint",
+        ),
+    ],
+)
+def test_remote_placement_errors_explain_themselves(
+    tmp_path: Path, placement: str, message: str
+) -> None:
+    [err] = placement_errors(tmp_path, placement)
+    assert "ensembles[0].members[0].placement[0]" in err
+    assert message in err
+
+
+def test_an_endpoint_is_one_replica_of_a_member(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "[{tier: edge}]",
+        "[{tier: edge, backend: oip-grpc, endpoints: ['h:1']}, "
+        "{tier: edge, backend: oip-grpc, endpoints: ['h:2', 'h:1']}]",
+    )
+    [err] = errors_of(write(tmp_path, text))
+    assert "placement[1].endpoints: endpoint 'h:1' is already a replica of this member" in err

@@ -10,14 +10,13 @@ import pytest
 from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
+from ensemble.datatypes import join_bytes_elements, split_bytes_elements
 from ensemble.errors import EnsembleError, InvalidInput
 from ensemble.frontends.grpc_codec import (
     decode_infer_request,
     encode_infer_response,
-    join_bytes_elements,
     params_from_proto,
     params_to_proto,
-    split_bytes_elements,
 )
 from ensemble.types import InferResponse, RequestedOutput, Tensor
 

@@ -71,3 +71,18 @@ def test_each_gateway_has_its_own_registry() -> None:
     a, b = GatewayMetrics(), GatewayMetrics()
     a.record_request("digits", "http", "success", 0.001)
     assert "digits" not in b.exposition()[0].decode()
+
+
+def test_replica_readiness_and_ejection_are_gauges_per_replica() -> None:
+    m = GatewayMetrics()
+    m.replicas = lambda: [
+        ("logreg", "edge/0", "edge", False, True, 2),
+        ("logreg", "cloud/0", "cloud", True, False, 0),
+    ]
+    f = families(m)
+    edge = {"member": "logreg", "replica": "edge/0", "tier": "edge"}
+    cloud = {"member": "logreg", "replica": "cloud/0", "tier": "cloud"}
+    assert ("ensemble_replica_ready", edge, 0.0) in f["ensemble_replica_ready"]
+    assert ("ensemble_replica_ready", cloud, 1.0) in f["ensemble_replica_ready"]
+    assert ("ensemble_replica_ejected", edge, 1.0) in f["ensemble_replica_ejected"]
+    assert ("ensemble_replica_ejections_total", edge, 2.0) in f["ensemble_replica_ejections"]
