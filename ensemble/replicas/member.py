@@ -242,7 +242,7 @@ class Member:
     def observe(self, stats: ReplicaStats, latency_s: float, outcome: str) -> None:
         """An attempt ended: ``success``, ``error`` (counts against the replica: failures and
         attempt timeouts) or ``cancelled`` (a hedge's loser, a request that gave up: neutral)."""
-        stats.finished(latency_s, outcome == "success")
+        stats.finished(latency_s, outcome == "success", abandoned=outcome == "cancelled")
         if outcome == "cancelled":
             if stats.breaker.probe_sent_at is not None:  # a cancelled probe tells nothing:
                 stats.breaker = replace(stats.breaker, probe_sent_at=None)  # let another go

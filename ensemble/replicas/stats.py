@@ -46,11 +46,21 @@ class ReplicaStats:
     def started(self) -> None:
         self.outstanding += 1
 
-    def finished(self, latency_s: float, ok: bool) -> None:
+    def finished(self, latency_s: float, ok: bool, *, abandoned: bool = False) -> None:
+        """A call ended. ``abandoned``: cancelled unanswered (a hedge's loser, a request past
+        its deadline): no failure, but its time so far is a lower bound of its latency, kept
+        when it exceeds the EWMA so that hedging does not hide a slow replica from routing."""
         self.outstanding -= 1
+        if abandoned:
+            if self.ewma_s is not None and latency_s > self.ewma_s:
+                self._record(latency_s)
+            return
         if not ok:
             self.failures += 1
             return  # a fast failure must not make a broken replica look attractive
+        self._record(latency_s)
+
+    def _record(self, latency_s: float) -> None:
         self.ewma_s = (
             latency_s
             if self.ewma_s is None

@@ -41,3 +41,17 @@ def test_p95_over_a_bounded_recent_window() -> None:
         stats.started()
         stats.finished(0.002, ok=True)
     assert stats.p95_s == pytest.approx(0.002)
+
+
+def test_an_abandoned_call_counts_as_slow_not_failed() -> None:
+    stats = ReplicaStats()
+    for _ in range(3):
+        stats.started()
+        stats.finished(0.010, ok=True)
+    stats.started()
+    stats.finished(0.100, ok=False, abandoned=True)  # a hedge's loser, cancelled at 100 ms
+    assert stats.failures == 0 and stats.outstanding == 0
+    assert stats.ewma_s is not None and stats.ewma_s > 0.010  # routing now sees it slower
+    stats.started()
+    stats.finished(0.001, ok=False, abandoned=True)  # cancelled early: says nothing
+    assert stats.ewma_s > 0.010
