@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import random
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +64,11 @@ class RequestShape:
     output: str
     timeout_s: float
     classes: Sequence[Params]
+    feedback_share: float = 0.0
+    """Share of answered requests whose true labels are posted to the feedback API (0: none;
+    then requests carry no `id`)."""
+    seed: int = 0
+    """Seeds the choice of which answers get feedback."""
 
 
 class InferClient(Protocol):
@@ -69,6 +76,9 @@ class InferClient(Protocol):
 
     error_samples: dict[str, str]
     """First error message seen per error kind, for the report."""
+
+    feedback: dict[str, int]
+    """Feedback posts by outcome: `sent`, `accepted`, and error kinds (`http_404`, `timeout`)."""
 
     async def start(self) -> None: ...
 
@@ -94,6 +104,81 @@ def _error_text(body: bytes) -> str:
     return text[:300]
 
 
+ID_DIGITS = 10
+"""Width of the request counter in generated request ids (fixed, so ids patch in place)."""
+
+
+class FeedbackSender:
+    """Gives each request a unique OIP `id` and posts the true labels of a share of the answers.
+
+    Requests stay pre-encoded: each payload carries a placeholder id of fixed width whose counter
+    digits are overwritten per send (a copy of the bytes). Feedback goes over a pool of its own,
+    so it never takes a connection a measured request is waiting for.
+    """
+
+    def __init__(
+        self, hostport: str, model: str, share: float, seed: int, labels: Sequence[Sequence[int]]
+    ) -> None:
+        self.hostport = hostport
+        self.path = f"/v2/models/{model}/feedback"
+        self.share = share
+        self.rng = random.Random(seed)
+        self.labels = labels
+        # Unique per client (and so per generator process and run): ids never collide in the
+        # gateway's store of recent predictions, even across runs against one gateway.
+        self.prefix = f"lt-{os.urandom(4).hex()}-"
+        self.seq = 0
+        self.counts: dict[str, int] = {}
+        self.pending = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.pool: HttpPool | None = None
+
+    def placeholder(self) -> str:
+        return self.prefix + "0" * ID_DIGITS
+
+    def stamp(self, payload: bytes, at: int) -> tuple[bytes, str]:
+        """``payload`` with the next request id written at byte offset ``at``; and that id."""
+        digits = b"%0*d" % (ID_DIGITS, self.seq)
+        self.seq += 1
+        buf = bytearray(payload)
+        buf[at : at + ID_DIGITS] = digits
+        return bytes(buf), self.prefix + digits.decode()
+
+    def answered(self, request_id: str, batch: int) -> None:
+        """A request was answered: post its labels if it is among the chosen share."""
+        if self.share < 1.0 and self.rng.random() >= self.share:
+            return
+        body = orjson.dumps({"id": request_id, "label": list(self.labels[batch])})
+        raw = encode_request(
+            "POST", self.hostport, self.path, body, {"Content-Type": "application/json"}
+        )
+        assert self.pool is not None
+        self.counts["sent"] = self.counts.get("sent", 0) + 1
+        self.pending += 1
+        self.idle.clear()
+        self.pool.send(raw, self._done)
+
+    def _done(self, status: int, _hlen: int | None, _body: bytes, err: str | None) -> None:
+        kind = err or ("accepted" if status == 200 else f"http_{status}")
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.pending -= 1
+        if not self.pending:
+            self.idle.set()
+
+    async def close(self, timeout_s: float) -> None:
+        """Wait (bounded) for posts in flight, then drop the connections."""
+        if self.pending:
+            try:
+                await asyncio.wait_for(self.idle.wait(), timeout_s)
+            except TimeoutError:
+                self.counts["unfinished"] = self.counts.get("unfinished", 0) + self.pending
+                self.pending = 0
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+
 class _HttpBase:
     """Shared by the JSON and binary HTTP clients: the pool, checks and status handling."""
 
@@ -106,23 +191,52 @@ class _HttpBase:
         self.shape = shape
         self.connections = connections
         self.error_samples: dict[str, str] = {}
+        self.feedback: dict[str, int] = {}
+        self.sender: FeedbackSender | None = None
+        if shape.feedback_share > 0 and shape.endpoint == "infer":
+            labels = [work.labels(b) for b in range(work.batches)]
+            self.sender = FeedbackSender(
+                hostport, shape.model, shape.feedback_share, shape.seed, labels
+            )
+            self.feedback = self.sender.counts
+        self.id_at: list[list[int]] = []
+        """Per class and batch: byte offset of the request id's counter digits in the payload."""
         if shape.endpoint == "live":
             live = encode_request("GET", hostport, "/v2/health/live")
             self.payloads = [[live] for _ in shape.classes]
         else:
             path = f"/v2/models/{shape.model}/infer"
+            rid = self.sender.placeholder() if self.sender is not None else None
             self.payloads = [
-                [self._encode(path, work.rows(b), params) for b in range(work.batches)]
+                [self._encode(path, work.rows(b), params, rid) for b in range(work.batches)]
                 for params in shape.classes
             ]
+            if rid is not None:
+                # The header comes first, so the first match is the id (never tensor bytes).
+                at = len(rid) - ID_DIGITS
+                marker = rid.encode()
+                self.id_at = [[p.index(marker) + at for p in row] for row in self.payloads]
         self.pool: HttpPool | None = None
 
-    def _encode(self, path: str, rows: np.ndarray, params: Params) -> bytes:
+    def _encode(self, path: str, rows: np.ndarray, params: Params, rid: str | None) -> bytes:
         raise NotImplementedError
+
+    def _header(self, params: Params, rid: str | None) -> dict[str, Any]:
+        """The request's JSON fields besides inputs and outputs: `id`, `parameters`."""
+        doc: dict[str, Any] = {}
+        if rid is not None:
+            doc["id"] = rid
+        if params:
+            doc["parameters"] = params
+        return doc
 
     async def start(self) -> None:
         self.pool = HttpPool(self.host, self.port, self.connections, self.shape.timeout_s)
         await self.pool.connect(min(self.connections, 32))
+        if self.sender is not None:
+            pool = HttpPool(self.host, self.port, self.connections, self.shape.timeout_s)
+            self.sender.pool = pool
+            await pool.connect(1)
 
     async def check(self) -> str | None:
         assert self.pool is not None
@@ -141,10 +255,25 @@ class _HttpBase:
     def submit(self, klass: int, batch: int, answer: Answer) -> None:
         assert self.pool is not None
         payloads = self.payloads[klass]
+        index = batch % len(payloads)
+        payload = payloads[index]
+        sender = self.sender
+        if sender is not None:
+            payload, rid = sender.stamp(payload, self.id_at[klass][index])
+            answer = self._with_feedback(answer, sender, rid, index)
         self.pool.send(
-            payloads[batch % len(payloads)],
+            payload,
             lambda status, hlen, body, err: self._answer(status, hlen, body, err, answer),
         )
+
+    @staticmethod
+    def _with_feedback(answer: Answer, sender: FeedbackSender, rid: str, batch: int) -> Answer:
+        def answered(err: str | None, labels: Sequence[int] | None) -> None:
+            answer(err, labels)  # the generator records the answer first: posting adds no latency
+            if err is None and labels is not None:
+                sender.answered(rid, batch)
+
+        return answered
 
     def _answer(
         self, status: int, hlen: int | None, body: bytes, err: str | None, answer: Answer
@@ -180,21 +309,22 @@ class _HttpBase:
     async def close(self) -> None:
         if self.pool is not None:
             await self.pool.close()
+        if self.sender is not None:
+            await self.sender.close(self.shape.timeout_s)
 
 
 class HttpJsonClient(_HttpBase):
     """OIP REST with tensors as JSON arrays."""
 
-    def _encode(self, path: str, rows: np.ndarray, params: Params) -> bytes:
+    def _encode(self, path: str, rows: np.ndarray, params: Params, rid: str | None) -> bytes:
         doc: dict[str, Any] = {
+            **self._header(params, rid),
             "inputs": [
                 {"name": self.shape.input, "datatype": "FP32", "shape": list(rows.shape),
                  "data": rows.ravel()}
             ],
             "outputs": [{"name": self.shape.output, "parameters": {"binary_data": False}}],
         }  # fmt: skip
-        if params:
-            doc["parameters"] = params
         body = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
         headers = {"Content-Type": "application/json"}
         return encode_request("POST", self.hostport, path, body, headers)
@@ -206,17 +336,16 @@ _BINARY_FORMATS = {"INT64": "q", "INT32": "i", "INT16": "h", "INT8": "b", "UINT8
 class HttpBinaryClient(_HttpBase):
     """OIP REST with the binary tensor extension, both ways."""
 
-    def _encode(self, path: str, rows: np.ndarray, params: Params) -> bytes:
+    def _encode(self, path: str, rows: np.ndarray, params: Params, rid: str | None) -> bytes:
         blob = np.ascontiguousarray(rows, dtype="<f4").tobytes()
         doc: dict[str, Any] = {
+            **self._header(params, rid),
             "inputs": [
                 {"name": self.shape.input, "datatype": "FP32", "shape": list(rows.shape),
                  "parameters": {"binary_data_size": len(blob)}}
             ],
             "outputs": [{"name": self.shape.output, "parameters": {"binary_data": True}}],
         }  # fmt: skip
-        if params:
-            doc["parameters"] = params
         header = orjson.dumps(doc)
         headers = {
             "Content-Type": "application/octet-stream",
@@ -247,9 +376,13 @@ class GrpcClient:
     def __init__(self, target: str, shape: RequestShape, work: Workload) -> None:
         import tritonclient.grpc as grpcclient
 
+        if shape.feedback_share > 0:
+            # The scenario rejects this; a programmatic caller must not get silence either.
+            raise ValueError("feedback is HTTP only: the gateway has no gRPC feedback call")
         self.target = target
         self.shape = shape
         self.error_samples: dict[str, str] = {}
+        self.feedback: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._outputs = [grpcclient.InferRequestedOutput(shape.output)]
         self._inputs = []

@@ -51,6 +51,8 @@ def build_generator(
         sc.request.output,
         sc.request.timeout_s,
         [c.parameters.as_dict() for c in sc.mix],
+        feedback_share=sc.feedback.share if sc.feedback is not None else 0.0,
+        seed=sc.seed * 1000 + index,
     )
     client = make_client(sc.protocol, job.url, job.grpc, shape, work, sc.connections)
     weights = [c.weight for c in sc.mix]
@@ -115,6 +117,7 @@ class LocalFleet:
             self.client.queued(),
             cpu_seconds() - cpu,
             self.gen.send_window_s,
+            dict(self.client.feedback),
         )
 
     def snapshot(self) -> Snapshot:
@@ -228,9 +231,12 @@ class ProcessFleet:
             raise
         merged = Records()
         samples: dict[str, str] = {}
+        feedback: dict[str, int] = {}
         for result in results:
             merged.extend(result.records)
             samples = {**result.error_samples, **samples}
+            for kind, count in result.feedback.items():
+                feedback[kind] = feedback.get(kind, 0) + count
         await self.close()
         return GeneratorResult(
             merged,
@@ -238,6 +244,7 @@ class ProcessFleet:
             sum(r.queued for r in results),
             sum(r.cpu_s for r in results),
             max(r.send_window_s for r in results),
+            feedback,
         )
 
     async def _collect(self, index: int) -> GeneratorResult:

@@ -216,6 +216,7 @@ def build_report(sc: Scenario, result: GeneratorResult, info: RunInfo) -> dict[s
             else None,
             "connection_waits": result.queued,
         },
+        "feedback": _feedback(sc, result),
         "classes": _classes(sc, klass, ok, latency, correct, checked, batch),
         "faults": [{"at_s": m.at_s, "name": m.name, "message": m.message} for m in info.marks],
         "timeline": _timeline(
@@ -224,6 +225,20 @@ def build_report(sc: Scenario, result: GeneratorResult, info: RunInfo) -> dict[s
     }
     report["warnings"] = warnings(report, closed)
     return report
+
+
+def _feedback(sc: Scenario, result: GeneratorResult) -> dict[str, Any] | None:
+    """Feedback posts: how many went out, were accepted, and failed by kind."""
+    if sc.feedback is None:
+        return None
+    counts = result.feedback
+    errors = {k: v for k, v in sorted(counts.items()) if k not in ("sent", "accepted")}
+    return {
+        "share": sc.feedback.share,
+        "sent": counts.get("sent", 0),
+        "accepted": counts.get("accepted", 0),
+        "errors": errors,
+    }
 
 
 def _classes(
@@ -288,6 +303,10 @@ def warnings(report: dict[str, Any], closed: bool) -> list[str]:
     for name, count in sorted(report["errors"].items(), key=lambda kv: -kv[1]):
         sample = report["error_samples"].get(name)
         out.append(f"{count} x {name}" + (f": {sample}" if sample else ""))
+    feedback = report.get("feedback")
+    if feedback and feedback["errors"]:
+        failed = ", ".join(f"{count} x {kind}" for kind, count in feedback["errors"].items())
+        out.append(f"feedback posts that were not accepted: {failed}")
     if report["accuracy"] is None and sent:
         out.append("accuracy not measured (no checked answers)")
     if not report["slo"]["checks"]:
@@ -295,6 +314,16 @@ def warnings(report: dict[str, Any], closed: bool) -> list[str]:
     if report["interrupted"]:
         out.append("interrupted (Ctrl-C): the numbers cover only part of the schedule")
     return out
+
+
+def _feedback_row(feedback: dict[str, Any] | None) -> list[str]:
+    if not feedback:
+        return []
+    failed = sum(feedback["errors"].values())
+    return [
+        f"| feedback posts sent / accepted / failed (share {feedback['share']:g}) | "
+        f"{feedback['sent']} / {feedback['accepted']} / {failed} |"
+    ]
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -340,6 +369,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{_fmt(gen['send_lag_ms']['p99'])} / {_fmt(gen['send_lag_ms']['max'], 'ms')} |",
         f"| generator CPU | {_fmt(gen['cpu_percent'], '% of a core per process')}, "
         f"{_fmt(gen['cpu_us_per_request'], 'us per request')}{ceiling} |",
+        *_feedback_row(report.get("feedback")),
         "",
         "## SLO checks",
         "",

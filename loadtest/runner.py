@@ -120,6 +120,8 @@ class GeneratorResult:
     cpu_s: float
     send_window_s: float
     """Seconds from the start until sending ended (the schedule's end unless cut short)."""
+    feedback: dict[str, int] = field(default_factory=dict)
+    """Feedback posts by outcome (`sent`, `accepted`, error kinds); empty without feedback."""
 
 
 class Generator:

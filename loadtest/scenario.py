@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ensemble.config_errors import Loc, LocatedError, format_errors, line_index
 from loadtest import faults
@@ -254,6 +262,23 @@ class FaultSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="The hook's parameters.")
 
 
+class FeedbackSpec(Strict):
+    """Post the true labels of answered requests to the gateway's feedback API as the run goes.
+
+    Each request then carries a unique OIP `id`; for a `share` of the successful answers the
+    generator posts `{"id": ..., "label": [...]}` to `POST /v2/models/{model}/feedback`, which is
+    what lets learning profiles (exp3, exp4, cocktail) learn during a run. HTTP only.
+    """
+
+    share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of successfully answered requests whose true labels are posted "
+        "(drawn at random, seeded by `seed`).",
+    )
+
+
 class Limits(Strict):
     """Bounds that keep a run finite whatever the shape says."""
 
@@ -292,10 +317,31 @@ class Scenario(Strict):
         64, ge=1, le=4096, description="HTTP keep-alive connections per generator process."
     )
     seed: int = Field(0, description="Seed for arrivals and request choice.")
+    feedback: FeedbackSpec | None = Field(
+        None, description="Post true labels of answered requests to the feedback API."
+    )
     limits: Limits = Field(default_factory=Limits)
 
     # Filled by load_scenario: where relative paths resolve from, and the report's name.
     base_dir: Path = Field(Path("."), exclude=True)
+
+    @field_validator("feedback")
+    @classmethod
+    def _feedback_over_http(
+        cls, value: FeedbackSpec | None, info: ValidationInfo
+    ) -> FeedbackSpec | None:
+        if value is None:
+            return value
+        protocol = info.data.get("protocol")
+        if protocol == "grpc":
+            raise ValueError(
+                "feedback is not supported with protocol grpc: the gateway's feedback API is "
+                "HTTP only (OIP has no gRPC feedback call); use http_binary or http_json"
+            )
+        request = info.data.get("request")
+        if isinstance(request, RequestSpec) and request.endpoint != "infer":
+            raise ValueError("feedback needs request.endpoint: infer (labels of answered samples)")
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:
