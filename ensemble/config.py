@@ -31,16 +31,56 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LinkConfig(StrictModel):
-    """Network link from the gateway to a tier; emulated in userspace when ``emulate`` is on."""
+LossMode = Literal["timeout", "reset"]
 
-    emulate: bool = Field(False, description="Emulate this link's behaviour (tests, demos).")
-    delay_ms: float = Field(0.0, ge=0, le=60_000, description="One-way added delay, ms.")
-    jitter_ms: float = Field(0.0, ge=0, le=60_000, description="Uniform jitter around delay, ms.")
-    loss: float = Field(0.0, ge=0, lt=1, description="Probability a call is dropped.")
-    bandwidth_mbps: float | None = Field(
-        None, gt=0, description="Bandwidth cap in megabits per second; none means uncapped."
+
+class LinkConfig(StrictModel):
+    """Network link from the gateway to a tier; emulated in userspace when ``emulate`` is on.
+
+    With ``emulate`` off (the default, and the setting for production) the values only describe
+    the link and no call pays for them. On, every call to a replica on the tier (health checks
+    of remote replicas too) crosses the emulated link; the admin API can change it at runtime.
+    """
+
+    emulate: bool = Field(
+        False,
+        description="Emulate this link's behaviour in userspace (tests, demos; off in "
+        "production, where the link is real).",
     )
+    delay_ms: float = Field(
+        0.0, ge=0, le=60_000, description="One-way added delay, ms (a call pays it twice)."
+    )
+    jitter_ms: float = Field(
+        0.0,
+        ge=0,
+        le=60_000,
+        description="Uniform jitter around delay per direction, ms (a total never goes below 0).",
+    )
+    loss: float = Field(0.0, ge=0, lt=1, description="Probability a call is dropped.")
+    loss_mode: LossMode = Field(
+        "timeout",
+        description="How a dropped call fails: `timeout` (no answer: it fails after "
+        "`drop_timeout_ms`, or the call's own timeout when shorter) or `reset` (the connection "
+        "is reset: it fails after one one-way delay).",
+    )
+    drop_timeout_ms: float = Field(
+        1000.0,
+        gt=0,
+        le=600_000,
+        description="How long a dropped call waits before it fails (a connect timeout), ms.",
+    )
+    bandwidth_mbps: float | None = Field(
+        None,
+        gt=0,
+        description="Bandwidth cap in megabits per second (each call's request and response "
+        "take their size over it; calls do not share it); none means uncapped.",
+    )
+    partitioned: bool = Field(
+        False,
+        description="The tier is cut off: calls fail at once and health checks fail, until "
+        "the admin API heals it (`PUT /admin/links/{tier}`).",
+    )
+    seed: int = Field(0, description="Seed of jitter and loss (repeatable runs).")
 
 
 class TierConfig(StrictModel):

@@ -257,6 +257,15 @@ class Dispatcher:
         if not run.asked:
             where = f" on tier {contract.tier!r}" if contract.tier else ""
             raise InvalidInput(f"no member of ensemble {model.name!r} can answer{where}")
+        # Members the contract allows that had no ready replica (their server is down, their
+        # tier partitioned): the answer could not use them, so it is not a full one.
+        run.unreachable = tuple(
+            v.name
+            for v in views
+            if not v.ready
+            and v.name not in run.asked
+            and (contract.tier is None or contract.tier in v.tiers)
+        )
         violations = run.violations()
         action = profile.on_violation
         rerouted = False
@@ -303,6 +312,8 @@ class Dispatcher:
             params["degraded"] = True
             if violations:
                 params["violations"] = ",".join(violations)
+            if run.unreachable:
+                params["unreachable"] = ",".join(run.unreachable)
             self.metrics.record_degraded(model.name)
         if run.fallback_used:
             params["fallback"] = str(profile.fallback)
@@ -347,6 +358,9 @@ class _Run:
         self.retries = 0
         self.cost = 0.0
         self.fallback_used = False
+        self.unreachable: tuple[str, ...] = ()
+        """Members the contract allows that were not asked because none of their replicas
+        was ready (an availability violation)."""
 
     def _allowed(self, name: str, *, checked: bool) -> bool:
         """Whether ``name`` may be asked now; ``checked``: the selection policy already checked
@@ -456,7 +470,7 @@ class _Run:
         kinds: list[str] = []
         if self.late:
             kinds.append("deadline")
-        if any(not isinstance(f, DeadlineExceeded) for _, f in self.failures):
+        if self.unreachable or any(not isinstance(f, DeadlineExceeded) for _, f in self.failures):
             kinds.append("availability")
         wanted = self.contract.min_accuracy
         if wanted is not None:
@@ -511,7 +525,10 @@ def _violation_detail(kinds: tuple[str, ...], run: _Run) -> str:
             parts.append("deadline: not every member answered before the request's timeout")
         elif kind == "availability":
             failed = ", ".join(sorted({n for n, f in run.failures}))
-            parts.append(f"availability: members failed: {failed}")
+            if failed:
+                parts.append(f"availability: members failed: {failed}")
+            if run.unreachable:
+                parts.append(f"availability: members not ready: {', '.join(run.unreachable)}")
         elif kind == "accuracy":
             accuracy = run.estimated_accuracy() or 0.0
             parts.append(

@@ -114,6 +114,13 @@ class MemberFailed(EnsembleError):
     grpc_code = "UNAVAILABLE"
 
 
+class Conflict(EnsembleError):
+    """The request cannot apply in the gateway's current state (e.g. a link not emulated)."""
+
+    http_status = 409
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class ConfigError(Exception):
     """A configuration file is invalid; ``errors`` lists each problem with its YAML path."""
 

@@ -13,6 +13,7 @@ import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -22,6 +23,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from ensemble.links import LinkReading
 
 # From 100 us (an in-process call) to 10 s (a WAN call under load).
 LATENCY_BUCKETS_S = (
@@ -93,6 +97,8 @@ class GatewayMetrics:
         """(ensemble, member) -> accuracy over the member's recent labelled rows."""
         self.selection_weights: Callable[[], Iterable[tuple[str, str, str, float]]] = tuple
         """Read at scrape time: (ensemble, profile, member, weight) learned from feedback."""
+        self.links: Callable[[], Iterable[LinkReading]] = tuple
+        """Read at scrape time: the emulated links' state and counters (the gateway sets it)."""
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -303,6 +309,7 @@ class GatewayMetrics:
         for ensemble, profile, member, weight in self.selection_weights():
             weights.add_metric([ensemble, profile, member], weight)
         yield weights
+        yield from _link_families(self.links())
 
     def exposition(self) -> tuple[bytes, str]:
         """Body and content type of the Prometheus text exposition."""
@@ -316,3 +323,37 @@ def _histograms(
     for key, histogram in list(values.items()):
         family.add_metric(list(key), histogram.cumulative(), histogram.total)
     return family
+
+
+def _link_families(readings: Iterable[LinkReading]) -> Iterator[Metric]:
+    partitioned = GaugeMetricFamily(
+        "ensemble_link_partitioned",
+        "1 while the emulated link to the tier is partitioned, else 0.",
+        labels=["tier"],
+    )
+    delay = GaugeMetricFamily(
+        "ensemble_link_delay_seconds",
+        "One-way delay of the emulated link to the tier, before jitter.",
+        labels=["tier"],
+    )
+    loss = GaugeMetricFamily(
+        "ensemble_link_loss_ratio", "Share of calls the emulated link drops.", labels=["tier"]
+    )
+    failures = CounterMetricFamily(
+        "ensemble_link_failures",
+        "Calls and health checks the emulated link failed, by kind (dropped, reset, partitioned).",
+        labels=["tier", "kind"],
+    )
+    changes = CounterMetricFamily(
+        "ensemble_link_changes",
+        "Runtime changes to the emulated link through the admin API.",
+        labels=["tier"],
+    )
+    for r in readings:
+        partitioned.add_metric([r.tier], 1.0 if r.partitioned else 0.0)
+        delay.add_metric([r.tier], r.delay_s)
+        loss.add_metric([r.tier], r.loss)
+        for kind, count in r.failures.items():
+            failures.add_metric([r.tier, kind], count)
+        changes.add_metric([r.tier], r.changes)
+    yield from (partitioned, delay, loss, failures, changes)

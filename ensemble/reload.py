@@ -12,6 +12,7 @@ from pathlib import Path
 from ensemble.config import GatewayConfig, load_config, parse_yaml
 from ensemble.dispatcher import Dispatcher
 from ensemble.errors import ConfigError, EnsembleError
+from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.repository import Repository
@@ -38,8 +39,10 @@ class Reloader:
         engine: InProcessEngine,
         dispatcher: Dispatcher,
         metrics: GatewayMetrics,
+        links: Links | None = None,
     ) -> None:
         self.cfg = cfg
+        self._links = links if links is not None else Links(cfg.tiers)
         self.source = source
         self._engine = engine
         self._dispatcher = dispatcher
@@ -72,11 +75,15 @@ class Reloader:
                 cfg = await asyncio.to_thread(load)
                 _check_restart_only(self.cfg, cfg)
                 # Loading sessions blocks for a while: never on the event loop.
-                repository = await asyncio.to_thread(Repository.from_config, cfg, self._engine)
+                repository = await asyncio.to_thread(
+                    Repository.from_config, cfg, self._engine, None, self._links
+                )
             except ConfigError as exc:
                 return self._reject(exc.errors)
             except (EnsembleError, OSError) as exc:
                 return self._reject([str(exc)])
+            # The new tiers' link settings; runtime overrides (a partition) are kept.
+            self._links.configure(cfg.tiers)
             await repository.start()  # remote replicas' first health checks
             old = self._dispatcher.repository
             _carry_state(old, repository)

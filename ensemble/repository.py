@@ -19,6 +19,7 @@ from ensemble.config import (
     ProfileConfig,
 )
 from ensemble.errors import EnsembleError, ModelNotFound
+from ensemble.links import Link, LinkedReplica, Links
 from ensemble.models.card import MemberCard, card_path_for, load_card, load_manifest
 from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine, SessionRunner
@@ -28,7 +29,7 @@ from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_
 from ensemble.replicas.oip_grpc import GrpcReplica
 from ensemble.replicas.oip_http import HttpReplica
 from ensemble.replicas.onnx import ClassLabel, OnnxSignature, load_session, read_signature
-from ensemble.replicas.remote import HealthCheck
+from ensemble.replicas.remote import HealthCheck, RemoteReplica
 from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec, ValidationSet
 from policies import registry
 from policies.base import AggregationPolicy, RoutingPolicy, SelectionPolicy
@@ -175,10 +176,18 @@ def read_card(path: Path, member: str, *, required: bool) -> MemberCard | None:
         raise EnsembleError(f"member {member!r}: unreadable card {path}: {exc}") from exc
 
 
-def build_member(cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngine) -> Member:
-    """A config's member: its replicas on every placement, its card, costs, outlier detection."""
+def build_member(
+    cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngine, links: Links | None = None
+) -> Member:
+    """A config's member: its replicas on every placement (across their tier's emulated link
+    when it has one), its card, costs, outlier detection."""
     path = cfg.resolve(member.model)
-    built = load_member(member, path, _load_card(cfg, member, path), engine)
+
+    def link_for(tier: str) -> Link | None:
+        config = cfg.tiers[tier].link
+        return links.link(tier, config) if links is not None and config.emulate else None
+
+    built = load_member(member, path, _load_card(cfg, member, path), engine, link_for=link_for)
     built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
     built.cost_per_call = built.tier_costs[member.placement[0].tier]
     built.outlier = registry.build(
@@ -197,9 +206,11 @@ def load_member(
     engine: InProcessEngine,
     *,
     classifier: bool = True,
+    link_for: Callable[[str], Link | None] | None = None,
 ) -> Member:
     """Load a member's ONNX file (its schema, and sessions for in-process replicas) and make its
-    replicas; ``classifier=False`` serves a model whose class scores cannot be found as is."""
+    replicas; ``classifier=False`` serves a model whose class scores cannot be found as is.
+    ``link_for`` gives a tier's emulated link (None: not emulated, no wrapper at all)."""
     if not path.is_file():
         raise EnsembleError(f"member {member.name!r}: model file not found: {path}")
     session = load_session(path)
@@ -207,6 +218,7 @@ def load_member(
     replicas: list[Replica] = []
     per_tier: dict[str, int] = {}
     for place in member.placement:
+        link = link_for(place.tier) if link_for is not None else None
         count = len(place.endpoints or ()) if place.remote else max(1, place.replicas.min)
         for k in range(count):
             i = per_tier[place.tier] = per_tier.get(place.tier, -1) + 1
@@ -214,7 +226,9 @@ def load_member(
             replica: Replica
             if place.remote:
                 assert place.endpoints is not None  # config validation
-                replica = _remote_replica(member, place, name, place.endpoints[k], signature)
+                remote = _remote_replica(member, place, name, place.endpoints[k], signature)
+                remote.link = link  # its health checks cross the link too
+                replica = remote
             else:
                 session = session or load_session(path)
                 runner = SessionRunner(session, signature)
@@ -232,6 +246,11 @@ def load_member(
             if place.failures is not None:
                 replica = FailingReplica(
                     replica, place.failures.probability, place.failures.seed + i
+                )
+            if link is not None:  # the link sits between the gateway and the replica
+                timeout_s = place.timeout_s if place.remote else None
+                replica = LinkedReplica(
+                    replica, link, timeout_s=timeout_s, health_checked=place.remote
                 )
             replicas.append(replica)
     try:
@@ -253,7 +272,7 @@ def load_member(
 
 def _remote_replica(
     member: MemberConfig, place: Placement, name: str, endpoint: str, signature: OnnxSignature
-) -> Replica:
+) -> RemoteReplica:
     kind = HttpReplica if place.backend == "oip-http" else GrpcReplica
     return kind(
         name,
@@ -395,13 +414,17 @@ class Repository:
         cfg: GatewayConfig,
         engine: InProcessEngine,
         progress: Callable[[str], None] | None = None,
+        links: Links | None = None,
     ) -> Repository:
+        """The config's models; replicas on a tier with ``link.emulate`` cross ``links`` (the
+        gateway's, which outlive reloads; a fresh set when None)."""
+        links = links if links is not None else Links(cfg.tiers)
         members: dict[str, Member] = {}
         for ens in cfg.ensembles:
             for m in ens.members:
                 if progress:
                     progress(f"loading member {m.name} from {cfg.resolve(m.model)}")
-                members[m.name] = build_member(cfg, m, engine)
+                members[m.name] = build_member(cfg, m, engine, links)
         ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
         return cls(ensembles, list(members.values()))
 

@@ -20,6 +20,7 @@ from ensemble.config import GatewayConfig, ServerConfig
 from ensemble.dispatcher import Dispatcher
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.frontends.http import HttpFrontend
+from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.reload import Reloader
 from ensemble.replicas.engine import InProcessEngine
@@ -97,9 +98,14 @@ class Gateway:
         build: Callable[[InProcessEngine], Repository],
         *,
         config: GatewayConfig | None = None,
+        links: Links | None = None,
     ) -> None:
         self.server = server
         self.metrics = GatewayMetrics()
+        self.links = links
+        """Emulated links by tier (a gateway from a config); they outlive reloads."""
+        if links is not None:
+            self.metrics.links = links.readings
         self.engine = InProcessEngine(
             server.executor_threads,
             max_batch_rows=server.batch_max_rows,
@@ -114,7 +120,7 @@ class Gateway:
             feedback_accuracy_window=server.feedback_accuracy_window,
         )
         self.reloader = (
-            Reloader(config, config.source, self.engine, self.dispatcher, self.metrics)
+            Reloader(config, config.source, self.engine, self.dispatcher, self.metrics, links)
             if config is not None
             else None
         )
@@ -128,8 +134,12 @@ class Gateway:
         cls, cfg: GatewayConfig, progress: Callable[[str], None] | None = None
     ) -> Gateway:
         """The gateway of ``ensemble serve``: the config's ensembles, hot-reloadable."""
+        links = Links(cfg.tiers)
         return cls(
-            cfg.server, lambda engine: Repository.from_config(cfg, engine, progress), config=cfg
+            cfg.server,
+            lambda engine: Repository.from_config(cfg, engine, progress, links),
+            config=cfg,
+            links=links,
         )
 
     async def start(self, host: str, http_port: int, grpc_port: int) -> Addresses:
@@ -142,6 +152,7 @@ class Gateway:
             max_request_bytes=server.max_request_bytes,
             reloader=self.reloader,
             admin_token=os.environ.get(ADMIN_TOKEN_ENV),
+            links=self.links,
         )
         config = uvicorn.Config(
             app,

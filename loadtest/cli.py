@@ -154,7 +154,7 @@ async def execute(
     fleet = make_fleet(job)
     await fleet.start()
     start_at = time.monotonic() + 0.2
-    ctx = FaultContext(pid, elapsed=lambda: time.monotonic() - start_at)
+    ctx = FaultContext(pid, elapsed=lambda: time.monotonic() - start_at, gateway_url=job.url)
     events = [
         FaultEvent(f.at_s, f.name, faults.validate_params(f.name, f.params)) for f in sc.faults
     ]

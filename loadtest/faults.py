@@ -1,4 +1,4 @@
-"""Fault injection: timed events handled by hooks registered by name (pause, log, ...)."""
+"""Fault injection: timed events handled by hooks registered by name (pause, partition, ...)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -32,11 +33,13 @@ class Mark:
 
 @dataclass
 class FaultContext:
-    """What hooks may touch: the harness-started gateway (if any), the run clock, the marks."""
+    """What hooks may touch: the harness-started gateway (if any), the run clock, the marks,
+    the gateway's URL (for its admin API)."""
 
     gateway_pid: int | None
     elapsed: Callable[[], float]
     marks: list[Mark] = field(default_factory=list)
+    gateway_url: str | None = None
 
     def mark(self, name: str, message: str) -> None:
         self.marks.append(Mark(round(self.elapsed(), 3), name, message))
@@ -153,3 +156,105 @@ class PauseGateway:
 
 
 register_fault("sigstop_gateway", PauseParams, needs_process=True)(PauseGateway)
+
+
+ADMIN_TOKEN_ENV = "ENSEMBLE_ADMIN_TOKEN"
+
+
+class LinkParams(_Params):
+    tier: str = Field(min_length=1, description="Tier whose emulated link changes.")
+    duration_s: float = Field(
+        gt=0, le=3600, description="How long the change lasts; then the previous values return."
+    )
+    partitioned: bool | None = Field(None, description="Cut the tier off (or heal it).")
+    delay_ms: float | None = Field(None, ge=0, description="One-way delay, ms.")
+    jitter_ms: float | None = Field(None, ge=0, description="Jitter per direction, ms.")
+    loss: float | None = Field(None, ge=0, lt=1, description="Share of calls dropped.")
+    loss_mode: Literal["timeout", "reset"] | None = Field(None, description="How drops fail.")
+    bandwidth_mbps: float | None = Field(None, gt=0, description="Bandwidth cap, Mbit/s.")
+    token_env: str = Field(
+        ADMIN_TOKEN_ENV, description="Environment variable holding the gateway's admin token."
+    )
+
+    def changes(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude={"tier", "duration_s", "token_env"})
+
+
+class PartitionParams(_Params):
+    tier: str = Field(min_length=1, description="Tier cut off from the gateway.")
+    duration_s: float = Field(gt=0, le=3600, description="How long the partition lasts.")
+    token_env: str = Field(
+        ADMIN_TOKEN_ENV, description="Environment variable holding the gateway's admin token."
+    )
+
+
+@register_fault("link", LinkParams)
+class ChangeLink:
+    """Changes a tier's emulated link through the gateway's admin API (`PUT /admin/links/TIER`)
+    for ``duration_s``, then puts the previous values back. The tier's link must be emulated
+    (`tiers.TIER.link.emulate: true`) and the gateway started with ENSEMBLE_ADMIN_TOKEN set."""
+
+    async def apply(self, event: FaultEvent, ctx: FaultContext) -> None:
+        params = event.params
+        assert isinstance(params, LinkParams | PartitionParams)
+        changes = params.changes() if isinstance(params, LinkParams) else {"partitioned": True}
+        if ctx.gateway_url is None:
+            raise ValueError("the link fault needs the gateway's URL (target.url or config)")
+        token = os.environ.get(params.token_env)
+        if not token:
+            raise ValueError(f"the link fault needs the admin token in ${params.token_env}")
+        what = ", ".join(f"{k}={v}" for k, v in changes.items())
+        async with httpx.AsyncClient(
+            base_url=ctx.gateway_url,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=10.0,
+            trust_env=False,
+        ) as client:
+            before = await _put_link(client, params.tier, changes)
+            ctx.mark(event.name, f"link to {params.tier}: {what} for {params.duration_s:g} s")
+            try:
+                await asyncio.sleep(params.duration_s)
+            finally:
+                # Always restore, also when the run is cancelled, or the tier stays cut off.
+                await asyncio.shield(_restore_link(client, params.tier, changes, before))
+                ctx.mark(event.name, f"link to {params.tier} restored")
+
+
+register_fault("partition", PartitionParams)(ChangeLink)
+
+
+async def _put_link(
+    client: httpx.AsyncClient, tier: str, changes: dict[str, Any]
+) -> dict[str, Any]:
+    """PUT the changes; the link's settings before them."""
+    try:
+        current = await client.get("/admin/links")
+        current.raise_for_status()
+        links = current.json()["links"]
+        if tier not in links:
+            raise ValueError(f"the gateway has no tier {tier!r}; it has {', '.join(links)}")
+        answer = await client.put(f"/admin/links/{tier}", json=changes)
+        answer.raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        raise RuntimeError(
+            f"admin API answered {exc.response.status_code}: {exc.response.text}"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise OSError(f"admin API unreachable: {exc}") from None
+    before: dict[str, Any] = links[tier]
+    return before
+
+
+async def _restore_link(
+    client: httpx.AsyncClient, tier: str, changes: dict[str, Any], before: dict[str, Any]
+) -> None:
+    """Put back what ``changes`` replaced: the config's settings when nothing was overridden."""
+    if not before.get("overrides"):
+        try:
+            answer = await client.delete(f"/admin/links/{tier}")
+        except httpx.HTTPError as exc:
+            raise OSError(f"admin API unreachable: {exc}") from None
+        if answer.status_code != 200:
+            raise RuntimeError(f"admin API answered {answer.status_code}: {answer.text}")
+        return
+    await _put_link(client, tier, {key: before[key] for key in changes})

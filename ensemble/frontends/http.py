@@ -8,8 +8,12 @@ import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeAlias
 
+import orjson
+from pydantic import ValidationError
+
 from ensemble.dispatcher import Dispatcher
 from ensemble.errors import (
+    Conflict,
     EnsembleError,
     Forbidden,
     InvalidInput,
@@ -26,6 +30,7 @@ from ensemble.frontends.rest_codec import (
     dumps,
     encode_infer_response,
 )
+from ensemble.links import Link, Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.reload import Reloader
 from ensemble.repository import EnsembleModel, ServedModel
@@ -120,12 +125,15 @@ class HttpFrontend:
         max_request_bytes: int,
         reloader: Reloader | None = None,
         admin_token: str | None = None,
+        links: Links | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.max_request_bytes = max_request_bytes
         self.reloader = reloader
         self.admin_token = admin_token or None
+        self.links = links if reloader is not None else None
+        """Emulated links the admin API reads and changes (a gateway from a config)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -165,6 +173,8 @@ class HttpFrontend:
             _expect(method, "PUT")
             self._authorize(scope)
             return await self._reload(scope, receive)
+        if parts[:2] == ["admin", "links"] and len(parts) <= 3 and self.links is not None:
+            return await self._links_route(method, parts[2:], scope, receive)
         if parts == ["v2", "repository", "index"]:
             _expect(method, "GET", "POST")
             return _json(200, dumps(self._repository_index()))
@@ -277,6 +287,48 @@ class HttpFrontend:
             return _json(200, dumps({"reloaded": True, "message": result.message}))
         return _json(400, dumps({"error": result.message, "errors": result.errors}))
 
+    async def _links_route(
+        self, method: str, rest: list[str], scope: Scope, receive: Receive
+    ) -> Reply:
+        """``GET /admin/links``; ``PUT /admin/links/{tier}`` (JSON: settings to change now);
+        ``DELETE /admin/links/{tier}`` (back to the config's settings)."""
+        assert self.links is not None
+        if not rest:
+            _expect(method, "GET")
+            self._authorize(scope)
+            return _json(200, dumps({"links": {ln.tier: ln.describe() for ln in self.links}}))
+        _expect(method, "PUT", "DELETE")
+        self._authorize(scope)
+        link = self._emulated_link(rest[0])
+        if method == "DELETE":
+            link.clear()
+        else:
+            changes = _json_object(await self._read_body(_headers(scope), receive))
+            try:
+                link.override(changes)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
+                )
+                raise InvalidInput(f"invalid link settings: {problems}") from None
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
+        log.warning("link to tier %r changed at runtime: %s", link.tier, link.overrides or "reset")
+        return _json(200, dumps({"tier": link.tier, **link.describe()}))
+
+    def _emulated_link(self, tier: str) -> Link:
+        assert self.links is not None
+        link = self.links.get(tier)
+        if link is None:
+            known = ", ".join(ln.tier for ln in self.links)
+            raise NotFound(f"unknown tier {tier!r}; configured: {known}")
+        if not link.emulated:
+            raise Conflict(
+                f"the link to tier {tier!r} is not emulated; set tiers.{tier}.link.emulate: "
+                "true in the config (and reload) to change it at runtime"
+            )
+        return link
+
     def _repository_index(self) -> list[dict[str, str]]:
         repo = self.dispatcher.repository
         return [
@@ -301,6 +353,16 @@ def _headers(scope: Scope) -> dict[str, str]:
         for k, v in scope["headers"]
         if k in _WANTED_HEADERS
     }
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the body must be a JSON object: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidInput('the body must be a JSON object, e.g. {"partitioned": true}')
+    return doc
 
 
 def _expect(method: str, *allowed: str) -> None:

@@ -8,12 +8,16 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ensemble.datatypes import numpy_to_oip
 from ensemble.errors import MemberFailed
 from ensemble.types import TensorSpec
+
+if TYPE_CHECKING:
+    from ensemble.links import Link
 
 log = logging.getLogger("ensemble.replicas")
 
@@ -67,6 +71,9 @@ class RemoteReplica(ABC):
         self._closed = False
         self.last_check_error: str | None = None
         """Why the last health check failed (None when it passed)."""
+        self.link: Link | None = None
+        """An emulated link its health checks cross (set by the repository; calls cross it in
+        ``LinkedReplica``), so a partitioned tier's servers turn unready as real ones would."""
 
     def __str__(self) -> str:
         return f"replica {self.name} ({self.backend} {self.endpoint}, model {self.model!r})"
@@ -148,7 +155,8 @@ class RemoteReplica(ABC):
     async def _probe(self) -> None:
         try:
             async with asyncio.timeout(self.health.timeout_s):
-                problem = await self._check()
+                link = self.link
+                problem = await (self._check() if link is None else link.check(self._check))
         except TimeoutError:
             problem = f"no answer within {self.health.timeout_s:g} s"
         except Exception as exc:  # any failure to check is a failed check

@@ -1,0 +1,236 @@
+"""Emulated links through a real gateway: the cloud link's delay shows in latency; partitioning
+the cloud through the admin API (and the load test's fault event) leaves the edge answering,
+flagged degraded; healing it brings the cloud members back without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from loadtest import faults
+from loadtest.faults import FaultContext, FaultEvent
+from tests.integration.conftest import good_input
+from tests.integration.process import (
+    ZOO,
+    GatewayProcess,
+    start_from_config,
+    start_replica,
+    zoo_member,
+)
+
+pytestmark = pytest.mark.integration
+TOKEN = "link-test-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+DELAY_MS = 30
+
+
+@pytest.fixture(scope="module")
+def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("links")
+    replica = start_replica(ZOO / "svm.onnx", tmp / "svm.log")
+    config = {
+        "tiers": {
+            "edge": {},
+            "cloud": {"link": {"emulate": True, "delay_ms": DELAY_MS}},
+        },
+        "ensembles": [
+            {
+                "name": "digits",
+                "members": [
+                    zoo_member("logreg"),
+                    zoo_member("forest"),
+                    zoo_member("mlp_small", {"tier": "cloud"}),
+                    zoo_member(
+                        "svm",
+                        {
+                            "tier": "cloud",
+                            "backend": "oip-http",
+                            "endpoints": [replica.http_url],
+                            "health_check_interval_s": 0.2,
+                            "health_check_timeout_s": 0.5,
+                            "unhealthy_threshold": 1,
+                        },
+                    ),
+                ],
+            }
+        ],
+    }
+    proc = start_from_config(config, tmp, env={"ENSEMBLE_ADMIN_TOKEN": TOKEN})
+    yield proc
+    code = proc.stop()
+    replica.stop()
+    assert code == 0, proc.log()
+    assert "Traceback" not in proc.log(), proc.log()
+
+
+def infer(client: httpx.Client, model: str) -> tuple[int, dict[str, Any], float]:
+    start = time.perf_counter()
+    response = client.post(f"/v2/models/{model}/infer", json={"inputs": [good_input()]})
+    return response.status_code, response.json(), time.perf_counter() - start
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.05)
+
+
+def metric(client: httpx.Client, line_start: str) -> float:
+    text = client.get("/metrics").text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(line_start))
+
+
+def cloud_answered(doc: dict[str, Any]) -> bool:
+    return "@cloud" in doc["parameters"]["members_answered"]
+
+
+def test_the_cloud_links_delay_shows_in_latency(gw: GatewayProcess) -> None:
+    with httpx.Client(base_url=gw.http_url, timeout=30) as client:
+        infer(client, "mlp_small")  # warm up
+        edge = min(infer(client, "logreg")[2] for _ in range(5))
+        cloud = min(infer(client, "mlp_small")[2] for _ in range(5))
+        status, doc, whole = infer(client, "digits")
+        assert status == 200 and doc["parameters"]["completeness"] == 1.0
+        assert "degraded" not in doc["parameters"]
+        assert cloud >= 2 * DELAY_MS / 1e3 > edge  # one-way delay, paid both ways
+        assert whole >= 2 * DELAY_MS / 1e3
+        assert metric(client, 'ensemble_link_delay_seconds{tier="cloud"}') == DELAY_MS / 1e3
+        assert metric(client, 'ensemble_link_partitioned{tier="cloud"}') == 0.0
+
+
+def test_the_links_admin_api_checks_its_token_and_input(gw: GatewayProcess) -> None:
+    with httpx.Client(base_url=gw.http_url, timeout=30) as client:
+        assert client.get("/admin/links").status_code == 401
+        wrong = {"authorization": "Bearer nope"}
+        assert client.put("/admin/links/cloud", json={}, headers=wrong).status_code == 403
+        doc = client.get("/admin/links", headers=AUTH).json()["links"]
+        assert doc["cloud"]["emulate"] and doc["cloud"]["delay_ms"] == DELAY_MS
+        assert not doc["edge"]["emulate"]
+        answer = client.put("/admin/links/moon", json={"partitioned": True}, headers=AUTH)
+        assert answer.status_code == 404 and "unknown tier" in answer.json()["error"]
+        answer = client.put("/admin/links/edge", json={"partitioned": True}, headers=AUTH)
+        assert answer.status_code == 409 and "emulate" in answer.json()["error"]
+        answer = client.put("/admin/links/cloud", json={"loss": 2}, headers=AUTH)
+        assert answer.status_code == 400 and "loss" in answer.json()["error"]
+        answer = client.put("/admin/links/cloud", json={"seed": 2}, headers=AUTH)
+        assert answer.status_code == 400 and "seed" in answer.json()["error"]
+        answer = client.put("/admin/links/cloud", content=b"[1]", headers=AUTH)
+        assert answer.status_code == 400
+        answer = client.post("/admin/links/cloud", headers=AUTH)
+        assert answer.status_code == 405
+        assert client.get("/admin/links", headers=AUTH).json()["links"]["cloud"]["overrides"] == {}
+
+
+class Load:
+    """Requests to the ensemble, one after another in a thread, every answer kept."""
+
+    def __init__(self, url: str) -> None:
+        self.answers: list[tuple[float, int, dict[str, Any]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str) -> None:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            while not self._stop.is_set():
+                status, doc, took = infer(client, "digits")
+                self.answers.append((took, status, doc))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+def test_a_partitioned_cloud_leaves_the_edge_answering_degraded_then_heals(
+    gw: GatewayProcess,
+) -> None:
+    load = Load(gw.http_url)
+    try:
+        with httpx.Client(base_url=gw.http_url, timeout=30) as client:
+            wait_for(lambda: len(load.answers) >= 5, "requests flow")
+            answer = client.put("/admin/links/cloud", json={"partitioned": True}, headers=AUTH)
+            assert answer.status_code == 200 and answer.json()["partitioned"] is True
+            cut = len(load.answers)
+            wait_for(lambda: len(load.answers) >= cut + 10, "requests answer while partitioned")
+            assert client.get("/v2/models/mlp_small/ready").status_code == 503  # at once
+            wait_for(
+                lambda: client.get("/v2/models/svm/ready").status_code == 503,
+                "the remote cloud replica's health checks fail",
+            )
+            assert client.get("/v2/models/digits/ready").status_code == 200  # the edge answers
+            assert client.get("/v2/health/ready").status_code == 503  # not every model is
+            assert metric(client, 'ensemble_model_ready{model="svm"}') == 0.0
+            assert metric(client, 'ensemble_link_partitioned{tier="cloud"}') == 1.0
+            partitioned = load.answers[cut + 2 :]
+            answer = client.put("/admin/links/cloud", json={"partitioned": False}, headers=AUTH)
+            assert answer.status_code == 200
+            healed_at = time.monotonic()
+            mark = len(load.answers)
+            wait_for(
+                lambda: any(cloud_answered(d) for _, _, d in load.answers[mark:]),
+                "cloud members answer again",
+            )
+            wait_for(
+                lambda: client.get("/v2/health/ready").status_code == 200, "every model is ready"
+            )
+            full = len(load.answers) + 1  # the one in flight may have started before
+            wait_for(lambda: len(load.answers) > full, "answers after every member is ready")
+            assert time.monotonic() - healed_at < 5
+            assert client.delete("/admin/links/cloud", headers=AUTH).status_code == 200
+            assert metric(client, 'ensemble_degraded_answers_total{ensemble="digits"}') > 0
+            failures = 'ensemble_link_failures_total{kind="partitioned",tier="cloud"}'
+            assert metric(client, failures) > 0
+    finally:
+        load.stop()
+    assert all(status == 200 for _, status, _ in load.answers)  # nothing lost, no errors
+    assert all(took < 5 for took, _, _ in load.answers)  # nothing hangs
+    for _, _, doc in partitioned:
+        params = doc["parameters"]
+        assert params["degraded"] is True and "availability" in params["violations"]
+        assert not cloud_answered(doc) and "@edge" in params["members_answered"]
+    for _, _, doc in load.answers[full:]:  # the whole ensemble answers again
+        assert doc["parameters"]["completeness"] == 1.0 and "degraded" not in doc["parameters"]
+
+
+def test_the_partition_fault_event_cuts_and_restores_and_reloads_keep_it(
+    gw: GatewayProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ENSEMBLE_ADMIN_TOKEN", TOKEN)
+    params = faults.validate_params("partition", {"tier": "cloud", "duration_s": 4})
+    start = time.monotonic()
+    ctx = FaultContext(None, elapsed=lambda: time.monotonic() - start, gateway_url=gw.http_url)
+
+    def cloud_link(client: httpx.Client) -> dict[str, Any]:
+        doc: dict[str, Any] = client.get("/admin/links", headers=AUTH).json()["links"]["cloud"]
+        return doc
+
+    async def main() -> None:
+        hook = asyncio.create_task(
+            faults.create_hook("partition").apply(FaultEvent(0, "partition", params), ctx)
+        )
+        with httpx.Client(base_url=gw.http_url, timeout=30) as client:
+            await asyncio.to_thread(wait_for, lambda: cloud_link(client)["partitioned"], "cut")
+            # A hot reload keeps the runtime state of the links (the network's, not the config's).
+            reload = await asyncio.to_thread(client.put, "/admin/config", headers=AUTH)
+            assert reload.status_code == 200, reload.text
+            assert cloud_link(client)["partitioned"] is True
+            status, doc, _ = await asyncio.to_thread(infer, client, "digits")
+            assert status == 200 and doc["parameters"]["degraded"] is True
+            await hook
+            link = cloud_link(client)
+            assert link["partitioned"] is False and link["overrides"] == {}
+
+    asyncio.run(main())
+    assert [m.message for m in ctx.marks] == [
+        "link to cloud: partitioned=True for 4 s",
+        "link to cloud restored",
+    ]
