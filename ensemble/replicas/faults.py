@@ -12,41 +12,8 @@ from ensemble.errors import MemberFailed
 from ensemble.replicas.base import Replica
 
 
-class StragglerReplica:
-    """Wraps a replica so that a share of its calls answer ``delay_s`` late (tail latency)."""
-
-    def __init__(self, inner: Replica, probability: float, delay_s: float, seed: int) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.tier = inner.tier
-        self.probability = probability
-        self.delay_s = delay_s
-        self._rng = random.Random(seed)
-
-    def ready(self) -> bool:
-        return self.inner.ready()
-
-    def infer(
-        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> Awaitable[dict[str, np.ndarray]]:
-        if self._rng.random() >= self.probability:
-            return self.inner.infer(feed, outputs)
-        return self._late(self.inner.infer(feed, outputs))
-
-    async def _late(self, call: Awaitable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        result = await call
-        await asyncio.sleep(self.delay_s)
-        return result
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-class FailingReplica:
-    """Wraps a replica so that a share of its calls fail (probability 1: a dead replica)."""
+class _FaultyReplica:
+    """Wraps a replica; a seeded ``probability`` share of its calls go through ``_hit``."""
 
     def __init__(self, inner: Replica, probability: float, seed: int) -> None:
         self.inner = inner
@@ -63,13 +30,39 @@ class FailingReplica:
     ) -> Awaitable[dict[str, np.ndarray]]:
         if self._rng.random() >= self.probability:
             return self.inner.infer(feed, outputs)
-        return self._fail()
+        return self._hit(feed, outputs)
 
-    async def _fail(self) -> dict[str, np.ndarray]:
-        raise MemberFailed(f"replica {self.name} failed (emulated fault)")
+    async def _hit(
+        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
     async def start(self) -> None:
         await self.inner.start()
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+class StragglerReplica(_FaultyReplica):
+    """Wraps a replica so that a share of its calls answer ``delay_s`` late (tail latency)."""
+
+    def __init__(self, inner: Replica, probability: float, delay_s: float, seed: int) -> None:
+        super().__init__(inner, probability, seed)
+        self.delay_s = delay_s
+
+    async def _hit(
+        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
+        result = await self.inner.infer(feed, outputs)
+        await asyncio.sleep(self.delay_s)
+        return result
+
+
+class FailingReplica(_FaultyReplica):
+    """Wraps a replica so that a share of its calls fail (probability 1: a dead replica)."""
+
+    async def _hit(
+        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
+        raise MemberFailed(f"replica {self.name} failed (emulated fault)")
