@@ -126,8 +126,9 @@ class FailureConfig(StrictModel):
     seed: int = Field(0, description="Seed of the choice of failing calls (repeatable runs).")
 
 
-Backend = Literal["inprocess", "oip-http", "oip-grpc"]
-REMOTE_BACKENDS: tuple[Backend, ...] = ("oip-http", "oip-grpc")
+# `triton` is another name for `oip-grpc` (Triton's own gRPC endpoint, port 8001 by default).
+Backend = Literal["inprocess", "oip-http", "oip-grpc", "triton"]
+REMOTE_BACKENDS: tuple[Backend, ...] = ("oip-http", "oip-grpc", "triton")
 _REMOTE_ONLY = (
     "endpoints",
     "remote_model",
@@ -146,7 +147,8 @@ class Placement(StrictModel):
         "inprocess",
         description="How replicas are reached: `inprocess` (onnxruntime in the gateway), "
         "`oip-http` (an OIP REST server, binary tensors over pooled keep-alive connections), "
-        "`oip-grpc` (an OIP gRPC server, raw tensor contents).",
+        "`oip-grpc` (an OIP gRPC server, raw tensor contents), `triton` (the same as "
+        "`oip-grpc`, for a Triton Inference Server's gRPC endpoint).",
     )
     replicas: ReplicaBounds = Field(
         default_factory=ReplicaBounds,
@@ -158,7 +160,7 @@ class Placement(StrictModel):
         min_length=1,
         max_length=256,
         description="Remote backends only: one server per replica, `http://HOST:PORT` for "
-        "oip-http, `HOST:PORT` for oip-grpc.",
+        "oip-http, `HOST:PORT` for oip-grpc and triton.",
     )
     remote_model: Name | None = Field(
         None,
@@ -256,7 +258,7 @@ class Placement(StrictModel):
             return None
         host, sep, port = endpoint.rpartition(":")
         if "://" in endpoint or not sep or not host or not port.isdigit():
-            return f"endpoint {endpoint!r} must be HOST:PORT (no scheme) for oip-grpc"
+            return f"endpoint {endpoint!r} must be HOST:PORT (no scheme) for {self.backend}"
         if not 0 < int(port) < 65536:
             return f"endpoint {endpoint!r} has an invalid port"
         return None

@@ -162,6 +162,15 @@ def test_remote_placements_take_one_replica_per_endpoint(tmp_path: Path) -> None
     assert cloud.remote_model == "logreg_v2" and cloud.health_check_interval_s == 0.5
 
 
+def test_triton_is_another_name_for_oip_grpc(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "[{tier: edge}]", "[{tier: edge, backend: triton, endpoints: ['127.0.0.1:8001', 'h:8001']}]"
+    )
+    (place,) = load_config(write(tmp_path, text)).ensembles[0].members[0].placement
+    assert place.remote and place.backend == "triton"
+    assert (place.replicas.min, place.replicas.max) == (2, 2)
+
+
 @pytest.mark.parametrize(
     ("placement", "message"),
     [
@@ -174,7 +183,12 @@ def test_remote_placements_take_one_replica_per_endpoint(tmp_path: Path) -> None
         ("{tier: edge, backend: oip-grpc, endpoints: ['http://h:1']}", "HOST:PORT (no scheme)"),
         ("{tier: edge, backend: oip-grpc, endpoints: ['h']}", "HOST:PORT (no scheme)"),
         ("{tier: edge, backend: oip-grpc, endpoints: ['h:1', 'h:1']}", "must not repeat"),
-        ("{tier: edge, backend: ray}", "Input should be 'inprocess', 'oip-http' or 'oip-grpc'"),
+        (
+            "{tier: edge, backend: ray}",
+            "Input should be 'inprocess', 'oip-http', 'oip-grpc' or 'triton'",
+        ),
+        ("{tier: edge, backend: triton}", "backend triton needs `endpoints`"),
+        ("{tier: edge, backend: triton, endpoints: ['http://h:8001']}", "no scheme) for triton"),
         (
             "{tier: edge, backend: oip-grpc, endpoints: ['h:1'], replicas: {min: 2, max: 4}}",
             "does not fit the 1 endpoint(s): a remote placement has exactly one replica per "
