@@ -63,8 +63,9 @@ def _tensor_from_json(
                     raise InvalidInput(f"{where}: BOOL data must be true or false")
             elif _contains_non_number(data):
                 raise InvalidInput(f"{where}: {datatype} data must be numbers")
-            array = np.asarray(data, dtype=OIP_TO_NUMPY[datatype]).ravel()
-    except (ValueError, TypeError, OverflowError) as exc:
+            with np.errstate(over="raise"):  # 1e39 as FP32 is an error, not a silent inf
+                array = np.asarray(data, dtype=OIP_TO_NUMPY[datatype]).ravel()
+    except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
         raise InvalidInput(f"{where}: data does not fit datatype {datatype}: {exc}") from None
     if array.size != count:
         raise InvalidInput(

@@ -183,3 +183,10 @@ def test_empty_binary_tensor_of_unallocatable_shape_is_invalid(datatype: str) ->
     }
     with pytest.raises(InvalidInput, match="cannot be allocated"):
         decode(doc, header=True)
+
+
+def test_json_number_beyond_fp32_is_invalid_not_inf() -> None:
+    message = bad({"inputs": [inp(data=[1e39, 1.0])]}, match="does not fit datatype FP32")
+    assert "overflow" in message
+    req = decode({"inputs": [inp(data=[1e30, 1.0], datatype="FP64")]})
+    assert req.inputs[0].data.tolist() == [[1e30, 1.0]]  # type: ignore[attr-defined]
