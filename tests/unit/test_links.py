@@ -248,12 +248,8 @@ ensembles:
 """
 
 
-def test_only_emulated_tiers_get_a_wrapper(tmp_path: Path) -> None:
-    zoo = Path(__file__).resolve().parents[2] / "models" / "digits"
-    if not (zoo / "logreg.onnx").is_file():
-        pytest.skip("model zoo not built")
-
-    cfg = parse_config(yaml.safe_load(CONFIG % {"zoo": zoo}), base_dir=tmp_path)
+def test_only_emulated_tiers_get_a_wrapper(zoo_dir: Path, tmp_path: Path) -> None:
+    cfg = parse_config(yaml.safe_load(CONFIG % {"zoo": zoo_dir}), base_dir=tmp_path)
     engine = InProcessEngine(1)
     try:
         links = Links(cfg.tiers)
