@@ -46,3 +46,8 @@ def good_input(**over: object) -> dict[str, object]:
     }
     base.update(over)
     return base
+
+
+def array_input(x: np.ndarray) -> dict[str, object]:
+    """``x`` (FP32, shape [batch, 64]) as the `digits` input tensor in OIP JSON."""
+    return good_input(shape=list(x.shape), data=x.ravel().tolist())

@@ -12,6 +12,7 @@ import tritonclient.http as httpclient
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.conftest import array_input
 from tests.integration.process import ROOT, GatewayProcess, start_gateway
 
 pytestmark = pytest.mark.integration
@@ -83,14 +84,7 @@ def feedback(gw: GatewayProcess, model: str, body: object) -> httpx.Response:
 
 def infer_json(gw: GatewayProcess, x: np.ndarray, **extra: object) -> dict[str, object]:
     body = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": list(x.shape),
-                "data": x.ravel().tolist(),
-            }
-        ],
+        "inputs": [array_input(x)],
         **extra,
     }
     resp = httpx.post(f"{gw.http_url}/v2/models/digits/infer", json=body, timeout=30)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tests.integration.conftest import array_input
 from tests.integration.process import (
     ZOO,
     GatewayProcess,
@@ -110,16 +111,7 @@ def fleet(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F
 
 
 def infer(client: httpx.Client, model: str, x: np.ndarray) -> tuple[int, dict[str, Any]]:
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": list(x.shape),
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
+    body = {"inputs": [array_input(x)]}
     response = client.post(f"/v2/models/{model}/infer", json=body)
     return response.status_code, response.json()
 

@@ -26,6 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from tests.integration.conftest import array_input
 from tests.integration.process import ROOT, ZOO, GatewayProcess, start_from_config, zoo_member
 from tests.triton import venv
 
@@ -208,16 +209,7 @@ def test_triton_serves_the_member_as_onnxruntime_does(
 
 
 def infer(client: httpx.Client, model: str, x: np.ndarray) -> dict[str, Any]:
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": list(x.shape),
-                "data": x.ravel().tolist(),
-            }
-        ]
-    }
+    body = {"inputs": [array_input(x)]}
     response = client.post(f"/v2/models/{model}/infer", json=body)
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
