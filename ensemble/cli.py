@@ -93,19 +93,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     grpc_port = cfg.server.grpc_port if args.grpc_port is None else args.grpc_port
 
     announce = _announcer("gateway", cfg.model_names())
+    ray = None
     try:
         _ensure_models(cfg)
+        if args.ray_address:
+            from ensemble.replicas.ray_serve import serve_on_cluster
+
+            server = cfg.server.model_copy(
+                update={"host": host, "http_port": http_port, "grpc_port": grpc_port}
+            )
+            cfg = cfg.model_copy(update={"server": server})
+            return serve_on_cluster(cfg, args.ray_address, _progress, announce)
+        if cfg.ray_placements():
+            from ensemble.replicas.ray_serve import RayRuntime
+
+            # Before the event loop's signal handlers: ray.init installs its own.
+            ray = RayRuntime.start_local(cfg, _progress)
         import uvloop
 
         from ensemble.server import Gateway, run_gateway
 
         def make() -> Gateway:
-            return Gateway.from_config(cfg, _progress)
+            return Gateway.from_config(cfg, _progress, ray)
 
         return uvloop.run(run_gateway(make, host, http_port, grpc_port, announce))
     except (EnsembleError, OSError) as exc:
         print(f"ensemble: cannot serve {args.config}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if ray is not None:
+            _progress("stopping Ray")
+            ray.shutdown()
 
 
 def _server_settings(args: argparse.Namespace) -> ServerConfig | None:
@@ -193,9 +211,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _placement_summary(place: Placement) -> str:
-    if not place.remote:
-        return place.tier
-    return f"{place.tier}({place.backend} x{len(place.endpoints or ())})"
+    if place.remote:
+        return f"{place.tier}({place.backend} x{len(place.endpoints or ())})"
+    if place.backend == "ray":
+        return f"{place.tier}(ray x{place.replicas.min})"
+    return place.tier
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -314,6 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grpc-port", type=int, metavar="PORT", help="OIP gRPC port (0 = any free port)."
+    )
+    serve.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="Run on an existing Ray cluster (its GCS address, as `ray start --head` prints): "
+        "the gateway and its `ray` members are deployed as one Ray Serve application "
+        "(config `ray.app`), the gateway on a node offering `ray.gateway_tier`'s resource, "
+        "each member on a node offering its tier's; this command stays attached and deletes "
+        "the application on SIGTERM/SIGINT. Without it, a config with `ray` placements "
+        "starts a private Ray on 127.0.0.1 and the gateway runs in this process.",
     )
     serve.set_defaults(func=cmd_serve)
 

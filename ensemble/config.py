@@ -127,16 +127,35 @@ class FailureConfig(StrictModel):
 
 
 # `triton` is another name for `oip-grpc` (Triton's own gRPC endpoint, port 8001 by default).
-Backend = Literal["inprocess", "oip-http", "oip-grpc", "triton"]
+Backend = Literal["inprocess", "oip-http", "oip-grpc", "triton", "ray"]
 REMOTE_BACKENDS: tuple[Backend, ...] = ("oip-http", "oip-grpc", "triton")
-_REMOTE_ONLY = (
-    "endpoints",
-    "remote_model",
+"""Backends whose replicas are servers at configured endpoints."""
+_ENDPOINT_ONLY = ("endpoints", "remote_model")
+_NETWORK_ONLY = (
     "timeout_s",
     "health_check_interval_s",
     "health_check_timeout_s",
     "unhealthy_threshold",
 )
+
+
+class RayDeploymentConfig(StrictModel):
+    """How a `ray` placement's Ray Serve deployment is sized."""
+
+    num_cpus: float = Field(
+        0.25,
+        gt=0,
+        le=256,
+        description="CPUs Ray reserves for each of the deployment's replicas (an onnxruntime "
+        "session runs one thread per call).",
+    )
+    max_ongoing_requests: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Calls one Ray Serve replica takes at once; Ray Serve's own default (5) "
+        "queues a busy member's calls in Ray's router on a small machine.",
+    )
 
 
 class Placement(StrictModel):
@@ -148,12 +167,17 @@ class Placement(StrictModel):
         description="How replicas are reached: `inprocess` (onnxruntime in the gateway), "
         "`oip-http` (an OIP REST server, binary tensors over pooled keep-alive connections), "
         "`oip-grpc` (an OIP gRPC server, raw tensor contents), `triton` (the same as "
-        "`oip-grpc`, for a Triton Inference Server's gRPC endpoint).",
+        "`oip-grpc`, for a Triton Inference Server's gRPC endpoint), `ray` (a Ray Serve "
+        "deployment the gateway creates, on Ray nodes offering the tier's custom resource, "
+        "called by handle).",
     )
     replicas: ReplicaBounds = Field(
         default_factory=ReplicaBounds,
         description="Replica bounds; a remote placement has exactly one replica per endpoint "
-        "(default: the endpoint count).",
+        "(default: the endpoint count); a `ray` placement deploys `min` Ray Serve replicas.",
+    )
+    ray: RayDeploymentConfig | None = Field(
+        None, description="`ray` backend only: the deployment's size (default: see its fields)."
     )
     endpoints: list[str] | None = Field(
         None,
@@ -171,25 +195,26 @@ class Placement(StrictModel):
         30.0,
         gt=0,
         le=3600,
-        description="Remote backends only: longest a call may take before it counts as failed "
-        "(the request's own timeout, when shorter, applies too).",
+        description="Remote and ray backends only: longest a call may take before it counts "
+        "as failed (the request's own timeout, when shorter, applies too).",
     )
     health_check_interval_s: float = Field(
         1.0,
         gt=0,
         le=3600,
-        description="Remote backends only: how often each server's model-ready endpoint is "
-        "polled; a replica takes calls only while its checks pass.",
+        description="Remote and ray backends only: how often each server's model-ready "
+        "endpoint (a ray deployment's `ready` method) is polled; a replica takes calls only "
+        "while its checks pass.",
     )
     health_check_timeout_s: float = Field(
-        1.0, gt=0, le=600, description="Remote backends only: a check slower than this fails."
+        1.0, gt=0, le=600, description="Remote and ray backends only: a slower check fails."
     )
     unhealthy_threshold: int = Field(
         2,
         ge=1,
         le=100,
-        description="Remote backends only: consecutive failed checks that make a ready replica "
-        "unready (one passing check makes it ready again).",
+        description="Remote and ray backends only: consecutive failed checks that make a "
+        "ready replica unready (one passing check makes it ready again).",
     )
     straggler: StragglerConfig | None = Field(
         None, description="Emulate a straggler: some calls to these replicas answer late."
@@ -200,7 +225,13 @@ class Placement(StrictModel):
 
     @property
     def remote(self) -> bool:
+        """Replicas are servers at configured endpoints."""
         return self.backend in REMOTE_BACKENDS
+
+    @property
+    def networked(self) -> bool:
+        """Replicas are reached over the network (call timeouts, active health checks)."""
+        return self.backend != "inprocess"
 
     @model_validator(mode="before")
     @classmethod
@@ -214,13 +245,24 @@ class Placement(StrictModel):
 
     @model_validator(mode="after")
     def _backend_settings(self) -> Placement:
+        if self.ray is not None and self.backend != "ray":
+            raise ValueError(f"ray: only for the ray backend, not for {self.backend}")
+        if not self.networked:
+            given = [key for key in _NETWORK_ONLY if key in self.model_fields_set]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: only for the remote and ray backends "
+                    f"({', '.join(REMOTE_BACKENDS)}, ray), not for {self.backend}"
+                )
         if not self.remote:
-            given = [key for key in _REMOTE_ONLY if key in self.model_fields_set]
+            given = [key for key in _ENDPOINT_ONLY if key in self.model_fields_set]
             if given:
                 raise ValueError(
                     f"{', '.join(given)}: only for the remote backends "
                     f"({', '.join(REMOTE_BACKENDS)}), not for {self.backend}"
                 )
+            if self.backend == "ray" and self.replicas.min < 1:
+                raise ValueError("a ray placement deploys replicas.min replicas: at least 1")
             return self
         if self.endpoints is None:
             example = "http://127.0.0.1:9000" if self.backend == "oip-http" else "127.0.0.1:9001"
@@ -285,6 +327,24 @@ class MemberConfig(StrictModel):
         "node, else 0..C-1.",
     )
     placement: list[Placement] = Field(min_length=1, description="Tiers this member runs on.")
+
+    def replica_names(self) -> list[list[str]]:
+        """Per placement, its replicas' names ``TIER/INDEX``, numbered per tier across
+        placements: one per endpoint (remote), one per deployment (ray; Ray Serve balances the
+        deployment's own replicas), else ``replicas.min`` (at least one)."""
+        counts: dict[str, int] = {}
+        names = []
+        for place in self.placement:
+            if place.remote:
+                n = len(place.endpoints or ())
+            elif place.backend == "ray":
+                n = 1
+            else:
+                n = max(1, place.replicas.min)
+            first = counts.get(place.tier, 0)
+            counts[place.tier] = first + n
+            names.append([f"{place.tier}/{i}" for i in range(first, first + n)])
+        return names
 
 
 class PolicySpec(StrictModel):
@@ -388,6 +448,34 @@ class ModelZooConfig(StrictModel):
     build_if_missing: bool = Field(True, description="Build the zoo on first use.")
 
 
+class RayConfig(StrictModel):
+    """The Ray cluster behind `ray` placements (README "Ray Serve members")."""
+
+    app: Name = Field(
+        "ensemble",
+        description="Name of the Ray Serve application holding the gateway's ray deployments.",
+    )
+    gateway_tier: Name | None = Field(
+        None,
+        description="With `ensemble serve --ray-address`, the gateway itself runs as a Serve "
+        "deployment on a Ray node offering this tier's custom resource (default: any node).",
+    )
+    gateway_num_cpus: float = Field(
+        1.0,
+        ge=0,
+        le=256,
+        description="With `ensemble serve --ray-address`: CPUs Ray reserves for the gateway "
+        "(its in-process members run in its executor threads).",
+    )
+    object_store_mb: int = Field(
+        256,
+        ge=64,
+        le=1_048_576,
+        description="Object store of the Ray instance the gateway starts when it is not given "
+        "--ray-address (tensors here are small).",
+    )
+
+
 def _default_tiers() -> dict[str, TierConfig]:
     return {"edge": TierConfig(), "cloud": TierConfig()}
 
@@ -411,6 +499,9 @@ class GatewayConfig(StrictModel):
         description="Ejecting failing replicas from routing, per replica, with half-open "
         "probing (`consecutive_failures`; `none`). A member's last usable replicas are "
         "never all ejected.",
+    )
+    ray: RayConfig = Field(
+        default_factory=RayConfig, description="Ray, for members placed on the `ray` backend."
     )
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -437,6 +528,16 @@ class GatewayConfig(StrictModel):
         if name == "default":
             return ProfileConfig()
         raise KeyError(name)
+
+    def ray_placements(self) -> list[tuple[MemberConfig, Placement]]:
+        """Every member placement on the `ray` backend, in config order."""
+        return [
+            (member, place)
+            for ens in self.ensembles
+            for member in ens.members
+            for place in member.placement
+            if place.backend == "ray"
+        ]
 
     def model_names(self) -> list[str]:
         """Every name a client can address: ensembles, then members."""
@@ -487,6 +588,10 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
                         )
                     )
             errors.extend(_file_errors(cfg, member, mloc))
+    gateway_tier = cfg.ray.gateway_tier
+    if gateway_tier is not None and gateway_tier not in cfg.tiers:
+        known = ", ".join(sorted(cfg.tiers)) or "none"
+        errors.append((("ray", "gateway_tier"), f"unknown tier {gateway_tier!r}; defined: {known}"))
     members = {m.name for ens in cfg.ensembles for m in ens.members}
     for pname, profile in cfg.policies.items():
         for kind in ("selection", "aggregation", "routing", "hedging", "retry"):

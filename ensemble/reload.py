@@ -15,6 +15,7 @@ from ensemble.errors import ConfigError, EnsembleError
 from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.engine import InProcessEngine
+from ensemble.replicas.ray_serve import RayRuntime
 from ensemble.repository import Repository
 
 log = logging.getLogger("ensemble.reload")
@@ -40,8 +41,10 @@ class Reloader:
         dispatcher: Dispatcher,
         metrics: GatewayMetrics,
         links: Links | None = None,
+        ray: RayRuntime | None = None,
     ) -> None:
         self.cfg = cfg
+        self._ray = ray
         self._links = links if links is not None else Links(cfg.tiers)
         self.source = source
         self._engine = engine
@@ -76,7 +79,7 @@ class Reloader:
                 _check_restart_only(self.cfg, cfg)
                 # Loading sessions blocks for a while: never on the event loop.
                 repository = await asyncio.to_thread(
-                    Repository.from_config, cfg, self._engine, None, self._links
+                    Repository.from_config, cfg, self._engine, None, self._links, self._ray
                 )
             except ConfigError as exc:
                 return self._reject(exc.errors)
@@ -122,12 +125,13 @@ class Reloader:
 
 
 def _check_restart_only(old: GatewayConfig, new: GatewayConfig) -> None:
-    """Listening addresses, limits and the thread pool are fixed for a process's life."""
+    """Listening addresses, limits, the thread pool and the Ray application are fixed for a
+    process's life (a `ray` placement that changes is caught when its replica is built)."""
     changed = [
-        f"server.{key}: {getattr(old.server, key)!r} -> {getattr(new.server, key)!r} "
-        "needs a restart"
-        for key in type(old.server).model_fields
-        if getattr(old.server, key) != getattr(new.server, key)
+        f"{section}.{key}: {getattr(before, key)!r} -> {getattr(after, key)!r} needs a restart"
+        for section, before, after in (("server", old.server, new.server), ("ray", old.ray, new.ray))
+        for key in type(before).model_fields
+        if getattr(before, key) != getattr(after, key)
     ]
     if changed:
         raise ConfigError("reload", changed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_
 from ensemble.replicas.oip_grpc import GrpcReplica
 from ensemble.replicas.oip_http import HttpReplica
 from ensemble.replicas.onnx import ClassLabel, OnnxSignature, load_session, read_signature
+from ensemble.replicas.ray_serve import RayReplica, RayRuntime, spec_for
 from ensemble.replicas.remote import HealthCheck, RemoteReplica
 from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec, ValidationSet
 from policies import registry
@@ -177,17 +178,47 @@ def read_card(path: Path, member: str, *, required: bool) -> MemberCard | None:
 
 
 def build_member(
-    cfg: GatewayConfig, member: MemberConfig, engine: InProcessEngine, links: Links | None = None
+    cfg: GatewayConfig,
+    member: MemberConfig,
+    engine: InProcessEngine,
+    links: Links | None = None,
+    ray: RayRuntime | None = None,
 ) -> Member:
     """A config's member: its replicas on every placement (across their tier's emulated link
-    when it has one), its card, costs, outlier detection."""
+    when it has one; `ray` placements through ``ray``'s deployments), its card, costs, outlier
+    detection."""
     path = cfg.resolve(member.model)
 
     def link_for(tier: str) -> Link | None:
         config = cfg.tiers[tier].link
         return links.link(tier, config) if links is not None and config.emulate else None
 
-    built = load_member(member, path, _load_card(cfg, member, path), engine, link_for=link_for)
+    def ray_replica(place: Placement, name: str, outputs: Sequence[TensorSpec]) -> Replica:
+        if ray is None:
+            raise EnsembleError(
+                f"member {member.name!r} is placed on the ray backend, which needs Ray: "
+                "`ensemble serve` starts one (or joins --ray-address)"
+            )
+        spec = spec_for(cfg, member, place, name)
+        return RayReplica(
+            name,
+            place.tier,
+            ray.handle(spec),
+            spec,
+            ray.app,
+            outputs,
+            timeout_s=place.timeout_s,
+            health=_health_check(place),
+        )
+
+    built = load_member(
+        member,
+        path,
+        _load_card(cfg, member, path),
+        engine,
+        link_for=link_for,
+        ray_replica=ray_replica,
+    )
     built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
     built.cost_per_call = built.tier_costs[member.placement[0].tier]
     built.outlier = registry.build(
@@ -199,6 +230,9 @@ def build_member(
     return built
 
 
+RayReplicaFactory = Callable[[Placement, str, Sequence[TensorSpec]], Replica]
+
+
 def load_member(
     member: MemberConfig,
     path: Path,
@@ -207,28 +241,33 @@ def load_member(
     *,
     classifier: bool = True,
     link_for: Callable[[str], Link | None] | None = None,
+    ray_replica: RayReplicaFactory | None = None,
 ) -> Member:
     """Load a member's ONNX file (its schema, and sessions for in-process replicas) and make its
     replicas; ``classifier=False`` serves a model whose class scores cannot be found as is.
-    ``link_for`` gives a tier's emulated link (None: not emulated, no wrapper at all)."""
+    ``link_for`` gives a tier's emulated link (None: not emulated, no wrapper at all);
+    ``ray_replica`` makes a `ray` placement's replica."""
     if not path.is_file():
         raise EnsembleError(f"member {member.name!r}: model file not found: {path}")
     session = load_session(path)
     signature = read_signature(path, session)
     replicas: list[Replica] = []
-    per_tier: dict[str, int] = {}
-    for place in member.placement:
+    for place, names in zip(member.placement, member.replica_names(), strict=True):
         link = link_for(place.tier) if link_for is not None else None
-        count = len(place.endpoints or ()) if place.remote else max(1, place.replicas.min)
-        for k in range(count):
-            i = per_tier[place.tier] = per_tier.get(place.tier, -1) + 1
-            name = f"{place.tier}/{i}"
+        for k, name in enumerate(names):
+            i = int(name.rsplit("/", 1)[1])
             replica: Replica
             if place.remote:
                 assert place.endpoints is not None  # config validation
                 remote = _remote_replica(member, place, name, place.endpoints[k], signature)
                 remote.link = link  # its health checks cross the link too
                 replica = remote
+            elif place.backend == "ray":
+                if ray_replica is None:
+                    raise EnsembleError(f"member {member.name!r}: the ray backend needs Ray")
+                replica = ray_replica(place, name, signature.outputs)
+                if isinstance(replica, RemoteReplica):
+                    replica.link = link
             else:
                 session = session or load_session(path)
                 runner = SessionRunner(session, signature)
@@ -248,9 +287,9 @@ def load_member(
                     replica, place.failures.probability, place.failures.seed + i
                 )
             if link is not None:  # the link sits between the gateway and the replica
-                timeout_s = place.timeout_s if place.remote else None
+                timeout_s = place.timeout_s if place.networked else None
                 replica = LinkedReplica(
-                    replica, link, timeout_s=timeout_s, health_checked=place.remote
+                    replica, link, timeout_s=timeout_s, health_checked=place.networked
                 )
             replicas.append(replica)
     try:
@@ -281,9 +320,13 @@ def _remote_replica(
         place.remote_model or member.name,
         signature.outputs,
         timeout_s=place.timeout_s,
-        health=HealthCheck(
-            place.health_check_interval_s, place.health_check_timeout_s, place.unhealthy_threshold
-        ),
+        health=_health_check(place),
+    )
+
+
+def _health_check(place: Placement) -> HealthCheck:
+    return HealthCheck(
+        place.health_check_interval_s, place.health_check_timeout_s, place.unhealthy_threshold
     )
 
 
@@ -415,16 +458,18 @@ class Repository:
         engine: InProcessEngine,
         progress: Callable[[str], None] | None = None,
         links: Links | None = None,
+        ray: RayRuntime | None = None,
     ) -> Repository:
         """The config's models; replicas on a tier with ``link.emulate`` cross ``links`` (the
-        gateway's, which outlive reloads; a fresh set when None)."""
+        gateway's, which outlive reloads; a fresh set when None); `ray` placements call
+        ``ray``'s deployments."""
         links = links if links is not None else Links(cfg.tiers)
         members: dict[str, Member] = {}
         for ens in cfg.ensembles:
             for m in ens.members:
                 if progress:
                     progress(f"loading member {m.name} from {cfg.resolve(m.model)}")
-                members[m.name] = build_member(cfg, m, engine, links)
+                members[m.name] = build_member(cfg, m, engine, links, ray)
         ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
         return cls(ensembles, list(members.values()))
 

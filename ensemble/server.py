@@ -24,6 +24,7 @@ from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.reload import Reloader
 from ensemble.replicas.engine import InProcessEngine
+from ensemble.replicas.ray_serve import RayRuntime
 from ensemble.repository import Repository
 
 log = logging.getLogger("ensemble.server")
@@ -99,6 +100,7 @@ class Gateway:
         *,
         config: GatewayConfig | None = None,
         links: Links | None = None,
+        ray: RayRuntime | None = None,
     ) -> None:
         self.server = server
         self.metrics = GatewayMetrics()
@@ -120,7 +122,7 @@ class Gateway:
             feedback_accuracy_window=server.feedback_accuracy_window,
         )
         self.reloader = (
-            Reloader(config, config.source, self.engine, self.dispatcher, self.metrics, links)
+            Reloader(config, config.source, self.engine, self.dispatcher, self.metrics, links, ray)
             if config is not None
             else None
         )
@@ -131,15 +133,20 @@ class Gateway:
 
     @classmethod
     def from_config(
-        cls, cfg: GatewayConfig, progress: Callable[[str], None] | None = None
+        cls,
+        cfg: GatewayConfig,
+        progress: Callable[[str], None] | None = None,
+        ray: RayRuntime | None = None,
     ) -> Gateway:
-        """The gateway of ``ensemble serve``: the config's ensembles, hot-reloadable."""
+        """The gateway of ``ensemble serve``: the config's ensembles, hot-reloadable; `ray`
+        placements call ``ray``'s deployments."""
         links = Links(cfg.tiers)
         return cls(
             cfg.server,
-            lambda engine: Repository.from_config(cfg, engine, progress, links),
+            lambda engine: Repository.from_config(cfg, engine, progress, links, ray),
             config=cfg,
             links=links,
+            ray=ray,
         )
 
     async def start(self, host: str, http_port: int, grpc_port: int) -> Addresses:

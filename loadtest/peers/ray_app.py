@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# Before Ray is imported: its servers bind to loopback only (ensemble.replicas.ray_serve explains).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request

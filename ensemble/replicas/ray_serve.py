@@ -1,0 +1,518 @@
+"""The ray backend: members as Ray Serve deployments, placed by tier resource, called by handle.
+
+Each `ray` placement becomes one Ray Serve deployment (``MEMBER-TIER-INDEX``) of
+``placement.replicas.min`` replicas, each an onnxruntime session of the member's model, scheduled
+on Ray nodes that offer the tier's custom resource (a node started with ``--resources
+'{"cloud": 8}'`` hosts cloud members). The gateway sees one replica per deployment and calls it
+through a ``DeploymentHandle``; Ray Serve routes among the deployment's own replicas (power of two
+choices). All deployments of a gateway form one Serve application (``ray.app``) whose ingress is
+either a small directory (the gateway runs in its own process and started a local Ray) or the
+gateway itself (``ensemble serve --ray-address``: a Serve deployment that runs both OIP
+frontends on its node).
+
+Ray is imported lazily: configs without `ray` placements never load it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
+from ensemble.replicas.remote import HealthCheck, Outputs, RemoteReplica, describe
+from ensemble.types import TensorSpec
+
+if TYPE_CHECKING:
+    from ensemble.config import GatewayConfig, MemberConfig, Placement
+    from ensemble.server import Addresses
+
+log = logging.getLogger("ensemble.ray")
+
+SERVE_LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
+"""Serve's own per-request access lines would double the gateway's work on two cores."""
+RESOURCE_PER_REPLICA = 0.001
+"""How much of its tier's custom resource a replica asks for: only nodes offering the tier can
+host it, and any number of replicas fit on one node (CPUs bound them, not the tier resource)."""
+LOCAL_TIER_RESOURCE = 1000.0
+"""What a gateway-started local Ray offers of every tier's resource."""
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Set to 0 before Ray is imported, Ray takes 127.0.0.1 as this node's address: its servers
+bind to loopback only and a loopback bootstrap address stays loopback. Otherwise Ray 2.60 binds
+to every interface and rewrites 127.0.0.1 to the host's outside address, even when given
+``_node_ip_address="127.0.0.1"``."""
+
+
+def _quiet_driver() -> None:
+    """Serve's driver-side INFO lines (controller started, router started) are noise here."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+# -- what the config asks Ray for --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RaySpec:
+    """One `ray` placement's deployment, as deployed; a reload may not change it."""
+
+    deployment: str
+    member: str
+    tier: str
+    model: Path
+    digest: str
+    """SHA-256 of the model file: the deployment runs the bytes read at deploy time."""
+    num_replicas: int
+    num_cpus: float
+    max_ongoing_requests: int
+
+
+def deployment_name(member: str, replica: str) -> str:
+    """``mlp_large`` + ``cloud/0`` -> ``mlp_large-cloud-0``."""
+    return f"{member}-{replica.replace('/', '-')}"
+
+
+def spec_for(cfg: GatewayConfig, member: MemberConfig, place: Placement, replica: str) -> RaySpec:
+    from ensemble.config import RayDeploymentConfig
+
+    sizing = place.ray or RayDeploymentConfig()
+    path = cfg.resolve(member.model)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise EnsembleError(f"member {member.name!r}: cannot read {path}: {exc}") from exc
+    return RaySpec(
+        deployment_name(member.name, replica),
+        member.name,
+        place.tier,
+        path,
+        digest,
+        place.replicas.min,
+        sizing.num_cpus,
+        sizing.max_ongoing_requests,
+    )
+
+
+def ray_specs(cfg: GatewayConfig) -> dict[str, RaySpec]:
+    """Every `ray` placement of the config, by deployment name."""
+    specs: dict[str, RaySpec] = {}
+    for member, place in cfg.ray_placements():
+        index = member.placement.index(place)
+        replica = member.replica_names()[index][0]
+        spec = spec_for(cfg, member, place, replica)
+        specs[spec.deployment] = spec
+    return specs
+
+
+# -- the deployments (classes Ray Serve instantiates inside its replica actors) ---------------
+
+
+class OnnxDeployment:
+    """One Ray Serve replica of a member: an onnxruntime session of the model's bytes."""
+
+    def __init__(self, name: str, model: bytes) -> None:
+        from ensemble.replicas.engine import SessionRunner
+        from ensemble.replicas.onnx import load_session, read_signature
+
+        self.name = name
+        with tempfile.TemporaryDirectory(prefix="ensemble-ray-") as tmp:
+            path = Path(tmp) / f"{name}.onnx"
+            path.write_bytes(model)
+            session = load_session(path)
+            self._runner = SessionRunner(session, read_signature(path, session))
+
+    def __call__(self, feed: dict[str, np.ndarray], outputs: list[str]) -> Outputs:
+        return self._runner.run(feed, outputs)
+
+    def ready(self) -> bool:
+        return True
+
+    def node(self) -> str:
+        return node_id()
+
+
+def node_id() -> str:
+    """The Ray node the calling replica runs on (tests check placement with it)."""
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+class MemberDirectory:
+    """The application's ingress when the gateway runs outside Ray: holds the member
+    deployments in one application and answers which they are."""
+
+    def __init__(self, **members: Any) -> None:
+        self._names = sorted(members)
+
+    def names(self) -> list[str]:
+        return self._names
+
+
+class GatewayDeployment:
+    """The gateway as a Ray Serve deployment (``ensemble serve --ray-address``).
+
+    Its constructor starts the gateway (both OIP frontends, hot reload through the admin API)
+    on an event loop of its own thread and returns once it listens, so Serve reports the
+    application running only when it answers; Serve's health check fails if that loop dies.
+    Deleting the application drains it like SIGTERM does.
+    """
+
+    def __init__(self, cfg: GatewayConfig, specs: dict[str, RaySpec], **handles: Any) -> None:
+        self._runtime = RayRuntime(cfg.ray.app, specs, handles, owns_ray=False)
+        self._cfg = cfg
+        self._addresses: Addresses | None = None
+        self._error: BaseException | None = None
+        self._started = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="ensemble gateway", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise RuntimeError(f"the gateway did not start: {self._error}") from self._error
+
+    def _run(self) -> None:
+        import uvloop
+
+        try:
+            uvloop.run(self._serve())
+        except BaseException as exc:  # reported by the constructor or the health check
+            self._error = exc
+            self._started.set()
+
+    async def _serve(self) -> None:
+        from ensemble.server import Gateway
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = self._cfg.server
+        gateway = Gateway.from_config(self._cfg, log.info, ray=self._runtime)
+        self._addresses = await gateway.start(server.host, server.http_port, server.grpc_port)
+        self._started.set()
+        failed = asyncio.ensure_future(gateway.wait_failed())
+        stopped = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        await gateway.stop()
+        if failed.done():
+            raise RuntimeError("a frontend stopped unexpectedly")
+
+    def node(self) -> str:
+        return node_id()
+
+    def addresses(self) -> dict[str, str]:
+        assert self._addresses is not None
+        return {"http": self._addresses.http_url, "grpc": self._addresses.grpc_target}
+
+    def check_health(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the gateway stopped: {self._error}")
+
+    def __del__(self) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(stop.set)
+            self._thread.join(self._cfg.server.drain_timeout_s + 5)
+
+
+# -- the gateway's side: replicas and the runtime that deploys them --------------------------
+
+
+class RayReplica(RemoteReplica):
+    """A Ray Serve deployment as one replica of a member (Ray balances its own replicas).
+
+    Calls carry the feed's arrays to the deployment through Ray; a cancelled call (a hedge's
+    loser, a request past its deadline) cancels the Ray request. Health checks call the
+    deployment's ``ready`` method through the same handle.
+    """
+
+    backend = "ray"
+
+    def __init__(
+        self,
+        name: str,
+        tier: str,
+        handle: Any,
+        spec: RaySpec,
+        app: str,
+        outputs: Sequence[TensorSpec],
+        *,
+        timeout_s: float,
+        health: HealthCheck,
+    ) -> None:
+        super().__init__(
+            name,
+            tier,
+            f"ray://{app}/{spec.deployment}",
+            spec.member,
+            outputs,
+            timeout_s=timeout_s,
+            health=health,
+        )
+        self._handle = handle
+
+    def _connect(self) -> None:
+        pass  # the handle exists already
+
+    async def _disconnect(self) -> None:
+        pass  # the runtime owns the deployments
+
+    async def _infer(self, feed: dict[str, np.ndarray], outputs: Sequence[str]) -> Outputs:
+        response = self._handle.remote(feed, list(outputs))
+        try:
+            result: Outputs = await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as exc:
+            raise self._mapped(exc) from exc
+        return result
+
+    def _mapped(self, exc: Exception) -> EnsembleError:
+        cause = getattr(exc, "cause", None)  # RayTaskError carries the replica's exception
+        if isinstance(cause, InvalidInput):
+            return InvalidInput(f"{self} rejected the input: {cause.message}")
+        if isinstance(cause, EnsembleError):
+            return MemberFailed(f"{self} failed: {cause.message}")
+        return MemberFailed(f"{self}: {describe(cause or exc)}")
+
+    async def _check(self) -> str | None:
+        response = self._handle.ready.remote()
+        try:
+            await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as exc:
+            return describe(exc)
+        return None
+
+
+class RayRuntime:
+    """The Serve deployments of a gateway's `ray` placements and handles to them.
+
+    Deployments are made once, when the gateway starts; a reload may use them (same model
+    bytes, same sizing) but not change them, since redeploying would restart every replica.
+    """
+
+    def __init__(
+        self, app: str, specs: Mapping[str, RaySpec], handles: Mapping[str, Any], *, owns_ray: bool
+    ) -> None:
+        self.app = app
+        self.specs = dict(specs)
+        self._handles = dict(handles)
+        self._owns_ray = owns_ray
+
+    def handle(self, spec: RaySpec) -> Any:
+        """The deployment's handle; EnsembleError if the running app does not hold ``spec``."""
+        deployed = self.specs.get(spec.deployment)
+        if deployed is None or deployed != spec:
+            what = "is new" if deployed is None else "changed"
+            raise EnsembleError(
+                f"ray deployment {spec.deployment} {what}: Ray deployments are made when the "
+                "gateway starts and a reload cannot change them; restart the gateway"
+            )
+        return self._handles[spec.deployment]
+
+    @classmethod
+    def start_local(cls, cfg: GatewayConfig, progress: Callable[[str], None]) -> RayRuntime:
+        """Start a private Ray on 127.0.0.1 offering every tier as a custom resource, deploy
+        the config's `ray` placements, and wait until they run."""
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private Ray: no token prompt
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+        import ray
+        from ray import serve
+
+        _quiet_driver()
+        specs = ray_specs(cfg)
+        resources = {tier: LOCAL_TIER_RESOURCE for tier in cfg.tiers}
+        progress(f"starting Ray on 127.0.0.1 (tiers as custom resources: {', '.join(resources)})")
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=False,
+            resources=resources,
+            object_store_memory=cfg.ray.object_store_mb * 2**20,
+            configure_logging=False,
+        )
+        try:
+            serve.start(proxy_location="Disabled", logging_config=SERVE_LOGGING)
+            members = {name: _member_app(spec) for name, spec in specs.items()}
+            app = _deployment(
+                MemberDirectory, name="directory", num_replicas=1, ray_actor_options={"num_cpus": 0}
+            )
+            deploy(app.bind(**members), cfg.ray.app, progress)
+            handles = {name: serve.get_deployment_handle(name, cfg.ray.app) for name in specs}
+        except BaseException:
+            ray.shutdown()
+            raise
+        return cls(cfg.ray.app, specs, handles, owns_ray=True)
+
+    def shutdown(self) -> None:
+        """Delete the deployments and stop Ray, when this runtime started it."""
+        if not self._owns_ray:
+            return
+        import ray
+
+        ray.shutdown()  # Ray started here: its processes, Serve's actors with them, stop
+
+
+def _deployment(cls: type, **options: Any) -> Any:
+    """``cls`` as a Serve deployment with ``options`` (Serve's decorator, applied late so
+    this module imports without Ray)."""
+    from ray import serve
+
+    make: Any = serve.deployment
+    return make(cls).options(logging_config=SERVE_LOGGING, **options)
+
+
+def _member_app(spec: RaySpec) -> Any:
+    return _deployment(
+        OnnxDeployment,
+        name=spec.deployment,
+        num_replicas=spec.num_replicas,
+        max_ongoing_requests=spec.max_ongoing_requests,
+        ray_actor_options={
+            "num_cpus": spec.num_cpus,
+            "resources": {spec.tier: RESOURCE_PER_REPLICA},
+        },
+    ).bind(spec.member, spec.model.read_bytes())
+
+
+DEPLOY_TIMEOUT_S = 300.0
+"""Longest a deployment may wait for Ray (a cluster may still be adding the nodes it needs)."""
+
+
+def deploy(
+    app: Any,
+    name: str,
+    progress: Callable[[str], None],
+    *,
+    timeout_s: float = DEPLOY_TIMEOUT_S,
+    stop: threading.Event | None = None,
+) -> None:
+    """Deploy ``app`` as application ``name`` and wait until it runs, reporting what Serve is
+    waiting for; EnsembleError (and the app deleted) if it fails, is not up in time (e.g. no
+    node offers a tier's resource) or ``stop`` is set meanwhile."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    serve.run_many(
+        [serve.RunTarget(app, name=name, route_prefix=None, logging_config=SERVE_LOGGING)],
+        wait_for_applications_running=False,
+    )
+    deadline = time.monotonic() + timeout_s
+    said = ""
+    while True:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            progress(f"Ray Serve application {name} is running")
+            return
+        waiting = _waiting_for(status)
+        failed = status is not None and status.status == ApplicationStatus.DEPLOY_FAILED
+        stopped = stop is not None and stop.is_set()
+        if failed or stopped or time.monotonic() > deadline:
+            with contextlib.suppress(Exception):
+                serve.delete(name)
+            if stopped:
+                raise EnsembleError(f"stopped while deploying Ray Serve application {name}")
+            why = "failed" if failed else f"is not running after {timeout_s:g} s"
+            raise EnsembleError(f"Ray Serve application {name} {why}: {waiting}")
+        if waiting != said:
+            progress(f"waiting for Ray Serve: {waiting}")
+            said = waiting
+        time.sleep(0.5)
+
+
+def _waiting_for(status: Any) -> str:
+    if status is None:
+        return "application not created yet"
+    parts = [f"application {status.status.value}"]
+    if status.message:
+        parts.append(status.message.strip())
+    for name, deployment in status.deployments.items():
+        if deployment.status.value != "HEALTHY":
+            detail = f"; {deployment.message.strip()}" if deployment.message else ""
+            parts.append(f"{name} {deployment.status.value}{detail}")
+    return "; ".join(parts)
+
+
+# -- `ensemble serve --ray-address`: the gateway and its members as one Serve application -----
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def serve_on_cluster(
+    cfg: GatewayConfig,
+    address: str,
+    progress: Callable[[str], None],
+    announce: Callable[[Addresses], None],
+) -> int:
+    """Deploy the gateway and its `ray` placements as Serve application ``cfg.ray.app`` on the
+    Ray cluster at ``address``; stay attached until SIGTERM or SIGINT, then delete the
+    application (the gateway drains first). The exit code."""
+    import signal
+
+    if is_loopback(address):  # a cluster on loopback: keep Ray's idea of this node loopback
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+    import ray
+    from ray import serve
+
+    _quiet_driver()
+    from ensemble.server import ADMIN_TOKEN_ENV, Addresses
+
+    progress(f"connecting to the Ray cluster at {address}")
+    ray.init(
+        address=address,
+        _node_ip_address="127.0.0.1" if is_loopback(address) else None,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
+    app = cfg.ray.app
+    try:
+        serve.start(proxy_location="Disabled", logging_config=SERVE_LOGGING)
+        specs = ray_specs(cfg)
+        members = {name: _member_app(spec) for name, spec in specs.items()}
+        actor: dict[str, Any] = {"num_cpus": cfg.ray.gateway_num_cpus}
+        if cfg.ray.gateway_tier is not None:
+            actor["resources"] = {cfg.ray.gateway_tier: RESOURCE_PER_REPLICA}
+        token = os.environ.get(ADMIN_TOKEN_ENV)
+        if token:
+            actor["runtime_env"] = {"env_vars": {ADMIN_TOKEN_ENV: token}}
+        gateway = _deployment(
+            GatewayDeployment, name="gateway", num_replicas=1, ray_actor_options=actor
+        )
+        progress(f"deploying Serve application {app}: gateway + {len(specs)} ray deployment(s)")
+        deploy(gateway.bind(cfg, specs, **members), app, progress, stop=stop)
+        where = serve.get_app_handle(app).addresses.remote().result()
+        http_host, http_port = where["http"].removeprefix("http://").rsplit(":", 1)
+        announce(Addresses(http_host, int(http_port), int(where["grpc"].rsplit(":", 1)[1])))
+        healthy = True
+        while not stop.wait(2.0):
+            status = serve.status().applications.get(app)
+            running = status is not None and status.status.value == "RUNNING"
+            if running != healthy:
+                log.warning("Ray Serve application %s: %s", app, _waiting_for(status))
+                healthy = running
+        progress(f"deleting Serve application {app} (the gateway drains first)")
+        serve.delete(app)
+        return 0
+    finally:
+        ray.shutdown()

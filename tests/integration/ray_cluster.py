@@ -1,0 +1,69 @@
+"""A two-node Ray cluster on loopback for tests, in a process of its own (Ray stays out of
+pytest's): a head node offering the `edge` resource and a worker node offering `cloud`.
+
+Prints ``cluster ready: ADDRESS`` and then answers one JSON line per command line on stdin:
+``placement APP DEPLOYMENT...`` gives each deployment's node resources (the deployment must have
+a ``node`` method) and ``apps`` the Serve applications; EOF or SIGTERM shuts the cluster down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+
+NODES = {
+    "edge": {"num_cpus": 2, "resources": {"edge": 10}},
+    "cloud": {"num_cpus": 2, "resources": {"cloud": 10}},
+}
+
+
+def main() -> int:
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            **NODES["edge"],
+        },
+    )
+    try:
+        cluster.add_node(node_ip_address="127.0.0.1", **NODES["cloud"])
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        print(f"cluster ready: {cluster.address}", flush=True)
+        resources = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+        for line in sys.stdin:
+            words = line.split()
+            if not words:
+                continue
+            if words[0] == "placement":
+                app, names = words[1], words[2:]
+                nodes = {
+                    name: serve.get_deployment_handle(name, app).node.remote().result(timeout_s=30)
+                    for name in names
+                }
+                answer = {
+                    name: sorted(k for k in resources[node] if k in NODES)
+                    for name, node in nodes.items()
+                }
+            elif words[0] == "apps":
+                answer = sorted(serve.status().applications)
+            else:
+                answer = {"error": f"unknown command {words[0]!r}"}
+            print(json.dumps(answer), flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

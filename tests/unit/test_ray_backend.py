@@ -1,0 +1,268 @@
+"""The ray backend without Ray: config rules for `ray` placements, deployment naming, the replica's
+error mapping and cancellation with a fake handle, and the runtime refusing changed deployments.
+tests/integration/test_ray_backend.py and test_ray_cluster.py run the real thing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ensemble.config import GatewayConfig, MemberConfig, Placement, parse_yaml
+from ensemble.errors import ConfigError, EnsembleError, InvalidInput, MemberFailed
+from ensemble.reload import _check_restart_only
+from ensemble.replicas.ray_serve import (
+    OnnxDeployment,
+    RayReplica,
+    RayRuntime,
+    RaySpec,
+    deployment_name,
+    is_loopback,
+    ray_specs,
+)
+from ensemble.replicas.remote import HealthCheck
+from ensemble.types import TensorSpec
+
+ZOO = Path(__file__).resolve().parents[2] / "models" / "digits"
+OUTPUTS = (TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 10)))
+FEED = {"input": np.zeros((1, 64), np.float32)}
+
+
+def config(placement: str, extra: str = "") -> GatewayConfig:
+    return parse_yaml(
+        f"""
+ensembles:
+  - name: e
+    members:
+      - name: m
+        model: {ZOO / "logreg.onnx"}
+        placement: {placement}
+{extra}
+""",
+        source="test.yaml",
+        base_dir=ZOO,
+    )
+
+
+def errors(placement: str, extra: str = "") -> str:
+    with pytest.raises(ConfigError) as info:
+        config(placement, extra)
+    return str(info.value)
+
+
+def test_ray_placement_defaults_and_sizing() -> None:
+    cfg = config("[{tier: cloud, backend: ray, replicas: {min: 2, max: 3}, ray: {num_cpus: 0.5}}]")
+    place = cfg.ensembles[0].members[0].placement[0]
+    assert place.networked and not place.remote
+    assert place.ray is not None and place.ray.num_cpus == 0.5
+    assert place.ray.max_ongoing_requests == 64
+    assert cfg.ray.app == "ensemble" and cfg.ray.gateway_tier is None
+
+
+def test_ray_placement_rules() -> None:
+    assert "endpoints" in errors("[{tier: cloud, backend: ray, endpoints: ['h:1']}]")
+    assert "only for the ray backend" in errors("[{tier: edge, ray: {num_cpus: 1}}]")
+    assert "at least 1" in errors("[{tier: cloud, backend: ray, replicas: {min: 0}}]")
+    assert "timeout_s" in errors("[{tier: edge, timeout_s: 2}]")
+    assert "num_cpus" in errors("[{tier: cloud, backend: ray, ray: {num_cpus: 0}}]")
+    assert "unknown tier 'moon'" in errors("[{tier: edge}]", "ray: {gateway_tier: moon}")
+
+
+def test_replica_names_number_each_tier_across_placements() -> None:
+    member = MemberConfig(
+        name="m",
+        model=Path("m.onnx"),
+        placement=[
+            Placement(tier="edge", replicas={"min": 2, "max": 2}),
+            Placement(tier="cloud", backend="ray", replicas={"min": 3, "max": 3}),
+            Placement(tier="edge", backend="oip-http", endpoints=["http://127.0.0.1:1"]),
+            Placement(tier="cloud", backend="ray"),
+        ],
+    )
+    assert member.replica_names() == [
+        ["edge/0", "edge/1"],
+        ["cloud/0"],  # one per deployment: Ray Serve balances its own replicas
+        ["edge/2"],
+        ["cloud/1"],
+    ]
+    assert deployment_name("m", "cloud/1") == "m-cloud-1"
+
+
+def test_specs_name_each_deployment_and_pin_the_model_bytes() -> None:
+    cfg = config("[{tier: edge}, {tier: cloud, backend: ray, replicas: {min: 2, max: 2}}]")
+    (spec,) = ray_specs(cfg).values()
+    assert (spec.deployment, spec.member, spec.tier, spec.num_replicas) == (
+        "m-cloud-0",
+        "m",
+        "cloud",
+        2,
+    )
+    assert len(spec.digest) == 64 and spec.model == ZOO / "logreg.onnx"
+
+
+def test_runtime_refuses_deployments_it_did_not_make() -> None:
+    cfg = config("[{tier: cloud, backend: ray}]")
+    specs = ray_specs(cfg)
+    runtime = RayRuntime("ensemble", specs, {"m-cloud-0": "handle"}, owns_ray=False)
+    (spec,) = specs.values()
+    assert runtime.handle(spec) == "handle"
+    bigger = RaySpec(**{**spec.__dict__, "num_replicas": 4})
+    with pytest.raises(EnsembleError, match=r"m-cloud-0 changed.*restart the gateway"):
+        runtime.handle(bigger)
+    other = RaySpec(**{**spec.__dict__, "deployment": "n-cloud-0"})
+    with pytest.raises(EnsembleError, match="n-cloud-0 is new"):
+        runtime.handle(other)
+
+
+def test_a_changed_ray_section_needs_a_restart() -> None:
+    old = config("[{tier: edge}]")
+    new = config("[{tier: edge}]", "ray: {app: other}")
+    with pytest.raises(ConfigError, match=r"ray.app: 'ensemble' -> 'other' needs a restart"):
+        _check_restart_only(old, new)
+
+
+def test_loopback_addresses() -> None:
+    assert is_loopback("127.0.0.1:6379") and is_loopback("localhost:1") and is_loopback("[::1]:1")
+    assert not is_loopback("10.0.0.5:6379")
+
+
+def test_the_deployment_class_runs_the_model_from_bytes() -> None:
+    deployment = OnnxDeployment("logreg", (ZOO / "logreg.onnx").read_bytes())
+    out = deployment({"input": np.full((2, 64), 8.0, np.float32)}, ["probabilities", "label"])
+    assert out["probabilities"].shape == (2, 10) and out["label"].shape == (2,)
+    assert deployment.ready()
+    with pytest.raises(InvalidInput):
+        deployment({"input": np.zeros((1, 63), np.float32)}, ["label"])
+
+
+class TaskError(Exception):
+    """Like ray.exceptions.RayTaskError: the replica's exception as ``cause``."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class Response:
+    def __init__(self, result: Any, delay_s: float = 0.0) -> None:
+        self.result, self.delay_s, self.cancelled = result, delay_s, False
+
+    def __await__(self) -> Any:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
+        await asyncio.sleep(self.delay_s)
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Method:
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+    def remote(self) -> Response:
+        return self.response
+
+
+class Handle:
+    """A fake DeploymentHandle: ``remote`` gives queued responses, ``ready.remote`` one."""
+
+    def __init__(self, *answers: Response, ready: Response | None = None) -> None:
+        self.answers = list(answers)
+        self.calls: list[tuple[Any, ...]] = []
+        self.ready = Method(ready or Response(True))
+
+    def remote(self, *args: Any) -> Response:
+        self.calls.append(args)
+        return self.answers.pop(0)
+
+
+def replica(handle: Handle, timeout_s: float = 5.0) -> RayReplica:
+    cfg = config("[{tier: cloud, backend: ray}]")
+    (spec,) = ray_specs(cfg).values()
+    return RayReplica(
+        "cloud/0",
+        "cloud",
+        handle,
+        spec,
+        "ensemble",
+        OUTPUTS,
+        timeout_s=timeout_s,
+        health=HealthCheck(interval_s=0.01, timeout_s=0.5),
+    )
+
+
+def test_calls_pass_the_feed_and_the_outputs() -> None:
+    async def main() -> None:
+        probs = np.full((1, 10), 0.1, np.float32)
+        handle = Handle(Response({"probabilities": probs}))
+        r = replica(handle)
+        await r.start()
+        try:
+            assert r.ready() and "ray://ensemble/m-cloud-0" in str(r)
+            out = await r.infer(FEED, ["probabilities"])
+            assert out["probabilities"] is probs
+            assert handle.calls == [(FEED, ["probabilities"])]
+        finally:
+            await r.close()
+
+    asyncio.run(main())
+
+
+def test_errors_are_mapped_to_the_gateways() -> None:
+    async def main() -> None:
+        handle = Handle(
+            Response(TaskError(InvalidInput("bad pixels"))),
+            Response(TaskError(EnsembleError("onnxruntime failed: boom"))),
+            Response(RuntimeError("actor died")),
+            Response({"label": np.zeros(1, np.float32)}),  # the wrong datatype for label
+        )
+        r = replica(handle)
+        await r.start()
+        try:
+            with pytest.raises(InvalidInput, match="rejected the input: bad pixels"):
+                await r.infer(FEED)
+            with pytest.raises(MemberFailed, match="failed: onnxruntime failed: boom"):
+                await r.infer(FEED)
+            with pytest.raises(MemberFailed, match="RuntimeError: actor died"):
+                await r.infer(FEED)
+            with pytest.raises(MemberFailed, match="same model"):
+                await r.infer(FEED, ["label"])
+        finally:
+            await r.close()
+
+    asyncio.run(main())
+
+
+def test_timeouts_and_cancellation_cancel_the_ray_request() -> None:
+    async def main() -> None:
+        slow = Response({"label": np.zeros(1, np.int64)}, delay_s=10)
+        r = replica(Handle(slow), timeout_s=0.05)
+        await r.start()
+        try:
+            with pytest.raises(MemberFailed, match=r"did not answer within 0\.05 s"):
+                await r.infer(FEED, ["label"])
+            assert slow.cancelled
+        finally:
+            await r.close()
+
+    asyncio.run(main())
+
+
+def test_a_failing_ready_check_makes_the_replica_unready() -> None:
+    async def main() -> None:
+        r = replica(Handle(ready=Response(RuntimeError("gone"))))
+        await r.start()
+        try:
+            assert not r.ready() and r.last_check_error == "RuntimeError: gone"
+        finally:
+            await r.close()
+
+    asyncio.run(main())
