@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the command's modules load only when it runs, keeping `ensemble --help` quick
-    from loadtest.faults import Mark
+    from collections.abc import Mapping
+
+    from loadtest.faults import Mark, ReplicaControl
     from loadtest.fleet import Fleet, Job
     from loadtest.runner import GeneratorResult
     from loadtest.scenario import Scenario
 
 RESULTS_DIR = Path("loadtest/results")
-READY = re.compile(r"ensemble gateway ready: http=(\S+):(\d+) grpc=(\S+):(\d+)")
+READY = re.compile(r"ensemble (?:gateway|replica) ready: http=(\S+):(\d+) grpc=(\S+):(\d+)")
 EXIT_PASSED, EXIT_FAILED, EXIT_UNUSABLE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -67,8 +69,14 @@ class Gateway:
 
 def start_gateway(config: Path, log_path: Path, timeout_s: float) -> Gateway:
     """`ensemble serve CONFIG` on free ports; returns once its ready line is printed."""
-    cmd = [sys.executable, "-m", "ensemble.cli", "serve", str(config)]
-    cmd += ["--http-port", "0", "--grpc-port", "0"]
+    return start_server(
+        ["serve", str(config), "--http-port", "0", "--grpc-port", "0"], log_path, timeout_s
+    )
+
+
+def start_server(args: list[str], log_path: Path, timeout_s: float) -> Gateway:
+    """`ensemble ARGS...` (`serve` or `replica`); returns once its ready line is printed."""
+    cmd = [sys.executable, "-m", "ensemble.cli", *args]
     with log_path.open("w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
             cmd,
@@ -98,7 +106,7 @@ def start_gateway(config: Path, log_path: Path, timeout_s: float) -> Gateway:
     tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
     from loadtest.fleet import TargetError
 
-    raise TargetError(f"gateway did not become ready within {timeout_s:g} s:\n{tail}")
+    raise TargetError(f"`ensemble {args[0]}` did not become ready within {timeout_s:g} s:\n{tail}")
 
 
 def _drain(stream: IO[str]) -> None:
@@ -143,9 +151,14 @@ async def _progress(fleet: Fleet, start_at: float, planned_s: float, quiet: bool
 
 
 async def execute(
-    job: Job, pid: int | None, planned_s: float, quiet: bool
+    job: Job,
+    pid: int | None,
+    planned_s: float,
+    quiet: bool,
+    replicas: Mapping[str, ReplicaControl] | None = None,
 ) -> tuple[GeneratorResult, list[Mark], bool]:
-    """Run the load, the faults and the progress line together; Ctrl-C ends the load early."""
+    """Run the load, the faults and the progress line together; Ctrl-C ends the load early.
+    ``replicas`` are replica processes the caller started, for the replica fault hooks."""
     from loadtest import faults
     from loadtest.faults import FaultContext, FaultEvent
     from loadtest.fleet import make_fleet
@@ -154,7 +167,12 @@ async def execute(
     fleet = make_fleet(job)
     await fleet.start()
     start_at = time.monotonic() + 0.2
-    ctx = FaultContext(pid, elapsed=lambda: time.monotonic() - start_at, gateway_url=job.url)
+    ctx = FaultContext(
+        pid,
+        elapsed=lambda: time.monotonic() - start_at,
+        gateway_url=job.url,
+        replicas=dict(replicas or {}),
+    )
     events = [
         FaultEvent(f.at_s, f.name, faults.validate_params(f.name, f.params)) for f in sc.faults
     ]
@@ -284,7 +302,8 @@ def summary(report: dict[str, Any], out: Path) -> str:
 
     lines = [
         f"loadtest {report['scenario']['name']}: {verdict} ({passed}/{len(checks)} SLO checks)",
-        f"  sent {req['sent']}, answered {req['answered']}, errors {req['errors']}; "
+        f"  sent {req['sent']}, answered {req['answered']} ({req['degraded']} degraded), "
+        f"errors {req['errors']}; "
         f"throughput {report['throughput_rps']:.1f} req/s, goodput {report['goodput_rps']:.1f} "
         f"req/s, accuracy {num(report['accuracy'], '.4f')}",
         f"  latency ms: p50 {num(lat['p50'])}  p95 {num(lat['p95'])}  p99 {num(lat['p99'])}  "

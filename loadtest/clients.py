@@ -7,7 +7,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,8 +17,15 @@ import orjson
 
 from loadtest.httpclient import HttpPool, encode_request
 
-Answer = Callable[[str | None, Sequence[int] | None], None]
-"""Called once per request: (error kind or None, predicted labels or None when not checked)."""
+
+class Answer(Protocol):
+    """Called once per request: error kind or None, predicted labels (None when not checked),
+    and whether the answer said `degraded` in its parameters."""
+
+    def __call__(
+        self, err: str | None, labels: Sequence[int] | None, degraded: bool = False, /
+    ) -> None: ...
+
 
 Params = dict[str, bool | int | float | str]
 
@@ -268,8 +275,8 @@ class _HttpBase:
 
     @staticmethod
     def _with_feedback(answer: Answer, sender: FeedbackSender, rid: str, batch: int) -> Answer:
-        def answered(err: str | None, labels: Sequence[int] | None) -> None:
-            answer(err, labels)  # the generator records the answer first: posting adds no latency
+        def answered(err: str | None, labels: Sequence[int] | None, degraded: bool = False) -> None:
+            answer(err, labels, degraded)  # recorded first: posting adds no latency
             if err is None and labels is not None:
                 sender.answered(rid, batch)
 
@@ -289,18 +296,19 @@ class _HttpBase:
             answer(None, None)
         else:
             try:
-                labels = self._labels(hlen, body)
+                labels, degraded = self._labels(hlen, body)
             except (ValueError, KeyError, TypeError, struct.error) as exc:
                 self.error_samples.setdefault("bad_response", str(exc)[:300])
                 answer("bad_response", None)
                 return
-            answer(None, labels)
+            answer(None, labels, degraded)
 
-    def _labels(self, hlen: int | None, body: bytes) -> list[int]:
+    def _labels(self, hlen: int | None, body: bytes) -> tuple[list[int], bool]:
+        """The answer's labels and whether it says it is degraded."""
         doc = orjson.loads(body)
         for out in doc["outputs"]:
             if out["name"] == self.shape.output:
-                return [int(v) for v in out["data"]]
+                return [int(v) for v in out["data"]], _degraded(doc)
         raise KeyError(f"no output {self.shape.output!r} in the answer")
 
     def queued(self) -> int:
@@ -311,6 +319,12 @@ class _HttpBase:
             await self.pool.close()
         if self.sender is not None:
             await self.sender.close(self.shape.timeout_s)
+
+
+def _degraded(doc: dict[str, Any]) -> bool:
+    """True when an OIP answer's parameters flag it `degraded` (the gateway's contract check)."""
+    params = doc.get("parameters")
+    return isinstance(params, dict) and params.get("degraded") is True
 
 
 class HttpJsonClient(_HttpBase):
@@ -353,7 +367,7 @@ class HttpBinaryClient(_HttpBase):
         }
         return encode_request("POST", self.hostport, path, header + blob, headers)
 
-    def _labels(self, hlen: int | None, body: bytes) -> list[int]:
+    def _labels(self, hlen: int | None, body: bytes) -> tuple[list[int], bool]:
         if hlen is None:
             return super()._labels(None, body)  # the server answered in JSON after all
         doc = orjson.loads(body[:hlen])
@@ -362,10 +376,11 @@ class HttpBinaryClient(_HttpBase):
             size = int(out.get("parameters", {}).get("binary_data_size", 0))
             if out["name"] == self.shape.output:
                 if "data" in out:
-                    return [int(v) for v in out["data"]]
+                    return [int(v) for v in out["data"]], _degraded(doc)
                 code = _BINARY_FORMATS[out["datatype"]]
                 count = size // struct.calcsize(code)
-                return list(struct.unpack_from(f"<{count}{code}", body, offset))
+                labels = list(struct.unpack_from(f"<{count}{code}", body, offset))
+                return labels, _degraded(doc)
             offset += size
         raise KeyError(f"no output {self.shape.output!r} in the answer")
 
@@ -455,7 +470,8 @@ class GrpcClient:
             self.error_samples.setdefault("bad_response", f"no output {self.shape.output!r}")
             answer("bad_response", None)
             return
-        answer(None, [int(v) for v in labels.ravel()])
+        flag = result.get_response().parameters.get("degraded")
+        answer(None, [int(v) for v in labels.ravel()], flag is not None and flag.bool_param)
 
     def queued(self) -> int:
         return 0

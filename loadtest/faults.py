@@ -31,15 +31,42 @@ class Mark:
     message: str
 
 
+class ReplicaControl(Protocol):
+    """A replica server process the caller started (never anyone else's), for replica faults."""
+
+    name: str
+
+    def kill(self) -> int:
+        """SIGKILL the process; returns the pid killed."""
+        ...
+
+    async def restart(self) -> None:
+        """Start it again on the same ports; returns once it says it is ready."""
+        ...
+
+    def set_delay_ms(self, delay_ms: float) -> None:
+        """Delay every request to it by this much on its way in (0: none); ValueError when
+        nothing sits in front of it that can."""
+        ...
+
+
 @dataclass
 class FaultContext:
     """What hooks may touch: the harness-started gateway (if any), the run clock, the marks,
-    the gateway's URL (for its admin API)."""
+    the gateway's URL (for its admin API), and replica processes the caller started."""
 
     gateway_pid: int | None
     elapsed: Callable[[], float]
     marks: list[Mark] = field(default_factory=list)
     gateway_url: str | None = None
+    replicas: dict[str, ReplicaControl] = field(default_factory=dict)
+
+    def replica(self, name: str) -> ReplicaControl:
+        """The caller-started replica ``name``; ValueError when there is none of that name."""
+        if name not in self.replicas:
+            known = ", ".join(sorted(self.replicas)) or "none (run it through loadtest.resilience)"
+            raise ValueError(f"no replica {name!r} started by the harness; known: {known}")
+        return self.replicas[name]
 
     def mark(self, name: str, message: str) -> None:
         self.marks.append(Mark(round(self.elapsed(), 3), name, message))
@@ -258,3 +285,58 @@ async def _restore_link(
             raise RuntimeError(f"admin API answered {answer.status_code}: {answer.text}")
         return
     await _put_link(client, tier, {key: before[key] for key in changes})
+
+
+class KillReplicaParams(_Params):
+    replica: str = Field(min_length=1, description="Name of a replica the harness started.")
+    down_s: float = Field(
+        3.0, ge=0, le=600, description="How long it stays dead before it is started again."
+    )
+    restart: bool = Field(True, description="Start it again on its ports after `down_s`.")
+
+
+@register_fault("kill_replica", KillReplicaParams)
+class KillReplica:
+    """SIGKILLs a replica process the harness started (a crash: no drain, connections reset),
+    then starts it again on the same ports after ``down_s`` and waits until it is ready."""
+
+    async def apply(self, event: FaultEvent, ctx: FaultContext) -> None:
+        params = event.params
+        assert isinstance(params, KillReplicaParams)
+        target = ctx.replica(params.replica)
+        pid = target.kill()
+        ctx.mark(event.name, f"replica {params.replica} killed (SIGKILL, pid {pid})")
+        if not params.restart:
+            return
+        await asyncio.sleep(params.down_s)
+        ctx.mark(event.name, f"replica {params.replica} restarting")
+        await target.restart()
+        ctx.mark(event.name, f"replica {params.replica} ready again")
+
+
+class SlowReplicaParams(_Params):
+    replica: str = Field(min_length=1, description="Name of a replica the harness started.")
+    delay_ms: float = Field(gt=0, le=60_000, description="Added to every request to it, ms.")
+    duration_s: float = Field(gt=0, le=3600, description="How long it stays slow.")
+
+
+@register_fault("slow_replica", SlowReplicaParams)
+class SlowReplica:
+    """Makes a harness-started replica slow: every request to it waits ``delay_ms`` in the
+    delay proxy in front of it (`loadtest/replicas.py`) for ``duration_s``, then none."""
+
+    async def apply(self, event: FaultEvent, ctx: FaultContext) -> None:
+        params = event.params
+        assert isinstance(params, SlowReplicaParams)
+        target = ctx.replica(params.replica)
+        target.set_delay_ms(params.delay_ms)
+        ctx.mark(
+            event.name,
+            f"replica {params.replica} slow (+{params.delay_ms:g} ms) for {params.duration_s:g} s",
+        )
+        try:
+            await asyncio.sleep(params.duration_s)
+        finally:
+            # Always undo, also when the run is cancelled, or the replica stays slow.
+            target.set_delay_ms(0.0)
+            ctx.mark(event.name, f"replica {params.replica} fast again")

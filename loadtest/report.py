@@ -94,6 +94,7 @@ def _timeline(
     checked: np.ndarray,
     lag: np.ndarray,
     batch: int,
+    degraded: np.ndarray,
 ) -> list[dict[str, Any]]:
     if done_at.size == 0:
         return []
@@ -112,6 +113,7 @@ def _timeline(
                 "t": s,
                 "sent": int(sent_here.sum()),
                 "answered": int((here & ok).sum()),
+                "degraded": int((here & ok & degraded).sum()),
                 "errors": int((here & ~ok).sum()),
                 "goodput": int((here & good).sum()),
                 "accuracy": round(float(correct[checked_here].sum()) / samples, 4)
@@ -137,6 +139,7 @@ def build_report(sc: Scenario, result: GeneratorResult, info: RunInfo) -> dict[s
     correct = np.frombuffer(rec.correct, dtype=np.int16).astype(np.int64)
     batch = sc.request.batch_size
     ok = kind == rec.kinds.index(OK)
+    degraded = np.frombuffer(rec.degraded, dtype=np.int8).astype(bool) & ok
     checked = ok & (correct >= 0)
     all_right = checked & (correct == batch)
     budget_ms = sc.slo.latency_budget_ms()
@@ -194,7 +197,12 @@ def build_report(sc: Scenario, result: GeneratorResult, info: RunInfo) -> dict[s
         "started_at": info.started_at,
         "interrupted": info.interrupted,
         "send_window_s": round(window, 3),
-        "requests": {"sent": sent, "answered": int(ok.sum()), "errors": int((~ok).sum())},
+        "requests": {
+            "sent": sent,
+            "answered": int(ok.sum()),
+            "degraded": int(degraded.sum()),
+            "errors": int((~ok).sum()),
+        },
         "latency_ms": _latency(latency[ok]),
         "latency_budget_ms": budget_ms,
         "throughput_rps": summary["throughput_rps"],
@@ -220,7 +228,7 @@ def build_report(sc: Scenario, result: GeneratorResult, info: RunInfo) -> dict[s
         "classes": _classes(sc, klass, ok, latency, correct, checked, batch),
         "faults": [{"at_s": m.at_s, "name": m.name, "message": m.message} for m in info.marks],
         "timeline": _timeline(
-            intended + latency, intended, latency, ok, good, correct, checked, lag, batch
+            intended + latency, intended, latency, ok, good, correct, checked, lag, batch, degraded
         ),
     }
     report["warnings"] = warnings(report, closed)
@@ -358,6 +366,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|",
         f"| requests sent / answered / errors | {report['requests']['sent']} / "
         f"{report['requests']['answered']} / {report['requests']['errors']} |",
+        f"| answers flagged degraded | {report['requests']['degraded']} |",
         f"| throughput | {_fmt(report['throughput_rps'], 'req/s')} |",
         f"| goodput (correct, within {_fmt(report['latency_budget_ms'], 'ms')}) | "
         f"{_fmt(report['goodput_rps'], 'req/s')} |",

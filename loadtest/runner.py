@@ -34,6 +34,8 @@ class Records:
     klass: array[int] = field(default_factory=lambda: array("b"))
     correct: array[int] = field(default_factory=lambda: array("h"))
     """Correctly labelled samples; -1 when the answer was not checked."""
+    degraded: array[int] = field(default_factory=lambda: array("b"))
+    """1 when the answer said `degraded` in its parameters (an answer, but not the full one)."""
     kinds: list[str] = field(default_factory=lambda: [OK])
 
     def code(self, kind: str) -> int:
@@ -44,7 +46,14 @@ class Records:
             return len(self.kinds) - 1
 
     def add(
-        self, intended: float, lag: float, latency: float, kind: int, klass: int, ok: int
+        self,
+        intended: float,
+        lag: float,
+        latency: float,
+        kind: int,
+        klass: int,
+        ok: int,
+        degraded: bool = False,
     ) -> None:
         self.intended.append(intended)
         self.lag.append(lag)
@@ -52,6 +61,7 @@ class Records:
         self.kind.append(kind)
         self.klass.append(klass)
         self.correct.append(ok)
+        self.degraded.append(degraded)
 
     def __len__(self) -> int:
         return len(self.intended)
@@ -64,6 +74,7 @@ class Records:
         self.kind.extend(array("b", (remap[k] for k in other.kind)))
         self.klass.extend(other.klass)
         self.correct.extend(other.correct)
+        self.degraded.extend(other.degraded)
 
 
 class Histogram:
@@ -252,7 +263,7 @@ class Generator:
         self._inflight[seq] = (due, lag, klass)
         expected = self.labels[arrival.batch] if self.labels else ()
 
-        def answered(err: str | None, labels: Sequence[int] | None) -> None:
+        def answered(err: str | None, labels: Sequence[int] | None, degraded: bool = False) -> None:
             end = self.clock()
             if self._inflight.pop(seq, None) is None:
                 return  # already written off as unfinished
@@ -260,7 +271,7 @@ class Generator:
                 self.ok += 1
                 self.hist.add(end - due)
                 correct = -1 if labels is None else sum(map(int.__eq__, labels, expected))
-                self.records.add(due - self._start, lag, end - due, 0, klass, correct)
+                self.records.add(due - self._start, lag, end - due, 0, klass, correct, degraded)
             else:
                 self.errors += 1
                 self.records.add(

@@ -63,15 +63,28 @@ def test_labels_parse_from_gateway_answers(binary: bool) -> None:
     client = HttpBinaryClient("http://127.0.0.1:8000", shape(), WORK, connections=1)
     body, hlen = answer_body(binary, [7, 2])
     got: list[Any] = []
-    client._answer(200, hlen, body, None, lambda err, labels: got.append((err, labels)))
-    assert got == [(None, [7, 2])]
+    client._answer(200, hlen, body, None, lambda *args: got.append(args))
+    assert got == [(None, [7, 2], False)]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_degraded_answers_are_flagged(binary: bool) -> None:
+    client = HttpBinaryClient("http://127.0.0.1:8000", shape(), WORK, connections=1)
+    tensors = [Tensor("label", "INT64", (1,), np.array([5], dtype=np.int64))]
+    request = InferRequest("digits", None, [], parameters={"binary_data_output": binary})
+    got: list[Any] = []
+    for params in ({"degraded": True, "unreachable": "svm"}, {"completeness": 1.0}):
+        answer = InferResponse("digits", "1", tensors, parameters=params)
+        body, hlen = encode_infer_response(answer, request)
+        client._answer(200, hlen, body, None, lambda *args: got.append(args))
+    assert got == [(None, [5], True), (None, [5], False)]
 
 
 def test_http_errors_and_bad_answers() -> None:
     client = HttpJsonClient("http://127.0.0.1:8000", shape(), WORK, connections=1)
     got: list[Any] = []
 
-    def answer(err: str | None, labels: Any) -> None:
+    def answer(err: str | None, labels: Any, degraded: bool = False) -> None:
         got.append((err, labels))
 
     client._answer(503, None, b'{"error": "draining"}', None, answer)
@@ -85,7 +98,7 @@ def test_live_endpoint_sends_the_liveness_route() -> None:
     client = HttpBinaryClient("http://127.0.0.1:9", shape("live"), WORK, connections=1)
     assert client.payloads[0][0] == b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n"
     got: list[Any] = []
-    client._answer(200, None, b"", None, lambda err, labels: got.append((err, labels)))
+    client._answer(200, None, b"", None, lambda *args: got.append(args))
     assert got == [(None, None)]
 
 

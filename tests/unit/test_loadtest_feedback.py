@@ -196,7 +196,7 @@ def test_true_labels_are_posted_after_successful_answers_only() -> None:
     client, infer, posts = wired()
     got: list[tuple[str | None, Any]] = []
     for batch in range(3):
-        client.submit(1, batch, lambda err, labels: got.append((err, labels)))
+        client.submit(1, batch, lambda err, labels, *_: got.append((err, labels)))
     request_ids = []
     for raw, _ in infer.sent:
         _, headers, body = split_http(raw)
@@ -223,7 +223,7 @@ def test_a_share_of_answers_gets_feedback_repeatably() -> None:
     def posted(seed: int) -> list[bytes]:
         client, infer, posts = wired(share=0.3, seed=seed)
         for n in range(400):
-            client.submit(0, n % 3, lambda err, labels: None)
+            client.submit(0, n % 3, lambda *_: None)
         for _, done in infer.sent:
             body, hlen = binary_answer([0, 0])
             done(200, hlen, body, None)

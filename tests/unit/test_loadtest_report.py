@@ -52,7 +52,7 @@ def result(rec: Records, cpu_s: float = 0.1, queued: int = 0) -> GeneratorResult
 
 def test_statistics() -> None:
     report = build_report(scenario({}), result(records()), info())
-    assert report["requests"] == {"sent": 200, "answered": 196, "errors": 4}
+    assert report["requests"] == {"sent": 200, "answered": 196, "degraded": 0, "errors": 4}
     assert report["errors"] == {"http_503": 4}
     assert report["error_samples"] == {"http_503": "model not ready"}
     assert report["error_rate"] == pytest.approx(0.02)
