@@ -270,12 +270,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return 2
+    ray = None
     try:
         import asyncio
 
         from ensemble.profiler import format_table, profile_members, write_outputs
 
         _ensure_models(cfg)
+        if cfg.ray_placements():
+            from ensemble.replicas.ray_serve import RayRuntime
+
+            ray = RayRuntime.start_local(cfg, _progress)
         cells = sum(len(m.placement) for e in cfg.ensembles for m in e.members)
         _progress(
             f"profiling {cells} member placement(s): {settings.requests} calls each at "
@@ -283,11 +288,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
             f"(at most {settings.max_seconds:g} s per placement)"
         )
         start = time.perf_counter()
-        rows = asyncio.run(profile_members(cfg, settings, _progress))
+        rows = asyncio.run(profile_members(cfg, settings, _progress, ray))
         paths = write_outputs(rows, args.out, args.config.name)
     except (EnsembleError, OSError) as exc:
         print(f"ensemble: cannot profile {args.config}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if ray is not None:
+            ray.shutdown()
     print(format_table(rows), end="")
     print(
         "accuracy: test split (test.npz) unless marked * (member card); latency/calls/s: member "

@@ -467,6 +467,13 @@ class RayConfig(StrictModel):
         description="With `ensemble serve --ray-address`: CPUs Ray reserves for the gateway "
         "(its in-process members run in its executor threads).",
     )
+    deploy_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="Longest the gateway waits for its Ray Serve application to run (e.g. for "
+        "a cluster to add a node offering a tier) before it gives up with Serve's explanation.",
+    )
     object_store_mb: int = Field(
         256,
         ge=64,

@@ -4,7 +4,8 @@ calls it: accuracy on the zoo's test split, latency p50/p99 and throughput, memo
 Members are built by the gateway's own code (:func:`ensemble.repository.build_member`) on a
 gateway-like in-process engine, so each call goes through the very replica objects the gateway
 routes to: a tier's emulated link (``LinkedReplica``), stragglers and failures when the config
-has them, and the oip-http/oip-grpc clients of remote placements. What is *not* measured is the
+has them, the oip-http/oip-grpc clients of remote placements and the handles of `ray` ones (on
+a private Ray that `ensemble profile` starts). What is *not* measured is the
 gateway's frontend (HTTP/gRPC parsing, the dispatcher): these are member-call figures, the cost
 an ensemble request pays per member on that tier.
 """
@@ -32,6 +33,7 @@ from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.member import Member
 from ensemble.replicas.onnx import load_session
+from ensemble.replicas.ray_serve import RayRuntime
 from ensemble.repository import build_member
 
 Progress = Callable[[str], None]
@@ -445,9 +447,10 @@ def _link_label(cfg: GatewayConfig, tier: str) -> str:
 
 
 async def profile_members(
-    cfg: GatewayConfig, settings: ProfileSettings, progress: Progress
+    cfg: GatewayConfig, settings: ProfileSettings, progress: Progress, ray: RayRuntime | None = None
 ) -> list[ProfileRow]:
-    """Measure every member of the config on every tier it is placed on (see the module doc)."""
+    """Measure every member of the config on every tier it is placed on (see the module doc);
+    `ray` placements through ``ray``'s deployments."""
     split = load_test_split(cfg.zoo_dir())
     if split is None:
         progress(f"no {TEST_SET_FILE} in {cfg.zoo_dir()}: accuracy comes from member cards")
@@ -472,7 +475,9 @@ async def profile_members(
                     f"accuracy {accuracy}, p50 {p50}, {row.calls} calls{failed}"
                 )
 
-            rows += await _profile_member(cfg, member_cfg, engine, links, split, settings, report)
+            rows += await _profile_member(
+                cfg, member_cfg, engine, links, ray, split, settings, report
+            )
     finally:
         engine.shutdown()
     mark_pareto(rows)
@@ -493,6 +498,7 @@ async def _profile_member(
     member_cfg: MemberConfig,
     engine: InProcessEngine,
     links: Links,
+    ray: RayRuntime | None,
     split: TestSplit | None,
     settings: ProfileSettings,
     report: Callable[[ProfileRow], None],
@@ -503,7 +509,7 @@ async def _profile_member(
     if settings.all_tiers:
         member_cfg, what_if = _what_if(cfg, member_cfg)
     before = rss_bytes()
-    member = build_member(cfg, member_cfg, engine, links)
+    member = build_member(cfg, member_cfg, engine, links, ray)
     rss_mb = max(0.0, (rss_bytes() - before) / 2**20)
     file_mb = cfg.resolve(member_cfg.model).stat().st_size / 2**20
     rows: list[ProfileRow] = []
@@ -516,7 +522,7 @@ async def _profile_member(
                 cfg, member, place, place.tier not in what_if, split, settings
             )
             row.file_mb = file_mb
-            row.rss_mb = None if place.remote else rss_mb
+            row.rss_mb = None if place.networked else rss_mb
             rows.append(row)
             report(row)
     finally:
@@ -535,7 +541,7 @@ async def _profile_cell(
     tier = place.tier
     # Replicas of this placement: its tier's, made by the same backend (a member may have an
     # in-process and a remote placement on one tier; they are measured apart).
-    kind = "remote" if place.remote else "inprocess"
+    kind = "remote" if place.networked else "inprocess"
     replicas = [
         r for r in member.replicas if r.tier == tier and _backend_kind(r) == kind and r.ready()
     ]
@@ -550,7 +556,7 @@ async def _profile_cell(
         "none",
     )
     if not replicas:
-        row.notes.append("no ready replica (remote servers down or link partitioned)")
+        row.notes.append("no ready replica (remote servers or Ray down, or link partitioned)")
         card = member.card
         if card is not None:
             row.accuracy, row.accuracy_source = card.test_accuracy, "card (test_accuracy)"

@@ -129,7 +129,10 @@ def _check_restart_only(old: GatewayConfig, new: GatewayConfig) -> None:
     process's life (a `ray` placement that changes is caught when its replica is built)."""
     changed = [
         f"{section}.{key}: {getattr(before, key)!r} -> {getattr(after, key)!r} needs a restart"
-        for section, before, after in (("server", old.server, new.server), ("ray", old.ray, new.ray))
+        for section, before, after in (
+            ("server", old.server, new.server),
+            ("ray", old.ray, new.ray),
+        )
         for key in type(before).model_fields
         if getattr(before, key) != getattr(after, key)
     ]

@@ -352,7 +352,7 @@ class RayRuntime:
             app = _deployment(
                 MemberDirectory, name="directory", num_replicas=1, ray_actor_options={"num_cpus": 0}
             )
-            deploy(app.bind(**members), cfg.ray.app, progress)
+            deploy(app.bind(**members), cfg.ray.app, progress, timeout_s=cfg.ray.deploy_timeout_s)
             handles = {name: serve.get_deployment_handle(name, cfg.ray.app) for name in specs}
         except BaseException:
             ray.shutdown()
@@ -390,16 +390,12 @@ def _member_app(spec: RaySpec) -> Any:
     ).bind(spec.member, spec.model.read_bytes())
 
 
-DEPLOY_TIMEOUT_S = 300.0
-"""Longest a deployment may wait for Ray (a cluster may still be adding the nodes it needs)."""
-
-
 def deploy(
     app: Any,
     name: str,
     progress: Callable[[str], None],
     *,
-    timeout_s: float = DEPLOY_TIMEOUT_S,
+    timeout_s: float,
     stop: threading.Event | None = None,
 ) -> None:
     """Deploy ``app`` as application ``name`` and wait until it runs, reporting what Serve is
@@ -500,7 +496,13 @@ def serve_on_cluster(
             GatewayDeployment, name="gateway", num_replicas=1, ray_actor_options=actor
         )
         progress(f"deploying Serve application {app}: gateway + {len(specs)} ray deployment(s)")
-        deploy(gateway.bind(cfg, specs, **members), app, progress, stop=stop)
+        deploy(
+            gateway.bind(cfg, specs, **members),
+            app,
+            progress,
+            timeout_s=cfg.ray.deploy_timeout_s,
+            stop=stop,
+        )
         where = serve.get_app_handle(app).addresses.remote().result()
         http_host, http_port = where["http"].removeprefix("http://").rsplit(":", 1)
         announce(Addresses(http_host, int(http_port), int(where["grpc"].rsplit(":", 1)[1])))

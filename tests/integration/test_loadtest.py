@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from loadtest.httpclient import HttpPool, encode_request
-from tests.integration.conftest import DEFAULT_CONFIG
 from tests.integration.process import ROOT, GatewayProcess
 
+LOCAL_CONFIG = ROOT / "configs" / "local.yaml"
+"""The quickstart ensemble without Ray: these tests are about the harness."""
 pytestmark = pytest.mark.integration
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,7 +53,7 @@ def assert_report_files(out: Path) -> None:
 
 def test_harness_served_gateway_with_a_pause_fault(zoo_dir: Path, tmp_path: Path) -> None:
     scenario = {
-        "target": {"config": str(DEFAULT_CONFIG)},
+        "target": {"config": str(LOCAL_CONFIG)},
         "protocol": "http_binary",
         "request": {"timeout_s": 0.5},
         "load": {"shape": "constant", "rps": 40, "duration_s": 3},

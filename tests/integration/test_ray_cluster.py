@@ -6,6 +6,7 @@ gateway unchanged; SIGTERM deletes the application."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -135,3 +136,37 @@ def test_sigterm_deletes_the_application(cluster: RayCluster, gw: GatewayProcess
     assert gw.stop(timeout_s=90) == 0, gw.log()
     assert APP not in cluster.ask("apps")  # type: ignore[operator]
     assert "Traceback" not in gw.log(), gw.log()
+
+
+def test_a_tier_no_node_offers_fails_clearly_instead_of_hanging(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    config = {
+        "model_zoo": {"dir": str(ZOO)},
+        "tiers": {"edge": {}, "gpu": {}},
+        "ray": {"app": "nowhere", "deploy_timeout_s": 8},
+        "ensembles": [
+            {"name": "e", "members": [zoo_member("logreg", {"tier": "gpu", "backend": "ray"})]}
+        ],
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ensemble.cli",
+            "serve",
+            str(path),
+            "--ray-address",
+            cluster.address,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    assert done.returncode == 1, done.stderr
+    assert "is not running after 8 s" in done.stderr and "gpu" in done.stderr, done.stderr
+    assert "nowhere" not in cluster.ask("apps")  # type: ignore[operator]

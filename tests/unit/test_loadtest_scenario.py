@@ -51,7 +51,7 @@ def test_shipped_examples_are_valid(path: Path) -> None:
 def test_smoke_serves_the_default_config() -> None:
     sc = load_scenario(ROOT / "loadtest" / "scenarios" / "smoke.yaml")
     assert sc.target.config is not None
-    assert sc.resolve(sc.target.config) == ROOT / "configs" / "default.yaml"
+    assert sc.resolve(sc.target.config) == ROOT / "configs" / "local.yaml"
     assert sc.slo.latency_ms and sc.slo.min_accuracy
 
 
@@ -133,7 +133,7 @@ def test_fault_errors(tmp_path: Path) -> None:
     assert any(
         ":4:15: faults[0].name: 'pause' needs a harness-started gateway" in e for e in errors
     )
-    known = "faults[1].name: unknown fault 'explode'; known: link, log, partition, pause"
+    known = "faults[1].name: unknown fault 'explode'; known: kill_replica, link, log, partition"
     assert any(known in e for e in errors)
     assert any("faults[2].params.mesage: Extra inputs are not permitted" in e for e in errors)
     assert any("faults[3].at_s: must be before the load ends (5 s)" in e for e in errors)
