@@ -156,6 +156,15 @@ class RayDeploymentConfig(StrictModel):
         description="Calls one Ray Serve replica takes at once; Ray Serve's own default (5) "
         "queues a busy member's calls in Ray's router on a small machine.",
     )
+    max_inflight_requests: int = Field(
+        1,
+        ge=1,
+        le=10_000,
+        description="Ray requests the gateway keeps in flight per Serve replica; calls arriving "
+        "while that many are out wait and go together as one request (rows stacked, up to "
+        "server.batch_max_rows), so a busy gateway pays Ray's per-request overhead once per "
+        "batch.",
+    )
 
 
 class Placement(StrictModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from ensemble.config import (
     MemberConfig,
     Placement,
     ProfileConfig,
+    RayDeploymentConfig,
 )
 from ensemble.errors import EnsembleError, ModelNotFound
 from ensemble.links import Link, LinkedReplica, Links
@@ -193,22 +194,26 @@ def build_member(
         config = cfg.tiers[tier].link
         return links.link(tier, config) if links is not None and config.emulate else None
 
-    def ray_replica(place: Placement, name: str, outputs: Sequence[TensorSpec]) -> Replica:
+    def ray_replica(place: Placement, name: str, signature: OnnxSignature) -> Replica:
         if ray is None:
             raise EnsembleError(
                 f"member {member.name!r} is placed on the ray backend, which needs Ray: "
                 "`ensemble serve` starts one (or joins --ray-address)"
             )
         spec = spec_for(cfg, member, place, name)
+        sizing = place.ray or RayDeploymentConfig()
         return RayReplica(
             name,
             place.tier,
             ray.handle(spec),
             spec,
             ray.app,
-            outputs,
+            signature.outputs,
             timeout_s=place.timeout_s,
             health=_health_check(place),
+            batchable=all(t.shape[:1] == (-1,) for t in (*signature.inputs, *signature.outputs)),
+            max_inflight=sizing.max_inflight_requests * spec.num_replicas,
+            max_batch_rows=cfg.server.batch_max_rows,
         )
 
     built = load_member(
@@ -230,7 +235,7 @@ def build_member(
     return built
 
 
-RayReplicaFactory = Callable[[Placement, str, Sequence[TensorSpec]], Replica]
+RayReplicaFactory = Callable[[Placement, str, OnnxSignature], Replica]
 
 
 def load_member(
@@ -265,7 +270,7 @@ def load_member(
             elif place.backend == "ray":
                 if ray_replica is None:
                     raise EnsembleError(f"member {member.name!r}: the ray backend needs Ray")
-                replica = ray_replica(place, name, signature.outputs)
+                replica = ray_replica(place, name, signature)
                 if isinstance(replica, RemoteReplica):
                     replica.link = link
             else:

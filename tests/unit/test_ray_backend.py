@@ -249,6 +249,7 @@ def test_timeouts_and_cancellation_cancel_the_ray_request() -> None:
         try:
             with pytest.raises(MemberFailed, match=r"did not answer within 0\.05 s"):
                 await r.infer(FEED, ["label"])
+            await asyncio.sleep(0)  # the abandoned request is cancelled on the next turn
             assert slow.cancelled
         finally:
             await r.close()
@@ -262,6 +263,114 @@ def test_a_failing_ready_check_makes_the_replica_unready() -> None:
         await r.start()
         try:
             assert not r.ready() and r.last_check_error == "RuntimeError: gone"
+        finally:
+            await r.close()
+
+    asyncio.run(main())
+
+
+class EchoHandle:
+    """A fake deployment answering `probabilities` = the first 10 input columns and `label` =
+    their argmax, after ``delay_s``; rows whose first pixel is negative are invalid input."""
+
+    def __init__(self, delay_s: float = 0.01) -> None:
+        self.delay_s = delay_s
+        self.requests: list[int] = []
+        self.ready = Method(Response(True))
+        self.responses: list[Response] = []
+
+    def remote(self, feed: dict[str, np.ndarray], outputs: list[str]) -> Response:
+        x = feed["input"]
+        self.requests.append(len(x))
+        if (x[:, 0] < 0).any():
+            answer: Any = TaskError(InvalidInput("negative pixels"))
+        else:
+            probs = x[:, :10].astype(np.float32)
+            answer = {"probabilities": probs, "label": probs.argmax(axis=1).astype(np.int64)}
+        response = Response(answer, self.delay_s)
+        self.responses.append(response)
+        return response
+
+
+def rows(*values: float) -> dict[str, np.ndarray]:
+    x = np.zeros((len(values), 64), np.float32)
+    x[:, 0] = values
+    x[:, 3] = 1.0
+    return {"input": x}
+
+
+def test_concurrent_calls_share_one_ray_request_and_get_their_own_rows() -> None:
+    async def main() -> None:
+        handle = EchoHandle()
+        r = replica(handle)  # type: ignore[arg-type]
+        await r.start()
+        try:
+            first = asyncio.ensure_future(r.infer(rows(0.5)))
+            await asyncio.sleep(0)  # the first call leaves alone: nothing else is waiting
+            rest = [r.infer(rows(0.25 * k, 0.1)) for k in range(1, 4)]
+            answers = await asyncio.gather(first, *rest)
+            assert handle.requests == [1, 6]  # then the three calls went together
+            assert r.requests_sent == 2
+            assert answers[0]["probabilities"].shape == (1, 10)
+            for k, answer in enumerate(answers[1:], 1):
+                assert answer["probabilities"][:, 0].tolist() == [0.25 * k, np.float32(0.1)]
+                assert answer["label"].shape == (2,)
+        finally:
+            await r.close()
+
+    asyncio.run(main())
+
+
+def test_a_bad_input_in_a_batch_fails_only_its_own_call() -> None:
+    async def main() -> None:
+        handle = EchoHandle()
+        r = replica(handle)  # type: ignore[arg-type]
+        await r.start()
+        try:
+            blocker = asyncio.ensure_future(r.infer(rows(0.5)))
+            await asyncio.sleep(0)
+            good = asyncio.ensure_future(r.infer(rows(0.7)))
+            bad = asyncio.ensure_future(r.infer(rows(-1.0)))
+            await blocker
+            assert (await good)["probabilities"][0, 0] == np.float32(0.7)
+            with pytest.raises(InvalidInput, match="negative pixels"):
+                await bad
+            assert handle.requests == [1, 2, 1, 1]  # the batch, then each call on its own
+        finally:
+            await r.close()
+
+    asyncio.run(main())
+
+
+def test_a_batch_nobody_waits_for_is_cancelled_and_closing_fails_waiting_calls() -> None:
+    async def main() -> None:
+        handle = EchoHandle(delay_s=10)
+        r = replica(handle, timeout_s=0.05)  # type: ignore[arg-type]
+        await r.start()
+        try:
+            with pytest.raises(MemberFailed, match="did not answer"):
+                await r.infer(rows(0.5))
+            await asyncio.sleep(0)  # the abandoned request is cancelled on the next turn
+            assert handle.responses[0].cancelled
+            waiting = asyncio.ensure_future(r.infer(rows(0.5)))
+            await asyncio.sleep(0.01)
+        finally:
+            await r.close()
+        with pytest.raises(MemberFailed, match="closed"):
+            await waiting
+
+    asyncio.run(main())
+
+
+def test_calls_that_cannot_stack_go_apart() -> None:
+    async def main() -> None:
+        handle = EchoHandle()
+        r = replica(handle)  # type: ignore[arg-type]
+        r.batchable = False
+        await r.start()
+        try:
+            await asyncio.gather(*(r.infer(rows(0.1 * k)) for k in range(3)))
+            assert handle.requests == [1, 1, 1]
         finally:
             await r.close()
 
