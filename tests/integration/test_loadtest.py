@@ -265,3 +265,30 @@ def test_generator_ceiling_against_a_noop_server(zoo_dir: Path, tmp_path: Path) 
     )
     assert report["errors"] == {}
     assert report["throughput_rps"] > 1000
+
+
+def test_cpu_cost_counts_the_gateways_process_tree(zoo_dir: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loadtest.cpu_cost",
+            str(LOCAL_CONFIG),
+            "--requests",
+            "40",
+            "--concurrency",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, *rows = done.stdout.splitlines()
+    assert "40 requests at concurrency 2" in first and "0 failed" in first
+    total = float(rows[-1].split()[2])
+    assert rows[-1].startswith("  all processes") and total > 0
+    assert (tmp_path / "cpu_cost-gateway.log").is_file()
