@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             cfg = cfg.model_copy(update={"server": server})
             return serve_on_cluster(cfg, args.ray_address, _progress, announce)
-        if cfg.ray_placements():
+        if cfg.uses_ray():
             from ensemble.replicas.ray_serve import RayRuntime
 
             # Before the event loop's signal handlers: ray.init installs its own.
@@ -277,7 +277,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         from ensemble.profiler import format_table, profile_members, write_outputs
 
         _ensure_models(cfg)
-        if cfg.ray_placements():
+        if cfg.uses_ray():
             from ensemble.replicas.ray_serve import RayRuntime
 
             ray = RayRuntime.start_local(cfg, _progress)

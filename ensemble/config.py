@@ -256,20 +256,15 @@ class Placement(StrictModel):
     def _backend_settings(self) -> Placement:
         if self.ray is not None and self.backend != "ray":
             raise ValueError(f"ray: only for the ray backend, not for {self.backend}")
-        if not self.networked:
-            given = [key for key in _NETWORK_ONLY if key in self.model_fields_set]
-            if given:
-                raise ValueError(
-                    f"{', '.join(given)}: only for the remote and ray backends "
-                    f"({', '.join(REMOTE_BACKENDS)}, ray), not for {self.backend}"
-                )
+        remote = ", ".join(REMOTE_BACKENDS)
+        for keys, applies, which in (
+            (_NETWORK_ONLY, self.networked, f"the remote and ray backends ({remote}, ray)"),
+            (_ENDPOINT_ONLY, self.remote, f"the remote backends ({remote})"),
+        ):
+            given = [key for key in keys if key in self.model_fields_set]
+            if given and not applies:
+                raise ValueError(f"{', '.join(given)}: only for {which}, not for {self.backend}")
         if not self.remote:
-            given = [key for key in _ENDPOINT_ONLY if key in self.model_fields_set]
-            if given:
-                raise ValueError(
-                    f"{', '.join(given)}: only for the remote backends "
-                    f"({', '.join(REMOTE_BACKENDS)}), not for {self.backend}"
-                )
             if self.backend == "ray" and self.replicas.min < 1:
                 raise ValueError("a ray placement deploys replicas.min replicas: at least 1")
             return self
@@ -545,15 +540,14 @@ class GatewayConfig(StrictModel):
             return ProfileConfig()
         raise KeyError(name)
 
-    def ray_placements(self) -> list[tuple[MemberConfig, Placement]]:
-        """Every member placement on the `ray` backend, in config order."""
-        return [
-            (member, place)
+    def uses_ray(self) -> bool:
+        """Some member has a placement on the `ray` backend."""
+        return any(
+            place.backend == "ray"
             for ens in self.ensembles
             for member in ens.members
             for place in member.placement
-            if place.backend == "ray"
-        ]
+        )
 
     def model_names(self) -> list[str]:
         """Every name a client can address: ensembles, then members."""

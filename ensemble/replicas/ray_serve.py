@@ -106,11 +106,13 @@ def spec_for(cfg: GatewayConfig, member: MemberConfig, place: Placement, replica
 def ray_specs(cfg: GatewayConfig) -> dict[str, RaySpec]:
     """Every `ray` placement of the config, by deployment name."""
     specs: dict[str, RaySpec] = {}
-    for member, place in cfg.ray_placements():
-        index = member.placement.index(place)
-        replica = member.replica_names()[index][0]
-        spec = spec_for(cfg, member, place, replica)
-        specs[spec.deployment] = spec
+    for ens in cfg.ensembles:
+        for member in ens.members:
+            names = member.replica_names()
+            for place, replicas in zip(member.placement, names, strict=True):
+                if place.backend == "ray":
+                    spec = spec_for(cfg, member, place, replicas[0])
+                    specs[spec.deployment] = spec
     return specs
 
 
