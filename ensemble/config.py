@@ -511,6 +511,12 @@ class GatewayConfig(StrictModel):
         "probing (`consecutive_failures`; `none`). A member's last usable replicas are "
         "never all ejected.",
     )
+    admission: PolicySpec = Field(
+        default_factory=lambda: PolicySpec(name="bounded"),
+        description="Admission control before any work on a request (`bounded`: at most "
+        "`max_running` at once and `max_waiting` waiting, the least important shed with 429 / "
+        "RESOURCE_EXHAUSTED and Retry-After).",
+    )
     ray: RayConfig = Field(
         default_factory=RayConfig, description="Ray, for members placed on the `ray` backend."
     )
@@ -614,6 +620,7 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
                     f"unknown member {profile.fallback!r}{did_you_mean(profile.fallback, members)}",
                 )
             )
+    errors.extend(_policy_errors("admission", cfg.admission, ("admission",)))
     errors.extend(
         _policy_errors("outlier_detection", cfg.outlier_detection, ("outlier_detection",))
     )

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ensemble import __version__
+from ensemble.admission import AdmissionGate
 from ensemble.calls import Call, ResilientCall
 from ensemble.contract import parse_contract
 from ensemble.errors import (
@@ -77,6 +78,8 @@ class Dispatcher:
             accuracy_window=feedback_accuracy_window,
         )
         self.draining = False
+        self.gate = AdmissionGate(metrics)
+        """Admission control; its policy comes from the repository, so reloads change it."""
         self._rng = random.Random(0)  # routing draws (p2c); seeded for repeatable runs
         metrics.readiness = self._readiness
         metrics.replicas = self._replica_states
@@ -126,10 +129,14 @@ class Dispatcher:
                 profiles=self.repository.profile_names,
             )
             deadline = start + contract.timeout_us / 1e6 if contract.timeout_us else None
-            if isinstance(model, EnsembleModel):
-                outputs, params = await self._ensemble(model, feed, contract, deadline, request.id)
-            else:
-                outputs, params = await self._member(model, feed, contract, deadline)
+            repository = self.repository
+            async with self.gate.slot(repository.admission, contract.priority, deadline):
+                if isinstance(model, EnsembleModel):
+                    outputs, params = await self._ensemble(
+                        model, feed, contract, deadline, request.id
+                    )
+                else:
+                    outputs, params = await self._member(model, feed, contract, deadline)
             if request.outputs is not None:
                 wanted = [o.name for o in request.outputs]
                 by_name = {t.name: t for t in outputs}

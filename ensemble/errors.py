@@ -93,6 +93,18 @@ class ServerShuttingDown(EnsembleError):
     grpc_code = "UNAVAILABLE"
 
 
+class Overloaded(EnsembleError):
+    """Shed by admission control: too many requests running and waiting. Clients should retry
+    after ``retry_after_s`` (HTTP ``Retry-After``; gRPC trailing metadata ``retry-after``)."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class DeadlineExceeded(EnsembleError):
     """No usable answer arrived before the request's deadline."""
 

@@ -88,6 +88,10 @@ class GatewayMetrics:
         self.replicas: Callable[[], Iterable[tuple[str, str, str, bool, bool, int]]] = tuple
         """Read at scrape time: (member, replica, tier, ready now, ejected now, times ejected)."""
         self.inflight = 0
+        self.admission: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        """Read at scrape time: (requests running, requests waiting) at the admission gate."""
+        self.shed: defaultdict[str, int] = defaultdict(int)
+        """Requests shed by admission control, by reason (full, evicted, deadline)."""
         self.reloads: defaultdict[str, int] = defaultdict(int)
         self.last_reload_success_s = 0.0
         self.readiness: Callable[[], Mapping[str, bool]] = dict
@@ -198,6 +202,23 @@ class GatewayMetrics:
         yield GaugeMetricFamily(
             "ensemble_inflight_requests", "Inference requests being processed now.", self.inflight
         )
+        running, waiting = self.admission()
+        yield GaugeMetricFamily(
+            "ensemble_admission_running", "Requests holding an admission slot now.", running
+        )
+        yield GaugeMetricFamily(
+            "ensemble_admission_waiting", "Requests waiting for an admission slot now.", waiting
+        )
+        shed = CounterMetricFamily(
+            "ensemble_shed_requests",
+            "Requests shed by admission control (429 / RESOURCE_EXHAUSTED) by reason: full "
+            "(queue full, the newcomer least important), evicted (a waiting request made room "
+            "for a more important one), deadline (waited until its deadline).",
+            labels=["reason"],
+        )
+        for reason, count in list(self.shed.items()):
+            shed.add_metric([reason], count)
+        yield shed
         hedges = CounterMetricFamily(
             "ensemble_hedges",
             "Hedged calls by member: sent (a second copy went out) and won (its answer was used).",

@@ -16,6 +16,7 @@ from ensemble.config import (
     GatewayConfig,
     MemberConfig,
     Placement,
+    PolicySpec,
     ProfileConfig,
     RayDeploymentConfig,
 )
@@ -34,6 +35,7 @@ from ensemble.replicas.ray_serve import RayReplica, RayRuntime, spec_for
 from ensemble.replicas.remote import HealthCheck, RemoteReplica
 from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec, ValidationSet
 from policies import registry
+from policies.admission import AdmissionPolicy
 from policies.base import AggregationPolicy, RoutingPolicy, SelectionPolicy
 from policies.registry import NoParams
 from policies.reliability import (
@@ -442,7 +444,12 @@ def _specs(specs: tuple[TensorSpec, ...]) -> str:
 class Repository:
     """Every model the gateway serves, by name; each has exactly one version, ``1``."""
 
-    def __init__(self, ensembles: list[EnsembleModel], members: list[Member]) -> None:
+    def __init__(
+        self,
+        ensembles: list[EnsembleModel],
+        members: list[Member],
+        admission: PolicySpec | None = None,
+    ) -> None:
         self.ensembles = {e.name: e for e in ensembles}
         self.members = {m.name: m for m in members}
         self.tiers = tuple(
@@ -454,6 +461,11 @@ class Repository:
         self.profile_names = frozenset(p for e in ensembles for p in e.profiles)
         self.direct = Profile.build("direct", ProfileConfig())
         """How a member addressed as a model of its own is called: default routing and retries."""
+        spec = admission or PolicySpec(name="bounded")
+        self.admission: AdmissionPolicy = registry.build(
+            "admission", spec.name, spec.params, AdmissionPolicy
+        )
+        """Who runs, waits or is shed (the gate itself lives on the dispatcher)."""
         self._closed = False
 
     @classmethod
@@ -476,7 +488,7 @@ class Repository:
                     progress(f"loading member {m.name} from {cfg.resolve(m.model)}")
                 members[m.name] = build_member(cfg, m, engine, links, ray)
         ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
-        return cls(ensembles, list(members.values()))
+        return cls(ensembles, list(members.values()), cfg.admission)
 
     @classmethod
     def single_model(

@@ -72,6 +72,7 @@ def _ensure_loaded() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
+    import policies.admission
     import policies.aggregation
     import policies.reliability
     import policies.routing

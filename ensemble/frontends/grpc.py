@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeAlias
 
@@ -12,7 +13,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from ensemble.dispatcher import Dispatcher
-from ensemble.errors import EnsembleError
+from ensemble.errors import EnsembleError, Overloaded
 from ensemble.frontends.grpc_codec import decode_infer_request, encode_infer_response
 from ensemble.types import ModelMetadata, TensorSpec
 
@@ -48,7 +49,10 @@ def _rpc(method: _Handler) -> _Handler:
         try:
             return await method(self, request, context)
         except EnsembleError as exc:
-            await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+            if isinstance(exc, Overloaded):
+                retry = str(math.ceil(exc.retry_after_s))
+                await context.abort(exc_code(exc), exc.message, (("retry-after", retry),))
+            await context.abort(exc_code(exc), exc.message)
         except grpc.aio.AbortError:
             raise
         except Exception:
@@ -57,6 +61,11 @@ def _rpc(method: _Handler) -> _Handler:
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the gateway log")
 
     return handle
+
+
+def exc_code(exc: EnsembleError) -> grpc.StatusCode:
+    """The gRPC status of a gateway error."""
+    return grpc.StatusCode[exc.grpc_code]
 
 
 def _tensor_metadata(spec: TensorSpec) -> Any:

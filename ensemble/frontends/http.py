@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeAlias
@@ -20,6 +21,7 @@ from ensemble.errors import (
     MethodNotAllowed,
     ModelNotReady,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     Unauthorized,
     UnsupportedMediaType,
@@ -70,6 +72,8 @@ def error_reply(exc: EnsembleError) -> Reply:
         extra.append((b"allow", ", ".join(exc.allowed).encode()))
     if isinstance(exc, Unauthorized):
         extra.append((b"www-authenticate", b'Bearer realm="ensemble-admin"'))
+    if isinstance(exc, Overloaded):  # RFC 9110: whole seconds
+        extra.append((b"retry-after", str(math.ceil(exc.retry_after_s)).encode()))
     return _json(exc.http_status, dumps({"error": exc.message}), extra)
 
 

@@ -1,0 +1,109 @@
+"""Admission control through a real gateway: one request runs, one waits, the rest are shed at
+once with 429 + Retry-After (gRPC RESOURCE_EXHAUSTED, tritonclient), the least important first;
+shed requests are counted in /metrics."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.integration.conftest import array_input
+from tests.integration.process import GatewayProcess, start_from_config, zoo_member
+
+pytestmark = pytest.mark.integration
+SLOW_MS = 400
+X = np.random.default_rng(1).uniform(0, 16, (1, 64)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    slow = {"tier": "edge", "straggler": {"probability": 1.0, "delay_ms": SLOW_MS}}
+    config = {
+        "ensembles": [{"name": "slow", "members": [zoo_member("logreg", slow)]}],
+        "admission": {
+            "name": "bounded",
+            "params": {"max_running": 1, "max_waiting": 1, "retry_after_s": 2},
+        },
+    }
+    gateway = start_from_config(config, tmp_path_factory.mktemp("admission"))
+    yield gateway
+    assert gateway.stop() == 0, gateway.log()
+
+
+def post(gw: GatewayProcess, priority: int, out: list[tuple[int, Any, dict[str, str]]]) -> None:
+    body = {"inputs": [array_input(X)], "parameters": {"priority": priority}}
+    answer = httpx.post(f"{gw.http_url}/v2/models/slow/infer", json=body, timeout=30)
+    out.append((priority, answer.status_code, dict(answer.headers)))
+
+
+def burst(gw: GatewayProcess, priorities: list[int], gap_s: float = 0.05) -> list[Any]:
+    """Send one request per priority, ``gap_s`` apart, all in flight together."""
+    out: list[tuple[int, Any, dict[str, str]]] = []
+    threads = []
+    for priority in priorities:
+        thread = threading.Thread(target=post, args=(gw, priority, out))
+        thread.start()
+        threads.append(thread)
+        threading.Event().wait(gap_s)
+    for thread in threads:
+        thread.join()
+    return sorted(out, key=lambda row: row[0])
+
+
+def test_over_capacity_requests_are_shed_with_retry_after(gw: GatewayProcess) -> None:
+    # priority 1 runs, 3 waits, 7 finds the queue full (less important than 3): shed at once;
+    # then 0 arrives, outranks the waiting 3, which is shed to make room.
+    rows = burst(gw, [1, 3, 7, 0])
+    status = {priority: code for priority, code, _ in rows}
+    assert status == {0: 200, 1: 200, 3: 429, 7: 429}
+    for priority, code, headers in rows:
+        if code == 429:
+            assert headers["retry-after"] == "2", priority
+    text = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
+    assert 'ensemble_shed_requests_total{reason="full"} 1.0' in text
+    assert 'ensemble_shed_requests_total{reason="evicted"} 1.0' in text
+    assert "ensemble_admission_running 0.0" in text
+
+
+def test_the_shed_answer_is_an_oip_error_body(gw: GatewayProcess) -> None:
+    out: list[tuple[int, Any, dict[str, str]]] = []
+    threads = [threading.Thread(target=post, args=(gw, 0, out)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    threading.Event().wait(0.1)
+    body = {"inputs": [array_input(X)], "parameters": {"priority": 0}}
+    answer = httpx.post(f"{gw.http_url}/v2/models/slow/infer", json=body, timeout=30)
+    for thread in threads:
+        thread.join()
+    assert answer.status_code == 429
+    assert set(answer.json()) == {"error"} and "overloaded" in answer.json()["error"]
+
+
+def test_grpc_clients_get_resource_exhausted(gw: GatewayProcess) -> None:
+    errors: list[InferenceServerException] = []
+
+    def call() -> None:
+        with grpcclient.InferenceServerClient(gw.grpc_target) as client:
+            tensor = grpcclient.InferInput("input", list(X.shape), "FP32")
+            tensor.set_data_from_numpy(X)
+            try:
+                client.infer("slow", [tensor])
+            except InferenceServerException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+        threading.Event().wait(0.05)
+    for thread in threads:
+        thread.join()
+    assert len(errors) == 2
+    assert all("RESOURCE_EXHAUSTED" in str(e.status()) for e in errors), errors
