@@ -452,6 +452,19 @@ class ModelZooConfig(StrictModel):
     build_if_missing: bool = Field(True, description="Build the zoo on first use.")
 
 
+class AutoscalingConfig(StrictModel):
+    """The control loop: its interval, observation window and policy."""
+
+    interval_s: float = Field(1.0, gt=0, le=3600, description="Seconds between decisions.")
+    window_s: float = Field(
+        10.0, gt=0, le=86_400, description="Load is averaged over this many seconds."
+    )
+    policy: PolicySpec = Field(
+        default_factory=lambda: PolicySpec(name="target_inflight"),
+        description="Autoscaling policy (`target_inflight`: Ray Serve's rule).",
+    )
+
+
 class RayConfig(StrictModel):
     """The Ray cluster behind `ray` placements (README "Ray Serve members")."""
 
@@ -516,6 +529,12 @@ class GatewayConfig(StrictModel):
         description="Admission control before any work on a request (`bounded`: at most "
         "`max_running` at once and `max_waiting` waiting, the least important shed with 429 / "
         "RESOURCE_EXHAUSTED and Retry-After).",
+    )
+    autoscaling: AutoscalingConfig | None = Field(
+        None,
+        description="The control loop (off when absent). It observes every placement and "
+        "decides target replicas with the policy; no provisioner acts on them yet (issue 6), "
+        "so decisions are logged and exported as metrics only.",
     )
     ray: RayConfig = Field(
         default_factory=RayConfig, description="Ray, for members placed on the `ray` backend."
@@ -621,6 +640,9 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
                 )
             )
     errors.extend(_policy_errors("admission", cfg.admission, ("admission",)))
+    if cfg.autoscaling is not None:
+        spec = cfg.autoscaling.policy
+        errors.extend(_policy_errors("autoscaling", spec, ("autoscaling", "policy")))
     errors.extend(
         _policy_errors("outlier_detection", cfg.outlier_detection, ("outlier_detection",))
     )

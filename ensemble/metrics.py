@@ -90,6 +90,10 @@ class GatewayMetrics:
         self.inflight = 0
         self.admission: Callable[[], tuple[int, int]] = lambda: (0, 0)
         """Read at scrape time: (requests running, requests waiting) at the admission gate."""
+        self.autoscaler: Callable[[], Iterable[tuple[str, str, int, int | None]]] = tuple
+        """Read at scrape time: (member, tier, replicas now, replicas desired or None)."""
+        self.scaling_decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        """Changes of desired replicas by (member, tier, direction)."""
         self.shed: defaultdict[str, int] = defaultdict(int)
         """Requests shed by admission control, by reason (full, evicted, deadline)."""
         self.reloads: defaultdict[str, int] = defaultdict(int)
@@ -219,6 +223,25 @@ class GatewayMetrics:
         for reason, count in list(self.shed.items()):
             shed.add_metric([reason], count)
         yield shed
+        replicas = GaugeMetricFamily(
+            "ensemble_autoscaler_replicas",
+            "The control loop's view per member placement: replicas now (`current`) and the "
+            "policy's target (`desired`, while it wants a change).",
+            labels=["member", "tier", "kind"],
+        )
+        for member, tier, now, desired in list(self.autoscaler()):
+            replicas.add_metric([member, tier, "current"], now)
+            if desired is not None:
+                replicas.add_metric([member, tier, "desired"], desired)
+        yield replicas
+        decisions = CounterMetricFamily(
+            "ensemble_autoscaler_decisions",
+            "Changes of a placement's desired replicas, by direction.",
+            labels=["member", "tier", "direction"],
+        )
+        for (member, tier, direction), count in list(self.scaling_decisions.items()):
+            decisions.add_metric([member, tier, direction], count)
+        yield decisions
         hedges = CounterMetricFamily(
             "ensemble_hedges",
             "Hedged calls by member: sent (a second copy went out) and won (its answer was used).",

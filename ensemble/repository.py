@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ensemble.config import (
+    AutoscalingConfig,
     EnsembleConfig,
     GatewayConfig,
     MemberConfig,
@@ -36,6 +37,7 @@ from ensemble.replicas.remote import HealthCheck, RemoteReplica
 from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec, ValidationSet
 from policies import registry
 from policies.admission import AdmissionPolicy
+from policies.autoscaling import AutoscalingPolicy
 from policies.base import AggregationPolicy, RoutingPolicy, SelectionPolicy
 from policies.registry import NoParams
 from policies.reliability import (
@@ -337,6 +339,23 @@ def _health_check(place: Placement) -> HealthCheck:
     )
 
 
+def replica_bounds(cfg: GatewayConfig) -> dict[tuple[str, str], tuple[int, int]]:
+    """(min, max) replicas per (member, tier): a remote placement has exactly its endpoints;
+    ray (Ray Serve replicas of its deployment) and in-process placements their bounds (at
+    least one replica)."""
+    bounds: dict[tuple[str, str], tuple[int, int]] = {}
+    for ens in cfg.ensembles:
+        for member in ens.members:
+            for place in member.placement:
+                fixed = len(place.endpoints or ()) if place.remote else None
+                low = fixed if fixed is not None else max(1, place.replicas.min)
+                high = fixed if fixed is not None else max(low, place.replicas.max)
+                key = (member.name, place.tier)
+                before = bounds.get(key, (0, 0))
+                bounds[key] = (before[0] + low, before[1] + high)
+    return bounds
+
+
 def _compatible(a: TensorSpec, b: TensorSpec) -> bool:
     return (
         a.datatype == b.datatype
@@ -466,6 +485,11 @@ class Repository:
             "admission", spec.name, spec.params, AdmissionPolicy
         )
         """Who runs, waits or is shed (the gate itself lives on the dispatcher)."""
+        self.autoscaling: AutoscalingConfig | None = None
+        """The control loop's settings (None: no loop)."""
+        self.scaling_policy: AutoscalingPolicy | None = None
+        self.bounds: dict[tuple[str, str], tuple[int, int]] = {}
+        """Replica bounds per (member, tier), summed over the member's placements there."""
         self._closed = False
 
     @classmethod
@@ -488,7 +512,15 @@ class Repository:
                     progress(f"loading member {m.name} from {cfg.resolve(m.model)}")
                 members[m.name] = build_member(cfg, m, engine, links, ray)
         ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
-        return cls(ensembles, list(members.values()), cfg.admission)
+        repository = cls(ensembles, list(members.values()), cfg.admission)
+        repository.bounds = replica_bounds(cfg)
+        if cfg.autoscaling is not None:
+            spec = cfg.autoscaling.policy
+            repository.autoscaling = cfg.autoscaling
+            repository.scaling_policy = registry.build(
+                "autoscaling", spec.name, spec.params, AutoscalingPolicy
+            )
+        return repository
 
     @classmethod
     def single_model(

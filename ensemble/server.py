@@ -17,6 +17,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ensemble.config import GatewayConfig, ServerConfig
+from ensemble.control.loop import ControlLoop
 from ensemble.dispatcher import Dispatcher
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.frontends.http import HttpFrontend
@@ -127,6 +128,12 @@ class Gateway:
             else None
         )
         """Hot reload, for a gateway built from a config."""
+        self.control = (
+            ControlLoop(lambda: self.dispatcher.repository, self.metrics)
+            if config is not None
+            else None
+        )
+        """The control loop (it acts only while the config has `autoscaling`)."""
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -152,6 +159,8 @@ class Gateway:
     async def start(self, host: str, http_port: int, grpc_port: int) -> Addresses:
         server = self.server
         await self.repository.start()  # first health checks: readiness known before listening
+        if self.control is not None:
+            self.control.start()
         sock = _listen(host, http_port)
         app = HttpFrontend(
             self.dispatcher,
@@ -195,6 +204,8 @@ class Gateway:
             self._http.should_exit = True
             waits.append(self._http_task)
         await asyncio.gather(*waits, return_exceptions=True)
+        if self.control is not None:
+            await self.control.stop()
         if self.reloader is not None:
             await self.reloader.close()
         await self.dispatcher.repository.close()

@@ -74,6 +74,7 @@ def _ensure_loaded() -> None:
     _entry_points_loaded = True
     import policies.admission
     import policies.aggregation
+    import policies.autoscaling
     import policies.reliability
     import policies.routing
     import policies.selection

@@ -22,6 +22,7 @@ class ReplicaStats:
         "_since_p95",
         "_window",
         "breaker",
+        "calls",
         "ejections",
         "ewma_s",
         "failures",
@@ -31,6 +32,8 @@ class ReplicaStats:
 
     def __init__(self) -> None:
         self.outstanding = 0
+        self.calls = 0
+        """Calls started, ever (the control loop turns it into a rate)."""
         self.ewma_s: float | None = None
         self.failures = 0
         self._window = array("d")
@@ -45,6 +48,7 @@ class ReplicaStats:
 
     def started(self) -> None:
         self.outstanding += 1
+        self.calls += 1
 
     def finished(self, latency_s: float, ok: bool, *, abandoned: bool = False) -> None:
         """A call ended. ``abandoned``: cancelled unanswered (a hedge's loser, a request past

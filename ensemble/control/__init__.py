@@ -1,0 +1,1 @@
+"""The control plane: the control loop and, later, the provisioners it drives."""

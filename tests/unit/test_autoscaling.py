@@ -1,0 +1,116 @@
+"""Autoscaling in virtual time: the `target_inflight` policy's rule and hysteresis, and the control
+loop's observation and decisions on a real repository with a fake clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ensemble.config import parse_yaml
+from ensemble.control.loop import ControlLoop
+from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.engine import InProcessEngine
+from ensemble.repository import Repository, replica_bounds
+from policies import registry
+from policies.autoscaling import (
+    AutoscalingPolicy,
+    PlacementLoad,
+    ScalingContext,
+    TargetInflight,
+    TargetInflightParams,
+)
+
+ZOO = Path(__file__).resolve().parents[2] / "models" / "digits"
+
+
+def load(outstanding: float, replicas: int = 1, low: int = 1, high: int = 4) -> PlacementLoad:
+    return PlacementLoad("m", "edge", replicas, low, high, outstanding, 10.0, 5.0)
+
+
+def test_target_inflight_follows_ray_serves_rule_with_hysteresis() -> None:
+    policy = TargetInflight(TargetInflightParams(upscale_delay_s=3, downscale_delay_s=30))
+    state = policy.initial_state()
+    decision, state = policy.decide(ScalingContext(0.0, (load(7.0),)), state)
+    assert decision.targets == {}  # 7 in flight / 2 -> 4, but only wanted since now
+    decision, state = policy.decide(ScalingContext(2.0, (load(7.0),)), state)
+    assert decision.targets == {}
+    decision, state = policy.decide(ScalingContext(3.0, (load(7.0),)), state)
+    assert decision.targets == {("m", "edge"): 4}
+    assert "7.0 calls in flight / target 2 per replica -> 4" in decision.reasons[("m", "edge")]
+    # More than the bounds allow is capped; a quiet placement goes down only after 30 s.
+    decision, state = policy.decide(ScalingContext(4.0, (load(99.0, 4),)), state)
+    assert decision.targets == {}  # already at max
+    decision, state = policy.decide(ScalingContext(5.0, (load(0.0, 4),)), state)
+    decision, state = policy.decide(ScalingContext(34.0, (load(0.0, 4),)), state)
+    assert decision.targets == {}
+    decision, state = policy.decide(ScalingContext(35.0, (load(0.0, 4),)), state)
+    assert decision.targets == {("m", "edge"): 1}  # never below min
+
+
+def test_a_wish_that_changes_restarts_its_delay() -> None:
+    policy = TargetInflight(TargetInflightParams(upscale_delay_s=2))
+    state = policy.initial_state()
+    _, state = policy.decide(ScalingContext(0.0, (load(4.0),)), state)  # wants 2
+    _, state = policy.decide(ScalingContext(1.5, (load(6.0),)), state)  # now wants 3
+    decision, state = policy.decide(ScalingContext(2.5, (load(6.0),)), state)
+    assert decision.targets == {}
+    decision, _ = policy.decide(ScalingContext(3.5, (load(6.0),)), state)
+    assert decision.targets == {("m", "edge"): 3}
+
+
+def test_registered_and_validated() -> None:
+    assert isinstance(
+        registry.build("autoscaling", "target_inflight", {}, AutoscalingPolicy), TargetInflight
+    )
+    with pytest.raises(ValueError, match="target_ongoing_requests"):
+        registry.build(
+            "autoscaling", "target_inflight", {"target_ongoing_requests": 0}, AutoscalingPolicy
+        )
+
+
+CONFIG = f"""
+ensembles:
+  - name: e
+    members:
+      - name: logreg
+        model: {ZOO / "logreg.onnx"}
+        placement: [{{tier: edge, replicas: {{min: 1, max: 3}}}},
+                    {{tier: cloud, backend: oip-http, endpoints: ["http://127.0.0.1:9"]}}]
+autoscaling: {{interval_s: 1, window_s: 5,
+              policy: {{name: target_inflight, params: {{upscale_delay_s: 0}}}}}}
+"""
+
+
+def test_bounds_per_member_and_tier() -> None:
+    cfg = parse_yaml(CONFIG, source="t.yaml", base_dir=ZOO)
+    assert replica_bounds(cfg) == {("logreg", "edge"): (1, 3), ("logreg", "cloud"): (1, 1)}
+
+
+def test_the_loop_observes_in_flight_calls_and_exports_its_decision() -> None:
+    cfg = parse_yaml(CONFIG, source="t.yaml", base_dir=ZOO)
+    engine = InProcessEngine(1)
+    try:
+        repository = Repository.from_config(cfg, engine)
+        metrics = GatewayMetrics()
+        now = [100.0]
+        loop = ControlLoop(lambda: repository, metrics, clock=lambda: now[0])
+        member = repository.members["logreg"]
+        edge = next(r for r in member.replicas if r.tier == "edge")
+        for _ in range(5):  # five calls in flight on the edge replica
+            member.stats[edge.name].started()
+        loop.tick()
+        assert loop.desired == {("logreg", "edge"): 3}  # ceil(5 / 2) = 3, the max
+        assert loop.replicas[("logreg", "edge")] == 1  # static: nothing applied
+        assert metrics.scaling_decisions[("logreg", "edge", "up")] == 1
+        text = metrics.registry.get_sample_value(
+            "ensemble_autoscaler_replicas", {"member": "logreg", "tier": "edge", "kind": "desired"}
+        )
+        assert text == 3
+        for _ in range(5):
+            member.stats[edge.name].finished(0.01, True)
+        now[0] += 10  # the busy sample has left the 5 s window
+        loop.tick()
+        assert loop.desired == {}  # back to what it has: no change wanted
+    finally:
+        engine.shutdown()
