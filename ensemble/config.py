@@ -532,9 +532,10 @@ class GatewayConfig(StrictModel):
     )
     autoscaling: AutoscalingConfig | None = Field(
         None,
-        description="The control loop (off when absent). It observes every placement and "
-        "decides target replicas with the policy; no provisioner acts on them yet (issue 6), "
-        "so decisions are logged and exported as metrics only.",
+        description="The control loop (off when absent): it observes every placement, decides "
+        "target replicas with the policy within `replicas` bounds, scales in-process placements "
+        "(drained before removal) and logs and exports every decision; remote and ray "
+        "placements are observed only for now.",
     )
     ray: RayConfig = Field(
         default_factory=RayConfig, description="Ray, for members placed on the `ray` backend."

@@ -258,49 +258,55 @@ def load_member(
     ``ray_replica`` makes a `ray` placement's replica."""
     if not path.is_file():
         raise EnsembleError(f"member {member.name!r}: model file not found: {path}")
-    session = load_session(path)
-    signature = read_signature(path, session)
+    first = load_session(path)
+    signature = read_signature(path, first)
+    sessions = [first]  # the signature's session serves the first in-process replica
+
+    def make(place: Placement, name: str, endpoint: str | None, link: Link | None) -> Replica:
+        """One replica of ``place`` named ``name``, with its fault and link wrappers."""
+        i = int(name.rsplit("/", 1)[1])
+        replica: Replica
+        if place.remote:
+            assert endpoint is not None  # config validation
+            remote = _remote_replica(member, place, name, endpoint, signature)
+            remote.link = link  # its health checks cross the link too
+            replica = remote
+        elif place.backend == "ray":
+            if ray_replica is None:
+                raise EnsembleError(f"member {member.name!r}: the ray backend needs Ray")
+            replica = ray_replica(place, name, signature)
+            if isinstance(replica, RemoteReplica):
+                replica.link = link
+        else:
+            # Each in-process replica runs a session of its own.
+            runner = SessionRunner(sessions.pop() if sessions else load_session(path), signature)
+            if card is not None:  # start cost estimates from the card's measured latency
+                one = card.latency_ms["batch_1"].p50_ms
+                many = card.latency_ms["batch_32"].p50_ms
+                runner.fixed_s, runner.per_row_s = one / 1e3, max(0.0, many - one) / 31e3
+            replica = InProcessReplica(name, place.tier, runner, engine)
+        if place.straggler is not None:
+            late = place.straggler
+            replica = StragglerReplica(
+                replica, late.probability, late.delay_ms / 1e3, late.seed + i
+            )
+        if place.failures is not None:
+            replica = FailingReplica(replica, place.failures.probability, place.failures.seed + i)
+        if link is not None:  # the link sits between the gateway and the replica
+            timeout_s = place.timeout_s if place.networked else None
+            replica = LinkedReplica(
+                replica, link, timeout_s=timeout_s, health_checked=place.networked
+            )
+        return replica
+
     replicas: list[Replica] = []
+    growers: dict[str, Callable[[str], Replica]] = {}
     for place, names in zip(member.placement, member.replica_names(), strict=True):
         link = link_for(place.tier) if link_for is not None else None
-        for k, name in enumerate(names):
-            i = int(name.rsplit("/", 1)[1])
-            replica: Replica
-            if place.remote:
-                assert place.endpoints is not None  # config validation
-                remote = _remote_replica(member, place, name, place.endpoints[k], signature)
-                remote.link = link  # its health checks cross the link too
-                replica = remote
-            elif place.backend == "ray":
-                if ray_replica is None:
-                    raise EnsembleError(f"member {member.name!r}: the ray backend needs Ray")
-                replica = ray_replica(place, name, signature)
-                if isinstance(replica, RemoteReplica):
-                    replica.link = link
-            else:
-                session = session or load_session(path)
-                runner = SessionRunner(session, signature)
-                session = None  # each in-process replica runs a session of its own
-                if card is not None:  # start cost estimates from the card's measured latency
-                    one = card.latency_ms["batch_1"].p50_ms
-                    many = card.latency_ms["batch_32"].p50_ms
-                    runner.fixed_s, runner.per_row_s = one / 1e3, max(0.0, many - one) / 31e3
-                replica = InProcessReplica(name, place.tier, runner, engine)
-            if place.straggler is not None:
-                late = place.straggler
-                replica = StragglerReplica(
-                    replica, late.probability, late.delay_ms / 1e3, late.seed + i
-                )
-            if place.failures is not None:
-                replica = FailingReplica(
-                    replica, place.failures.probability, place.failures.seed + i
-                )
-            if link is not None:  # the link sits between the gateway and the replica
-                timeout_s = place.timeout_s if place.networked else None
-                replica = LinkedReplica(
-                    replica, link, timeout_s=timeout_s, health_checked=place.networked
-                )
-            replicas.append(replica)
+        endpoints: list[str | None] = [*place.endpoints] if place.endpoints else [None] * len(names)
+        replicas += [make(place, name, endpoints[k], link) for k, name in enumerate(names)]
+        if not place.networked and place.tier not in growers:
+            growers[place.tier] = _grower(make, place, link)  # the in-process provisioner's
     try:
         schema: ClassifierSchema | None = infer_classifier_schema(
             member.name,
@@ -315,7 +321,22 @@ def load_member(
         if classifier:
             raise
         schema = None
-    return Member(member.name, signature.inputs, signature.outputs, schema, replicas, card)
+    built = Member(member.name, signature.inputs, signature.outputs, schema, replicas, card)
+    built.growers = growers
+    return built
+
+
+def _grower(
+    make: Callable[[Placement, str, str | None, Link | None], Replica],
+    place: Placement,
+    link: Link | None,
+) -> Callable[[str], Replica]:
+    """Makes one more replica of an in-process placement, given its name."""
+
+    def grow(name: str) -> Replica:
+        return make(place, name, None, link)
+
+    return grow
 
 
 def _remote_replica(
@@ -490,6 +511,8 @@ class Repository:
         self.scaling_policy: AutoscalingPolicy | None = None
         self.bounds: dict[tuple[str, str], tuple[int, int]] = {}
         """Replica bounds per (member, tier), summed over the member's placements there."""
+        self.drain_timeout_s = 30.0
+        """How long a replica scaled away may finish its calls (server.drain_timeout_s)."""
         self._closed = False
 
     @classmethod
@@ -514,6 +537,7 @@ class Repository:
         ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
         repository = cls(ensembles, list(members.values()), cfg.admission)
         repository.bounds = replica_bounds(cfg)
+        repository.drain_timeout_s = cfg.server.drain_timeout_s
         if cfg.autoscaling is not None:
             spec = cfg.autoscaling.policy
             repository.autoscaling = cfg.autoscaling

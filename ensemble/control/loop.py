@@ -2,10 +2,12 @@
 
 Every ``interval_s`` it samples each member placement (calls in flight on its tier's replicas,
 calls started, recent p95), averages over ``window_s``, asks the repository's autoscaling policy
-for targets (``decide(context, state) -> (decision, state)``), and hands them to the provisioner.
-Only the ``static`` provisioner exists yet (issue 6): it observes and changes nothing, so a
-placement's replica count stays at its minimum and every decision is logged and exported as
-metrics (``ensemble_autoscaler_replicas{kind="desired"}``, ``ensemble_autoscaler_decisions``).
+for targets (``decide(context, state) -> (decision, state)``), and applies them. In-process
+placements are provisioned: new replicas (a session each, loaded in a worker thread) join the
+member's routing; removed ones are drained first (no new calls, calls in flight finish, then
+closed). Other backends are observed only (a ``static`` provisioner: remote servers and Ray
+deployments keep their size). Every decision is logged and exported as metrics
+(``ensemble_autoscaler_replicas``, ``ensemble_autoscaler_decisions``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.member import Member
 from ensemble.repository import Repository
 from policies.autoscaling import AutoscalingPolicy, PlacementLoad, ScalingContext
 
@@ -46,6 +49,7 @@ class ControlLoop:
         """Replicas each placement has (the static provisioner keeps the minimum)."""
         self.desired: dict[Key, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._draining: set[asyncio.Task[None]] = set()
         metrics.autoscaler = lambda: [
             (member, tier, self.replicas[(member, tier)], self.desired.get((member, tier)))
             for member, tier in list(self.replicas)
@@ -61,18 +65,20 @@ class ControlLoop:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for drain in list(self._draining):
+            drain.cancel()
 
     async def _run(self) -> None:
         while True:
             settings = self._repository().autoscaling
             await asyncio.sleep(settings.interval_s if settings is not None else 1.0)
             try:
-                self.tick()
-            except Exception:  # a policy bug must not end the loop
+                await self.tick()
+            except Exception:  # a policy or provisioning bug must not end the loop
                 log.exception("control loop tick failed")
 
-    def tick(self) -> None:
-        """One observation and decision."""
+    async def tick(self) -> None:
+        """One observation, decision and provisioning step."""
         repository = self._repository()
         policy, settings = repository.scaling_policy, repository.autoscaling
         if policy is None or settings is None:
@@ -83,21 +89,59 @@ class ControlLoop:
         loads = self._observe(repository, now, settings.window_s)
         decision, self._state = policy.decide(ScalingContext(now, loads), self._state)
         for key, target in decision.targets.items():
+            member = repository.members.get(key[0])
+            grow = member.growers.get(key[1]) if member is not None else None
             if self.desired.get(key) != target:
                 direction = "up" if target > self.replicas.get(key, 0) else "down"
                 self._metrics.scaling_decisions[(*key, direction)] += 1
                 log.info(
-                    "autoscaler: %s@%s %d -> %d replicas (%s); static provisioner: not applied",
+                    "autoscaler: %s@%s %d -> %d replicas (%s)%s",
                     key[0],
                     key[1],
                     self.replicas.get(key, 0),
                     target,
                     decision.reasons.get(key, "no reason given"),
+                    "" if grow else "; static provisioner: not applied",
                 )
             self.desired[key] = target
+            if member is not None and grow is not None:
+                await self._provision(member, key[1], target, repository)
         for key in list(self.desired):
             if key not in decision.targets:
                 del self.desired[key]
+
+    async def _provision(
+        self, member: Member, tier: str, target: int, repository: Repository
+    ) -> None:
+        """In-process replicas on ``tier`` up or down to ``target``."""
+        serving = member.serving(tier)
+        grow = member.growers[tier]
+        if target > len(serving):
+            taken = {r.name for r in member.replicas}
+            index = 0
+            for _ in range(target - len(serving)):
+                while f"{tier}/{index}" in taken:
+                    index += 1
+                name = f"{tier}/{index}"
+                taken.add(name)
+                replica = await asyncio.to_thread(grow, name)  # loads a session: off the loop
+                if repository is not self._repository():
+                    await replica.close()  # a reload replaced the member meanwhile
+                    return
+                await replica.start()
+                member.add_replica(replica)
+        elif target < len(serving):
+            # Only replicas it added, the newest first; each drains in the background (no
+            # call is lost). The configured ones stay.
+            added = [r for r in serving if r.name in member.added]
+            added.sort(key=lambda r: member.added.index(r.name), reverse=True)
+            for replica in added[: len(serving) - target]:
+                task = asyncio.ensure_future(
+                    member.retire(replica.name, repository.drain_timeout_s)
+                )
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+        self.replicas[(member.name, tier)] = target
 
     def _observe(
         self, repository: Repository, now: float, window_s: float
@@ -107,7 +151,7 @@ class ControlLoop:
             member = repository.members.get(member_name)
             if member is None:
                 continue
-            stats = [member.stats[r.name] for r in member.replicas if r.tier == tier]
+            stats = [member.stats[r.name] for r in member.serving(tier)]
             inflight = float(sum(s.outstanding for s in stats))
             calls = sum(s.calls for s in stats)
             key = (member_name, tier)
@@ -118,6 +162,8 @@ class ControlLoop:
             span = now - samples[0][0]
             rate = (calls - samples[0][2]) / span if span > 0 else 0.0
             p95s = [p for p in (s.p95_s for s in stats) if p is not None]
+            if tier in member.growers:  # provisioned here: count what serves
+                self.replicas[key] = len(member.serving(tier))
             replicas = self.replicas.setdefault(key, low)
             loads.append(
                 PlacementLoad(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -136,6 +138,13 @@ class Member:
         """Accuracy over recent feedback, set by the feedback hub; None before any."""
         self.outlier: OutlierDetector = NoEjection(NoParams())
         """Ejects failing replicas from routing (set by the repository from the config)."""
+        self.growers: dict[str, Callable[[str], Replica]] = {}
+        """Per tier with an in-process placement: makes one more replica (blocking: it loads a
+        session), given its name; what the in-process provisioner scales with."""
+        self.added: list[str] = []
+        """Replicas the provisioner added, oldest first: the only ones it removes again."""
+        self.draining: set[str] = set()
+        """Replicas on their way out: routed to no more, closed once their calls finish."""
         self.metadata = ModelMetadata(
             name=name,
             versions=(MODEL_VERSION,),
@@ -183,7 +192,46 @@ class Member:
 
     def replica_views(self) -> list[ReplicaView]:
         """What routing policies see of this member's replicas, from their live stats."""
-        return [self.replica_view(r) for r in self.replicas]
+        return [self.replica_view(r) for r in self.replicas if r.name not in self.draining]
+
+    def serving(self, tier: str) -> list[Replica]:
+        """Its replicas on ``tier`` that take calls or may again (not draining)."""
+        return [r for r in self.replicas if r.tier == tier and r.name not in self.draining]
+
+    def add_replica(self, replica: Replica) -> None:
+        """A new replica (started already) takes calls from now on."""
+        if replica.name in self._by_name:
+            raise EnsembleError(f"member {self.name!r} already has a replica {replica.name!r}")
+        self.stats[replica.name] = ReplicaStats()
+        self._by_name[replica.name] = replica
+        self.replicas.append(replica)
+        self.added.append(replica.name)
+        self._view = None
+
+    def retire(self, name: str, drain_timeout_s: float) -> Coroutine[Any, Any, None]:
+        """Route no more calls to ``name`` from now on; the coroutine returned waits for its
+        calls in flight (at most ``drain_timeout_s``), then closes and forgets it. The last
+        serving replica is never retired."""
+        replica = self._by_name[name]
+        if len(self.replicas) - len(self.draining) <= 1:
+            raise EnsembleError(f"member {self.name!r} keeps its last replica")
+        self.draining.add(name)
+        return self._drain(replica, drain_timeout_s)
+
+    async def _drain(self, replica: Replica, drain_timeout_s: float) -> None:
+        stats = self.stats[replica.name]
+        deadline = time.monotonic() + drain_timeout_s
+        # Polling a counter every 10 ms while a replica drains costs nothing worth an event.
+        while stats.outstanding > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        self.replicas.remove(replica)
+        del self._by_name[replica.name]
+        del self.stats[replica.name]
+        self.draining.discard(replica.name)
+        if replica.name in self.added:
+            self.added.remove(replica.name)
+        self._view = None
+        await replica.close()
 
     def only(self) -> Replica:
         """The replica of a member that has exactly one (no routing needed)."""
@@ -210,7 +258,7 @@ class Member:
         return [self._by_name[name] for name in order]
 
     def replica_view(self, replica: Replica) -> ReplicaView:
-        stats = self.stats[replica.name]
+        stats = self._stats_of(replica)
         ready = replica.ready()
         if ready != stats.ready:
             stats.ready = ready
@@ -233,7 +281,7 @@ class Member:
 
     def attempt(self, replica: Replica) -> ReplicaStats:
         """An attempt goes to ``replica``: count it, and let a half-open breaker's probe out."""
-        stats = self.stats[replica.name]
+        stats = self._stats_of(replica)
         stats.started()
         if stats.breaker is not HEALTHY:
             _, stats.breaker = self.outlier.allow(stats.breaker, time.perf_counter())
@@ -257,6 +305,12 @@ class Member:
         until = stats.breaker.ejected_until
         if until is not None and until != state.ejected_until:
             stats.ejections += 1  # ejected, or ejected again after a failed probe
+
+    def _stats_of(self, replica: Replica) -> ReplicaStats:
+        """Its live stats; fresh ones for a replica scaled away after a request chose it (a
+        retry may still go to it: the replica object keeps working until collected)."""
+        stats = self.stats.get(replica.name)
+        return stats if stats is not None else ReplicaStats()
 
     @property
     def classifier(self) -> ClassifierSchema:

@@ -209,7 +209,8 @@ def test_reroute_asks_the_members_left_out(gw: GatewayProcess) -> None:
 def test_degrade_answers_from_the_fallback_before_the_deadline(gw: GatewayProcess) -> None:
     with httpx.Client(base_url=gw.http_url, timeout=30) as client:
         start = time.perf_counter()
-        status, doc = infer(client, "contracts", policy="slow_with_fallback", timeout=100_000)
+        # 200 ms: room for the fallback on a busy machine, far below the 400 ms straggler.
+        status, doc = infer(client, "contracts", policy="slow_with_fallback", timeout=200_000)
         elapsed = time.perf_counter() - start
         assert status == 200, doc
         params = doc["parameters"]

@@ -3,8 +3,10 @@ loop's observation and decisions on a real repository with a fake clock."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ensemble.config import parse_yaml
@@ -78,7 +80,8 @@ ensembles:
         placement: [{{tier: edge, replicas: {{min: 1, max: 3}}}},
                     {{tier: cloud, backend: oip-http, endpoints: ["http://127.0.0.1:9"]}}]
 autoscaling: {{interval_s: 1, window_s: 5,
-              policy: {{name: target_inflight, params: {{upscale_delay_s: 0}}}}}}
+              policy: {{name: target_inflight,
+                      params: {{upscale_delay_s: 0, downscale_delay_s: 0}}}}}}
 """
 
 
@@ -87,30 +90,54 @@ def test_bounds_per_member_and_tier() -> None:
     assert replica_bounds(cfg) == {("logreg", "edge"): (1, 3), ("logreg", "cloud"): (1, 1)}
 
 
-def test_the_loop_observes_in_flight_calls_and_exports_its_decision() -> None:
+def test_the_loop_scales_an_in_process_placement_up_and_drains_it_down() -> None:
     cfg = parse_yaml(CONFIG, source="t.yaml", base_dir=ZOO)
     engine = InProcessEngine(1)
-    try:
+
+    async def main() -> None:
         repository = Repository.from_config(cfg, engine)
         metrics = GatewayMetrics()
         now = [100.0]
         loop = ControlLoop(lambda: repository, metrics, clock=lambda: now[0])
         member = repository.members["logreg"]
-        edge = next(r for r in member.replicas if r.tier == "edge")
+        (edge,) = member.serving("edge")
         for _ in range(5):  # five calls in flight on the edge replica
             member.stats[edge.name].started()
-        loop.tick()
+        await loop.tick()
         assert loop.desired == {("logreg", "edge"): 3}  # ceil(5 / 2) = 3, the max
-        assert loop.replicas[("logreg", "edge")] == 1  # static: nothing applied
+        assert [r.name for r in member.serving("edge")] == ["edge/0", "edge/1", "edge/2"]
+        assert loop.replicas[("logreg", "edge")] == 3
         assert metrics.scaling_decisions[("logreg", "edge", "up")] == 1
-        text = metrics.registry.get_sample_value(
+        desired = metrics.registry.get_sample_value(
             "ensemble_autoscaler_replicas", {"member": "logreg", "tier": "edge", "kind": "desired"}
         )
-        assert text == 3
+        assert desired == 3
+        # The new replicas answer like the first one.
+        x = {"input": np.full((1, 64), 8.0, np.float32)}
+        answers = [await r.infer(x) for r in member.serving("edge")]
+        assert all(np.array_equal(a["label"], answers[0]["label"]) for a in answers)
+        # The load goes; edge/0 still has five calls in flight, the new ones none.
+        now[0] += 10  # the busy samples have left the 5 s window
+        member.stats["edge/2"].started()  # one call still running on edge/2
+        await loop.tick()
+        assert loop.desired == {}  # 6 in flight: 3 wanted, 3 there
+        assert len(member.serving("edge")) == 3
         for _ in range(5):
-            member.stats[edge.name].finished(0.01, True)
-        now[0] += 10  # the busy sample has left the 5 s window
-        loop.tick()
-        assert loop.desired == {}  # back to what it has: no change wanted
+            member.stats["edge/0"].finished(0.01, True)
+        now[0] += 10
+        await loop.tick()  # 1 in flight -> 1 replica: edge/1 and edge/2 leave
+        assert [r.name for r in member.serving("edge")] == ["edge/0"]
+        await asyncio.sleep(0.05)
+        assert "edge/1" not in member.stats  # idle: gone at once
+        assert [r.name for r in member.replicas if r.tier == "edge"] == ["edge/0", "edge/2"]
+        member.stats["edge/2"].finished(0.01, True)  # its last call ends: it goes too
+        await asyncio.sleep(0.05)
+        assert [r.name for r in member.replicas if r.tier == "edge"] == ["edge/0"]
+        assert metrics.scaling_decisions[("logreg", "edge", "down")] == 1
+        # The cloud placement (remote endpoints) is observed only and never changes.
+        assert [r.name for r in member.replicas if r.tier == "cloud"] == ["cloud/0"]
+
+    try:
+        asyncio.run(main())
     finally:
         engine.shutdown()
