@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,23 @@ def build_app(config_path: Path) -> tuple[Any, str]:
     return EnsembleIngress.bind(ensemble.name, names, members), ensemble.name
 
 
+def _warm_up(url: str, timeout_s: float = 60.0) -> None:
+    """Answer a few requests through Serve's HTTP proxy before saying ready: serve.run returns
+    when the deployments run, while the proxy and the handles' first calls still take seconds
+    on 2 cores, which a short measurement would count against Ray."""
+    import httpx
+
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
+    deadline = time.monotonic() + timeout_s
+    answered = 0
+    with httpx.Client(timeout=10, trust_env=False) as client:
+        while answered < 5 and time.monotonic() < deadline:
+            try:
+                answered += client.post(url, json=body).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.peers.ray_app", description=__doc__)
     parser.add_argument("config", type=Path, help="gateway config whose first ensemble to serve")
@@ -147,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=_LOGGING)
         serve.run(app, name=name, route_prefix=f"/v2/models/{name}", logging_config=_LOGGING)
+        _warm_up(f"http://127.0.0.1:{args.port}/v2/models/{name}/infer")
         print(f"ray serve ready: http=127.0.0.1:{args.port} app={name}", flush=True)
         while not stop.wait(0.5):
             pass
