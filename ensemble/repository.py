@@ -511,6 +511,10 @@ class Repository:
         self.scaling_policy: AutoscalingPolicy | None = None
         self.bounds: dict[tuple[str, str], tuple[int, int]] = {}
         """Replica bounds per (member, tier), summed over the member's placements there."""
+        self.tier_prices: dict[str, float] = {}
+        """Each tier's price of one replica for one hour."""
+        self.tier_caps: dict[str, int] = {}
+        """Tiers with a cap on replicas across their members."""
         self.drain_timeout_s = 30.0
         """How long a replica scaled away may finish its calls (server.drain_timeout_s)."""
         self._closed = False
@@ -538,6 +542,10 @@ class Repository:
         repository = cls(ensembles, list(members.values()), cfg.admission)
         repository.bounds = replica_bounds(cfg)
         repository.drain_timeout_s = cfg.server.drain_timeout_s
+        repository.tier_prices = {n: t.cost_per_replica_hour for n, t in cfg.tiers.items()}
+        repository.tier_caps = {
+            n: t.max_replicas for n, t in cfg.tiers.items() if t.max_replicas is not None
+        }
         if cfg.autoscaling is not None:
             spec = cfg.autoscaling.policy
             repository.autoscaling = cfg.autoscaling

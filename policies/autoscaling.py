@@ -43,12 +43,34 @@ class PlacementLoad:
     """Calls started per second over the window."""
     p95_ms: float | None
     """Recent p95 latency of its replicas' calls (None before any call)."""
+    ready_replicas: int | None = None
+    """Replicas that take calls now (failed, unhealthy or still starting ones do not); None:
+    the same as ``replicas``."""
+    failures_rps: float = 0.0
+    """Failed calls per second over the window."""
+    service_ms: float | None = None
+    """One call's latency on an idle replica (the member card's batch-1 p50, else the
+    replicas' latency EWMA): INFaaS's per-replica throughput is 1000 / service_ms."""
+    cost_per_replica_hour: float = 0.0
+    """The tier's price of one replica for one hour."""
+    other_tiers: tuple[str, ...] = ()
+    """The member's other tiers (where its calls go when this one has no replica)."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.member, self.tier)
+
+    @property
+    def ready(self) -> int:
+        return self.replicas if self.ready_replicas is None else self.ready_replicas
 
 
 @dataclass(frozen=True, slots=True)
 class ScalingContext:
     now_s: float
     placements: tuple[PlacementLoad, ...]
+    tier_max_replicas: Mapping[str, int] = field(default_factory=dict)
+    """Tiers with a cap on replicas across all their members (`tiers.NAME.max_replicas`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.member import Member
+from ensemble.replicas.stats import ReplicaStats
 from ensemble.repository import Repository
 from policies.autoscaling import AutoscalingPolicy, PlacementLoad, ScalingContext
 
@@ -43,8 +44,8 @@ class ControlLoop:
         self._clock = clock
         self._policy: AutoscalingPolicy | None = None
         self._state: Any = None
-        self._samples: dict[Key, deque[tuple[float, float, int]]] = {}
-        """Per placement: (time, calls in flight, calls started so far)."""
+        self._samples: dict[Key, deque[tuple[float, float, int, int]]] = {}
+        """Per placement: (time, calls in flight, calls started and failed so far)."""
         self.replicas: dict[Key, int] = {}
         """Replicas each placement has (the static provisioner keeps the minimum)."""
         self.desired: dict[Key, int] = {}
@@ -87,7 +88,8 @@ class ControlLoop:
             self._policy, self._state = policy, policy.initial_state()
         now = self._clock()
         loads = self._observe(repository, now, settings.window_s)
-        decision, self._state = policy.decide(ScalingContext(now, loads), self._state)
+        ctx = ScalingContext(now, loads, repository.tier_caps)
+        decision, self._state = policy.decide(ctx, self._state)
         for key, target in decision.targets.items():
             member = repository.members.get(key[0])
             grow = member.growers.get(key[1]) if member is not None else None
@@ -151,20 +153,28 @@ class ControlLoop:
             member = repository.members.get(member_name)
             if member is None:
                 continue
-            stats = [member.stats[r.name] for r in member.serving(tier)]
+            serving = member.serving(tier)
+            stats = [member.stats[r.name] for r in serving]
             inflight = float(sum(s.outstanding for s in stats))
             calls = sum(s.calls for s in stats)
+            failures = sum(s.failures for s in stats)
             key = (member_name, tier)
             samples = self._samples.setdefault(key, deque())
-            samples.append((now, inflight, calls))
+            samples.append((now, inflight, calls, failures))
             while samples and now - samples[0][0] > window_s:
                 samples.popleft()
             span = now - samples[0][0]
             rate = (calls - samples[0][2]) / span if span > 0 else 0.0
+            failing = (failures - samples[0][3]) / span if span > 0 else 0.0
             p95s = [p for p in (s.p95_s for s in stats) if p is not None]
             if tier in member.growers:  # provisioned here: count what serves
-                self.replicas[key] = len(member.serving(tier))
+                self.replicas[key] = len(serving)
             replicas = self.replicas.setdefault(key, low)
+            ready = sum(
+                1
+                for r, s in zip(serving, stats, strict=True)
+                if r.ready() and s.breaker.ejected_until is None
+            )
             loads.append(
                 PlacementLoad(
                     member_name,
@@ -172,9 +182,24 @@ class ControlLoop:
                     replicas,
                     low,
                     high,
-                    sum(x for _, x, _ in samples) / len(samples),
+                    sum(x[1] for x in samples) / len(samples),
                     rate,
                     max(p95s) * 1e3 if p95s else None,
+                    ready_replicas=min(ready, replicas),
+                    failures_rps=failing,
+                    service_ms=_service_ms(member, stats),
+                    cost_per_replica_hour=repository.tier_prices.get(tier, 0.0),
+                    other_tiers=tuple(t for t in member.tiers if t != tier),
                 )
             )
         return tuple(loads)
+
+
+def _service_ms(member: Member, stats: list[ReplicaStats]) -> float | None:
+    """One call's latency on an idle replica: the card's batch-1 p50, else the fastest EWMA."""
+    card = member.card
+    one = card.latency_ms.get("batch_1") if card is not None else None
+    if one is not None:
+        return float(one.p50_ms)
+    ewmas = [s.ewma_s for s in stats if s.ewma_s is not None]
+    return min(ewmas) * 1e3 if ewmas else None
