@@ -215,6 +215,8 @@ def _placement_summary(place: Placement) -> str:
         return f"{place.tier}({place.backend} x{len(place.endpoints or ())})"
     if place.backend == "ray":
         return f"{place.tier}(ray x{place.replicas.min})"
+    if place.backend == "process":
+        return f"{place.tier}(process x{place.replicas.min}-{place.replicas.max})"
     return place.tier
 
 

@@ -99,7 +99,13 @@ class TierConfig(StrictModel):
 class ReplicaBounds(StrictModel):
     """How many replicas a member keeps on one tier."""
 
-    min: int = Field(1, ge=0, le=256, description="Replicas kept at all times.")
+    min: int = Field(
+        1,
+        ge=0,
+        le=256,
+        description="Replicas kept at all times; 0: the tier starts with none and the "
+        "autoscaler adds them when needed (another placement of the member must keep one).",
+    )
     max: int = Field(1, ge=1, le=256, description="Replicas the autoscaler may grow to.")
 
     @model_validator(mode="after")
@@ -127,7 +133,7 @@ class FailureConfig(StrictModel):
 
 
 # `triton` is another name for `oip-grpc` (Triton's own gRPC endpoint, port 8001 by default).
-Backend = Literal["inprocess", "oip-http", "oip-grpc", "triton", "ray"]
+Backend = Literal["inprocess", "oip-http", "oip-grpc", "triton", "ray", "process"]
 REMOTE_BACKENDS: tuple[Backend, ...] = ("oip-http", "oip-grpc", "triton")
 """Backends whose replicas are servers at configured endpoints."""
 _ENDPOINT_ONLY = ("endpoints", "remote_model")
@@ -167,6 +173,32 @@ class RayDeploymentConfig(StrictModel):
     )
 
 
+class ProcessReplicaConfig(StrictModel):
+    """How a `process` placement's `ensemble replica` children are sized, started and stopped."""
+
+    executor_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Threads running onnxruntime in each child (one call each); the "
+        "autoscaler adds children, so one thread per child keeps a replica a unit of CPU.",
+    )
+    startup_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Longest a child may take to print its ready line; a slower one is "
+        "killed and the error shows the end of its stderr.",
+    )
+    stop_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="After SIGTERM, how long a child may take to finish its calls in flight "
+        "and exit before it is killed.",
+    )
+
+
 class Placement(StrictModel):
     """Where a member's replicas run and how the gateway reaches them."""
 
@@ -178,15 +210,22 @@ class Placement(StrictModel):
         "`oip-grpc` (an OIP gRPC server, raw tensor contents), `triton` (the same as "
         "`oip-grpc`, for a Triton Inference Server's gRPC endpoint), `ray` (a Ray Serve "
         "deployment the gateway creates, on Ray nodes offering the tier's custom resource, "
-        "called by handle).",
+        "called by handle), `process` (an `ensemble replica` child process per replica the "
+        "gateway starts and stops itself on loopback, called as oip-http).",
     )
     replicas: ReplicaBounds = Field(
         default_factory=ReplicaBounds,
         description="Replica bounds; a remote placement has exactly one replica per endpoint "
-        "(default: the endpoint count); a `ray` placement deploys `min` Ray Serve replicas.",
+        "(default: the endpoint count); a `ray` placement deploys `min` Ray Serve replicas; a "
+        "`process` placement starts `min` children.",
     )
     ray: RayDeploymentConfig | None = Field(
         None, description="`ray` backend only: the deployment's size (default: see its fields)."
+    )
+    process: ProcessReplicaConfig | None = Field(
+        None,
+        description="`process` backend only: how its children are sized, started and stopped "
+        "(default: see its fields).",
     )
     endpoints: list[str] | None = Field(
         None,
@@ -204,25 +243,28 @@ class Placement(StrictModel):
         30.0,
         gt=0,
         le=3600,
-        description="Remote and ray backends only: longest a call may take before it counts "
-        "as failed (the request's own timeout, when shorter, applies too).",
+        description="Remote, ray and process backends only: longest a call may take before it "
+        "counts as failed (the request's own timeout, when shorter, applies too).",
     )
     health_check_interval_s: float = Field(
         1.0,
         gt=0,
         le=3600,
-        description="Remote and ray backends only: how often each server's model-ready "
+        description="Remote, ray and process backends only: how often each server's model-ready "
         "endpoint (a ray deployment's `ready` method) is polled; a replica takes calls only "
         "while its checks pass.",
     )
     health_check_timeout_s: float = Field(
-        1.0, gt=0, le=600, description="Remote and ray backends only: a slower check fails."
+        1.0,
+        gt=0,
+        le=600,
+        description="Remote, ray and process backends only: a slower check fails.",
     )
     unhealthy_threshold: int = Field(
         2,
         ge=1,
         le=100,
-        description="Remote and ray backends only: consecutive failed checks that make a "
+        description="Remote, ray and process backends only: consecutive failed checks that make a "
         "ready replica unready (one passing check makes it ready again).",
     )
     straggler: StragglerConfig | None = Field(
@@ -256,17 +298,21 @@ class Placement(StrictModel):
     def _backend_settings(self) -> Placement:
         if self.ray is not None and self.backend != "ray":
             raise ValueError(f"ray: only for the ray backend, not for {self.backend}")
+        if self.process is not None and self.backend != "process":
+            raise ValueError(f"process: only for the process backend, not for {self.backend}")
         remote = ", ".join(REMOTE_BACKENDS)
         for keys, applies, which in (
-            (_NETWORK_ONLY, self.networked, f"the remote and ray backends ({remote}, ray)"),
+            (
+                _NETWORK_ONLY,
+                self.networked,
+                f"the remote, ray and process backends ({remote}, ray, process)",
+            ),
             (_ENDPOINT_ONLY, self.remote, f"the remote backends ({remote})"),
         ):
             given = [key for key in keys if key in self.model_fields_set]
             if given and not applies:
                 raise ValueError(f"{', '.join(given)}: only for {which}, not for {self.backend}")
         if not self.remote:
-            if self.backend == "ray" and self.replicas.min < 1:
-                raise ValueError("a ray placement deploys replicas.min replicas: at least 1")
             return self
         if self.endpoints is None:
             example = "http://127.0.0.1:9000" if self.backend == "oip-http" else "127.0.0.1:9001"
@@ -332,10 +378,21 @@ class MemberConfig(StrictModel):
     )
     placement: list[Placement] = Field(min_length=1, description="Tiers this member runs on.")
 
+    @model_validator(mode="after")
+    def _somewhere_always(self) -> MemberConfig:
+        # A placement may scale to zero (a burst tier) while another one keeps the member up.
+        if all(p.replicas.min == 0 for p in self.placement):
+            raise ValueError(
+                "placement: every placement has replicas.min 0; keep at least one replica on "
+                "some tier (a tier may scale to zero only while another one serves the member)"
+            )
+        return self
+
     def replica_names(self) -> list[list[str]]:
         """Per placement, its replicas' names ``TIER/INDEX``, numbered per tier across
         placements: one per endpoint (remote), one per deployment (ray; Ray Serve balances the
-        deployment's own replicas), else ``replicas.min`` (at least one)."""
+        deployment's own replicas, none while scaled to zero), else ``replicas.min`` (none on
+        a tier that starts scaled to zero)."""
         counts: dict[str, int] = {}
         names = []
         for place in self.placement:
@@ -344,7 +401,7 @@ class MemberConfig(StrictModel):
             elif place.backend == "ray":
                 n = 1
             else:
-                n = max(1, place.replicas.min)
+                n = place.replicas.min
             first = counts.get(place.tier, 0)
             counts[place.tier] = first + n
             names.append([f"{place.tier}/{i}" for i in range(first, first + n)])
@@ -533,9 +590,9 @@ class GatewayConfig(StrictModel):
     autoscaling: AutoscalingConfig | None = Field(
         None,
         description="The control loop (off when absent): it observes every placement, decides "
-        "target replicas with the policy within `replicas` bounds, scales in-process placements "
-        "(drained before removal) and logs and exports every decision; remote and ray "
-        "placements are observed only for now.",
+        "target replicas with the policy within `replicas` bounds, scales in-process and "
+        "process placements (drained before removal) and logs and exports every decision; "
+        "remote and ray placements are observed only for now.",
     )
     ray: RayConfig = Field(
         default_factory=RayConfig, description="Ray, for members placed on the `ray` backend."

@@ -230,7 +230,9 @@ class Dispatcher:
         self.metrics.record_member_call(
             call.member.name, call.replica.tier, outcome, call.latency_s()
         )
-        self.metrics.record_call_extras(model, call.member.name, call.retries, call.cost)
+        self.metrics.record_call_extras(
+            model, call.member.name, call.replica.tier, call.retries, call.cost
+        )
         if call.hedged:
             self.metrics.record_hedge(call.member.name, call.won_by_hedge)
 

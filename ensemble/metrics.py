@@ -90,10 +90,17 @@ class GatewayMetrics:
         self.inflight = 0
         self.admission: Callable[[], tuple[int, int]] = lambda: (0, 0)
         """Read at scrape time: (requests running, requests waiting) at the admission gate."""
+        self.admission_limit: Callable[[], float | None] = lambda: None
+        """Read at scrape time: an adaptive admission policy's limit now (None: not adaptive)."""
         self.autoscaler: Callable[[], Iterable[tuple[str, str, int, int | None]]] = tuple
         """Read at scrape time: (member, tier, replicas now, replicas desired or None)."""
         self.scaling_decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         """Changes of desired replicas by (member, tier, direction)."""
+        self.replica_seconds: defaultdict[tuple[str, str], float] = defaultdict(float)
+        """Replica-seconds each (member, tier) placement has held (the control loop adds)."""
+        self.spend: defaultdict[tuple[str, str], float] = defaultdict(float)
+        """Money spent by (tier, kind): `replicas` (replica-seconds times the tier's price per
+        replica-hour) and `requests` (member calls times the tier's price per call)."""
         self.shed: defaultdict[str, int] = defaultdict(int)
         """Requests shed by admission control, by reason (full, evicted, deadline)."""
         self.reloads: defaultdict[str, int] = defaultdict(int)
@@ -131,11 +138,16 @@ class GatewayMetrics:
         if won:
             self.hedges[(member, "won")] += 1
 
-    def record_call_extras(self, model: str, member: str, retries: int, cost: float) -> None:
-        """Retries a member call needed (failovers to another replica or tier) and its cost."""
+    def record_call_extras(
+        self, model: str, member: str, tier: str, retries: int, cost: float
+    ) -> None:
+        """Retries a member call needed (failovers to another replica or tier) and its cost
+        (counted against the tier that answered last)."""
         if retries:
             self.retries[member] += retries
-        self.cost[model] += cost
+        if cost:
+            self.cost[model] += cost
+            self.spend[(tier, "requests")] += cost
 
     def record_violations(self, ensemble: str, kinds: Iterable[str], action: str) -> None:
         """A request's contract was not met in each of ``kinds``; ``action`` is on_violation."""
@@ -213,6 +225,12 @@ class GatewayMetrics:
         yield GaugeMetricFamily(
             "ensemble_admission_waiting", "Requests waiting for an admission slot now.", waiting
         )
+        if (limit := self.admission_limit()) is not None:
+            yield GaugeMetricFamily(
+                "ensemble_admission_limit",
+                "Requests an adaptive admission policy lets run at once now.",
+                limit,
+            )
         shed = CounterMetricFamily(
             "ensemble_shed_requests",
             "Requests shed by admission control (429 / RESOURCE_EXHAUSTED) by reason: full "
@@ -242,6 +260,24 @@ class GatewayMetrics:
         for (member, tier, direction), count in list(self.scaling_decisions.items()):
             decisions.add_metric([member, tier, direction], count)
         yield decisions
+        held = CounterMetricFamily(
+            "ensemble_replica_seconds",
+            "Replica-seconds held per member placement (sampled by the control loop).",
+            labels=["member", "tier"],
+        )
+        for (member, tier), seconds in list(self.replica_seconds.items()):
+            held.add_metric([member, tier], seconds)
+        yield held
+        spend = CounterMetricFamily(
+            "ensemble_spend",
+            "Money spent per tier, in the config's currency: `replicas` (replica-seconds times "
+            "the tier's cost_per_replica_hour / 3600) and `requests` (member calls times its "
+            "cost_per_request, hedges and retries included).",
+            labels=["tier", "kind"],
+        )
+        for (tier, kind), total in list(self.spend.items()):
+            spend.add_metric([tier, kind], total)
+        yield spend
         hedges = CounterMetricFamily(
             "ensemble_hedges",
             "Hedged calls by member: sent (a second copy went out) and won (its answer was used).",

@@ -87,7 +87,11 @@ class Reloader:
                 return self._reject([str(exc)])
             # The new tiers' link settings; runtime overrides (a partition) are kept.
             self._links.configure(cfg.tiers)
-            await repository.start()  # remote replicas' first health checks
+            try:
+                await repository.start()  # remote replicas' first checks; process children
+            except EnsembleError as exc:  # a child that cannot start; it closed the others
+                self._links.configure(self.cfg.tiers)
+                return self._reject([str(exc)])
             old = self._dispatcher.repository
             _carry_state(old, repository)
             self._dispatcher.repository = repository  # new requests see it from now on

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from ensemble.config import (
     MemberConfig,
     Placement,
     PolicySpec,
+    ProcessReplicaConfig,
     ProfileConfig,
     RayDeploymentConfig,
 )
@@ -32,6 +33,7 @@ from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_
 from ensemble.replicas.oip_grpc import GrpcReplica
 from ensemble.replicas.oip_http import HttpReplica
 from ensemble.replicas.onnx import ClassLabel, OnnxSignature, load_session, read_signature
+from ensemble.replicas.process import ProcessReplica, ReplicaCommand
 from ensemble.replicas.ray_serve import RayReplica, RayRuntime, spec_for
 from ensemble.replicas.remote import HealthCheck, RemoteReplica
 from ensemble.types import MODEL_VERSION, ModelMetadata, TensorSpec, ValidationSet
@@ -198,6 +200,8 @@ def build_member(
         config = cfg.tiers[tier].link
         return links.link(tier, config) if links is not None and config.emulate else None
 
+    scalers: dict[str, Callable[[int], Coroutine[Any, Any, None]]] = {}
+
     def ray_replica(place: Placement, name: str, signature: OnnxSignature) -> Replica:
         if ray is None:
             raise EnsembleError(
@@ -206,7 +210,7 @@ def build_member(
             )
         spec = spec_for(cfg, member, place, name)
         sizing = place.ray or RayDeploymentConfig()
-        return RayReplica(
+        replica = RayReplica(
             name,
             place.tier,
             ray.handle(spec),
@@ -216,9 +220,13 @@ def build_member(
             timeout_s=place.timeout_s,
             health=_health_check(place),
             batchable=all(t.shape[:1] == (-1,) for t in (*signature.inputs, *signature.outputs)),
-            max_inflight=sizing.max_inflight_requests * spec.num_replicas,
+            max_inflight=sizing.max_inflight_requests,
+            replicas=spec.num_replicas,
             max_batch_rows=cfg.server.batch_max_rows,
         )
+        if spec.max_replicas > spec.num_replicas:
+            scalers[place.tier] = replica.scale  # the ray provisioner's
+        return replica
 
     built = load_member(
         member,
@@ -227,7 +235,9 @@ def build_member(
         engine,
         link_for=link_for,
         ray_replica=ray_replica,
+        process_replica=_process_replicas(cfg, member),
     )
+    built.scalers = scalers
     built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
     built.cost_per_call = built.tier_costs[member.placement[0].tier]
     built.outlier = registry.build(
@@ -240,6 +250,42 @@ def build_member(
 
 
 RayReplicaFactory = Callable[[Placement, str, OnnxSignature], Replica]
+ProcessReplicaFactory = Callable[[Placement, str, OnnxSignature], ProcessReplica]
+
+
+def _process_replicas(cfg: GatewayConfig, member: MemberConfig) -> ProcessReplicaFactory:
+    """Makes a `process` placement's replicas: children serving the member's model (and the
+    card the gateway reads) with the gateway's own request limits, so a call the gateway
+    accepts is one its child accepts too."""
+    card = _card_path(cfg, member)
+    server = cfg.server
+
+    def make(place: Placement, name: str, signature: OnnxSignature) -> ProcessReplica:
+        sizing = place.process or ProcessReplicaConfig()
+        command = ReplicaCommand(
+            cfg.resolve(member.model),
+            member.name,
+            card if card.is_file() else None,
+            executor_threads=sizing.executor_threads,
+            max_batch_size=server.max_batch_size,
+            max_request_bytes=server.max_request_bytes,
+            batching=server.batching,
+            batch_max_rows=server.batch_max_rows,
+            # Its own drain ends early enough that it exits before the gateway would kill it.
+            drain_timeout_s=0.8 * sizing.stop_timeout_s,
+        )
+        return ProcessReplica(
+            name,
+            place.tier,
+            command,
+            signature.outputs,
+            timeout_s=place.timeout_s,
+            health=_health_check(place),
+            startup_timeout_s=sizing.startup_timeout_s,
+            stop_timeout_s=sizing.stop_timeout_s,
+        )
+
+    return make
 
 
 def load_member(
@@ -251,11 +297,13 @@ def load_member(
     classifier: bool = True,
     link_for: Callable[[str], Link | None] | None = None,
     ray_replica: RayReplicaFactory | None = None,
+    process_replica: ProcessReplicaFactory | None = None,
 ) -> Member:
     """Load a member's ONNX file (its schema, and sessions for in-process replicas) and make its
     replicas; ``classifier=False`` serves a model whose class scores cannot be found as is.
     ``link_for`` gives a tier's emulated link (None: not emulated, no wrapper at all);
-    ``ray_replica`` makes a `ray` placement's replica."""
+    ``ray_replica`` makes a `ray` placement's replica, ``process_replica`` a `process` one's
+    (it starts its child when the replica starts)."""
     if not path.is_file():
         raise EnsembleError(f"member {member.name!r}: model file not found: {path}")
     first = load_session(path)
@@ -277,6 +325,12 @@ def load_member(
             replica = ray_replica(place, name, signature)
             if isinstance(replica, RemoteReplica):
                 replica.link = link
+        elif place.backend == "process":
+            if process_replica is None:
+                raise EnsembleError(f"member {member.name!r}: the process backend needs a config")
+            child = process_replica(place, name, signature)
+            child.link = link  # its health checks cross the link too
+            replica = child
         else:
             # Each in-process replica runs a session of its own.
             runner = SessionRunner(sessions.pop() if sessions else load_session(path), signature)
@@ -305,8 +359,9 @@ def load_member(
         link = link_for(place.tier) if link_for is not None else None
         endpoints: list[str | None] = [*place.endpoints] if place.endpoints else [None] * len(names)
         replicas += [make(place, name, endpoints[k], link) for k, name in enumerate(names)]
-        if not place.networked and place.tier not in growers:
-            growers[place.tier] = _grower(make, place, link)  # the in-process provisioner's
+        provisioned = not place.networked or place.backend == "process"
+        if provisioned and place.tier not in growers:
+            growers[place.tier] = _grower(make, place, link)  # the in-process and process ones
     try:
         schema: ClassifierSchema | None = infer_classifier_schema(
             member.name,
@@ -331,7 +386,8 @@ def _grower(
     place: Placement,
     link: Link | None,
 ) -> Callable[[str], Replica]:
-    """Makes one more replica of an in-process placement, given its name."""
+    """Makes one more replica of an in-process or process placement, given its name (a process
+    replica's child starts with the replica)."""
 
     def grow(name: str) -> Replica:
         return make(place, name, None, link)
@@ -362,14 +418,14 @@ def _health_check(place: Placement) -> HealthCheck:
 
 def replica_bounds(cfg: GatewayConfig) -> dict[tuple[str, str], tuple[int, int]]:
     """(min, max) replicas per (member, tier): a remote placement has exactly its endpoints;
-    ray (Ray Serve replicas of its deployment) and in-process placements their bounds (at
-    least one replica)."""
+    ray (Ray Serve replicas of its deployment), in-process and process placements their bounds
+    (zero for a tier that may scale to zero)."""
     bounds: dict[tuple[str, str], tuple[int, int]] = {}
     for ens in cfg.ensembles:
         for member in ens.members:
             for place in member.placement:
                 fixed = len(place.endpoints or ()) if place.remote else None
-                low = fixed if fixed is not None else max(1, place.replicas.min)
+                low = fixed if fixed is not None else place.replicas.min
                 high = fixed if fixed is not None else max(low, place.replicas.max)
                 key = (member.name, place.tier)
                 before = bounds.get(key, (0, 0))
@@ -565,9 +621,16 @@ class Repository:
         return cls([], [load_member(member, path, card, engine, classifier=False)])
 
     async def start(self) -> None:
-        """Start the replicas' background work (health checks); returns once every remote
-        replica has been checked once, so readiness is known before traffic arrives."""
-        await asyncio.gather(*(r.start() for m in self.members.values() for r in m.replicas))
+        """Start the replicas' background work (health checks) and process replicas' children,
+        all at once; returns once every remote replica has been checked once, so readiness is
+        known before traffic arrives. When a replica cannot start (a child that fails), every
+        replica is closed again, so no child outlives the failure, and its error is raised."""
+        replicas = [r for m in self.members.values() for r in m.replicas]
+        results = await asyncio.gather(*(r.start() for r in replicas), return_exceptions=True)
+        failed = [result for result in results if isinstance(result, BaseException)]
+        if failed:
+            await self.close()
+            raise failed[0]
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
         """The model ``name``; ModelNotFound for unknown names or versions."""
@@ -587,9 +650,9 @@ class Repository:
         )
 
     async def close(self) -> None:
-        """Stop health checks and close every replica's connections (idempotent)."""
+        """Stop health checks, close every replica's connections and stop process replicas'
+        children, members at once (each child drains on its own); idempotent."""
         if self._closed:
             return
         self._closed = True
-        for member in self.members.values():
-            await member.close()
+        await asyncio.gather(*(member.close() for member in self.members.values()))

@@ -75,6 +75,7 @@ def _ensure_loaded() -> None:
     import policies.admission
     import policies.aggregation
     import policies.autoscaling
+    import policies.autoscaling_r3e
     import policies.reliability
     import policies.routing
     import policies.selection

@@ -20,7 +20,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ensemble.errors import EnsembleError
 from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.base import Replica
 from ensemble.replicas.member import Member
 from ensemble.replicas.stats import ReplicaStats
 from ensemble.repository import Repository
@@ -49,6 +51,7 @@ class ControlLoop:
         self.replicas: dict[Key, int] = {}
         """Replicas each placement has (the static provisioner keeps the minimum)."""
         self.desired: dict[Key, int] = {}
+        self._last_account: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._draining: set[asyncio.Task[None]] = set()
         metrics.autoscaler = lambda: [
@@ -81,18 +84,20 @@ class ControlLoop:
     async def tick(self) -> None:
         """One observation, decision and provisioning step."""
         repository = self._repository()
+        now = self._clock()
+        self._account(repository, now)
         policy, settings = repository.scaling_policy, repository.autoscaling
         if policy is None or settings is None:
             return
         if policy is not self._policy:  # a new config: start from the policy's own state
             self._policy, self._state = policy, policy.initial_state()
-        now = self._clock()
         loads = self._observe(repository, now, settings.window_s)
         ctx = ScalingContext(now, loads, repository.tier_caps)
         decision, self._state = policy.decide(ctx, self._state)
         for key, target in decision.targets.items():
             member = repository.members.get(key[0])
             grow = member.growers.get(key[1]) if member is not None else None
+            scale = member.scalers.get(key[1]) if member is not None else None
             if self.desired.get(key) != target:
                 direction = "up" if target > self.replicas.get(key, 0) else "down"
                 self._metrics.scaling_decisions[(*key, direction)] += 1
@@ -103,11 +108,17 @@ class ControlLoop:
                     self.replicas.get(key, 0),
                     target,
                     decision.reasons.get(key, "no reason given"),
-                    "" if grow else "; static provisioner: not applied",
+                    "" if grow or scale else "; static provisioner: not applied",
                 )
             self.desired[key] = target
-            if member is not None and grow is not None:
-                await self._provision(member, key[1], target, repository)
+            try:
+                if member is not None and grow is not None:
+                    await self._provision(member, key[1], target, repository)
+                elif scale is not None and self.replicas.get(key) != target:
+                    await scale(target)  # Serve starts or stops replicas of the deployment
+                    self.replicas[key] = target
+            except EnsembleError as exc:  # e.g. a replica process that could not start
+                log.warning("autoscaler: %s@%s: could not provision: %s", *key, exc)
         for key in list(self.desired):
             if key not in decision.targets:
                 del self.desired[key]
@@ -115,23 +126,44 @@ class ControlLoop:
     async def _provision(
         self, member: Member, tier: str, target: int, repository: Repository
     ) -> None:
-        """In-process replicas on ``tier`` up or down to ``target``."""
+        """In-process and process replicas on ``tier`` up or down to ``target``; new ones
+        start concurrently (a process replica's child boots for a second or two)."""
         serving = member.serving(tier)
         grow = member.growers[tier]
         if target > len(serving):
             taken = {r.name for r in member.replicas}
+            names: list[str] = []
             index = 0
             for _ in range(target - len(serving)):
                 while f"{tier}/{index}" in taken:
                     index += 1
-                name = f"{tier}/{index}"
-                taken.add(name)
+                names.append(f"{tier}/{index}")
+                taken.add(names[-1])
+
+            async def start(name: str) -> Replica:
                 replica = await asyncio.to_thread(grow, name)  # loads a session: off the loop
-                if repository is not self._repository():
-                    await replica.close()  # a reload replaced the member meanwhile
-                    return
-                await replica.start()
+                try:
+                    await replica.start()
+                except BaseException:
+                    await replica.close()
+                    raise
+                return replica
+
+            results = await asyncio.gather(*map(start, names), return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            started = [r for r in results if not isinstance(r, BaseException)]
+            if repository is not self._repository():  # a reload replaced the member meanwhile
+                await asyncio.gather(*(r.close() for r in started))
+                return
+            for replica in started:  # in name order, whichever started first
                 member.add_replica(replica)
+            for exc in failed:
+                if not isinstance(exc, EnsembleError):
+                    raise exc
+            self.replicas[(member.name, tier)] = len(member.serving(tier))
+            if failed:
+                raise failed[0]
+            return
         elif target < len(serving):
             # Only replicas it added, the newest first; each drains in the background (no
             # call is lost). The configured ones stay.
@@ -144,6 +176,31 @@ class ControlLoop:
                 self._draining.add(task)
                 task.add_done_callback(self._draining.discard)
         self.replicas[(member.name, tier)] = target
+
+    def _account(self, repository: Repository, now: float) -> None:
+        """Replica-seconds since the last tick, and their price, per placement."""
+        last, self._last_account = self._last_account, now
+        if last is None or now <= last:
+            return
+        held = self._metrics.replica_seconds
+        for (member_name, tier), (low, _) in repository.bounds.items():
+            member = repository.members.get(member_name)
+            if member is None:
+                continue
+            count = self._count(member, tier, low)
+            if count:
+                seconds = count * (now - last)
+                held[(member_name, tier)] += seconds
+                price = repository.tier_prices.get(tier, 0.0)
+                if price:
+                    self._metrics.spend[(tier, "replicas")] += seconds * price / 3600
+
+    def _count(self, member: Member, tier: str, low: int) -> int:
+        """Replicas a placement has: its Ray Serve deployment's count as last set (one
+        replica object here stands for the deployment), else the replicas serving."""
+        if tier in member.scalers:
+            return self.replicas.get((member.name, tier), low)
+        return len(member.serving(tier))
 
     def _observe(
         self, repository: Repository, now: float, window_s: float
@@ -189,7 +246,9 @@ class ControlLoop:
                     failures_rps=failing,
                     service_ms=_service_ms(member, stats),
                     cost_per_replica_hour=repository.tier_prices.get(tier, 0.0),
-                    other_tiers=tuple(t for t in member.tiers if t != tier),
+                    other_tiers=tuple(
+                        t for m, t in repository.bounds if m == member_name and t != tier
+                    ),
                 )
             )
         return tuple(loads)

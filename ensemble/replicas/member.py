@@ -139,8 +139,12 @@ class Member:
         self.outlier: OutlierDetector = NoEjection(NoParams())
         """Ejects failing replicas from routing (set by the repository from the config)."""
         self.growers: dict[str, Callable[[str], Replica]] = {}
-        """Per tier with an in-process placement: makes one more replica (blocking: it loads a
-        session), given its name; what the in-process provisioner scales with."""
+        """Per tier with an in-process or process placement: makes one more replica
+        (blocking: it loads a session; a process replica starts its child in ``start``), given
+        its name; what the in-process and process provisioners scale with."""
+        self.scalers: dict[str, Callable[[int], Coroutine[Any, Any, None]]] = {}
+        """Per tier whose replicas a platform runs (a Ray Serve deployment): sets how many
+        it runs; what the ray provisioner scales with."""
         self.added: list[str] = []
         """Replicas the provisioner added, oldest first: the only ones it removes again."""
         self.draining: set[str] = set()
@@ -343,5 +347,5 @@ class Member:
         return scores
 
     async def close(self) -> None:
-        for replica in self.replicas:
-            await replica.close()
+        # At once: a process replica's close waits for its child to drain and exit.
+        await asyncio.gather(*(replica.close() for replica in list(self.replicas)))

@@ -73,6 +73,9 @@ class RaySpec:
     digest: str
     """SHA-256 of the model file: the deployment runs the bytes read at deploy time."""
     num_replicas: int
+    """Serve replicas at start (the placement's ``replicas.min``; may be 0)."""
+    max_replicas: int
+    """Above ``num_replicas``: the control loop scales it (`follow_gateway`)."""
     num_cpus: float
     max_ongoing_requests: int
 
@@ -98,6 +101,7 @@ def spec_for(cfg: GatewayConfig, member: MemberConfig, place: Placement, replica
         path,
         digest,
         place.replicas.min,
+        place.replicas.max,
         sizing.num_cpus,
         sizing.max_ongoing_requests,
     )
@@ -271,6 +275,7 @@ class RayReplica(RemoteReplica):
         health: HealthCheck,
         batchable: bool = True,
         max_inflight: int = 1,
+        replicas: int = 1,
         max_batch_rows: int = 256,
     ) -> None:
         super().__init__(
@@ -283,9 +288,14 @@ class RayReplica(RemoteReplica):
             health=health,
         )
         self._handle = handle
+        self._app, self._deployment = app, spec.deployment
         self.batchable = batchable
         """Every input and output has a variable first dimension, so calls can be stacked."""
-        self.max_inflight = max_inflight
+        self.inflight_per_replica = max_inflight
+        """Ray requests in flight per Serve replica (``max_inflight_requests``)."""
+        self.replicas = replicas
+        """Serve replicas of its deployment as last set; 0: scaled to zero (not routed to,
+        not health-checked, so nothing wakes it but the control loop)."""
         self.max_batch_rows = max_batch_rows
         self._queue: list[_Waiting] = []
         self._inflight = 0
@@ -293,6 +303,23 @@ class RayReplica(RemoteReplica):
         self._flights: set[asyncio.Task[None]] = set()
         self.requests_sent = 0
         """Ray requests made for calls (health checks not counted): fewer than calls under load."""
+
+    @property
+    def max_inflight(self) -> int:
+        return self.inflight_per_replica * max(1, self.replicas)
+
+    def scaled_to(self, replicas: int) -> None:
+        """Its deployment now runs ``replicas`` Serve replicas (or is on its way to)."""
+        self.replicas = replicas
+        if replicas == 0 and self._healthy:  # unready at once, whatever the check threshold
+            log.info("%s is scaled to zero", self)
+            self._healthy = False
+            self.last_check_error = "scaled to zero"
+
+    async def scale(self, replicas: int) -> None:
+        """The ray provisioner: have Serve run ``replicas`` replicas of the deployment."""
+        await asyncio.to_thread(set_target, self._app, self._deployment, replicas)
+        self.scaled_to(replicas)
 
     def _connect(self) -> None:
         pass  # the handle exists already
@@ -403,6 +430,8 @@ class RayReplica(RemoteReplica):
         return MemberFailed(f"{self}: {describe(cause or exc)}")
 
     async def _check(self) -> str | None:
+        if self.replicas == 0:
+            return "scaled to zero"
         response = self._handle.ready.remote()
         try:
             await response
@@ -423,6 +452,53 @@ def _fail(batch: list[_Waiting], exc: BaseException) -> None:
     for waiting in batch:
         if not waiting.future.done():
             waiting.future.set_exception(exc)
+
+
+# -- the ray provisioner: the control loop sets replica counts through Serve's autoscaler ----
+
+_TARGETS_NAMESPACE = "ensemble"
+
+
+def _target_key(app: str | None, deployment: str) -> bytes:
+    return f"replicas/{app}/{deployment}".encode()
+
+
+def set_target(app: str, deployment: str, replicas: int) -> None:
+    """Ask Serve for ``replicas`` replicas of ``deployment`` (blocking: one write to Ray's GCS
+    key-value store, which `follow_gateway` reads in Serve's controller)."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(
+        _target_key(app, deployment),
+        str(replicas).encode(),
+        overwrite=True,
+        namespace=_TARGETS_NAMESPACE,
+    )
+
+
+def follow_gateway(ctx: Any) -> tuple[int, dict[str, Any]]:
+    """Ray Serve custom autoscaling policy of a `ray` placement the gateway scales: the count
+    the gateway's control loop last set (Serve clamps it to the placement's bounds), else the
+    current one. Runs in Serve's controller, every control-loop step per deployment. A call
+    that waits at zero replicas (nothing the gateway sends: a scaled-to-zero placement is
+    skipped by routing and not health-checked) starts one, as Serve's own policy would."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(
+        _target_key(ctx.app_name, ctx.deployment_name), namespace=_TARGETS_NAMESPACE
+    )
+    target = int(raw) if raw is not None else int(ctx.target_num_replicas)
+    if target == 0 and ctx.total_num_requests > 0:
+        target = 1
+    return target, ctx.policy_state
+
+
+def _reset_targets(app: str, specs: Mapping[str, RaySpec]) -> None:
+    """Start every scaled deployment at its minimum (a count left by an earlier gateway of the
+    same application on a long-lived cluster must not apply)."""
+    for spec in specs.values():
+        if spec.max_replicas > spec.num_replicas:
+            set_target(app, spec.deployment, spec.num_replicas)
 
 
 class RayRuntime:
@@ -474,6 +550,7 @@ class RayRuntime:
         )
         try:
             serve.start(proxy_location="Disabled", logging_config=SERVE_LOGGING)
+            _reset_targets(cfg.ray.app, specs)
             members = {name: _member_app(spec) for name, spec in specs.items()}
             app = _deployment(
                 MemberDirectory, name="directory", num_replicas=1, ray_actor_options={"num_cpus": 0}
@@ -504,10 +581,24 @@ def _deployment(cls: type, **options: Any) -> Any:
 
 
 def _member_app(spec: RaySpec) -> Any:
+    sizing: dict[str, Any] = {"num_replicas": spec.num_replicas}
+    if spec.max_replicas > spec.num_replicas:  # the control loop sets its count
+        sizing = {
+            "autoscaling_config": {
+                "min_replicas": spec.num_replicas,
+                "initial_replicas": spec.num_replicas,
+                "max_replicas": spec.max_replicas,
+                "policy": {"policy_function": f"{__name__}:follow_gateway"},
+                # Serve delays custom policies' decisions too; the control loop has its own.
+                "upscale_delay_s": 0,
+                "downscale_delay_s": 0,
+                "downscale_to_zero_delay_s": 0,
+            }
+        }
     return _deployment(
         OnnxDeployment,
         name=spec.deployment,
-        num_replicas=spec.num_replicas,
+        **sizing,
         max_ongoing_requests=spec.max_ongoing_requests,
         ray_actor_options={
             "num_cpus": spec.num_cpus,
@@ -611,6 +702,7 @@ def serve_on_cluster(
     try:
         serve.start(proxy_location="Disabled", logging_config=SERVE_LOGGING)
         specs = ray_specs(cfg)
+        _reset_targets(app, specs)
         members = {name: _member_app(spec) for name, spec in specs.items()}
         actor: dict[str, Any] = {"num_cpus": cfg.ray.gateway_num_cpus}
         if cfg.ray.gateway_tier is not None:

@@ -4,18 +4,17 @@ operators do."""
 from __future__ import annotations
 
 import os
-import re
 import selectors
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ensemble.replicas.process import cli_command, parse_ready_line
+
 ROOT = Path(__file__).resolve().parents[2]
 ZOO = ROOT / "models" / "digits"
-READY = re.compile(r"ensemble (?:gateway|replica) ready: http=(\S+):(\d+) grpc=(\S+):(\d+)")
 
 
 @dataclass
@@ -93,7 +92,7 @@ def start_replica(
 def _start(
     args: list[str], log_path: Path, timeout_s: float, env: dict[str, str] | None
 ) -> GatewayProcess:
-    cmd = [sys.executable, "-m", "ensemble.cli", *args]
+    cmd = cli_command(*args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
@@ -110,10 +109,9 @@ def _start(
             line = proc.stdout.readline()
             if not line:
                 break
-            match = READY.search(line)
-            if match:
-                host, http_port, _, grpc_port = match.groups()
-                return GatewayProcess(proc, host, int(http_port), int(grpc_port), log_path)
+            ready = parse_ready_line(line)
+            if ready is not None:
+                return GatewayProcess(proc, ready.host, ready.http_port, ready.grpc_port, log_path)
     finally:
         sel.close()
     proc.kill()

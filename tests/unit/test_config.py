@@ -177,7 +177,7 @@ def test_triton_is_another_name_for_oip_grpc(tmp_path: Path) -> None:
         ("{tier: edge, backend: oip-http}", "backend oip-http needs `endpoints`"),
         ("{tier: edge, backend: oip-grpc, endpoints: []}", "at least 1 item"),
         ("{tier: edge, endpoints: ['h:1']}", "endpoints: only for the remote backends"),
-        ("{tier: edge, timeout_s: 5}", "timeout_s: only for the remote and ray backends"),
+        ("{tier: edge, timeout_s: 5}", "timeout_s: only for the remote, ray and process backends"),
         ("{tier: edge, backend: oip-http, endpoints: ['127.0.0.1:9000']}", "http://HOST:PORT"),
         ("{tier: edge, backend: oip-http, endpoints: ['http://h:99999']}", "invalid port"),
         ("{tier: edge, backend: oip-grpc, endpoints: ['http://h:1']}", "HOST:PORT (no scheme)"),
@@ -185,7 +185,7 @@ def test_triton_is_another_name_for_oip_grpc(tmp_path: Path) -> None:
         ("{tier: edge, backend: oip-grpc, endpoints: ['h:1', 'h:1']}", "must not repeat"),
         (
             "{tier: edge, backend: kserve}",
-            "Input should be 'inprocess', 'oip-http', 'oip-grpc', 'triton' or 'ray'",
+            "Input should be 'inprocess', 'oip-http', 'oip-grpc', 'triton', 'ray' or 'process'",
         ),
         ("{tier: edge, backend: triton}", "backend triton needs `endpoints`"),
         ("{tier: edge, backend: triton, endpoints: ['http://h:8001']}", "no scheme) for triton"),

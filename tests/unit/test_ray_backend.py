@@ -65,7 +65,11 @@ def test_ray_placement_defaults_and_sizing() -> None:
 def test_ray_placement_rules() -> None:
     assert "endpoints" in errors("[{tier: cloud, backend: ray, endpoints: ['h:1']}]")
     assert "only for the ray backend" in errors("[{tier: edge, ray: {num_cpus: 1}}]")
-    assert "at least 1" in errors("[{tier: cloud, backend: ray, replicas: {min: 0}}]")
+    # A tier may start scaled to zero only while another one keeps the member up.
+    assert "keep at least one replica" in errors(
+        "[{tier: cloud, backend: ray, replicas: {min: 0}}]"
+    )
+    config("[{tier: edge}, {tier: cloud, backend: ray, replicas: {min: 0, max: 2}}]")
     assert "timeout_s" in errors("[{tier: edge, timeout_s: 2}]")
     assert "num_cpus" in errors("[{tier: cloud, backend: ray, ray: {num_cpus: 0}}]")
     assert "unknown tier 'moon'" in errors("[{tier: edge}]", "ray: {gateway_tier: moon}")
@@ -375,3 +379,35 @@ def test_calls_that_cannot_stack_go_apart() -> None:
             await r.close()
 
     asyncio.run(main())
+
+
+class _Context:
+    """What Serve's controller hands a custom autoscaling policy (the fields it reads)."""
+
+    def __init__(self, target: int, queued: float) -> None:
+        self.app_name, self.deployment_name = "app", "m-cloud-0"
+        self.target_num_replicas, self.total_num_requests = target, queued
+        self.policy_state: dict[str, object] = {}
+
+
+def test_follow_gateway_applies_the_control_loops_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.experimental import internal_kv
+
+    from ensemble.replicas import ray_serve
+
+    store: dict[tuple[bytes, str | None], bytes] = {}
+    monkeypatch.setattr(
+        internal_kv,
+        "_internal_kv_put",
+        lambda key, value, overwrite, namespace: store.__setitem__((key, namespace), value),
+    )
+    monkeypatch.setattr(
+        internal_kv, "_internal_kv_get", lambda key, namespace: store.get((key, namespace))
+    )
+    assert ray_serve.follow_gateway(_Context(2, 0))[0] == 2  # nothing set: keep Serve's count
+    ray_serve.set_target("app", "m-cloud-0", 3)
+    assert ray_serve.follow_gateway(_Context(2, 0))[0] == 3
+    ray_serve.set_target("app", "m-cloud-0", 0)
+    assert ray_serve.follow_gateway(_Context(1, 0))[0] == 0
+    # A call waiting at zero replicas starts one (Serve's own cold start).
+    assert ray_serve.follow_gateway(_Context(0, 1))[0] == 1

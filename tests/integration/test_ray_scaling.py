@@ -1,0 +1,123 @@
+"""The ray provisioner on a real private Ray: the control loop sets a `ray` placement's replica
+count through Serve's custom autoscaling policy (`follow_gateway`): under load Serve runs more
+replica actors, they go again once the load is gone, and no request fails meanwhile. A placement
+with `replicas.min: 0` starts with no Serve replica at all (the member answers from its other
+tier) and is not woken by health checks."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.conftest import array_input
+from tests.integration.process import start_from_config, zoo_member
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+CURRENT = 'ensemble_autoscaler_replicas{kind="current",member="mlp_large",tier="cloud"}'
+
+
+def serve_replicas(deployment: str) -> int:
+    """Ray Serve replica actors of ``deployment`` running on this machine (processes)."""
+    out = subprocess.run(
+        ["pgrep", "-f", f"ServeReplica:ensemble:{deployment}"], capture_output=True, text=True
+    ).stdout
+    return len(out.split())
+
+
+def wait_for(check: object, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def test_control_loop_scales_a_ray_deployment_up_and_down(zoo_dir: Path, tmp_path: Path) -> None:
+    ray = {"tier": "cloud", "backend": "ray", "health_check_interval_s": 0.2}
+    config = {
+        "ensembles": [
+            {
+                "name": "e",
+                "members": [
+                    zoo_member(
+                        "mlp_large",
+                        {
+                            **ray,
+                            "replicas": {"min": 1, "max": 2},
+                            "ray": {"num_cpus": 0.1},
+                            "straggler": {"probability": 1.0, "delay_ms": 150},
+                        },
+                    ),
+                    zoo_member(
+                        "logreg",
+                        {"tier": "edge"},
+                        {**ray, "replicas": {"min": 0, "max": 1}, "ray": {"num_cpus": 0.1}},
+                    ),
+                ],
+            }
+        ],
+        "autoscaling": {
+            "interval_s": 0.25,
+            "window_s": 1,
+            "policy": {
+                "name": "target_inflight",
+                "params": {"upscale_delay_s": 0, "downscale_delay_s": 1},
+            },
+        },
+        "policies": {"default": {"on_violation": "degrade"}},
+    }
+    gw = start_from_config(config, tmp_path)
+    try:
+        assert serve_replicas("mlp_large-cloud-0") == 1
+        assert serve_replicas("logreg-cloud-0") == 0  # starts scaled to zero
+        metrics = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
+        assert 'ensemble_replica_ready{member="logreg",replica="cloud/0",tier="cloud"} 0.0' in (
+            metrics
+        )
+        body = {"inputs": [array_input(np.zeros((1, 64), np.float32))]}
+        stop = threading.Event()
+        statuses: list[int] = []
+        answered_by: set[str] = set()
+
+        def client() -> None:
+            with httpx.Client(base_url=gw.http_url, timeout=30) as http:
+                while not stop.is_set():
+                    response = http.post("/v2/models/e/infer", json=body)
+                    statuses.append(response.status_code)
+                    if response.status_code == 200:
+                        answered = response.json()["parameters"].get("members_answered", "")
+                        answered_by.update(str(answered).split(","))
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        try:
+            grew = wait_for(lambda: serve_replicas("mlp_large-cloud-0") == 2, 60)
+            time.sleep(1)  # calls flow through both replicas for a while
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        assert grew, gw.log()
+        assert statuses and set(statuses) == {200}, sorted(set(statuses))
+        # The idle deployment shrinks back to its minimum once downscale_delay_s has passed.
+        assert wait_for(
+            lambda: f"{CURRENT} 1.0" in httpx.get(f"{gw.http_url}/metrics", timeout=10).text, 30
+        ), gw.log()
+        assert wait_for(lambda: serve_replicas("mlp_large-cloud-0") == 1, 60), gw.log()
+        metrics = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
+        # Health checks never woke the placement scaled to zero.
+        assert serve_replicas("logreg-cloud-0") == 0
+        assert 'ensemble_replica_seconds_total{member="mlp_large",tier="cloud"}' in metrics
+    finally:
+        assert gw.stop(timeout_s=60) == 0, gw.log()
+    assert "autoscaler: mlp_large@cloud 1 -> 2 replicas (" in gw.log(), gw.log()
+    assert "autoscaler: mlp_large@cloud 2 -> 1 replicas (" in gw.log(), gw.log()
+    assert "not applied" not in gw.log()
