@@ -123,6 +123,15 @@ class StragglerConfig(StrictModel):
     seed: int = Field(0, description="Seed of the choice of late calls (repeatable runs).")
 
 
+class DeviceConfig(StrictModel):
+    """An emulated slower device for scaling experiments on a small machine: each replica
+    serves at most ``concurrency`` calls at once, each holding its slot at least
+    ``service_ms`` (like a GPU worker at batch 1). Off in production."""
+
+    service_ms: float = Field(gt=0, le=60_000, description="Least time one call takes, ms.")
+    concurrency: int = Field(1, ge=1, le=1024, description="Calls one replica serves at once.")
+
+
 class FailureConfig(StrictModel):
     """Emulated replica failures for tests and demos: some calls fail. Off in production."""
 
@@ -266,6 +275,11 @@ class Placement(StrictModel):
         le=100,
         description="Remote, ray and process backends only: consecutive failed checks that make a "
         "ready replica unready (one passing check makes it ready again).",
+    )
+    device: DeviceConfig | None = Field(
+        None,
+        description="Emulate a slower device per replica (service time, concurrency): what "
+        "makes replica counts matter in load tests on a small machine.",
     )
     straggler: StragglerConfig | None = Field(
         None, description="Emulate a straggler: some calls to these replicas answer late."

@@ -27,7 +27,7 @@ from ensemble.links import Link, LinkedReplica, Links
 from ensemble.models.card import MemberCard, card_path_for, load_card, load_manifest
 from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine, SessionRunner
-from ensemble.replicas.faults import FailingReplica, StragglerReplica
+from ensemble.replicas.faults import DeviceReplica, FailingReplica, StragglerReplica
 from ensemble.replicas.inprocess import InProcessReplica
 from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_schema
 from ensemble.replicas.oip_grpc import GrpcReplica
@@ -339,6 +339,9 @@ def load_member(
                 many = card.latency_ms["batch_32"].p50_ms
                 runner.fixed_s, runner.per_row_s = one / 1e3, max(0.0, many - one) / 31e3
             replica = InProcessReplica(name, place.tier, runner, engine)
+        if place.device is not None:
+            device = place.device
+            replica = DeviceReplica(replica, device.service_ms / 1e3, device.concurrency)
         if place.straggler is not None:
             late = place.straggler
             replica = StragglerReplica(

@@ -1,9 +1,11 @@
-"""Emulated replica faults for tests and demos: replicas that answer some calls late or fail."""
+"""Emulated replica faults and devices for tests and demos: replicas that answer some calls late
+or fail, and replicas with a device's service time and concurrency."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Sequence
 
 import numpy as np
@@ -66,3 +68,22 @@ class FailingReplica(_FaultyReplica):
         self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
         raise MemberFailed(f"replica {self.name} failed (emulated fault)")
+
+
+class DeviceReplica(_FaultyReplica):
+    """Wraps a replica as a slower device: at most ``concurrency`` calls at once, each holding
+    its slot for at least ``service_s`` (calls beyond wait in FIFO order)."""
+
+    def __init__(self, inner: Replica, service_s: float, concurrency: int) -> None:
+        super().__init__(inner, 1.0, 0)
+        self.service_s = service_s
+        self._slots = asyncio.Semaphore(concurrency)
+
+    async def _hit(
+        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
+        async with self._slots:
+            started = time.monotonic()
+            result = await self.inner.infer(feed, outputs)
+            await asyncio.sleep(self.service_s - (time.monotonic() - started))
+            return result
