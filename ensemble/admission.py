@@ -5,7 +5,8 @@ snapshot; the gate holds the running count and the waiting requests and does the
 request waits at most until its deadline; a shed one gets ``Overloaded`` (429 with
 ``Retry-After``; gRPC RESOURCE_EXHAUSTED) before the gateway spent anything on it, so under
 overload the requests it does take still finish in time (goodput holds) instead of every
-request queueing into a timeout.
+request queueing into a timeout. For an adaptive policy the gate also keeps the policy's
+``LimitState`` and feeds it the service times of finished requests, a window at a time.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ensemble.errors import Overloaded
 from ensemble.metrics import GatewayMetrics
-from policies.admission import AdmissionPolicy, GateView
+from policies.admission import AdaptiveLimit, AdmissionPolicy, GateView, LatencyWindow, LimitState
 
 
 @dataclass(eq=False)
@@ -30,26 +31,56 @@ class _Waiter:
 
 
 class AdmissionGate:
-    """Requests running now and waiting for a slot; one per gateway (reloads keep it)."""
+    """Requests running now and waiting for a slot; one per gateway (reloads keep it, and an
+    adaptive limit carries over to the next adaptive policy)."""
 
-    def __init__(self, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, metrics: GatewayMetrics, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.metrics = metrics
+        self.clock = clock
         self.running = 0
         self._waiting: list[_Waiter] = []
+        self._policy: AdmissionPolicy | None = None
+        self._adaptive: AdaptiveLimit | None = None
+        self._limit: LimitState | None = None
+        self._service_s: list[float] = []
+        self._peak = 0
         metrics.admission = lambda: (self.running, len(self._waiting))
+        metrics.admission_limit = lambda: None if self._limit is None else self._limit.limit
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def limit(self) -> LimitState | None:
+        """The adaptive policy's state now (None unless the policy is adaptive)."""
+        return self._limit
+
     def _view(self) -> GateView:
-        return GateView(self.running, [w.priority for w in self._waiting])
+        limit = None if self._limit is None else self._limit.limit
+        return GateView(self.running, [w.priority for w in self._waiting], limit)
+
+    def _switch(self, policy: AdmissionPolicy) -> None:
+        """A new policy (first request, or a reload): start its limit state, if it keeps one."""
+        self._policy = policy
+        # isinstance on a Protocol is slow; it runs once per policy, not per request.
+        self._adaptive = policy if isinstance(policy, AdaptiveLimit) else None
+        self._service_s.clear()
+        self._peak = self.running
+        if self._adaptive is None:
+            self._limit = None
+        else:
+            self._limit = self._adaptive.start(self._limit, self.clock())
 
     @contextlib.asynccontextmanager
     async def slot(
         self, policy: AdmissionPolicy, priority: int, deadline: float | None
     ) -> AsyncIterator[None]:
         """Hold a running slot for the ``async with`` body; Overloaded when shed."""
+        if policy is not self._policy:
+            self._switch(policy)
         decision = policy.admit(self._view(), priority)
         if decision.action == "shed":
             self._shed("full")
@@ -64,14 +95,41 @@ class AdmissionGate:
                 )
             )
         if decision.action == "run":
-            self.running += 1
+            self._start()
         else:
             await self._wait(policy, priority, deadline)
+        started = self.clock()
+        finished = True
         try:
             yield
+        except asyncio.CancelledError:
+            finished = False  # the client went away: its time says nothing about service
+            raise
         finally:
             self.running -= 1
+            if finished and self._adaptive is not None and policy is self._policy:
+                self._record(self._adaptive, self.clock() - started)
             self.wake(policy)
+
+    def _start(self) -> None:
+        self.running += 1
+        if self.running > self._peak:
+            self._peak = self.running
+
+    def _record(self, adaptive: AdaptiveLimit, service_s: float) -> None:
+        """Keep one service time; every window (so many requests, or so long) update the limit."""
+        self._service_s.append(service_s)
+        state = self._limit
+        assert state is not None
+        now = self.clock()
+        if len(self._service_s) < adaptive.window_requests and now - state.updated_s < (
+            adaptive.window_s
+        ):
+            return
+        window = LatencyWindow(tuple(self._service_s), self._peak, now)
+        self._service_s.clear()
+        self._peak = self.running
+        self._limit = adaptive.update(state, window)
 
     async def _wait(self, policy: AdmissionPolicy, priority: int, deadline: float | None) -> None:
         waiter = _Waiter(priority)
@@ -108,15 +166,17 @@ class AdmissionGate:
             waiter.future.cancel()
 
     def wake(self, policy: AdmissionPolicy) -> None:
-        """Start waiting requests while the policy says a slot is free."""
-        while True:
-            index = policy.next_to_run(self._view())
+        """Start waiting requests while the policy says a slot is free (the newest policy, if a
+        reload brought one since ``policy``)."""
+        current = self._policy or policy
+        while self._waiting:
+            index = current.next_to_run(self._view())
             if index is None:
                 return
             waiter = self._waiting.pop(index)
             if waiter.future.done():
                 continue
-            self.running += 1
+            self._start()
             waiter.future.set_result(None)
 
     def _shed(self, reason: str) -> None:

@@ -599,7 +599,8 @@ class GatewayConfig(StrictModel):
         default_factory=lambda: PolicySpec(name="bounded"),
         description="Admission control before any work on a request (`bounded`: at most "
         "`max_running` at once and `max_waiting` waiting, the least important shed with 429 / "
-        "RESOURCE_EXHAUSTED and Retry-After).",
+        "RESOURCE_EXHAUSTED and Retry-After; `adaptive`: the same with a running limit that "
+        "follows measured service time).",
     )
     autoscaling: AutoscalingConfig | None = Field(
         None,

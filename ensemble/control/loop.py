@@ -241,7 +241,8 @@ class ControlLoop:
                     high,
                     sum(x[1] for x in samples) / len(samples),
                     rate,
-                    max(p95s) * 1e3 if p95s else None,
+                    # A p95 is of recent calls: with none in the window it is stale, not news.
+                    max(p95s) * 1e3 if p95s and calls > samples[0][2] else None,
                     ready_replicas=min(ready, replicas),
                     failures_rps=failing,
                     service_ms=_service_ms(member, stats),
@@ -255,10 +256,14 @@ class ControlLoop:
 
 
 def _service_ms(member: Member, stats: list[ReplicaStats]) -> float | None:
-    """One call's latency on an idle replica: the card's batch-1 p50, else the fastest EWMA."""
+    """One call's latency on an idle replica: the fastest replica's latency EWMA (what the
+    replicas really take here: an emulated device, a busy machine), never below the member
+    card's batch-1 p50; the card alone before any call."""
     card = member.card
     one = card.latency_ms.get("batch_1") if card is not None else None
-    if one is not None:
-        return float(one.p50_ms)
+    floor = float(one.p50_ms) if one is not None else None
     ewmas = [s.ewma_s for s in stats if s.ewma_s is not None]
-    return min(ewmas) * 1e3 if ewmas else None
+    if not ewmas:
+        return floor
+    live = min(ewmas) * 1e3
+    return live if floor is None else max(floor, live)

@@ -12,7 +12,15 @@ from ensemble.admission import AdmissionGate
 from ensemble.errors import Overloaded
 from ensemble.metrics import GatewayMetrics
 from policies import registry
-from policies.admission import AdmissionPolicy, Bounded, BoundedParams, GateView
+from policies.admission import (
+    Adaptive,
+    AdmissionPolicy,
+    Bounded,
+    BoundedParams,
+    GateView,
+    LatencyWindow,
+    LimitState,
+)
 
 
 def bounded(running: int = 2, waiting: int = 2) -> Bounded:
@@ -48,7 +56,7 @@ def test_registered_with_validated_params() -> None:
 
 async def hold(
     gate: AdmissionGate,
-    policy: Bounded,
+    policy: AdmissionPolicy,
     priority: int,
     release: asyncio.Event,
     log: list[str],
@@ -126,5 +134,138 @@ def test_a_cancelled_waiter_leaves_no_slot_behind() -> None:
             await gone
         await asyncio.sleep(0)
         assert (gate.running, gate.waiting) == (0, 0) and log == ["busy"]
+
+    asyncio.run(main())
+
+
+# -- adaptive -------------------------------------------------------------------------------
+
+
+def adaptive(**params: object) -> Adaptive:
+    defaults: dict[str, object] = {
+        "initial_limit": 16,
+        "min_limit": 2,
+        "max_limit": 64,
+        "window_requests": 10,
+        "retry_after_s": 2.5,
+    }
+    return registry.build("admission", "adaptive", {**defaults, **params}, AdmissionPolicy)  # type: ignore[no-any-return]
+
+
+def run_windows(
+    policy: Adaptive, state: LimitState, service_s: float, windows: int, t0: float, busy: bool
+) -> tuple[LimitState, float, list[float]]:
+    """Feed ``windows`` windows of 10 requests taking ``service_s``, 50 ms apart (virtual
+    time); ``busy``: the limit was in use (peak running at the limit)."""
+    limits = []
+    now = t0
+    for _ in range(windows):
+        now += 0.05
+        peak = int(state.limit) if busy else 1
+        state = policy.update(state, LatencyWindow([service_s] * 10, peak, now))
+        limits.append(state.limit)
+    return state, now, limits
+
+
+def test_adaptive_limit_shrinks_when_latency_inflates_and_grows_back() -> None:
+    policy = adaptive()
+    state = policy.start(None, 0.0)
+    assert state.limit == 16
+    state, now, limits = run_windows(policy, state, 0.002, 40, 0.0, busy=True)
+    assert limits == sorted(limits) and state.limit > 40  # at the baseline: grows
+    assert state.baseline_s == pytest.approx(0.002)
+    grown = state.limit
+    state, now, limits = run_windows(policy, state, 0.010, 20, now, busy=True)  # 5x slower
+    assert limits == sorted(limits, reverse=True) and state.limit < grown / 3
+    assert state.baseline_s < 0.003  # the baseline rises slowly (doubles in 10 s)
+    shrunk = state.limit
+    state, now, limits = run_windows(policy, state, 0.002, 40, now, busy=True)  # recovered
+    assert limits == sorted(limits) and state.limit > 2 * shrunk
+
+
+def test_adaptive_limit_stays_within_its_bounds() -> None:
+    policy = adaptive(min_limit=4, max_limit=20, headroom=1)
+    state = policy.start(None, 0.0)
+    state, now, limits = run_windows(policy, state, 0.002, 100, 0.0, busy=True)
+    assert max(limits) == 20
+    state, now, limits = run_windows(policy, state, 1.0, 100, now, busy=True)
+    assert min(limits) == 4
+    big = adaptive(initial_limit=50, max_limit=64).start(None, 0.0)
+    assert policy.start(big, 1.0).limit == 20  # a reload's new bounds clamp the old limit
+
+
+def test_an_unused_limit_does_not_grow() -> None:
+    policy = adaptive()
+    state = policy.start(None, 0.0)
+    state, _, limits = run_windows(policy, state, 0.002, 20, 0.0, busy=False)
+    assert limits == [16.0] * 20
+
+
+def test_adaptive_sheds_like_bounded_at_its_current_limit() -> None:
+    policy = adaptive(waiting_per_limit=0.5)
+    assert policy.admit(GateView(3, [], limit=4.7), 5).action == "run"
+    assert policy.admit(GateView(4, [], limit=4.7), 5).action == "wait"  # floor(4.7) running
+    full = GateView(4, [1, 4, 2], limit=4.7)  # ceil(4.7 * 0.5) = 3 may wait
+    assert policy.admit(full, 4).action == "shed"
+    evict = policy.admit(full, 0)
+    assert evict.action == "wait" and evict.evict == 1  # the least important waiting one
+    assert policy.next_to_run(GateView(3, [3, 1, 1], limit=4.7)) == 1
+    assert policy.next_to_run(GateView(4, [0], limit=4.7)) is None
+    assert policy.admit(GateView(1, [], limit=1.2), 0).action == "run"  # min_limit 2 holds
+
+
+def test_adaptive_params_are_validated() -> None:
+    with pytest.raises(ValueError, match="min_limit <= initial_limit <= max_limit"):
+        adaptive(initial_limit=100, max_limit=64)
+    with pytest.raises(ValueError, match="tolerance"):
+        adaptive(tolerance=0.5)
+    with pytest.raises(ValueError, match="extra"):
+        adaptive(limit=3)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_gate_feeds_service_times_to_the_adaptive_limit() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        metrics = GatewayMetrics()
+        gate = AdmissionGate(metrics, clock=clock)
+        policy = adaptive(initial_limit=4, headroom=1, window_requests=4, window_ms=60_000)
+
+        async def request(service_s: float) -> None:
+            async with gate.slot(policy, 0, None):
+                clock.now += service_s
+
+        for _ in range(3):
+            await request(0.002)
+        state = gate.limit
+        assert state is not None and state.limit == 4 and state.recent_s == 0  # no window yet
+        assert metrics.admission_limit() == 4
+        await request(0.002)
+        state = gate.limit
+        assert state is not None and state.recent_s == pytest.approx(0.002)
+        release = asyncio.Event()
+        log: list[str] = []
+        held = [
+            asyncio.ensure_future(hold(gate, policy, 0, release, log, str(i))) for i in range(6)
+        ]
+        await asyncio.sleep(0)
+        assert (gate.running, gate.waiting) == (4, 2)  # the limit, and ceil(4 * 1.0) waiting
+        clock.now += 0.05  # all of them 25x slower than the baseline
+        release.set()
+        await asyncio.gather(*held)
+        state = gate.limit
+        assert state is not None and state.limit < 4
+        assert len(log) == 6 and (gate.running, gate.waiting) == (0, 0)
+        bounded_policy = bounded()
+        async with gate.slot(bounded_policy, 0, None):
+            pass
+        assert gate.limit is None and metrics.admission_limit() is None  # a reload to bounded
 
     asyncio.run(main())
