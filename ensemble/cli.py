@@ -204,6 +204,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"on_violation={profile.on_violation}{fallback}"
         )
     print(f"  outlier detection: {cfg.outlier_detection.name}")
+    if cfg.autoscaling is not None:
+        scaling = cfg.autoscaling
+        print(
+            f"  autoscaling: {scaling.policy.name} every {scaling.interval_s:g} s "
+            f"(window {scaling.window_s:g} s)"
+        )
     missing = _missing_models(cfg)
     if missing:
         print(f"  note: {len(missing)} model file(s) not built yet; `ensemble serve` builds them")
@@ -213,11 +219,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _placement_summary(place: Placement) -> str:
     if place.remote:
         return f"{place.tier}({place.backend} x{len(place.endpoints or ())})"
-    if place.backend == "ray":
-        return f"{place.tier}(ray x{place.replicas.min})"
-    if place.backend == "process":
-        return f"{place.tier}(process x{place.replicas.min}-{place.replicas.max})"
-    return place.tier
+    low, high = place.replicas.min, place.replicas.max
+    count = f"x{low}" if low == high else f"x{low}-{high}"
+    if place.backend in ("ray", "process"):
+        return f"{place.tier}({place.backend} {count})"
+    return place.tier if low == high == 1 else f"{place.tier}({count})"
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -531,8 +531,10 @@ class AutoscalingConfig(StrictModel):
         10.0, gt=0, le=86_400, description="Load is averaged over this many seconds."
     )
     policy: PolicySpec = Field(
-        default_factory=lambda: PolicySpec(name="target_inflight"),
-        description="Autoscaling policy (`target_inflight`: Ray Serve's rule).",
+        default_factory=lambda: PolicySpec(name="r3e"),
+        description="Autoscaling policy: `r3e` (edge first, burst to the cloud, N+1, scale "
+        "bursts to zero, cost budget), `target_inflight` (Ray Serve's rule), `capacity` "
+        "(INFaaS), `slo_feedback` (tail latency and error budget).",
     )
 
 
@@ -606,8 +608,8 @@ class GatewayConfig(StrictModel):
         None,
         description="The control loop (off when absent): it observes every placement, decides "
         "target replicas with the policy within `replicas` bounds, scales in-process and "
-        "process placements (drained before removal) and logs and exports every decision; "
-        "remote and ray placements are observed only for now.",
+        "process placements (drained before removal) and ray placements (Serve replica "
+        "counts), observes remote ones, and logs and exports every decision.",
     )
     ray: RayConfig = Field(
         default_factory=RayConfig, description="Ray, for members placed on the `ray` backend."
