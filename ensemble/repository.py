@@ -224,8 +224,9 @@ def build_member(
             replicas=spec.num_replicas,
             max_batch_rows=cfg.server.batch_max_rows,
         )
-        if spec.max_replicas > spec.num_replicas:
-            scalers[place.tier] = replica.scale  # the ray provisioner's
+        # The ray provisioner's (a fixed deployment, min = max, is never asked to change; the
+        # control loop counts its replicas from the bounds).
+        scalers[place.tier] = replica.scale
         return replica
 
     built = load_member(
