@@ -141,3 +141,33 @@ def test_the_loop_scales_an_in_process_placement_up_and_drains_it_down() -> None
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_the_loop_accounts_replica_seconds_and_their_price() -> None:
+    priced = CONFIG.replace(
+        "ensembles:", "tiers: {edge: {cost_per_replica_hour: 3.6}, cloud: {}}\nensembles:", 1
+    )
+    cfg = parse_yaml(priced, source="t.yaml", base_dir=ZOO)
+    engine = InProcessEngine(1)
+
+    async def main() -> None:
+        repository = Repository.from_config(cfg, engine)
+        metrics = GatewayMetrics()
+        now = [0.0]
+        loop = ControlLoop(lambda: repository, metrics, clock=lambda: now[0])
+        await loop.tick()  # the first tick only starts the clock
+        assert metrics.replica_seconds == {}
+        now[0] = 10.0
+        await loop.tick()
+        # One edge replica and one cloud endpoint for 10 s; edge costs 3.6 per replica-hour.
+        assert metrics.replica_seconds == {("logreg", "edge"): 10.0, ("logreg", "cloud"): 10.0}
+        assert metrics.spend == {("edge", "replicas"): pytest.approx(0.01)}
+        spent = metrics.registry.get_sample_value(
+            "ensemble_spend_total", {"tier": "edge", "kind": "replicas"}
+        )
+        assert spent == pytest.approx(0.01)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
