@@ -7,9 +7,13 @@ import os
 import selectors
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from ensemble.replicas.process import cli_command, parse_ready_line
 
@@ -148,3 +152,35 @@ def start_from_config(
     path = tmp / "gateway.yaml"
     path.write_text(yaml.safe_dump({"model_zoo": {"dir": str(ZOO)}, **doc}, sort_keys=False))
     return start_gateway(path, tmp / "gw.log", env=env)
+
+
+class Traffic:
+    """``clients`` closed-loop clients POSTing ``body`` to a model's infer route from threads
+    until stopped (also as a context manager); every HTTP status is kept."""
+
+    def __init__(self, url: str, model: str, body: Mapping[str, object], clients: int = 1) -> None:
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(url, model, body), daemon=True)
+            for _ in range(clients)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, url: str, model: str, body: Mapping[str, object]) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while not self._stop.is_set():
+                self.statuses.append(http.post(f"/v2/models/{model}/infer", json=body).status_code)
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return self.statuses
+
+    def __enter__(self) -> Traffic:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -4,7 +4,6 @@ replicas (they take calls at once), says so in /metrics and the log, and no requ
 from __future__ import annotations
 
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.integration.conftest import array_input
-from tests.integration.process import start_from_config, zoo_member
+from tests.integration.process import Traffic, start_from_config, zoo_member
 
 pytestmark = pytest.mark.integration
 CURRENT = 'ensemble_autoscaler_replicas{kind="current",member="logreg",tier="edge"}'
@@ -36,29 +35,17 @@ def test_busy_placement_scales_up_without_failing_a_request(zoo_dir: Path, tmp_p
     gw = start_from_config(config, tmp_path)
     try:
         body = {"inputs": [array_input(np.zeros((1, 64), np.float32))]}
-        stop = threading.Event()
-        statuses: list[int] = []
-
-        def client() -> None:
-            with httpx.Client(base_url=gw.http_url, timeout=30) as http:
-                while not stop.is_set():
-                    statuses.append(http.post("/v2/models/e/infer", json=body).status_code)
-
-        threads = [threading.Thread(target=client) for _ in range(8)]
-        for thread in threads:
-            thread.start()
         seen, text = "", ""
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            text = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
-            seen = next((line for line in text.splitlines() if line.startswith(CURRENT)), "")
-            if seen.endswith(" 4.0"):
-                break
-            time.sleep(0.2)
-        time.sleep(1)  # calls flow through the new replicas for a while
-        stop.set()
-        for thread in threads:
-            thread.join()
+        with Traffic(gw.http_url, "e", body, clients=8) as traffic:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                text = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
+                seen = next((line for line in text.splitlines() if line.startswith(CURRENT)), "")
+                if seen.endswith(" 4.0"):
+                    break
+                time.sleep(0.2)
+            time.sleep(1)  # calls flow through the new replicas for a while
+        statuses = traffic.statuses
         assert seen.endswith(" 4.0"), seen  # 8 in flight / 2 per replica, capped at max 4
         ready = [line for line in text.splitlines() if line.startswith("ensemble_replica_ready{")]
         assert sum('member="logreg"' in line for line in ready) == 4, ready

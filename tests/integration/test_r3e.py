@@ -5,7 +5,6 @@ back to zero once the burst is over; replica-seconds and their price are account
 from __future__ import annotations
 
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.integration.conftest import array_input
-from tests.integration.process import start_from_config, zoo_member
+from tests.integration.process import Traffic, start_from_config, zoo_member
 
 pytestmark = pytest.mark.integration
 
@@ -27,9 +26,7 @@ def replicas(text: str, tier: str) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def test_r3e_bursts_to_the_cloud_and_scales_it_back_to_zero(
-    zoo_dir: Path, tmp_path: Path
-) -> None:
+def test_r3e_bursts_to_the_cloud_and_scales_it_back_to_zero(zoo_dir: Path, tmp_path: Path) -> None:
     device = {"service_ms": 40, "concurrency": 1}  # 25 calls/s per replica
     config = {
         "tiers": {
@@ -72,28 +69,14 @@ def test_r3e_bursts_to_the_cloud_and_scales_it_back_to_zero(
             time.sleep(0.1)
         assert seen == 0.0  # the burst tier starts empty
         body = {"inputs": [array_input(np.zeros((1, 64), np.float32))]}
-        stop = threading.Event()
-        statuses: list[int] = []
-
-        def client() -> None:
-            with httpx.Client(base_url=gw.http_url, timeout=30) as http:
-                while not stop.is_set():
-                    statuses.append(http.post("/v2/models/e/infer", json=body).status_code)
-
-        threads = [threading.Thread(target=client) for _ in range(6)]
-        for thread in threads:
-            thread.start()
         burst = 0.0
-        try:
+        with Traffic(gw.http_url, "e", body, clients=6) as traffic:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and burst < 1:
                 burst = replicas(httpx.get(f"{gw.http_url}/metrics", timeout=10).text, "cloud") or 0
                 time.sleep(0.25)
             time.sleep(1)  # calls flow through the cloud for a while
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join()
+        statuses = traffic.statuses
         assert burst >= 1, gw.log()
         assert statuses and set(statuses) == {200}, sorted(set(statuses))
         # The burst is over: the cloud gives its replicas back, down to zero.

@@ -7,7 +7,6 @@ tier) and is not woken by health checks."""
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.integration.conftest import array_input
-from tests.integration.process import start_from_config, zoo_member
+from tests.integration.process import Traffic, start_from_config, zoo_member
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CURRENT = 'ensemble_autoscaler_replicas{kind="current",member="mlp_large",tier="cloud"}'
@@ -82,29 +81,10 @@ def test_control_loop_scales_a_ray_deployment_up_and_down(zoo_dir: Path, tmp_pat
             metrics
         )
         body = {"inputs": [array_input(np.zeros((1, 64), np.float32))]}
-        stop = threading.Event()
-        statuses: list[int] = []
-        answered_by: set[str] = set()
-
-        def client() -> None:
-            with httpx.Client(base_url=gw.http_url, timeout=30) as http:
-                while not stop.is_set():
-                    response = http.post("/v2/models/e/infer", json=body)
-                    statuses.append(response.status_code)
-                    if response.status_code == 200:
-                        answered = response.json()["parameters"].get("members_answered", "")
-                        answered_by.update(str(answered).split(","))
-
-        threads = [threading.Thread(target=client) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        try:
+        with Traffic(gw.http_url, "e", body, clients=6) as traffic:
             grew = wait_for(lambda: serve_replicas("mlp_large-cloud-0") == 2, 60)
             time.sleep(1)  # calls flow through both replicas for a while
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join()
+        statuses = traffic.statuses
         assert grew, gw.log()
         assert statuses and set(statuses) == {200}, sorted(set(statuses))
         # The idle deployment shrinks back to its minimum once downscale_delay_s has passed.
