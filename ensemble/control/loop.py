@@ -47,6 +47,11 @@ class ControlLoop:
         self._policy: AutoscalingPolicy | None = None
         self._state: Any = None
         self._samples: dict[Key, deque[tuple[float, float, int, int]]] = {}
+        self._seen: dict[Key, dict[str, tuple[int, int]]] = {}
+        """Per placement: each serving replica's (calls, failures) counters when last seen."""
+        self._totals: dict[Key, tuple[int, int]] = {}
+        """Per placement: calls and failures counted so far, never decreasing (a replica that
+        leaves takes its counters along, not the calls it served)."""
         """Per placement: (time, calls in flight, calls started and failed so far)."""
         self.replicas: dict[Key, int] = {}
         """Replicas each placement has (the static provisioner keeps the minimum)."""
@@ -177,6 +182,25 @@ class ControlLoop:
                 task.add_done_callback(self._draining.discard)
         self.replicas[(member.name, tier)] = target
 
+    def _counted(
+        self, key: Key, serving: list[Replica], stats: list[ReplicaStats]
+    ) -> tuple[int, int]:
+        """The placement's calls and failures so far: the replicas' counter increases since
+        the last look, added up."""
+        seen = self._seen.get(key, {})
+        calls, failures = self._totals.get(key, (0, 0))
+        now: dict[str, tuple[int, int]] = {}
+        for replica, stat in zip(serving, stats, strict=True):
+            before_calls, before_failures = seen.get(replica.name, (0, 0))
+            if stat.calls < before_calls:  # a new replica under an old name
+                before_calls = before_failures = 0
+            calls += stat.calls - before_calls
+            failures += max(0, stat.failures - before_failures)
+            now[replica.name] = (stat.calls, stat.failures)
+        self._seen[key] = now
+        self._totals[key] = (calls, failures)
+        return calls, failures
+
     def _account(self, repository: Repository, now: float) -> None:
         """Replica-seconds since the last tick, and their price, per placement."""
         last, self._last_account = self._last_account, now
@@ -213,9 +237,8 @@ class ControlLoop:
             serving = member.serving(tier)
             stats = [member.stats[r.name] for r in serving]
             inflight = float(sum(s.outstanding for s in stats))
-            calls = sum(s.calls for s in stats)
-            failures = sum(s.failures for s in stats)
             key = (member_name, tier)
+            calls, failures = self._counted(key, serving, stats)
             samples = self._samples.setdefault(key, deque())
             samples.append((now, inflight, calls, failures))
             while samples and now - samples[0][0] > window_s:

@@ -171,3 +171,34 @@ def test_the_loop_accounts_replica_seconds_and_their_price() -> None:
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_a_replica_leaving_takes_its_counters_not_the_rate() -> None:
+    cfg = parse_yaml(CONFIG, source="t.yaml", base_dir=ZOO)
+    engine = InProcessEngine(1)
+
+    async def main() -> None:
+        repository = Repository.from_config(cfg, engine)
+        loop = ControlLoop(lambda: repository, GatewayMetrics(), clock=lambda: 0.0)
+        member = repository.members["logreg"]
+        (replica,) = member.serving("edge")
+        extra = member.growers["edge"]("edge/1")
+        await extra.start()
+        member.add_replica(extra)
+        for name, n in ((replica.name, 30), ("edge/1", 20)):
+            for _ in range(n):
+                member.stats[name].started()
+                member.stats[name].finished(0.01, True)
+        (first,) = [x for x in loop._observe(repository, 0.0, 5.0) if x.tier == "edge"]
+        await member.retire("edge/1", 1.0)  # drained at once: no call in flight
+        for _ in range(10):
+            member.stats[replica.name].started()
+            member.stats[replica.name].finished(0.01, True)
+        (second,) = [x for x in loop._observe(repository, 1.0, 5.0) if x.tier == "edge"]
+        assert second.arrival_rps == 10.0  # 10 new calls in 1 s, not (40 - 50) / 1
+        assert first.replicas == 2 and second.replicas == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
