@@ -335,10 +335,11 @@ def load_member(
         else:
             # Each in-process replica runs a session of its own.
             runner = SessionRunner(sessions.pop() if sessions else load_session(path), signature)
-            if card is not None:  # start cost estimates from the card's measured latency
-                one = card.latency_ms["batch_1"].p50_ms
-                many = card.latency_ms["batch_32"].p50_ms
-                runner.fixed_s, runner.per_row_s = one / 1e3, max(0.0, many - one) / 31e3
+            one = card.latency_ms.get("batch_1") if card is not None else None
+            many = card.latency_ms.get("batch_32") if card is not None else None
+            if one is not None and many is not None:  # cost estimates from the card's latency
+                runner.fixed_s = one.p50_ms / 1e3
+                runner.per_row_s = max(0.0, many.p50_ms - one.p50_ms) / 31e3
             replica = InProcessReplica(name, place.tier, runner, engine)
         if place.device is not None:
             device = place.device

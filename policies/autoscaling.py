@@ -56,8 +56,9 @@ class PlacementLoad:
     failures_rps: float = 0.0
     """Failed calls per second over the window."""
     service_ms: float | None = None
-    """One call's latency on an idle replica (the fastest replica's latency EWMA, at least the
-    member card's batch-1 p50): INFaaS's per-replica throughput is 1000 / service_ms."""
+    """One call's latency on an idle replica (the fastest tenth of recent calls, which met no
+    queue, at least the member card's batch-1 p50): INFaaS's per-replica throughput is
+    1000 / service_ms."""
     cost_per_replica_hour: float = 0.0
     """The tier's price of one replica for one hour."""
     other_tiers: tuple[str, ...] = ()

@@ -74,6 +74,22 @@ class R3eParams(BaseModel):
     trend_window_s: float = Field(
         30.0, gt=0, le=86_400, description="Rate history the trend is fitted over."
     )
+    trend_min_t: float = Field(
+        3.0,
+        ge=0,
+        le=100,
+        description="A rising trend counts only when its slope is at least this many standard "
+        "errors above zero (a flat but noisy rate has no trend); 0: any rising slope.",
+    )
+    rate_settle_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="After a member loses replicas, its rate is not trusted to fall for this "
+        "long: a lower one stays out of the trend and none of its placements shrinks further "
+        "meanwhile (0: off). Set it to the control loop's window_s: the loop counts the calls "
+        "of the replicas still serving, so a retired one's calls leave the window's count.",
+    )
     upscale_delay_s: float = Field(
         1.0, ge=0, le=3600, description="How long more replicas must be wanted before adding."
     )
@@ -124,6 +140,8 @@ class R3eState:
     """Per burst placement: when it last had burst need."""
     started: Mapping[Key, tuple[float, int]] = field(default_factory=dict)
     """Per placement: when this policy last added replicas, and how many."""
+    sizes: Mapping[str, tuple[int, float]] = field(default_factory=dict)
+    """Per member: its replicas at the last decision, and when it last lost some."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,16 +153,25 @@ class _Demand:
     why: str
 
 
-def _slope(points: tuple[tuple[float, float], ...]) -> float:
-    """Least-squares slope of rate over time (req/s per s); 0 with under two points."""
+def _slope(points: tuple[tuple[float, float], ...], min_t: float = 0.0) -> float:
+    """Least-squares slope of rate over time (req/s per s); 0 with under two points, and 0
+    unless it is at least ``min_t`` standard errors (from the fit's residuals) above zero."""
     if len(points) < 2:
         return 0.0
-    mean_t = sum(t for t, _ in points) / len(points)
-    mean_r = sum(r for _, r in points) / len(points)
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_r = sum(r for _, r in points) / n
     spread = sum((t - mean_t) ** 2 for t, _ in points)
     if spread <= 0:
         return 0.0
-    return sum((t - mean_t) * (r - mean_r) for t, r in points) / spread
+    slope = sum((t - mean_t) * (r - mean_r) for t, r in points) / spread
+    if min_t <= 0 or slope <= 0:
+        return slope
+    if n < 3:
+        return 0.0  # two points: no residuals, no idea of the noise
+    residual = sum((r - mean_r - slope * (t - mean_t)) ** 2 for t, r in points)
+    error = math.sqrt(residual / (n - 2) / spread)
+    return slope if slope >= min_t * error else 0.0
 
 
 @register("autoscaling", "r3e", params=R3eParams)
@@ -156,12 +183,15 @@ class R3e:
     1. **Demand** (elasticity). The member's arrival rate over all its tiers, extrapolated
        ``lookahead_s`` ahead on its linear trend (a least-squares fit over ``trend_window_s``
        of history kept in the state; rising trends only, so it scales before the load arrives
-       but never shrinks on a forecast), times ``headroom``. A replica serves INFaaS's
-       T = 1000 / service_ms calls per second (p95 when the idle latency is unknown). Ray's
-       signal counts too: calls in flight / ``target_ongoing_requests`` replicas per tier,
-       converted to a rate with that tier's T; the larger of the two is the demand (queueing
-       shows in calls in flight before the rate says so). Without any latency known it sizes
-       by calls in flight alone.
+       but never shrinks on a forecast, and only a slope ``trend_min_t`` standard errors
+       above zero, so the noise of a flat rate is no trend), times ``headroom``. For
+       ``rate_settle_s`` after the member lost replicas a lower rate stays out of the history
+       (the loop's count of calls drops with a retired replica's) and nothing shrinks. A
+       replica serves INFaaS's T = 1000 / service_ms calls per second (p95 when the idle
+       latency is unknown). Ray's signal counts too: calls in flight /
+       ``target_ongoing_requests`` replicas per tier, converted to a rate with that tier's T;
+       the larger of the two is the demand (queueing shows in calls in flight before the rate
+       says so). Without any latency known it sizes by calls in flight alone.
     2. **Placement**. Tiers are taken in ``tier_order`` (unlisted ones after, cheaper first).
        The demand fills the member's first tier up to its ``max_replicas`` and what the tier
        cap (``tiers.NAME.max_replicas``, shared by all members) leaves it, members sharing it
@@ -201,11 +231,26 @@ class R3e:
             members.setdefault(load.member, []).append(load)
         first = {m: placed[0].tier for m, placed in members.items()}
         burst = {k for k, x in loads.items() if x.tier != first[x.member] and x.min_replicas == 0}
-        rates = {
-            m: self._history(state.rates.get(m, ()), now, sum(x.arrival_rps for x in placed))
-            for m, placed in members.items()
-        }
-        demands = {m: self._demand(placed, rates[m]) for m, placed in members.items()}
+        sizes: dict[str, tuple[int, float]] = {}
+        settling: set[str] = set()
+        rates: dict[str, tuple[tuple[float, float], ...]] = {}
+        demands: dict[str, _Demand] = {}
+        for m, placed in members.items():
+            size = sum(x.replicas for x in placed)
+            was, shrunk = state.sizes.get(m, (size, -math.inf))
+            sizes[m] = (size, now if size < was else shrunk)
+            rate = sum(x.arrival_rps for x in placed)
+            past = self._history(state.rates.get(m, ()), now, None)
+            # Right after a loss the loop's count of calls only reads low (a retired replica's
+            # calls left it): a lower rate then is kept out of the trend, and no placement of
+            # the member shrinks on it (below).
+            if now - sizes[m][1] < p.rate_settle_s:
+                settling.add(m)
+            if m in settling and past and rate < past[-1][1]:
+                rates[m] = past
+            else:
+                rates[m] = (*past, (now, rate))
+            demands[m] = self._demand(placed, rates[m], rate)
         starting = {k: n for k, (t, n) in state.started.items() if now - t < p.startup_grace_s}
         ideal, needed, notes = self._place(ctx, members, demands, starting, rank)
 
@@ -227,6 +272,8 @@ class R3e:
                     final[key] = want
                 continue
             step = max(want, have - p.max_downscale_step)
+            if key[0] in settling:
+                continue  # the wish to shrink is kept; acting on it waits for a trusted rate
             if step == 0 and key in burst:  # the last burst replica has its own cooldown
                 idle = now - needed_s[key]
                 if idle >= p.scale_to_zero_after_s:
@@ -248,7 +295,9 @@ class R3e:
         }
         started.update({k: state.started[k] for k in starting if k not in started})
         reasons = {k: "; ".join([demands[k[0]].why, *notes[k[0]], *said[k]]) for k in loads}
-        return changed_targets(ctx, final, reasons), R3eState(rates, wishes, needed_s, started)
+        return changed_targets(ctx, final, reasons), R3eState(
+            rates, wishes, needed_s, started, sizes
+        )
 
     def _tier_rank(
         self, placements: tuple[PlacementLoad, ...]
@@ -264,13 +313,13 @@ class R3e:
         }
 
     def _history(
-        self, past: tuple[tuple[float, float], ...], now: float, rate: float
+        self, past: tuple[tuple[float, float], ...], now: float, rate: float | None
     ) -> tuple[tuple[float, float], ...]:
         kept = tuple(pt for pt in past if 0 < now - pt[0] < self.params.trend_window_s)
-        return (*kept, (now, rate))
+        return kept if rate is None else (*kept, (now, rate))
 
     def _demand(
-        self, placed: list[PlacementLoad], history: tuple[tuple[float, float], ...]
+        self, placed: list[PlacementLoad], history: tuple[tuple[float, float], ...], rate: float
     ) -> _Demand:
         """The rate one member must be able to serve, and each tier's rate per replica."""
         p = self.params
@@ -281,8 +330,7 @@ class R3e:
         speeds = {
             t: s if s is not None else (known[0] if known else 1.0) for t, s in measured.items()
         }
-        rate = sum(x.arrival_rps for x in placed)
-        slope = _slope(history)
+        slope = _slope(history, p.trend_min_t)
         ahead = rate + max(0.0, slope) * p.lookahead_s
         by_rate = ahead * p.headroom if known else 0.0
         inflight = sum(x.outstanding for x in placed)

@@ -279,14 +279,14 @@ class ControlLoop:
 
 
 def _service_ms(member: Member, stats: list[ReplicaStats]) -> float | None:
-    """One call's latency on an idle replica: the fastest replica's latency EWMA (what the
-    replicas really take here: an emulated device, a busy machine), never below the member
-    card's batch-1 p50; the card alone before any call."""
+    """One call's latency on an idle replica: the fastest tenth of recent calls (those that met
+    no queue) on the quickest replica, what the replicas really take here (an emulated device, a
+    busy machine); never below the member card's batch-1 p50; the card alone before calls."""
     card = member.card
     one = card.latency_ms.get("batch_1") if card is not None else None
     floor = float(one.p50_ms) if one is not None else None
-    ewmas = [s.ewma_s for s in stats if s.ewma_s is not None]
-    if not ewmas:
+    fast = [s.fast_s for s in stats if s.fast_s is not None]
+    if not fast:
         return floor
-    live = min(ewmas) * 1e3
+    live = min(fast) * 1e3
     return live if floor is None else max(floor, live)

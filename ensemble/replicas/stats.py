@@ -18,6 +18,7 @@ class ReplicaStats:
     """Calls in flight, a latency EWMA and a recent-latency window; event-loop thread only."""
 
     __slots__ = (
+        "_fast",
         "_p95",
         "_since_p95",
         "_window",
@@ -38,6 +39,7 @@ class ReplicaStats:
         self.failures = 0
         self._window = array("d")
         self._p95: float | None = None
+        self._fast: float | None = None
         self._since_p95 = 0
         self.breaker = HEALTHY
         """Outlier detection's state for this replica."""
@@ -76,7 +78,8 @@ class ReplicaStats:
             self._window[self._since_p95 % WINDOW] = latency_s
         self._since_p95 += 1
         if self._p95 is None or self._since_p95 % 16 == 0:
-            self._p95 = None  # recomputed lazily: sorting on every call would cost the hot path
+            # Recomputed lazily: sorting on every call would cost the hot path.
+            self._p95 = self._fast = None
 
     @property
     def p95_s(self) -> float | None:
@@ -84,3 +87,11 @@ class ReplicaStats:
             ordered = sorted(self._window)
             self._p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
         return self._p95
+
+    @property
+    def fast_s(self) -> float | None:
+        """The 10th percentile of recent latencies: about the service time of a call that met
+        no queue (the control loop's estimate of what one replica can do)."""
+        if self._fast is None and len(self._window) >= 8:
+            self._fast = sorted(self._window)[len(self._window) // 10]
+        return self._fast

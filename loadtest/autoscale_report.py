@@ -1,0 +1,236 @@
+"""The autoscaling experiment's arithmetic: replica timelines, cost, SLO attainment, reaction
+time and goals, from scraped samples and harness timelines (pure; `loadtest/autoscale.py` runs)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Sample = tuple[str, tuple[tuple[str, str], ...]]
+"""A Prometheus sample's name and sorted labels (as `loadtest.straggler.scrape` returns them)."""
+ReplicaPoint = tuple[float, dict[str, int]]
+"""Seconds since the measured run's start, and replicas per tier then."""
+
+EDGE_SLOTS = 3
+"""Ray Serve has no tiers: its first this many replicas are priced as edge, the rest as cloud
+(the gateway's edge tier holds at most 3)."""
+GOAL_REACT_S = 5.0
+GOAL_COST_CUT = 0.30
+SAME_ATTAINMENT = 0.01
+"""Attainment within this (1 point) of static peak's counts as the same."""
+
+
+def gateway_replicas(samples: Mapping[Sample, float]) -> dict[str, int]:
+    """Replicas per tier in one /metrics scrape: the autoscaler's `current` gauge summed over
+    members; without a control loop deciding (static), the replicas reporting readiness."""
+    current: dict[str, int] = {}
+    ready: dict[str, int] = {}
+    for (name, labels), value in samples.items():
+        tags = dict(labels)
+        if name == "ensemble_autoscaler_replicas" and tags.get("kind") == "current":
+            current[tags["tier"]] = current.get(tags["tier"], 0) + round(value)
+        elif name == "ensemble_replica_ready":
+            ready.setdefault(tags["tier"], 0)
+            ready[tags["tier"]] += value > 0
+    return current or ready
+
+
+def counter_by_tier(samples: Mapping[Sample, float], name: str) -> dict[str, float]:
+    """A counter summed per `tier` label (e.g. ensemble_replica_seconds_total)."""
+    out: dict[str, float] = {}
+    for (sample, labels), value in samples.items():
+        if sample == name:
+            tier = dict(labels).get("tier", "")
+            out[tier] = out.get(tier, 0.0) + value
+    return out
+
+
+def ray_replicas(csv_text: str, start_wall: float) -> list[ReplicaPoint]:
+    """The Ray peer's `wall_time,running,total` lines as a timeline of total replicas (starting
+    ones included: they are paid for), relative to the run's wall-clock start."""
+    points: list[ReplicaPoint] = []
+    for line in csv_text.splitlines()[1:]:
+        parts = line.split(",")
+        if len(parts) != 3:
+            continue
+        points.append((float(parts[0]) - start_wall, {"ray": int(parts[2])}))
+    return points
+
+
+def total(point: Mapping[str, int]) -> int:
+    return sum(point.values())
+
+
+def at(points: Sequence[ReplicaPoint], t: float) -> dict[str, int]:
+    """Replicas per tier at ``t``: the last sample at or before it (else the first)."""
+    found = points[0][1] if points else {}
+    for when, tiers in points:
+        if when > t:
+            break
+        found = tiers
+    return found
+
+
+def replica_seconds(points: Sequence[ReplicaPoint], end_s: float) -> dict[str, float]:
+    """Per tier, the integral of the replica count over [0, end_s] (a step function)."""
+    held: dict[str, float] = {}
+    if not points or end_s <= 0:
+        return held
+    edges = [0.0] + [t for t, _ in points if 0 < t < end_s] + [end_s]
+    for left, right in itertools.pairwise(edges):
+        for tier, n in at(points, left).items():
+            held[tier] = held.get(tier, 0.0) + n * (right - left)
+    return held
+
+
+def ray_priced_seconds(points: Sequence[ReplicaPoint], end_s: float) -> dict[str, float]:
+    """Ray's replica-seconds split by the pricing rule: the first EDGE_SLOTS replicas as
+    `edge`, the rest as `cloud`."""
+    split = [
+        (t, {"edge": min(total(x), EDGE_SLOTS), "cloud": max(0, total(x) - EDGE_SLOTS)})
+        for t, x in points
+    ]
+    return replica_seconds(split, end_s)
+
+
+def cost(seconds_by_tier: Mapping[str, float], prices: Mapping[str, float]) -> float:
+    """Replica-seconds x the tier's price per replica-hour."""
+    return sum(s * prices.get(tier, 0.0) / 3600 for tier, s in seconds_by_tier.items())
+
+
+@dataclass(frozen=True)
+class Step:
+    """The load's jump up, for time to react: when it starts and ends (seconds)."""
+
+    at_s: float
+    until_s: float
+
+
+def step_of(load: Any) -> Step | None:
+    """The first rise of a step or spike load (None for other shapes)."""
+    shape = getattr(load, "shape", None)
+    if shape == "spike":
+        return Step(load.spike_at_s, load.spike_at_s + load.spike_duration_s)
+    if shape == "step":
+        steps = sorted(load.steps, key=lambda s: s.at_s)
+        for before, after in itertools.pairwise(steps):
+            if after.rps > before.rps:
+                later = [s.at_s for s in steps if s.at_s > after.at_s]
+                return Step(after.at_s, later[0] if later else load.duration_s)
+    return None
+
+
+def first_scale_up_s(points: Sequence[ReplicaPoint], step: Step) -> float | None:
+    """Seconds from the step to the first sample with more replicas than at the step."""
+    base = total(at(points, step.at_s))
+    for t, tiers in points:
+        if step.at_s <= t <= step.until_s and total(tiers) > base:
+            return t - step.at_s
+    return None
+
+
+def _bad_second(row: Mapping[str, Any], slo_ms: float) -> bool:
+    p99 = row["latency_ms"]["p99"]
+    return bool(row["errors"]) or (p99 is not None and p99 > slo_ms)
+
+
+def recovery_s(timeline: Sequence[Mapping[str, Any]], step: Step, slo_ms: float) -> float | None:
+    """Seconds from the step until the per-second p99 is under the SLO (and no request
+    failed) and stays so until the step ends; 0 if it never left; None if it never came back."""
+    rows = [r for r in timeline if step.at_s <= r["t"] < step.until_s]
+    bad = [r["t"] for r in rows if _bad_second(r, slo_ms)]
+    if not bad:
+        return 0.0
+    back = max(bad) + 1
+    return None if back >= step.until_s else back - step.at_s
+
+
+def bad_seconds(timeline: Sequence[Mapping[str, Any]], slo_ms: float) -> int:
+    """Seconds whose p99 exceeded the SLO or that had failed requests."""
+    return sum(_bad_second(r, slo_ms) for r in timeline)
+
+
+def attainment(sent: int, within: int) -> float | None:
+    return within / sent if sent else None
+
+
+def goals(rows: Sequence[Mapping[str, Any]], static: str = "static") -> dict[str, Any]:
+    """Per scenario and system: p99 back under the SLO within GOAL_REACT_S of the step; cost at
+    least GOAL_COST_CUT below static peak's at the same attainment (within SAME_ATTAINMENT)."""
+    out: dict[str, Any] = {"react": [], "cost": []}
+    peak = {r["scenario"]: r for r in rows if r["system"] == static}
+    for r in rows:
+        if r.get("recovery_s", "n/a") != "n/a" and r["system"] != static:
+            rec = r["recovery_s"]
+            out["react"].append(
+                {
+                    "scenario": r["scenario"],
+                    "system": r["system"],
+                    "recovery_s": rec,
+                    "met": rec is not None and rec <= GOAL_REACT_S,
+                }
+            )
+        ref = peak.get(r["scenario"])
+        if ref is None or r["system"] == static or not ref["cost"]:
+            continue
+        share = r["cost"] / ref["cost"]
+        same = (r["slo_attainment"] or 0) >= (ref["slo_attainment"] or 0) - SAME_ATTAINMENT
+        out["cost"].append(
+            {
+                "scenario": r["scenario"],
+                "system": r["system"],
+                "cost_share_of_static": round(share, 4),
+                "attainment_vs_static_points": round(
+                    100 * ((r["slo_attainment"] or 0) - (ref["slo_attainment"] or 0)), 2
+                ),
+                "met": same and share <= 1 - GOAL_COST_CUT,
+            }
+        )
+    return out
+
+
+def _num(value: float | None, spec: str) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else (format(value, spec))
+    )
+
+
+def _scale_up(value: float | str | None) -> str:
+    if value is None:
+        return "none"  # no more replicas during the step than at its start
+    return value if isinstance(value, str) else f"{value:.1f}"
+
+
+def table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
+    """The Markdown table of every (scenario, system) run."""
+    lines = [
+        f"| scenario | system | SLO attainment (<= {slo_ms:g} ms) | p99 ms | errors | "
+        "replica-s edge / cloud (all) | cost | cost vs static | first scale-up s | "
+        "p99 back under SLO s | bad s | peak replicas | send lag p99 ms, other cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    peak = {r["scenario"]: r["cost"] for r in rows if r["system"] == "static"}
+    for r in rows:
+        secs = r["replica_seconds_priced"]
+        ref = peak.get(r["scenario"])
+        vs = f"{100 * r['cost'] / ref:.0f} %" if ref else "n/a"
+        rec = r["recovery_s"]
+        share = r["slo_attainment"]
+        lines.append(
+            f"| {r['scenario']} | {r['system']} "
+            f"| {_num(None if share is None else 100 * share, '.2f')} % "
+            f"| {_num(r['latency_ms']['p99'], '.0f')} | {r['errors']} "
+            f"| {secs.get('edge', 0):.0f} / {secs.get('cloud', 0):.0f} "
+            f"({sum(r['replica_seconds'].values()):.0f}) | {r['cost']:.5f} | {vs} "
+            f"| {_scale_up(r['first_scale_up_s'])} "
+            f"| {'never' if rec is None else rec if rec == 'n/a' else format(rec, '.0f')} "
+            f"| {r['bad_seconds']} | {r['peak_replicas']} "
+            f"| {_num(r.get('send_lag_p99_ms'), '.0f')}, "
+            f"{_num(r.get('cores', {}).get('others'), '.2f')} |"
+        )
+    return "\n".join(lines)

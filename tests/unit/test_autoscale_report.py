@@ -1,0 +1,132 @@
+"""The autoscaling experiment's arithmetic (loadtest/autoscale_report.py) on synthetic data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from loadtest import autoscale_report as ar
+from loadtest.autoscale import parse_args, scenario_doc
+from loadtest.scenario import parse_scenario
+
+
+def labels(**tags: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(tags.items()))
+
+
+def test_gateway_replicas_sums_the_current_gauge_per_tier() -> None:
+    samples = {
+        ("ensemble_autoscaler_replicas", labels(kind="current", member="a", tier="edge")): 3.0,
+        ("ensemble_autoscaler_replicas", labels(kind="current", member="b", tier="edge")): 1.0,
+        ("ensemble_autoscaler_replicas", labels(kind="desired", member="a", tier="cloud")): 4.0,
+        ("ensemble_autoscaler_replicas", labels(kind="current", member="a", tier="cloud")): 2.0,
+        ("ensemble_replica_ready", labels(member="a", replica="edge/0", tier="edge")): 1.0,
+    }
+    assert ar.gateway_replicas(samples) == {"edge": 4, "cloud": 2}
+
+
+def test_gateway_replicas_without_a_control_loop_counts_ready_replicas() -> None:
+    samples = {
+        ("ensemble_replica_ready", labels(member="a", replica="edge/0", tier="edge")): 1.0,
+        ("ensemble_replica_ready", labels(member="a", replica="edge/1", tier="edge")): 1.0,
+        ("ensemble_replica_ready", labels(member="a", replica="cloud/0", tier="cloud")): 0.0,
+        ("ensemble_replica_seconds_total", labels(member="a", tier="edge")): 10.0,
+    }
+    assert ar.gateway_replicas(samples) == {"edge": 2, "cloud": 0}
+    assert ar.counter_by_tier(samples, "ensemble_replica_seconds_total") == {"edge": 10.0}
+
+
+def test_ray_csv_becomes_a_timeline_relative_to_the_run() -> None:
+    text = "wall_time,running,total\n100.5,1,1\n101.0,1,3\nbroken\n102.0,3,3\n"
+    assert ar.ray_replicas(text, start_wall=100.0) == [
+        (0.5, {"ray": 1}),
+        (1.0, {"ray": 3}),
+        (2.0, {"ray": 3}),
+    ]
+
+
+def test_replica_seconds_integrate_a_step_function() -> None:
+    points: list[ar.ReplicaPoint] = [
+        (0.2, {"edge": 1, "cloud": 0}),
+        (10.0, {"edge": 3, "cloud": 2}),
+        (20.0, {"edge": 3, "cloud": 0}),
+    ]
+    # Before the first sample the first sample's count holds.
+    held = ar.replica_seconds(points, 30.0)
+    assert held == pytest.approx({"edge": 10 * 1 + 20 * 3, "cloud": 10 * 2})
+    assert ar.cost(held, {"edge": 0.0, "cloud": 0.36}) == pytest.approx(20 * 0.36 / 3600)
+
+
+def test_ray_replicas_are_priced_edge_first() -> None:
+    points: list[ar.ReplicaPoint] = [(0.0, {"ray": 1}), (10.0, {"ray": 5})]
+    assert ar.ray_priced_seconds(points, 20.0) == pytest.approx(
+        {"edge": 10 * 1 + 10 * 3, "cloud": 10 * 2}
+    )
+
+
+def row(t: int, p99: float | None, errors: int = 0) -> dict[str, Any]:
+    return {"t": t, "errors": errors, "latency_ms": {"p99": p99}}
+
+
+def test_reaction_to_a_step() -> None:
+    step = ar.Step(at_s=5, until_s=15)
+    timeline = [row(t, 50.0) for t in range(5)]
+    timeline += [row(5, 400.0), row(6, 900.0), row(7, 100.0), row(8, 300.0, errors=0)]
+    timeline += [row(9, None, errors=2)] + [row(t, 80.0) for t in range(10, 20)]
+    # Bad seconds after the step: 5, 6, 8 (p99) and 9 (errors): back under for good at 10.
+    assert ar.recovery_s(timeline, step, 250.0) == 5.0
+    assert ar.bad_seconds(timeline, 250.0) == 4
+    assert ar.recovery_s([row(t, 10.0) for t in range(20)], step, 250.0) == 0.0
+    assert ar.recovery_s([row(t, 999.0) for t in range(20)], step, 250.0) is None
+    points: list[ar.ReplicaPoint] = [(4.5, {"edge": 2}), (6.0, {"edge": 2}), (6.5, {"edge": 3})]
+    assert ar.first_scale_up_s(points, step) == 1.5
+    assert ar.first_scale_up_s(points[:2], step) is None
+
+
+def test_step_of_the_shipped_scenarios() -> None:
+    step = parse_scenario(scenario_doc("step", quick=False), source="step").load
+    assert ar.step_of(step) == ar.Step(20, 80)
+    spike = parse_scenario(scenario_doc("spike", quick=False), source="spike").load
+    assert ar.step_of(spike) == ar.Step(20, 30)
+    diurnal = parse_scenario(scenario_doc("diurnal", quick=False), source="diurnal").load
+    assert ar.step_of(diurnal) is None
+    quick = parse_scenario(scenario_doc("step", quick=True), source="quick").load
+    assert ar.step_of(quick) == ar.Step(6, 24) and quick.duration_s == 36
+
+
+def result(scenario: str, system: str, attainment: float, cost: float) -> dict[str, Any]:
+    return {
+        "scenario": scenario,
+        "system": system,
+        "slo_attainment": attainment,
+        "cost": cost,
+        "recovery_s": 3.0 if system == "r3e" else None,
+    }
+
+
+def test_goals_compare_with_static_peak_at_the_same_attainment() -> None:
+    rows = [
+        result("step", "static", 0.995, 10.0),
+        result("step", "r3e", 0.99, 6.0),  # 60 %, 0.5 points lower: same attainment, met
+        result("step", "ray", 0.90, 2.0),  # cheap but far lower attainment: not met
+        result("step", "other", 0.999, 8.0),  # 80 % of the cost: not met
+    ]
+    got = ar.goals(rows)
+    assert [(x["system"], x["met"]) for x in got["cost"]] == [
+        ("r3e", True),
+        ("ray", False),
+        ("other", False),
+    ]
+    assert [(x["system"], x["met"]) for x in got["react"]] == [
+        ("r3e", True),
+        ("ray", False),
+        ("other", False),
+    ]
+
+
+def test_arguments() -> None:
+    quick = parse_args(["--quick", "--systems", "r3e", "--scenarios", "step"])
+    assert quick.systems == ("r3e",) and quick.scenarios == ("step",) and quick.warmup_s == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--systems", "nope"])
