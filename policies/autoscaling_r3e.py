@@ -197,7 +197,7 @@ class R3e:
        cap (``tiers.NAME.max_replicas``, shared by all members) leaves it, members sharing it
        trimmed largest first; the rest bursts onto the next tier, and so on. A placement that
        is full and misses ``p95_slo_ms`` also bursts: its next tier gets one replica more than
-       it has.
+       its need (not than it has: a p95 lags behind a scale-up and must not ratchet).
     3. **Reliability**. ``spare`` replicas beyond the need (N+1) follow it: on the primary tier
        when its bounds allow, else on the next tier.
     4. **Resilience**. Replicas that do not take calls (failed, ejected, still loading) are no
@@ -385,8 +385,8 @@ class R3e:
                 for_need[key] = math.ceil(residual[m] / demands[m].speeds[tier] - EPS)
                 want = for_need[key] + spare_left[m]
                 want += failed[key] if want else 0  # replace failures only where needed
-                if m in missed:
-                    want = max(want, load.replicas + 1)
+                if m in missed:  # one more than the need, not than it has: a p95 that lags
+                    want += 1  # behind a scale-up must not add a replica every decision
                 ideal[key] = clamp_to_bounds(want, load)
                 needed[key] = want > 0
             cap = ctx.tier_max_replicas.get(tier)

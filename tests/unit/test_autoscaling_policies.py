@@ -227,14 +227,17 @@ def test_r3e_puts_the_spare_on_the_next_tier_when_the_edge_bounds_forbid_it() ->
 
 def test_r3e_bursts_when_the_full_edge_misses_its_latency_slo() -> None:
     policy = r3e(p95_slo_ms=100)
-    loads = (edge(4, rps=20.0, p95_ms=180.0), cloud(1))  # rate says 3 + spare: fits
+    loads = (edge(4, rps=20.0, p95_ms=180.0), cloud(0))  # rate says 3 + spare: fits
     decision, _ = policy.decide(ctx(0.0, *loads), R3eState())
-    assert decision.targets == {CLOUD: 2}
+    assert decision.targets == {CLOUD: 1}
     assert (
         "edge p95 180 ms > SLO 100 ms at its max (4/4) -> +1 on cloud" in (decision.reasons[CLOUD])
     )
-    fast = (edge(4, rps=20.0, p95_ms=40.0), cloud(1))
+    fast = (edge(4, rps=20.0, p95_ms=40.0), cloud(0))
     assert policy.decide(ctx(0.0, *fast), R3eState())[0].targets == {}
+    # A p95 still high after the burst (it lags) asks for no more than need + 1.
+    lagging = (edge(4, rps=20.0, p95_ms=180.0), cloud(1))
+    assert policy.decide(ctx(1.0, *lagging), R3eState())[0].targets == {}
 
 
 def test_r3e_replaces_replicas_that_are_not_ready_but_not_ones_it_just_started() -> None:
