@@ -15,18 +15,31 @@ import numpy as np
 import pytest
 
 from tests.integration.conftest import array_input
-from tests.integration.process import Traffic, start_from_config, zoo_member
+from tests.integration.process import GatewayProcess, Traffic, start_from_config, zoo_member
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CURRENT = 'ensemble_autoscaler_replicas{kind="current",member="mlp_large",tier="cloud"}'
 
 
-def serve_replicas(deployment: str) -> int:
-    """Ray Serve replica actors of ``deployment`` running on this machine (processes)."""
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Ray's workers are the raylet's children, not the gateway's)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        out = subprocess.run(["pgrep", "-P", str(todo.pop())], capture_output=True, text=True)
+        children = {int(p) for p in out.stdout.split()} - found
+        found |= children
+        todo.extend(children)
+    return found
+
+
+def serve_replicas(gateway: GatewayProcess, deployment: str) -> int:
+    """Ray Serve replica actors of ``deployment`` in this gateway's private Ray (processes; one
+    left over from an earlier test's Ray, shutting down, is not counted)."""
     out = subprocess.run(
         ["pgrep", "-f", f"ServeReplica:ensemble:{deployment}"], capture_output=True, text=True
     ).stdout
-    return len(out.split())
+    return len({int(p) for p in out.split()} & descendants(gateway.proc.pid))
 
 
 def wait_for(check: object, timeout_s: float) -> bool:
@@ -74,15 +87,15 @@ def test_control_loop_scales_a_ray_deployment_up_and_down(zoo_dir: Path, tmp_pat
     }
     gw = start_from_config(config, tmp_path)
     try:
-        assert serve_replicas("mlp_large-cloud-0") == 1
-        assert serve_replicas("logreg-cloud-0") == 0  # starts scaled to zero
+        assert serve_replicas(gw, "mlp_large-cloud-0") == 1
+        assert serve_replicas(gw, "logreg-cloud-0") == 0  # starts scaled to zero
         metrics = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
         assert 'ensemble_replica_ready{member="logreg",replica="cloud/0",tier="cloud"} 0.0' in (
             metrics
         )
         body = {"inputs": [array_input(np.zeros((1, 64), np.float32))]}
         with Traffic(gw.http_url, "e", body, clients=6) as traffic:
-            grew = wait_for(lambda: serve_replicas("mlp_large-cloud-0") == 2, 60)
+            grew = wait_for(lambda: serve_replicas(gw, "mlp_large-cloud-0") == 2, 60)
             time.sleep(1)  # calls flow through both replicas for a while
         statuses = traffic.statuses
         assert grew, gw.log()
@@ -91,10 +104,10 @@ def test_control_loop_scales_a_ray_deployment_up_and_down(zoo_dir: Path, tmp_pat
         assert wait_for(
             lambda: f"{CURRENT} 1.0" in httpx.get(f"{gw.http_url}/metrics", timeout=10).text, 30
         ), gw.log()
-        assert wait_for(lambda: serve_replicas("mlp_large-cloud-0") == 1, 60), gw.log()
+        assert wait_for(lambda: serve_replicas(gw, "mlp_large-cloud-0") == 1, 60), gw.log()
         metrics = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
         # Health checks never woke the placement scaled to zero.
-        assert serve_replicas("logreg-cloud-0") == 0
+        assert serve_replicas(gw, "logreg-cloud-0") == 0
         assert 'ensemble_replica_seconds_total{member="mlp_large",tier="cloud"}' in metrics
     finally:
         assert gw.stop(timeout_s=60) == 0, gw.log()
