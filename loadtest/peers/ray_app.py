@@ -131,7 +131,7 @@ def build_app(config_path: Path) -> tuple[Any, str]:
     return EnsembleIngress.bind(ensemble.name, names, members), ensemble.name
 
 
-def _warm_up(url: str, timeout_s: float = 60.0) -> None:
+def warm_up(url: str, timeout_s: float = 60.0) -> None:
     """Answer a few requests through Serve's HTTP proxy before saying ready: serve.run returns
     when the deployments run, while the proxy and the handles' first calls still take seconds
     on 2 cores, which a short measurement would count against Ray."""
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=_LOGGING)
         serve.run(app, name=name, route_prefix=f"/v2/models/{name}", logging_config=_LOGGING)
-        _warm_up(f"http://127.0.0.1:{args.port}/v2/models/{name}/infer")
+        warm_up(f"http://127.0.0.1:{args.port}/v2/models/{name}/infer")
         print(f"ray serve ready: http=127.0.0.1:{args.port} app={name}", flush=True)
         while not stop.wait(0.5):
             pass

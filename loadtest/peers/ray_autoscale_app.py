@@ -41,6 +41,7 @@ from ensemble.frontends.rest_codec import (
 from ensemble.models.card import load_card
 from ensemble.replicas.onnx import load_session
 from ensemble.types import InferResponse, Tensor
+from loadtest.peers.ray_app import warm_up
 
 # Serve's default. With 1 (the device's concurrency) Serve's router collapsed here: replicas
 # rejected calls "at capacity of max_ongoing_requests=1", the proxy's queue-length probes timed
@@ -154,21 +155,6 @@ def record_replicas(app: str, path: Path, stop: threading.Event, interval_s: flo
             out.flush()
 
 
-def _warm_up(url: str, timeout_s: float = 60.0) -> None:
-    """A few answers through Serve's HTTP proxy before saying ready (its first calls are slow)."""
-    import httpx
-
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
-    deadline = time.monotonic() + timeout_s
-    answered = 0
-    with httpx.Client(timeout=10, trust_env=False) as client:
-        while answered < 5 and time.monotonic() < deadline:
-            try:
-                answered += client.post(url, json=body).status_code == 200
-            except httpx.HTTPError:
-                time.sleep(0.2)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.peers.ray_autoscale_app", description=__doc__
@@ -195,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=_LOGGING)
         serve.run(app, name=name, route_prefix=f"/v2/models/{name}", logging_config=_LOGGING)
-        _warm_up(f"http://127.0.0.1:{args.port}/v2/models/{name}/infer")
+        warm_up(f"http://127.0.0.1:{args.port}/v2/models/{name}/infer")
         recorder = threading.Thread(
             target=record_replicas, args=(name, args.replicas_csv, stop), daemon=True
         )
