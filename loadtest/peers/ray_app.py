@@ -39,7 +39,7 @@ from ensemble.frontends.rest_codec import (
 )
 from ensemble.models.card import load_card
 from ensemble.replicas.onnx import load_session
-from ensemble.types import InferResponse, Tensor
+from ensemble.types import InferRequest, InferResponse, Tensor
 
 # Tuned so the comparison is fair to Ray (REFERENCES.md: the default max_ongoing_requests=5 chokes
 # a single replica at ~27 req/s; 64 gave 155-180 req/s). 64 is the most requests the benchmark
@@ -51,6 +51,25 @@ MAX_ONGOING_REQUESTS = 64
 NUM_CPUS_PER_REPLICA = 0.5
 # As the gateway runs (access_log=False): per-request log lines are not what is being compared.
 _LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
+
+
+async def read_infer_request(request: Request, model_name: str) -> InferRequest | Response:
+    """The OIP request in ``request``'s body (JSON or binary tensors), or the 400 to answer."""
+    body = await request.body()
+    try:
+        return decode_infer_request(body, request.headers.get(HEADER_LENGTH), model_name, None)
+    except EnsembleError as exc:
+        return Response(dumps({"error": exc.message}), exc.http_status)
+
+
+def oip_response(response: InferResponse, infer: InferRequest) -> Response:
+    """``response`` encoded as ``infer`` asked (JSON, or binary tensors with their header)."""
+    payload, header_length = encode_infer_response(response, infer)
+    if header_length is None:
+        return Response(payload, media_type="application/json")
+    return Response(
+        payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
+    )
 
 
 @serve.deployment(
@@ -87,13 +106,9 @@ class EnsembleIngress:
         self.members = members
 
     async def __call__(self, request: Request) -> Response:
-        body = await request.body()
-        try:
-            infer = decode_infer_request(
-                body, request.headers.get(HEADER_LENGTH), self.model_name, None
-            )
-        except EnsembleError as exc:
-            return Response(dumps({"error": exc.message}), exc.http_status)
+        infer = await read_infer_request(request, self.model_name)
+        if isinstance(infer, Response):
+            return infer
         x = infer.inputs[0].data
         answers = await asyncio.gather(*(member.remote(x) for member in self.members))
         probabilities = np.mean(np.stack(answers), axis=0).astype(np.float32)
@@ -107,14 +122,7 @@ class EnsembleIngress:
             ],
             parameters={"policy": "mean_probability", "members_answered": self.member_names},
         )
-        payload, header_length = encode_infer_response(response, infer)
-        if header_length is None:
-            return Response(payload, media_type="application/json")
-        return Response(
-            payload,
-            media_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(header_length)},
-        )
+        return oip_response(response, infer)
 
 
 def build_app(config_path: Path) -> tuple[Any, str]:

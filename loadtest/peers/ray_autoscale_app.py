@@ -31,17 +31,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ensemble.config import load_config
-from ensemble.errors import EnsembleError
 from ensemble.frontends.rest_codec import (
-    HEADER_LENGTH,
-    decode_infer_request,
     dumps,
-    encode_infer_response,
 )
 from ensemble.models.card import load_card
 from ensemble.replicas.onnx import load_session
 from ensemble.types import InferResponse, Tensor
-from loadtest.peers.ray_app import warm_up
+from loadtest.peers.ray_app import oip_response, read_infer_request, warm_up
 
 # Serve's default. With 1 (the device's concurrency) Serve's router collapsed here: replicas
 # rejected calls "at capacity of max_ongoing_requests=1", the proxy's queue-length probes timed
@@ -79,13 +75,9 @@ class DeviceMember:
     async def __call__(self, request: Request) -> Response:
         if request.method == "GET":  # the harness's readiness check, GET .../ready
             return Response(dumps({"name": self.model_name, "ready": True}))
-        body = await request.body()
-        try:
-            infer = decode_infer_request(
-                body, request.headers.get(HEADER_LENGTH), self.model_name, None
-            )
-        except EnsembleError as exc:
-            return Response(dumps({"error": exc.message}), exc.http_status)
+        infer = await read_infer_request(request, self.model_name)
+        if isinstance(infer, Response):
+            return infer
         x = infer.inputs[0].data
         async with self.device:
             started = time.monotonic()
@@ -100,14 +92,7 @@ class DeviceMember:
                 Tensor("probabilities", "FP32", probabilities.shape, probabilities),
             ],
         )
-        payload, header_length = encode_infer_response(response, infer)
-        if header_length is None:
-            return Response(payload, media_type="application/json")
-        return Response(
-            payload,
-            media_type="application/octet-stream",
-            headers={HEADER_LENGTH: str(header_length)},
-        )
+        return oip_response(response, infer)
 
 
 def autoscaling_config(min_replicas: int, max_replicas: int, tuned: bool) -> dict[str, Any]:
