@@ -83,11 +83,11 @@ class AdmissionGate:
             self._switch(policy)
         decision = policy.admit(self._view(), priority)
         if decision.action == "shed":
-            self._shed("full")
+            self.count_shed("full")
             raise Overloaded(f"overloaded: {decision.reason}; retry later", policy.retry_after_s)
         if decision.evict is not None:
             victim = self._waiting.pop(decision.evict)
-            self._shed("evicted")
+            self.count_shed("evicted")
             victim.future.set_exception(
                 Overloaded(
                     f"overloaded: shed while waiting ({decision.reason}); retry later",
@@ -110,6 +110,19 @@ class AdmissionGate:
             if finished and self._adaptive is not None and policy is self._policy:
                 self._record(self._adaptive, self.clock() - started)
             self.wake(policy)
+
+    def sheds(self, policy: AdmissionPolicy, priority: int) -> str | None:
+        """Why a request of ``priority`` arriving now would be shed, or None when it would run
+        or wait. Changes nothing: a frontend asks before it decodes a request, so shedding
+        under overload costs little more than the HTTP exchange (``slot`` decides for real)."""
+        if policy is not self._policy:
+            return None  # a new policy (a reload) starts its state in ``slot``
+        decision = policy.admit(self._view(), priority)
+        return decision.reason if decision.action == "shed" else None
+
+    def count_shed(self, reason: str) -> None:
+        """One more request shed for ``reason`` (full, evicted, deadline)."""
+        self.metrics.shed[reason] += 1
 
     def _start(self) -> None:
         self.running += 1
@@ -144,7 +157,7 @@ class AdmissionGate:
             if _granted(waiter):
                 return  # granted as the deadline struck: it runs
             self._forget(waiter, policy)
-            self._shed("deadline")
+            self.count_shed("deadline")
             waited = (time.perf_counter() - started) * 1e3
             raise Overloaded(
                 f"overloaded: waited {waited:.0f} ms for a slot, until the request's deadline; "
@@ -178,9 +191,6 @@ class AdmissionGate:
                 continue
             self._start()
             waiter.future.set_result(None)
-
-    def _shed(self, reason: str) -> None:
-        self.metrics.shed[reason] += 1
 
 
 def _granted(waiter: _Waiter) -> bool:

@@ -22,12 +22,14 @@ from ensemble.errors import (
     InvalidInput,
     MemberFailed,
     ModelNotReady,
+    Overloaded,
 )
 from ensemble.feedback import DEFAULT_ACCURACY_WINDOW, DEFAULT_WINDOW, FeedbackHub
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.member import Member
 from ensemble.repository import VERSION, EnsembleModel, Profile, Repository, ServedModel
 from ensemble.types import (
+    DEFAULT_PRIORITY,
     AggregationContext,
     Contract,
     InferRequest,
@@ -111,6 +113,28 @@ class Dispatcher:
         return self.repository.get(name, version)
 
     # -- inference ----------------------------------------------------------------------
+
+    def shed_early(self, name: str, version: str | None, protocol: str) -> None:
+        """Raise Overloaded when admission would shed a default-priority request for model
+        ``name`` now. Frontends call it before decoding a request that sets no ``priority``, so
+        a shed request costs no decoding, validation or contract parsing (under 2x overload
+        half the requests are shed, and that work would come out of the other half's CPU).
+        Anything else (an unknown model, a gate with room) is left to ``infer``."""
+        started = time.perf_counter()
+        repository = self.repository
+        reason = self.gate.sheds(repository.admission, DEFAULT_PRIORITY)
+        if reason is None:
+            return
+        try:
+            label = repository.get(name, version).name
+        except EnsembleError:
+            return  # infer reports it
+        error = Overloaded(f"overloaded: {reason}; retry later", repository.admission.retry_after_s)
+        self.gate.count_shed("full")
+        self.metrics.record_request(
+            label, protocol, outcome_of(error), time.perf_counter() - started
+        )
+        raise error
 
     async def infer(self, request: InferRequest, protocol: str) -> InferResponse:
         """Answer one request; raises EnsembleError subclasses for every client-visible failure."""

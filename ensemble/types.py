@@ -80,13 +80,17 @@ class ModelMetadata:
     parameters: Mapping[str, Param] = field(default_factory=dict)
 
 
+DEFAULT_PRIORITY = 0
+"""A request's priority when it sets none: the most important."""
+
+
 @dataclass(slots=True)
 class Contract:
     """What one request asks for; every field is optional (None: no constraint)."""
 
     timeout_us: int | None = None
     """Deadline in microseconds from arrival (Triton's `timeout` parameter)."""
-    priority: int = 0
+    priority: int = DEFAULT_PRIORITY
     """Lower is more important (Triton's convention)."""
     min_accuracy: float | None = None
     max_cost: float | None = None

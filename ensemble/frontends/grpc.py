@@ -185,6 +185,8 @@ class InferenceServicer:
 
     @_rpc
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        if "priority" not in request.parameters:
+            self._dispatcher.shed_early(request.model_name, request.model_version or None, PROTOCOL)
         infer_request = decode_infer_request(request)
         response = await self._dispatcher.infer(infer_request, PROTOCOL)
         return encode_infer_response(response)

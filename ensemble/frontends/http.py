@@ -31,6 +31,7 @@ from ensemble.frontends.rest_codec import (
     decode_infer_request,
     dumps,
     encode_infer_response,
+    may_set_priority,
 )
 from ensemble.links import Link, Links
 from ensemble.metrics import GatewayMetrics
@@ -219,6 +220,8 @@ class HttpFrontend:
     async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive) -> Reply:
         headers = _headers(scope)
         body = await self._read_body(headers, receive)
+        if not may_set_priority(body, headers.get(HEADER_LENGTH)):
+            self.dispatcher.shed_early(name, version, "http")
         request = decode_infer_request(body, headers.get(HEADER_LENGTH), name, version)
         response = await self.dispatcher.infer(request, "http")
         payload, header_length = encode_infer_response(response, request)

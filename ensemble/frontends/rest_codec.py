@@ -121,6 +121,16 @@ def _json_end(body: bytes, header_length: str | None) -> int:
     return json_end
 
 
+def may_set_priority(body: bytes, header_length: str | None) -> bool:
+    """Whether the JSON part of a request body might set the ``priority`` parameter: a byte
+    search, no parsing. False only when it certainly does not (no "priority" and no escape
+    that could spell it), so the request has the default priority."""
+    end = len(body)
+    if header_length is not None and header_length.isdigit():
+        end = min(end, int(header_length))
+    return body.find(b"priority", 0, end) >= 0 or body.find(b"\\u", 0, end) >= 0
+
+
 def _decode_tensors(raw_tensors: list[Any], binary: memoryview, noun: str) -> list[Tensor]:
     """The ``inputs`` (or ``outputs``) of a body: JSON data or slices of the binary part."""
     offset = 0

@@ -115,6 +115,45 @@ def test_grpc_clients_get_resource_exhausted(gw: GatewayProcess) -> None:
     assert all("RESOURCE_EXHAUSTED" in str(e.status()) for e in errors), errors
 
 
+def shed_count(gw: GatewayProcess) -> float:
+    """The gateway's count of requests shed because the gate was full (0 before the first)."""
+    text = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
+    prefix = 'ensemble_shed_requests_total{reason="full"} '
+    return sum(float(x[len(prefix) :]) for x in text.splitlines() if x.startswith(prefix))
+
+
+def test_a_full_gate_sheds_a_request_without_priority_before_decoding_it(
+    gw: GatewayProcess,
+) -> None:
+    # One request runs and one waits; a request that sets no priority could not outrank the
+    # waiting one, so it is refused before its body is decoded: even a malformed body gets
+    # 429, not 400 (nothing was spent on it). An unknown model is still a 404.
+    before = shed_count(gw)
+    out: list[tuple[int, Any, dict[str, str]]] = []
+    threads = [threading.Thread(target=post, args=(gw, 0, out)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        threading.Event().wait(0.05)
+    threading.Event().wait(0.1)
+    url = f"{gw.http_url}/v2/models/slow/infer"
+    garbage = httpx.post(url, content=b'{"inputs": "not a list"}', timeout=30)
+    good = httpx.post(url, json={"inputs": [array_input(X)]}, timeout=30)
+    unknown = httpx.post(
+        f"{gw.http_url}/v2/models/nope/infer", json={"inputs": [array_input(X)]}, timeout=30
+    )
+    for thread in threads:
+        thread.join()
+    assert [code for _, code, _ in out] == [200, 200]
+    for answer in (garbage, good):
+        assert answer.status_code == 429, answer.text
+        assert answer.headers["retry-after"] == "2"
+        assert set(answer.json()) == {"error"} and "overloaded" in answer.json()["error"]
+    assert unknown.status_code == 404
+    assert shed_count(gw) == before + 2
+    # With room again, the malformed body is the client's error as usual.
+    assert httpx.post(url, content=b'{"inputs": "not a list"}', timeout=30).status_code == 400
+
+
 # -- adaptive: the limit follows measured service time ------------------------------------
 
 ROWS = 64

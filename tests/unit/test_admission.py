@@ -269,3 +269,28 @@ def test_the_gate_feeds_service_times_to_the_adaptive_limit() -> None:
         assert gate.limit is None and metrics.admission_limit() is None  # a reload to bounded
 
     asyncio.run(main())
+
+
+def test_sheds_asks_the_policy_without_changing_the_gate() -> None:
+    async def main() -> None:
+        gate = AdmissionGate(GatewayMetrics())
+        policy = bounded(running=1, waiting=1)
+        assert gate.sheds(policy, 0) is None  # a policy the gate has not started: slot decides
+        release = asyncio.Event()
+        log: list[str] = []
+        tasks = [
+            asyncio.ensure_future(hold(gate, policy, priority, release, log, str(priority)))
+            for priority in (0, 3)
+        ]
+        await asyncio.sleep(0.01)
+        assert (gate.running, gate.waiting) == (1, 1)
+        reason = gate.sheds(policy, 3)
+        assert reason is not None and "1 requests running and 1 waiting" in reason
+        assert gate.sheds(policy, 0) is None  # would evict the waiting priority-3 request
+        assert (gate.running, gate.waiting) == (1, 1)
+        assert dict(gate.metrics.shed) == {}
+        release.set()
+        await asyncio.gather(*tasks)
+        assert gate.sheds(policy, 3) is None
+
+    asyncio.run(main())

@@ -9,7 +9,11 @@ import orjson
 import pytest
 
 from ensemble.errors import InvalidInput
-from ensemble.frontends.rest_codec import decode_infer_request, encode_infer_response
+from ensemble.frontends.rest_codec import (
+    decode_infer_request,
+    encode_infer_response,
+    may_set_priority,
+)
 from ensemble.types import InferResponse, Tensor
 
 
@@ -190,3 +194,13 @@ def test_json_number_beyond_fp32_is_invalid_not_inf() -> None:
     assert "overflow" in message
     req = decode({"inputs": [inp(data=[1e30, 1.0], datatype="FP64")]})
     assert req.inputs[0].data.tolist() == [[1e30, 1.0]]  # type: ignore[attr-defined]
+
+
+def test_may_set_priority_finds_the_key_in_the_json_part_only() -> None:
+    assert may_set_priority(b'{"inputs": [], "parameters": {"priority": 3}}', None)
+    assert may_set_priority(b'{"parameters": {"\\u0070riority": 3}}', None)  # spelt with an escape
+    assert not may_set_priority(b'{"inputs": [], "parameters": {"timeout": 5}}', None)
+    header = b'{"inputs": []}'
+    body = header + b"priority\\u"  # the same bytes in binary tensor data do not count
+    assert not may_set_priority(body, str(len(header)))
+    assert may_set_priority(body, None)
