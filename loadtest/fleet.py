@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import multiprocessing
 import multiprocessing.process
+import os
 import random
 import resource
 import signal
@@ -147,6 +148,9 @@ async def _receive(conn: Connection, timeout_s: float) -> Message:
         await asyncio.wait_for(ready, timeout_s)
     finally:
         loop.remove_reader(conn.fileno())
+    # uvloop's add_reader leaves the pipe non-blocking, and a large message (a worker's
+    # results) arrives in pieces: recv would raise BlockingIOError on the first gap.
+    os.set_blocking(conn.fileno(), True)
     message: Message = conn.recv()
     return message
 
