@@ -81,15 +81,6 @@ class R3eParams(BaseModel):
         description="A rising trend counts only when its slope is at least this many standard "
         "errors above zero (a flat but noisy rate has no trend); 0: any rising slope.",
     )
-    rate_settle_s: float = Field(
-        0.0,
-        ge=0,
-        le=3600,
-        description="After a member loses replicas, its rate is not trusted to fall for this "
-        "long: a lower one stays out of the trend and none of its placements shrinks further "
-        "meanwhile (0: off). Set it to the control loop's window_s: the loop counts the calls "
-        "of the replicas still serving, so a retired one's calls leave the window's count.",
-    )
     upscale_delay_s: float = Field(
         1.0, ge=0, le=3600, description="How long more replicas must be wanted before adding."
     )
@@ -140,8 +131,6 @@ class R3eState:
     """Per burst placement: when it last had burst need."""
     started: Mapping[Key, tuple[float, int]] = field(default_factory=dict)
     """Per placement: when this policy last added replicas, and how many."""
-    sizes: Mapping[str, tuple[int, float]] = field(default_factory=dict)
-    """Per member: its replicas at the last decision, and when it last lost some."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +173,7 @@ class R3e:
        ``lookahead_s`` ahead on its linear trend (a least-squares fit over ``trend_window_s``
        of history kept in the state; rising trends only, so it scales before the load arrives
        but never shrinks on a forecast, and only a slope ``trend_min_t`` standard errors
-       above zero, so the noise of a flat rate is no trend), times ``headroom``. For
-       ``rate_settle_s`` after the member lost replicas a lower rate stays out of the history
-       (the loop's count of calls drops with a retired replica's) and nothing shrinks. A
+       above zero, so the noise of a flat rate is no trend), times ``headroom``. A
        replica serves INFaaS's T = 1000 / service_ms calls per second (p95 when the idle
        latency is unknown). Ray's signal counts too: calls in flight /
        ``target_ongoing_requests`` replicas per tier, converted to a rate with that tier's T;
@@ -231,25 +218,11 @@ class R3e:
             members.setdefault(load.member, []).append(load)
         first = {m: placed[0].tier for m, placed in members.items()}
         burst = {k for k, x in loads.items() if x.tier != first[x.member] and x.min_replicas == 0}
-        sizes: dict[str, tuple[int, float]] = {}
-        settling: set[str] = set()
         rates: dict[str, tuple[tuple[float, float], ...]] = {}
         demands: dict[str, _Demand] = {}
         for m, placed in members.items():
-            size = sum(x.replicas for x in placed)
-            was, shrunk = state.sizes.get(m, (size, -math.inf))
-            sizes[m] = (size, now if size < was else shrunk)
             rate = sum(x.arrival_rps for x in placed)
-            past = self._history(state.rates.get(m, ()), now, None)
-            # Right after a loss the loop's count of calls only reads low (a retired replica's
-            # calls left it): a lower rate then is kept out of the trend, and no placement of
-            # the member shrinks on it (below).
-            if now - sizes[m][1] < p.rate_settle_s:
-                settling.add(m)
-            if m in settling and past and rate < past[-1][1]:
-                rates[m] = past
-            else:
-                rates[m] = (*past, (now, rate))
+            rates[m] = (*self._history(state.rates.get(m, ()), now, None), (now, rate))
             demands[m] = self._demand(placed, rates[m], rate)
         starting = {k: n for k, (t, n) in state.started.items() if now - t < p.startup_grace_s}
         ideal, needed, notes = self._place(ctx, members, demands, starting, rank)
@@ -272,8 +245,6 @@ class R3e:
                     final[key] = want
                 continue
             step = max(want, have - p.max_downscale_step)
-            if key[0] in settling:
-                continue  # the wish to shrink is kept; acting on it waits for a trusted rate
             if step == 0 and key in burst:  # the last burst replica has its own cooldown
                 idle = now - needed_s[key]
                 if idle >= p.scale_to_zero_after_s:
@@ -295,9 +266,7 @@ class R3e:
         }
         started.update({k: state.started[k] for k in starting if k not in started})
         reasons = {k: "; ".join([demands[k[0]].why, *notes[k[0]], *said[k]]) for k in loads}
-        return changed_targets(ctx, final, reasons), R3eState(
-            rates, wishes, needed_s, started, sizes
-        )
+        return changed_targets(ctx, final, reasons), R3eState(rates, wishes, needed_s, started)
 
     def _tier_rank(
         self, placements: tuple[PlacementLoad, ...]
