@@ -25,9 +25,14 @@ from policies.admission import AdaptiveLimit, AdmissionPolicy, GateView, Latency
 @dataclass(eq=False)
 class _Waiter:
     priority: int
+    deadline: float | None
     future: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+
+_EWMA = 0.1
+"""Weight of each finished request in ``typical_service_s``."""
 
 
 class AdmissionGate:
@@ -46,6 +51,8 @@ class AdmissionGate:
         self._limit: LimitState | None = None
         self._service_s: list[float] = []
         self._peak = 0
+        self.typical_service_s = 0.0
+        """Moving average of how long admitted requests hold their slot (0: none finished)."""
         metrics.admission = lambda: (self.running, len(self._waiting))
         metrics.admission_limit = lambda: None if self._limit is None else self._limit.limit
 
@@ -107,8 +114,14 @@ class AdmissionGate:
             raise
         finally:
             self.running -= 1
-            if finished and self._adaptive is not None and policy is self._policy:
-                self._record(self._adaptive, self.clock() - started)
+            if finished:
+                service_s = self.clock() - started
+                typical = self.typical_service_s
+                self.typical_service_s = (
+                    service_s if typical == 0 else typical + _EWMA * (service_s - typical)
+                )
+                if self._adaptive is not None and policy is self._policy:
+                    self._record(self._adaptive, service_s)
             self.wake(policy)
 
     def sheds(self, policy: AdmissionPolicy, priority: int) -> str | None:
@@ -145,7 +158,7 @@ class AdmissionGate:
         self._limit = adaptive.update(state, window)
 
     async def _wait(self, policy: AdmissionPolicy, priority: int, deadline: float | None) -> None:
-        waiter = _Waiter(priority)
+        waiter = _Waiter(priority, deadline)
         self._waiting.append(waiter)
         self.wake(policy)  # a slot may be free (a request ahead of it just finished)
         started = time.perf_counter()
@@ -180,7 +193,9 @@ class AdmissionGate:
 
     def wake(self, policy: AdmissionPolicy) -> None:
         """Start waiting requests while the policy says a slot is free (the newest policy, if a
-        reload brought one since ``policy``)."""
+        reload brought one since ``policy``). A waiter whose deadline is nearer than a typical
+        service time is shed instead: it would most likely answer late (504), and the work
+        spent on it is work the requests behind it need to finish in time."""
         current = self._policy or policy
         while self._waiting:
             index = current.next_to_run(self._view())
@@ -189,6 +204,19 @@ class AdmissionGate:
             waiter = self._waiting.pop(index)
             if waiter.future.done():
                 continue
+            if waiter.deadline is not None:
+                left_s = waiter.deadline - time.perf_counter()
+                if left_s < self.typical_service_s:
+                    self.count_shed("deadline")
+                    waiter.future.set_exception(
+                        Overloaded(
+                            f"overloaded: {max(0.0, left_s) * 1e3:.0f} ms left before the "
+                            f"request's deadline when a slot came free, and requests take about "
+                            f"{self.typical_service_s * 1e3:.0f} ms now; retry later",
+                            current.retry_after_s,
+                        )
+                    )
+                    continue
             self._start()
             waiter.future.set_result(None)
 

@@ -235,7 +235,8 @@ class GatewayMetrics:
             "ensemble_shed_requests",
             "Requests shed by admission control (429 / RESOURCE_EXHAUSTED) by reason: full "
             "(queue full, the newcomer least important), evicted (a waiting request made room "
-            "for a more important one), deadline (waited until its deadline).",
+            "for a more important one), deadline (waited until its deadline, or had less time left "
+            "than a typical request takes when a slot came free).",
             labels=["reason"],
         )
         for reason, count in list(self.shed.items()):

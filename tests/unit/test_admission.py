@@ -117,6 +117,38 @@ def test_a_request_waits_no_longer_than_its_deadline() -> None:
     asyncio.run(main())
 
 
+def test_a_waiter_too_close_to_its_deadline_is_shed_when_its_slot_comes() -> None:
+    # Requests have been taking ~80 ms; a waiter with 20 ms left when the slot frees would
+    # answer late, so it is shed then and the slot goes to the next waiter, which has time.
+    async def main() -> None:
+        metrics = GatewayMetrics()
+        gate = AdmissionGate(metrics)
+        policy = bounded(running=1, waiting=4)
+        log: list[str] = []
+        done = asyncio.Event()
+        done.set()
+        first = asyncio.ensure_future(hold(gate, policy, 0, done, log, "first"))
+        await first
+        assert gate.typical_service_s < 0.08
+        gate.typical_service_s = 0.08  # as if requests had been taking 80 ms
+        release = asyncio.Event()
+        busy = asyncio.ensure_future(hold(gate, policy, 0, release, log, "busy"))
+        await asyncio.sleep(0)
+        now = time.perf_counter()
+        tight = asyncio.ensure_future(hold(gate, policy, 0, done, log, "tight", now + 0.05))
+        roomy = asyncio.ensure_future(hold(gate, policy, 0, done, log, "roomy", now + 5.0))
+        await asyncio.sleep(0.03)  # the slot frees with 20 ms left for "tight"
+        release.set()
+        await busy
+        with pytest.raises(Overloaded, match="ms left before the request's deadline"):
+            await tight
+        await roomy
+        assert log == ["first", "busy", "roomy"]
+        assert metrics.shed["deadline"] == 1 and gate.running == 0 and gate.waiting == 0
+
+    asyncio.run(main())
+
+
 def test_a_cancelled_waiter_leaves_no_slot_behind() -> None:
     async def main() -> None:
         gate = AdmissionGate(GatewayMetrics())
