@@ -44,8 +44,17 @@ class R3eParams(BaseModel):
         2.0,
         gt=0,
         le=10_000,
-        description="Calls in flight each replica should carry (Ray Serve's signal, which "
-        "catches queueing the rate alone does not show).",
+        description="Calls in flight each replica should carry (Ray Serve's signal); used "
+        "only while no service time is known (otherwise `drain_s` reads calls in flight).",
+    )
+    drain_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="Calls queued beyond what the rate keeps busy (Little's law: calls in "
+        "flight - rate x service time) should be served within this long: the demand grows by "
+        "queued / drain_s. Catches a step before the windowed rate shows it, without asking a "
+        "replica per queued call.",
     )
     headroom: float = Field(
         1.2, ge=1.0, le=10.0, description="Plan for this multiple of the (predicted) rate."
@@ -175,10 +184,12 @@ class R3e:
        but never shrinks on a forecast, and only a slope ``trend_min_t`` standard errors
        above zero, so the noise of a flat rate is no trend), times ``headroom``. A
        replica serves INFaaS's T = 1000 / service_ms calls per second (p95 when the idle
-       latency is unknown). Ray's signal counts too: calls in flight /
-       ``target_ongoing_requests`` replicas per tier, converted to a rate with that tier's T;
-       the larger of the two is the demand (queueing shows in calls in flight before the rate
-       says so). Without any latency known it sizes by calls in flight alone.
+       latency is unknown). The queue counts too (it shows a step before a windowed rate
+       does): by Little's law a placement keeps rate / T calls busy, the rest of its calls
+       in flight are queued, and serving them within ``drain_s`` needs rate + queued /
+       ``drain_s``; the larger of the two is the demand. Unlike Ray Serve's calls in flight
+       / ``target_ongoing_requests`` it does not ask a replica per queued call; without any
+       latency known it falls back to that rule.
     2. **Placement**. Tiers are taken in ``tier_order`` (unlisted ones after, cheaper first).
        The demand fills the member's first tier up to its ``max_replicas`` and what the tier
        cap (``tiers.NAME.max_replicas``, shared by all members) leaves it, members sharing it
@@ -299,17 +310,25 @@ class R3e:
         speeds = {
             t: s if s is not None else (known[0] if known else 1.0) for t, s in measured.items()
         }
+        speed = speeds[placed[0].tier]
+        inflight = sum(x.outstanding for x in placed)
+        if not known:  # no service time: Ray Serve's rule, calls in flight per replica
+            n = math.ceil(inflight / p.target_ongoing_requests - EPS)
+            why = (
+                f"{inflight:.1f} calls in flight / {p.target_ongoing_requests:g} per replica "
+                f"needs {n}"
+            )
+            return _Demand(inflight / p.target_ongoing_requests * speed, speeds, why)
         slope = _slope(history, p.trend_min_t)
         ahead = rate + max(0.0, slope) * p.lookahead_s
-        by_rate = ahead * p.headroom if known else 0.0
-        inflight = sum(x.outstanding for x in placed)
-        by_inflight = sum(
-            x.outstanding / p.target_ongoing_requests * speeds[x.tier] for x in placed
-        )
-        rps = max(by_rate, by_inflight)
-        speed = speeds[placed[0].tier]
+        by_rate = ahead * p.headroom
+        # Little's law: the rate keeps rate x service time calls busy; the rest wait. A
+        # windowed rate lags a step, the queue does not.
+        queued = sum(max(0.0, x.outstanding - x.arrival_rps / speeds[x.tier]) for x in placed)
+        by_queue = rate + queued / p.drain_s
+        rps = max(by_rate, by_queue)
         n = math.ceil(rps / speed - EPS)
-        if known and by_rate >= by_inflight:
+        if by_rate >= by_queue:
             trend = (
                 f" trending +{slope:.2f} req/s per s -> {ahead:.1f} in {p.lookahead_s:g} s"
                 if ahead > rate + EPS
@@ -321,8 +340,8 @@ class R3e:
             )
         else:
             why = (
-                f"{inflight:.1f} calls in flight / {p.target_ongoing_requests:g} per replica "
-                f"needs {n}"
+                f"{rate:.1f} req/s + {queued:.1f} queued / {p.drain_s:g} s needs {n} at "
+                f"{speed:.1f} req/s per replica"
             )
         return _Demand(rps, speeds, why)
 

@@ -384,14 +384,28 @@ def test_r3e_hysteresis_up_after_its_delay_down_one_step_at_a_time() -> None:
     assert decision.targets == {EDGE: 1}
 
 
-def test_r3e_sizes_by_calls_in_flight_when_they_say_more_than_the_rate() -> None:
+def test_r3e_sizes_a_queue_by_littles_law_not_a_replica_per_queued_call() -> None:
+    # 5 req/s at 10 req/s per replica keeps 0.5 calls busy; the other 5.5 in flight wait.
+    # Serving them within drain_s (1 s) takes 5 + 5.5 = 10.5 req/s: 2 replicas, +1 spare.
     policy = r3e()
-    queued = (edge(1, outstanding=6.0, rps=5.0), cloud())  # Ray: 6 / 2 = 3 replicas
-    decision, _ = policy.decide(ctx(0.0, *queued), R3eState())
+    decision, _ = policy.decide(ctx(0.0, edge(1, outstanding=6.0, rps=5.0), cloud()), R3eState())
+    assert decision.targets == {EDGE: 3}
+    assert decision.reasons[EDGE].startswith(
+        "5.0 req/s + 5.5 queued / 1 s needs 2 at 10.0 req/s per replica"
+    )
+    # A deep queue (30 in flight) asks for 35 req/s, 4 replicas +1; Ray Serve's rule would ask
+    # 30 / 2 = 15 (here the max, 8).
+    deep = (edge(1, high=8, outstanding=30.0, rps=5.0), cloud())
+    assert policy.decide(ctx(0.0, *deep), R3eState())[0].targets == {EDGE: 5}
+    # A shorter drain_s asks for more: 5 + 5.5 / 0.25 = 27 req/s, 3 replicas +1.
+    quick = r3e(drain_s=0.25)
+    queued = (edge(1, outstanding=6.0, rps=5.0), cloud())
+    assert quick.decide(ctx(0.0, *queued), R3eState())[0].targets == {EDGE: 4}
+    # Without any service time known, Ray Serve's rule: 6 in flight / 2 per replica = 3, +1.
+    blind = (edge(1, outstanding=6.0, rps=5.0, service_ms=None), cloud(service_ms=None))
+    decision, _ = policy.decide(ctx(0.0, *blind), R3eState())
     assert decision.targets == {EDGE: 4}
     assert decision.reasons[EDGE].startswith("6.0 calls in flight / 2 per replica needs 3")
-    blind = (edge(1, outstanding=6.0, rps=5.0, service_ms=None), cloud(service_ms=None))
-    assert policy.decide(ctx(0.0, *blind), R3eState())[0].targets == {EDGE: 4}
 
 
 def test_r3e_orders_unlisted_tiers_after_listed_ones_cheaper_first() -> None:
