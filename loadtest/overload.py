@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from loadtest.peers import machine_steal_seconds
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CAPACITY_SCENARIO = HERE / "scenarios" / "overload_capacity.yaml"
@@ -36,9 +38,12 @@ def run(
     ensemble = str(ROOT / ".venv" / "bin" / "ensemble")
     command = [ensemble, "loadtest", str(path), "--out", str(out), "--quiet"]
     for _ in range(3):  # a run that could not start (exit 2, no report) is tried again
+        started, steal = time.monotonic(), machine_steal_seconds()
         subprocess.run(command, cwd=ROOT, check=False, stdout=subprocess.DEVNULL)
         if (out / "report.json").exists():
             report: dict[str, Any] = json.loads((out / "report.json").read_text())
+            # Cores the hypervisor took away meanwhile (start-up and drain included).
+            report["steal_cores"] = (machine_steal_seconds() - steal) / (time.monotonic() - started)
             return report
     print(f"{path}: no report after 3 attempts (see {out}); run skipped", file=sys.stderr)
     return None
@@ -63,6 +68,7 @@ def row(report: dict[str, Any] | None, rps: float) -> dict[str, Any] | None:
         "errors": {k: v for k, v in errors.items() if v},
         "send_lag_p99_ms": gen["send_lag_ms"]["p99"],
         "generator_saturated": gen["generator_saturated"],
+        "steal_cores": report.get("steal_cores"),
     }
 
 
@@ -134,13 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         result["overload_runs"][name] = rows
         med = median_row(rows)
-        goodputs = ", ".join(f"{r['goodput_rps']:.0f}" if r else "failed" for r in rows)
-        print(f"{name}: {_line(med)} (goodput of each run: {goodputs})")
+        goodputs = ", ".join(
+            f"{r['goodput_rps']:.0f} (steal {_steal(r)})" if r else "failed" for r in rows
+        )
+        print(f"{name}: {_line(med)} (goodput, steal in cores, of each run: {goodputs})")
         table.append((name, med))
     lines = [
         "| admission | capacity req/s | offered req/s | goodput req/s | goodput / capacity "
-        "| p99 of admitted ms | shed % | other errors | send lag p99 ms | generator kept up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| p99 of admitted ms | shed % | other errors | send lag p99 ms | generator kept up "
+        "| steal (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, med in table:
         other = {k: v for k, v in med["errors"].items() if k != "http_429"}
@@ -148,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {capacity:.0f} | {offered} | {med['goodput_rps']:.0f} | "
             f"{100 * med['goodput_rps'] / capacity:.0f} % | {med['p99_ms']} | "
             f"{med['shed_pct']:.1f} | {other or 0} | {med['send_lag_p99_ms']} | "
-            f"{'no' if med['generator_saturated'] else 'yes'} |"
+            f"{'no' if med['generator_saturated'] else 'yes'} | {_steal(med)} |"
         )
     print("\n".join(lines))
     result["table"] = lines
@@ -157,10 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _steal(r: dict[str, Any]) -> str:
+    return "n/a" if r.get("steal_cores") is None else f"{r['steal_cores']:.2f}"
+
+
 def _line(r: dict[str, Any]) -> str:
     return (
         f"goodput {r['goodput_rps']:.0f} req/s, p99 {r['p99_ms']} ms, shed {r['shed_pct']:.1f} %, "
-        f"errors {r['errors']}, send lag p99 {r['send_lag_p99_ms']} ms"
+        f"errors {r['errors']}, send lag p99 {r['send_lag_p99_ms']} ms, steal {_steal(r)} cores"
         f"{' (generator saturated)' if r['generator_saturated'] else ''}"
     )
 

@@ -166,6 +166,13 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / _TICKS_PER_S
 
 
+def machine_steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests while this machine wanted them (steal,
+    /proc/stat): on a shared VM the part of a slowdown that no process here caused."""
+    values = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return int(values[7]) / _TICKS_PER_S if len(values) > 7 else 0.0
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
