@@ -14,11 +14,15 @@ from ensemble.dispatcher import Dispatcher
 from ensemble.errors import ConfigError, EnsembleError
 from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine
-from ensemble.replicas.ray_serve import RayRuntime
+from ensemble.replicas.member import Member
+from ensemble.replicas.ray_serve import RayReplica, RayRuntime
 from ensemble.repository import Repository
 
 log = logging.getLogger("ensemble.reload")
+Key = tuple[str, str]
+"""A placement: (member, tier)."""
 
 
 @dataclass
@@ -81,6 +85,8 @@ class Reloader:
                 repository = await asyncio.to_thread(
                     Repository.from_config, cfg, self._engine, None, self._links, self._ray
                 )
+                # Before it starts, so the kept replicas start (and are checked) with the rest.
+                await _keep_replica_counts(self.cfg, cfg, self._dispatcher.repository, repository)
             except ConfigError as exc:
                 return self._reject(exc.errors)
             except (EnsembleError, OSError) as exc:
@@ -154,3 +160,100 @@ def _carry_state(old: Repository, new: Repository) -> None:
             previous = before.profiles.get(profile_name)
             if previous is not None and previous.spec == profile.spec:
                 profile.state = previous.state
+
+
+async def _keep_replica_counts(
+    old_cfg: GatewayConfig, new_cfg: GatewayConfig, old: Repository, new: Repository
+) -> None:
+    """Give every placement the reload leaves unchanged the replicas it has now (clamped to its
+    new bounds), so capacity the control loop added is not lost: the new repository would
+    otherwise start at each placement's minimum and serve a busy member with fewer replicas
+    until the loop scaled it up again. Placements that changed, and new ones, start at their
+    minimum as before.
+
+    In-process and process placements get more replicas from the new member's grower (made
+    here, started with the rest by ``Repository.start``; listed in ``Member.added``, so the
+    loop may scale them away again); a Ray deployment, which a reload reuses unchanged and
+    whose Serve replicas keep running, has its new replica object told its current count.
+    The old replicas are not handed over: they stay with the old repository, whose requests
+    in flight may still need them, and are closed with it."""
+    unchanged = _unchanged_placements(old_cfg, new_cfg)
+    grow: list[tuple[Member, str, str]] = []
+    for key, had in _replica_counts(old).items():
+        member = new.members.get(key[0])
+        bounds = new.bounds.get(key)
+        if key not in unchanged or member is None or bounds is None:
+            continue
+        keep = min(max(had, bounds[0]), bounds[1])
+        tier = key[1]
+        if tier in member.growers:
+            more = keep - len(member.serving(tier))
+            grow += [(member, tier, name) for name in member.new_names(tier, more)]
+        elif (ray := _ray_replica(member, tier)) is not None:
+            ray.scaled_to(keep)
+        if keep > bounds[0]:
+            log.info("reload keeps %s@%s at %d replicas (it had %d)", *key, keep, had)
+    if grow:
+        # Loading sessions blocks for a while: never on the event loop.
+        await asyncio.to_thread(_grow, grow)
+
+
+def _grow(wanted: list[tuple[Member, str, str]]) -> None:
+    """Make each (member, tier, name) replica and add it (blocking: in-process ones load a
+    session; a process replica's child starts with the repository)."""
+    for member, tier, name in wanted:
+        member.add_replica(member.growers[tier](name))
+
+
+def _replica_counts(repository: Repository) -> dict[Key, int]:
+    """Replicas each provisioned placement has now: the in-process and process replicas
+    serving (draining ones are on their way out), a Ray deployment's count as last set."""
+    counts: dict[Key, int] = {}
+    for key in repository.bounds:
+        member = repository.members.get(key[0])
+        if member is None:
+            continue
+        if key[1] in member.growers:
+            counts[key] = len(member.serving(key[1]))
+        elif (ray := _ray_replica(member, key[1])) is not None:
+            counts[key] = ray.replicas
+    return counts
+
+
+def _ray_replica(member: Member, tier: str) -> RayReplica | None:
+    """The one Ray deployment's replica of a member on ``tier`` (None: none, or several, whose
+    counts the loop does not tell apart), without its fault and link wrappers."""
+    found = [r for r in map(_unwrapped, member.replicas) if r.tier == tier]
+    rays = [r for r in found if isinstance(r, RayReplica)]
+    return rays[0] if len(rays) == 1 and tier in member.scalers else None
+
+
+def _unwrapped(replica: Replica) -> Replica:
+    while (inner := getattr(replica, "inner", None)) is not None:
+        replica = inner
+    return replica
+
+
+def _unchanged_placements(old: GatewayConfig, new: GatewayConfig) -> set[Key]:
+    """Placements defined alike in both configs but for their replica bounds: the same model
+    file, card and outputs, and the same placements on the tier (backend, sizing, timeouts,
+    faults)."""
+    before = _placement_definitions(old)
+    return {key for key, spec in _placement_definitions(new).items() if before.get(key) == spec}
+
+
+def _placement_definitions(cfg: GatewayConfig) -> dict[Key, object]:
+    definitions: dict[Key, object] = {}
+    for ensemble in cfg.ensembles:
+        for member in ensemble.members:
+            own = (
+                cfg.resolve(member.model),
+                cfg.resolve(member.card) if member.card else None,
+                member.model_dump(exclude={"name", "model", "card", "placement"}),
+            )
+            for tier in dict.fromkeys(p.tier for p in member.placement):
+                places = [
+                    p.model_dump(exclude={"replicas"}) for p in member.placement if p.tier == tier
+                ]
+                definitions[(member.name, tier)] = (own, places)
+    return definitions

@@ -136,14 +136,7 @@ class ControlLoop:
         serving = member.serving(tier)
         grow = member.growers[tier]
         if target > len(serving):
-            taken = {r.name for r in member.replicas}
-            names: list[str] = []
-            index = 0
-            for _ in range(target - len(serving)):
-                while f"{tier}/{index}" in taken:
-                    index += 1
-                names.append(f"{tier}/{index}")
-                taken.add(names[-1])
+            names = member.new_names(tier, target - len(serving))
 
             async def start(name: str) -> Replica:
                 replica = await asyncio.to_thread(grow, name)  # loads a session: off the loop

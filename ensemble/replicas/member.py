@@ -202,6 +202,19 @@ class Member:
         """Its replicas on ``tier`` that take calls or may again (not draining)."""
         return [r for r in self.replicas if r.tier == tier and r.name not in self.draining]
 
+    def new_names(self, tier: str, count: int) -> list[str]:
+        """Names for ``count`` more replicas on ``tier``: ``TIER/INDEX`` with the lowest
+        indexes no replica of the member has (one scaled away frees its index again)."""
+        taken = {r.name for r in self.replicas}
+        names: list[str] = []
+        index = 0
+        for _ in range(count):
+            while f"{tier}/{index}" in taken:
+                index += 1
+            names.append(f"{tier}/{index}")
+            taken.add(names[-1])
+        return names
+
     def add_replica(self, replica: Replica) -> None:
         """A new replica (started already) takes calls from now on."""
         if replica.name in self._by_name:

@@ -30,6 +30,20 @@ READY_LINE = re.compile(r"ensemble (gateway|replica) ready: http=(\S+):(\d+) grp
 STDERR_TAIL_LINES = 30
 """A child's last stderr lines kept for error messages (why it did not start, why it died)."""
 PR_SET_PDEATHSIG = 1
+RESTART_BACKOFF_MIN_S = 1.0
+"""Wait before restarting a child that died soon after its last restart; doubles each time."""
+RESTART_BACKOFF_MAX_S = 30.0
+"""Longest wait between restarts; a child that served this long since its last start is
+restarted at once when it dies (the backoff starts over)."""
+
+
+def restart_delay(streak: int, min_s: float, max_s: float) -> float:
+    """Wait before restart number ``streak + 1`` of a run of quick deaths (``streak`` 0: the
+    child had served for a while, so at once): ``min_s``, then twice as long each time, at most
+    ``max_s``, as the kubelet's CrashLoopBackOff does."""
+    if streak <= 0:
+        return 0.0
+    return min(max_s, min_s * 2.0 ** min(streak - 1, 62))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +161,17 @@ class ProcessReplica(HttpReplica):
     its stderr), then calls it as any OIP REST server: binary tensors, pooled connections,
     health checks, call timeouts. ``close()`` sends SIGTERM (the child finishes its calls in
     flight), waits ``stop_timeout_s``, kills the process group if it is still there, and reaps
-    it. A child that dies on its own is unready at once and its stderr tail is logged.
+    it.
+
+    A child that dies on its own (a crash, SIGKILL, the OOM killer) is reaped, the replica turns
+    unready at once and a warning gives the exit code and stderr tail; then a fresh child is
+    started in its place (a new port), with a backoff between quick deaths (``restart_delay``).
+    The restart lives here, in the replica, rather than in the member or the control loop: the
+    replica alone owns the child and sees its exit code the moment it dies (the loop samples
+    once per interval, and only runs a policy with `autoscaling:`), and a replica that stays the
+    same object keeps its name, its place in routing and in the member's and the loop's replica
+    counts, so the placement never shrinks and nothing else needs to know; this is the kubelet's
+    restart of a container in place, in its pod.
     """
 
     backend = "process"
@@ -163,16 +187,31 @@ class ProcessReplica(HttpReplica):
         health: HealthCheck | None = None,
         startup_timeout_s: float = 60.0,
         stop_timeout_s: float = 10.0,
+        restart: bool = True,
+        restart_backoff_min_s: float = RESTART_BACKOFF_MIN_S,
+        restart_backoff_max_s: float = RESTART_BACKOFF_MAX_S,
     ) -> None:
         super().__init__(name, tier, "", command.name, outputs, timeout_s=timeout_s, health=health)
         self.command = command
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.restart = restart
+        """Replace a child that dies on its own (False: the replica stays unready)."""
+        self.restart_backoff_min_s = restart_backoff_min_s
+        self.restart_backoff_max_s = restart_backoff_max_s
+        self.restarts = 0
+        """Children started in place of one that died (what a restart counter exports)."""
+        self._streak = 0
+        """Restarts in a row since a child last served for ``restart_backoff_max_s``."""
+        self._serving_since = 0.0
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._stderr_reader: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        """The current child's: its stdout drain and exit watch."""
         self._stopping: asyncio.Task[None] | None = None
+        """``close()``'s stop of the child (None before close)."""
+        self._restarting: asyncio.Task[None] | None = None
 
     def __str__(self) -> str:
         where = f"pid {self.pid}" if self.pid is not None else "not started"
@@ -191,6 +230,31 @@ class ProcessReplica(HttpReplica):
     async def start(self) -> None:
         if self._proc is not None or self._closed:
             return
+        await self._spawn()
+        if self._proc is not None and not self._closed:
+            await super().start()  # connection pool and first health check
+
+    async def close(self) -> None:
+        self._closed = True  # no restart from now on
+        restarting, self._restarting = self._restarting, None
+        if restarting is not None:  # a child it started is killed, or becomes ``_proc``
+            restarting.cancel()
+            await asyncio.wait([restarting])
+        await super().close()  # no more calls or health checks; connections closed
+        if self._proc is None:
+            return
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._stop_child(self._proc, graceful=True))
+        # Shielded: a caller cancelled mid-drain (the control loop stopping) must not leave the
+        # child running; the stop carries on and kills it if it is itself cancelled.
+        await asyncio.shield(self._stopping)
+
+    # -- the child -------------------------------------------------------------------------
+
+    async def _spawn(self) -> None:
+        """Start a child and wait for its ready line; it becomes ``_proc``, listening at
+        ``endpoint``. A child that exits or stays silent is killed and reaped, and the error
+        (with its stderr tail) raised; one started while the replica closes is stopped."""
         began = time.monotonic()
         argv = self.command.argv()
         try:
@@ -205,37 +269,57 @@ class ProcessReplica(HttpReplica):
             )
         except OSError as exc:
             raise EnsembleError(f"{self}: cannot start {argv[0]}: {exc}") from exc
+        self.endpoint = ""  # not the dead child's any more (its clients keep their own)
         log.info("%s: starting `ensemble replica %s`", self, self.command.model)
         assert proc.stdout is not None and proc.stderr is not None
+        self._stderr.clear()  # the tail is this child's
         self._stderr_reader = asyncio.create_task(self._keep_tail(proc.stderr))
         try:
             ready = await self._ready_line(proc, proc.stdout)
         except BaseException as exc:
-            if self._stopping is None:
-                self._stopping = asyncio.create_task(self._stop_child(graceful=False))
-            await asyncio.shield(self._stopping)  # killed and reaped even if start is cancelled
+            stop = self._stopping  # close() stops this child already
+            if stop is None:
+                stop = asyncio.create_task(self._stop_child(proc, graceful=False))
+            await asyncio.shield(stop)  # killed and reaped even if start is cancelled
             if self._closed and isinstance(exc, EnsembleError):
                 return  # closed while it started (it was stopped): nothing to report
             raise
         self.endpoint = f"http://{ready.host}:{ready.http_port}"
-        self._tasks += [
+        self._serving_since = time.monotonic()
+        self._tasks = [
             asyncio.create_task(self._discard(proc.stdout)),
             asyncio.create_task(self._watch_exit(proc)),
         ]
         log.info("%s is listening after %.1f s", self, time.monotonic() - began)
-        await super().start()  # connection pool and first health check
 
-    async def close(self) -> None:
-        await super().close()  # no more calls or health checks; connections closed
-        if self._proc is None:
+    async def _restart(self) -> None:
+        """Start children until one is ready, waiting ``restart_delay`` before each, then call
+        it: new connections to its port, readiness from a first health check."""
+        while not self._closed:
+            delay = restart_delay(
+                self._streak, self.restart_backoff_min_s, self.restart_backoff_max_s
+            )
+            self._streak += 1
+            if delay > 0:
+                log.info("%s: restarting its child in %g s", self, delay)
+                await asyncio.sleep(delay)
+            try:
+                await self._spawn()
+            except EnsembleError as exc:
+                log.warning("%s: restart failed: %s", self, exc)
+                continue
+            if self._closed:  # close() waits for this task, then stops the child
+                return
+            self.restarts += 1
+            # New clients for the new port first, then the old ones go: a call never finds
+            # a closed client (those on the old port failed when the child died).
+            client, checker = self._client, self._checker
+            self._connect()
+            await client.aclose()
+            await checker.aclose()
+            await self._probe()
+            log.info("%s restarted (restart %d of this replica)", self, self.restarts)
             return
-        if self._stopping is None:
-            self._stopping = asyncio.create_task(self._stop_child(graceful=True))
-        # Shielded: a caller cancelled mid-drain (the control loop stopping) must not leave the
-        # child running; the stop carries on and kills it if it is itself cancelled.
-        await asyncio.shield(self._stopping)
-
-    # -- the child -------------------------------------------------------------------------
 
     async def _ready_line(
         self, proc: asyncio.subprocess.Process, stdout: asyncio.StreamReader
@@ -255,14 +339,12 @@ class ProcessReplica(HttpReplica):
         await self._stderr_read()
         raise EnsembleError(f"{self} exited with code {code} before it was ready{self._tail()}")
 
-    async def _stop_child(self, *, graceful: bool) -> None:
+    async def _stop_child(self, proc: asyncio.subprocess.Process, *, graceful: bool) -> None:
         """SIGTERM and a wait (when ``graceful``), then SIGKILL to the child's process group;
         always reaped. Cancelled, it kills at once."""
-        proc = self._proc
-        assert proc is not None
         try:
             if graceful and proc.returncode is None:
-                self._signal(signal.SIGTERM)
+                self._signal(proc, signal.SIGTERM)
                 try:
                     await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
                 except TimeoutError:
@@ -272,33 +354,57 @@ class ProcessReplica(HttpReplica):
                         self,
                         self.stop_timeout_s,
                     )
-            self._signal(signal.SIGKILL)
+            self._signal(proc, signal.SIGKILL)
             code = await proc.wait()
         except asyncio.CancelledError:
-            self._signal(signal.SIGKILL)
+            self._signal(proc, signal.SIGKILL)
             raise
         finally:
             await self._stderr_read()
-            for task in self._tasks:
-                task.cancel()
+            if proc is self._proc:
+                for task in self._tasks:
+                    task.cancel()
         if graceful:
             log.info("%s stopped (exit code %d)", self, code)
 
-    def _signal(self, sig: signal.Signals) -> None:
-        """Signal the child's process group (it leads one: anything it started goes too); only
+    @staticmethod
+    def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+        """Signal a child's process group (it leads one: anything it started goes too); only
         while it is unreaped, so its id cannot belong to another process yet."""
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
+        if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
 
     async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
-        if self._stopping is not None or self._closed:
+        if self._stopping is not None or self._closed or proc is not self._proc:
             return
+        # Unready at once, whatever the health checks' threshold: nothing listens any more.
+        self._healthy = False
+        self.last_check_error = f"its process exited with code {code}"
         await self._stderr_read()
-        log.warning("%s exited on its own with code %d%s", self, code, self._tail())
-        self.record_check(f"its process exited with code {code}")
+        if self._closed:
+            return
+        served = time.monotonic() - self._serving_since
+        if served >= self.restart_backoff_max_s:
+            self._streak = 0  # it had served a while: this is no crash loop
+        log.warning(
+            "%s exited on its own with code %d after %.1f s%s%s",
+            self,
+            code,
+            served,
+            "; starting a new child" if self.restart else "; not restarted",
+            self._tail(),
+        )
+        if self.restart and self._restarting is None:
+            self._restarting = asyncio.create_task(self._restart_then_clear())
+
+    async def _restart_then_clear(self) -> None:
+        try:
+            await self._restart()
+        finally:
+            if self._restarting is asyncio.current_task():
+                self._restarting = None
 
     async def _keep_tail(self, stderr: asyncio.StreamReader) -> None:
         while True:

@@ -1,11 +1,13 @@
 """Process replicas: a gateway whose member is placed on `backend: process` starts `ensemble
 replica` children on loopback, answers through them over HTTP and gRPC (tritonclient), grows and
-shrinks them under the control loop without losing a request, and leaves no child behind: not
-after SIGTERM, not after SIGKILL, not when a child cannot start."""
+shrinks them under the control loop without losing a request, keeps the added ones across a
+reload, replaces a child that dies (with a backoff when it keeps dying), and leaves no child
+behind: not after SIGTERM, not after SIGKILL, not when a child cannot start."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shutil
@@ -26,8 +28,16 @@ import yaml
 
 from ensemble.errors import EnsembleError
 from ensemble.replicas.process import ProcessReplica, ReplicaCommand, cli_command
+from ensemble.replicas.remote import HealthCheck
 from tests.integration.conftest import array_input
-from tests.integration.process import ROOT, ZOO, GatewayProcess, start_from_config, zoo_member
+from tests.integration.process import (
+    ROOT,
+    ZOO,
+    GatewayProcess,
+    Traffic,
+    start_from_config,
+    zoo_member,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 X = np.random.default_rng(11).uniform(0, 16, (5, 64)).astype(np.float32)
@@ -128,16 +138,6 @@ def test_process_replicas_answer_and_stop_with_the_gateway(tmp_path: Path) -> No
             if line.startswith("ensemble_replica_ready{") and 'member="logreg"' in line
         ]
         assert len(ready) == 2 and all(line.endswith(" 1.0") for line in ready), ready
-
-        # A child that dies on its own: unready at once, reaped, the other one answers.
-        crashed = min(kids)
-        os.kill(crashed, signal.SIGKILL)
-        wait_for(lambda: not Path(f"/proc/{crashed}").exists(), "the gateway to reap it")
-        wait_for(lambda: "exited on its own with code -9" in gw.log(), "the crash to be logged")
-        body = {"inputs": [array_input(X)]}
-        for _ in range(4):
-            answer = httpx.post(f"{gw.http_url}/v2/models/logreg/infer", json=body, timeout=30)
-            assert answer.status_code == 200, answer.text
     finally:
         code = gw.stop()
     assert code == 0, gw.log()
@@ -145,7 +145,139 @@ def test_process_replicas_answer_and_stop_with_the_gateway(tmp_path: Path) -> No
     assert not any(Path(f"/proc/{pid}").exists() for pid in kids), gw.log()
     assert not children(model)
     log = gw.log()
-    assert "Traceback" not in log and log.count("stopped (exit code 0)") == 1, log
+    assert "Traceback" not in log and log.count("stopped (exit code 0)") == 2, log
+
+
+def ready_replicas(gw: GatewayProcess, member: str = "logreg") -> list[float]:
+    """``ensemble_replica_ready`` of each of the member's replicas now."""
+    text = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
+    return [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("ensemble_replica_ready{") and f'member="{member}"' in line
+    ]
+
+
+def endpoint_of(gw: GatewayProcess, pid: int) -> str:
+    """Where the child ``pid`` listens, from the gateway's log."""
+    found = re.search(rf"process pid {pid} at (http://\S+), model \S+\) is listening", gw.log())
+    assert found, gw.log()
+    return found.group(1)
+
+
+def test_a_killed_child_is_replaced_and_requests_keep_answering(tmp_path: Path) -> None:
+    model = own_copy(tmp_path)
+    config: dict[str, object] = {
+        "ensembles": [
+            {"name": "e", "members": [process_member(model, replicas={"min": 2, "max": 2})]}
+        ]
+    }
+    gw = start_from_config(config, tmp_path)
+    body = {"inputs": [array_input(X)]}
+    try:
+        kids = children(model)
+        assert len(kids) == 2, gw.log()
+        with Traffic(gw.http_url, "e", body, clients=2) as traffic:
+            wait_for(lambda: len(traffic.statuses) >= 10, "traffic through both children")
+            crashed, survivor = sorted(kids)
+            os.kill(crashed, signal.SIGKILL)
+            wait_for(lambda: not Path(f"/proc/{crashed}").exists(), "the gateway to reap it")
+            wait_for(lambda: "exited on its own with code -9" in gw.log(), "the crash logged")
+            wait_for(
+                lambda: len(children(model)) == 2 and crashed not in children(model),
+                "a new child in its place",
+                60,
+            )
+            (fresh,) = set(children(model)) - {survivor}
+            assert children(model)[fresh] == gw.proc.pid
+            assert session(fresh) == fresh  # started like the first ones
+            wait_for(lambda: ready_replicas(gw) == [1.0, 1.0], "both replicas ready again", 60)
+            # The new child serves, on the port it reported (a free one: the kernel may hand
+            # out the dead child's again).
+            endpoint = endpoint_of(gw, fresh)
+            direct = httpx.post(f"{endpoint}/v2/models/logreg/infer", json=body, timeout=30)
+            assert direct.status_code == 200, direct.text
+            # The other original goes too: now only the new child can answer.
+            os.kill(survivor, signal.SIGKILL)
+            wait_for(lambda: not Path(f"/proc/{survivor}").exists(), "the second one reaped")
+            served = len(traffic.statuses)
+            wait_for(lambda: len(traffic.statuses) >= served + 10, "answers from the new child")
+            wait_for(lambda: len(children(model)) == 2, "the second one replaced", 60)
+            wait_for(lambda: ready_replicas(gw) == [1.0, 1.0], "both ready again", 60)
+        statuses = traffic.statuses
+    finally:
+        code = gw.stop()
+    assert code == 0, gw.log()
+    # Every request answered: calls on a dying child were retried on the other one.
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert not children(model)
+    log = gw.log()
+    assert log.count("exited on its own with code -9") == 2, log
+    assert "restarted (restart 1 of this replica)" in log, log
+    # The kills and the replacements: two children stopped cleanly with the gateway.
+    assert "Traceback" not in log and log.count("stopped (exit code 0)") == 2, log
+
+
+def test_a_child_that_keeps_crashing_is_restarted_with_backoff(tmp_path: Path) -> None:
+    model = own_copy(tmp_path)
+    good = model.read_bytes()
+    replica = ProcessReplica(
+        "edge/0",
+        "edge",
+        ReplicaCommand(model, "logreg"),
+        (),
+        health=HealthCheck(interval_s=0.2),
+        restart_backoff_min_s=0.25,
+        restart_backoff_max_s=1.0,
+    )
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    async def until(check: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not check():  # noqa: ASYNC110 (polling the replica's own state)
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for: {what}\n{messages}") from None
+
+    async def main() -> None:
+        await replica.start()
+        try:
+            assert replica.ready() and replica.pid is not None
+            first = replica.pid
+            model.write_bytes(b"not an onnx model")  # every new child now dies at start
+            os.kill(first, signal.SIGKILL)
+            await until(lambda: not replica.ready(), "unready")
+            failed = lambda: sum("restart failed" in m for m in messages)  # noqa: E731
+            await until(lambda: failed() >= 4, "four failed restarts")
+            assert not replica.ready() and replica.restarts == 0
+            model.write_bytes(good)  # the fault is fixed: the next attempt serves again
+            await until(replica.ready, "ready after the fault is fixed")
+            assert replica.pid not in (None, first) and replica.restarts == 1
+            answer = await replica.infer({"input": X}, ["probabilities"])
+            assert answer["probabilities"].shape == (5, 10)
+        finally:
+            await replica.close()
+
+    handler = Keep()
+    logger = logging.getLogger("ensemble.replicas")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        asyncio.run(main())
+    finally:
+        logger.removeHandler(handler)
+    # At once after the crash, then 0.25, 0.5, 1, 1 s between attempts: never a hot loop.
+    waits = [float(m.rsplit(" in ", 1)[1][:-2]) for m in messages if "restarting its" in m]
+    assert waits[:4] == [0.25, 0.5, 1.0, 1.0], messages
+    assert any("exited on its own with code -9" in m for m in messages), messages
+    assert any("exited with code 1 before it was ready" in m for m in messages), messages
+    assert replica.pid is not None and not Path(f"/proc/{replica.pid}").exists()
+    assert not children(model)
 
 
 def test_children_die_with_a_killed_gateway(tmp_path: Path) -> None:
@@ -224,6 +356,77 @@ def test_placement_grows_under_load_and_drains_back_to_one(tmp_path: Path) -> No
     assert re.search(r"logreg@edge \d -> 3 replicas", log), log
     assert "logreg@edge 3 -> 1 replicas" in log, log
     assert log.count("stopped (exit code 0)") == 3 and "Traceback" not in log, log
+
+
+def test_a_reload_keeps_the_children_the_autoscaler_added(tmp_path: Path) -> None:
+    token = "process-reload-token"
+    model = own_copy(tmp_path)
+
+    def doc(**changes: Any) -> dict[str, Any]:
+        # Calls wait 100 ms in the gateway (a straggler): 6 clients keep 6 calls in flight on
+        # the placement, which wants 3 replicas (its max) and, with a 60 s downscale delay,
+        # keeps them while the clients call.
+        place = {"replicas": {"min": 1, "max": 3}, "straggler": {"probability": 1, "delay_ms": 100}}
+        return {
+            "server": {"drain_timeout_s": 1},
+            "ensembles": [
+                {"name": "e", "members": [process_member(model, **{**place, **changes})]}
+            ],
+            "autoscaling": {
+                "interval_s": 0.5,
+                "window_s": 2,
+                "policy": {
+                    "name": "target_inflight",
+                    "params": {
+                        "target_ongoing_requests": 1,
+                        "upscale_delay_s": 0,
+                        "downscale_delay_s": 60,
+                    },
+                },
+            },
+        }
+
+    def reload(config: dict[str, Any]) -> None:
+        done = httpx.put(
+            f"{gw.http_url}/admin/config",
+            content=yaml.safe_dump({"model_zoo": {"dir": str(ZOO)}, **config}),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120,
+        )
+        assert done.status_code == 200, done.text
+
+    gw = start_from_config(doc(), tmp_path, env={"ENSEMBLE_ADMIN_TOKEN": token})
+    body = {"inputs": [array_input(np.zeros((1, 64), np.float32))]}
+    try:
+        with Traffic(gw.http_url, "e", body, clients=6) as traffic:
+            wait_for(lambda: current(gw) == 3.0, "the placement to grow to 3 replicas", 60)
+            grown = set(children(model))
+            assert len(grown) == 3, gw.log()
+            # The same config again: the new config's placement starts with its 3 replicas
+            # (new children, ready before the swap), not with its minimum of 1.
+            reload(doc())
+            assert ready_replicas(gw) == [1.0, 1.0, 1.0], gw.log()
+            assert "reload keeps logreg@edge at 3 replicas (it had 3)" in gw.log()
+            # The replaced children drain and exit; three new ones serve.
+            wait_for(lambda: not set(children(model)) & grown, "the replaced children to exit")
+            assert len(children(model)) == 3
+            # A lower maximum: what it had, clamped.
+            reload(doc(replicas={"min": 1, "max": 2}))
+            assert ready_replicas(gw) == [1.0, 1.0], gw.log()
+            served = len(traffic.statuses)
+            wait_for(lambda: len(traffic.statuses) >= served + 10, "answers after the reloads")
+        statuses = traffic.statuses
+        # A placement whose definition changed (here its call timeout) starts at its minimum.
+        reload(doc(replicas={"min": 1, "max": 2}, timeout_s=7))
+        assert ready_replicas(gw) == [1.0], gw.log()
+        wait_for(lambda: len(children(model)) == 1, "one child after the last reload")
+    finally:
+        code = gw.stop()
+    assert code == 0, gw.log()
+    # Capacity was there throughout: every request during the reloads answered.
+    assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    assert not children(model)
+    assert "Traceback" not in gw.log()
 
 
 def current(gw: GatewayProcess) -> float | None:

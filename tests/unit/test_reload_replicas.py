@@ -1,0 +1,126 @@
+"""A reload keeps the replicas the control loop added to unchanged placements (clamped to their
+new bounds), on real in-process repositories; and the process backend's restart backoff."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ensemble.config import GatewayConfig, parse_yaml
+from ensemble.reload import _keep_replica_counts, _unchanged_placements
+from ensemble.replicas.engine import InProcessEngine
+from ensemble.replicas.process import restart_delay
+from ensemble.repository import Repository
+
+ZOO = Path(__file__).resolve().parents[2] / "models" / "digits"
+
+
+def config(
+    edge: str = "{tier: edge, replicas: {min: 1, max: 4}}",
+    extra_member: bool = False,
+    model: str = "logreg",
+) -> GatewayConfig:
+    members = f"""
+      - name: logreg
+        model: {ZOO / f"{model}.onnx"}
+        placement: [{edge}, {{tier: cloud, replicas: {{min: 1, max: 3}}}}]"""
+    if extra_member:
+        members += f"""
+      - name: mlp_small
+        model: {ZOO / "mlp_small.onnx"}
+        placement: [{{tier: edge, replicas: {{min: 1, max: 3}}}}]"""
+    text = f"""
+ensembles:
+  - name: e
+    members:{members}
+autoscaling: {{interval_s: 1, window_s: 5}}
+"""
+    return parse_yaml(text, source="t.yaml", base_dir=ZOO)
+
+
+@pytest.fixture
+def engine() -> Iterator[InProcessEngine]:
+    engine = InProcessEngine(1)
+    yield engine
+    engine.shutdown()
+
+
+def grown(cfg: GatewayConfig, engine: InProcessEngine, edge: int) -> Repository:
+    """The config's repository after the control loop grew logreg@edge to ``edge`` replicas
+    (the way the loop does it: the member's grower, then ``add_replica``)."""
+    repository = Repository.from_config(cfg, engine)
+    member = repository.members["logreg"]
+    for name in member.new_names("edge", edge - len(member.serving("edge"))):
+        member.add_replica(member.growers["edge"](name))
+    return repository
+
+
+def edge_names(repository: Repository, member: str = "logreg") -> list[str]:
+    return [r.name for r in repository.members[member].serving("edge")]
+
+
+def test_an_unchanged_placement_keeps_its_replicas(engine: InProcessEngine) -> None:
+    cfg = config()
+    old = grown(cfg, engine, 3)
+    new = Repository.from_config(config(), engine)
+    asyncio.run(_keep_replica_counts(cfg, config(), old, new))
+    assert edge_names(new) == ["edge/0", "edge/1", "edge/2"]
+    member = new.members["logreg"]
+    # Added like the loop's own replicas: the loop may scale them away again.
+    assert member.added == ["edge/1", "edge/2"]
+    # The cloud placement had its minimum and keeps it.
+    assert [r.name for r in member.serving("cloud")] == ["cloud/0"]
+    # The old repository is not touched: its requests in flight still have their replicas.
+    assert edge_names(old) == ["edge/0", "edge/1", "edge/2"]
+
+
+def test_the_kept_count_is_clamped_to_the_new_bounds(engine: InProcessEngine) -> None:
+    cfg = config()
+    old = grown(cfg, engine, 4)
+    fewer = config("{tier: edge, replicas: {min: 1, max: 2}}")
+    new = Repository.from_config(fewer, engine)
+    asyncio.run(_keep_replica_counts(cfg, fewer, old, new))
+    assert edge_names(new) == ["edge/0", "edge/1"]
+    # A new minimum above what it had: the new minimum.
+    more = config("{tier: edge, replicas: {min: 3, max: 4}}")
+    small = grown(cfg, engine, 2)
+    new = Repository.from_config(more, engine)
+    asyncio.run(_keep_replica_counts(cfg, more, small, new))
+    assert edge_names(new) == ["edge/0", "edge/1", "edge/2"]
+
+
+def test_a_changed_placement_and_a_new_member_start_at_their_minimum(
+    engine: InProcessEngine,
+) -> None:
+    cfg = config()
+    old = grown(cfg, engine, 3)
+    changed = config(
+        "{tier: edge, replicas: {min: 1, max: 4}, straggler: {probability: 0.5, delay_ms: 5}}",
+        extra_member=True,
+    )
+    assert _unchanged_placements(cfg, changed) == {("logreg", "cloud")}
+    new = Repository.from_config(changed, engine)
+    asyncio.run(_keep_replica_counts(cfg, changed, old, new))
+    assert edge_names(new) == ["edge/0"]
+    assert edge_names(new, "mlp_small") == ["edge/0"]
+
+
+def test_unchanged_means_the_same_model_and_placement_whatever_the_bounds() -> None:
+    cfg = config()
+    assert _unchanged_placements(cfg, config("{tier: edge, replicas: {min: 2, max: 8}}")) == {
+        ("logreg", "edge"),
+        ("logreg", "cloud"),
+    }
+    assert _unchanged_placements(cfg, config(model="svm")) == set()
+    moved = config("{tier: cloud, replicas: {min: 1, max: 4}}")
+    assert ("logreg", "edge") not in _unchanged_placements(cfg, moved)
+
+
+def test_restart_backoff_doubles_from_the_minimum_to_the_maximum() -> None:
+    # At once after a child that had served a while, then 1, 2, 4 ... s, never over 30 s.
+    delays = [restart_delay(streak, 1.0, 30.0) for streak in range(8)]
+    assert delays == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert restart_delay(10_000, 1.0, 30.0) == 30.0
