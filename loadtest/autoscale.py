@@ -190,7 +190,7 @@ async def measure(
 ) -> dict[str, Any]:
     """Start the system, warm it up, run the scenario while recording replicas; its row."""
     from loadtest.fleet import cpu_seconds
-    from loadtest.peers import machine_busy_seconds, tree_cpu_seconds
+    from loadtest.peers import machine_busy_seconds, machine_steal_seconds, tree_cpu_seconds
     from loadtest.report import RunInfo, build_report, write_report
     from loadtest.straggler import scrape, slo_attainment
 
@@ -210,6 +210,7 @@ async def measure(
         before = await scrape(sysm.url) if kind == "gateway" else {}
         points: list[ar.ReplicaPoint] = []
         busy0, own0, sys0 = machine_busy_seconds(), cpu_seconds(), tree_cpu_seconds(sysm.pid)
+        steal0 = machine_steal_seconds()
         # The harness starts sending 0.2 s after execute() is called (loadtest.cli.execute).
         start_at, start_wall = time.monotonic() + 0.2, time.time() + 0.2
         wall0 = time.monotonic()
@@ -228,7 +229,10 @@ async def measure(
         wall = time.monotonic() - wall0
         cpu_sys = tree_cpu_seconds(sysm.pid) - sys0
         own = cpu_seconds() - own0
-        others = max(0.0, machine_busy_seconds() - busy0 - cpu_sys - own) / wall
+        # busy includes steal (the hypervisor's), which is host noise but no process here
+        steal = (machine_steal_seconds() - steal0) / wall
+        others = max(0.0, machine_busy_seconds() - busy0 - cpu_sys - own) / wall - steal
+        others = max(0.0, others)
         after = await scrape(sysm.url) if kind == "gateway" else {}
     finally:
         code = await asyncio.to_thread(sysm.stop)
@@ -287,6 +291,7 @@ async def measure(
             "system": round(cpu_sys / wall, 3),
             "generator": round(own / wall, 3),
             "others": round(others, 3),
+            "steal": round(steal, 3),
         },
         "send_lag_p99_ms": harness["generator"]["send_lag_ms"]["p99"],
         "warnings": harness["warnings"],

@@ -211,7 +211,8 @@ def table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
     lines = [
         f"| scenario | system | SLO attainment (<= {slo_ms:g} ms) | p99 ms | errors | "
         "replica-s edge / cloud (all) | cost | cost vs static | first scale-up s | "
-        "p99 back under SLO s | bad s | peak replicas | send lag p99 ms, other cores |",
+        "p99 back under SLO s | bad s | peak replicas | send lag p99 ms, other cores, "
+        "steal cores |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     peak = {r["scenario"]: r["cost"] for r in rows if r["system"] == "static"}
@@ -231,6 +232,7 @@ def table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
             f"| {'never' if rec is None else rec if rec == 'n/a' else format(rec, '.0f')} "
             f"| {r['bad_seconds']} | {r['peak_replicas']} "
             f"| {_num(r.get('send_lag_p99_ms'), '.0f')}, "
-            f"{_num(r.get('cores', {}).get('others'), '.2f')} |"
+            f"{_num(r.get('cores', {}).get('others'), '.2f')}, "
+            f"{_num(r.get('cores', {}).get('steal'), '.2f')} |"
         )
     return "\n".join(lines)
