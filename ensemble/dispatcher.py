@@ -26,6 +26,7 @@ from ensemble.errors import (
 )
 from ensemble.feedback import DEFAULT_ACCURACY_WINDOW, DEFAULT_WINDOW, FeedbackHub
 from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.base import innermost
 from ensemble.replicas.member import Member
 from ensemble.repository import VERSION, EnsembleModel, Profile, Repository, ServedModel
 from ensemble.types import (
@@ -92,13 +93,16 @@ class Dispatcher:
         repository = self.repository  # read once: a reload may swap it
         return {n: repository.get(n).ready() for n in repository.names()}
 
-    def _replica_states(self) -> list[tuple[str, str, str, bool, bool, int]]:
-        members = self.repository.members.values()
-        return [
-            (m.name, v.name, v.tier, v.ready, v.ejected, m.stats[v.name].ejections)
-            for m in members
-            for v in m.replica_views()
-        ]
+    def _replica_states(self) -> list[tuple[str, str, str, bool, bool, int, int]]:
+        states = []
+        for m in self.repository.members.values():
+            restarts = {r.name: getattr(innermost(r), "restarts", 0) for r in m.replicas}
+            states += [
+                (m.name, v.name, v.tier, v.ready, v.ejected, m.stats[v.name].ejections,
+                 restarts.get(v.name, 0))
+                for v in m.replica_views()
+            ]  # fmt: skip
+        return states
 
     def live(self) -> bool:
         return True

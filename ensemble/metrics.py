@@ -85,8 +85,9 @@ class GatewayMetrics:
         self.violations: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.degraded: defaultdict[str, int] = defaultdict(int)
         self.cost: defaultdict[str, float] = defaultdict(float)
-        self.replicas: Callable[[], Iterable[tuple[str, str, str, bool, bool, int]]] = tuple
-        """Read at scrape time: (member, replica, tier, ready now, ejected now, times ejected)."""
+        self.replicas: Callable[[], Iterable[tuple[str, str, str, bool, bool, int, int]]] = tuple
+        """Read at scrape time: (member, replica, tier, ready now, ejected now, times ejected,
+        children restarted: a process replica's, 0 for other backends)."""
         self.inflight = 0
         self.admission: Callable[[], tuple[int, int]] = lambda: (0, 0)
         """Read at scrape time: (requests running, requests waiting) at the admission gate."""
@@ -338,13 +339,21 @@ class GatewayMetrics:
             "Times outlier detection ejected the replica.",
             labels=["member", "replica", "tier"],
         )
-        for member, replica, tier, is_ready, is_ejected, times in self.replicas():
+        restarts = CounterMetricFamily(
+            "ensemble_replica_restarts",
+            "Children a `process` replica started in place of one that died on its own (0 for "
+            "other backends; a replica replaced by a reload or a scale-down starts over at 0).",
+            labels=["member", "replica", "tier"],
+        )
+        for member, replica, tier, is_ready, is_ejected, times, restarted in self.replicas():
             replica_ready.add_metric([member, replica, tier], 1.0 if is_ready else 0.0)
             ejected.add_metric([member, replica, tier], 1.0 if is_ejected else 0.0)
             ejections.add_metric([member, replica, tier], times)
+            restarts.add_metric([member, replica, tier], restarted)
         yield replica_ready
         yield ejected
         yield ejections
+        yield restarts
         reloads = CounterMetricFamily(
             "ensemble_config_reloads",
             "Config reloads by outcome (success, failure: rejected, the old config kept serving).",

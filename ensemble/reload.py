@@ -14,7 +14,7 @@ from ensemble.dispatcher import Dispatcher
 from ensemble.errors import ConfigError, EnsembleError
 from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
-from ensemble.replicas.base import Replica
+from ensemble.replicas.base import innermost
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.member import Member
 from ensemble.replicas.ray_serve import RayReplica, RayRuntime
@@ -223,15 +223,9 @@ def _replica_counts(repository: Repository) -> dict[Key, int]:
 def _ray_replica(member: Member, tier: str) -> RayReplica | None:
     """The one Ray deployment's replica of a member on ``tier`` (None: none, or several, whose
     counts the loop does not tell apart), without its fault and link wrappers."""
-    found = [r for r in map(_unwrapped, member.replicas) if r.tier == tier]
+    found = [r for r in map(innermost, member.replicas) if r.tier == tier]
     rays = [r for r in found if isinstance(r, RayReplica)]
     return rays[0] if len(rays) == 1 and tier in member.scalers else None
-
-
-def _unwrapped(replica: Replica) -> Replica:
-    while (inner := getattr(replica, "inner", None)) is not None:
-        replica = inner
-    return replica
 
 
 def _unchanged_placements(old: GatewayConfig, new: GatewayConfig) -> set[Key]:

@@ -37,3 +37,11 @@ class Replica(Protocol):
     async def close(self) -> None:
         """Stop background work and release the replica's resources."""
         ...
+
+
+def innermost(replica: Replica) -> Replica:
+    """The backend replica under any wrappers (faults, links, devices), which keep the replica
+    they wrap as ``inner``."""
+    while (inner := getattr(replica, "inner", None)) is not None:
+        replica = inner
+    return replica

@@ -204,6 +204,9 @@ def test_a_killed_child_is_replaced_and_requests_keep_answering(tmp_path: Path) 
             wait_for(lambda: len(traffic.statuses) >= served + 10, "answers from the new child")
             wait_for(lambda: len(children(model)) == 2, "the second one replaced", 60)
             wait_for(lambda: ready_replicas(gw) == [1.0, 1.0], "both ready again", 60)
+        metrics = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
+        restarts = re.findall(r'ensemble_replica_restarts_total\{[^}]*tier="edge"\} (\S+)', metrics)
+        assert sorted(restarts) == ["1.0", "1.0"], metrics  # each replica restarted its child once
         statuses = traffic.statuses
     finally:
         code = gw.stop()

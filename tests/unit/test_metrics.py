@@ -76,8 +76,8 @@ def test_each_gateway_has_its_own_registry() -> None:
 def test_replica_readiness_and_ejection_are_gauges_per_replica() -> None:
     m = GatewayMetrics()
     m.replicas = lambda: [
-        ("logreg", "edge/0", "edge", False, True, 2),
-        ("logreg", "cloud/0", "cloud", True, False, 0),
+        ("logreg", "edge/0", "edge", False, True, 2, 3),
+        ("logreg", "cloud/0", "cloud", True, False, 0, 0),
     ]
     f = families(m)
     edge = {"member": "logreg", "replica": "edge/0", "tier": "edge"}
@@ -86,3 +86,5 @@ def test_replica_readiness_and_ejection_are_gauges_per_replica() -> None:
     assert ("ensemble_replica_ready", cloud, 1.0) in f["ensemble_replica_ready"]
     assert ("ensemble_replica_ejected", edge, 1.0) in f["ensemble_replica_ejected"]
     assert ("ensemble_replica_ejections_total", edge, 2.0) in f["ensemble_replica_ejections"]
+    assert ("ensemble_replica_restarts_total", edge, 3.0) in f["ensemble_replica_restarts"]
+    assert ("ensemble_replica_restarts_total", cloud, 0.0) in f["ensemble_replica_restarts"]
