@@ -81,6 +81,8 @@ class Settings:
     rebuild: bool = False
     prices: dict[str, float] = field(default_factory=dict)
     """Per tier, price per replica-hour (read from the r3e config when the run starts)."""
+    median: tuple[Path, ...] = ()
+    """--median: summarise these --out directories instead of measuring."""
 
 
 def say(line: str) -> None:
@@ -437,10 +439,8 @@ def run(settings: Settings, command: str = "") -> dict[str, Any]:
     return write_report(settings, out, rows, meta)
 
 
-def rebuild(settings: Settings, out: Path) -> dict[str, Any]:
-    """The report, table and plots again from the runs' OUT/SCENARIO/SYSTEM/row.json files
-    (e.g. of a sweep that was cut short); settings name the SLO."""
-    settings = replace(settings, prices=prices_of(SYSTEMS["r3e"][1]))
+def load_rows(out: Path) -> list[dict[str, Any]]:
+    """Every run's row under OUT/SCENARIO/SYSTEM/row.json."""
     rows = [
         json.loads(path.read_text())
         for scenario in SCENARIO_NAMES
@@ -449,6 +449,22 @@ def rebuild(settings: Settings, out: Path) -> dict[str, Any]:
     ]
     if not rows:
         raise FileNotFoundError(f"no SCENARIO/SYSTEM/row.json under {out}")
+    return rows
+
+
+def medians(dirs: Sequence[Path], slo_ms: float) -> str:
+    """The median table and the goals on medians over the runs in ``dirs`` (repeats of the same
+    sweep, each an --out directory)."""
+    rows = ar.median_rows([load_rows(d) for d in dirs])
+    table = ar.median_table(rows, slo_ms)
+    return f"{table}\n\n```\n{verdicts({'goals': ar.goals(rows)})}\n```"
+
+
+def rebuild(settings: Settings, out: Path) -> dict[str, Any]:
+    """The report, table and plots again from the runs' OUT/SCENARIO/SYSTEM/row.json files
+    (e.g. of a sweep that was cut short); settings name the SLO."""
+    settings = replace(settings, prices=prices_of(SYSTEMS["r3e"][1]))
+    rows = load_rows(out)
     previous = out / "report.json"
     old = json.loads(previous.read_text()) if previous.is_file() else {}
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg": "n/a"}
@@ -502,6 +518,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         action="store_true",
         help="measure nothing: rebuild --out's report and plots from its runs' row.json files",
     )
+    parser.add_argument(
+        "--median",
+        metavar="DIR,DIR,...",
+        help="measure nothing: print the median of each measure over these --out directories "
+        "(repeats of a sweep) and the goals on the medians",
+    )
     args = parser.parse_args(argv)
     if args.rebuild and args.out is None:
         parser.error("--rebuild needs --out DIR")
@@ -511,14 +533,22 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         unknown = [n for n in name if n not in known]
         if unknown:
             parser.error(f"unknown: {', '.join(unknown)}; known: {', '.join(known)}")
+    median = tuple(Path(d) for d in (args.median or "").split(",") if d)
     settings = Settings(systems, scenarios, args.out, args.slo_ms, args.warmup, args.quick,
-                        args.seed, args.quiet, args.rebuild)  # fmt: skip
+                        args.seed, args.quiet, args.rebuild, median=median)  # fmt: skip
     return replace(settings, warmup_s=min(settings.warmup_s, 2.0)) if args.quick else settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     command = "python -m loadtest.autoscale " + " ".join(sys.argv[1:] if argv is None else argv)
+    if settings.median:
+        try:
+            print(medians(settings.median, settings.slo_ms))
+        except FileNotFoundError as exc:
+            say(f"could not read the runs: {exc}")
+            return 2
+        return 0
     try:
         if settings.rebuild and settings.out is not None:
             report = rebuild(settings, settings.out)

@@ -236,3 +236,79 @@ def table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
             f"{_num(r.get('cores', {}).get('steal'), '.2f')} |"
         )
     return "\n".join(lines)
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def median_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per (scenario, system) over repeated runs: the median of each measure on its own
+    (attainment, p99, cost, reaction, bad seconds), with every run's value under ``values``.
+    A reaction that never came counts as infinitely late; the rows suit ``goals``."""
+    grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for rows in runs:
+        for row in rows:
+            grouped.setdefault((row["scenario"], row["system"]), []).append(row)
+    out = []
+    for (scenario, system), rows in grouped.items():
+        recoveries = [r.get("recovery_s", "n/a") for r in rows]
+        recovery: float | str | None = "n/a"
+        if any(x != "n/a" for x in recoveries):
+            late = _median([math.inf if x is None else float(x) for x in recoveries if x != "n/a"])
+            recovery = None if math.isinf(late) else late
+        values = {
+            "slo_attainment": [r["slo_attainment"] or 0.0 for r in rows],
+            "p99_ms": [r["latency_ms"]["p99"] or math.inf for r in rows],
+            "cost": [r["cost"] for r in rows],
+            "bad_seconds": [r["bad_seconds"] for r in rows],
+            "steal": [r.get("cores", {}).get("steal") for r in rows],
+        }
+        out.append(
+            {
+                "scenario": scenario,
+                "system": system,
+                "runs": len(rows),
+                "slo_attainment": _median(values["slo_attainment"]),
+                "p99_ms": _median(values["p99_ms"]),
+                "cost": _median(values["cost"]),
+                "bad_seconds": _median(values["bad_seconds"]),
+                "recovery_s": recovery,
+                "values": {**values, "recovery_s": recoveries},
+            }
+        )
+    return out
+
+
+def median_table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
+    """The Markdown table of ``median_rows``: each median with every run's value after it."""
+
+    def each(values: Sequence[Any], spec: str, none: str = "n/a") -> str:
+        return ", ".join(
+            none if v is None else v if isinstance(v, str) else _num(v, spec) for v in values
+        )
+
+    lines = [
+        f"| scenario | system | runs | SLO attainment (<= {slo_ms:g} ms): median (each) | "
+        "p99 ms | cost vs static: median (each) | p99 back under SLO s: median (each) | "
+        "bad s | steal cores (each) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    peak = {r["scenario"]: r["cost"] for r in rows if r["system"] == "static"}
+    for r in rows:
+        v, ref = r["values"], peak.get(r["scenario"])
+        shares = [100 * c / ref for c in v["cost"]] if ref else []
+        rec = r["recovery_s"]
+        attained = each([100 * a for a in v["slo_attainment"]], ".1f")
+        lines.append(
+            f"| {r['scenario']} | {r['system']} | {r['runs']} "
+            f"| {100 * r['slo_attainment']:.2f} % ({attained}) "
+            f"| {_num(r['p99_ms'], '.0f')} "
+            f"| {_num(100 * r['cost'] / ref if ref else None, '.0f')} % ({each(shares, '.0f')}) "
+            f"| {'never' if rec is None else rec if isinstance(rec, str) else format(rec, '.0f')}"
+            f" ({each(v['recovery_s'], '.0f', 'never')}) "
+            f"| {_num(r['bad_seconds'], '.0f')} | {each(v['steal'], '.2f')} |"
+        )
+    return "\n".join(lines)

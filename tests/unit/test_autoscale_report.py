@@ -130,3 +130,37 @@ def test_arguments() -> None:
     assert quick.systems == ("r3e",) and quick.scenarios == ("step",) and quick.warmup_s == 2
     with pytest.raises(SystemExit):
         parse_args(["--systems", "nope"])
+
+
+def test_medians_over_repeated_sweeps_feed_the_goals() -> None:
+    def row(system: str, attained: float, cost: float, recovery: float | None) -> dict[str, Any]:
+        return {
+            "scenario": "step",
+            "system": system,
+            "slo_attainment": attained,
+            "latency_ms": {"p99": 100.0},
+            "cost": cost,
+            "bad_seconds": 1,
+            "recovery_s": recovery,
+            "cores": {"steal": 0.05},
+        }
+
+    runs = [
+        [row("static", 0.99, 1.0, None), row("r3e", 0.99, 0.6, 2.0)],
+        [row("static", 1.00, 1.0, 4.0), row("r3e", 0.70, 0.9, None)],  # a disturbed run
+        [row("static", 1.00, 1.0, 3.0), row("r3e", 0.995, 0.65, 3.0)],
+    ]
+    rows = {r["system"]: r for r in ar.median_rows(runs)}
+    assert rows["r3e"]["runs"] == 3 and rows["r3e"]["slo_attainment"] == 0.99
+    assert rows["r3e"]["cost"] == 0.65 and rows["r3e"]["recovery_s"] == 3.0
+    assert rows["r3e"]["values"]["recovery_s"] == [2.0, None, 3.0]
+    goals = ar.goals(list(rows.values()))
+    assert goals["react"] == [{"scenario": "step", "system": "r3e", "recovery_s": 3.0, "met": True}]
+    (cost,) = goals["cost"]
+    assert cost["met"] and cost["cost_share_of_static"] == 0.65
+    # Two of three reactions that never came: the median never came either.
+    late = [[row("r3e", 0.9, 1.0, r)] for r in (None, None, 1.0)]
+    assert ar.median_rows(late)[0]["recovery_s"] is None
+    table = ar.median_table(list(rows.values()), 250.0)
+    assert "| step | r3e | 3 | 99.00 % (99.0, 70.0, 99.5) |" in table
+    assert "65 % (60, 90, 65)" in table and "3 (2, never, 3)" in table
