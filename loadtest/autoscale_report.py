@@ -21,6 +21,11 @@ GOAL_REACT_S = 5.0
 GOAL_COST_CUT = 0.30
 SAME_ATTAINMENT = 0.01
 """Attainment within this (1 point) of static peak's counts as the same."""
+HOST_STALL_MS = 100.0
+"""A second in which the load generator's own send-lag p99 exceeded this was a host stall: the
+generator (another process, on a machine the system under test barely loads here) could not
+run, so neither could much else; such seconds are reported, and a second reaction time leaves
+them out."""
 
 
 def gateway_replicas(samples: Mapping[Sample, float]) -> dict[str, int]:
@@ -137,10 +142,27 @@ def _bad_second(row: Mapping[str, Any], slo_ms: float) -> bool:
     return bool(row["errors"]) or (p99 is not None and p99 > slo_ms)
 
 
-def recovery_s(timeline: Sequence[Mapping[str, Any]], step: Step, slo_ms: float) -> float | None:
+def stalled(second: Mapping[str, Any]) -> bool:
+    """Whether this second of a harness timeline was a host stall (``HOST_STALL_MS``)."""
+    lag = second.get("lag_p99_ms")
+    return lag is not None and lag > HOST_STALL_MS
+
+
+def stall_seconds(timeline: Sequence[Mapping[str, Any]]) -> int:
+    return sum(stalled(r) for r in timeline)
+
+
+def recovery_s(
+    timeline: Sequence[Mapping[str, Any]], step: Step, slo_ms: float, *, skip_stalls: bool = False
+) -> float | None:
     """Seconds from the step until the per-second p99 is under the SLO (and no request
-    failed) and stays so until the step ends; 0 if it never left; None if it never came back."""
-    rows = [r for r in timeline if step.at_s <= r["t"] < step.until_s]
+    failed) and stays so until the step ends; 0 if it never left; None if it never came back.
+    With ``skip_stalls``, seconds that were host stalls do not count either way."""
+    rows = [
+        r
+        for r in timeline
+        if step.at_s <= r["t"] < step.until_s and not (skip_stalls and stalled(r))
+    ]
     bad = [r["t"] for r in rows if _bad_second(r, slo_ms)]
     if not bad:
         return 0.0
@@ -165,12 +187,15 @@ def goals(rows: Sequence[Mapping[str, Any]], static: str = "static") -> dict[str
     for r in rows:
         if r.get("recovery_s", "n/a") != "n/a" and r["system"] != static:
             rec = r["recovery_s"]
+            quiet = r.get("recovery_excl_stalls_s", rec)
             out["react"].append(
                 {
                     "scenario": r["scenario"],
                     "system": r["system"],
                     "recovery_s": rec,
                     "met": rec is not None and rec <= GOAL_REACT_S,
+                    "recovery_excl_stalls_s": quiet,
+                    "met_excl_stalls": quiet is not None and quiet <= GOAL_REACT_S,
                 }
             )
         ref = peak.get(r["scenario"])
@@ -211,8 +236,8 @@ def table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
     lines = [
         f"| scenario | system | SLO attainment (<= {slo_ms:g} ms) | p99 ms | errors | "
         "replica-s edge / cloud (all) | cost | cost vs static | first scale-up s | "
-        "p99 back under SLO s | bad s | peak replicas | send lag p99 ms, other cores, "
-        "steal cores |",
+        "p99 back under SLO s (host stalls left out) | bad s | peak replicas | send lag p99 ms, "
+        "other cores, steal cores |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     peak = {r["scenario"]: r["cost"] for r in rows if r["system"] == "static"}
@@ -221,6 +246,10 @@ def table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
         ref = peak.get(r["scenario"])
         vs = f"{100 * r['cost'] / ref:.0f} %" if ref else "n/a"
         rec = r["recovery_s"]
+        quiet = ""
+        if r.get("stall_seconds") and rec != "n/a":
+            left_out = r.get("recovery_excl_stalls_s")
+            quiet = f" ({_reaction(left_out)} without {r['stall_seconds']} stall s)"
         share = r["slo_attainment"]
         lines.append(
             f"| {r['scenario']} | {r['system']} "
@@ -229,7 +258,7 @@ def table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
             f"| {secs.get('edge', 0):.0f} / {secs.get('cloud', 0):.0f} "
             f"({sum(r['replica_seconds'].values()):.0f}) | {r['cost']:.5f} | {vs} "
             f"| {_scale_up(r['first_scale_up_s'])} "
-            f"| {'never' if rec is None else rec if rec == 'n/a' else format(rec, '.0f')} "
+            f"| {_reaction(rec)}{quiet} "
             f"| {r['bad_seconds']} | {r['peak_replicas']} "
             f"| {_num(r.get('send_lag_p99_ms'), '.0f')}, "
             f"{_num(r.get('cores', {}).get('others'), '.2f')}, "
@@ -244,6 +273,15 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
+def _median_reaction(values: Sequence[float | str | None]) -> float | str | None:
+    """The median reaction time: "n/a" without a step, None (never) counting as the latest."""
+    timed = [math.inf if x is None else float(x) for x in values if x != "n/a"]
+    if not timed:
+        return "n/a"
+    late = _median(timed)
+    return None if math.isinf(late) else late
+
+
 def median_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """One row per (scenario, system) over repeated runs: the median of each measure on its own
     (attainment, p99, cost, reaction, bad seconds), with every run's value under ``values``.
@@ -255,10 +293,7 @@ def median_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, A
     out = []
     for (scenario, system), rows in grouped.items():
         recoveries = [r.get("recovery_s", "n/a") for r in rows]
-        recovery: float | str | None = "n/a"
-        if any(x != "n/a" for x in recoveries):
-            late = _median([math.inf if x is None else float(x) for x in recoveries if x != "n/a"])
-            recovery = None if math.isinf(late) else late
+        quiet = [r.get("recovery_excl_stalls_s", r.get("recovery_s", "n/a")) for r in rows]
         values = {
             "slo_attainment": [r["slo_attainment"] or 0.0 for r in rows],
             "p99_ms": [r["latency_ms"]["p99"] or math.inf for r in rows],
@@ -275,11 +310,16 @@ def median_rows(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, A
                 "p99_ms": _median(values["p99_ms"]),
                 "cost": _median(values["cost"]),
                 "bad_seconds": _median(values["bad_seconds"]),
-                "recovery_s": recovery,
-                "values": {**values, "recovery_s": recoveries},
+                "recovery_s": _median_reaction(recoveries),
+                "recovery_excl_stalls_s": _median_reaction(quiet),
+                "values": {**values, "recovery_s": recoveries, "recovery_excl_stalls_s": quiet},
             }
         )
     return out
+
+
+def _reaction(value: float | str | None) -> str:
+    return "never" if value is None else value if isinstance(value, str) else f"{value:.0f}"
 
 
 def median_table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
@@ -293,22 +333,23 @@ def median_table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
     lines = [
         f"| scenario | system | runs | SLO attainment (<= {slo_ms:g} ms): median (each) | "
         "p99 ms | cost vs static: median (each) | p99 back under SLO s: median (each) | "
-        "bad s | steal cores (each) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "same, host stalls left out | bad s | steal cores (each) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     peak = {r["scenario"]: r["cost"] for r in rows if r["system"] == "static"}
     for r in rows:
         v, ref = r["values"], peak.get(r["scenario"])
         shares = [100 * c / ref for c in v["cost"]] if ref else []
-        rec = r["recovery_s"]
+        rec, quiet = r["recovery_s"], r.get("recovery_excl_stalls_s", "n/a")
         attained = each([100 * a for a in v["slo_attainment"]], ".1f")
         lines.append(
             f"| {r['scenario']} | {r['system']} | {r['runs']} "
             f"| {100 * r['slo_attainment']:.2f} % ({attained}) "
             f"| {_num(r['p99_ms'], '.0f')} "
             f"| {_num(100 * r['cost'] / ref if ref else None, '.0f')} % ({each(shares, '.0f')}) "
-            f"| {'never' if rec is None else rec if isinstance(rec, str) else format(rec, '.0f')}"
+            f"| {_reaction(rec)}"
             f" ({each(v['recovery_s'], '.0f', 'never')}) "
+            f"| {_reaction(quiet)} ({each(v.get('recovery_excl_stalls_s', []), '.0f', 'never')}) "
             f"| {_num(r['bad_seconds'], '.0f')} | {each(v['steal'], '.2f')} |"
         )
     return "\n".join(lines)

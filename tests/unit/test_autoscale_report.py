@@ -84,6 +84,25 @@ def test_reaction_to_a_step() -> None:
     assert ar.first_scale_up_s(points[:2], step) is None
 
 
+def test_host_stalls_are_counted_and_a_second_reaction_time_leaves_them_out() -> None:
+    step = ar.Step(at_s=5, until_s=15)
+    timeline = [row(t, 50.0) for t in range(5)] + [row(5, 400.0), row(6, 120.0)]
+    # At 11 the generator itself could not send for 150 ms: a host stall, over the SLO.
+    timeline += [{**row(t, 600.0 if t == 11 else 90.0), "lag_p99_ms": 150.0 if t == 11 else 2.0}
+                 for t in range(7, 20)]  # fmt: skip
+    assert ar.stall_seconds(timeline) == 1
+    assert ar.recovery_s(timeline, step, 250.0) == 7.0  # back for good only at 12
+    assert ar.recovery_s(timeline, step, 250.0, skip_stalls=True) == 1.0  # at 6, stall left out
+    rows = [
+        {"scenario": "step", "system": "static", "recovery_s": 0.0, "cost": 1.0,
+         "slo_attainment": 1.0},
+        {"scenario": "step", "system": "r3e", "recovery_s": 7.0, "recovery_excl_stalls_s": 1.0,
+         "cost": 1.0, "slo_attainment": 1.0},
+    ]  # fmt: skip
+    (react,) = ar.goals(rows)["react"]
+    assert not react["met"] and react["met_excl_stalls"]
+
+
 def test_step_of_the_shipped_scenarios() -> None:
     step = parse_scenario(scenario_doc("step", quick=False), source="step").load
     assert ar.step_of(step) == ar.Step(20, 80)
@@ -155,7 +174,8 @@ def test_medians_over_repeated_sweeps_feed_the_goals() -> None:
     assert rows["r3e"]["cost"] == 0.65 and rows["r3e"]["recovery_s"] == 3.0
     assert rows["r3e"]["values"]["recovery_s"] == [2.0, None, 3.0]
     goals = ar.goals(list(rows.values()))
-    assert goals["react"] == [{"scenario": "step", "system": "r3e", "recovery_s": 3.0, "met": True}]
+    (react,) = goals["react"]
+    assert react["system"] == "r3e" and react["recovery_s"] == 3.0 and react["met"]
     (cost,) = goals["cost"]
     assert cost["met"] and cost["cost_share_of_static"] == 0.65
     # Two of three reactions that never came: the median never came either.
