@@ -293,13 +293,13 @@ def test_children_die_with_a_killed_gateway(tmp_path: Path) -> None:
     wait_for(lambda: not children(model), "the kernel to kill the orphaned child", 5)
 
 
-def test_placement_grows_under_load_and_drains_back_to_one(tmp_path: Path) -> None:
-    model = own_copy(tmp_path)
-    # Each call waits 100 ms in the gateway (an emulated straggler), so the clients' calls are
-    # in flight on the placement: 6 clients want 6 replicas, the bounds allow 3.
+def growing(model: Path, downscale_delay_s: float, **changes: Any) -> dict[str, Any]:
+    """A gateway whose process placement (1-3 replicas) `target_inflight` scales at one call in
+    flight per replica. Each call waits 100 ms in the gateway (an emulated straggler), so the
+    clients' calls are in flight on the placement: 6 clients want 6 replicas."""
     place = {"replicas": {"min": 1, "max": 3}, "straggler": {"probability": 1, "delay_ms": 100}}
-    config: dict[str, object] = {
-        "ensembles": [{"name": "e", "members": [process_member(model, **place)]}],
+    return {
+        "ensembles": [{"name": "e", "members": [process_member(model, **{**place, **changes})]}],
         "autoscaling": {
             "interval_s": 0.5,
             "window_s": 2,
@@ -308,11 +308,17 @@ def test_placement_grows_under_load_and_drains_back_to_one(tmp_path: Path) -> No
                 "params": {
                     "target_ongoing_requests": 1,
                     "upscale_delay_s": 0,
-                    "downscale_delay_s": 1,
+                    "downscale_delay_s": downscale_delay_s,
                 },
             },
         },
     }
+
+
+def test_placement_grows_under_load_and_drains_back_to_one(tmp_path: Path) -> None:
+    model = own_copy(tmp_path)
+    # 6 clients want 6 replicas, the bounds allow 3; 1 s after they stop, back to 1.
+    config = growing(model, downscale_delay_s=1)
     gw = start_from_config(config, tmp_path)
     body = {"inputs": [array_input(np.zeros((1, 64), np.float32))]}
     statuses: list[int] = []
@@ -366,28 +372,8 @@ def test_a_reload_keeps_the_children_the_autoscaler_added(tmp_path: Path) -> Non
     model = own_copy(tmp_path)
 
     def doc(**changes: Any) -> dict[str, Any]:
-        # Calls wait 100 ms in the gateway (a straggler): 6 clients keep 6 calls in flight on
-        # the placement, which wants 3 replicas (its max) and, with a 60 s downscale delay,
-        # keeps them while the clients call.
-        place = {"replicas": {"min": 1, "max": 3}, "straggler": {"probability": 1, "delay_ms": 100}}
-        return {
-            "server": {"drain_timeout_s": 1},
-            "ensembles": [
-                {"name": "e", "members": [process_member(model, **{**place, **changes})]}
-            ],
-            "autoscaling": {
-                "interval_s": 0.5,
-                "window_s": 2,
-                "policy": {
-                    "name": "target_inflight",
-                    "params": {
-                        "target_ongoing_requests": 1,
-                        "upscale_delay_s": 0,
-                        "downscale_delay_s": 60,
-                    },
-                },
-            },
-        }
+        # 6 clients want 3 replicas (the max); with a 60 s downscale delay they stay.
+        return {"server": {"drain_timeout_s": 1}, **growing(model, 60, **changes)}
 
     def reload(config: dict[str, Any]) -> None:
         done = httpx.put(
