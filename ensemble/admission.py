@@ -91,7 +91,7 @@ class AdmissionGate:
         decision = policy.admit(self._view(), priority)
         if decision.action == "shed":
             self.count_shed("full")
-            raise Overloaded(f"overloaded: {decision.reason}; retry later", policy.retry_after_s)
+            raise _full(policy, decision.reason)
         if decision.evict is not None:
             victim = self._waiting.pop(decision.evict)
             self.count_shed("evicted")
@@ -124,14 +124,15 @@ class AdmissionGate:
                     self._record(self._adaptive, service_s)
             self.wake(policy)
 
-    def sheds(self, policy: AdmissionPolicy, priority: int) -> str | None:
-        """Why a request of ``priority`` arriving now would be shed, or None when it would run
-        or wait. Changes nothing: a frontend asks before it decodes a request, so shedding
-        under overload costs little more than the HTTP exchange (``slot`` decides for real)."""
+    def sheds(self, policy: AdmissionPolicy, priority: int) -> Overloaded | None:
+        """The error a request of ``priority`` arriving now would be shed with, or None when it
+        would run or wait. Changes nothing (not even the count): a frontend asks before it
+        decodes a request, so shedding under overload costs little more than the HTTP
+        exchange (``slot`` decides for real)."""
         if policy is not self._policy:
             return None  # a new policy (a reload) starts its state in ``slot``
         decision = policy.admit(self._view(), priority)
-        return decision.reason if decision.action == "shed" else None
+        return _full(policy, decision.reason) if decision.action == "shed" else None
 
     def count_shed(self, reason: str) -> None:
         """One more request shed for ``reason`` (full, evicted, deadline)."""
@@ -219,6 +220,11 @@ class AdmissionGate:
                     continue
             self._start()
             waiter.future.set_result(None)
+
+
+def _full(policy: AdmissionPolicy, reason: str) -> Overloaded:
+    """A newcomer shed because the gate is full."""
+    return Overloaded(f"overloaded: {reason}; retry later", policy.retry_after_s)
 
 
 def _granted(waiter: _Waiter) -> bool:

@@ -22,7 +22,6 @@ from ensemble.errors import (
     InvalidInput,
     MemberFailed,
     ModelNotReady,
-    Overloaded,
 )
 from ensemble.feedback import DEFAULT_ACCURACY_WINDOW, DEFAULT_WINDOW, FeedbackHub
 from ensemble.metrics import GatewayMetrics
@@ -126,14 +125,13 @@ class Dispatcher:
         Anything else (an unknown model, a gate with room) is left to ``infer``."""
         started = time.perf_counter()
         repository = self.repository
-        reason = self.gate.sheds(repository.admission, DEFAULT_PRIORITY)
-        if reason is None:
+        error = self.gate.sheds(repository.admission, DEFAULT_PRIORITY)
+        if error is None:
             return
         try:
             label = repository.get(name, version).name
         except EnsembleError:
             return  # infer reports it
-        error = Overloaded(f"overloaded: {reason}; retry later", repository.admission.retry_after_s)
         self.gate.count_shed("full")
         self.metrics.record_request(
             label, protocol, outcome_of(error), time.perf_counter() - started

@@ -316,8 +316,9 @@ def test_sheds_asks_the_policy_without_changing_the_gate() -> None:
         ]
         await asyncio.sleep(0.01)
         assert (gate.running, gate.waiting) == (1, 1)
-        reason = gate.sheds(policy, 3)
-        assert reason is not None and "1 requests running and 1 waiting" in reason
+        error = gate.sheds(policy, 3)
+        assert error is not None and "1 requests running and 1 waiting" in error.message
+        assert error.retry_after_s == 2.5
         assert gate.sheds(policy, 0) is None  # would evict the waiting priority-3 request
         assert (gate.running, gate.waiting) == (1, 1)
         assert dict(gate.metrics.shed) == {}
