@@ -36,6 +36,11 @@ class ReplicaControl(Protocol):
 
     name: str
 
+    @property
+    def running(self) -> bool:
+        """Its process is alive."""
+        ...
+
     def kill(self) -> int:
         """SIGKILL the process; returns the pid killed."""
         ...
@@ -310,8 +315,13 @@ class KillReplica:
             return
         await asyncio.sleep(params.down_s)
         ctx.mark(event.name, f"replica {params.replica} restarting")
-        await target.restart()
-        ctx.mark(event.name, f"replica {params.replica} ready again")
+        try:
+            await target.restart()
+        finally:
+            # A start the run's end cancels still completes (the replica must not stay half
+            # started); say when it did.
+            if target.running:
+                ctx.mark(event.name, f"replica {params.replica} ready again")
 
 
 class SlowReplicaParams(_Params):

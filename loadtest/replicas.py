@@ -132,14 +132,32 @@ class ReplicaProcess:
         log = self.log_dir / f"replica-{self.name}{f'-{self.starts}' if self.starts else ''}.log"
         args = ["replica", str(self.model)]
         args += ["--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)]
+        launch = asyncio.ensure_future(
+            asyncio.to_thread(start_server, args, log, self.startup_timeout_s)
+        )
         try:
-            server = await asyncio.to_thread(start_server, args, log, self.startup_timeout_s)
+            try:
+                server = await asyncio.shield(launch)
+            except asyncio.CancelledError:
+                # The thread goes on starting the process whatever happens here: wait for it
+                # (bounded by the startup timeout) so the process is this object's to stop,
+                # never a running child nobody holds.
+                server = await launch
+                self._adopt(server)
+                raise
         except TargetError as exc:
             raise RuntimeError(f"replica {self.name}: {exc}") from None
+        self._adopt(server)
+
+    def _adopt(self, server: Gateway) -> None:
         self.starts += 1
         self.server = server
         self.http_port = int(server.url.rpartition(":")[2])
         self.grpc_port = int(server.grpc.rpartition(":")[2])
+
+    @property
+    def running(self) -> bool:
+        return self.server is not None and self.server.proc.poll() is None
 
     @property
     def pid(self) -> int | None:
@@ -162,7 +180,7 @@ class ReplicaProcess:
     def kill(self) -> int:
         """SIGKILL: the process dies at once, as in a crash (no drain, connections reset)."""
         server = self.server
-        if server is None or server.proc.poll() is not None:
+        if server is None or not self.running:
             raise RuntimeError(f"replica {self.name} is not running")
         server.proc.kill()
         server.proc.wait()
@@ -172,7 +190,7 @@ class ReplicaProcess:
 
     async def restart(self) -> None:
         """Start it again on its ports (the proxy, if any, stays where it was)."""
-        if self.server is not None and self.server.proc.poll() is None:
+        if self.running:
             raise RuntimeError(f"replica {self.name} is still running")
         await self._launch()
 

@@ -117,16 +117,28 @@ def test_replica_hook_params() -> None:
 class FakeReplica:
     """Records what the hooks do to it."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, start_s: float = 0.0) -> None:
         self.name = name
         self.calls: list[str] = []
+        self.running = True
+        self.start_s = start_s
 
     def kill(self) -> int:
         self.calls.append("kill")
+        self.running = False
         return 4242
 
     async def restart(self) -> None:
         self.calls.append("restart")
+        # Like ReplicaProcess: a cancelled start still completes before the cancel goes on.
+        start = asyncio.ensure_future(asyncio.sleep(self.start_s))
+        try:
+            await asyncio.shield(start)
+        except asyncio.CancelledError:
+            await start
+            self.running = True
+            raise
+        self.running = True
 
     def set_delay_ms(self, delay_ms: float) -> None:
         self.calls.append(f"delay {delay_ms:g}")
@@ -158,6 +170,29 @@ def test_kill_replica_kills_waits_and_restarts() -> None:
         "replica forest_a ready again",
     ]
     assert resilience.window_of(marks, "kill_replica") == (marks[0].at_s, marks[2].at_s)
+
+
+def test_a_restart_the_run_end_cancels_still_says_when_the_replica_was_back() -> None:
+    replica = FakeReplica("forest_a", start_s=0.3)
+    params = validate_params("kill_replica", {"replica": "forest_a", "down_s": 0.01})
+
+    async def go() -> list[Mark]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        replicas = {"forest_a": replica}
+        ctx = FaultContext(None, elapsed=lambda: loop.time() - start, replicas=replicas)
+        task = asyncio.ensure_future(
+            run_faults([FaultEvent(0.0, "kill_replica", params)], ctx, asyncio.sleep)
+        )
+        await asyncio.sleep(0.1)  # the load ends while the replica is starting again
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return ctx.marks
+
+    marks = asyncio.run(go())
+    assert replica.running
+    assert [m.message for m in marks][-1] == "replica forest_a ready again"
+    assert marks[-1].at_s >= 0.3
 
 
 def test_kill_without_restart_and_slow_replica_undoes_its_delay() -> None:
