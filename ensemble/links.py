@@ -211,6 +211,18 @@ class Links:
         return [link.reading() for link in self if link.emulated]
 
 
+def round_trip_s(replica: Replica) -> float:
+    """The fixed delay the emulated links under ``replica`` (and its wrappers) add to a call:
+    both legs' ``delay_ms``, time a call spends on the wire rather than on the replica."""
+    total = 0.0
+    found: Replica | None = replica
+    while found is not None:
+        if isinstance(found, LinkedReplica) and found.link.emulated:
+            total += 2 * found.link.settings.delay_ms / 1e3
+        found = getattr(found, "inner", None)
+    return total
+
+
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Bytes a call's tensors take on the wire (close enough: their raw contents)."""
     return sum(int(array.nbytes) for array in arrays.values())

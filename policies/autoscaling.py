@@ -56,9 +56,12 @@ class PlacementLoad:
     failures_rps: float = 0.0
     """Failed calls per second over the window."""
     service_ms: float | None = None
-    """One call's latency on an idle replica (the fastest tenth of recent calls, which met no
-    queue, at least the member card's batch-1 p50): INFaaS's per-replica throughput is
-    1000 / service_ms."""
+    """How long one call holds an idle replica (the fastest tenth of recent calls, which met
+    no queue, less the network's round trip ``link_ms``; at least the member card's batch-1
+    p50): INFaaS's per-replica throughput is 1000 / service_ms."""
+    link_ms: float = 0.0
+    """The network's share of a call's latency (an emulated link's two legs): a call spends it
+    on the wire, not holding a replica, so it is no part of a replica's throughput."""
     cost_per_replica_hour: float = 0.0
     """The tier's price of one replica for one hour."""
     other_tiers: tuple[str, ...] = ()

@@ -40,6 +40,14 @@ class R3eParams(BaseModel):
         description="Tiers filled first, in this order; tiers not listed come after, the "
         "cheaper per replica-hour first. A member's first tier is its primary, the rest burst.",
     )
+    warm_tiers: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Tiers whose placements are kept at their max replicas whatever the load "
+        "(within tier caps): capacity that costs nothing more to hold, such as owned edge "
+        "devices, is headroom a sudden step lands on while a paid tier scales. Empty: every "
+        "tier follows its need.",
+    )
     target_ongoing_requests: float = Field(
         2.0,
         gt=0,
@@ -121,11 +129,11 @@ class R3eParams(BaseModel):
         "placements (null: unlimited); over it, the most expensive burst replicas go first.",
     )
 
-    @field_validator("tier_order")
+    @field_validator("tier_order", "warm_tiers")
     @classmethod
     def _distinct(cls, tiers: list[str]) -> list[str]:
         if len(set(tiers)) != len(tiers):
-            raise ValueError("tier_order names a tier twice")
+            raise ValueError("names a tier twice")
         return tiers
 
 
@@ -196,6 +204,8 @@ class R3e:
        trimmed largest first; the rest bursts onto the next tier, and so on. A placement that
        is full and misses ``p95_slo_ms`` also bursts: its next tier gets one replica more than
        its need (not than it has: a p95 lags behind a scale-up and must not ratchet).
+       Placements on ``warm_tiers`` keep their ``max_replicas`` whatever the need: capacity
+       that costs nothing more to hold takes a step while a paid tier scales.
     3. **Reliability**. ``spare`` replicas beyond the need (N+1) follow it: on the primary tier
        when its bounds allow, else on the next tier.
     4. **Resilience**. Replicas that do not take calls (failed, ejected, still loading) are no
@@ -322,9 +332,12 @@ class R3e:
         slope = _slope(history, p.trend_min_t)
         ahead = rate + max(0.0, slope) * p.lookahead_s
         by_rate = ahead * p.headroom
-        # Little's law: the rate keeps rate x service time calls busy; the rest wait. A
-        # windowed rate lags a step, the queue does not.
-        queued = sum(max(0.0, x.outstanding - x.arrival_rps / speeds[x.tier]) for x in placed)
+        # Little's law: the rate keeps rate x (service time + time on the wire) calls in
+        # flight; the rest wait. A windowed rate lags a step, the queue does not.
+        queued = sum(
+            max(0.0, x.outstanding - x.arrival_rps * (1 / speeds[x.tier] + x.link_ms / 1e3))
+            for x in placed
+        )
         by_queue = rate + queued / p.drain_s
         rps = max(by_rate, by_queue)
         n = math.ceil(rps / speed - EPS)
@@ -375,6 +388,8 @@ class R3e:
                 want += failed[key] if want else 0  # replace failures only where needed
                 if m in missed:  # one more than the need, not than it has: a p95 that lags
                     want += 1  # behind a scale-up must not add a replica every decision
+                if tier in p.warm_tiers:
+                    want = max(want, load.max_replicas)
                 ideal[key] = clamp_to_bounds(want, load)
                 needed[key] = want > 0
             cap = ctx.tier_max_replicas.get(tier)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ensemble.errors import EnsembleError
+from ensemble.links import round_trip_s
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.base import Replica
 from ensemble.replicas.member import Member
@@ -261,7 +262,8 @@ class ControlLoop:
                     max(p95s) * 1e3 if p95s and calls > samples[0][2] else None,
                     ready_replicas=min(ready, replicas),
                     failures_rps=failing,
-                    service_ms=_service_ms(member, stats),
+                    service_ms=_service_ms(member, serving, stats),
+                    link_ms=max((round_trip_s(r) for r in serving), default=0.0) * 1e3,
                     cost_per_replica_hour=repository.tier_prices.get(tier, 0.0),
                     other_tiers=tuple(
                         t for m, t in repository.bounds if m == member_name and t != tier
@@ -271,14 +273,20 @@ class ControlLoop:
         return tuple(loads)
 
 
-def _service_ms(member: Member, stats: list[ReplicaStats]) -> float | None:
-    """One call's latency on an idle replica: the fastest tenth of recent calls (those that met
-    no queue) on the quickest replica, what the replicas really take here (an emulated device, a
-    busy machine); never below the member card's batch-1 p50; the card alone before calls."""
+def _service_ms(member: Member, serving: list[Replica], stats: list[ReplicaStats]) -> float | None:
+    """How long one call holds an idle replica: the fastest tenth of recent calls (those that
+    met no queue) on the quickest replica, less the round trip of an emulated link it sits
+    behind (time on the wire holds no replica), what the replicas really take here (an emulated
+    device, a busy machine); never below the member card's batch-1 p50; the card alone before
+    calls."""
     card = member.card
     one = card.latency_ms.get("batch_1") if card is not None else None
     floor = float(one.p50_ms) if one is not None else None
-    fast = [s.fast_s for s in stats if s.fast_s is not None]
+    fast = [
+        max(0.0, s.fast_s - round_trip_s(r))
+        for r, s in zip(serving, stats, strict=True)
+        if s.fast_s is not None
+    ]
     if not fast:
         return floor
     live = min(fast) * 1e3

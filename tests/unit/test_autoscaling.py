@@ -202,3 +202,39 @@ def test_a_replica_leaving_takes_its_counters_not_the_rate() -> None:
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_the_service_time_leaves_out_an_emulated_links_round_trip() -> None:
+    linked = f"""
+tiers: {{edge: {{}}, cloud: {{link: {{emulate: true, delay_ms: 10}}}}}}
+ensembles:
+  - name: e
+    members:
+      - name: logreg
+        model: {ZOO / "logreg.onnx"}
+        placement: [{{tier: edge}}, {{tier: cloud}}]
+autoscaling: {{policy: {{name: r3e}}}}
+"""
+    cfg = parse_yaml(linked, source="t.yaml", base_dir=ZOO)
+    engine = InProcessEngine(1)
+
+    async def main() -> None:
+        repository = Repository.from_config(cfg, engine)
+        loop = ControlLoop(lambda: repository, GatewayMetrics(), clock=lambda: 0.0)
+        member = repository.members["logreg"]
+        # Both replicas answered in 70 ms: the edge replica took all of it, the cloud one
+        # 50 ms (its link's two 10 ms legs are time on the wire).
+        for replica in member.replicas:
+            for _ in range(20):
+                member.stats[replica.name].started()
+                member.stats[replica.name].finished(0.07, True)
+        loads = {x.tier: x for x in loop._observe(repository, 0.0, 5.0)}
+        assert loads["edge"].service_ms == pytest.approx(70.0)
+        assert loads["edge"].link_ms == 0.0
+        assert loads["cloud"].service_ms == pytest.approx(50.0)
+        assert loads["cloud"].link_ms == pytest.approx(20.0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()

@@ -41,6 +41,7 @@ def place(
     failures_rps: float = 0.0,
     service_ms: float | None = 100.0,
     price: float = 0.0,
+    link_ms: float = 0.0,
 ) -> PlacementLoad:
     """One placement; a replica serves 1000 / 100 ms = 10 req/s unless told otherwise."""
     return PlacementLoad(
@@ -56,6 +57,7 @@ def place(
         failures_rps=failures_rps,
         service_ms=service_ms,
         cost_per_replica_hour=price,
+        link_ms=link_ms,
     )
 
 
@@ -408,6 +410,37 @@ def test_r3e_sizes_a_queue_by_littles_law_not_a_replica_per_queued_call() -> Non
     assert decision.reasons[EDGE].startswith("6.0 calls in flight / 2 per replica needs 3")
 
 
+def test_r3e_counts_calls_on_the_wire_as_busy_not_queued() -> None:
+    # 20 req/s, 10 per replica: 1 on the edge, 1 on the cloud. The cloud's 100 ms round trip
+    # keeps its 4 calls in flight busy (20 x 0.2 s): no queue, nothing to add.
+    policy = r3e(spare=0, headroom=1.0)
+    on_wire = (edge(1, high=1), cloud(1, outstanding=4.0, rps=20.0, link_ms=100.0))
+    assert policy.decide(ctx(0.0, *on_wire), R3eState())[0].targets == {}
+    # The same 4 calls on a replica next door: 2 of them wait, and draining them asks for one
+    # more.
+    local = (edge(1, high=1), cloud(1, outstanding=4.0, rps=20.0))
+    decision, _ = policy.decide(ctx(0.0, *local), R3eState())
+    assert decision.targets == {CLOUD: 2}
+    assert decision.reasons[CLOUD].startswith("20.0 req/s + 2.0 queued / 1 s needs 3")
+
+
+def test_r3e_keeps_warm_tiers_at_their_max_and_counts_them_as_the_spare() -> None:
+    policy = r3e(warm_tiers=["edge"])
+    # 5 req/s needs 1; the edge is held at its max (4) whatever the need, and those replicas
+    # are the spare too: nothing goes to the cloud.
+    decision, _ = policy.decide(ctx(0.0, edge(1, rps=5.0), cloud()), R3eState())
+    assert decision.targets == {EDGE: 4}
+    idle = (edge(4, rps=0.0), cloud())
+    assert policy.decide(ctx(100.0, *idle), R3eState())[0].targets == {}
+    # A step beyond the warm edge bursts to the cloud as before: 60 x 1.2 = 72 req/s needs 8,
+    # 4 on the edge, 4 on the cloud; the edge's replicas beyond its need are gone, +1 spare.
+    decision, _ = policy.decide(ctx(0.0, edge(4, rps=60.0), cloud()), R3eState())
+    assert decision.targets == {CLOUD: 5}
+    # A tier cap still wins over warmth (members sharing the edge are trimmed as before).
+    capped = policy.decide(ctx(0.0, edge(1, rps=5.0), cloud(), caps={"edge": 2}), R3eState())
+    assert capped[0].targets == {EDGE: 2}
+
+
 def test_r3e_orders_unlisted_tiers_after_listed_ones_cheaper_first() -> None:
     policy = r3e(tier_order=["edge"])
     loads = (
@@ -447,6 +480,7 @@ def test_new_policies_registered_and_documented() -> None:
         ("r3e", {"spare": -1}, "spare"),
         ("r3e", {"max_cost_per_hour": -1}, "max_cost_per_hour"),
         ("r3e", {"tier_order": ["edge", "edge"]}, "twice"),
+        ("r3e", {"warm_tiers": ["edge", "edge"]}, "twice"),
         ("r3e", {"scale_to_zero_s": 60}, "scale_to_zero_s"),
     ],
 )
