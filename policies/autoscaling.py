@@ -49,7 +49,8 @@ class PlacementLoad:
     arrival_rps: float
     """Calls started per second over the window."""
     p95_ms: float | None
-    """Recent p95 latency of its replicas' calls (None before any call)."""
+    """p95 latency of its replicas' calls over the window (the slowest replica's; the last 8
+    calls when fewer; None when none finished in it)."""
     ready_replicas: int | None = None
     """Replicas that take calls now (failed, unhealthy or still starting ones do not); None:
     the same as ``replicas``."""

@@ -49,6 +49,8 @@ class ControlLoop:
         self._state: Any = None
         self._samples: dict[Key, deque[tuple[float, float, int, int]]] = {}
         self._seen: dict[Key, dict[str, tuple[int, int]]] = {}
+        self._recorded: dict[Key, dict[str, deque[tuple[float, int]]]] = {}
+        """Per placement and replica: (tick, latencies recorded so far) over the window."""
         """Per placement: each serving replica's (calls, failures) counters when last seen."""
         self._totals: dict[Key, tuple[int, int]] = {}
         """Per placement: calls and failures counted so far, never decreasing (a replica that
@@ -195,6 +197,33 @@ class ControlLoop:
         self._totals[key] = (calls, failures)
         return calls, failures
 
+    def _window_p95s(
+        self,
+        key: Key,
+        serving: list[Replica],
+        stats: list[ReplicaStats],
+        now: float,
+        window_s: float,
+    ) -> list[float]:
+        """Each replica's p95 over the calls it finished within the window (the last 8 when
+        fewer): a burst the window has forgotten no longer counts."""
+        before = self._recorded.get(key, {})
+        kept: dict[str, deque[tuple[float, int]]] = {}
+        p95s = []
+        for replica, stat in zip(serving, stats, strict=True):
+            marks = before.get(replica.name, deque())
+            if marks and stat.recorded < marks[-1][1]:  # a new replica under an old name
+                marks.clear()
+            marks.append((now, stat.recorded))
+            while now - marks[0][0] > window_s:
+                marks.popleft()
+            kept[replica.name] = marks
+            p95 = stat.p95_of_last(stat.recorded - marks[0][1])
+            if p95 is not None:
+                p95s.append(p95)
+        self._recorded[key] = kept
+        return p95s
+
     def _account(self, repository: Repository, now: float) -> None:
         """Replica-seconds since the last tick, and their price, per placement."""
         last, self._last_account = self._last_account, now
@@ -240,7 +269,7 @@ class ControlLoop:
             span = now - samples[0][0]
             rate = (calls - samples[0][2]) / span if span > 0 else 0.0
             failing = (failures - samples[0][3]) / span if span > 0 else 0.0
-            p95s = [p for p in (s.p95_s for s in stats) if p is not None]
+            p95s = self._window_p95s(key, serving, stats, now, window_s)
             if tier in member.growers:  # provisioned here: count what serves
                 self.replicas[key] = len(serving)
             replicas = self.replicas.setdefault(key, low)

@@ -89,6 +89,26 @@ class ReplicaStats:
         return self._p95
 
     @property
+    def recorded(self) -> int:
+        """Latencies recorded, ever (the control loop tells recent ones from older by it)."""
+        return self._since_p95
+
+    def p95_of_last(self, n: int) -> float | None:
+        """The p95 of the last ``n`` latencies recorded (at least 8, at most the window's):
+        the control loop's p95 over its own window, which forgets a burst as soon as the
+        window does rather than 128 calls later. None before 8 calls, as ``p95_s``."""
+        window, size = self._window, len(self._window)
+        if size < 8:
+            return None
+        k = min(size, max(8, n))
+        if size < WINDOW:  # not wrapped yet: the newest are at the end
+            last = list(window[size - k :])
+        else:
+            last = [window[(self._since_p95 - 1 - i) % WINDOW] for i in range(k)]
+        last.sort()
+        return last[min(k - 1, int(0.95 * k))]
+
+    @property
     def fast_s(self) -> float | None:
         """The 10th percentile of recent latencies: about the service time of a call that met
         no queue (the control loop's estimate of what one replica can do)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -233,6 +234,42 @@ autoscaling: {{policy: {{name: r3e}}}}
         assert loads["edge"].link_ms == 0.0
         assert loads["cloud"].service_ms == pytest.approx(50.0)
         assert loads["cloud"].link_ms == pytest.approx(20.0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_the_loops_p95_is_over_its_window_not_the_last_128_calls() -> None:
+    cfg = parse_yaml(CONFIG, source="t.yaml", base_dir=ZOO)
+    engine = InProcessEngine(1)
+
+    def calls(stats: Any, latency_s: float, n: int) -> None:
+        for _ in range(n):
+            stats.started()
+            stats.finished(latency_s, True)
+
+    async def main() -> None:
+        repository = Repository.from_config(cfg, engine)
+        loop = ControlLoop(lambda: repository, GatewayMetrics(), clock=lambda: 0.0)
+        member = repository.members["logreg"]
+        (replica,) = member.serving("edge")
+        stats = member.stats[replica.name]
+
+        def edge_p95(now: float) -> float | None:
+            (load,) = [x for x in loop._observe(repository, now, 5.0) if x.tier == "edge"]
+            return load.p95_ms
+
+        assert edge_p95(0.0) is None  # no call yet
+        calls(stats, 0.4, 40)  # a burst: 400 ms calls
+        assert edge_p95(1.0) == pytest.approx(400.0)
+        calls(stats, 0.01, 30)  # then fast ones, within the same window
+        assert edge_p95(2.0) == pytest.approx(400.0)
+        edge_p95(5.0)
+        calls(stats, 0.01, 30)  # by 8 s the burst has left the 5 s window
+        assert edge_p95(8.0) == pytest.approx(10.0)
+        assert stats.p95_s == pytest.approx(0.4)  # routing's 128-call p95 still holds it
 
     try:
         asyncio.run(main())

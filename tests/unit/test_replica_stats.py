@@ -43,6 +43,30 @@ def test_p95_over_a_bounded_recent_window() -> None:
     assert stats.p95_s == pytest.approx(0.002)
 
 
+def test_p95_of_the_last_calls_forgets_a_burst_before_the_window_does() -> None:
+    stats = ReplicaStats()
+
+    def record(latency_s: float, n: int) -> None:
+        for _ in range(n):
+            stats.started()
+            stats.finished(latency_s, ok=True)
+
+    record(0.001, 5)
+    assert stats.p95_of_last(5) is None  # under 8 calls: no p95 yet
+    record(0.5, 40)  # a burst's slow calls
+    mark = stats.recorded
+    record(0.002, 20)  # then fast again
+    assert stats.recorded == mark + 20
+    assert stats.p95_s == pytest.approx(0.5)  # the 128-call window still holds the burst
+    assert stats.p95_of_last(stats.recorded - mark) == pytest.approx(0.002)
+    assert stats.p95_of_last(2) == pytest.approx(0.002)  # at least the last 8
+    assert stats.p95_of_last(30) == pytest.approx(0.5)  # 10 of the 30 were slow
+    record(0.003, WINDOW + 3)  # wrapped around the ring: still the newest ones
+    record(0.2, 1)
+    assert stats.p95_of_last(8) == pytest.approx(0.2)
+    assert stats.p95_of_last(10_000) == pytest.approx(0.003)  # at most the whole window
+
+
 def test_an_abandoned_call_counts_as_slow_not_failed() -> None:
     stats = ReplicaStats()
     for _ in range(3):
