@@ -83,6 +83,9 @@ class ScalingContext:
     placements: tuple[PlacementLoad, ...]
     tier_max_replicas: Mapping[str, int] = field(default_factory=dict)
     """Tiers with a cap on replicas across all their members (`tiers.NAME.max_replicas`)."""
+    window_s: float = 0.0
+    """What rates and calls in flight are averaged over (`autoscaling.window_s`): decisions
+    closer together than it see overlapping windows (0: unknown)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,9 +159,15 @@ class _Demand:
     why: str
 
 
-def _slope(points: tuple[tuple[float, float], ...], min_t: float = 0.0) -> float:
+def _slope(
+    points: tuple[tuple[float, float], ...], min_t: float = 0.0, window_s: float = 0.0
+) -> float:
     """Least-squares slope of rate over time (req/s per s); 0 with under two points, and 0
-    unless it is at least ``min_t`` standard errors (from the fit's residuals) above zero."""
+    unless it is at least ``min_t`` standard errors (from the fit's residuals) above zero.
+
+    Rates averaged over ``window_s`` and sampled more often than that share their calls: m
+    samples per window carry about one sample's news, so the standard error grows by sqrt(m)
+    (otherwise the noise of a flat rate passes for a trend)."""
     if len(points) < 2:
         return 0.0
     n = len(points)
@@ -177,7 +183,9 @@ def _slope(points: tuple[tuple[float, float], ...], min_t: float = 0.0) -> float
         return 0.0  # two points: no residuals, no idea of the noise
     residual = sum((r - mean_r - slope * (t - mean_t)) ** 2 for t, r in points)
     error = math.sqrt(residual / (n - 2) / spread)
-    return slope if slope >= min_t * error else 0.0
+    spacing = (points[-1][0] - points[0][0]) / (n - 1)
+    overlap = max(1.0, window_s / spacing) if spacing > 0 else 1.0
+    return slope if slope >= min_t * error * math.sqrt(overlap) else 0.0
 
 
 @register("autoscaling", "r3e", params=R3eParams)
@@ -244,7 +252,7 @@ class R3e:
         for m, placed in members.items():
             rate = sum(x.arrival_rps for x in placed)
             rates[m] = (*self._history(state.rates.get(m, ()), now, None), (now, rate))
-            demands[m] = self._demand(placed, rates[m], rate)
+            demands[m] = self._demand(placed, rates[m], rate, ctx.window_s)
         starting = {k: n for k, (t, n) in state.started.items() if now - t < p.startup_grace_s}
         ideal, needed, notes = self._place(ctx, members, demands, starting, rank)
 
@@ -309,7 +317,11 @@ class R3e:
         return kept if rate is None else (*kept, (now, rate))
 
     def _demand(
-        self, placed: list[PlacementLoad], history: tuple[tuple[float, float], ...], rate: float
+        self,
+        placed: list[PlacementLoad],
+        history: tuple[tuple[float, float], ...],
+        rate: float,
+        window_s: float,
     ) -> _Demand:
         """The rate one member must be able to serve, and each tier's rate per replica."""
         p = self.params
@@ -329,7 +341,7 @@ class R3e:
                 f"needs {n}"
             )
             return _Demand(inflight / p.target_ongoing_requests * speed, speeds, why)
-        slope = _slope(history, p.trend_min_t)
+        slope = _slope(history, p.trend_min_t, window_s)
         ahead = rate + max(0.0, slope) * p.lookahead_s
         by_rate = ahead * p.headroom
         # Little's law: the rate keeps rate x (service time + time on the wire) calls in

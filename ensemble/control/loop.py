@@ -100,7 +100,7 @@ class ControlLoop:
         if policy is not self._policy:  # a new config: start from the policy's own state
             self._policy, self._state = policy, policy.initial_state()
         loads = self._observe(repository, now, settings.window_s)
-        ctx = ScalingContext(now, loads, repository.tier_caps)
+        ctx = ScalingContext(now, loads, repository.tier_caps, settings.window_s)
         decision, self._state = policy.decide(ctx, self._state)
         for key, target in decision.targets.items():
             member = repository.members.get(key[0])

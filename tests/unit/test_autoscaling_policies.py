@@ -566,3 +566,24 @@ def test_r3e_sees_no_trend_in_a_flat_but_noisy_rate() -> None:
     for t, rate in enumerate(noisy):
         decision, state = eager.decide(ctx(t * 0.5, edge(4, high=8, rps=rate), cloud()), state)
     assert "trending" in decision.reasons[EDGE]
+
+
+def test_r3e_discounts_overlapping_windows_before_it_sees_a_trend() -> None:
+    # A slow rise sampled every 0.5 s: its slope is 5.4 standard errors above zero, a trend
+    # at trend_min_t 3 when the samples are independent.
+    rising = (50.0, 52.0, 49.0, 55.0, 53.0, 56.0, 54.0, 58.0, 57.0, 59.0)
+    policy = r3e(lookahead_s=5, trend_window_s=10, spare=0)
+
+    def reason(window_s: float) -> str:
+        state, decision = R3eState(), None
+        for t, rate in enumerate(rising):
+            loads = (edge(4, high=8, rps=rate), cloud())
+            context = ScalingContext(t * 0.5, loads, {}, window_s)
+            decision, state = policy.decide(context, state)
+        assert decision is not None
+        return decision.reasons.get(EDGE, "")
+
+    assert "trending" in reason(0.0)
+    # The same samples as rates over 2 s windows: four samples a window share their calls,
+    # so the slope's standard error doubles (2.7 of them) and the rise is not yet a trend.
+    assert "trending" not in reason(2.0)
