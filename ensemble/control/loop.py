@@ -49,9 +49,9 @@ class ControlLoop:
         self._state: Any = None
         self._samples: dict[Key, deque[tuple[float, float, int, int]]] = {}
         self._seen: dict[Key, dict[str, tuple[int, int]]] = {}
+        """Per placement: each serving replica's (calls, failures) counters when last seen."""
         self._recorded: dict[Key, dict[str, deque[tuple[float, int]]]] = {}
         """Per placement and replica: (tick, latencies recorded so far) over the window."""
-        """Per placement: each serving replica's (calls, failures) counters when last seen."""
         self._totals: dict[Key, tuple[int, int]] = {}
         """Per placement: calls and failures counted so far, never decreasing (a replica that
         leaves takes its counters along, not the calls it served)."""
