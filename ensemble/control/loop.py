@@ -270,6 +270,7 @@ class ControlLoop:
             rate = (calls - samples[0][2]) / span if span > 0 else 0.0
             failing = (failures - samples[0][3]) / span if span > 0 else 0.0
             p95s = self._window_p95s(key, serving, stats, now, window_s)
+            trips = [round_trip_s(r) for r in serving]
             if tier in member.growers:  # provisioned here: count what serves
                 self.replicas[key] = len(serving)
             replicas = self.replicas.setdefault(key, low)
@@ -291,8 +292,8 @@ class ControlLoop:
                     max(p95s) * 1e3 if p95s and calls > samples[0][2] else None,
                     ready_replicas=min(ready, replicas),
                     failures_rps=failing,
-                    service_ms=_service_ms(member, serving, stats),
-                    link_ms=max((round_trip_s(r) for r in serving), default=0.0) * 1e3,
+                    service_ms=_service_ms(member, trips, stats),
+                    link_ms=max(trips, default=0.0) * 1e3,
                     cost_per_replica_hour=repository.tier_prices.get(tier, 0.0),
                     other_tiers=tuple(
                         t for m, t in repository.bounds if m == member_name and t != tier
@@ -302,18 +303,18 @@ class ControlLoop:
         return tuple(loads)
 
 
-def _service_ms(member: Member, serving: list[Replica], stats: list[ReplicaStats]) -> float | None:
+def _service_ms(member: Member, trips: list[float], stats: list[ReplicaStats]) -> float | None:
     """How long one call holds an idle replica: the fastest tenth of recent calls (those that
-    met no queue) on the quickest replica, less the round trip of an emulated link it sits
-    behind (time on the wire holds no replica), what the replicas really take here (an emulated
+    met no queue) on the quickest replica, less its emulated link's round trip (``trips``,
+    per replica: time on the wire holds no replica), what the replicas really take here (an emulated
     device, a busy machine); never below the member card's batch-1 p50; the card alone before
     calls."""
     card = member.card
     one = card.latency_ms.get("batch_1") if card is not None else None
     floor = float(one.p50_ms) if one is not None else None
     fast = [
-        max(0.0, s.fast_s - round_trip_s(r))
-        for r, s in zip(serving, stats, strict=True)
+        max(0.0, s.fast_s - trip)
+        for trip, s in zip(trips, stats, strict=True)
         if s.fast_s is not None
     ]
     if not fast:

@@ -83,9 +83,8 @@ class ReplicaStats:
 
     @property
     def p95_s(self) -> float | None:
-        if self._p95 is None and len(self._window) >= 8:
-            ordered = sorted(self._window)
-            self._p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        if self._p95 is None:
+            self._p95 = self.p95_of_last(WINDOW)
         return self._p95
 
     @property
