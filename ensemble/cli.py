@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,10 +19,14 @@ from ensemble.config import (
     GatewayConfig,
     Placement,
     ServerConfig,
+    TlsConfig,
     json_schema,
     load_config,
 )
-from ensemble.errors import ConfigError, EnsembleError
+from ensemble.errors import ConfigError, EnsembleError, ModelIntegrityError
+from ensemble.integrity import EXIT_INTEGRITY
+from ensemble.models.card import card_path_for
+from ensemble.tls import TlsFileError, load_tls_files
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 SCHEMA_PATH = Path("configs/schema.json")
@@ -140,12 +145,45 @@ def _server_settings(args: argparse.Namespace) -> ServerConfig | None:
         "drain_timeout_s": args.drain_timeout_s,
     }
     try:
+        given["tls"] = _tls_settings(args)
+    except ValueError as exc:
+        print(f"ensemble replica: {exc}", file=sys.stderr)
+        return None
+    try:
         return ServerConfig.model_validate(given)
     except ValidationError as exc:
         for error in exc.errors():
             flag = "--" + str(error["loc"][0]).replace("_", "-")
             print(f"ensemble replica: {flag}: {error['msg']}", file=sys.stderr)
         return None
+
+
+_TLS_FLAGS = {
+    "cert_file": "--tls-cert",
+    "key_file": "--tls-key",
+    "client_ca_file": "--tls-client-ca",
+}
+
+
+def _tls_settings(args: argparse.Namespace) -> TlsConfig | None:
+    """The replica's TLS settings from its flags (None: plain text); raises ValueError naming
+    the flag when the flags or the files they name are wrong."""
+    cert, key, ca = args.tls_cert, args.tls_key, args.tls_client_ca
+    if cert is None and key is None and ca is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    try:
+        load_tls_files(cert, key, ca)
+    except TlsFileError as exc:
+        raise ValueError(f"{_TLS_FLAGS[exc.field]}: {exc.message}") from None
+    return TlsConfig(cert_file=cert, key_file=key, client_ca_file=ca)
+
+
+def _sha256_arg(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise argparse.ArgumentTypeError("must be 64 hex digits (a SHA-256 digest)")
+    return text.lower()
 
 
 def cmd_replica(args: argparse.Namespace) -> int:
@@ -171,8 +209,14 @@ def cmd_replica(args: argparse.Namespace) -> int:
 
         def make() -> Gateway:
             _progress(f"loading {args.model} as model {name}")
+            card = args.card or card_path_for(args.model)
+            if args.sha256 is None and not card.is_file():
+                _progress(f"{args.model} has no card and no --sha256: serving it unverified")
             return Gateway(
-                server, lambda engine: Repository.single_model(args.model, name, engine, args.card)
+                server,
+                lambda engine: Repository.single_model(
+                    args.model, name, engine, args.card, args.sha256
+                ),
             )
 
         return uvloop.run(
@@ -180,12 +224,18 @@ def cmd_replica(args: argparse.Namespace) -> int:
         )
     except (EnsembleError, OSError) as exc:
         print(f"ensemble: cannot serve {args.model}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INTEGRITY if isinstance(exc, ModelIntegrityError) else 1
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
+        return 1
+    refused = _digest_errors(args.config, cfg)
+    if refused:
+        for line in refused:
+            print(line, file=sys.stderr)
+        print(f"{args.config}: invalid config ({len(refused)} error(s))", file=sys.stderr)
         return 1
     print(f"{args.config}: OK")
     print(f"  tiers: {', '.join(cfg.tiers)}")
@@ -214,6 +264,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if missing:
         print(f"  note: {len(missing)} model file(s) not built yet; `ensemble serve` builds them")
     return 0
+
+
+def _digest_errors(path: Path, cfg: GatewayConfig) -> list[str]:
+    """Model files that `serve` would refuse for their SHA-256, as config errors."""
+    from ensemble.config_errors import format_errors, line_index
+    from ensemble.model_checks import digest_errors
+
+    problems = digest_errors(cfg)
+    if not problems:
+        return []
+    return format_errors(str(path), problems, line_index(path.read_text(encoding="utf-8")))
 
 
 def _placement_summary(place: Placement) -> str:
@@ -372,10 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
             "/v2/models/NAME/ready), metadata, Triton's model config, /metrics, the binary "
             "tensor extension and OIP errors (400 / INVALID_ARGUMENT for bad input). No "
             "ensemble, no config file, no Ray: a gateway reaches it with backend oip-http or "
-            "oip-grpc. The member card beside the model (FILE.card.json) is read when present. "
+            "oip-grpc. The member card beside the model (FILE.card.json) is read when present, "
+            "and the file must match its SHA-256 (and --sha256's) or it is not served. "
             "Prints one 'ensemble replica ready: http=HOST:PORT grpc=HOST:PORT models=NAME' "
             "line on stdout once both frontends listen; SIGTERM/SIGINT drain in-flight "
-            "requests, then exit 0. Exit 2 on invalid options, 1 when it cannot start."
+            "requests, then exit 0. Exit 2 on invalid options, 3 when the model file fails its "
+            "digest check, 1 when it cannot start otherwise."
         ),
         epilog=(
             "example: ensemble replica models/digits/logreg.onnx --http-port 9000 --grpc-port 9001"
@@ -390,6 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="Member card JSON (default: the model's FILE.card.json beside FILE.onnx).",
+    )
+    replica.add_argument(
+        "--sha256",
+        type=_sha256_arg,
+        metavar="HEX",
+        help="SHA-256 the model file must have; it is refused (exit 1) otherwise. The card's "
+        "digest is checked too when there is a card; with neither, the file is served "
+        "unverified.",
     )
     replica.add_argument(
         "--host", default="127.0.0.1", help="Bind address (default: 127.0.0.1; 0.0.0.0: all)."
@@ -449,13 +520,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="On SIGTERM, how long in-flight requests may take to finish (default 30).",
     )
+    replica.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PATH",
+        help="PEM certificate chain: serve HTTPS and gRPC over TLS (with --tls-key).",
+    )
+    replica.add_argument(
+        "--tls-key", type=Path, metavar="PATH", help="PEM private key of --tls-cert (unencrypted)."
+    )
+    replica.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PATH",
+        help="PEM CA certificates: clients must present a certificate signed by one (mutual TLS).",
+    )
     replica.set_defaults(func=cmd_replica)
 
     validate = sub.add_parser(
         "validate",
         help="Check a config; print every error with its YAML path.",
-        description="Validate a config file. Exit 0 and print a summary when it is good; "
-        "print every error as FILE:LINE:COL: yaml.path: message and exit 1 otherwise.",
+        description="Validate a config file, reading the model files it names: the members "
+        "of an ensemble must take the same inputs, and each file must match its card's or "
+        "`sha256` pin's digest. Exit 0 and print a summary when it is good; print every error "
+        "as FILE:LINE:COL: yaml.path: message and exit 1 otherwise.",
     )
     validate.add_argument("config", type=Path, help="Config YAML to check.")
     validate.set_defaults(func=cmd_validate)

@@ -8,7 +8,15 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from ensemble.config_errors import (
     Loc,
@@ -19,10 +27,14 @@ from ensemble.config_errors import (
     line_index,
 )
 from ensemble.errors import ConfigError
+from ensemble.model_checks import input_errors
+from ensemble.tls import tls_file_errors
 from policies import registry
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 Name = Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
+Sha256Hex = Annotated[str, StringConstraints(to_lower=True, pattern=r"^[0-9a-fA-F]{64}$")]
+"""A hex SHA-256 digest (either case; kept lower-case)."""
 
 
 class StrictModel(BaseModel):
@@ -378,6 +390,12 @@ class MemberConfig(StrictModel):
     card: Path | None = Field(
         None, description="Member card JSON; default: `<model stem>.card.json` beside the model."
     )
+    sha256: Sha256Hex | None = Field(
+        None,
+        description="Hex SHA-256 the model file must have; the gateway refuses a file that "
+        "hashes otherwise (on start, reload and every new replica). Needed for a model without "
+        "a member card; with a card, the file must match both.",
+    )
     probability_output: str | None = Field(
         None, description="Output holding class scores; default: from the card, else inferred."
     )
@@ -476,6 +494,38 @@ class EnsembleConfig(StrictModel):
     members: list[MemberConfig] = Field(min_length=1, description="The ensemble's members.")
 
 
+class TlsConfig(StrictModel):
+    """TLS on both frontends (HTTPS and gRPC over TLS); with ``client_ca_file``, mutual TLS."""
+
+    cert_file: Path = Field(
+        description="PEM certificate chain the gateway presents (its own certificate first), "
+        "relative to this config file's directory."
+    )
+    key_file: Path = Field(
+        description="PEM private key of that certificate, unencrypted, relative to this config "
+        "file's directory."
+    )
+    client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA certificates; when set, every client must present a certificate "
+        "signed by one of them (mutual TLS), on both frontends. Relative to this config file's "
+        "directory.",
+    )
+
+    def resolved(self, base_dir: Path) -> TlsConfig:
+        """These settings with relative paths made absolute against ``base_dir``."""
+
+        def absolute(path: Path) -> Path:
+            return path if path.is_absolute() else (base_dir / path).resolve()
+
+        ca = self.client_ca_file
+        return TlsConfig(
+            cert_file=absolute(self.cert_file),
+            key_file=absolute(self.key_file),
+            client_ca_file=None if ca is None else absolute(ca),
+        )
+
+
 class ServerConfig(StrictModel):
     """Listening addresses and request limits."""
 
@@ -486,6 +536,80 @@ class ServerConfig(StrictModel):
         64 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 above it)."
     )
     max_batch_size: int = Field(1024, ge=1, description="Largest accepted batch dimension.")
+    max_request_elements: int = Field(
+        4 * 1024 * 1024,
+        ge=1,
+        description="Most tensor elements one request may carry, whatever the model; a "
+        "model's own limit is max_batch_size rows of its inputs. A JSON body holding more "
+        "values is refused (413) while it arrives, before it is parsed.",
+    )
+    max_inflate_ratio: float = Field(
+        100.0,
+        ge=1,
+        le=1_000_000,
+        description="Largest ratio of a gzip/deflate body's inflated size to its size on the "
+        "wire (a compression bomb's is about 1,000); bodies inflating to at most 1 MiB are "
+        "exempt. Above it: 413.",
+    )
+    decode_offload_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        description="Bodies and gRPC messages larger than this are inflated and decoded in a "
+        "worker thread, off the event loop; 0 offloads every one.",
+    )
+    non_finite_inputs: Literal["reject", "allow"] = Field(
+        "reject",
+        description="Floating-point inputs holding NaN or infinity: `reject` (400 / "
+        "INVALID_ARGUMENT) or `allow` (for models that read NaN as a missing value; members "
+        "that answer such input with non-finite scores are left out of the answer, never "
+        "counted as unavailable).",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        le=1_000_000,
+        description="Open client connections per frontend (HTTP, gRPC). At the cap a new "
+        "HTTP connection closes the oldest one that is not in a request (idle or still "
+        "sending its head), or is refused with 503 when every one is busy; gRPC refuses it. "
+        "Lowered at start to fit the process's descriptor limit.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest request head: HTTP request line and headers (431 above it), gRPC "
+        "metadata.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Time a client has to send a request's head (HTTP) or finish the "
+        "connection handshake (gRPC, TLS included) once it started; then it is closed.",
+    )
+    read_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="Time a client has to send a request body once its head arrived (408 "
+        "after it).",
+    )
+    idle_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=86_400,
+        description="A connection with no request in flight for this long is closed (HTTP "
+        "keep-alive; gRPC max connection idle).",
+    )
+    grpc_max_concurrent_streams: int = Field(
+        128, ge=1, le=1_000_000, description="Calls one gRPC connection may have open at once."
+    )
+    grpc_max_connection_age_s: float | None = Field(
+        None,
+        gt=0,
+        description="gRPC connections older than this are asked to reconnect (GOAWAY, with "
+        "their calls finishing first); none by default.",
+    )
     executor_threads: int = Field(
         2, ge=1, le=64, description="Threads running onnxruntime (never the event loop)."
     )
@@ -504,8 +628,16 @@ class ServerConfig(StrictModel):
         10_000,
         ge=1,
         le=10_000_000,
-        description="Answered ensemble requests with an `id` remembered per ensemble for "
-        "feedback (oldest forgotten first).",
+        description="Ensemble answers kept for feedback, all ensembles together (oldest "
+        "forgotten first); kept only while ENSEMBLE_FEEDBACK_TOKEN enables feedback.",
+    )
+    feedback_max_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        le=1024**4,
+        description="Memory the answers kept for feedback may hold, all ensembles together "
+        "(oldest forgotten first): each answer keeps its members' predicted class per row and "
+        "about 400 bytes of bookkeeping.",
     )
     feedback_accuracy_window: int = Field(
         200,
@@ -513,6 +645,10 @@ class ServerConfig(StrictModel):
         le=1_000_000,
         description="Labelled rows per member the rolling accuracy is computed over "
         "(a sliding window).",
+    )
+    tls: TlsConfig | None = Field(
+        None,
+        description="Serve HTTPS and gRPC over TLS with these files (plain text when absent).",
     )
 
 
@@ -539,7 +675,7 @@ class AutoscalingConfig(StrictModel):
 
 
 class RayConfig(StrictModel):
-    """The Ray cluster behind `ray` placements (README "Ray Serve members")."""
+    """The Ray cluster behind `ray` placements (docs/replicas.md)."""
 
     app: Name = Field(
         "ensemble",
@@ -598,11 +734,11 @@ class GatewayConfig(StrictModel):
         "never all ejected.",
     )
     admission: PolicySpec = Field(
-        default_factory=lambda: PolicySpec(name="bounded"),
-        description="Admission control before any work on a request (`bounded`: at most "
-        "`max_running` at once and `max_waiting` waiting, the least important shed with 429 / "
-        "RESOURCE_EXHAUSTED and Retry-After; `adaptive`: the same with a running limit that "
-        "follows measured service time).",
+        default_factory=lambda: PolicySpec(name="adaptive"),
+        description="Admission control before any work on a request (`adaptive`, the "
+        "default: at most a limit of requests run at once, the limit following measured "
+        "service time, as many wait, the least important shed with 429 / RESOURCE_EXHAUSTED "
+        "and Retry-After; `bounded`: the same with fixed `max_running` and `max_waiting`).",
     )
     autoscaling: AutoscalingConfig | None = Field(
         None,
@@ -698,6 +834,7 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
                         )
                     )
             errors.extend(_file_errors(cfg, member, mloc))
+    errors.extend(input_errors(cfg))  # what `serve` would refuse, with the member's line
     gateway_tier = cfg.ray.gateway_tier
     if gateway_tier is not None and gateway_tier not in cfg.tiers:
         known = ", ".join(sorted(cfg.tiers)) or "none"
@@ -721,6 +858,12 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
     errors.extend(
         _policy_errors("outlier_detection", cfg.outlier_detection, ("outlier_detection",))
     )
+    if cfg.server.tls is not None:
+        tls = cfg.server.tls.resolved(cfg.base_dir)
+        errors.extend(
+            (("server", "tls", problem.field), problem.message)
+            for problem in tls_file_errors(tls.cert_file, tls.key_file, tls.client_ca_file)
+        )
     return errors
 
 

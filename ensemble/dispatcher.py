@@ -23,7 +23,8 @@ from ensemble.errors import (
     MemberFailed,
     ModelNotReady,
 )
-from ensemble.feedback import DEFAULT_ACCURACY_WINDOW, DEFAULT_WINDOW, FeedbackHub
+from ensemble.feedback import DEFAULT_ACCURACY_WINDOW, FeedbackHub
+from ensemble.feedback_store import DEFAULT_MAX_BYTES, DEFAULT_WINDOW
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.base import innermost
 from ensemble.replicas.member import Member
@@ -67,16 +68,23 @@ class Dispatcher:
         metrics: GatewayMetrics,
         *,
         max_batch_size: int = 1024,
+        allow_non_finite: bool = False,
+        feedback: bool = False,
         feedback_window: int = DEFAULT_WINDOW,
+        feedback_max_bytes: int = DEFAULT_MAX_BYTES,
         feedback_accuracy_window: int = DEFAULT_ACCURACY_WINDOW,
     ) -> None:
         self.repository = repository
         self.metrics = metrics
         self.max_batch_size = max_batch_size
+        self.allow_non_finite = allow_non_finite
+        """Floating-point inputs may hold NaN and infinity (``server.non_finite_inputs``)."""
         self.feedback = FeedbackHub(
             metrics,
             lambda: self.repository,  # read at each use: a reload swaps the repository
+            enabled=feedback,
             window=feedback_window,
+            max_bytes=feedback_max_bytes,
             accuracy_window=feedback_accuracy_window,
         )
         self.draining = False
@@ -117,26 +125,41 @@ class Dispatcher:
 
     # -- inference ----------------------------------------------------------------------
 
-    def shed_early(self, name: str, version: str | None, protocol: str) -> None:
+    def shed_early(self, name: str, version: str | None) -> None:
         """Raise Overloaded when admission would shed a default-priority request for model
         ``name`` now. Frontends call it before decoding a request that sets no ``priority``, so
         a shed request costs no decoding, validation or contract parsing (under 2x overload
         half the requests are shed, and that work would come out of the other half's CPU).
-        Anything else (an unknown model, a gate with room) is left to ``infer``."""
-        started = time.perf_counter()
+        Anything else (an unknown model, a gate with room) is left to ``infer``. The frontend
+        counts the request (``refused``)."""
         repository = self.repository
         error = self.gate.sheds(repository.admission, DEFAULT_PRIORITY)
         if error is None:
             return
         try:
-            label = repository.get(name, version).name
+            repository.get(name, version)
         except EnsembleError:
             return  # infer reports it
         self.gate.count_shed("full")
+        raise error
+
+    def refused(
+        self,
+        name: str,
+        version: str | None,
+        protocol: str,
+        error: EnsembleError,
+        started: float,
+    ) -> None:
+        """Count a request a frontend refused before ``infer`` (its body, its decoding, an early
+        shed) among the requests of its model, or of model "" when the name is unknown."""
+        try:
+            label = self.repository.get(name, version).name
+        except EnsembleError:
+            label = ""
         self.metrics.record_request(
             label, protocol, outcome_of(error), time.perf_counter() - started
         )
-        raise error
 
     async def infer(self, request: InferRequest, protocol: str) -> InferResponse:
         """Answer one request; raises EnsembleError subclasses for every client-visible failure."""
@@ -147,7 +170,9 @@ class Dispatcher:
         try:
             model = self.repository.get(request.model_name, request.model_version)
             label = model.name
-            feed = check_inputs(model.metadata, request.inputs, self.max_batch_size)
+            feed = check_inputs(
+                model.metadata, request.inputs, self.max_batch_size, self.allow_non_finite
+            )
             check_outputs(model.metadata, request.outputs)
             contract = parse_contract(
                 request.parameters,
@@ -158,9 +183,7 @@ class Dispatcher:
             repository = self.repository
             async with self.gate.slot(repository.admission, contract.priority, deadline):
                 if isinstance(model, EnsembleModel):
-                    outputs, params = await self._ensemble(
-                        model, feed, contract, deadline, request.id
-                    )
+                    outputs, params = await self._ensemble(model, feed, contract, deadline)
                 else:
                     outputs, params = await self._member(model, feed, contract, deadline)
             if request.outputs is not None:
@@ -268,7 +291,6 @@ class Dispatcher:
         feed: dict[str, np.ndarray],
         contract: Contract,
         deadline: float | None,
-        request_id: str | None = None,
     ) -> tuple[list[Tensor], Parameters]:
         profile = model.profiles[contract.policy or model.profile]
         run = _Run(self, model, profile, feed, contract, deadline)
@@ -354,9 +376,9 @@ class Dispatcher:
             params["fallback"] = str(profile.fallback)
         if rerouted:
             params["rerouted"] = True
-        if request_id:  # only requests with an id can be joined to a label later
-            self.feedback.remember(
-                model.name, request_id, profile.name, tuple(run.asked), run.answers
+        if self.feedback.enabled:  # the id a label joins this answer by, and only this one
+            params["feedback_id"] = self.feedback.remember(
+                model.name, profile.name, tuple(run.asked), run.answers
             )
         return outputs, params
 
@@ -505,7 +527,11 @@ class _Run:
         kinds: list[str] = []
         if self.late:
             kinds.append("deadline")
-        if self.unreachable or any(not isinstance(f, DeadlineExceeded) for _, f in self.failures):
+        # A member the input made fail (non-finite scores from allowed NaN input) is no sign
+        # of an unavailable member; a late one is counted as `deadline`.
+        if self.unreachable or any(
+            not isinstance(f, DeadlineExceeded | InvalidInput) for _, f in self.failures
+        ):
             kinds.append("availability")
         wanted = self.contract.min_accuracy
         if wanted is not None:

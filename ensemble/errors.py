@@ -4,18 +4,55 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+REJECTION_REASONS = (
+    "invalid_input",
+    "too_large",
+    "read_timeout",
+    "unsupported_encoding",
+    "unauthenticated",
+    "forbidden",
+    "model_not_found",
+    "not_found",
+    "method_not_allowed",
+    "conflict",
+    "shed",
+    "deadline",
+    "contract_unmet",
+    "not_ready",
+    "draining",
+    "members_failed",
+    "feedback_unknown_id",
+    "feedback_duplicate",
+    "internal",
+)
+"""Every error's ``reason``: the label values of ``ensemble_rejected_requests_total``."""
+
+MAX_MESSAGE_CHARS = 2000
+"""Longest error message sent to a client: messages quote what the client sent."""
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was: for client strings quoted
+    in messages and logs (a 10 MB tensor name must not come back whole)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text):,} characters)"
+
 
 class EnsembleError(Exception):
     """Root of every error the gateway reports to a client.
 
     Frontends turn these into responses in exactly one place each: the HTTP status and the
-    gRPC status code (by name, as in ``grpc.StatusCode``) live on the class.
+    gRPC status code (by name, as in ``grpc.StatusCode``) live on the class. ``reason`` names
+    the error in ``ensemble_rejected_requests_total``.
     """
 
     http_status: ClassVar[int] = 500
     grpc_code: ClassVar[str] = "INTERNAL"
+    reason: ClassVar[str] = "internal"
 
     def __init__(self, message: str) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
 
@@ -28,6 +65,7 @@ class InvalidInput(EnsembleError):
 
     http_status = 400
     grpc_code = "INVALID_ARGUMENT"
+    reason = "invalid_input"
 
 
 class ModelNotFound(EnsembleError):
@@ -35,6 +73,7 @@ class ModelNotFound(EnsembleError):
 
     http_status = 404
     grpc_code = "NOT_FOUND"
+    reason = "model_not_found"
 
 
 class NotFound(EnsembleError):
@@ -42,6 +81,7 @@ class NotFound(EnsembleError):
 
     http_status = 404
     grpc_code = "NOT_FOUND"
+    reason = "not_found"
 
 
 class MethodNotAllowed(EnsembleError):
@@ -49,6 +89,7 @@ class MethodNotAllowed(EnsembleError):
 
     http_status = 405
     grpc_code = "UNIMPLEMENTED"
+    reason = "method_not_allowed"
 
 
 class PayloadTooLarge(EnsembleError):
@@ -56,6 +97,15 @@ class PayloadTooLarge(EnsembleError):
 
     http_status = 413
     grpc_code = "RESOURCE_EXHAUSTED"  # what gRPC's own message limit answers
+    reason = "too_large"
+
+
+class RequestTimeout(EnsembleError):
+    """The client did not send its request body in time (``server.read_timeout_s``)."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+    reason = "read_timeout"
 
 
 class UnsupportedMediaType(EnsembleError):
@@ -63,13 +113,21 @@ class UnsupportedMediaType(EnsembleError):
 
     http_status = 415
     grpc_code = "INVALID_ARGUMENT"
+    reason = "unsupported_encoding"
 
 
 class Unauthorized(EnsembleError):
-    """The admin API needs `Authorization: Bearer <token>`."""
+    """The request needs a valid `Authorization: Bearer <credential>` (an API key on the
+    inference routes, the admin token on the admin API); ``realm`` names which, for HTTP's
+    ``WWW-Authenticate``."""
 
     http_status = 401
     grpc_code = "UNAUTHENTICATED"
+    reason = "unauthenticated"
+
+    def __init__(self, message: str, realm: str = "ensemble") -> None:
+        super().__init__(message)
+        self.realm = realm
 
 
 class Forbidden(EnsembleError):
@@ -77,6 +135,7 @@ class Forbidden(EnsembleError):
 
     http_status = 403
     grpc_code = "PERMISSION_DENIED"
+    reason = "forbidden"
 
 
 class ModelNotReady(EnsembleError):
@@ -84,6 +143,7 @@ class ModelNotReady(EnsembleError):
 
     http_status = 503
     grpc_code = "UNAVAILABLE"
+    reason = "not_ready"
 
 
 class ServerShuttingDown(EnsembleError):
@@ -91,6 +151,7 @@ class ServerShuttingDown(EnsembleError):
 
     http_status = 503
     grpc_code = "UNAVAILABLE"
+    reason = "draining"
 
 
 class Overloaded(EnsembleError):
@@ -99,6 +160,7 @@ class Overloaded(EnsembleError):
 
     http_status = 429
     grpc_code = "RESOURCE_EXHAUSTED"
+    reason = "shed"
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
@@ -110,6 +172,7 @@ class DeadlineExceeded(EnsembleError):
 
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"
+    reason = "deadline"
 
 
 class ContractUnmet(EnsembleError):
@@ -117,6 +180,7 @@ class ContractUnmet(EnsembleError):
 
     http_status = 422
     grpc_code = "FAILED_PRECONDITION"
+    reason = "contract_unmet"
 
 
 class MemberFailed(EnsembleError):
@@ -124,6 +188,7 @@ class MemberFailed(EnsembleError):
 
     http_status = 502
     grpc_code = "UNAVAILABLE"
+    reason = "members_failed"
 
 
 class Conflict(EnsembleError):
@@ -131,6 +196,21 @@ class Conflict(EnsembleError):
 
     http_status = 409
     grpc_code = "FAILED_PRECONDITION"
+    reason = "conflict"
+
+
+class ModelIntegrityError(EnsembleError):
+    """A model file does not hash to the SHA-256 its card or config pins (or nothing pins it).
+
+    Raised while models load (gateway start, reload, a new replica), never by a request: the
+    config that names the file is refused. ``problems`` has one line per refused file and
+    ``members`` the members they belong to, in the same order.
+    """
+
+    def __init__(self, problems: list[str], members: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+        self.members = members
 
 
 class ConfigError(Exception):

@@ -1,72 +1,23 @@
-"""Clipper-style feedback: true labels joined by request id to what the members answered."""
+"""Clipper-style feedback: true labels joined to the answers by the feedback id each carried."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ensemble.errors import EnsembleError, InvalidInput
+from ensemble.feedback_store import DEFAULT_MAX_BYTES, DEFAULT_WINDOW, Answered, AnswerStore
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.onnx import ClassLabel
 from ensemble.repository import EnsembleModel, Repository
 from ensemble.types import Feedback, MemberAnswer
 
-DEFAULT_WINDOW = 10_000
 DEFAULT_ACCURACY_WINDOW = 200
-
-
-@dataclass(slots=True)
-class Prediction:
-    """What one answered ensemble request left behind for a later label to be joined to."""
-
-    profile: str
-    asked: tuple[str, ...]
-    answers: Sequence[MemberAnswer]
-    """The dispatcher's own list of answers (a reference: nothing is copied on the hot path)."""
-    at: float
-    """``time.monotonic()`` when the answer was remembered."""
-    joined: bool = False
-    """Feedback was already accepted for it (a second one is a 409, counted once)."""
-
-    @property
-    def batch(self) -> int:
-        return int(self.answers[0].probabilities.shape[0]) if self.answers else 0
-
-
-class PredictionStore:
-    """The last ``capacity`` predictions of one ensemble by request id, oldest evicted first.
-
-    A plain dict keeps insertion order, so eviction pops its first key; a reused request id
-    replaces the older prediction and moves to the newest end. Memory stays flat at about
-    ``capacity`` entries of references to arrays the request computed anyway.
-    """
-
-    def __init__(self, capacity: int = DEFAULT_WINDOW) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1, got {capacity}")
-        self.capacity = capacity
-        self._entries: dict[str, Prediction] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._entries
-
-    def remember(self, request_id: str, prediction: Prediction) -> None:
-        entries = self._entries
-        if entries.pop(request_id, None) is None and len(entries) >= self.capacity:
-            del entries[next(iter(entries))]
-        entries[request_id] = prediction
-
-    def get(self, request_id: str) -> Prediction | None:
-        return self._entries.get(request_id)
+FEEDBACK_FIELDS = ("feedback_id", "label")
 
 
 class RollingAccuracy:
@@ -106,23 +57,29 @@ class RollingAccuracy:
 
 
 def parse_body(body: bytes) -> tuple[str, list[Any]]:
-    """The request id and the labels (one per row) of a feedback body; InvalidInput if bad."""
+    """The feedback id and the labels (one per row) of a feedback body; InvalidInput if bad."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"feedback body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise InvalidInput('feedback body must be a JSON object {"id": ..., "label": ...}')
-    unknown = sorted(set(doc) - {"id", "label"})
+        raise InvalidInput('feedback body must be a JSON object {"feedback_id": ..., "label": ...}')
+    unknown = sorted(set(doc) - set(FEEDBACK_FIELDS))
     if unknown:
-        raise InvalidInput(f"unknown feedback field(s): {', '.join(unknown)}; expected id, label")
-    request_id = doc.get("id")
-    if not isinstance(request_id, str) or not request_id:
-        raise InvalidInput("feedback needs `id`: the non-empty id of the earlier request")
+        hint = " (answers are joined by the `feedback_id` they carry)" if "id" in unknown else ""
+        raise InvalidInput(
+            f"unknown feedback field(s): {', '.join(unknown)}; expected "
+            f"{', '.join(FEEDBACK_FIELDS)}{hint}"
+        )
+    feedback_id = doc.get("feedback_id")
+    if not isinstance(feedback_id, str) or not feedback_id:
+        raise InvalidInput(
+            "feedback needs `feedback_id`: the one in the earlier answer's parameters"
+        )
     if "label" not in doc:
         raise InvalidInput("feedback needs `label`: the true class label, or a list per row")
     label = doc["label"]
-    return request_id, label if isinstance(label, list) else [label]
+    return feedback_id, label if isinstance(label, list) else [label]
 
 
 def class_indices(labels: Sequence[Any], classes: Sequence[ClassLabel]) -> np.ndarray:
@@ -140,11 +97,13 @@ def class_indices(labels: Sequence[Any], classes: Sequence[ClassLabel]) -> np.nd
 
 
 class FeedbackHub:
-    """Every ensemble's recent predictions, the members' rolling accuracy, and the join.
+    """The answers kept for feedback, the members' rolling accuracy, and the join.
 
-    Lives on the dispatcher, not on the models, so remembered predictions and accuracy windows
-    survive a config reload; the profile and members are looked up in the repository serving
-    when the feedback arrives. Runs only on the event loop (no locks).
+    Lives on the dispatcher, not on the models, so kept answers and accuracy windows survive a
+    config reload; the profile and members are looked up in the repository serving when the
+    feedback arrives. Only an ``enabled`` hub (the gateway has a feedback token) is given
+    answers to keep. One store serves every ensemble, so its bounds bound the gateway's memory.
+    Runs only on the event loop (no locks).
     """
 
     def __init__(
@@ -152,41 +111,42 @@ class FeedbackHub:
         metrics: GatewayMetrics,
         repository: Callable[[], Repository],
         *,
+        enabled: bool = False,
         window: int = DEFAULT_WINDOW,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         accuracy_window: int = DEFAULT_ACCURACY_WINDOW,
     ) -> None:
         self.metrics = metrics
         self._repository = repository
-        self.window = window
+        self.enabled = enabled
+        """Answers get a feedback id and are kept (the gateway has a feedback token)."""
+        self.store = AnswerStore(window, max_bytes)
         self.accuracy_window = accuracy_window
-        self.stores: dict[str, PredictionStore] = {}
         self.accuracy: dict[tuple[str, str], RollingAccuracy] = {}
         metrics.selection_weights = self._weights
+        metrics.feedback_store = self._store_size
 
     def remember(
-        self,
-        ensemble: str,
-        request_id: str,
-        profile: str,
-        asked: tuple[str, ...],
-        answers: Sequence[MemberAnswer],
-    ) -> None:
-        """Keep an answered request for a later label (the hot path: one dict insert)."""
-        store = self.stores.get(ensemble)
-        if store is None:
-            store = self.stores[ensemble] = PredictionStore(self.window)
-        store.remember(request_id, Prediction(profile, asked, answers, time.monotonic()))
+        self, ensemble: str, profile: str, asked: tuple[str, ...], answers: Sequence[MemberAnswer]
+    ) -> str:
+        """Keep an ensemble answer's predicted classes for a later label; its feedback id."""
+        return self.store.remember(Answered.of(ensemble, profile, asked, answers))
+
+    def refused(self, name: str) -> None:
+        """Count a feedback post refused for its credentials (401/403)."""
+        ensemble = name if name in self._repository().ensembles else ""
+        self.metrics.record_feedback(ensemble, "unauthorized")
 
     def submit(self, name: str, body: bytes) -> dict[str, Any]:
-        """Join a feedback body to ``name``'s prediction; raises EnsembleError subclasses."""
+        """Join a feedback body to ``name``'s answer; raises EnsembleError subclasses."""
         outcome, ensemble = "invalid", ""  # unknown names never become label values
         try:
             model = self._repository().get(name)
             ensemble = model.name
             if not isinstance(model, EnsembleModel):
                 raise InvalidInput(f"model {name!r} is not an ensemble; feedback goes to ensembles")
-            request_id, labels = parse_body(body)
-            result = self._join(model, request_id, labels)
+            feedback_id, labels = parse_body(body)
+            result = self._join(model, feedback_id, labels)
             outcome = "accepted"
             return result
         except _Outcome as exc:
@@ -195,31 +155,29 @@ class FeedbackHub:
         finally:
             self.metrics.record_feedback(ensemble, outcome)
 
-    def _join(self, model: EnsembleModel, request_id: str, labels: list[Any]) -> dict[str, Any]:
-        store = self.stores.get(model.name)
-        prediction = store.get(request_id) if store is not None else None
-        if prediction is None:
+    def _join(self, model: EnsembleModel, feedback_id: str, labels: list[Any]) -> dict[str, Any]:
+        entry = self.store.get(feedback_id)
+        if entry is None or entry.ensemble != model.name:
             raise UnknownId(
-                f"no recent prediction of {model.name!r} with id {request_id!r} (unknown, "
-                f"answered without an id, or older than the last {self.window} predictions)"
+                f"no recent answer of {model.name!r} with feedback_id {feedback_id!r} (unknown, "
+                f"from another ensemble, or evicted: the gateway keeps the last "
+                f"{self.store.capacity} answers within {self.store.max_bytes} bytes)"
             )
-        if prediction.joined:
-            raise Duplicate(f"feedback for id {request_id!r} was already accepted")
-        if len(labels) != prediction.batch:
+        if entry.joined:
+            raise Duplicate(f"feedback for feedback_id {feedback_id!r} was already accepted")
+        if len(labels) != entry.batch:
             raise InvalidInput(
-                f"request {request_id!r} had {prediction.batch} row(s) but the feedback has "
-                f"{len(labels)} label(s)"
+                f"the answer had {entry.batch} row(s) but the feedback has {len(labels)} label(s)"
             )
         truth = class_indices(labels, model.classes)
-        prediction.joined = True
-        answers = {a.member: a.probabilities for a in prediction.answers}
-        event = Feedback(model.name, request_id, truth, answers, prediction.asked)
-        profile = model.profiles.get(prediction.profile)
+        predicted = dict(zip(entry.members, self.store.settle(feedback_id), strict=True))
+        event = Feedback(model.name, feedback_id, truth, predicted, entry.asked, entry.n_classes)
+        profile = model.profiles.get(entry.profile)
         if profile is not None:  # a reload may have removed the profile since
             profile.state = profile.selection.feedback(event, profile.state)
         members: dict[str, bool | float] = {}
-        for member, probabilities in answers.items():
-            correct = np.asarray(probabilities).argmax(axis=1) == truth
+        for member, classes in predicted.items():
+            correct = classes == truth
             key = (model.name, member)
             window = self.accuracy.get(key)
             if window is None:
@@ -231,6 +189,9 @@ class FeedbackHub:
                 served.rolling_accuracy = value
             members[member] = bool(correct[0]) if len(correct) == 1 else float(correct.mean())
         return {"accepted": True, "members": members}
+
+    def _store_size(self) -> tuple[int, int]:
+        return len(self.store), self.store.nbytes
 
     def _weights(self) -> Iterator[tuple[str, str, str, float]]:
         """(ensemble, profile, member, weight) of every profile that learns weights (Exp4's)."""
@@ -249,16 +210,18 @@ class _Outcome(EnsembleError):
 
 
 class UnknownId(_Outcome):
-    """No remembered prediction has this id (never seen, sent without id, or evicted)."""
+    """No kept answer of this ensemble has this feedback id (never issued, or evicted)."""
 
     http_status = 404
     grpc_code = "NOT_FOUND"
+    reason = "feedback_unknown_id"
     outcome = "unknown_id"
 
 
 class Duplicate(_Outcome):
-    """Feedback for this request id was already accepted (counted once)."""
+    """Feedback for this answer was already accepted (counted once)."""
 
     http_status = 409
     grpc_code = "ALREADY_EXISTS"
+    reason = "feedback_duplicate"
     outcome = "duplicate"

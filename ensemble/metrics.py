@@ -24,6 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from ensemble.errors import REJECTION_REASONS
+
 if TYPE_CHECKING:
     from ensemble.links import LinkReading
 
@@ -106,6 +108,8 @@ class GatewayMetrics:
         """Requests shed by admission control, by reason (full, evicted, deadline)."""
         self.reloads: defaultdict[str, int] = defaultdict(int)
         self.last_reload_success_s = 0.0
+        self.integrity_failures: defaultdict[str, int] = defaultdict(int)
+        """Model files refused for their digest, by member."""
         self.readiness: Callable[[], Mapping[str, bool]] = dict
         """Read at scrape time: each model's readiness now (the dispatcher sets it)."""
         self.feedback: defaultdict[tuple[str, str], int] = defaultdict(int)
@@ -113,8 +117,16 @@ class GatewayMetrics:
         """(ensemble, member) -> accuracy over the member's recent labelled rows."""
         self.selection_weights: Callable[[], Iterable[tuple[str, str, str, float]]] = tuple
         """Read at scrape time: (ensemble, profile, member, weight) learned from feedback."""
+        self.feedback_store: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        """Read at scrape time: answers kept for feedback, and the bytes they hold."""
         self.links: Callable[[], Iterable[LinkReading]] = tuple
         """Read at scrape time: the emulated links' state and counters (the gateway sets it)."""
+        self.rejections: defaultdict[tuple[str, str], int] = defaultdict(int)
+        """Requests answered with an error, by (protocol, reason)."""
+        self.connections_closed: defaultdict[tuple[str, str], int] = defaultdict(int)
+        """Client connections the gateway closed or refused, by (protocol, reason)."""
+        self.open_connections: Callable[[], Iterable[tuple[str, int]]] = tuple
+        """Read at scrape time: (protocol, client connections open now)."""
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -123,6 +135,15 @@ class GatewayMetrics:
         self.requests[(model, protocol, outcome)] += 1
         if model:
             self.request_latency[(model, protocol)].observe(seconds)
+
+    def record_rejection(self, protocol: str, reason: str) -> None:
+        """Count a request answered with an error (any route), by the error's reason."""
+        self.rejections[(protocol, reason)] += 1
+
+    def record_connection_closed(self, protocol: str, reason: str) -> None:
+        """Count a client connection closed by the gateway: limit, evicted, header_timeout,
+        header_too_large, idle_timeout."""
+        self.connections_closed[(protocol, reason)] += 1
 
     def record_member_call(self, member: str, tier: str, outcome: str, seconds: float) -> None:
         """Count one call to a member replica and its latency."""
@@ -159,6 +180,11 @@ class GatewayMetrics:
         """An answer went out flagged degraded (partial, fallback, or contract not met)."""
         self.degraded[ensemble] += 1
 
+    def record_integrity_failure(self, member: str) -> None:
+        """Count a member's model file refused because it does not match its card's or config's
+        SHA-256 (or has neither), on a reload or when a replica is added."""
+        self.integrity_failures[member] += 1
+
     def record_reload(self, outcome: str) -> None:
         """Count a config reload attempt: `success` or `failure` (rejected, old config kept)."""
         self.reloads[outcome] += 1
@@ -166,7 +192,7 @@ class GatewayMetrics:
             self.last_reload_success_s = time.time()
 
     def record_feedback(self, ensemble: str, outcome: str) -> None:
-        """Count one feedback post: accepted, unknown_id, duplicate or invalid."""
+        """Count one feedback post: accepted, unknown_id, duplicate, invalid or unauthorized."""
         self.feedback[(ensemble, outcome)] += 1
 
     def collect(self) -> Iterator[Metric]:
@@ -180,6 +206,34 @@ class GatewayMetrics:
         for key, value in list(self.requests.items()):
             requests.add_metric(list(key), value)
         yield requests
+        rejected = CounterMetricFamily(
+            "ensemble_rejected_requests",
+            "Requests answered with an error, on any route, by protocol and reason: "
+            + ", ".join(REJECTION_REASONS)
+            + ".",
+            labels=["protocol", "reason"],
+        )
+        for pair, value in list(self.rejections.items()):
+            rejected.add_metric(list(pair), value)
+        yield rejected
+        closed = CounterMetricFamily(
+            "ensemble_connections_closed",
+            "Client connections the gateway closed or refused, by protocol and reason: limit "
+            "(refused at server.max_connections), evicted (not in a request, closed for a new "
+            "connection at the cap), header_timeout, header_too_large, idle_timeout.",
+            labels=["protocol", "reason"],
+        )
+        for pair, value in list(self.connections_closed.items()):
+            closed.add_metric(list(pair), value)
+        yield closed
+        open_now = GaugeMetricFamily(
+            "ensemble_open_connections",
+            "Client connections open now, by protocol (http).",
+            labels=["protocol"],
+        )
+        for protocol, count in self.open_connections():
+            open_now.add_metric([protocol], count)
+        yield open_now
         yield _histograms(
             "ensemble_request_duration_seconds",
             "End-to-end inference latency inside the gateway, by model and protocol.",
@@ -362,6 +416,16 @@ class GatewayMetrics:
         for outcome in ("success", "failure"):
             reloads.add_metric([outcome], self.reloads.get(outcome, 0))
         yield reloads
+        integrity = CounterMetricFamily(
+            "ensemble_model_integrity_failures",
+            "Model files refused because their SHA-256 does not match the member's card or "
+            "config pin (or neither exists), by member: on a reload (the old config kept "
+            "serving) or when a replica is added.",
+            labels=["member"],
+        )
+        for member, count in list(self.integrity_failures.items()):
+            integrity.add_metric([member], count)
+        yield integrity
         yield GaugeMetricFamily(
             "ensemble_config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful config reload (0: none since start).",
@@ -375,13 +439,25 @@ class GatewayMetrics:
         yield ready
         feedback = CounterMetricFamily(
             "ensemble_feedback",
-            "Feedback posts (true labels joined by request id) by ensemble and outcome "
-            "(accepted, unknown_id, duplicate, invalid).",
+            "Feedback posts (true labels joined by feedback id) by ensemble and outcome "
+            "(accepted, unknown_id, duplicate, invalid, unauthorized).",
             labels=["ensemble", "outcome"],
         )
         for pair, count in list(self.feedback.items()):
             feedback.add_metric(list(pair), count)
         yield feedback
+        entries, size = self.feedback_store()
+        yield GaugeMetricFamily(
+            "ensemble_feedback_store_answers",
+            "Answers kept for feedback (at most server.feedback_window).",
+            entries,
+        )
+        yield GaugeMetricFamily(
+            "ensemble_feedback_store_bytes",
+            "Memory the answers kept for feedback hold, estimated (at most "
+            "server.feedback_max_bytes).",
+            size,
+        )
         accuracy = GaugeMetricFamily(
             "ensemble_member_rolling_accuracy",
             "Share of a member's last labelled rows it classified right (a sliding window of "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ensemble.config import GatewayConfig, load_config, parse_yaml
 from ensemble.dispatcher import Dispatcher
-from ensemble.errors import ConfigError, EnsembleError
+from ensemble.errors import ConfigError, EnsembleError, ModelIntegrityError
 from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.base import innermost
@@ -89,6 +89,10 @@ class Reloader:
                 await _keep_replica_counts(self.cfg, cfg, self._dispatcher.repository, repository)
             except ConfigError as exc:
                 return self._reject(exc.errors)
+            except ModelIntegrityError as exc:
+                for member in exc.members:
+                    self._metrics.record_integrity_failure(member)
+                return self._reject(exc.problems)
             except (EnsembleError, OSError) as exc:
                 return self._reject([str(exc)])
             # The new tiers' link settings; runtime overrides (a partition) are kept.
@@ -97,6 +101,9 @@ class Reloader:
                 await repository.start()  # remote replicas' first checks; process children
             except EnsembleError as exc:  # a child that cannot start; it closed the others
                 self._links.configure(self.cfg.tiers)
+                if isinstance(exc, ModelIntegrityError):  # a child refused its model file
+                    for member in exc.members:
+                        self._metrics.record_integrity_failure(member)
                 return self._reject([str(exc)])
             old = self._dispatcher.repository
             _carry_state(old, repository)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,10 @@ from ensemble.config import (
     ProfileConfig,
     RayDeploymentConfig,
 )
-from ensemble.errors import EnsembleError, ModelNotFound
+from ensemble.errors import EnsembleError, ModelIntegrityError, ModelNotFound, clip
+from ensemble.integrity import Digest, expected_digests, read_verified
 from ensemble.links import Link, LinkedReplica, Links
+from ensemble.model_checks import inputs_agree
 from ensemble.models.card import MemberCard, card_path_for, load_card, load_manifest
 from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine, SessionRunner
@@ -167,9 +169,17 @@ class EnsembleModel:
 ServedModel = EnsembleModel | Member
 
 
-def _load_card(cfg: GatewayConfig, member: MemberConfig, model_path: Path) -> MemberCard | None:
-    path = cfg.resolve(member.card) if member.card else card_path_for(model_path)
-    return read_card(path, member.name, required=member.card is not None)
+def member_card(cfg: GatewayConfig, member: MemberConfig) -> MemberCard | None:
+    """A config member's card: None when it has none beside its model, an error when the one
+    its `card:` names is absent or any is unreadable."""
+    return read_card(_card_path(cfg, member), member.name, required=member.card is not None)
+
+
+def member_digests(
+    cfg: GatewayConfig, member: MemberConfig, card: MemberCard | None
+) -> tuple[Digest, ...]:
+    """The digests a config member's model file must match: its config pin, its card's."""
+    return expected_digests(card, _card_path(cfg, member), member.sha256)
 
 
 def read_card(path: Path, member: str, *, required: bool) -> MemberCard | None:
@@ -193,8 +203,11 @@ def build_member(
 ) -> Member:
     """A config's member: its replicas on every placement (across their tier's emulated link
     when it has one; `ray` placements through ``ray``'s deployments), its card, costs, outlier
-    detection."""
+    detection. Its model file must match its card's and its config's SHA-256
+    (ModelIntegrityError otherwise)."""
     path = cfg.resolve(member.model)
+    card = member_card(cfg, member)
+    expected = member_digests(cfg, member, card)
 
     def link_for(tier: str) -> Link | None:
         config = cfg.tiers[tier].link
@@ -208,7 +221,7 @@ def build_member(
                 f"member {member.name!r} is placed on the ray backend, which needs Ray: "
                 "`ensemble serve` starts one (or joins --ray-address)"
             )
-        spec = spec_for(cfg, member, place, name)
+        spec = spec_for(cfg, member, place, name, expected)
         sizing = place.ray or RayDeploymentConfig()
         replica = RayReplica(
             name,
@@ -232,11 +245,12 @@ def build_member(
     built = load_member(
         member,
         path,
-        _load_card(cfg, member, path),
+        card,
         engine,
+        expected=expected,
         link_for=link_for,
         ray_replica=ray_replica,
-        process_replica=_process_replicas(cfg, member),
+        process_replica=_process_replicas(cfg, member, expected),
     )
     built.scalers = scalers
     built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
@@ -254,12 +268,17 @@ RayReplicaFactory = Callable[[Placement, str, OnnxSignature], Replica]
 ProcessReplicaFactory = Callable[[Placement, str, OnnxSignature], ProcessReplica]
 
 
-def _process_replicas(cfg: GatewayConfig, member: MemberConfig) -> ProcessReplicaFactory:
+def _process_replicas(
+    cfg: GatewayConfig, member: MemberConfig, expected: Sequence[Digest]
+) -> ProcessReplicaFactory:
     """Makes a `process` placement's replicas: children serving the member's model (and the
     card the gateway reads) with the gateway's own request limits, so a call the gateway
-    accepts is one its child accepts too."""
+    accepts is one its child accepts too. Each child checks the file against the digest the
+    gateway verified (``--sha256``) and the card, when it loads it (and on every restart)."""
     card = _card_path(cfg, member)
     server = cfg.server
+    # Every expected digest matched the file the gateway read, so they are all one value.
+    sha256 = expected[0].hex if expected else None
 
     def make(place: Placement, name: str, signature: OnnxSignature) -> ProcessReplica:
         sizing = place.process or ProcessReplicaConfig()
@@ -267,6 +286,7 @@ def _process_replicas(cfg: GatewayConfig, member: MemberConfig) -> ProcessReplic
             cfg.resolve(member.model),
             member.name,
             card if card.is_file() else None,
+            sha256=sha256,
             executor_threads=sizing.executor_threads,
             max_batch_size=server.max_batch_size,
             max_request_bytes=server.max_request_bytes,
@@ -295,6 +315,8 @@ def load_member(
     card: MemberCard | None,
     engine: InProcessEngine,
     *,
+    expected: Sequence[Digest] = (),
+    allow_unverified: bool = False,
     classifier: bool = True,
     link_for: Callable[[str], Link | None] | None = None,
     ray_replica: RayReplicaFactory | None = None,
@@ -302,13 +324,22 @@ def load_member(
 ) -> Member:
     """Load a member's ONNX file (its schema, and sessions for in-process replicas) and make its
     replicas; ``classifier=False`` serves a model whose class scores cannot be found as is.
+    Every load reads the file once, checks those bytes against the ``expected`` digests and
+    hands the same bytes to onnxruntime (ModelIntegrityError on a mismatch, or with no digest
+    unless ``allow_unverified``); a replica added later reads and checks the file again.
     ``link_for`` gives a tier's emulated link (None: not emulated, no wrapper at all);
     ``ray_replica`` makes a `ray` placement's replica, ``process_replica`` a `process` one's
     (it starts its child when the replica starts)."""
     if not path.is_file():
         raise EnsembleError(f"member {member.name!r}: model file not found: {path}")
-    first = load_session(path)
-    signature = read_signature(path, first)
+
+    def verified() -> bytes:
+        return read_verified(member.name, path, expected, allow_unverified=allow_unverified)
+
+    model = verified()
+    first = load_session(path, model=model)
+    signature = read_signature(path, first, model)
+    del model
     sessions = [first]  # the signature's session serves the first in-process replica
 
     def make(place: Placement, name: str, endpoint: str | None, link: Link | None) -> Replica:
@@ -334,7 +365,8 @@ def load_member(
             replica = child
         else:
             # Each in-process replica runs a session of its own.
-            runner = SessionRunner(sessions.pop() if sessions else load_session(path), signature)
+            session = sessions.pop() if sessions else load_session(path, model=verified())
+            runner = SessionRunner(session, signature)
             one = card.latency_ms.get("batch_1") if card is not None else None
             many = card.latency_ms.get("batch_32") if card is not None else None
             if one is not None and many is not None:  # cost estimates from the card's latency
@@ -438,14 +470,6 @@ def replica_bounds(cfg: GatewayConfig) -> dict[tuple[str, str], tuple[int, int]]
     return bounds
 
 
-def _compatible(a: TensorSpec, b: TensorSpec) -> bool:
-    return (
-        a.datatype == b.datatype
-        and len(a.shape) == len(b.shape)
-        and all(x == y or -1 in (x, y) for x, y in zip(a.shape, b.shape, strict=True))
-    )
-
-
 def build_ensemble(
     cfg: GatewayConfig, ens: EnsembleConfig, members: dict[str, Member]
 ) -> EnsembleModel:
@@ -453,9 +477,7 @@ def build_ensemble(
     first = members[ens.members[0].name]
     for m in ens.members[1:]:
         other = members[m.name]
-        if len(other.inputs) != len(first.inputs) or not all(
-            _compatible(a, b) for a, b in zip(first.inputs, other.inputs, strict=True)
-        ):
+        if not inputs_agree(first.inputs, other.inputs):  # as `validate` checks the files
             raise EnsembleError(
                 f"ensemble {ens.name!r}: member {m.name!r} inputs {_specs(other.inputs)} differ "
                 f"from {first.name!r} inputs {_specs(first.inputs)}"
@@ -591,14 +613,24 @@ class Repository:
     ) -> Repository:
         """The config's models; replicas on a tier with ``link.emulate`` cross ``links`` (the
         gateway's, which outlive reloads; a fresh set when None); `ray` placements call
-        ``ray``'s deployments."""
+        ``ray``'s deployments. Every model file that fails its integrity check is named in one
+        ModelIntegrityError."""
         links = links if links is not None else Links(cfg.tiers)
         members: dict[str, Member] = {}
+        refused: list[ModelIntegrityError] = []
         for ens in cfg.ensembles:
             for m in ens.members:
                 if progress:
                     progress(f"loading member {m.name} from {cfg.resolve(m.model)}")
-                members[m.name] = build_member(cfg, m, engine, links, ray)
+                try:
+                    members[m.name] = build_member(cfg, m, engine, links, ray)
+                except ModelIntegrityError as exc:  # go on: report every refused file at once
+                    refused.append(exc)
+        if refused:
+            raise ModelIntegrityError(
+                [p for exc in refused for p in exc.problems],
+                [m for exc in refused for m in exc.members],
+            )
         ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
         repository = cls(ensembles, list(members.values()), cfg.admission)
         repository.bounds = replica_bounds(cfg)
@@ -617,13 +649,27 @@ class Repository:
 
     @classmethod
     def single_model(
-        cls, path: Path, name: str, engine: InProcessEngine, card_path: Path | None = None
+        cls,
+        path: Path,
+        name: str,
+        engine: InProcessEngine,
+        card_path: Path | None = None,
+        sha256: str | None = None,
     ) -> Repository:
         """One ONNX model served on its own (the replica server): no ensemble, one in-process
-        replica; its card (default: beside the model) is read when there is one."""
-        card = read_card(card_path or card_path_for(path), name, required=card_path is not None)
-        member = MemberConfig(name=name, model=path, placement=[Placement(tier=LOCAL_TIER)])
-        return cls([], [load_member(member, path, card, engine, classifier=False)])
+        replica; its card (default: beside the model) is read when there is one. The file must
+        match ``sha256`` and the card's digest when they are given; with neither it is served
+        unverified (the operator named this very file)."""
+        where = card_path or card_path_for(path)
+        card = read_card(where, name, required=card_path is not None)
+        member = MemberConfig(
+            name=name, model=path, sha256=sha256, placement=[Placement(tier=LOCAL_TIER)]
+        )
+        expected = expected_digests(card, where, sha256)
+        loaded = load_member(
+            member, path, card, engine, expected=expected, allow_unverified=True, classifier=False
+        )
+        return cls([], [loaded])
 
     async def start(self) -> None:
         """Start the replicas' background work (health checks) and process replicas' children,
@@ -641,9 +687,13 @@ class Repository:
         """The model ``name``; ModelNotFound for unknown names or versions."""
         model: ServedModel | None = self.ensembles.get(name) or self.members.get(name)
         if model is None:
-            raise ModelNotFound(f"unknown model {name!r}; available: {', '.join(self.names())}")
+            raise ModelNotFound(
+                f"unknown model {clip(name)!r}; available: {', '.join(self.names())}"
+            )
         if version not in (None, "", VERSION):
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; available: {VERSION}")
+            raise ModelNotFound(
+                f"model {clip(name)!r} has no version {clip(version)!r}; available: {VERSION}"
+            )
         return model
 
     def names(self) -> list[str]:

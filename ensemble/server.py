@@ -4,48 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
-import orjson
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ensemble.config import GatewayConfig, ServerConfig
+from ensemble.auth import ApiKeys
+from ensemble.config import GatewayConfig, ServerConfig, TlsConfig
 from ensemble.control.loop import ControlLoop
 from ensemble.dispatcher import Dispatcher
+from ensemble.feedback_store import FEEDBACK_TOKEN_ENV
+from ensemble.frontends.connections import ConnectionGuard, ConnectionLimits, GatewayHttpProtocol
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.frontends.http import HttpFrontend
+from ensemble.frontends.limits import Offload, RequestLimits
 from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.reload import Reloader
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.ray_serve import RayRuntime
 from ensemble.repository import Repository
+from ensemble.tls import TlsFileError, TlsFiles, load_tls_files
 
 log = logging.getLogger("ensemble.server")
 ADMIN_TOKEN_ENV = "ENSEMBLE_ADMIN_TOKEN"
-
-
-class _OipHttpProtocol(HttpToolsProtocol):
-    """httptools' protocol, answering unparseable HTTP with OIP's JSON error body too.
-
-    uvicorn answers requests it cannot parse (bad methods, chunk sizes, Content-Length) itself,
-    in plain text, before the app sees them; clients of an OIP server expect `{"error": ...}`.
-    """
-
-    def send_400_response(self, msg: str) -> None:
-        body = orjson.dumps({"error": f"malformed HTTP request: {msg}"})
-        self.transport.write(
-            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
-        )
-        self.transport.close()
 
 
 class _Uvicorn(uvicorn.Server):
@@ -68,6 +58,30 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def _tls_files(tls: TlsConfig | None) -> TlsFiles | None:
+    """The TLS files read and checked (a config was checked when loaded; they may have
+    changed since)."""
+    if tls is None:
+        return None
+    try:
+        return load_tls_files(tls.cert_file, tls.key_file, tls.client_ca_file)
+    except TlsFileError as exc:
+        raise OSError(f"server.tls.{exc.field}: {exc.message}") from None
+
+
+def _uvicorn_tls(tls: TlsConfig | None) -> dict[str, Any]:
+    """uvicorn's settings for HTTPS (mutual TLS with a client CA); none for plain HTTP."""
+    if tls is None:
+        return {}
+    return {
+        "ssl_certfile": str(tls.cert_file),
+        "ssl_keyfile": str(tls.key_file),
+        "ssl_ca_certs": None if tls.client_ca_file is None else str(tls.client_ca_file),
+        "ssl_cert_reqs": ssl.CERT_NONE if tls.client_ca_file is None else ssl.CERT_REQUIRED,
+        "ssl_ciphers": None,  # OpenSSL's defaults (older uvicorn narrowed them to "TLSv1")
+    }
 
 
 @dataclass(frozen=True)
@@ -115,11 +129,20 @@ class Gateway:
             batching=server.batching,
         )
         self.repository = build(self.engine)
+        self.limits = RequestLimits.of(server)
+        self.offload = Offload(self.limits)
+        """The thread both frontends decode large requests in."""
+        self.feedback_token = os.environ.get(FEEDBACK_TOKEN_ENV) or None
+        """Credential of the feedback API, read once at start; without it answers carry no
+        feedback id and nothing is kept."""
         self.dispatcher = Dispatcher(
             self.repository,
             self.metrics,
             max_batch_size=server.max_batch_size,
+            allow_non_finite=server.non_finite_inputs == "allow",
+            feedback=self.feedback_token is not None,
             feedback_window=server.feedback_window,
+            feedback_max_bytes=server.feedback_max_bytes,
             feedback_accuracy_window=server.feedback_accuracy_window,
         )
         self.reloader = (
@@ -148,8 +171,11 @@ class Gateway:
         """The gateway of ``ensemble serve``: the config's ensembles, hot-reloadable; `ray`
         placements call ``ray``'s deployments."""
         links = Links(cfg.tiers)
+        server = cfg.server
+        if server.tls is not None:  # its paths are relative to the config file
+            server = server.model_copy(update={"tls": server.tls.resolved(cfg.base_dir)})
         return cls(
-            cfg.server,
+            server,
             lambda engine: Repository.from_config(cfg, engine, progress, links, ray),
             config=cfg,
             links=links,
@@ -158,33 +184,56 @@ class Gateway:
 
     async def start(self, host: str, http_port: int, grpc_port: int) -> Addresses:
         server = self.server
+        tls = _tls_files(server.tls)  # before anything starts: a bad file is the whole error
+        api_keys = ApiKeys.from_env()
+        if api_keys.required:
+            log.info("inference needs an API key (%d configured)", len(api_keys))
         await self.repository.start()  # first health checks: readiness known before listening
         if self.control is not None:
             self.control.start()
         sock = _listen(host, http_port)
+        conns = ConnectionLimits.of(server).fit_descriptors()
+        # uvicorn builds each connection's protocol from this (any factory works), and arms
+        # its keep-alive timer with loop.call_later (its `int` hint is too narrow).
+        protocol: Any = functools.partial(
+            GatewayHttpProtocol, guard=ConnectionGuard(conns, self.metrics)
+        )
+        idle_s: Any = conns.idle_timeout_s
         app = HttpFrontend(
             self.dispatcher,
             self.metrics,
-            max_request_bytes=server.max_request_bytes,
+            limits=self.limits,
+            offload=self.offload,
             reloader=self.reloader,
             admin_token=os.environ.get(ADMIN_TOKEN_ENV),
+            feedback_token=self.feedback_token,
             links=self.links,
+            api_keys=api_keys,
         )
         config = uvicorn.Config(
             app,
             lifespan="off",
-            http=_OipHttpProtocol,
+            http=protocol,
             loop="none",
             log_level="warning",
             access_log=False,
             proxy_headers=False,  # no proxy in front to trust; its middleware costs per request
+            **_uvicorn_tls(server.tls),
             timeout_graceful_shutdown=int(server.drain_timeout_s) or 1,
-            timeout_keep_alive=30,
+            timeout_keep_alive=idle_s,
         )
         self._http = _Uvicorn(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
         self._grpc, bound_grpc = await start_grpc_server(
-            self.dispatcher, host, grpc_port, max_message_bytes=server.max_request_bytes
+            self.dispatcher,
+            host,
+            grpc_port,
+            max_message_bytes=server.max_request_bytes,
+            limits=self.limits,
+            offload=self.offload,
+            connections=conns,
+            tls=tls,
+            api_keys=api_keys,
         )
         while not self._http.started:
             if self._http_task.done():
@@ -210,6 +259,7 @@ class Gateway:
             await self.reloader.close()
         await self.dispatcher.repository.close()
         self.engine.shutdown()
+        self.offload.shutdown()
 
     async def wait_failed(self) -> None:
         """Returns if a frontend dies on its own (a bug, or a lost socket)."""

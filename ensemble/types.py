@@ -157,15 +157,36 @@ class AggregationContext:
 
 @dataclass(frozen=True, slots=True)
 class Feedback:
-    """A true label joined (by request id) to what members answered for that request."""
+    """True labels joined (by the feedback id the gateway issued) to what members answered.
+
+    The gateway keeps each member's predicted class per row, not its probabilities: Clipper's
+    0/1 loss, Cocktail's per-class votes and the rolling accuracy all compare top classes.
+    """
 
     ensemble: str
-    request_id: str
+    feedback_id: str
     labels: np.ndarray
     """Shape [batch], true class indices."""
-    answers: Mapping[str, np.ndarray]
-    """Member name -> the probabilities [batch, n_classes] it returned for the request."""
+    predicted: Mapping[str, np.ndarray]
+    """Member name -> its predicted class index per row (shape [batch], an integer type): the
+    argmax of the probabilities it returned for the request."""
     asked: tuple[str, ...]
+    n_classes: int
+    """Width of the members' probabilities (the ensemble's classes)."""
+
+    @classmethod
+    def from_probabilities(
+        cls,
+        ensemble: str,
+        feedback_id: str,
+        labels: np.ndarray,
+        probabilities: Mapping[str, np.ndarray],
+        asked: tuple[str, ...],
+    ) -> Feedback:
+        """The event for members' full probabilities [batch, n_classes] (tests, tools)."""
+        predicted = {m: np.asarray(p).argmax(axis=1) for m, p in probabilities.items()}
+        n_classes = max((int(np.shape(p)[1]) for p in probabilities.values()), default=0)
+        return cls(ensemble, feedback_id, labels, predicted, asked, n_classes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from ensemble.errors import InvalidInput
+from ensemble.errors import InvalidInput, clip
 from ensemble.types import ModelMetadata, RequestedOutput, Tensor
 
 
@@ -21,17 +22,21 @@ def _fits(shape: tuple[int, ...], spec: tuple[int, ...]) -> bool:
 
 
 def check_inputs(
-    meta: ModelMetadata, inputs: Sequence[Tensor], max_batch_size: int
+    meta: ModelMetadata,
+    inputs: Sequence[Tensor],
+    max_batch_size: int,
+    allow_non_finite: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The feed for the model, keyed by input name; InvalidInput says exactly what is off."""
+    """The feed for the model, keyed by input name; InvalidInput says exactly what is off
+    (NaN and infinity included, unless ``allow_non_finite``)."""
     expected = {spec.name: spec for spec in meta.inputs}
     feed: dict[str, np.ndarray] = {}
     for tensor in inputs:
         if tensor.name in feed:
-            raise InvalidInput(f"input {tensor.name!r} is given more than once")
+            raise InvalidInput(f"input {clip(tensor.name)!r} is given more than once")
         if tensor.name not in expected:
             raise InvalidInput(
-                f"unknown input {tensor.name!r} for model {meta.name!r}; "
+                f"unknown input {clip(tensor.name)!r} for model {meta.name!r}; "
                 f"it expects {_names(list(expected))}"
             )
         feed[tensor.name] = tensor.data
@@ -42,7 +47,7 @@ def check_inputs(
     batch: int | None = None
     for tensor in inputs:
         spec = expected[tensor.name]
-        where = f"input {tensor.name!r}"
+        where = f"input {clip(tensor.name)!r}"
         if tensor.datatype != spec.datatype:
             raise InvalidInput(
                 f"{where}: datatype {tensor.datatype} does not match the model's {spec.datatype}"
@@ -63,7 +68,29 @@ def check_inputs(
             if batch is not None and rows != batch:
                 raise InvalidInput(f"inputs disagree on batch size ({batch} vs {rows})")
             batch = rows
+        if not allow_non_finite:
+            _check_finite(tensor.data, where)
     return feed
+
+
+def _check_finite(data: np.ndarray, where: str) -> None:
+    """InvalidInput when a floating-point tensor holds NaN or infinity (a model answers them
+    with NaN scores, or worse, a confident wrong class)."""
+    if data.dtype.kind != "f" or not data.size:
+        return
+    # A finite float64 sum means every element is finite (float32 and float16 cannot overflow
+    # it); only otherwise look element-wise.
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(data.sum(dtype=np.float64))
+    if math.isfinite(total):
+        return
+    bad = ~np.isfinite(data)
+    if bad.any():
+        position = [int(i) for i in np.argwhere(bad)[0]]
+        raise InvalidInput(
+            f"{where}: holds {int(bad.sum())} NaN or infinite value(s), the first at "
+            f"{position}; send finite numbers (server.non_finite_inputs: allow passes them)"
+        )
 
 
 def check_outputs(meta: ModelMetadata, outputs: Sequence[RequestedOutput] | None) -> None:
@@ -75,8 +102,8 @@ def check_outputs(meta: ModelMetadata, outputs: Sequence[RequestedOutput] | None
     for out in outputs:
         if out.name not in known:
             raise InvalidInput(
-                f"unknown output {out.name!r} for model {meta.name!r}; it has {_names(known)}"
+                f"unknown output {clip(out.name)!r} for model {meta.name!r}; it has {_names(known)}"
             )
         if out.name in seen:
-            raise InvalidInput(f"output {out.name!r} is requested more than once")
+            raise InvalidInput(f"output {clip(out.name)!r} is requested more than once")
         seen.add(out.name)

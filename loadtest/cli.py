@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import os
 import re
+import secrets
 import selectors
 import signal
 import subprocess
@@ -221,6 +222,19 @@ def _data_path(sc: Scenario) -> Path:
     return zoo / "test.npz"
 
 
+def provide_feedback_token(sc: Scenario) -> None:
+    """Before the harness starts a gateway for a scenario with feedback: the gateway and the
+    generators get the same feedback token, the one in ``feedback.token_env`` or, when that is
+    unset, a random one made for this run."""
+    if sc.feedback is None:
+        return
+    from loadtest.scenario import FEEDBACK_TOKEN_ENV
+
+    token = os.environ.get(sc.feedback.token_env) or secrets.token_hex(16)
+    os.environ[sc.feedback.token_env] = token  # generator processes inherit the environment
+    os.environ[FEEDBACK_TOKEN_ENV] = token  # the variable the gateway reads
+
+
 def _prepare(args: argparse.Namespace) -> tuple[Scenario, Path, tuple[float, ...] | None]:
     from ensemble.errors import ConfigError
     from loadtest.scenario import ScenarioError, TraceLoad, load_scenario
@@ -262,11 +276,16 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     try:
         url, grpc = sc.target.url, sc.target.grpc
         if sc.target.config is not None:
+            provide_feedback_token(sc)
             _say(f"starting the gateway on {sc.target.config} (log: {out / 'gateway.log'})")
             gw = start_gateway(
                 sc.resolve(sc.target.config), out / "gateway.log", sc.target.startup_timeout_s
             )
             url, grpc = gw.url, gw.grpc
+        elif sc.feedback is not None and not os.environ.get(sc.feedback.token_env):
+            raise TargetError(
+                f"feedback needs the gateway's feedback token in ${sc.feedback.token_env}"
+            )
         job = Job(sc, url, grpc, data, trace)
         planned = schedule_duration(sc.load, trace)
         _say(f"{name}: {sc.protocol} to {grpc if sc.protocol == 'grpc' else url}, {planned:g} s")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import struct
 import time
@@ -72,10 +71,11 @@ class RequestShape:
     timeout_s: float
     classes: Sequence[Params]
     feedback_share: float = 0.0
-    """Share of answered requests whose true labels are posted to the feedback API (0: none;
-    then requests carry no `id`)."""
+    """Share of answered requests whose true labels are posted to the feedback API (0: none)."""
     seed: int = 0
     """Seeds the choice of which answers get feedback."""
+    feedback_token: str | None = None
+    """The gateway's feedback token, sent as `Authorization: Bearer` with each post."""
 
 
 class InferClient(Protocol):
@@ -85,7 +85,8 @@ class InferClient(Protocol):
     """First error message seen per error kind, for the report."""
 
     feedback: dict[str, int]
-    """Feedback posts by outcome: `sent`, `accepted`, and error kinds (`http_404`, `timeout`)."""
+    """Feedback posts by outcome: `sent`, `accepted`, and error kinds (`http_404`, `timeout`,
+    `no_feedback_id`: an answer carried none to post with)."""
 
     async def start(self) -> None: ...
 
@@ -111,55 +112,44 @@ def _error_text(body: bytes) -> str:
     return text[:300]
 
 
-ID_DIGITS = 10
-"""Width of the request counter in generated request ids (fixed, so ids patch in place)."""
-
-
 class FeedbackSender:
-    """Gives each request a unique OIP `id` and posts the true labels of a share of the answers.
-
-    Requests stay pre-encoded: each payload carries a placeholder id of fixed width whose counter
-    digits are overwritten per send (a copy of the bytes). Feedback goes over a pool of its own,
-    so it never takes a connection a measured request is waiting for.
-    """
+    """Posts the true labels of a share of the answers, joined by the `feedback_id` each answer
+    carried, with the gateway's feedback token. Feedback goes over a pool of its own, so it
+    never takes a connection a measured request is waiting for."""
 
     def __init__(
-        self, hostport: str, model: str, share: float, seed: int, labels: Sequence[Sequence[int]]
+        self,
+        hostport: str,
+        model: str,
+        share: float,
+        seed: int,
+        labels: Sequence[Sequence[int]],
+        token: str | None = None,
     ) -> None:
         self.hostport = hostport
         self.path = f"/v2/models/{model}/feedback"
         self.share = share
         self.rng = random.Random(seed)
         self.labels = labels
-        # Unique per client (and so per generator process and run): ids never collide in the
-        # gateway's store of recent predictions, even across runs against one gateway.
-        self.prefix = f"lt-{os.urandom(4).hex()}-"
-        self.seq = 0
+        self.headers = {"Content-Type": "application/json"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
         self.counts: dict[str, int] = {}
         self.pending = 0
         self.idle = asyncio.Event()
         self.idle.set()
         self.pool: HttpPool | None = None
 
-    def placeholder(self) -> str:
-        return self.prefix + "0" * ID_DIGITS
-
-    def stamp(self, payload: bytes, at: int) -> tuple[bytes, str]:
-        """``payload`` with the next request id written at byte offset ``at``; and that id."""
-        digits = b"%0*d" % (ID_DIGITS, self.seq)
-        self.seq += 1
-        buf = bytearray(payload)
-        buf[at : at + ID_DIGITS] = digits
-        return bytes(buf), self.prefix + digits.decode()
-
-    def answered(self, request_id: str, batch: int) -> None:
+    def answered(self, feedback_id: object, batch: int) -> None:
         """A request was answered: post its labels if it is among the chosen share."""
         if self.share < 1.0 and self.rng.random() >= self.share:
             return
-        body = orjson.dumps({"id": request_id, "label": list(self.labels[batch])})
-        raw = encode_request(
-            "POST", self.hostport, self.path, body, {"Content-Type": "application/json"}
-        )
+        if not isinstance(feedback_id, str) or not feedback_id:
+            # A gateway without its feedback token issues no ids: nothing can be posted.
+            self.counts["no_feedback_id"] = self.counts.get("no_feedback_id", 0) + 1
+            return
+        body = orjson.dumps({"feedback_id": feedback_id, "label": list(self.labels[batch])})
+        raw = encode_request("POST", self.hostport, self.path, body, self.headers)
         assert self.pool is not None
         self.counts["sent"] = self.counts.get("sent", 0) + 1
         self.pending += 1
@@ -203,39 +193,31 @@ class _HttpBase:
         if shape.feedback_share > 0 and shape.endpoint == "infer":
             labels = [work.labels(b) for b in range(work.batches)]
             self.sender = FeedbackSender(
-                hostport, shape.model, shape.feedback_share, shape.seed, labels
+                hostport,
+                shape.model,
+                shape.feedback_share,
+                shape.seed,
+                labels,
+                shape.feedback_token,
             )
             self.feedback = self.sender.counts
-        self.id_at: list[list[int]] = []
-        """Per class and batch: byte offset of the request id's counter digits in the payload."""
         if shape.endpoint == "live":
             live = encode_request("GET", hostport, "/v2/health/live")
             self.payloads = [[live] for _ in shape.classes]
         else:
             path = f"/v2/models/{shape.model}/infer"
-            rid = self.sender.placeholder() if self.sender is not None else None
             self.payloads = [
-                [self._encode(path, work.rows(b), params, rid) for b in range(work.batches)]
+                [self._encode(path, work.rows(b), params) for b in range(work.batches)]
                 for params in shape.classes
             ]
-            if rid is not None:
-                # The header comes first, so the first match is the id (never tensor bytes).
-                at = len(rid) - ID_DIGITS
-                marker = rid.encode()
-                self.id_at = [[p.index(marker) + at for p in row] for row in self.payloads]
         self.pool: HttpPool | None = None
 
-    def _encode(self, path: str, rows: np.ndarray, params: Params, rid: str | None) -> bytes:
+    def _encode(self, path: str, rows: np.ndarray, params: Params) -> bytes:
         raise NotImplementedError
 
-    def _header(self, params: Params, rid: str | None) -> dict[str, Any]:
-        """The request's JSON fields besides inputs and outputs: `id`, `parameters`."""
-        doc: dict[str, Any] = {}
-        if rid is not None:
-            doc["id"] = rid
-        if params:
-            doc["parameters"] = params
-        return doc
+    def _header(self, params: Params) -> dict[str, Any]:
+        """The request's JSON fields besides inputs and outputs: `parameters`."""
+        return {"parameters": params} if params else {}
 
     async def start(self) -> None:
         self.pool = HttpPool(self.host, self.port, self.connections, self.shape.timeout_s)
@@ -263,27 +245,19 @@ class _HttpBase:
         assert self.pool is not None
         payloads = self.payloads[klass]
         index = batch % len(payloads)
-        payload = payloads[index]
-        sender = self.sender
-        if sender is not None:
-            payload, rid = sender.stamp(payload, self.id_at[klass][index])
-            answer = self._with_feedback(answer, sender, rid, index)
         self.pool.send(
-            payload,
-            lambda status, hlen, body, err: self._answer(status, hlen, body, err, answer),
+            payloads[index],
+            lambda status, hlen, body, err: self._answer(status, hlen, body, err, answer, index),
         )
 
-    @staticmethod
-    def _with_feedback(answer: Answer, sender: FeedbackSender, rid: str, batch: int) -> Answer:
-        def answered(err: str | None, labels: Sequence[int] | None, degraded: bool = False) -> None:
-            answer(err, labels, degraded)  # recorded first: posting adds no latency
-            if err is None and labels is not None:
-                sender.answered(rid, batch)
-
-        return answered
-
     def _answer(
-        self, status: int, hlen: int | None, body: bytes, err: str | None, answer: Answer
+        self,
+        status: int,
+        hlen: int | None,
+        body: bytes,
+        err: str | None,
+        answer: Answer,
+        batch: int = 0,
     ) -> None:
         if err is not None:
             answer(err, None)
@@ -296,19 +270,21 @@ class _HttpBase:
             answer(None, None)
         else:
             try:
-                labels, degraded = self._labels(hlen, body)
+                labels, params = self._labels(hlen, body)
             except (ValueError, KeyError, TypeError, struct.error) as exc:
                 self.error_samples.setdefault("bad_response", str(exc)[:300])
                 answer("bad_response", None)
                 return
-            answer(None, labels, degraded)
+            answer(None, labels, params.get("degraded") is True)
+            if self.sender is not None:  # after the answer is recorded: posting adds no latency
+                self.sender.answered(params.get("feedback_id"), batch)
 
-    def _labels(self, hlen: int | None, body: bytes) -> tuple[list[int], bool]:
-        """The answer's labels and whether it says it is degraded."""
+    def _labels(self, hlen: int | None, body: bytes) -> tuple[list[int], dict[str, Any]]:
+        """The answer's labels and its parameters (`degraded`, `feedback_id`, ...)."""
         doc = orjson.loads(body)
         for out in doc["outputs"]:
             if out["name"] == self.shape.output:
-                return [int(v) for v in out["data"]], _degraded(doc)
+                return [int(v) for v in out["data"]], _parameters(doc)
         raise KeyError(f"no output {self.shape.output!r} in the answer")
 
     def queued(self) -> int:
@@ -321,18 +297,18 @@ class _HttpBase:
             await self.sender.close(self.shape.timeout_s)
 
 
-def _degraded(doc: dict[str, Any]) -> bool:
-    """True when an OIP answer's parameters flag it `degraded` (the gateway's contract check)."""
+def _parameters(doc: dict[str, Any]) -> dict[str, Any]:
+    """An OIP answer's parameters: `degraded` (the gateway's contract check), `feedback_id`."""
     params = doc.get("parameters")
-    return isinstance(params, dict) and params.get("degraded") is True
+    return params if isinstance(params, dict) else {}
 
 
 class HttpJsonClient(_HttpBase):
     """OIP REST with tensors as JSON arrays."""
 
-    def _encode(self, path: str, rows: np.ndarray, params: Params, rid: str | None) -> bytes:
+    def _encode(self, path: str, rows: np.ndarray, params: Params) -> bytes:
         doc: dict[str, Any] = {
-            **self._header(params, rid),
+            **self._header(params),
             "inputs": [
                 {"name": self.shape.input, "datatype": "FP32", "shape": list(rows.shape),
                  "data": rows.ravel()}
@@ -350,10 +326,10 @@ _BINARY_FORMATS = {"INT64": "q", "INT32": "i", "INT16": "h", "INT8": "b", "UINT8
 class HttpBinaryClient(_HttpBase):
     """OIP REST with the binary tensor extension, both ways."""
 
-    def _encode(self, path: str, rows: np.ndarray, params: Params, rid: str | None) -> bytes:
+    def _encode(self, path: str, rows: np.ndarray, params: Params) -> bytes:
         blob = np.ascontiguousarray(rows, dtype="<f4").tobytes()
         doc: dict[str, Any] = {
-            **self._header(params, rid),
+            **self._header(params),
             "inputs": [
                 {"name": self.shape.input, "datatype": "FP32", "shape": list(rows.shape),
                  "parameters": {"binary_data_size": len(blob)}}
@@ -367,7 +343,7 @@ class HttpBinaryClient(_HttpBase):
         }
         return encode_request("POST", self.hostport, path, header + blob, headers)
 
-    def _labels(self, hlen: int | None, body: bytes) -> tuple[list[int], bool]:
+    def _labels(self, hlen: int | None, body: bytes) -> tuple[list[int], dict[str, Any]]:
         if hlen is None:
             return super()._labels(None, body)  # the server answered in JSON after all
         doc = orjson.loads(body[:hlen])
@@ -376,11 +352,11 @@ class HttpBinaryClient(_HttpBase):
             size = int(out.get("parameters", {}).get("binary_data_size", 0))
             if out["name"] == self.shape.output:
                 if "data" in out:
-                    return [int(v) for v in out["data"]], _degraded(doc)
+                    return [int(v) for v in out["data"]], _parameters(doc)
                 code = _BINARY_FORMATS[out["datatype"]]
                 count = size // struct.calcsize(code)
                 labels = list(struct.unpack_from(f"<{count}{code}", body, offset))
-                return labels, _degraded(doc)
+                return labels, _parameters(doc)
             offset += size
         raise KeyError(f"no output {self.shape.output!r} in the answer")
 

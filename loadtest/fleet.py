@@ -54,6 +54,7 @@ def build_generator(
         [c.parameters.as_dict() for c in sc.mix],
         feedback_share=sc.feedback.share if sc.feedback is not None else 0.0,
         seed=sc.seed * 1000 + index,
+        feedback_token=os.environ.get(sc.feedback.token_env) if sc.feedback is not None else None,
     )
     client = make_client(sc.protocol, job.url, job.grpc, shape, work, sc.connections)
     weights = [c.weight for c in sc.mix]

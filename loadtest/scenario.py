@@ -262,12 +262,16 @@ class FaultSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="The hook's parameters.")
 
 
+FEEDBACK_TOKEN_ENV = "ENSEMBLE_FEEDBACK_TOKEN"
+
+
 class FeedbackSpec(Strict):
     """Post the true labels of answered requests to the gateway's feedback API as the run goes.
 
-    Each request then carries a unique OIP `id`; for a `share` of the successful answers the
-    generator posts `{"id": ..., "label": [...]}` to `POST /v2/models/{model}/feedback`, which is
-    what lets learning profiles (exp3, exp4, cocktail) learn during a run. HTTP only.
+    For a `share` of the successful answers the generator posts
+    `{"feedback_id": ..., "label": [...]}` (the `feedback_id` the answer carried) to
+    `POST /v2/models/{model}/feedback` with the gateway's feedback token, which is what lets
+    learning profiles (exp3, exp4, cocktail) learn during a run. HTTP only.
     """
 
     share: float = Field(
@@ -276,6 +280,12 @@ class FeedbackSpec(Strict):
         le=1,
         description="Share of successfully answered requests whose true labels are posted "
         "(drawn at random, seeded by `seed`).",
+    )
+    token_env: str = Field(
+        FEEDBACK_TOKEN_ENV,
+        min_length=1,
+        description="Environment variable holding the gateway's feedback token (a gateway "
+        "the harness starts from target.config gets a random one when it is unset).",
     )
 
 

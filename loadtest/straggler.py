@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import time
@@ -48,7 +49,8 @@ ports, and runs every policy profile of the config in turn (or those given with 
 a warm-up, then a measured open-loop Poisson run at --rps for --duration seconds through the
 load-test harness (HTTP, binary tensors, one generator in this process). Every request carries
 parameters {policy: PROFILE, timeout: DEADLINE}; the true label of every answer is posted to the
-gateway's feedback API, so learning profiles (exp4, cocktail) learn during their warm-up and run.
+gateway's feedback API (with ENSEMBLE_FEEDBACK_TOKEN, or a token made for the run when it is
+unset), so learning profiles (exp4, cocktail) learn during their warm-up and run.
 Every measured run uses the same seed (same arrival times, same samples), so profiles are
 compared on identical traffic. /metrics is scraped before and after each measured run for the
 profile's member calls, hedges and cost. The defaults (8 profiles, 5 s + 30 s each at 100 req/s)
@@ -558,6 +560,7 @@ def run(settings: Settings, command: str = "") -> dict[str, Any]:
     from ensemble.config import load_config
     from ensemble.models import ensure_zoo
     from loadtest.cli import start_gateway, stop_gateway
+    from loadtest.scenario import FEEDBACK_TOKEN_ENV
 
     cfg = load_config(settings.config)
     names = list(settings.profiles) or list(cfg.policies)
@@ -580,6 +583,8 @@ def run(settings: Settings, command: str = "") -> dict[str, Any]:
     }
     say(f"starting the gateway on {settings.config} (log: {out / 'gateway.log'})")
     clock = time.monotonic()
+    # Feedback needs the gateway's token: the gateway and the harness share one made for this run.
+    os.environ.setdefault(FEEDBACK_TOKEN_ENV, secrets.token_hex(16))
     gw = start_gateway(settings.config, out / "gateway.log", 120)
     rows: list[dict[str, Any]] = []
     try:

@@ -42,7 +42,8 @@ class SelectionPolicy(Protocol):
         ...
 
     def feedback(self, event: Feedback, state: Any) -> Any:
-        """Learn from a true label joined to an earlier request; returns the new state."""
+        """Learn from true labels joined to an earlier answer (``event.predicted``: each
+        member's predicted class per row; probabilities are not kept); returns the new state."""
         ...
 
     def weights(self, state: Any) -> Mapping[str, float] | None:

@@ -51,11 +51,11 @@ def with_members(state: BanditState, names: Iterable[str]) -> BanditState:
     return BanditState(weights, state.draws)
 
 
-def _loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+def _loss(predicted: np.ndarray, labels: np.ndarray) -> float:
     """Share of the request's rows the member got wrong: Clipper's 0/1 loss, averaged."""
     if len(labels) == 0:
         return 0.0
-    return float(np.mean(np.asarray(probabilities).argmax(axis=1) != labels))
+    return float(np.mean(np.asarray(predicted) != labels))
 
 
 def _normalised(weights: dict[str, float], min_weight: float) -> dict[str, float]:
@@ -110,12 +110,12 @@ class Exp3:
         return (pick,), BanditState(state.weights, state.draws + 1)
 
     def feedback(self, event: Feedback, state: BanditState) -> BanditState:
-        state = with_members(state, event.answers)
+        state = with_members(state, event.predicted)
         weights = dict(state.weights)
         total = sum(weights.values())
-        for member, probabilities in event.answers.items():
+        for member, predicted in event.predicted.items():
             p = weights[member] / total
-            weights[member] *= math.exp(-self.params.eta * _loss(probabilities, event.labels) / p)
+            weights[member] *= math.exp(-self.params.eta * _loss(predicted, event.labels) / p)
         return BanditState(_normalised(weights, self.params.min_weight), state.draws)
 
 
@@ -147,8 +147,8 @@ class Exp4:
         return chosen, with_members(state, chosen)
 
     def feedback(self, event: Feedback, state: BanditState) -> BanditState:
-        state = with_members(state, event.answers)
+        state = with_members(state, event.predicted)
         weights = dict(state.weights)
-        for member, probabilities in event.answers.items():
-            weights[member] *= math.exp(-self.params.eta * _loss(probabilities, event.labels))
+        for member, predicted in event.predicted.items():
+            weights[member] *= math.exp(-self.params.eta * _loss(predicted, event.labels))
         return BanditState(_normalised(weights, self.params.min_weight), state.draws)

@@ -107,13 +107,11 @@ class Cocktail:
         return not_yet_asked(chosen, answers), state
 
     def feedback(self, event: Feedback, state: CocktailState) -> CocktailState:
-        if not event.answers:
+        if not event.predicted:
             return state
         labels = np.asarray(event.labels)
-        n_classes = max(
-            max(int(p.shape[1]) for p in event.answers.values()), int(labels.max(initial=0)) + 1
-        )
-        top = {m: np.asarray(p).argmax(axis=1) for m, p in event.answers.items()}
+        n_classes = max(event.n_classes, int(labels.max(initial=0)) + 1)
+        top = {m: np.asarray(p, dtype=np.intp) for m, p in event.predicted.items()}
         class_weight = {m: self._class_weights(state, m, n_classes) for m in top}
         predicted = tally(top, n_classes, class_weight).argmax(axis=1)
         raw = tally(top, n_classes)

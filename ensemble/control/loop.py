@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from ensemble.errors import EnsembleError
+from ensemble.errors import EnsembleError, ModelIntegrityError
 from ensemble.links import round_trip_s
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.base import Replica
@@ -126,6 +126,8 @@ class ControlLoop:
                     await scale(target)  # Serve starts or stops replicas of the deployment
                     self.replicas[key] = target
             except EnsembleError as exc:  # e.g. a replica process that could not start
+                if isinstance(exc, ModelIntegrityError):  # the file changed since it loaded
+                    self._metrics.record_integrity_failure(key[0])
                 log.warning("autoscaler: %s@%s: could not provision: %s", *key, exc)
         for key in list(self.desired):
             if key not in decision.targets:

@@ -5,22 +5,29 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from ensemble.auth import ApiKeys, bearer_token
 from ensemble.dispatcher import Dispatcher
-from ensemble.errors import EnsembleError, Overloaded
+from ensemble.errors import EnsembleError, InvalidInput, Overloaded, Unauthorized
+from ensemble.frontends.connections import ConnectionLimits
 from ensemble.frontends.grpc_codec import decode_infer_request, encode_infer_response
+from ensemble.frontends.limits import Offload, RequestLimits
+from ensemble.tls import TlsFiles
 from ensemble.types import ModelMetadata, TensorSpec
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL: Final = "grpc"
 SERVICE_NAME: Final = "inference.GRPCInferenceService"
+GUARDED: Final = frozenset({"ModelInfer", "ModelMetadata", "ModelConfig", "RepositoryIndex"})
+"""RPCs that need an API key when the gateway has some (health and server metadata stay open)."""
 
 _CONFIG_TYPES: Final[dict[str, Any]] = {
     "BOOL": model_config_pb2.TYPE_BOOL,
@@ -49,10 +56,8 @@ def _rpc(method: _Handler) -> _Handler:
         try:
             return await method(self, request, context)
         except EnsembleError as exc:
-            if isinstance(exc, Overloaded):
-                retry = str(math.ceil(exc.retry_after_s))
-                await context.abort(exc_code(exc), exc.message, (("retry-after", retry),))
-            await context.abort(exc_code(exc), exc.message)
+            self.metrics.record_rejection(PROTOCOL, exc.reason)
+            await _abort(context, exc)
         except grpc.aio.AbortError:
             raise
         except Exception:
@@ -61,6 +66,28 @@ def _rpc(method: _Handler) -> _Handler:
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the gateway log")
 
     return handle
+
+
+async def _abort(context: Any, exc: EnsembleError) -> NoReturn:
+    """End the call with the status of ``exc`` (and ``retry-after`` when shed)."""
+    if isinstance(exc, Overloaded):
+        retry = str(math.ceil(exc.retry_after_s))
+        await context.abort(exc_code(exc), exc.message, (("retry-after", retry),))
+    await context.abort(exc_code(exc), exc.message)
+    raise AssertionError("context.abort returned")  # it always raises
+
+
+def _authenticate(keys: ApiKeys, context: Any) -> None:
+    """Raises Unauthorized unless the call's metadata carries ``authorization: Bearer <key>``
+    with one of ``keys``."""
+    header = next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
+    token = bearer_token(header)
+    if token is None:
+        raise Unauthorized(
+            "this gateway needs an API key: send metadata `authorization: Bearer <key>`"
+        )
+    if not keys.accepts(token):
+        raise Unauthorized("invalid API key")
 
 
 def exc_code(exc: EnsembleError) -> grpc.StatusCode:
@@ -130,8 +157,12 @@ class InferenceServicer:
         "ModelInfer",
     )
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, limits: RequestLimits, offload: Offload) -> None:
         self._dispatcher = dispatcher
+        self.metrics = dispatcher.metrics
+        self.limits = limits
+        self.offload = offload
+        """The thread large messages are parsed and decoded in."""
 
     @_rpc
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -185,27 +216,38 @@ class InferenceServicer:
 
     @_rpc
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        if "priority" not in request.parameters:
-            self._dispatcher.shed_early(request.model_name, request.model_version or None, PROTOCOL)
-        infer_request = decode_infer_request(request)
+        started = time.perf_counter()
+        name, version = request.model_name, request.model_version or None
+        try:
+            limit = self.limits.elements(self._dispatcher.model(name, version).metadata)
+            if "priority" not in request.parameters:
+                self._dispatcher.shed_early(name, version)
+            infer_request = await self.offload.run(
+                _declared_bytes(request), lambda: decode_infer_request(request, limit)
+            )
+        except EnsembleError as exc:
+            self._dispatcher.refused(name, version, PROTOCOL, exc, started)
+            raise
         response = await self._dispatcher.infer(infer_request, PROTOCOL)
         return encode_infer_response(response)
 
 
-def _raw_handler(servicer: InferenceServicer, name: str) -> Any:
+def _raw_handler(servicer: InferenceServicer, name: str, keys: ApiKeys | None = None) -> Any:
     """A unary handler that parses the request itself, so a malformed message is the client's
-    fault (INVALID_ARGUMENT) instead of grpcio's UNKNOWN with parser internals."""
+    fault (INVALID_ARGUMENT) instead of grpcio's UNKNOWN with parser internals; with ``keys``,
+    a call without one of them is refused first, before its message is parsed."""
     request_type = getattr(service_pb2, f"{name}Request")
     response_type = getattr(service_pb2, f"{name}Response")
     method = getattr(servicer, name)
 
     async def handle(raw: bytes, context: Any) -> Any:
         try:
-            request = request_type.FromString(raw)
-        except DecodeError as exc:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"malformed {name}Request message: {exc}"
-            )
+            if keys is not None:
+                _authenticate(keys, context)
+            request = await servicer.offload.run(len(raw), lambda: _parse(request_type, raw))
+        except EnsembleError as exc:
+            servicer.metrics.record_rejection(PROTOCOL, exc.reason)
+            await _abort(context, exc)
         return await method(request, context)
 
     return grpc.unary_unary_rpc_method_handler(
@@ -213,12 +255,34 @@ def _raw_handler(servicer: InferenceServicer, name: str) -> Any:
     )
 
 
+def _parse(request_type: Any, raw: bytes) -> Any:
+    try:
+        return request_type.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidInput(f"malformed {request_type.__name__} message: {exc}") from None
+
+
+def _declared_bytes(request: Any) -> int:
+    """About the bytes a ModelInferRequest's tensors hold, by their shapes (4 per element)."""
+    elements: int = sum(max(0, math.prod(inp.shape)) for inp in request.inputs)
+    return 4 * elements
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 async def start_grpc_server(
-    dispatcher: Dispatcher, host: str, port: int, *, max_message_bytes: int
+    dispatcher: Dispatcher,
+    host: str,
+    port: int,
+    *,
+    max_message_bytes: int,
+    limits: RequestLimits | None = None,
+    offload: Offload | None = None,
+    connections: ConnectionLimits | None = None,
+    tls: TlsFiles | None = None,
+    api_keys: ApiKeys | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Bind ``host:port`` (0 picks a free port), start serving, return the server and its port.
 
@@ -226,6 +290,9 @@ async def start_grpc_server(
     itself rejects an oversized request with RESOURCE_EXHAUSTED before it reaches the
     servicer, so such requests never show up in the gateway's request metrics. Stop the
     server with ``await server.stop(grace)``.
+
+    With ``tls`` the port speaks TLS only (mutual TLS when it has a client CA); with
+    ``api_keys`` that require a key, the RPCs in ``GUARDED`` need one.
     """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -233,14 +300,28 @@ async def start_grpc_server(
         # gRPC defaults to SO_REUSEPORT, which would let a second gateway share a busy port
         # silently and split the traffic; a busy port must be an error instead.
         ("grpc.so_reuseport", 0),
+        *(connections or ConnectionLimits()).grpc_options(),
     ]
     server = grpc.aio.server(options=options)
-    servicer = InferenceServicer(dispatcher)
-    handlers = {name: _raw_handler(servicer, name) for name in servicer.IMPLEMENTED}
+    limits = limits or RequestLimits(max_bytes=max_message_bytes)
+    servicer = InferenceServicer(dispatcher, limits, offload or Offload(limits))
+    keys = api_keys if api_keys is not None and api_keys.required else None
+    handlers = {
+        name: _raw_handler(servicer, name, keys if name in GUARDED else None)
+        for name in servicer.IMPLEMENTED
+    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     address = _address(host, port)
     try:
-        bound: int = server.add_insecure_port(address)
+        if tls is None:
+            bound: int = server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.private_key, tls.cert_chain)],
+                root_certificates=tls.client_ca,
+                require_client_auth=tls.client_ca is not None,
+            )
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as exc:  # grpcio raises rather than returning 0 on recent versions
         raise OSError(f"cannot bind gRPC server to {address}: {exc}") from exc
     if bound == 0:

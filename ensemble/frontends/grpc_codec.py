@@ -17,7 +17,8 @@ from ensemble.datatypes import (
     split_bytes_elements,
     to_wire,
 )
-from ensemble.errors import EnsembleError, InvalidInput
+from ensemble.errors import EnsembleError, InvalidInput, clip
+from ensemble.frontends.limits import check_elements, check_id
 from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
 # Which InferTensorContents field carries each datatype (as in Triton's grpc_service.proto).
@@ -57,7 +58,7 @@ def params_from_proto(params: Mapping[str, Any], where: str) -> Parameters:
     for key, param in params.items():
         choice = param.WhichOneof("parameter_choice")
         if choice is None:
-            raise InvalidInput(f"{where}: parameter {key!r} has no value")
+            raise InvalidInput(f"{where}: parameter {clip(key)!r} has no value")
         out[key] = getattr(param, choice)
     return out
 
@@ -160,11 +161,12 @@ def _input_tensor(inp: Any, raw: Sequence[bytes], index: int) -> Tensor:
     name: str = inp.name
     if not name:
         raise InvalidInput(f"inputs[{index}]: 'name' must be a non-empty string")
-    where = f"input {name!r}"
+    where = f"input {clip(name)!r}"
     datatype: str = inp.datatype
     if datatype not in OIP_TO_NUMPY:
         raise InvalidInput(
-            f"{where}: unknown datatype {datatype!r}; expected one of {', '.join(OIP_TO_NUMPY)}"
+            f"{where}: unknown datatype {clip(datatype)!r}; "
+            f"expected one of {', '.join(OIP_TO_NUMPY)}"
         )
     shape = tuple(inp.shape)
     if any(d < 0 for d in shape):
@@ -189,7 +191,7 @@ def _requested_output(out: Any, index: int) -> RequestedOutput:
     name: str = out.name
     if not name:
         raise InvalidInput(f"outputs[{index}]: 'name' must be a non-empty string")
-    where = f"output {name!r}"
+    where = f"output {clip(name)!r}"
     params = params_from_proto(out.parameters, where)
     _check_no_shared_memory(params, where)
     # Triton's top-k classification rewrites the output; answering with the plain tensor would
@@ -199,8 +201,9 @@ def _requested_output(out: Any, index: int) -> RequestedOutput:
     return RequestedOutput(name)
 
 
-def decode_infer_request(msg: Any) -> InferRequest:
-    """A ModelInferRequest as an InferRequest; every defect raises InvalidInput saying what."""
+def decode_infer_request(msg: Any, max_elements: int | None = None) -> InferRequest:
+    """A ModelInferRequest as an InferRequest; every defect raises InvalidInput saying what,
+    and shapes holding more than ``max_elements`` in all raise PayloadTooLarge."""
     inputs_pb = msg.inputs
     if not inputs_pb:
         raise InvalidInput("request has no inputs")
@@ -214,9 +217,16 @@ def decode_infer_request(msg: Any) -> InferRequest:
         mixed = [inp.name for inp in inputs_pb if inp.HasField("contents")]
         if mixed:
             raise InvalidInput(
-                f"input(s) {', '.join(map(repr, mixed))} have typed contents while the request "
-                "also has raw_input_contents; use one or the other"
+                f"input(s) {', '.join(repr(clip(n)) for n in mixed)} have typed contents while "
+                "the request also has raw_input_contents; use one or the other"
             )
+    if msg.id:
+        check_id(msg.id)
+    if max_elements is not None:  # every shape, before any data is read
+        total = 0
+        for inp in inputs_pb:
+            total += math.prod(inp.shape)
+            check_elements(total, max_elements, f"input {clip(inp.name)!r}")
     inputs = [_input_tensor(inp, raw, i) for i, inp in enumerate(inputs_pb)]
     outputs = [_requested_output(out, i) for i, out in enumerate(msg.outputs)] or None
     return InferRequest(
@@ -257,9 +267,9 @@ def decode_infer_response(msg: Any) -> dict[str, np.ndarray]:
         )
     result: dict[str, np.ndarray] = {}
     for i, out in enumerate(msg.outputs):
-        where = f"output {out.name!r}"
+        where = f"output {clip(out.name)!r}"
         if out.datatype not in OIP_TO_NUMPY:
-            raise InvalidInput(f"{where}: unknown datatype {out.datatype!r}")
+            raise InvalidInput(f"{where}: unknown datatype {clip(out.datatype)!r}")
         shape = tuple(out.shape)
         if any(d < 0 for d in shape):
             raise InvalidInput(f"{where}: shape {_shape_text(shape)} has a negative dimension")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-import zlib
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import orjson
 from pydantic import ValidationError
 
+from ensemble.auth import ApiKeys, bearer_token
 from ensemble.dispatcher import Dispatcher
 from ensemble.errors import (
     Conflict,
@@ -24,8 +26,9 @@ from ensemble.errors import (
     Overloaded,
     PayloadTooLarge,
     Unauthorized,
-    UnsupportedMediaType,
 )
+from ensemble.frontends.body import read_body
+from ensemble.frontends.limits import Offload, RequestLimits, ValueGuard, counts_values
 from ensemble.frontends.rest_codec import (
     HEADER_LENGTH,
     decode_infer_request,
@@ -46,6 +49,7 @@ Send: TypeAlias = Callable[[Message], Awaitable[None]]
 Reply: TypeAlias = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 log = logging.getLogger("ensemble.http")
+PROTOCOL = "http"
 
 JSON = b"application/json"
 _OK_LIVE = dumps({"live": True})
@@ -72,7 +76,7 @@ def error_reply(exc: EnsembleError) -> Reply:
     if isinstance(exc, WrongMethod):
         extra.append((b"allow", ", ".join(exc.allowed).encode()))
     if isinstance(exc, Unauthorized):
-        extra.append((b"www-authenticate", b'Bearer realm="ensemble-admin"'))
+        extra.append((b"www-authenticate", f'Bearer realm="{exc.realm}"'.encode()))
     if isinstance(exc, Overloaded):  # RFC 9110: whole seconds
         extra.append((b"retry-after", str(math.ceil(exc.retry_after_s)).encode()))
     return _json(exc.http_status, dumps({"error": exc.message}), extra)
@@ -118,6 +122,20 @@ def model_config_doc(model: ServedModel) -> dict[str, Any]:
     return doc
 
 
+@dataclass(frozen=True, slots=True)
+class BearerToken:
+    """A credential routes need as ``Authorization: Bearer <token>``."""
+
+    name: str
+    """What it is called in errors (`admin token`)."""
+    token: str | None
+    """None: unset at start, so the routes it guards are disabled."""
+    realm: str
+    """Named in a 401's ``WWW-Authenticate``."""
+    disabled: str
+    """The 403's message while it is unset: how an operator enables the routes."""
+
+
 class HttpFrontend:
     """ASGI application serving the OIP REST API over the shared dispatcher; the admin API
     exists only with a ``reloader`` (a gateway from a config, not a replica server)."""
@@ -127,18 +145,37 @@ class HttpFrontend:
         dispatcher: Dispatcher,
         metrics: GatewayMetrics,
         *,
-        max_request_bytes: int,
+        limits: RequestLimits,
+        offload: Offload,
         reloader: Reloader | None = None,
         admin_token: str | None = None,
+        feedback_token: str | None = None,
         links: Links | None = None,
+        api_keys: ApiKeys | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.metrics = metrics
-        self.max_request_bytes = max_request_bytes
+        self.limits = limits
+        self.offload = offload
+        """The thread large request bodies are inflated and decoded in."""
         self.reloader = reloader
-        self.admin_token = admin_token or None
+        self.admin = BearerToken(
+            "admin token",
+            admin_token or None,
+            "ensemble-admin",
+            "the admin API is disabled; start the gateway with ENSEMBLE_ADMIN_TOKEN set",
+        )
+        self.feedback = BearerToken(
+            "feedback token",
+            feedback_token or None,
+            "ensemble-feedback",
+            "feedback is disabled; start the gateway with ENSEMBLE_FEEDBACK_TOKEN set (its "
+            "answers then carry a `feedback_id` to post the true label with)",
+        )
         self.links = links if reloader is not None else None
         """Emulated links the admin API reads and changes (a gateway from a config)."""
+        self.api_keys = api_keys or ApiKeys([])
+        """Keys the inference routes need (none: they are open)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -146,6 +183,7 @@ class HttpFrontend:
         try:
             status, headers, body = await self._route(scope, receive)
         except EnsembleError as exc:
+            self.metrics.record_rejection(PROTOCOL, exc.reason)
             status, headers, body = error_reply(exc)
         except Exception:
             log.exception("unhandled error serving %s %s", scope["method"], scope["path"])
@@ -176,12 +214,13 @@ class HttpFrontend:
             return _json(503, dumps({"ready": False, "error": "not ready"}))
         if parts == ["admin", "config"] and self.reloader is not None:
             _expect(method, "PUT")
-            self._authorize(scope)
+            self._authorize(scope, self.admin)
             return await self._reload(scope, receive)
         if parts[:2] == ["admin", "links"] and len(parts) <= 3 and self.links is not None:
             return await self._links_route(method, parts[2:], scope, receive)
         if parts == ["v2", "repository", "index"]:
             _expect(method, "GET", "POST")
+            self._require_api_key(scope)
             return _json(200, dumps(self._repository_index()))
         raise NotFound(f"no route for {method} {scope['path']}")
 
@@ -194,11 +233,18 @@ class HttpFrontend:
             if len(rest) < 2:
                 raise NotFound(f"no route for {method} {scope['path']}")
             version, rest = rest[1], rest[2:]
+        if rest not in _OPEN_MODEL_ROUTES:
+            self._require_api_key(scope)  # before any body is read or decoded
         if rest == ["infer"]:
             _expect(method, "POST")
             return await self._infer(name, version, scope, receive)
         if rest == ["feedback"] and version is None:
             _expect(method, "POST")
+            try:
+                self._authorize(scope, self.feedback)  # before any body is read
+            except EnsembleError:
+                self.dispatcher.feedback.refused(name)
+                raise
             body = await self._read_body(_headers(scope), receive)
             return _json(200, dumps(self.dispatcher.feedback.submit(name, body)))
         if len(rest) > 1:
@@ -218,66 +264,71 @@ class HttpFrontend:
         raise NotFound(f"no route for {method} {scope['path']}")
 
     async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive) -> Reply:
+        started = time.perf_counter()
         headers = _headers(scope)
-        body = await self._read_body(headers, receive)
-        if not may_set_priority(body, headers.get(HEADER_LENGTH)):
-            self.dispatcher.shed_early(name, version, "http")
-        request = decode_infer_request(body, headers.get(HEADER_LENGTH), name, version)
-        response = await self.dispatcher.infer(request, "http")
-        payload, header_length = encode_infer_response(response, request)
-        if header_length is None:
+        header_length = headers.get(HEADER_LENGTH)
+        try:
+            meta = self.dispatcher.model(name, version).metadata
+            limit = self.limits.elements(meta)
+            guard = None
+            if counts_values(meta):
+                json_end = int(header_length) if header_length and header_length.isdigit() else None
+                guard = ValueGuard(limit, meta.name, json_end)
+            body = await self._read_body(headers, receive, guard)
+            if not may_set_priority(body, header_length):
+                self.dispatcher.shed_early(name, version)
+            request = await self.offload.run(
+                len(body),
+                lambda: decode_infer_request(body, header_length, name, version, limit),
+            )
+        except EnsembleError as exc:
+            self.dispatcher.refused(name, version, PROTOCOL, exc, started)
+            raise
+        response = await self.dispatcher.infer(request, PROTOCOL)
+        payload, header_length_out = encode_infer_response(response, request)
+        if header_length_out is None:
             return _json(200, payload)
         return (
             200,
             [
                 (b"content-type", b"application/octet-stream"),
-                (b"inference-header-content-length", str(header_length).encode()),
+                (b"inference-header-content-length", str(header_length_out).encode()),
             ],
             payload,
         )
 
-    async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
-        limit = self.max_request_bytes
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise EnsembleError("client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        encoding = headers.get("content-encoding", "identity").lower()
-        if encoding in ("identity", ""):
-            return body
-        if encoding in ("gzip", "deflate"):
-            return _decompress(body, encoding, limit)
-        raise UnsupportedMediaType(
-            f"unsupported Content-Encoding {encoding!r}; use gzip or deflate"
-        )
+    async def _read_body(
+        self, headers: dict[str, str], receive: Receive, guard: ValueGuard | None = None
+    ) -> bytes:
+        return await read_body(receive, headers, self.limits, self.offload, guard)
 
-    def _authorize(self, scope: Scope) -> None:
-        if self.admin_token is None:
-            raise Forbidden(
-                "the admin API is disabled; start the gateway with ENSEMBLE_ADMIN_TOKEN set"
-            )
-        given = b""
+    def _authorize(self, scope: Scope, credential: BearerToken) -> None:
+        """403 while ``credential`` is unset (the routes it guards are off), 401 without a
+        bearer token, 403 for a wrong one (compared in constant time)."""
+        if credential.token is None:
+            raise Forbidden(credential.disabled)
+        given = None
         for key, value in scope["headers"]:
             if key == b"authorization":
                 given = value
-        scheme, _, token = given.partition(b" ")
-        if scheme.lower() != b"bearer" or not token:
-            raise Unauthorized("send the admin token as `Authorization: Bearer <token>`")
-        if not hmac.compare_digest(token.strip(), self.admin_token.encode()):
-            raise Forbidden("wrong admin token")
+        token = bearer_token(given)
+        if token is None:
+            raise Unauthorized(
+                f"send the {credential.name} as `Authorization: Bearer <token>`",
+                realm=credential.realm,
+            )
+        if not hmac.compare_digest(token, credential.token.encode()):
+            raise Forbidden(f"wrong {credential.name}")
+
+    def _require_api_key(self, scope: Scope) -> None:
+        if not self.api_keys.required:
+            return
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        token = bearer_token(header)
+        if token is None:
+            raise Unauthorized("this gateway needs an API key: send `Authorization: Bearer <key>`")
+        if not self.api_keys.accepts(token):
+            raise Unauthorized("invalid API key")
 
     async def _reload(self, scope: Scope, receive: Receive) -> Reply:
         assert self.reloader is not None
@@ -302,10 +353,10 @@ class HttpFrontend:
         assert self.links is not None
         if not rest:
             _expect(method, "GET")
-            self._authorize(scope)
+            self._authorize(scope, self.admin)
             return _json(200, dumps({"links": {ln.tier: ln.describe() for ln in self.links}}))
         _expect(method, "PUT", "DELETE")
-        self._authorize(scope)
+        self._authorize(scope, self.admin)
         link = self._emulated_link(rest[0])
         if method == "DELETE":
             link.clear()
@@ -348,6 +399,9 @@ class HttpFrontend:
         ]
 
 
+_OPEN_MODEL_ROUTES = (["ready"], ["feedback"])
+"""Model routes API keys do not guard: the readiness probe, and feedback (its own token)."""
+
 _WANTED_HEADERS = frozenset(
     {b"content-length", b"content-encoding", HEADER_LENGTH.encode("latin-1")}
 )
@@ -375,24 +429,3 @@ def _json_object(body: bytes) -> dict[str, Any]:
 def _expect(method: str, *allowed: str) -> None:
     if method not in allowed:
         raise WrongMethod(method, allowed)
-
-
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """Inflate with a cap, so a small compressed body cannot expand past the size limit."""
-    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"body is not valid {encoding} data: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
-    # zlib stops quietly at a truncated stream or at the end of the first one: neither is a body.
-    if not inflater.eof:
-        raise InvalidInput(f"body is truncated {encoding} data")
-    if inflater.unused_data:
-        raise InvalidInput(
-            f"body has {len(inflater.unused_data)} bytes after the end of its {encoding} data "
-            "(several gzip members are not supported)"
-        )
-    return out

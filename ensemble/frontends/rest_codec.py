@@ -17,7 +17,8 @@ from ensemble.datatypes import (
     split_bytes_elements,
     to_wire,
 )
-from ensemble.errors import InvalidInput
+from ensemble.errors import InvalidInput, clip
+from ensemble.frontends.limits import check_elements, check_id
 from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -31,7 +32,9 @@ def _param_dict(value: Any, where: str) -> Parameters:
         raise InvalidInput(f"{where}: 'parameters' must be a JSON object")
     for key, item in value.items():
         if not isinstance(item, bool | int | float | str):
-            raise InvalidInput(f"{where}: parameter {key!r} must be a boolean, number or string")
+            raise InvalidInput(
+                f"{where}: parameter {clip(key)!r} must be a boolean, number or string"
+            )
     return value
 
 
@@ -51,6 +54,9 @@ def _tensor_from_json(
     count = math.prod(shape)
     if not isinstance(data, list):
         raise InvalidInput(f"{where}: 'data' must be a JSON array")
+    found = _leaf_count(data)
+    if found != count:  # before converting anything: a wrong count costs no more work
+        raise InvalidInput(f"{where}: shape {list(shape)} needs {count} elements, data has {found}")
     try:
         if datatype == "BYTES":
             flat = np.asarray(data, dtype=np.object_).ravel()
@@ -72,6 +78,14 @@ def _tensor_from_json(
             f"{where}: shape {list(shape)} needs {count} elements, data has {array.size}"
         )
     return reshape(array, shape, where)
+
+
+def _leaf_count(data: list[Any]) -> int:
+    """Elements of a (possibly nested) JSON array, counting only the lists' lengths: a list
+    whose first item is no list is taken as a row of values (numpy finds ragged ones)."""
+    if not data or not isinstance(data[0], list):
+        return len(data)
+    return sum(_leaf_count(item) if isinstance(item, list) else 1 for item in data)
 
 
 def _contains_non_number(data: list[Any]) -> bool:
@@ -131,9 +145,13 @@ def may_set_priority(body: bytes, header_length: str | None) -> bool:
     return body.find(b"priority", 0, end) >= 0 or body.find(b"\\u", 0, end) >= 0
 
 
-def _decode_tensors(raw_tensors: list[Any], binary: memoryview, noun: str) -> list[Tensor]:
-    """The ``inputs`` (or ``outputs``) of a body: JSON data or slices of the binary part."""
+def _decode_tensors(
+    raw_tensors: list[Any], binary: memoryview, noun: str, max_elements: int | None = None
+) -> list[Tensor]:
+    """The ``inputs`` (or ``outputs``) of a body: JSON data or slices of the binary part;
+    shapes holding more than ``max_elements`` in all are refused before any data is read."""
     offset = 0
+    elements = 0
     tensors: list[Tensor] = []
     for i, raw in enumerate(raw_tensors):
         where = f"{noun}s[{i}]"
@@ -142,13 +160,17 @@ def _decode_tensors(raw_tensors: list[Any], binary: memoryview, noun: str) -> li
         name = raw.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidInput(f"{where}: 'name' must be a non-empty string")
-        where = f"{noun} {name!r}"
+        where = f"{noun} {clip(name)!r}"
         datatype = raw.get("datatype")
         if not isinstance(datatype, str) or datatype not in OIP_TO_NUMPY:
             raise InvalidInput(
-                f"{where}: unknown datatype {datatype!r}; expected one of {', '.join(OIP_TO_NUMPY)}"
+                f"{where}: unknown datatype {clip(str(datatype))!r}; "
+                f"expected one of {', '.join(OIP_TO_NUMPY)}"
             )
         shape = _shape(raw.get("shape"), where)
+        if max_elements is not None:
+            elements += math.prod(shape)
+            check_elements(elements, max_elements, where)
         params = _param_dict(raw.get("parameters"), where)
         size = params.get("binary_data_size")
         if size is not None:
@@ -178,9 +200,14 @@ def _decode_tensors(raw_tensors: list[Any], binary: memoryview, noun: str) -> li
 
 
 def decode_infer_request(
-    body: bytes, header_length: str | None, model_name: str, model_version: str | None
+    body: bytes,
+    header_length: str | None,
+    model_name: str,
+    model_version: str | None,
+    max_elements: int | None = None,
 ) -> InferRequest:
-    """Parse an infer request body; every defect raises InvalidInput naming what is wrong."""
+    """Parse an infer request body; every defect raises InvalidInput naming what is wrong,
+    and shapes holding more than ``max_elements`` in all raise PayloadTooLarge."""
     json_end = _json_end(body, header_length)
     try:
         doc = orjson.loads(body[:json_end])
@@ -189,12 +216,12 @@ def decode_infer_request(
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object")
     request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
+    if request_id is not None:
+        check_id(request_id)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("'inputs' must be a non-empty list")
-    inputs = _decode_tensors(raw_inputs, memoryview(body)[json_end:], "input")
+    inputs = _decode_tensors(raw_inputs, memoryview(body)[json_end:], "input", max_elements)
 
     outputs = None
     raw_outputs = doc.get("outputs")
@@ -205,10 +232,12 @@ def decode_infer_request(
         for i, raw in enumerate(raw_outputs):
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise InvalidInput(f"outputs[{i}] must be an object with a string 'name'")
-            oparams = _param_dict(raw.get("parameters"), f"output {raw['name']!r}")
+            oparams = _param_dict(raw.get("parameters"), f"output {clip(raw['name'])!r}")
             wants = oparams.get("binary_data")
             if wants is not None and not isinstance(wants, bool):
-                raise InvalidInput(f"output {raw['name']!r}: binary_data must be true or false")
+                raise InvalidInput(
+                    f"output {clip(raw['name'])!r}: binary_data must be true or false"
+                )
             outputs.append(RequestedOutput(raw["name"], wants))
     parameters = _param_dict(doc.get("parameters"), "request")
     return InferRequest(model_name, model_version, inputs, request_id, outputs, parameters)

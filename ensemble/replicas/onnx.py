@@ -30,11 +30,15 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
     return opts
 
 
-def load_session(path: Path, intra_op_threads: int = 1) -> ort.InferenceSession:
-    """An onnxruntime CPU session for ``path``; a clear error when the file is not a model."""
+def load_session(
+    path: Path, intra_op_threads: int = 1, model: bytes | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for ``path``, or for ``model``, the bytes read from it (so
+    the model loaded is the one whose digest was checked); a clear error when it is not a
+    model."""
     try:
         return ort.InferenceSession(
-            str(path),
+            str(path) if model is None else model,
             sess_options=session_options(intra_op_threads),
             providers=["CPUExecutionProvider"],
         )
@@ -68,10 +72,13 @@ def _labels(node: onnx.NodeProto) -> tuple[ClassLabel, ...] | None:
 
 
 def _graph_labels(
-    path: Path,
+    path: Path, data: bytes | None = None
 ) -> tuple[tuple[ClassLabel, ...] | None, dict[str, tuple[ClassLabel, ...]]]:
     """Class labels of the graph, and per ZipMap output name the labels of its map keys."""
-    model = onnx.load(str(path), load_external_data=False)
+    if data is None:
+        model = onnx.load(str(path), load_external_data=False)
+    else:
+        model = onnx.load_model_from_string(data)
     classes: tuple[ClassLabel, ...] | None = None
     zipmaps: dict[str, tuple[ClassLabel, ...]] = {}
     for node in model.graph.node:
@@ -90,8 +97,11 @@ def _dims(arg: ort.NodeArg) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
 
 
-def read_signature(path: Path, session: ort.InferenceSession) -> OnnxSignature:
-    """Inputs and outputs of a loaded model; unsupported inputs are an error, outputs skipped."""
+def read_signature(
+    path: Path, session: ort.InferenceSession, model: bytes | None = None
+) -> OnnxSignature:
+    """Inputs and outputs of a loaded model (its graph read from ``model``, the bytes the
+    session was loaded from, when given); unsupported inputs are an error, outputs skipped."""
     inputs = []
     for arg in session.get_inputs():
         datatype = ORT_TO_OIP.get(arg.type)
@@ -100,7 +110,7 @@ def read_signature(path: Path, session: ort.InferenceSession) -> OnnxSignature:
                 f"{path}: input {arg.name!r} has type {arg.type}, OIP cannot carry it"
             )
         inputs.append(TensorSpec(arg.name, datatype, _dims(arg)))
-    graph_classes, zipmaps = _graph_labels(path)
+    graph_classes, zipmaps = _graph_labels(path, model)
     outputs = []
     map_outputs: dict[str, tuple[ClassLabel, ...]] = {}
     for arg in session.get_outputs():

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from ensemble.errors import EnsembleError
+from ensemble.auth import API_KEYS_ENV
+from ensemble.errors import EnsembleError, ModelIntegrityError
+from ensemble.feedback_store import FEEDBACK_TOKEN_ENV
+from ensemble.integrity import EXIT_INTEGRITY
 from ensemble.replicas.oip_http import HttpReplica
 from ensemble.replicas.remote import HealthCheck
 from ensemble.types import TensorSpec
@@ -80,6 +83,9 @@ class ReplicaCommand:
     """The model's name on the child (the member's name)."""
     card: Path | None = None
     """The member card the gateway read (None: the child looks beside the model itself)."""
+    sha256: str | None = None
+    """The digest the gateway verified the model file against; the child refuses to serve a
+    file that hashes otherwise (at every start, restarts included)."""
     executor_threads: int = 1
     max_batch_size: int = 1024
     max_request_bytes: int = 64 * 1024 * 1024
@@ -113,6 +119,8 @@ class ReplicaCommand:
         ]
         if self.card is not None:
             args += ["--card", str(self.card)]
+        if self.sha256 is not None:
+            args += ["--sha256", self.sha256]
         if not self.batching:
             args.append("--no-batching")
         return cli_command(*args)
@@ -150,6 +158,15 @@ def die_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return arm
+
+
+def child_env() -> dict[str, str]:
+    """A child's environment: the gateway's, without its API keys (the gateway calls its
+    children on loopback without them, so a child must not ask for one) and without its
+    feedback token (a replica serves no ensemble: it has nothing to learn)."""
+    env = {k: v for k, v in os.environ.items() if k not in (API_KEYS_ENV, FEEDBACK_TOKEN_ENV)}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 class ProcessReplica(HttpReplica):
@@ -265,7 +282,7 @@ class ProcessReplica(HttpReplica):
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
                 preexec_fn=die_with_parent(),
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=child_env(),
             )
         except OSError as exc:
             raise EnsembleError(f"{self}: cannot start {argv[0]}: {exc}") from exc
@@ -337,6 +354,11 @@ class ProcessReplica(HttpReplica):
                 f"(process.startup_timeout_s), so it was killed{self._tail()}"
             ) from None
         await self._stderr_read()
+        if code == EXIT_INTEGRITY:
+            raise ModelIntegrityError(
+                [f"{self} refused its model file before it was ready{self._tail()}"],
+                [self.command.name],
+            )
         raise EnsembleError(f"{self} exited with code {code} before it was ready{self._tail()}")
 
     async def _stop_child(self, proc: asyncio.subprocess.Process, *, graceful: bool) -> None:

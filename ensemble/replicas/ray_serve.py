@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import tempfile
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
+from ensemble.errors import EnsembleError, InvalidInput, MemberFailed, ModelIntegrityError
+from ensemble.integrity import Digest, read_verified, sha256_hex, verify
+from ensemble.replicas.ray_loopback import LOOPBACK_ENV, loopback_environment
 from ensemble.replicas.remote import HealthCheck, Outputs, RemoteReplica, describe
 from ensemble.types import TensorSpec
 
@@ -47,11 +48,6 @@ RESOURCE_PER_REPLICA = 0.001
 host it, and any number of replicas fit on one node (CPUs bound them, not the tier resource)."""
 LOCAL_TIER_RESOURCE = 1000.0
 """What a gateway-started local Ray offers of every tier's resource."""
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-"""Set to 0 before Ray is imported, Ray takes 127.0.0.1 as this node's address: its servers
-bind to loopback only and a loopback bootstrap address stays loopback. Otherwise Ray 2.60 binds
-to every interface and rewrites 127.0.0.1 to the host's outside address, even when given
-``_node_ip_address="127.0.0.1"``."""
 
 
 def _quiet_driver() -> None:
@@ -71,7 +67,8 @@ class RaySpec:
     tier: str
     model: Path
     digest: str
-    """SHA-256 of the model file: the deployment runs the bytes read at deploy time."""
+    """SHA-256 of the model file, checked against its card and config pin: the deployment
+    runs bytes read at deploy time and refuses them unless they hash to it."""
     num_replicas: int
     """Serve replicas at start (the placement's ``replicas.min``; may be 0)."""
     max_replicas: int
@@ -85,15 +82,20 @@ def deployment_name(member: str, replica: str) -> str:
     return f"{member}-{replica.replace('/', '-')}"
 
 
-def spec_for(cfg: GatewayConfig, member: MemberConfig, place: Placement, replica: str) -> RaySpec:
+def spec_for(
+    cfg: GatewayConfig,
+    member: MemberConfig,
+    place: Placement,
+    replica: str,
+    expected: Sequence[Digest],
+) -> RaySpec:
+    """The deployment of one `ray` placement; its model file is read and checked against the
+    ``expected`` digests (ModelIntegrityError on a mismatch or with none)."""
     from ensemble.config import RayDeploymentConfig
 
     sizing = place.ray or RayDeploymentConfig()
     path = cfg.resolve(member.model)
-    try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise EnsembleError(f"member {member.name!r}: cannot read {path}: {exc}") from exc
+    digest = sha256_hex(read_verified(member.name, path, expected))
     return RaySpec(
         deployment_name(member.name, replica),
         member.name,
@@ -108,15 +110,30 @@ def spec_for(cfg: GatewayConfig, member: MemberConfig, place: Placement, replica
 
 
 def ray_specs(cfg: GatewayConfig) -> dict[str, RaySpec]:
-    """Every `ray` placement of the config, by deployment name."""
+    """Every `ray` placement of the config, by deployment name; ModelIntegrityError naming
+    every model file that does not match its card or config pin."""
+    from ensemble.repository import member_card, member_digests
+
     specs: dict[str, RaySpec] = {}
+    refused: list[ModelIntegrityError] = []
     for ens in cfg.ensembles:
         for member in ens.members:
             names = member.replica_names()
             for place, replicas in zip(member.placement, names, strict=True):
-                if place.backend == "ray":
-                    spec = spec_for(cfg, member, place, replicas[0])
-                    specs[spec.deployment] = spec
+                if place.backend != "ray":
+                    continue
+                expected = member_digests(cfg, member, member_card(cfg, member))
+                try:
+                    spec = spec_for(cfg, member, place, replicas[0], expected)
+                except ModelIntegrityError as exc:
+                    refused.append(exc)
+                    break  # one report per member
+                specs[spec.deployment] = spec
+    if refused:
+        raise ModelIntegrityError(
+            [p for exc in refused for p in exc.problems],
+            [m for exc in refused for m in exc.members],
+        )
     return specs
 
 
@@ -124,18 +141,19 @@ def ray_specs(cfg: GatewayConfig) -> dict[str, RaySpec]:
 
 
 class OnnxDeployment:
-    """One Ray Serve replica of a member: an onnxruntime session of the model's bytes."""
+    """One Ray Serve replica of a member: an onnxruntime session of the model's bytes, which
+    must hash to ``digest`` (the one checked against the card or pin when the gateway read
+    them): a replica refuses to start on any other bytes."""
 
-    def __init__(self, name: str, model: bytes) -> None:
+    def __init__(self, name: str, model: bytes, digest: str) -> None:
         from ensemble.replicas.engine import SessionRunner
         from ensemble.replicas.onnx import load_session, read_signature
 
         self.name = name
-        with tempfile.TemporaryDirectory(prefix="ensemble-ray-") as tmp:
-            path = Path(tmp) / f"{name}.onnx"
-            path.write_bytes(model)
-            session = load_session(path)
-            self._runner = SessionRunner(session, read_signature(path, session))
+        verify(name, model, [Digest(digest, "its Ray deployment")], "the model bytes it received")
+        path = Path(f"{name}.onnx")  # for messages only: the session loads the bytes
+        session = load_session(path, model=model)
+        self._runner = SessionRunner(session, read_signature(path, session, model))
 
     def __call__(self, feed: dict[str, np.ndarray], outputs: list[str]) -> Outputs:
         return self._runner.run(feed, outputs)
@@ -530,9 +548,14 @@ class RayRuntime:
     @classmethod
     def start_local(cls, cfg: GatewayConfig, progress: Callable[[str], None]) -> RayRuntime:
         """Start a private Ray on 127.0.0.1 offering every tier as a custom resource, deploy
-        the config's `ray` placements, and wait until they run."""
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private Ray: no token prompt
-        os.environ.setdefault(LOOPBACK_ENV, "0")
+        the config's `ray` placements, and wait until they run. Every process of that Ray
+        listens on loopback only (`ray_loopback`; tests/integration/test_ray_loopback.py)."""
+        loopback_environment()
+        if "RAY_AUTH_MODE" not in os.environ:
+            # Loopback keeps the network out, not the host's other users: Ray's processes
+            # inherit a random token of this start and refuse calls without it.
+            os.environ["RAY_AUTH_MODE"] = "token"
+            os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
         import ray
         from ray import serve
 
@@ -581,6 +604,8 @@ def _deployment(cls: type, **options: Any) -> Any:
 
 
 def _member_app(spec: RaySpec) -> Any:
+    # Read again (it travels to the replicas with the deployment): still the checked file?
+    model = read_verified(spec.member, spec.model, [Digest(spec.digest, "its Ray deployment")])
     sizing: dict[str, Any] = {"num_replicas": spec.num_replicas}
     if spec.max_replicas > spec.num_replicas:  # the control loop sets its count
         sizing = {
@@ -604,7 +629,7 @@ def _member_app(spec: RaySpec) -> Any:
             "num_cpus": spec.num_cpus,
             "resources": {spec.tier: RESOURCE_PER_REPLICA},
         },
-    ).bind(spec.member, spec.model.read_bytes())
+    ).bind(spec.member, model, spec.digest)
 
 
 def deploy(
@@ -686,6 +711,8 @@ def serve_on_cluster(
     from ray import serve
 
     _quiet_driver()
+    from ensemble.auth import API_KEYS_ENV
+    from ensemble.feedback_store import FEEDBACK_TOKEN_ENV
     from ensemble.server import ADMIN_TOKEN_ENV, Addresses
 
     progress(f"connecting to the Ray cluster at {address}")
@@ -707,9 +734,10 @@ def serve_on_cluster(
         actor: dict[str, Any] = {"num_cpus": cfg.ray.gateway_num_cpus}
         if cfg.ray.gateway_tier is not None:
             actor["resources"] = {cfg.ray.gateway_tier: RESOURCE_PER_REPLICA}
-        token = os.environ.get(ADMIN_TOKEN_ENV)
-        if token:
-            actor["runtime_env"] = {"env_vars": {ADMIN_TOKEN_ENV: token}}
+        names = (ADMIN_TOKEN_ENV, API_KEYS_ENV, FEEDBACK_TOKEN_ENV)
+        credentials = {name: os.environ[name] for name in names if os.environ.get(name)}
+        if credentials:  # the gateway's process reads them from its environment
+            actor["runtime_env"] = {"env_vars": credentials}
         gateway = _deployment(
             GatewayDeployment, name="gateway", num_replicas=1, ray_actor_options=actor
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,14 @@ def iris(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayProc
         export(model, x, tmp / f"{name}.onnx")
 
     def member(name: str, tier: str) -> dict[str, object]:
-        return {"name": name, "model": f"{name}.onnx", "placement": [{"tier": tier}]}
+        # A model without a member card is served only with its digest pinned in the config.
+        digest = hashlib.sha256((tmp / f"{name}.onnx").read_bytes()).hexdigest()
+        return {
+            "name": name,
+            "model": f"{name}.onnx",
+            "sha256": digest,
+            "placement": [{"tier": tier}],
+        }
 
     config = {
         "ensembles": [

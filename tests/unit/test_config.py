@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -42,6 +43,19 @@ def test_default_config_is_valid() -> None:
     assert {"edge", "cloud"} <= set(cfg.tiers)
     assert cfg.zoo_dir() == ROOT / "models" / "digits"
     assert all(p.tier in cfg.tiers for e in cfg.ensembles for m in e.members for p in m.placement)
+
+
+def test_defaults_are_safe() -> None:
+    """What the quickstart configs get without saying: overload shed by an adaptive limit,
+    loopback only, every client-controlled resource bounded."""
+    for name in ("default.yaml", "local.yaml"):
+        cfg = load_config(ROOT / "configs" / name)
+        assert cfg.admission.name == "adaptive"
+        server = cfg.server
+        assert server.host == "127.0.0.1"
+        assert server.non_finite_inputs == "reject"
+        assert server.max_connections <= 4096 and server.header_timeout_s <= 10
+        assert server.max_inflate_ratio <= 100 and server.tls is None
 
 
 def test_relative_model_paths_resolve_against_config_dir(tmp_path: Path) -> None:
@@ -134,7 +148,9 @@ def test_schema_file_is_current() -> None:
 
 
 def test_validate_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    good = write(tmp_path, GOOD)
+    # `validate` checks the model file's digest too: this (empty) one is pinned.
+    pinned = "{name: a, model: a.onnx, sha256: " + hashlib.sha256(b"").hexdigest() + ","
+    good = write(tmp_path, GOOD.replace("{name: a, model: a.onnx,", pinned))
     assert main(["validate", str(good)]) == 0
     assert "OK" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"

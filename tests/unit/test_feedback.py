@@ -1,9 +1,10 @@
-"""Feedback: the prediction store, label mapping, rolling accuracy and the join's effects."""
+"""Feedback: label mapping, rolling accuracy, the join by feedback id and its effects."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,18 +16,19 @@ from ensemble.errors import EnsembleError, InvalidInput, ModelNotFound
 from ensemble.feedback import (
     Duplicate,
     FeedbackHub,
-    Prediction,
-    PredictionStore,
     RollingAccuracy,
     UnknownId,
     class_indices,
     parse_body,
 )
+from ensemble.feedback_store import ENTRY_OVERHEAD_BYTES
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.member import ClassifierSchema, Member
 from ensemble.repository import EnsembleModel, Profile, Repository
 from ensemble.types import (
+    Feedback,
     InferRequest,
+    InferResponse,
     MemberAnswer,
     ModelMetadata,
     Parameters,
@@ -105,39 +107,11 @@ def _answers(batch: int = 1, names: Sequence[str] = ("a", "b")) -> list[MemberAn
 def _hub(**kw: int) -> tuple[FeedbackHub, Repository, GatewayMetrics]:
     repository = _repository()
     metrics = GatewayMetrics()
-    return FeedbackHub(metrics, lambda: repository, **kw), repository, metrics
+    return FeedbackHub(metrics, lambda: repository, enabled=True, **kw), repository, metrics
 
 
-def _body(request_id: str, label: object) -> bytes:
-    return json.dumps({"id": request_id, "label": label}).encode()
-
-
-# -- the store --------------------------------------------------------------------------
-
-
-def test_store_evicts_oldest_first_and_stays_bounded() -> None:
-    store = PredictionStore(capacity=3)
-    for i in range(5):
-        store.remember(f"r{i}", Prediction("default", ("a",), _answers(), float(i)))
-    assert len(store) == 3
-    assert "r0" not in store and "r1" not in store
-    assert all(f"r{i}" in store for i in (2, 3, 4))
-
-
-def test_store_reused_id_replaces_and_becomes_newest() -> None:
-    store = PredictionStore(capacity=2)
-    store.remember("x", Prediction("default", ("a",), _answers(), 0.0))
-    store.remember("y", Prediction("default", ("a",), _answers(), 1.0))
-    store.remember("x", Prediction("bandit", ("b",), _answers(), 2.0))
-    store.remember("z", Prediction("default", ("a",), _answers(), 3.0))
-    assert "y" not in store  # x was refreshed, so y was the oldest
-    entry = store.get("x")
-    assert entry is not None and entry.profile == "bandit"
-
-
-def test_store_rejects_zero_capacity() -> None:
-    with pytest.raises(ValueError):
-        PredictionStore(0)
+def _body(feedback_id: str, label: object) -> bytes:
+    return json.dumps({"feedback_id": feedback_id, "label": label}).encode()
 
 
 # -- rolling accuracy -------------------------------------------------------------------
@@ -168,15 +142,20 @@ def test_parse_body_scalar_and_list() -> None:
         b"not json",
         b"[1, 2]",
         b'{"label": 1}',
-        b'{"id": "", "label": 1}',
-        b'{"id": 7, "label": 1}',
-        b'{"id": "r1"}',
-        b'{"id": "r1", "label": 1, "extra": true}',
+        b'{"feedback_id": "", "label": 1}',
+        b'{"feedback_id": 7, "label": 1}',
+        b'{"feedback_id": "r1"}',
+        b'{"feedback_id": "r1", "label": 1, "extra": true}',
     ],
 )
 def test_parse_body_rejects_malformed(body: bytes) -> None:
     with pytest.raises(InvalidInput):
         parse_body(body)
+
+
+def test_a_request_id_is_no_way_to_join() -> None:
+    with pytest.raises(InvalidInput, match="feedback_id"):
+        parse_body(b'{"id": "req-42", "label": 1}')
 
 
 def test_class_indices_maps_labels_to_positions() -> None:
@@ -203,8 +182,8 @@ def test_join_updates_exp4_weights_accuracy_views_and_metrics() -> None:
     ensemble = repository.ensembles["pets"]
     profile = ensemble.profiles["default"]
     ensemble.members["a"].view()  # cache a view before feedback: it must refresh
-    hub.remember("pets", "r1", "default", ("a", "b"), _answers())
-    result = hub.submit("pets", _body("r1", "cat"))
+    fid = hub.remember("pets", "default", ("a", "b"), _answers())
+    result = hub.submit("pets", _body(fid, "cat"))
     assert result == {"accepted": True, "members": {"a": True, "b": False}}
     weights = profile.weights()
     assert weights is not None and weights["a"] > weights["b"]
@@ -217,8 +196,8 @@ def test_join_updates_exp4_weights_accuracy_views_and_metrics() -> None:
 
 def test_join_batch_reports_share_per_member() -> None:
     hub, repository, _ = _hub()
-    hub.remember("pets", "r1", "default", ("a", "b"), _answers(batch=4))
-    result = hub.submit("pets", _body("r1", ["cat", "dog", "cat", "eel"]))
+    fid = hub.remember("pets", "default", ("a", "b"), _answers(batch=4))
+    result = hub.submit("pets", _body(fid, ["cat", "dog", "cat", "eel"]))
     assert result["members"] == {"a": 0.5, "b": 0.25}
     assert repository.members["a"].rolling_accuracy == 0.5
 
@@ -227,8 +206,8 @@ def test_exp3_profile_learns_from_its_own_requests() -> None:
     hub, repository, _ = _hub()
     bandit = repository.ensembles["pets"].profiles["bandit"]
     bandit.state = before = BanditState({"a": 1.0, "b": 1.0})  # as after draws of both
-    hub.remember("pets", "r1", "bandit", ("b",), _answers(names=("b",)))
-    hub.submit("pets", _body("r1", "cat"))  # b was wrong
+    fid = hub.remember("pets", "bandit", ("b",), _answers(names=("b",)))
+    hub.submit("pets", _body(fid, "cat"))  # b was wrong
     assert bandit.state != before
     assert bandit.state.weights["b"] < bandit.state.weights["a"] == 1.0
     assert repository.ensembles["pets"].profiles["default"].state.weights == {}
@@ -236,12 +215,13 @@ def test_exp3_profile_learns_from_its_own_requests() -> None:
 
 def test_duplicate_feedback_is_409_and_counted_once() -> None:
     hub, repository, metrics = _hub()
-    hub.remember("pets", "r1", "default", ("a", "b"), _answers())
-    hub.submit("pets", _body("r1", "cat"))
+    fid = hub.remember("pets", "default", ("a", "b"), _answers())
+    hub.submit("pets", _body(fid, "cat"))
     state = repository.ensembles["pets"].profiles["default"].state
     with pytest.raises(Duplicate) as info:
-        hub.submit("pets", _body("r1", "cat"))
-    assert info.value.http_status == 409 and "r1" in info.value.message
+        hub.submit("pets", _body(fid, "cat"))
+    assert info.value.http_status == 409 and fid in info.value.message
+    assert hub.store.nbytes == ENTRY_OVERHEAD_BYTES  # the joined answer's classes are freed
     assert repository.ensembles["pets"].profiles["default"].state is state
     assert metrics.feedback[("pets", "accepted")] == 1
     assert metrics.feedback[("pets", "duplicate")] == 1
@@ -249,23 +229,39 @@ def test_duplicate_feedback_is_409_and_counted_once() -> None:
 
 def test_unknown_and_evicted_ids_are_404_naming_the_id() -> None:
     hub, _, metrics = _hub(window=1)
-    hub.remember("pets", "old", "default", ("a",), _answers(names=("a",)))
-    hub.remember("pets", "new", "default", ("a",), _answers(names=("a",)))
-    for request_id in ("old", "never"):
+    old = hub.remember("pets", "default", ("a",), _answers(names=("a",)))
+    hub.remember("pets", "default", ("a",), _answers(names=("a",)))
+    for feedback_id in (old, "never"):
         with pytest.raises(UnknownId) as info:
-            hub.submit("pets", _body(request_id, "cat"))
-        assert info.value.http_status == 404 and repr(request_id) in info.value.message
+            hub.submit("pets", _body(feedback_id, "cat"))
+        assert info.value.http_status == 404 and repr(feedback_id) in info.value.message
     assert metrics.feedback[("pets", "unknown_id")] == 2
+
+
+def test_a_feedback_id_joins_only_its_own_ensemble() -> None:
+    hub, _, metrics = _hub()
+    fid = hub.remember("other", "default", ("a", "b"), _answers())
+    with pytest.raises(UnknownId):
+        hub.submit("pets", _body(fid, "cat"))
+    assert metrics.feedback[("pets", "unknown_id")] == 1
+
+
+def test_refused_posts_are_counted_without_unknown_names() -> None:
+    hub, _, metrics = _hub()
+    hub.refused("pets")
+    hub.refused("no-such-model")
+    assert metrics.feedback[("pets", "unauthorized")] == 1
+    assert metrics.feedback[("", "unauthorized")] == 1
 
 
 def test_invalid_feedback_is_400_and_leaves_the_prediction_joinable() -> None:
     hub, _, metrics = _hub()
-    hub.remember("pets", "r1", "default", ("a", "b"), _answers(batch=2))
-    for body in (_body("r1", "cat"), _body("r1", ["cat", "cow"]), b"{"):
+    fid = hub.remember("pets", "default", ("a", "b"), _answers(batch=2))
+    for body in (_body(fid, "cat"), _body(fid, ["cat", "cow"]), b"{"):
         with pytest.raises(InvalidInput):
             hub.submit("pets", body)
     assert metrics.feedback[("pets", "invalid")] == 3
-    assert hub.submit("pets", _body("r1", ["cat", "dog"]))["accepted"] is True
+    assert hub.submit("pets", _body(fid, ["cat", "dog"]))["accepted"] is True
 
 
 def test_unknown_model_and_member_model() -> None:
@@ -280,15 +276,18 @@ def test_unknown_model_and_member_model() -> None:
 
 def test_exposition_has_the_feedback_families() -> None:
     hub, _, metrics = _hub()
-    hub.remember("pets", "r1", "default", ("a", "b"), _answers())
-    hub.submit("pets", _body("r1", "dog"))
+    hub.remember("pets", "default", ("a", "b"), _answers())
+    fid = hub.remember("pets", "default", ("a", "b"), _answers())
+    hub.submit("pets", _body(fid, "dog"))
     text = metrics.exposition()[0].decode()
+    assert "ensemble_feedback_store_answers 2.0" in text
+    assert f"ensemble_feedback_store_bytes {2 * ENTRY_OVERHEAD_BYTES + 2}.0" in text
     assert 'ensemble_feedback_total{ensemble="pets",outcome="accepted"} 1.0' in text
     assert 'ensemble_member_rolling_accuracy{ensemble="pets",member="b"} 1.0' in text
     assert 'ensemble_selection_weight{ensemble="pets",member="a",profile="default"}' in text
 
 
-# -- the dispatcher remembers answered requests with an id ------------------------------
+# -- the dispatcher gives every ensemble answer its own feedback id ---------------------
 
 
 def _request(request_id: str | None, policy: str | None = None) -> InferRequest:
@@ -297,25 +296,99 @@ def _request(request_id: str | None, policy: str | None = None) -> InferRequest:
     return InferRequest("pets", None, [Tensor("x", "FP32", (1, 2), x)], request_id, None, params)
 
 
-def test_dispatcher_remembers_only_requests_with_an_id() -> None:
+def test_every_ensemble_answer_gets_its_own_feedback_id() -> None:
     repository = _repository()
-    dispatcher = Dispatcher(repository, GatewayMetrics(), feedback_window=10)
+    dispatcher = Dispatcher(repository, GatewayMetrics(), feedback=True, feedback_window=10)
 
-    async def run() -> None:
-        await dispatcher.infer(_request("with-id"), "http")
-        await dispatcher.infer(_request(None), "http")
-        await dispatcher.infer(_request("bandit-1", "bandit"), "http")
+    async def run() -> list[InferResponse]:
+        return [
+            await dispatcher.infer(_request("mine"), "http"),
+            await dispatcher.infer(_request(None), "http"),
+            await dispatcher.infer(_request("b-1", "bandit"), "http"),
+            await dispatcher.infer(InferRequest("a", None, _request(None).inputs), "http"),
+        ]
 
-    asyncio.run(run())
-    store = dispatcher.feedback.stores["pets"]
-    assert len(store) == 2
-    entry = store.get("with-id")
+    with_id, without_id, bandit, member = asyncio.run(run())
+    assert with_id.id == "mine"  # the client's id is echoed, and is not what joins
+    ids = [r.parameters["feedback_id"] for r in (with_id, without_id, bandit)]
+    assert all(isinstance(i, str) and len(i) >= 22 for i in ids) and len(set(ids)) == 3
+    assert "feedback_id" not in member.parameters  # members answer alone: nothing to learn
+    store = dispatcher.feedback.store
+    assert len(store) == 3 and "mine" not in store
+    entry = store.get(str(ids[0]))
     assert entry is not None and entry.asked == ("a", "b") and entry.batch == 1
-    bandit = store.get("bandit-1")
-    assert bandit is not None and bandit.profile == "bandit" and len(bandit.asked) == 1
-    result = dispatcher.feedback.submit("pets", _body("with-id", "cat"))
+    entry = store.get(str(ids[2]))
+    assert entry is not None and entry.profile == "bandit" and len(entry.asked) == 1
+    result = dispatcher.feedback.submit("pets", _body(str(ids[0]), "cat"))
     assert result["members"] == {"a": True, "b": False}
+
+
+def test_two_clients_reusing_one_request_id_each_join_their_own_answer() -> None:
+    repository = _repository()
+    dispatcher = Dispatcher(repository, GatewayMetrics(), feedback=True)
+
+    async def run() -> tuple[InferResponse, InferResponse]:
+        first = await dispatcher.infer(_request("same-id"), "http")
+        second = await dispatcher.infer(_request("same-id", "bandit"), "http")
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert first.id == second.id == "same-id"
+    hub = dispatcher.feedback
+    first_result = hub.submit("pets", _body(str(first.parameters["feedback_id"]), "cat"))
+    assert set(first_result["members"]) == {"a", "b"}  # the first client's exp4 answer
+    second_result = hub.submit("pets", _body(str(second.parameters["feedback_id"]), "dog"))
+    assert list(second_result["members"]) == [second.parameters["members_asked"]]
+    with pytest.raises(InvalidInput):
+        hub.submit("pets", json.dumps({"id": "same-id", "label": "cat"}).encode())
+
+
+def test_without_feedback_nothing_is_minted_or_kept() -> None:
+    dispatcher = Dispatcher(_repository(), GatewayMetrics())
+    response = asyncio.run(dispatcher.infer(_request("mine"), "http"))
+    assert "feedback_id" not in response.parameters
+    assert len(dispatcher.feedback.store) == 0
 
 
 def test_error_classes_are_ensemble_errors() -> None:
     assert issubclass(Duplicate, EnsembleError) and issubclass(UnknownId, EnsembleError)
+
+
+# -- compact storage teaches the policies exactly what full probabilities did -----------
+
+
+def test_kept_classes_teach_exp4_exp3_and_cocktail_as_full_probabilities_did() -> None:
+    hub, repository, _ = _hub()
+    ensemble = repository.ensembles["pets"]
+    vote = ProfileConfig(
+        selection=PolicySpec(name="cocktail", params={"window": 5, "cooldown_windows": 0})
+    )
+    ensemble.profiles["vote"] = Profile.build("vote", vote)
+    reference = {name: _profile(name, kind) for name, kind in (("default", "exp4"),
+                 ("bandit", "exp3"))}  # fmt: skip
+    reference["vote"] = Profile.build("vote", vote)
+    for profile in (*ensemble.profiles.values(), *reference.values()):
+        profile.state = profile.selection.initial_state()
+    rng = np.random.default_rng(7)
+    expected_exp4 = {"a": 1.0, "b": 1.0}
+    for i in range(120):
+        batch = int(rng.integers(1, 6))
+        probabilities = {m: rng.random((batch, 3)).astype(np.float32) for m in ("a", "b")}
+        labels = rng.integers(0, 3, batch)
+        given = [MemberAnswer(m, "edge", "edge/0", p, 0.001) for m, p in probabilities.items()]
+        name = ("default", "bandit", "vote")[i % 3]
+        fid = hub.remember("pets", name, ("a", "b"), given)
+        hub.submit("pets", _body(fid, [CLASSES[c] for c in labels]))
+        # What the policies saw when the gateway kept the members' probabilities:
+        ref = reference[name]
+        event = Feedback.from_probabilities("pets", fid, labels, probabilities, ("a", "b"))
+        ref.state = ref.selection.feedback(event, ref.state)
+        if name == "default":  # Clipper's Exp4 from the probabilities themselves (eta = 1)
+            for m, p in probabilities.items():
+                expected_exp4[m] *= math.exp(-float(np.mean(p.argmax(axis=1) != labels)))
+            top = max(expected_exp4.values())
+            expected_exp4 = {m: max(w / top, 1e-6) for m, w in expected_exp4.items()}
+    for name, ref in reference.items():
+        assert ensemble.profiles[name].state == ref.state, name
+    assert ensemble.profiles["default"].state.weights == pytest.approx(expected_exp4)
+    assert ensemble.profiles["vote"].state.correct  # cocktail counted right answers

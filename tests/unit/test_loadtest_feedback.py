@@ -1,8 +1,9 @@
-"""The harness's feedback: scenario setting, request ids, label posts, counts in the report."""
+"""The harness's feedback: scenario setting, feedback ids and token, label posts, the report."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from ensemble.feedback import parse_body
 from ensemble.frontends.rest_codec import decode_infer_request
+from loadtest.cli import provide_feedback_token
 from loadtest.clients import (
     FeedbackSender,
     GrpcClient,
@@ -37,8 +39,11 @@ load: {shape: poisson, rps: 10, duration_s: 5}
 """
 
 
+TOKEN = "lt-feedback-token"
+
+
 def shape(share: float = 1.0, seed: int = 0) -> RequestShape:
-    return RequestShape("digits", "infer", "input", "label", 5.0, CLASSES, share, seed)
+    return RequestShape("digits", "infer", "input", "label", 5.0, CLASSES, share, seed, TOKEN)
 
 
 def split_http(raw: bytes) -> tuple[str, dict[str, str], bytes]:
@@ -67,9 +72,11 @@ def test_feedback_is_off_by_default_and_share_defaults_to_all(tmp_path: Path) ->
     path.write_text(BASE + "feedback: {}\n")
     sc = load_scenario(path)
     assert sc.feedback is not None and sc.feedback.share == 1.0
-    path.write_text(BASE + "feedback: {share: 0.25}\n")
+    assert sc.feedback.token_env == "ENSEMBLE_FEEDBACK_TOKEN"
+    path.write_text(BASE + "feedback: {share: 0.25, token_env: MY_TOKEN}\n")
     sc = load_scenario(path)
     assert sc.feedback is not None and sc.feedback.share == 0.25
+    assert sc.feedback.token_env == "MY_TOKEN"
 
 
 def test_feedback_unknown_key_and_bad_share_are_located_errors(tmp_path: Path) -> None:
@@ -109,45 +116,48 @@ def test_feedback_needs_the_infer_endpoint() -> None:
     ]
 
 
+def test_a_harness_started_gateway_shares_its_token_with_the_generators(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ENSEMBLE_FEEDBACK_TOKEN", raising=False)
+    monkeypatch.delenv("MY_TOKEN", raising=False)
+    sc = parse_scenario(
+        {
+            "target": {"url": "http://127.0.0.1:8000"},
+            "load": {"shape": "constant", "rps": 10, "duration_s": 1},
+            "feedback": {"token_env": "MY_TOKEN"},
+        }
+    )
+    provide_feedback_token(sc)  # none given: one made for the run
+    made = os.environ["MY_TOKEN"]
+    assert len(made) == 32 and os.environ["ENSEMBLE_FEEDBACK_TOKEN"] == made
+    monkeypatch.setenv("MY_TOKEN", "given")
+    provide_feedback_token(sc)
+    assert os.environ["ENSEMBLE_FEEDBACK_TOKEN"] == "given"
+
+
 def test_grpc_client_refuses_feedback_rather_than_ignoring_it() -> None:
     with pytest.raises(ValueError, match="HTTP only"):
         GrpcClient("127.0.0.1:8001", shape(), WORK)
 
 
-# --- request ids -----------------------------------------------------------------------------
-
-
-def test_no_id_without_feedback() -> None:
-    client = HttpBinaryClient("http://127.0.0.1:8000", shape(share=0.0), WORK, connections=1)
-    assert client.sender is None and client.id_at == []
-    _, headers, body = split_http(client.payloads[1][0])
-    request = decode_infer_request(body, headers["inference-header-content-length"], "digits", None)
-    assert request.id is None
+# --- requests ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cls", [HttpJsonClient, HttpBinaryClient])
-def test_every_request_gets_a_unique_id_the_gateway_decodes(cls: type[HttpJsonClient]) -> None:
-    client = cls("http://127.0.0.1:8000", shape(), WORK, connections=1)
-    sender = client.sender
-    assert sender is not None
-    ids = []
-    for n in range(12):
-        klass, batch = n % 2, n % 3
-        raw, rid = sender.stamp(client.payloads[klass][batch], client.id_at[klass][batch])
-        assert len(raw) == len(client.payloads[klass][batch])  # patched in place
-        _, headers, body = split_http(raw)
-        request = decode_infer_request(
-            body, headers.get("inference-header-content-length"), "digits", None
-        )
-        assert request.id == rid
-        assert request.parameters == CLASSES[klass]
-        np.testing.assert_array_equal(request.inputs[0].data, WORK.rows(batch))
-        ids.append(rid)
-    assert len(set(ids)) == len(ids)
-    assert ids[0].startswith("lt-") and ids[3].endswith("0000000003")
-    # Another client (another generator process, another run) uses other ids.
-    other = cls("http://127.0.0.1:8000", shape(), WORK, connections=1)
-    assert other.sender is not None and other.sender.prefix != sender.prefix
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_requests_are_sent_as_encoded_with_no_id(cls: type[HttpJsonClient], share: float) -> None:
+    client = cls("http://127.0.0.1:8000", shape(share=share), WORK, connections=1)
+    assert (client.sender is None) == (share == 0.0)
+    for klass in (0, 1):
+        for batch in range(WORK.batches):
+            _, headers, body = split_http(client.payloads[klass][batch])
+            request = decode_infer_request(
+                body, headers.get("inference-header-content-length"), "digits", None
+            )
+            assert request.id is None  # answers are joined by the feedback_id they carry
+            assert request.parameters == CLASSES[klass]
+            np.testing.assert_array_equal(request.inputs[0].data, WORK.rows(batch))
 
 
 # --- posting labels --------------------------------------------------------------------------
@@ -180,13 +190,14 @@ def wired(share: float = 1.0, seed: int = 0) -> tuple[HttpBinaryClient, FakePool
     return client, infer, posts
 
 
-def binary_answer(labels: list[int]) -> tuple[bytes, int]:
+def binary_answer(labels: list[int], feedback_id: str | None = None) -> tuple[bytes, int]:
     header = orjson.dumps(
         {
             "outputs": [
                 {"name": "label", "datatype": "INT64", "shape": [len(labels)],
                  "parameters": {"binary_data_size": 8 * len(labels)}}
-            ]
+            ],
+            "parameters": {"feedback_id": feedback_id} if feedback_id else {},
         }
     )  # fmt: skip
     return header + np.asarray(labels, dtype="<i8").tobytes(), len(header)
@@ -197,13 +208,7 @@ def test_true_labels_are_posted_after_successful_answers_only() -> None:
     got: list[tuple[str | None, Any]] = []
     for batch in range(3):
         client.submit(1, batch, lambda err, labels, *_: got.append((err, labels)))
-    request_ids = []
-    for raw, _ in infer.sent:
-        _, headers, body = split_http(raw)
-        request_ids.append(
-            decode_infer_request(body, headers["inference-header-content-length"], "d", None).id
-        )
-    answers = [binary_answer([7, 7]), binary_answer([1, 4])]
+    answers = [binary_answer([7, 7], "fid-0"), binary_answer([1, 4], "fid-1")]
     (_, first), (_, second), (_, third) = infer.sent
     first(200, answers[0][1], answers[0][0], None)  # answered (wrongly): labels still go back
     second(503, None, b'{"error": "draining"}', None)  # failed: nothing to label
@@ -213,27 +218,36 @@ def test_true_labels_are_posted_after_successful_answers_only() -> None:
     first_line, headers, body = split_http(posts.sent[0][0])
     assert first_line == "POST /v2/models/digits/feedback HTTP/1.1"
     assert headers["content-type"] == "application/json"
-    assert parse_body(body) == (request_ids[0], [3, 1])  # the true labels of batch 0
+    assert headers["authorization"] == f"Bearer {TOKEN}"
+    assert parse_body(body) == ("fid-0", [3, 1])  # the true labels of batch 0
     assert client.feedback == {"sent": 1}
     posts.answer_all(200)
     assert client.feedback == {"sent": 1, "accepted": 1}
 
 
 def test_a_share_of_answers_gets_feedback_repeatably() -> None:
-    def posted(seed: int) -> list[bytes]:
+    def posted(seed: int) -> list[str]:
         client, infer, posts = wired(share=0.3, seed=seed)
         for n in range(400):
             client.submit(0, n % 3, lambda *_: None)
-        for _, done in infer.sent:
-            body, hlen = binary_answer([0, 0])
+        for n, (_, done) in enumerate(infer.sent):
+            body, hlen = binary_answer([0, 0], f"fid-{n}")
             done(200, hlen, body, None)
-        return [raw for raw, _ in posts.sent]
+        return [parse_body(split_http(raw)[2])[0] for raw, _ in posts.sent]
 
     first = posted(seed=1)
     assert 80 <= len(first) <= 160
-    again = posted(seed=1)
-    ids = [parse_body(split_http(raw)[2])[0].rsplit("-", 1)[1] for raw in first]
-    assert ids == [parse_body(split_http(raw)[2])[0].rsplit("-", 1)[1] for raw in again]
+    assert first == posted(seed=1)
+    assert first != posted(seed=2)
+
+
+def test_answers_without_a_feedback_id_are_counted_not_posted() -> None:
+    client, infer, posts = wired()
+    client.submit(0, 0, lambda *_: None)
+    body, hlen = binary_answer([3, 1])  # a gateway without its feedback token issues no id
+    infer.sent[0][1](200, hlen, body, None)
+    assert posts.sent == []
+    assert client.feedback == {"no_feedback_id": 1}
 
 
 def test_close_waits_for_posts_in_flight_then_counts_the_rest() -> None:
@@ -324,7 +338,8 @@ def test_generator_processes_feedback_counts_are_summed(
 
 
 class FakeGateway:
-    """Answers infer with the true labels of the rows sent, and joins feedback by request id."""
+    """Answers infer with the true labels of the rows sent and a feedback id; joins feedback
+    posted with its token by that id."""
 
     def __init__(self) -> None:
         self.answered: dict[str, list[int]] = {}
@@ -365,20 +380,26 @@ class FakeGateway:
             )
             rows = request.inputs[0].data
             labels = [int(Y[np.flatnonzero((row == X).all(axis=1))[0]]) for row in rows]
-            assert request.id is not None and request.id not in self.answered
-            self.answered[request.id] = labels
+            feedback_id = f"fid-{len(self.answered)}"
+            self.answered[feedback_id] = labels
             doc = {"outputs": [{"name": "label", "datatype": "INT64", "shape": [len(labels)],
-                                "data": labels}]}  # fmt: skip
+                                "data": labels}],
+                   "parameters": {"feedback_id": feedback_id}}  # fmt: skip
             return 200, orjson.dumps(doc)
-        request_id, labels = parse_body(body)
-        if request_id not in self.answered:
+        if headers.get("authorization") != f"Bearer {TOKEN}":
+            return 401, b'{"error": "send the feedback token"}'
+        feedback_id, labels = parse_body(body)
+        if feedback_id not in self.answered:
             return 404, b'{"error": "unknown id"}'
-        self.feedback[request_id] = labels
+        self.feedback[feedback_id] = labels
         return 200, b'{"accepted": true}'
 
 
-def test_local_fleet_sends_ids_and_labels_to_a_gateway(tmp_path: Path) -> None:
+def test_local_fleet_posts_labels_by_feedback_id_with_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     np.savez(tmp_path / "data.npz", X=X, y=Y)
+    monkeypatch.setenv("ENSEMBLE_FEEDBACK_TOKEN", TOKEN)
     asyncio.run(_local_fleet(tmp_path))
 
 

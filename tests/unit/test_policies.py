@@ -115,7 +115,9 @@ def test_selection_conformance(name: str) -> None:
     assert asked, f"{name} asked nobody"
     assert len(set(asked)) == len(asked)
     assert set(asked) <= set(allowed(ctx))
-    event = Feedback("e", "r1", np.array([0, 1]), {m: probs for m in asked}, tuple(asked))
+    event = Feedback.from_probabilities(
+        "e", "r1", np.array([0, 1]), {m: probs for m in asked}, tuple(asked)
+    )
     state = policy.feedback(event, state)
     check_weights(policy.weights(state))
     # A second request after feedback still works from the returned state.
@@ -191,7 +193,9 @@ def test_selection_never_repeats_nor_leaves_allowed(
         if ok:
             assert set(asked) <= ok, (stages, ok)
         if asked:
-            event = Feedback("e", f"r{i}", np.array([i % 3]), dict.fromkeys(asked, probs), ())
+            event = Feedback.from_probabilities(
+                "e", f"r{i}", np.array([i % 3]), dict.fromkeys(asked, probs), ()
+            )
             state = policy.feedback(event, state)
             check_weights(policy.weights(state))
 

@@ -5,6 +5,8 @@ tests/integration/test_ray_backend.py and test_ray_cluster.py run the real thing
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,13 @@ import numpy as np
 import pytest
 
 from ensemble.config import GatewayConfig, MemberConfig, Placement, parse_yaml
-from ensemble.errors import ConfigError, EnsembleError, InvalidInput, MemberFailed
+from ensemble.errors import (
+    ConfigError,
+    EnsembleError,
+    InvalidInput,
+    MemberFailed,
+    ModelIntegrityError,
+)
 from ensemble.reload import _check_restart_only
 from ensemble.replicas.ray_serve import (
     OnnxDeployment,
@@ -134,12 +142,36 @@ def test_loopback_addresses() -> None:
 
 
 def test_the_deployment_class_runs_the_model_from_bytes() -> None:
-    deployment = OnnxDeployment("logreg", (ZOO / "logreg.onnx").read_bytes())
+    model = (ZOO / "logreg.onnx").read_bytes()
+    deployment = OnnxDeployment("logreg", model, hashlib.sha256(model).hexdigest())
     out = deployment({"input": np.full((2, 64), 8.0, np.float32)}, ["probabilities", "label"])
     assert out["probabilities"].shape == (2, 10) and out["label"].shape == (2,)
     assert deployment.ready()
     with pytest.raises(InvalidInput):
         deployment({"input": np.zeros((1, 63), np.float32)}, ["label"])
+
+
+def test_the_deployment_class_refuses_bytes_that_are_not_the_checked_ones() -> None:
+    checked = hashlib.sha256((ZOO / "logreg.onnx").read_bytes()).hexdigest()
+    other = (ZOO / "mlp_small.onnx").read_bytes()
+    with pytest.raises(ModelIntegrityError, match=f"expects {checked}"):
+        OnnxDeployment("logreg", other, checked)
+
+
+def test_specs_check_the_model_file_against_its_card(tmp_path: Path) -> None:
+    for name in ("logreg.onnx", "logreg.card.json"):
+        shutil.copy(ZOO / name, tmp_path / name)
+    shutil.copy(ZOO / "mlp_small.onnx", tmp_path / "logreg.onnx")  # same inputs and outputs
+    cfg = parse_yaml(
+        "ensembles: [{name: e, members: [{name: m, model: logreg.onnx, "
+        "placement: [{tier: edge}, {tier: cloud, backend: ray}]}]}]",
+        source="test.yaml",
+        base_dir=tmp_path,
+    )
+    with pytest.raises(ModelIntegrityError) as info:
+        ray_specs(cfg)
+    assert info.value.members == ["m"]
+    assert f"its card {tmp_path / 'logreg.card.json'} expects" in str(info.value)
 
 
 class TaskError(Exception):

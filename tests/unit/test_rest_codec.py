@@ -83,7 +83,7 @@ def test_bytes_tensor_json_and_binary() -> None:
         ({"inputs": [inp(data=[1, 2, 3])]}, "needs 2 elements"),
         ({"inputs": [inp(data=["1", "2"])]}, "must be numbers"),
         ({"inputs": [inp(data=[True, False])]}, "must be numbers"),
-        ({"inputs": [inp(data=[[1], [2, 3]])]}, "numbers|fit"),
+        ({"inputs": [inp(data=[[1], [2, 3]])]}, "numbers|fit|needs 2 elements"),
         ({"inputs": [inp(data=None)]}, "needs 'data'"),
         ({"inputs": [inp(data=5)]}, "JSON array"),
         ({"inputs": [inp(datatype="UINT8", data=[1, 300])]}, "fit"),

@@ -260,7 +260,9 @@ def simulate_bandit(policy: Any, rounds: int, good: str = "good") -> tuple[Any, 
         chosen, state = policy.select(ctx, (), state)
         label = i % 3
         answers = {m: onehot([label if m == good else (label + 1) % 3]) for m in chosen}
-        state = policy.feedback(Feedback("e", str(i), np.array([label]), answers, chosen), state)
+        state = policy.feedback(
+            Feedback.from_probabilities("e", str(i), np.array([label]), answers, chosen), state
+        )
         picks.extend(chosen)
     return state, picks
 
@@ -287,7 +289,7 @@ def test_exp3_is_deterministic_given_state_and_asks_once() -> None:
 def test_exp3_update_rule_and_new_member_at_mean_weight() -> None:
     policy = build("exp3", eta=0.5)
     state = BanditState({"a": 1.0, "b": 0.5})
-    event = Feedback("e", "r", np.array([0]), {"b": onehot([1])}, ("b",))
+    event = Feedback.from_probabilities("e", "r", np.array([0]), {"b": onehot([1])}, ("b",))
     after = policy.feedback(event, state)
     p_b = 0.5 / 1.5
     assert after.weights["b"] == pytest.approx(0.5 * math.exp(-0.5 / p_b))
@@ -312,7 +314,9 @@ def test_bandit_weights_stay_positive_and_finite(
     for i, (member, wrong) in enumerate(losses):
         _, state = policy.select(ctx, (), state)
         answers = {member: onehot([1 if wrong else 0])}
-        state = policy.feedback(Feedback("e", str(i), np.array([0]), answers, (member,)), state)
+        state = policy.feedback(
+            Feedback.from_probabilities("e", str(i), np.array([0]), answers, (member,)), state
+        )
         assert all(math.isfinite(w) and w > 0 for w in state.weights.values())
     learned = exp4_weights(state)
     assert all(math.isfinite(w) and w > 0 for w in learned.values())
@@ -329,7 +333,7 @@ def test_exp4_asks_all_and_learns_weights() -> None:
     chosen, state = policy.select(ctx, (), policy.initial_state())
     assert chosen == ("good", "bad", "meh")
     assert policy.weights(state) == pytest.approx({"good": 1 / 3, "bad": 1 / 3, "meh": 1 / 3})
-    event = Feedback(
+    event = Feedback.from_probabilities(
         "e",
         "r",
         np.array([0, 1]),
@@ -359,7 +363,9 @@ def cocktail_round(
         m: onehot([(label + 1) % 3 if (i * 7919 % 100) < 100 * wrong.get(m, 0.0) else label])
         for m in chosen
     }
-    return policy.feedback(Feedback("e", str(i), np.array([label]), answers, chosen), state)
+    return policy.feedback(
+        Feedback.from_probabilities("e", str(i), np.array([label]), answers, chosen), state
+    )
 
 
 COCKTAIL_MEMBERS = tuple(view(f"m{i}", accuracy=0.95 - i / 100) for i in range(5))

@@ -1,0 +1,62 @@
+"""API keys for the inference routes: read from the environment once, checked in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+
+API_KEYS_ENV = "ENSEMBLE_API_KEYS"
+
+
+def bearer_token(authorization: bytes | str | None) -> bytes | None:
+    """The credential of an ``Authorization: Bearer <token>`` value; None for another scheme
+    or no token."""
+    if authorization is None:
+        return None
+    if isinstance(authorization, str):
+        authorization = authorization.encode("utf-8", errors="replace")
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
+
+
+def _digest(secret: bytes) -> bytes:
+    # Keys and candidates are compared as digests of equal length, so the time a comparison
+    # takes says nothing about a key's length either.
+    return hashlib.sha256(secret).digest()
+
+
+class ApiKeys:
+    """The keys that open the inference routes; none configured means the routes are open."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._digests = tuple(_digest(key.encode("utf-8")) for key in keys)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> ApiKeys:
+        """``ENSEMBLE_API_KEYS``: comma-separated keys, whitespace around each trimmed, empty
+        entries ignored (unset or empty: no keys)."""
+        raw = environ.get(API_KEYS_ENV, "")
+        return cls([key.strip() for key in raw.split(",") if key.strip()])
+
+    @property
+    def required(self) -> bool:
+        """Inference needs a key."""
+        return bool(self._digests)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def accepts(self, token: bytes | None) -> bool:
+        """``token`` is one of the keys (every key is compared, so timing does not say which)."""
+        if token is None:
+            return False
+        candidate = _digest(token)
+        matched = False
+        for digest in self._digests:
+            matched |= hmac.compare_digest(candidate, digest)
+        return matched

@@ -1,0 +1,238 @@
+"""What client connections may cost: a cap per frontend, head and idle timeouts, head size.
+
+HTTP: uvicorn's httptools protocol with the limits added (uvicorn has no head timeout, times
+no connection before its first request, and lets a head grow without bound). gRPC: the same
+limits as gRPC core channel arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ensemble.config import ServerConfig
+from ensemble.metrics import GatewayMetrics
+
+log = logging.getLogger("ensemble.connections")
+
+RESERVED_DESCRIPTORS = 1024
+"""Descriptors kept for everything but client connections: replica clients, files, Ray."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """The connection limits of the config's ``server:`` section."""
+
+    max_connections: int = 4096
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    grpc_max_concurrent_streams: int = 128
+    grpc_max_connection_age_s: float | None = None
+
+    @classmethod
+    def of(cls, server: ServerConfig) -> ConnectionLimits:
+        return cls(
+            max_connections=server.max_connections,
+            header_timeout_s=server.header_timeout_s,
+            idle_timeout_s=server.idle_timeout_s,
+            max_header_bytes=server.max_header_bytes,
+            grpc_max_concurrent_streams=server.grpc_max_concurrent_streams,
+            grpc_max_connection_age_s=server.grpc_max_connection_age_s,
+        )
+
+    def fit_descriptors(self) -> ConnectionLimits:
+        """These limits with the cap lowered, if need be, so both frontends at their caps still
+        leave ``RESERVED_DESCRIPTORS`` free; raises the soft descriptor limit to the hard one
+        first (as Go's runtime does), since each connection holds one."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = 1_048_576 if hard == resource.RLIM_INFINITY else hard
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+        room = max(64, (soft - RESERVED_DESCRIPTORS) // 2)
+        if self.max_connections <= room:
+            return self
+        log.warning(
+            "server.max_connections %d lowered to %d per frontend: the process may open %d "
+            "descriptors (ulimit -n)",
+            self.max_connections,
+            room,
+            soft,
+        )
+        return replace(self, max_connections=room)
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """gRPC core's channel arguments for these limits."""
+        options = [
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.server_handshake_timeout_ms", int(self.header_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1000)),
+            ("grpc.max_concurrent_streams", self.grpc_max_concurrent_streams),
+            ("grpc.max_metadata_size", self.max_header_bytes),
+        ]
+        if self.grpc_max_connection_age_s is not None:
+            age_ms = int(self.grpc_max_connection_age_s * 1000)
+            options += [
+                ("grpc.max_connection_age_ms", age_ms),
+                ("grpc.max_connection_age_grace_ms", int(self.idle_timeout_s * 1000)),
+            ]
+        return options
+
+
+class ConnectionGuard:
+    """The HTTP frontend's connections: how many are open, and those not in a request, oldest
+    first. At the cap one of these is closed to make room, so connections held open doing
+    nothing cannot lock clients out: first those that never finished a request head (new,
+    or sending one slowly), then those idle between requests (clients that were served)."""
+
+    def __init__(self, limits: ConnectionLimits, metrics: GatewayMetrics) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.open = 0
+        self.fresh: dict[GatewayHttpProtocol, None] = {}
+        """Connections that never sent a whole request head; insertion-ordered, oldest first."""
+        self.idle: dict[GatewayHttpProtocol, None] = {}
+        """Connections idle after a request, oldest first."""
+        metrics.open_connections = lambda: (("http", self.open),)
+
+    def make_room(self) -> bool:
+        """Close the oldest connection not in a request; False when every one is in one."""
+        for waiting in (self.fresh, self.idle):
+            while waiting:
+                oldest = next(iter(waiting))
+                del waiting[oldest]
+                if oldest.close("evicted"):
+                    return True
+        return False
+
+    def forget(self, conn: GatewayHttpProtocol) -> None:
+        """``conn`` is in a request now, or gone."""
+        self.fresh.pop(conn, None)
+        self.idle.pop(conn, None)
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """httptools' protocol with the gateway's connection limits, answering unparseable HTTP
+    with OIP's JSON error body (uvicorn answers in plain text before the app sees it)."""
+
+    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._head_too_large = False
+
+    # -- connection ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        guard = self.guard
+        guard.open += 1
+        if guard.open > guard.limits.max_connections and not guard.make_room():
+            guard.metrics.record_connection_closed("http", "limit")
+            self._reply_and_close(
+                503,
+                "too many connections (server.max_connections "
+                f"{guard.limits.max_connections}); retry later",
+                b"retry-after: 1\r\n",
+            )
+            return
+        guard.fresh[self] = None
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.open -= 1
+        self.guard.forget(self)
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def close(self, reason: str) -> bool:
+        """Close this connection for ``reason`` (counted); False if it was closing already."""
+        if self.transport.is_closing():
+            return False
+        self.guard.metrics.record_connection_closed("http", reason)
+        self.transport.close()
+        return True
+
+    # -- the request head ----------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        self._head_bytes = 0
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(
+                self.guard.limits.header_timeout_s, self.close, "header_timeout"
+            )
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def on_message_begin(self) -> None:
+        pipelined = self.cycle is not None and not self.cycle.response_complete
+        super().on_message_begin()
+        if pipelined:  # a request is still running on it: it needs no timer of its own
+            self._head_bytes = 0
+            return
+        self._arm_head_timer()  # the head has header_timeout_s from its first byte
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.guard.limits.max_header_bytes:
+            self._head_too_large = True
+            raise ValueError("request head too large")  # the parser stops; see send_400_response
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        self.guard.forget(self)
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self.guard.idle[self] = None  # uvicorn's keep-alive timer runs meanwhile
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.close("idle_timeout")
+
+    # -- answers without the app -----------------------------------------------------------
+
+    def send_400_response(self, msg: str) -> None:
+        if self._head_too_large:
+            self.guard.metrics.record_connection_closed("http", "header_too_large")
+            limit = self.guard.limits.max_header_bytes
+            self._reply_and_close(
+                431, f"request head exceeds {limit} bytes (server.max_header_bytes)"
+            )
+            return
+        self.guard.metrics.record_rejection("http", "invalid_input")
+        self._reply_and_close(400, f"malformed HTTP request: {msg}")
+
+    def _reply_and_close(self, status: int, message: str, extra: bytes = b"") -> None:
+        body = orjson.dumps({"error": message})
+        reason = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}.get(
+            status, b"Service Unavailable"
+        )
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n%s\r\n%s" % (status, reason, len(body), extra, body)
+        )
+        self.transport.close()

@@ -1,0 +1,147 @@
+"""Config checks that read the members' model files: inputs that agree, digests that match."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ensemble.config_errors import Loc, LocatedError, dotted
+from ensemble.types import TensorSpec
+
+if TYPE_CHECKING:
+    from ensemble.config import GatewayConfig, MemberConfig
+    from ensemble.models.card import MemberCard
+
+ONNX_TO_OIP = {
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    4: "UINT16",
+    5: "INT16",
+    6: "INT32",
+    7: "INT64",
+    8: "BYTES",
+    9: "BOOL",
+    10: "FP16",
+    11: "FP64",
+    12: "UINT32",
+    13: "UINT64",
+}
+"""ONNX ``TensorProto`` element types to OIP datatypes (what onnxruntime's types map to)."""
+
+
+def read_inputs(path: Path) -> tuple[TensorSpec, ...] | None:
+    """A model file's inputs as onnxruntime presents them (graph inputs that are not
+    initializers; symbolic or unknown dimensions -1), read from the graph without loading a
+    session. None when it is not a readable ONNX model whose inputs OIP can carry: loading it
+    says why."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's and onnx's own errors: not a model
+        return None
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        if not value.type.HasField("tensor_type"):
+            return None
+        tensor = value.type.tensor_type
+        datatype = ONNX_TO_OIP.get(tensor.elem_type)
+        if datatype is None:
+            return None
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+        specs.append(TensorSpec(value.name, datatype, dims))
+    return tuple(specs) or None
+
+
+def inputs_agree(a: Sequence[TensorSpec], b: Sequence[TensorSpec]) -> bool:
+    """Two members' inputs can take one ensemble request: as many, matched by position (names
+    may differ: the ensemble renames), each of one datatype and rank, dimensions equal or
+    either variable."""
+    return len(a) == len(b) and all(
+        x.datatype == y.datatype
+        and len(x.shape) == len(y.shape)
+        and all(i == j or -1 in (i, j) for i, j in zip(x.shape, y.shape, strict=True))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def describe(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"{s.name} {s.datatype}{list(s.shape)}" for s in specs)
+
+
+def input_errors(cfg: GatewayConfig) -> list[LocatedError]:
+    """Members whose inputs differ from the first readable member of their ensemble, each at
+    its `model` key (files not there yet, or not readable, are left to loading)."""
+    errors: list[LocatedError] = []
+    for ei, ens in enumerate(cfg.ensembles):
+        first: tuple[Loc, str, tuple[TensorSpec, ...]] | None = None
+        for mi, member in enumerate(ens.members):
+            path = cfg.resolve(member.model)
+            inputs = read_inputs(path) if path.is_file() else None
+            if inputs is None:
+                continue
+            loc: Loc = ("ensembles", ei, "members", mi)
+            if first is None:
+                first = (loc, member.name, inputs)
+            elif not inputs_agree(first[2], inputs):
+                errors.append(
+                    (
+                        (*loc, "model"),
+                        f"member {member.name!r} inputs {describe(inputs)} differ from those "
+                        f"of member {first[1]!r} ({dotted(first[0])}): {describe(first[2])}; "
+                        "an ensemble's members take the same inputs (datatypes and shapes, "
+                        "matched by position)",
+                    )
+                )
+    return errors
+
+
+def digest_errors(cfg: GatewayConfig) -> list[LocatedError]:
+    """Members whose model file does not match its card's or config pin's SHA-256, or has
+    neither; at the `sha256` key when the pin is wrong, else at `model` (the check the gateway
+    makes again on the bytes it loads)."""
+    from ensemble.integrity import PIN_SOURCE, expected_digests, problem, sha256_hex
+
+    errors: list[LocatedError] = []
+    for ei, ens in enumerate(cfg.ensembles):
+        for mi, member in enumerate(ens.members):
+            loc: Loc = ("ensembles", ei, "members", mi)
+            path = cfg.resolve(member.model)
+            if not path.is_file():
+                continue
+            card_path, card, card_error = _card(cfg, member, path)
+            if card_error is not None:
+                errors.append(((*loc, "card" if member.card else "model"), card_error))
+                continue
+            expected = expected_digests(card, card_path, member.sha256)
+            try:
+                actual = sha256_hex(path.read_bytes())
+            except OSError as exc:
+                errors.append(((*loc, "model"), f"cannot read {path}: {exc.strerror or exc}"))
+                continue
+            why = problem(member.name, f"model file {path}", actual, expected)
+            if why is not None:
+                pin_wrong = member.sha256 is not None and member.sha256 != actual
+                key = "sha256" if pin_wrong and PIN_SOURCE in why else "model"
+                errors.append(((*loc, key), why))
+    return errors
+
+
+def _card(
+    cfg: GatewayConfig, member: MemberConfig, model: Path
+) -> tuple[Path, MemberCard | None, str | None]:
+    """The member's card path, its card (None: it has none) and why it is unusable."""
+    from ensemble.models.card import card_path_for, load_card
+
+    path = cfg.resolve(member.card) if member.card else card_path_for(model)
+    if not path.is_file():
+        return path, None, (f"card not found: {path}" if member.card else None)
+    try:
+        return path, load_card(path), None
+    except Exception as exc:  # pydantic's or the file system's: the card is unusable
+        return path, None, f"unreadable card {path}: {exc}"

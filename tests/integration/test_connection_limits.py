@@ -1,0 +1,138 @@
+"""Connection limits through a real gateway: a cap per frontend that idle connections cannot
+fill, head and idle timeouts, a head size limit, a body read timeout; every close counted."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import tritonclient.grpc as grpcclient
+
+from tests.integration.process import GatewayProcess, start_from_config, zoo_member
+
+pytestmark = pytest.mark.integration
+CAP = 8
+
+
+@pytest.fixture(scope="module")
+def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    config = {
+        "server": {
+            "max_connections": CAP,
+            "header_timeout_s": 0.5,
+            "idle_timeout_s": 1.0,
+            "read_timeout_s": 0.5,
+            "max_header_bytes": 4096,
+        },
+        "ensembles": [{"name": "digits", "members": [zoo_member("logreg")]}],
+    }
+    gateway = start_from_config(config, tmp_path_factory.mktemp("conns"))
+    yield gateway
+    assert gateway.stop() == 0, gateway.log()
+    assert "Traceback" not in gateway.log(), gateway.log()
+
+
+def closed_count(gw: GatewayProcess, reason: str) -> float:
+    text = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
+    key = f'ensemble_connections_closed_total{{protocol="http",reason="{reason}"}}'
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(key))
+
+
+def connect(gw: GatewayProcess) -> socket.socket:
+    return socket.create_connection((gw.host, gw.http_port), timeout=5)
+
+
+def closed_by_server(sock: socket.socket, within_s: float) -> bool:
+    """Whether the server closes ``sock`` within ``within_s`` (polled, bounded)."""
+    sock.settimeout(within_s)
+    try:
+        for _ in range(100):  # an answer, if any, then the close
+            if sock.recv(65536) == b"":
+                return True
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    return False
+
+
+def test_idle_connections_cannot_lock_out_new_clients(gw: GatewayProcess) -> None:
+    evicted = closed_count(gw, "evicted")
+    with httpx.Client(base_url=gw.http_url, timeout=10) as established:
+        assert established.get("/v2/health/ready").status_code == 200
+        idle = [connect(gw) for _ in range(3 * CAP)]  # never send a byte
+        try:
+            # A new client is served: the oldest connections that never sent a request
+            # make room, not the established client between its requests.
+            with httpx.Client(base_url=gw.http_url, timeout=10) as newcomer:
+                assert newcomer.get("/v2/health/ready").status_code == 200
+            assert established.get("/v2/health/ready").status_code == 200
+        finally:
+            for sock in idle:
+                sock.close()
+    assert closed_count(gw, "evicted") - evicted >= 2 * CAP
+
+
+def test_slow_head_is_closed_at_the_header_timeout(gw: GatewayProcess) -> None:
+    before = closed_count(gw, "header_timeout")
+    with connect(gw) as sock:
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        assert closed_by_server(sock, within_s=10)
+    deadline = time.monotonic() + 10
+    while closed_count(gw, "header_timeout") == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert closed_count(gw, "header_timeout") == before + 1
+
+
+def test_silent_connection_is_closed_at_the_header_timeout(gw: GatewayProcess) -> None:
+    with connect(gw) as sock:
+        assert closed_by_server(sock, within_s=10)
+
+
+def test_idle_keep_alive_connection_is_closed(gw: GatewayProcess) -> None:
+    before = closed_count(gw, "idle_timeout")
+    with connect(gw) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        assert closed_by_server(sock, within_s=10)
+    assert closed_count(gw, "idle_timeout") == before + 1
+
+
+def test_oversized_head_gets_431(gw: GatewayProcess) -> None:
+    with connect(gw) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nX-Big: " + b"a" * 8192 + b"\r\n\r\n")
+        sock.settimeout(5)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 431"), answer
+    assert b"server.max_header_bytes" in answer
+
+
+def test_slow_body_gets_408(gw: GatewayProcess) -> None:
+    with connect(gw) as sock:
+        sock.sendall(
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+        )
+        sock.settimeout(10)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"server.read_timeout_s" in answer
+
+
+def test_grpc_refuses_past_its_cap_and_closes_idle_connections(gw: GatewayProcess) -> None:
+    idle = [socket.create_connection((gw.host, gw.grpc_port), timeout=5) for _ in range(2 * CAP)]
+    try:
+        # gRPC core closes what exceeds the cap at once, and the rest (never a byte sent)
+        # once they were idle for idle_timeout_s.
+        closed = [closed_by_server(sock, within_s=10) for sock in idle]
+        assert all(closed)
+    finally:
+        for sock in idle:
+            sock.close()
+    client = grpcclient.InferenceServerClient(gw.grpc_target)
+    assert client.is_server_live()
+    client.close()
