@@ -55,7 +55,7 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
+    sock.listen(socket.SOMAXCONN)  # the kernel caps it at net.core.somaxconn
     sock.setblocking(False)
     return sock
 

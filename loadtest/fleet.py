@@ -164,6 +164,7 @@ def _worker_main(job: Job, index: int, count: int, conn: Connection) -> None:
     try:
         uvloop.run(_worker(job, index, count, conn))
     except Exception:
+        os.set_blocking(conn.fileno(), True)
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
@@ -191,6 +192,9 @@ async def _worker(job: Job, index: int, count: int, conn: Connection) -> None:
         await asyncio.wait({run}, timeout=0.25)
         conn.send(("progress", fleet.snapshot()))
     loop.remove_reader(conn.fileno())
+    # add_reader left the pipe non-blocking: the results (megabytes after a long run) would
+    # fill the pipe's buffer and raise BlockingIOError part-way instead of waiting for the parent.
+    os.set_blocking(conn.fileno(), True)
     conn.send(("done", run.result()))
 
 
