@@ -11,7 +11,6 @@ import contextlib
 import datetime as dt
 import ipaddress
 import json
-import os
 import secrets
 import shutil
 import socket
@@ -245,14 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown attack(s) {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
     admin, feedback = secrets.token_hex(16), secrets.token_hex(16)
-    os.environ["ENSEMBLE_ADMIN_TOKEN"], os.environ["ENSEMBLE_FEEDBACK_TOKEN"] = admin, feedback
+    tokens = {"ENSEMBLE_ADMIN_TOKEN": admin, "ENSEMBLE_FEEDBACK_TOKEN": feedback}
     with tempfile.TemporaryDirectory(prefix="ensemble-abuse-") as tmp:
         config = workspace(args.config, Path(tmp))
-        gw = start_server(
-            ["serve", str(config), "--http-port", "0", "--grpc-port", "0"],
-            Path(tmp) / "gw.log",
-            180,
-        )
+        serve = ["serve", str(config), "--http-port", "0", "--grpc-port", "0"]
+        gw = start_server(serve, Path(tmp) / "gw.log", 180, env=tokens)
         target = Target(gw.url, gw.grpc, config, admin, feedback, LEARNING_PROFILE)
         rows = []
         try:

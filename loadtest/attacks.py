@@ -53,11 +53,16 @@ def _statuses(results: list[str]) -> dict[str, int]:
     return dict(Counter(results).most_common())
 
 
-def _repeat(
-    parallel: int, rate: float, budget_s: float, send: Callable[[httpx.Client], str]
+def _flood(
+    target: Target,
+    body: bytes,
+    headers: dict[str, str],
+    parallel: int,
+    rate: float,
+    budget_s: float,
 ) -> Outcome:
-    """``parallel`` clients each sending ``send`` ``rate`` times a second (or as fast as the
-    answers come) for ``budget_s``."""
+    """``parallel`` clients each posting ``body`` to the infer route ``rate`` times a second (or
+    as fast as the answers come) for ``budget_s``; the answers' statuses."""
     end = time.monotonic() + budget_s
 
     def worker() -> list[str]:
@@ -66,7 +71,8 @@ def _repeat(
             while time.monotonic() < end and len(seen) < 10_000:
                 started = time.monotonic()
                 try:
-                    seen.append(send(client))
+                    r = client.post(target.http_url + INFER, content=body, headers=headers)
+                    seen.append(f"http_{r.status_code}")
                 except httpx.HTTPError as exc:
                     seen.append(type(exc).__name__)
                 time.sleep(max(0.0, started + 1 / rate - time.monotonic()))
@@ -74,7 +80,10 @@ def _repeat(
 
     with ThreadPoolExecutor(parallel) as pool:
         results = [r for batch in pool.map(lambda _: worker(), range(parallel)) for r in batch]
-    return {"sent": len(results), "answers": _statuses(results)}
+    return {"body_bytes": len(body), "sent": len(results), "answers": _statuses(results)}
+
+
+GZIP_JSON = {"content-encoding": "gzip", "content-type": "application/json"}
 
 
 def amplification(target: Target, budget_s: float) -> Outcome:
@@ -86,26 +95,14 @@ def amplification(target: Target, budget_s: float) -> Outcome:
         + b"0]}]}",
         9,
     )
-    headers = {"content-encoding": "gzip", "content-type": "application/json"}
-
-    def send(client: httpx.Client) -> str:
-        r = client.post(target.http_url + INFER, content=body, headers=headers)
-        return f"http_{r.status_code}"
-
-    return {"body_bytes": len(body), **_repeat(4, 10, budget_s, send)}
+    return _flood(target, body, GZIP_JSON, 4, 10, budget_s)
 
 
 def gzip_bombs(target: Target, budget_s: float) -> Outcome:
     """8 clients, 2 requests a second each, sending an 81 kB gzip body inflating to 80 MiB of
     zeros."""
     body = gzip.compress(b"\0" * (80 * 1024 * 1024), 9)
-    headers = {"content-encoding": "gzip", "content-type": "application/json"}
-
-    def send(client: httpx.Client) -> str:
-        r = client.post(target.http_url + INFER, content=body, headers=headers)
-        return f"http_{r.status_code}"
-
-    return {"body_bytes": len(body), **_repeat(8, 2, budget_s, send)}
+    return _flood(target, body, GZIP_JSON, 8, 2, budget_s)
 
 
 def big_json(target: Target, budget_s: float) -> Outcome:
@@ -116,12 +113,7 @@ def big_json(target: Target, budget_s: float) -> Outcome:
         + b"0," * 14_999_999
         + b"0]}]}"
     )
-
-    def send(client: httpx.Client) -> str:
-        r = client.post(target.http_url + INFER, content=body)
-        return f"http_{r.status_code}"
-
-    return {"body_bytes": len(body), **_repeat(4, 2, budget_s, send)}
+    return _flood(target, body, {"content-type": "application/json"}, 4, 2, budget_s)
 
 
 def _hold(address: tuple[str, int], source: str, count: int, hold_s: float, conn: Any) -> None:

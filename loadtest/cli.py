@@ -75,8 +75,11 @@ def start_gateway(config: Path, log_path: Path, timeout_s: float) -> Gateway:
     )
 
 
-def start_server(args: list[str], log_path: Path, timeout_s: float) -> Gateway:
-    """`ensemble ARGS...` (`serve` or `replica`); returns once its ready line is printed."""
+def start_server(
+    args: list[str], log_path: Path, timeout_s: float, env: dict[str, str] | None = None
+) -> Gateway:
+    """`ensemble ARGS...` (`serve` or `replica`), with ``env`` added to this process's
+    environment; returns once its ready line is printed."""
     cmd = [sys.executable, "-m", "ensemble.cli", *args]
     with log_path.open("w") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
@@ -84,7 +87,7 @@ def start_server(args: list[str], log_path: Path, timeout_s: float) -> Gateway:
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # Ctrl-C is for the harness; it stops the gateway itself
         )
     assert proc.stdout is not None

@@ -4,6 +4,7 @@ a real gateway, their goals are judged, and the report says what other clients s
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_quick_attacks_meet_their_goals(zoo_dir: Path, tmp_path: Path) -> None:
+    environment = dict(os.environ)
     attacks = "feedback_forgery,reused_ids,long_strings,non_finite,model_swap"
     code = abuse.main(
         [str(ROOT / "configs" / "local.yaml"), "--attacks", attacks, "--out", str(tmp_path)]
     )
     report = json.loads((tmp_path / "report.json").read_text())
     rows = {row["attack"]: row for row in report["attacks"]}
+    assert dict(os.environ) == environment  # its tokens went to its gateway only
     assert code == 0, rows
     assert report["listening_off_loopback"] == []
     assert report["gateway_exit_code"] == 0

@@ -65,6 +65,10 @@ def test_amplified_json_is_refused_while_it_inflates(gw: GatewayProcess) -> None
 
     prober = threading.Thread(target=probe)
     prober.start()
+    for _ in range(500):  # the probe is answering before the attack starts (bounded wait)
+        if health:
+            break
+        threading.Event().wait(0.01)
     try:
         with httpx.Client(timeout=60) as client:
             answers = [
