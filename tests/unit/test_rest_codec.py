@@ -83,6 +83,8 @@ def test_bytes_tensor_json_and_binary() -> None:
         ({"inputs": [inp(data=[1, 2, 3])]}, "needs 2 elements"),
         ({"inputs": [inp(data=["1", "2"])]}, "must be numbers"),
         ({"inputs": [inp(data=[True, False])]}, "must be numbers"),
+        ({"inputs": [inp(data=[1.5, True])]}, "must be numbers"),  # numpy would make it 1.0
+        ({"inputs": [inp(data=[1, None])]}, "must be numbers"),
         ({"inputs": [inp(data=[[1], [2, 3]])]}, "numbers|fit|needs 2 elements"),
         ({"inputs": [inp(data=None)]}, "needs 'data'"),
         ({"inputs": [inp(data=5)]}, "JSON array"),
