@@ -27,7 +27,7 @@ from loadtest.peers import ROOT, Peer, PeerError, free_port, machine_busy_second
 from loadtest.wrk import WrkError, WrkResult, run_wrk, write_script, wrk_binary
 
 BENCH_CONFIG = ROOT / "loadtest" / "configs" / "bench.yaml"
-DEFAULT_CONFIG = ROOT / "configs" / "local.yaml"
+DEFAULT_CONFIG = ROOT / "loadtest" / "configs" / "bench5.yaml"
 INFER_PATH = "/v2/models/digits/infer"
 DESCRIPTION = """The gateway against Ray Serve, onnxruntime alone and a no-op server.
 
@@ -39,7 +39,8 @@ forest; mean of class probabilities) from the same ONNX files:
   floor                       the members run back to back in this process at batch 1
   noop-http, noop-grpc        a server that reads the body and answers a fixed OIP response on the
                               same stack (loadtest.peers.noop): the ceiling, and the generators' own
-  gateway5-http               the gateway serving configs/local.yaml (5 members) for reference
+  gateway5-http               the gateway serving configs/local.yaml's 5 members for reference
+                              (loadtest/configs/bench5.yaml: its admission does not shed)
 
 Closed loop: wrk (one thread) over HTTP, grpc.aio generator processes over gRPC, at each
 concurrency, the systems interleaved, each measurement after a warm-up. Open loop: the bench's
