@@ -1,4 +1,5 @@
-"""API keys for the inference routes: read from the environment once, checked in constant time."""
+"""Credentials from the environment (admin token, feedback token, API keys), checked in constant
+time."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import hmac
 import os
 from collections.abc import Mapping
 
+from ensemble.errors import Unauthorized
+
+ADMIN_TOKEN_ENV = "ENSEMBLE_ADMIN_TOKEN"
+"""Opens the admin API (`PUT /admin/config`, `/admin/links`); unset, the admin API is off."""
+FEEDBACK_TOKEN_ENV = "ENSEMBLE_FEEDBACK_TOKEN"
+"""Opens the feedback route; unset, feedback is off and answers carry no feedback id."""
 API_KEYS_ENV = "ENSEMBLE_API_KEYS"
+"""Comma-separated keys the inference routes need; unset, they are open."""
 
 
 def bearer_token(authorization: bytes | str | None) -> bytes | None:
@@ -50,6 +58,15 @@ class ApiKeys:
 
     def __len__(self) -> int:
         return len(self._digests)
+
+    def check(self, authorization: bytes | str | None, how: str) -> None:
+        """Unauthorized unless ``authorization`` (the header's or metadata's value) is a bearer
+        token holding one of the keys; ``how`` says how to send one, in the message."""
+        token = bearer_token(authorization)
+        if token is None:
+            raise Unauthorized(f"this gateway needs an API key: send {how}")
+        if not self.accepts(token):
+            raise Unauthorized("invalid API key")
 
     def accepts(self, token: bytes | None) -> bool:
         """``token`` is one of the keys (every key is compared, so timing does not say which)."""

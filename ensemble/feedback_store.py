@@ -11,8 +11,6 @@ import numpy as np
 
 from ensemble.types import MemberAnswer
 
-FEEDBACK_TOKEN_ENV = "ENSEMBLE_FEEDBACK_TOKEN"
-"""Holds the feedback API's token, read once at gateway start; unset, nothing is kept here."""
 DEFAULT_WINDOW = 10_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 

@@ -17,11 +17,10 @@ from typing import Any
 import grpc
 import uvicorn
 
-from ensemble.auth import ApiKeys
+from ensemble.auth import ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV, ApiKeys
 from ensemble.config import GatewayConfig, ServerConfig, TlsConfig
 from ensemble.control.loop import ControlLoop
 from ensemble.dispatcher import Dispatcher
-from ensemble.feedback_store import FEEDBACK_TOKEN_ENV
 from ensemble.frontends.connections import ConnectionGuard, ConnectionLimits, GatewayHttpProtocol
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.frontends.http import HttpFrontend
@@ -35,7 +34,6 @@ from ensemble.repository import Repository
 from ensemble.tls import TlsFileError, TlsFiles, load_tls_files
 
 log = logging.getLogger("ensemble.server")
-ADMIN_TOKEN_ENV = "ENSEMBLE_ADMIN_TOKEN"
 
 
 class _Uvicorn(uvicorn.Server):

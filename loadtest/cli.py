@@ -231,7 +231,7 @@ def provide_feedback_token(sc: Scenario) -> None:
     unset, a random one made for this run."""
     if sc.feedback is None:
         return
-    from loadtest.scenario import FEEDBACK_TOKEN_ENV
+    from ensemble.auth import FEEDBACK_TOKEN_ENV
 
     token = os.environ.get(sc.feedback.token_env) or secrets.token_hex(16)
     os.environ[sc.feedback.token_env] = token  # generator processes inherit the environment

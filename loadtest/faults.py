@@ -12,6 +12,8 @@ from typing import Any, Literal, Protocol
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from ensemble.auth import ADMIN_TOKEN_ENV
+
 
 @dataclass(frozen=True)
 class FaultEvent:
@@ -188,9 +190,6 @@ class PauseGateway:
 
 
 register_fault("sigstop_gateway", PauseParams, needs_process=True)(PauseGateway)
-
-
-ADMIN_TOKEN_ENV = "ENSEMBLE_ADMIN_TOKEN"
 
 
 class LinkParams(_Params):

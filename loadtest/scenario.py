@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from ensemble.auth import FEEDBACK_TOKEN_ENV
 from ensemble.config_errors import Loc, LocatedError, format_errors, line_index
 from loadtest import faults
 
@@ -260,9 +261,6 @@ class FaultSpec(Strict):
     at_s: float = Field(ge=0, le=MAX_DURATION_S, description="When, seconds after the start.")
     name: str = Field(description=f"Hook name: {', '.join(faults.hook_names())}.")
     params: dict[str, Any] = Field(default_factory=dict, description="The hook's parameters.")
-
-
-FEEDBACK_TOKEN_ENV = "ENSEMBLE_FEEDBACK_TOKEN"
 
 
 class FeedbackSpec(Strict):

@@ -557,10 +557,10 @@ def run(settings: Settings, command: str = "") -> dict[str, Any]:
     """Serve the config, measure every profile, write report.json and report.md; the report."""
     import uvloop
 
+    from ensemble.auth import FEEDBACK_TOKEN_ENV
     from ensemble.config import load_config
     from ensemble.models import ensure_zoo
     from loadtest.cli import start_gateway, stop_gateway
-    from loadtest.scenario import FEEDBACK_TOKEN_ENV
 
     cfg = load_config(settings.config)
     names = list(settings.profiles) or list(cfg.policies)

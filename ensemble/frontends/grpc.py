@@ -13,9 +13,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from ensemble.auth import ApiKeys, bearer_token
+from ensemble.auth import ApiKeys
 from ensemble.dispatcher import Dispatcher
-from ensemble.errors import EnsembleError, InvalidInput, Overloaded, Unauthorized
+from ensemble.errors import EnsembleError, InvalidInput, Overloaded
 from ensemble.frontends.connections import ConnectionLimits
 from ensemble.frontends.grpc_codec import decode_infer_request, encode_infer_response
 from ensemble.frontends.limits import Offload, RequestLimits
@@ -75,19 +75,6 @@ async def _abort(context: Any, exc: EnsembleError) -> NoReturn:
         await context.abort(exc_code(exc), exc.message, (("retry-after", retry),))
     await context.abort(exc_code(exc), exc.message)
     raise AssertionError("context.abort returned")  # it always raises
-
-
-def _authenticate(keys: ApiKeys, context: Any) -> None:
-    """Raises Unauthorized unless the call's metadata carries ``authorization: Bearer <key>``
-    with one of ``keys``."""
-    header = next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
-    token = bearer_token(header)
-    if token is None:
-        raise Unauthorized(
-            "this gateway needs an API key: send metadata `authorization: Bearer <key>`"
-        )
-    if not keys.accepts(token):
-        raise Unauthorized("invalid API key")
 
 
 def exc_code(exc: EnsembleError) -> grpc.StatusCode:
@@ -243,7 +230,9 @@ def _raw_handler(servicer: InferenceServicer, name: str, keys: ApiKeys | None = 
     async def handle(raw: bytes, context: Any) -> Any:
         try:
             if keys is not None:
-                _authenticate(keys, context)
+                metadata = context.invocation_metadata()
+                header = next((v for k, v in metadata if k == "authorization"), None)
+                keys.check(header, "metadata `authorization: Bearer <key>`")
             request = await servicer.offload.run(len(raw), lambda: _parse(request_type, raw))
         except EnsembleError as exc:
             servicer.metrics.record_rejection(PROTOCOL, exc.reason)

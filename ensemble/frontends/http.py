@@ -324,11 +324,7 @@ class HttpFrontend:
         if not self.api_keys.required:
             return
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-        token = bearer_token(header)
-        if token is None:
-            raise Unauthorized("this gateway needs an API key: send `Authorization: Bearer <key>`")
-        if not self.api_keys.accepts(token):
-            raise Unauthorized("invalid API key")
+        self.api_keys.check(header, "`Authorization: Bearer <key>`")
 
     async def _reload(self, scope: Scope, receive: Receive) -> Reply:
         assert self.reloader is not None

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from ensemble.auth import API_KEYS_ENV
+from ensemble.auth import API_KEYS_ENV, FEEDBACK_TOKEN_ENV
 from ensemble.errors import EnsembleError, ModelIntegrityError
-from ensemble.feedback_store import FEEDBACK_TOKEN_ENV
 from ensemble.integrity import EXIT_INTEGRITY
 from ensemble.replicas.oip_http import HttpReplica
 from ensemble.replicas.remote import HealthCheck

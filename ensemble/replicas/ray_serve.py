@@ -711,9 +711,8 @@ def serve_on_cluster(
     from ray import serve
 
     _quiet_driver()
-    from ensemble.auth import API_KEYS_ENV
-    from ensemble.feedback_store import FEEDBACK_TOKEN_ENV
-    from ensemble.server import ADMIN_TOKEN_ENV, Addresses
+    from ensemble.auth import ADMIN_TOKEN_ENV, API_KEYS_ENV, FEEDBACK_TOKEN_ENV
+    from ensemble.server import Addresses
 
     progress(f"connecting to the Ray cluster at {address}")
     ray.init(
