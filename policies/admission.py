@@ -1,112 +1,25 @@
 """Admission control: how many requests run at once, how many may wait, and whom to shed.
 
 A pure decision over a snapshot of the gate (requests running, priorities waiting); the
-runtime (``ensemble.admission``) holds the queue and does the waiting. Priorities follow the
-request contract: lower is more important, 0 (the default) most. ``adaptive`` also moves its
-limit with measured service time: the gate keeps its ``LimitState`` and feeds it windows of
-finished requests' service times (``update(state, window) -> state``).
+runtime (``ensemble.dataplane.admission``) holds the queue and does the waiting. Priorities
+follow the request contract: lower is more important, 0 (the default) most. ``adaptive`` also
+moves its limit with measured service time: the gate keeps its ``LimitState`` and feeds it
+windows of finished requests' service times (``update(state, window) -> state``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Literal, Protocol, Self, runtime_checkable
+from dataclasses import replace
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from policies.base import AdmissionDecision, GateView, LatencyWindow, LimitState
 from policies.registry import register
 
-__all__ = [
-    "Adaptive",
-    "AdaptiveLimit",
-    "AdaptiveParams",
-    "AdmissionDecision",
-    "AdmissionPolicy",
-    "Bounded",
-    "BoundedParams",
-    "GateView",
-    "LatencyWindow",
-    "LimitState",
-]
-
-
-@dataclass(frozen=True, slots=True)
-class GateView:
-    """The gate when a request arrives: requests running, and the priorities waiting, oldest
-    first; ``limit`` is an adaptive policy's current limit (its ``LimitState.limit``), which the
-    gate keeps for it, else None."""
-
-    running: int
-    waiting: Sequence[int]
-    limit: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AdmissionDecision:
-    """``run`` now, ``wait`` in the queue, or ``shed`` the newcomer. ``evict`` names a waiting
-    request (its index in ``GateView.waiting``) to shed to make room for the newcomer."""
-
-    action: Literal["run", "wait", "shed"]
-    evict: int | None = None
-    reason: str = ""
-
-
-@runtime_checkable
-class AdmissionPolicy(Protocol):
-    """Admits, queues or sheds each request, and picks the next waiting one to run."""
-
-    retry_after_s: float
-    """What a shed request's ``Retry-After`` says."""
-
-    def admit(self, gate: GateView, priority: int) -> AdmissionDecision:
-        """What to do with a request of ``priority`` arriving at ``gate``."""
-        ...
-
-    def next_to_run(self, gate: GateView) -> int | None:
-        """Index of the waiting request to start now (a slot is free), or None."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class LimitState:
-    """An adaptive limit between updates: the limit, the long-window baseline and the
-    short-window recent service time (seconds; 0 before the first window), and when it was
-    last updated (the gate's clock, seconds)."""
-
-    limit: float
-    baseline_s: float = 0.0
-    recent_s: float = 0.0
-    updated_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class LatencyWindow:
-    """What the gate saw since the last update: the service times (seconds, slot taken to slot
-    given back) of the requests that finished, the most requests running at once, and now."""
-
-    service_s: Sequence[float]
-    peak_running: int
-    now_s: float
-
-
-@runtime_checkable
-class AdaptiveLimit(Protocol):
-    """An admission policy whose limit the gate updates from measured service times."""
-
-    window_requests: int
-    """Update after this many finished requests ..."""
-    window_s: float
-    """... or when this long has passed since the last update and at least one finished."""
-
-    def start(self, previous: LimitState | None, now_s: float) -> LimitState:
-        """The state to begin with (``previous``: the last policy's, kept across reloads)."""
-        ...
-
-    def update(self, state: LimitState, window: LatencyWindow) -> LimitState:
-        """The state after one window of finished requests."""
-        ...
+__all__ = ["Adaptive", "AdaptiveParams", "Bounded", "BoundedParams"]
 
 
 class BoundedParams(BaseModel):

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from policies.base import PlacementLoad, ScalingContext, ScalingDecision
 from policies.registry import register
 
 __all__ = [
-    "AutoscalingPolicy",
     "Capacity",
     "CapacityParams",
-    "PlacementLoad",
-    "ScalingContext",
-    "ScalingDecision",
     "SloFeedback",
     "SloFeedbackParams",
     "TargetInflight",
@@ -32,75 +28,6 @@ __all__ = [
 
 Key = tuple[str, str]
 EPS = 1e-9
-
-
-@dataclass(frozen=True, slots=True)
-class PlacementLoad:
-    """One member placement over the last window."""
-
-    member: str
-    tier: str
-    replicas: int
-    """Replicas it has now (ready or not)."""
-    min_replicas: int
-    max_replicas: int
-    outstanding: float
-    """Calls in flight to its replicas, averaged over the window."""
-    arrival_rps: float
-    """Calls started per second over the window."""
-    p95_ms: float | None
-    """p95 latency of its replicas' calls over the window (the slowest replica's; the last 8
-    calls when fewer; None when none finished in it)."""
-    ready_replicas: int | None = None
-    """Replicas that take calls now (failed, unhealthy or still starting ones do not); None:
-    the same as ``replicas``."""
-    failures_rps: float = 0.0
-    """Failed calls per second over the window."""
-    service_ms: float | None = None
-    """How long one call holds an idle replica (the fastest tenth of recent calls, which met
-    no queue, less the network's round trip ``link_ms``; at least the member card's batch-1
-    p50): INFaaS's per-replica throughput is 1000 / service_ms."""
-    link_ms: float = 0.0
-    """The network's share of a call's latency (an emulated link's two legs): a call spends it
-    on the wire, not holding a replica, so it is no part of a replica's throughput."""
-    cost_per_replica_hour: float = 0.0
-    """The tier's price of one replica for one hour."""
-    other_tiers: tuple[str, ...] = ()
-    """The member's other tiers (where its calls go when this one has no replica)."""
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.member, self.tier)
-
-    @property
-    def ready(self) -> int:
-        return self.replicas if self.ready_replicas is None else self.ready_replicas
-
-
-@dataclass(frozen=True, slots=True)
-class ScalingContext:
-    now_s: float
-    placements: tuple[PlacementLoad, ...]
-    tier_max_replicas: Mapping[str, int] = field(default_factory=dict)
-    """Tiers with a cap on replicas across all their members (`tiers.NAME.max_replicas`)."""
-    window_s: float = 0.0
-    """What rates and calls in flight are averaged over (`autoscaling.window_s`): decisions
-    closer together than it see overlapping windows (0: unknown)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ScalingDecision:
-    """Target replicas per (member, tier) and why; a placement left out keeps its count."""
-
-    targets: Mapping[tuple[str, str], int] = field(default_factory=dict)
-    reasons: Mapping[tuple[str, str], str] = field(default_factory=dict)
-
-
-@runtime_checkable
-class AutoscalingPolicy(Protocol):
-    def initial_state(self) -> Any: ...
-
-    def decide(self, ctx: ScalingContext, state: Any) -> tuple[ScalingDecision, Any]: ...
 
 
 class TargetInflightParams(BaseModel):

@@ -16,9 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from policies.autoscaling import (
     EPS,
     Key,
-    PlacementLoad,
-    ScalingContext,
-    ScalingDecision,
     Wish,
     cap_tiers,
     changed_targets,
@@ -26,6 +23,7 @@ from policies.autoscaling import (
     hold_wish,
     replica_throughput_rps,
 )
+from policies.base import PlacementLoad, ScalingContext, ScalingDecision
 from policies.registry import register
 
 __all__ = ["R3e", "R3eParams", "R3eState"]

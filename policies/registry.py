@@ -1,10 +1,14 @@
-"""The policy registry: (kind, name) -> factory with a validated params model."""
+"""The policy registry: (kind, name) -> factory with a validated params model.
+
+A leaf: it imports no policy. Built-in and third-party policies register themselves when their
+module is imported; ``policies.catalog`` knows which modules those are and is installed as the
+registry's loader (by ``policies/__init__.py``), so the first look-up imports them all.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict
@@ -20,7 +24,6 @@ Kind = Literal[
     "autoscaling",
 ]
 KINDS: tuple[str, ...] = get_args(Kind)
-ENTRY_POINT_GROUP = "ensemble.policies"
 
 
 class NoParams(BaseModel):
@@ -45,7 +48,8 @@ class PolicyEntry:
 
 
 _REGISTRY: dict[tuple[str, str], PolicyEntry] = {}
-_entry_points_loaded = False
+_loader: Callable[[], None] | None = None
+_loaded = False
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -66,25 +70,22 @@ def register(kind: Kind, name: str, params: type[BaseModel] = NoParams) -> Calla
     return decorate
 
 
-def _ensure_loaded() -> None:
-    """Import the built-in policies and third-party ones from the entry-point group, once."""
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    import policies.admission
-    import policies.aggregation
-    import policies.autoscaling
-    import policies.autoscaling_r3e
-    import policies.reliability
-    import policies.routing
-    import policies.selection
-    import policies.selection_bandits
-    import policies.selection_cocktail
-    import policies.selection_slo  # noqa: F401
+def set_loader(loader: Callable[[], None]) -> None:
+    """Install what imports the policies before the first look-up (``policies.catalog.load``).
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+    The registry cannot import the policy modules itself: each of them imports the registry.
+    """
+    global _loader, _loaded
+    _loader, _loaded = loader, False
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if _loaded or _loader is None:
+        return
+    # Set first: a policy module that looks a name up while it loads must not load again.
+    _loaded = True
+    _loader()
 
 
 def lookup(kind: Kind, name: str) -> PolicyEntry:

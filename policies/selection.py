@@ -47,9 +47,12 @@ def allowed_views(ctx: SelectionContext) -> list[MemberView]:
     return [m for m in ctx.members if m.name in names]
 
 
-def not_yet_asked(names: Iterable[str], answers: Sequence[MemberAnswer]) -> tuple[str, ...]:
-    """``names`` minus the members that already answered, order kept, duplicates dropped."""
-    seen = {a.member for a in answers}
+def not_yet_asked(
+    names: Iterable[str], answers: Sequence[MemberAnswer], asked: Iterable[str] = ()
+) -> tuple[str, ...]:
+    """``names`` minus the members that already answered or were ``asked`` (the request's
+    ``ctx.asked``: a member that failed has no answer), order kept, duplicates dropped."""
+    seen = {a.member for a in answers} | set(asked)
     out: list[str] = []
     for name in names:
         if name not in seen:
@@ -72,7 +75,7 @@ class SelectAll(Stateless):
             return (), state
         # With nothing ready, try the permitted ones anyway: readiness may lag a recovery,
         # and the runtime turns their failures into a clear error.
-        return not_yet_asked(allowed(ctx) or permitted(ctx), answers), state
+        return not_yet_asked(allowed(ctx) or permitted(ctx), answers, ctx.asked), state
 
 
 class StaticParams(BaseModel):
@@ -101,7 +104,7 @@ class Static(Stateless):
         if answers:
             return (), state
         ok = set(allowed(ctx))
-        return not_yet_asked((m for m in self.members if m in ok), answers), state
+        return not_yet_asked((m for m in self.members if m in ok), answers, ctx.asked), state
 
 
 class CascadeParams(BaseModel):

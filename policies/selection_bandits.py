@@ -107,7 +107,10 @@ class Exp3:
         state = with_members(state, candidates)
         rng = random.Random(f"exp3:{self.params.seed}:{state.draws}")
         pick = rng.choices(candidates, weights=[state.weights[c] for c in candidates])[0]
-        return (pick,), BanditState(state.weights, state.draws + 1)
+        # A pick the request already asked (it failed) is not named again: the request ends.
+        return not_yet_asked((pick,), answers, ctx.asked), BanditState(
+            state.weights, state.draws + 1
+        )
 
     def feedback(self, event: Feedback, state: BanditState) -> BanditState:
         state = with_members(state, event.predicted)
@@ -144,7 +147,7 @@ class Exp4:
         if answers:
             return (), state
         chosen = not_yet_asked(allowed(ctx), answers)
-        return chosen, with_members(state, chosen)
+        return not_yet_asked(chosen, answers, ctx.asked), with_members(state, chosen)
 
     def feedback(self, event: Feedback, state: BanditState) -> BanditState:
         state = with_members(state, event.predicted)

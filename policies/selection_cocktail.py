@@ -104,7 +104,7 @@ class Cocktail:
             # The whole active set is unavailable: ask the best available ones instead.
             chosen = list(ranking[: max(self.params.min_members, 1)])
         state = replace(state, active=active, ranking=ranking)
-        return not_yet_asked(chosen, answers), state
+        return not_yet_asked(chosen, answers, ctx.asked), state
 
     def feedback(self, event: Feedback, state: CocktailState) -> CocktailState:
         if not event.predicted:

@@ -162,4 +162,4 @@ class SloGreedy(Stateless):
     ) -> tuple[tuple[str, ...], Any]:
         if answers:
             return (), state
-        return not_yet_asked(self.choose(ctx), answers), state
+        return not_yet_asked(self.choose(ctx), answers, ctx.asked), state

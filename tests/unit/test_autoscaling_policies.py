@@ -1,28 +1,17 @@
-"""The `capacity`, `slo_feedback` and `r3e` autoscaling policies in virtual time, and every
-registered autoscaling policy through the same contract."""
+"""The `capacity`, `slo_feedback` and `r3e` autoscaling policies in virtual time (every
+registered one runs through the same contract in tests/conformance/test_autoscaling.py)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from policies import registry
-from policies.autoscaling import (
-    AutoscalingPolicy,
-    Capacity,
-    CapacityParams,
-    PlacementLoad,
-    ScalingContext,
-    ScalingDecision,
-    SloFeedback,
-    SloFeedbackParams,
-)
+from policies.autoscaling import Capacity, CapacityParams, SloFeedback, SloFeedbackParams
 from policies.autoscaling_r3e import R3e, R3eParams, R3eState
+from policies.base import AutoscalingPolicy, PlacementLoad, ScalingContext
 
 EDGE, CLOUD = ("m", "edge"), ("m", "cloud")
 
@@ -452,22 +441,6 @@ def test_r3e_orders_unlisted_tiers_after_listed_ones_cheaper_first() -> None:
     assert decision.targets == {("m", "cheap"): 3}  # 30 req/s: 1 on the edge, 2 + spare
 
 
-# Every registered autoscaling policy: params, protocol, bounds and caps.
-
-AUTOSCALINGS = registry.names("autoscaling")
-CAP_AWARE = {"capacity", "slo_feedback", "r3e"}
-
-
-def test_new_policies_registered_and_documented() -> None:
-    assert {"target_inflight", "capacity", "slo_feedback", "r3e"} <= set(AUTOSCALINGS)
-    for name in AUTOSCALINGS:
-        entry = registry.lookup("autoscaling", name)
-        assert entry.summary, name
-        for field_name, info in entry.params_model.model_fields.items():
-            assert info.description, f"{name}: {field_name}"
-        registry.build("autoscaling", name, {}, AutoscalingPolicy)  # TypeError if not one
-
-
 @pytest.mark.parametrize(
     ("name", "params", "match"),
     [
@@ -489,68 +462,6 @@ def test_params_validated_through_the_registry(
 ) -> None:
     with pytest.raises(ValidationError, match=match):
         registry.build("autoscaling", name, params, AutoscalingPolicy)
-
-
-@st.composite
-def contexts(draw: st.DrawFn) -> ScalingContext:
-    """Up to three members on edge and cloud with any load, readiness, latency and price."""
-    loads = []
-    for member in ("a", "b", "c")[: draw(st.integers(1, 3))]:
-        for tier in draw(st.sampled_from([("edge",), ("edge", "cloud"), ("cloud",)])):
-            low = draw(st.integers(0, 3))
-            high = draw(st.integers(max(low, 1), 8))
-            replicas = draw(st.integers(low, high))
-            latency = st.none() | st.floats(0.5, 2000.0)
-            loads.append(
-                PlacementLoad(
-                    member,
-                    tier,
-                    replicas,
-                    low,
-                    high,
-                    draw(st.floats(0.0, 50.0)),
-                    draw(st.floats(0.0, 500.0)),
-                    draw(latency),
-                    ready_replicas=draw(st.none() | st.integers(0, replicas)),
-                    failures_rps=draw(st.floats(0.0, 10.0)),
-                    service_ms=draw(latency),
-                    cost_per_replica_hour=draw(st.floats(0.0, 5.0)),
-                )
-            )
-    caps = draw(st.dictionaries(st.sampled_from(["edge", "cloud"]), st.integers(6, 20)))
-    return ScalingContext(0.0, tuple(loads), caps)
-
-
-def check(decision: ScalingDecision, context: ScalingContext, name: str) -> None:
-    loads = {x.key: x for x in context.placements}
-    assert set(decision.targets) <= set(loads)
-    for key, target in decision.targets.items():
-        assert loads[key].min_replicas <= target <= loads[key].max_replicas, (key, target)
-        assert decision.reasons[key], key
-    if name in CAP_AWARE:
-        for tier, cap in context.tier_max_replicas.items():
-            on_tier = [x for x in context.placements if x.tier == tier]
-            if sum(x.min_replicas for x in on_tier) <= cap:
-                total = sum(decision.targets.get(x.key, x.replicas) for x in on_tier)
-                assert total <= cap, (tier, total, cap)
-
-
-@pytest.mark.parametrize("name", AUTOSCALINGS)
-@settings(max_examples=60, deadline=None)
-@given(first=contexts(), steps=st.lists(st.floats(0.0, 40.0), min_size=1, max_size=4))
-def test_autoscaling_contract(name: str, first: ScalingContext, steps: list[float]) -> None:
-    """Targets within bounds and tier caps, a reason each, across decisions with the state
-    threaded through (the counts move to the targets in between)."""
-    policy = registry.build("autoscaling", name, None, AutoscalingPolicy)
-    state, context = policy.initial_state(), first
-    for step in steps:
-        decision, state = policy.decide(context, state)
-        check(decision, context, name)
-        moved = tuple(
-            replace(x, replicas=decision.targets.get(x.key, x.replicas), ready_replicas=None)
-            for x in context.placements
-        )
-        context = ScalingContext(context.now_s + step, moved, context.tier_max_replicas)
 
 
 def test_r3e_sees_no_trend_in_a_flat_but_noisy_rate() -> None:

@@ -217,11 +217,3 @@ def test_tier_preference_params_validated() -> None:
         registry.lookup("routing", "tier_preference").build({"max_outstanding": 0})
     with pytest.raises(ValidationError):
         registry.lookup("routing", "tier_preference").build({"max_outstandng": 3})
-
-
-def test_routing_policies_documented_in_registry() -> None:
-    for name in ("round_robin", "p2c", "peak_ewma", "tier_preference"):
-        entry = registry.lookup("routing", name)
-        assert entry.summary
-        for field in entry.params_model.model_fields.values():
-            assert field.description

@@ -1,4 +1,4 @@
-"""Behaviour of each selection policy: static, cascade, slo_greedy, exp3, exp4, cocktail."""
+"""Behaviour of each selection policy: all, static, cascade, slo_greedy, exp3, exp4, cocktail."""
 
 from __future__ import annotations
 
@@ -55,6 +55,16 @@ def random_validation(rng: np.random.Generator, names: list[str], n: int = 60) -
 def brute_force_accuracy(validation: ValidationSet, members: tuple[str, ...]) -> float:
     mean = np.mean([validation.probabilities[m] for m in members], axis=0)
     return float(np.mean(mean.argmax(axis=1) == validation.labels))
+
+
+# all
+
+
+def test_select_all_skips_unready_members() -> None:
+    policy = build("all")
+    members = (view("a", accuracy=None), view("b", tiers=("cloud",), accuracy=None, ready=False))
+    chosen, _ = policy.select(SelectionContext("e", members, 1), (), None)
+    assert chosen == ("a",)
 
 
 # static

@@ -1,0 +1,1 @@
+"""Conformance suites: every registered policy of a kind through the same contract."""
