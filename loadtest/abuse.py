@@ -6,11 +6,8 @@ the gateway's other clients saw meanwhile, its memory, and each attack's outcome
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime as dt
 import ipaddress
-import json
 import secrets
 import shutil
 import socket
@@ -18,8 +15,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,40 @@ import yaml
 
 from loadtest.abuse_probe import Probe, Samples
 from loadtest.attacks import ATTACKS, Target
-from loadtest.cli import start_server, stop_gateway
+from loadtest.experiment import (
+    EXIT_DONE,
+    EXIT_FAILED,
+    ROOT,
+    Driver,
+    Goal,
+    Report,
+    Run,
+    add_common,
+    goal_lines,
+    goals_doc,
+    goals_of,
+    header_lines,
+    markdown_table,
+    new_parser,
+    progress,
+    settings_doc,
+    split_list,
+    write_report,
+)
+from loadtest.gateway import start_gateway, stop_gateway
 
-ROOT = Path(__file__).resolve().parents[1]
+NAME = "abuse"
+DEFAULT_CONFIG = ROOT / "configs" / "local.yaml"
+DESCRIPTION = """\
+The abuse harness.
+
+Attacks a served config on loopback, each attack bounded in time and count, and reports what
+other clients saw meanwhile (a probe process: an established HTTP connection, an established
+gRPC channel, a new connection every 250 ms), the gateway's memory and each outcome. The config
+and the model zoo are copied to a temporary directory first (one attack swaps a model file
+there). Writes OUT/report.json and OUT/report.md and prints the table. Exit 0 when every goal is
+met, 1 when one is missed, 2 when the run could not start.
+"""
 LEARNING_PROFILE = "abuse_exp4"
 BUDGET_S = {
     "baseline": 5.0,
@@ -49,6 +78,10 @@ GOALS = {
     "feedback_forgery": "no learning state changes",
     "model_swap": "the swapped model is refused",
 }
+
+
+def say(line: str) -> None:
+    progress(NAME, line)
 
 
 def workspace(config: Path, into: Path) -> Path:
@@ -174,31 +207,38 @@ def run_attack(name: str, target: Target, pid: int) -> dict[str, Any]:
     }
 
 
-def verdict(row: dict[str, Any]) -> str | None:
-    """Whether the attack's goal was met (None: it has none)."""
+def judge(row: dict[str, Any]) -> Goal | None:
+    """The attack's goal and whether it was met (None: the attack has no goal)."""
     name, out, others = row["attack"], row["outcome"], row["others"]
     if name == "amplification":
         p99 = max((o["p99_ms"] or 1e9) for o in others.values())
         grew = row["rss_mb_peak"] - row["rss_mb_before"]
-        return "met" if p99 < 50 and grew < 100 else "NOT met"
-    if name == "idle_connections":  # once they are held open, as the goal says
+        measured, passed = f"others' p99 {p99:g} ms, RSS +{grew} MB", p99 < 50 and grew < 100
+    elif name == "idle_connections":  # once they are held open, as the goal says
         new = out.get("new_client_while_held", {})
-        return "met" if new.get("errors") == 0 and (new.get("max_ms") or 1e9) < 100 else "NOT met"
-    if name == "feedback_forgery":
+        slowest = new.get("max_ms")
+        measured = f"new clients: {new.get('errors')} errors, slowest {slowest} ms"
+        passed = new.get("errors") == 0 and (slowest or 1e9) < 100
+    elif name == "feedback_forgery":
         refused = all(k in ("http_401", "http_403") for k in out["answers"])
-        return "met" if refused and not out["weights_changed"] else "NOT met"
-    if name == "model_swap":
-        return "met" if out["reload"] == "http_400" and out["old_config_serves"] else "NOT met"
-    return None
+        measured = f"answers {out['answers']}, weights changed: {out['weights_changed']}"
+        passed = refused and not out["weights_changed"]
+    elif name == "model_swap":
+        measured = f"reload {out['reload']}, old config serves: {out['old_config_serves']}"
+        passed = out["reload"] == "http_400" and out["old_config_serves"]
+    else:
+        return None
+    return Goal(GOALS[name], name, measured, bool(passed))
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "| attack | s | others p50 / p99 ms (http, grpc, health, new conn) | errors | "
-        "RSS MB | outcome | goal |\n|---|---|---|---|---|---|---|"
-    )
-    lines = [head]
-    for row in rows:
+def table(report: Report) -> str:
+    verdicts = {g.subject: g for g in goals_of(report)}
+    header = [
+        "attack", "s", "others p50 / p99 ms (http, grpc, health, new conn)", "errors", "RSS MB",
+        "outcome", "goal",
+    ]  # fmt: skip
+    rows = []
+    for row in report["attacks"]:
         o = row["others"]
         lat = ", ".join(
             f"{o[k]['p50_ms']} / {o[k]['p99_ms']}" if k in o else "-"
@@ -207,12 +247,23 @@ def table(rows: list[dict[str, Any]]) -> str:
         errors = sum(v["errors"] for v in o.values())
         rss = f"{row['rss_mb_before']} -> {row['rss_mb_peak']}"
         outcome = "; ".join(f"{k}: {v}" for k, v in row["outcome"].items())
-        goal = row.get("verdict") or ""
-        if goal:
-            goal = f"{GOALS[row['attack']]}: **{goal}**"
-        cells = [row["attack"], row["seconds"], lat, errors, rss, outcome, goal]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
+        goal = verdicts.get(row["attack"])
+        judged = "" if goal is None else f"{goal.name}: **{'met' if goal.passed else 'NOT met'}**"
+        rows.append([row["attack"], row["seconds"], lat, errors, rss, outcome, judged])
+    return markdown_table(header, rows)
+
+
+def summary(report: Report) -> str:
+    exposed = report["listening_off_loopback"] or "none"
+    return (
+        f"{table(report)}\n\nlistening off loopback: {exposed}; gateway exit code "
+        f"{report['gateway_exit_code']}"
+    )
+
+
+def render_markdown(report: Report) -> str:
+    lines = ["# Abuse harness", "", *header_lines(report), f"- config: `{report['config']}`"]
+    return "\n".join([*lines, "", summary(report), "", goal_lines(goals_of(report)), ""])
 
 
 def rejections(http_url: str) -> dict[str, float]:
@@ -227,58 +278,77 @@ def rejections(http_url: str) -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.abuse",
-        description="Attack a served config on loopback, each attack bounded in time and count, "
-        "and report what other clients saw, the gateway's memory and each outcome. The config "
-        "and the model zoo are copied to a temporary directory first (one attack swaps a model "
-        "file there).",
-    )
-    parser.add_argument("config", nargs="?", type=Path, default=ROOT / "configs" / "local.yaml")
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated, in order")
-    parser.add_argument("--out", type=Path, default=None, help="directory for report.json/.md")
-    args = parser.parse_args(argv)
-    names = [n for n in args.attacks.split(",") if n]
-    unknown = sorted(set(names) - set(ATTACKS))
-    if unknown:
-        parser.error(f"unknown attack(s) {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
+@dataclass(frozen=True)
+class Settings:
+    """What one invocation attacks."""
+
+    config: Path = DEFAULT_CONFIG
+    attacks: tuple[str, ...] = tuple(ATTACKS)
+    out: Path | None = None
+
+
+def attack_all(settings: Settings, out: Path) -> dict[str, Any]:
+    """Serve a copy of the config and run every attack on it; the report's body."""
     admin, feedback = secrets.token_hex(16), secrets.token_hex(16)
     tokens = {"ENSEMBLE_ADMIN_TOKEN": admin, "ENSEMBLE_FEEDBACK_TOKEN": feedback}
     with tempfile.TemporaryDirectory(prefix="ensemble-abuse-") as tmp:
-        config = workspace(args.config, Path(tmp))
-        serve = ["serve", str(config), "--http-port", "0", "--grpc-port", "0"]
-        gw = start_server(serve, Path(tmp) / "gw.log", 180, env=tokens)
+        config = workspace(settings.config, Path(tmp))
+        gw = start_gateway(config, out / "gateway.log", 180, env=tokens)
         target = Target(gw.url, gw.grpc, config, admin, feedback, LEARNING_PROFILE)
         rows = []
         try:
             open_ports = exposed(gw.proc.pid)
-            for name in names:
-                print(f"abuse: {name}", file=sys.stderr, flush=True)
-                row = run_attack(name, target, gw.proc.pid)
-                row["verdict"] = verdict(row)
-                rows.append(row)
+            for name in settings.attacks:
+                say(name)
+                rows.append(run_attack(name, target, gw.proc.pid))
             counted = rejections(gw.url)
         finally:
             code = stop_gateway(gw, 60)
-            if gw.proc.stdout is not None:
-                gw.proc.stdout.close()
-    report = {
-        "date": dt.date.today().isoformat(),
-        "config": str(args.config),
+    return {
+        "config": str(settings.config),
         "listening_off_loopback": open_ports,
         "attacks": rows,
         "rejections_counted": counted,
         "gateway_exit_code": code,
+        "goals": goals_doc([g for g in map(judge, rows) if g is not None]),
     }
-    md = table(rows)
-    print(md)
-    print(f"listening off loopback: {open_ports or 'none'}; gateway exit code {code}")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.json").write_text(json.dumps(report, indent=2))
-        (args.out / "report.md").write_text(md + "\n")
-    return 0 if all(r["verdict"] in (None, "met") for r in rows) else 1
+
+
+def run(settings: Settings, command: str = "") -> Report:
+    this = Run(NAME, settings.out, command)
+    body = attack_all(settings, this.out)
+    report: Report = {**this.header(), "settings": settings_doc(settings), **body}
+    return write_report(this.out, report, render_markdown(report))
+
+
+def parse_args(argv: Sequence[str] | None) -> Settings:
+    parser = new_parser(NAME, DESCRIPTION)
+    parser.add_argument(
+        "config",
+        nargs="?",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"Gateway config to attack (default {DEFAULT_CONFIG.relative_to(ROOT)}).",
+    )
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated, in order")
+    add_common(parser, NAME, seed=False, quiet=False)
+    args = parser.parse_args(argv)
+    names = split_list(args.attacks)
+    unknown = sorted(set(names) - set(ATTACKS))
+    if unknown:
+        parser.error(f"unknown attack(s) {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
+    return Settings(args.config, names, args.out)
+
+
+def _missed_a_goal(report: Report) -> int:
+    return EXIT_FAILED if any(g.passed is False for g in goals_of(report)) else EXIT_DONE
+
+
+DRIVER = Driver(NAME, parse_args, run, summary, exit_code=_missed_a_goal)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return DRIVER.main(argv)
 
 
 if __name__ == "__main__":

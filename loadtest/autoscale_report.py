@@ -1,5 +1,6 @@
 """The autoscaling experiment's arithmetic: replica timelines, cost, SLO attainment, reaction
-time and goals, from scraped samples and harness timelines (pure; `loadtest/autoscale.py` runs)."""
+time, goals and tables, from scraped samples and harness timelines (pure; `loadtest/autoscale.py`
+runs the experiment)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-Sample = tuple[str, tuple[tuple[str, str], ...]]
-"""A Prometheus sample's name and sorted labels (as `loadtest.straggler.scrape` returns them)."""
+from loadtest.experiment import Goal, markdown_table, num
+from loadtest.measure import Sample
+
 ReplicaPoint = tuple[float, dict[str, int]]
 """Seconds since the measured run's start, and replicas per tier then."""
 
@@ -21,6 +23,8 @@ GOAL_REACT_S = 5.0
 GOAL_COST_CUT = 0.30
 SAME_ATTAINMENT = 0.01
 """Attainment within this (1 point) of static peak's counts as the same."""
+GOAL_REACT = f"1 (p99 back under the SLO within {GOAL_REACT_S:g} s of the step)"
+GOAL_CHEAPER = f"2 (>= {100 * GOAL_COST_CUT:g}% cheaper than static peak at the same attainment)"
 HOST_STALL_MS = 100.0
 """A second in which the load generator's own send-lag p99 exceeded this was a host stall: the
 generator (another process, on a machine the system under test barely loads here) could not
@@ -179,50 +183,45 @@ def attainment(sent: int, within: int) -> float | None:
     return within / sent if sent else None
 
 
-def goals(rows: Sequence[Mapping[str, Any]], static: str = "static") -> dict[str, Any]:
+def _reaction_goal(r: Mapping[str, Any]) -> Goal:
+    rec = r["recovery_s"]
+    quiet = r.get("recovery_excl_stalls_s", rec)
+    met_quiet = quiet is not None and quiet <= GOAL_REACT_S
+    measured = "never" if rec is None else f"{rec:g} s"
+    if quiet != rec:
+        shown = "never" if quiet is None else f"{quiet:g} s"
+        measured += f"; host stalls left out: {shown} ({'met' if met_quiet else 'NOT met'})"
+    values = {"recovery_s": rec, "recovery_excl_stalls_s": quiet, "met_excl_stalls": met_quiet}
+    subject = f"{r['scenario']}/{r['system']}"
+    return Goal(GOAL_REACT, subject, measured, rec is not None and rec <= GOAL_REACT_S, values)
+
+
+def _cost_goal(r: Mapping[str, Any], ref: Mapping[str, Any]) -> Goal:
+    share = r["cost"] / ref["cost"]
+    mine, static = r["slo_attainment"] or 0, ref["slo_attainment"] or 0
+    points = 100 * (mine - static)
+    same = mine >= static - SAME_ATTAINMENT
+    measured = f"{100 * share:.0f}% of its cost, attainment {points:+.2f} points"
+    values = {
+        "cost_share_of_static": round(share, 4),
+        "attainment_vs_static_points": round(points, 2),
+    }
+    subject = f"{r['scenario']}/{r['system']}"
+    return Goal(GOAL_CHEAPER, subject, measured, same and share <= 1 - GOAL_COST_CUT, values)
+
+
+def goals(rows: Sequence[Mapping[str, Any]], static: str = "static") -> list[Goal]:
     """Per scenario and system: p99 back under the SLO within GOAL_REACT_S of the step; cost at
     least GOAL_COST_CUT below static peak's at the same attainment (within SAME_ATTAINMENT)."""
-    out: dict[str, Any] = {"react": [], "cost": []}
     peak = {r["scenario"]: r for r in rows if r["system"] == static}
-    for r in rows:
-        if r.get("recovery_s", "n/a") != "n/a" and r["system"] != static:
-            rec = r["recovery_s"]
-            quiet = r.get("recovery_excl_stalls_s", rec)
-            out["react"].append(
-                {
-                    "scenario": r["scenario"],
-                    "system": r["system"],
-                    "recovery_s": rec,
-                    "met": rec is not None and rec <= GOAL_REACT_S,
-                    "recovery_excl_stalls_s": quiet,
-                    "met_excl_stalls": quiet is not None and quiet <= GOAL_REACT_S,
-                }
-            )
-        ref = peak.get(r["scenario"])
-        if ref is None or r["system"] == static or not ref["cost"]:
-            continue
-        share = r["cost"] / ref["cost"]
-        same = (r["slo_attainment"] or 0) >= (ref["slo_attainment"] or 0) - SAME_ATTAINMENT
-        out["cost"].append(
-            {
-                "scenario": r["scenario"],
-                "system": r["system"],
-                "cost_share_of_static": round(share, 4),
-                "attainment_vs_static_points": round(
-                    100 * ((r["slo_attainment"] or 0) - (ref["slo_attainment"] or 0)), 2
-                ),
-                "met": same and share <= 1 - GOAL_COST_CUT,
-            }
-        )
-    return out
-
-
-def _num(value: float | None, spec: str) -> str:
-    return (
-        "n/a"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else (format(value, spec))
-    )
+    others = [r for r in rows if r["system"] != static]
+    react = [_reaction_goal(r) for r in others if r.get("recovery_s", "n/a") != "n/a"]
+    cost = [
+        _cost_goal(r, peak[r["scenario"]])
+        for r in others
+        if r["scenario"] in peak and peak[r["scenario"]]["cost"]
+    ]
+    return react + cost
 
 
 def _scale_up(value: float | str | None) -> str:
@@ -231,40 +230,45 @@ def _scale_up(value: float | str | None) -> str:
     return value if isinstance(value, str) else f"{value:.1f}"
 
 
+def _row_cells(r: Mapping[str, Any], static_cost: float | None) -> list[object]:
+    secs = r["replica_seconds_priced"]
+    vs = f"{100 * r['cost'] / static_cost:.0f} %" if static_cost else "n/a"
+    rec = r["recovery_s"]
+    quiet = ""
+    if r.get("stall_seconds") and rec != "n/a":
+        left_out = r.get("recovery_excl_stalls_s")
+        quiet = f" ({_reaction(left_out)} without {r['stall_seconds']} stall s)"
+    share = r["slo_attainment"]
+    cores = r.get("cores", {})
+    return [
+        r["scenario"],
+        r["system"],
+        f"{num(None if share is None else 100 * share, '.2f')} %",
+        num(r["latency_ms"]["p99"], ".0f"),
+        r["errors"],
+        f"{secs.get('edge', 0):.0f} / {secs.get('cloud', 0):.0f} "
+        f"({sum(r['replica_seconds'].values()):.0f})",
+        f"{r['cost']:.5f}",
+        vs,
+        _scale_up(r["first_scale_up_s"]),
+        f"{_reaction(rec)}{quiet}",
+        r["bad_seconds"],
+        r["peak_replicas"],
+        f"{num(r.get('send_lag_p99_ms'), '.0f')}, {num(cores.get('others'), '.2f')}, "
+        f"{num(cores.get('steal'), '.2f')}",
+    ]
+
+
 def table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
     """The Markdown table of every (scenario, system) run."""
-    lines = [
-        f"| scenario | system | SLO attainment (<= {slo_ms:g} ms) | p99 ms | errors | "
-        "replica-s edge / cloud (all) | cost | cost vs static | first scale-up s | "
-        "p99 back under SLO s (host stalls left out) | bad s | peak replicas | send lag p99 ms, "
-        "other cores, steal cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = [
+        "scenario", "system", f"SLO attainment (<= {slo_ms:g} ms)", "p99 ms", "errors",
+        "replica-s edge / cloud (all)", "cost", "cost vs static", "first scale-up s",
+        "p99 back under SLO s (host stalls left out)", "bad s", "peak replicas",
+        "send lag p99 ms, other cores, steal cores",
+    ]  # fmt: skip
     peak = {r["scenario"]: r["cost"] for r in rows if r["system"] == "static"}
-    for r in rows:
-        secs = r["replica_seconds_priced"]
-        ref = peak.get(r["scenario"])
-        vs = f"{100 * r['cost'] / ref:.0f} %" if ref else "n/a"
-        rec = r["recovery_s"]
-        quiet = ""
-        if r.get("stall_seconds") and rec != "n/a":
-            left_out = r.get("recovery_excl_stalls_s")
-            quiet = f" ({_reaction(left_out)} without {r['stall_seconds']} stall s)"
-        share = r["slo_attainment"]
-        lines.append(
-            f"| {r['scenario']} | {r['system']} "
-            f"| {_num(None if share is None else 100 * share, '.2f')} % "
-            f"| {_num(r['latency_ms']['p99'], '.0f')} | {r['errors']} "
-            f"| {secs.get('edge', 0):.0f} / {secs.get('cloud', 0):.0f} "
-            f"({sum(r['replica_seconds'].values()):.0f}) | {r['cost']:.5f} | {vs} "
-            f"| {_scale_up(r['first_scale_up_s'])} "
-            f"| {_reaction(rec)}{quiet} "
-            f"| {r['bad_seconds']} | {r['peak_replicas']} "
-            f"| {_num(r.get('send_lag_p99_ms'), '.0f')}, "
-            f"{_num(r.get('cores', {}).get('others'), '.2f')}, "
-            f"{_num(r.get('cores', {}).get('steal'), '.2f')} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, [_row_cells(r, peak.get(r["scenario"])) for r in rows])
 
 
 def _median(values: Sequence[float]) -> float:
@@ -327,29 +331,33 @@ def median_table(rows: Sequence[Mapping[str, Any]], slo_ms: float) -> str:
 
     def each(values: Sequence[Any], spec: str, none: str = "n/a") -> str:
         return ", ".join(
-            none if v is None else v if isinstance(v, str) else _num(v, spec) for v in values
+            none if v is None else v if isinstance(v, str) else num(v, spec) for v in values
         )
 
-    lines = [
-        f"| scenario | system | runs | SLO attainment (<= {slo_ms:g} ms): median (each) | "
-        "p99 ms | cost vs static: median (each) | p99 back under SLO s: median (each) | "
-        "same, host stalls left out | bad s | steal cores (each) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = [
+        "scenario", "system", "runs", f"SLO attainment (<= {slo_ms:g} ms): median (each)",
+        "p99 ms", "cost vs static: median (each)", "p99 back under SLO s: median (each)",
+        "same, host stalls left out", "bad s", "steal cores (each)",
+    ]  # fmt: skip
     peak = {r["scenario"]: r["cost"] for r in rows if r["system"] == "static"}
+    cells = []
     for r in rows:
         v, ref = r["values"], peak.get(r["scenario"])
         shares = [100 * c / ref for c in v["cost"]] if ref else []
         rec, quiet = r["recovery_s"], r.get("recovery_excl_stalls_s", "n/a")
         attained = each([100 * a for a in v["slo_attainment"]], ".1f")
-        lines.append(
-            f"| {r['scenario']} | {r['system']} | {r['runs']} "
-            f"| {100 * r['slo_attainment']:.2f} % ({attained}) "
-            f"| {_num(r['p99_ms'], '.0f')} "
-            f"| {_num(100 * r['cost'] / ref if ref else None, '.0f')} % ({each(shares, '.0f')}) "
-            f"| {_reaction(rec)}"
-            f" ({each(v['recovery_s'], '.0f', 'never')}) "
-            f"| {_reaction(quiet)} ({each(v.get('recovery_excl_stalls_s', []), '.0f', 'never')}) "
-            f"| {_num(r['bad_seconds'], '.0f')} | {each(v['steal'], '.2f')} |"
+        cells.append(
+            [
+                r["scenario"],
+                r["system"],
+                r["runs"],
+                f"{100 * r['slo_attainment']:.2f} % ({attained})",
+                num(r["p99_ms"], ".0f"),
+                f"{num(100 * r['cost'] / ref if ref else None, '.0f')} % ({each(shares, '.0f')})",
+                f"{_reaction(rec)} ({each(v['recovery_s'], '.0f', 'never')})",
+                f"{_reaction(quiet)} ({each(v.get('recovery_excl_stalls_s', []), '.0f', 'never')})",
+                num(r["bad_seconds"], ".0f"),
+                each(v["steal"], ".2f"),
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(header, cells)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +16,28 @@ from loadtest import bench_report as report
 from loadtest.bench_clients import (
     GrpcLoad,
     LoadResult,
-    http_request,
     oip_grpc_body,
     oip_http_body,
     run_open_loop,
 )
-from loadtest.peers import ROOT, Peer, PeerError, free_port, machine_busy_seconds, spawn
+from loadtest.experiment import (
+    CONFIGS,
+    ROOT,
+    Driver,
+    Report,
+    Run,
+    add_common,
+    new_parser,
+    progress,
+    write_report,
+)
+from loadtest.httpclient import encode_request
+from loadtest.peers import Peer, free_port, machine_busy_seconds, spawn
 from loadtest.wrk import WrkError, WrkResult, run_wrk, write_script, wrk_binary
 
-BENCH_CONFIG = ROOT / "loadtest" / "configs" / "bench.yaml"
-DEFAULT_CONFIG = ROOT / "loadtest" / "configs" / "bench5.yaml"
+NAME = "bench"
+BENCH_CONFIG = CONFIGS / "bench.yaml"
+DEFAULT_CONFIG = CONFIGS / "bench5.yaml"
 INFER_PATH = "/v2/models/digits/infer"
 DESCRIPTION = """The gateway against Ray Serve, onnxruntime alone and a no-op server.
 
@@ -39,14 +49,19 @@ forest; mean of class probabilities) from the same ONNX files:
   floor                       the members run back to back in this process at batch 1
   noop-http, noop-grpc        a server that reads the body and answers a fixed OIP response on the
                               same stack (loadtest.peers.noop): the ceiling, and the generators' own
+  baseline-http, -grpc        with --baseline DIR: the gateway of another source tree, e.g. an
+                              earlier commit's (closed loop only)
   gateway5-http               the gateway serving configs/local.yaml's 5 members for reference
                               (loadtest/configs/bench5.yaml: its admission does not shed)
 
 Closed loop: wrk (one thread) over HTTP, grpc.aio generator processes over gRPC, at each
-concurrency, the systems interleaved, each measurement after a warm-up. Open loop: the bench's
-own asyncio client (loadtest.bench_clients) at fixed rates, latency from each request's intended
-send time.
-Writes DIR/bench.json and prints a table; progress goes to stderr.
+concurrency, the systems interleaved, each measurement after a warm-up. Open loop: the harness's
+HTTP client (loadtest.httpclient, driven by loadtest.bench_clients) at fixed rates, latency from
+each request's intended send time.
+Writes OUT/report.json, OUT/report.md and the peers' logs under OUT/logs/, and prints a table;
+progress goes to stderr. Exit 0 when every measurement completed (whatever the goals say), 1
+when one saw failed requests or the peers disagreed, 2 when the run could not start (wrk
+missing, a peer did not start).
 """
 
 
@@ -78,8 +93,8 @@ PLANS = {
 }
 
 
-def progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+def say(line: str) -> None:
+    progress(NAME, line)
 
 
 def measure_floor(config: Path, zoo: Path, iterations: int) -> dict[str, Any]:
@@ -196,7 +211,9 @@ class Bench:
 
     def open(self, target: Target, rate: float) -> dict[str, Any]:
         host, port = target.address
-        raw = http_request(host, port, INFER_PATH, self.http_body, self.http_headers)
+        raw = encode_request(
+            "POST", f"{host}:{port}", INFER_PATH, self.http_body, self.http_headers
+        )
 
         def run() -> LoadResult:
             return run_open_loop(host, port, raw, rate, self.plan.warmup_s, self.plan.duration_s)
@@ -215,7 +232,9 @@ def _check(name: str, where: object, result: WrkResult | LoadResult) -> None:
         )
 
 
-def start_peers(plan: Plan, logs: Path, with_ray: bool) -> dict[str, Peer]:
+def start_peers(
+    plan: Plan, logs: Path, with_ray: bool, baseline: Path | None = None
+) -> dict[str, Peer]:
     """Start every peer at once (Ray takes longest), then wait for each ready line."""
     pending = []
     if with_ray:
@@ -227,6 +246,9 @@ def start_peers(plan: Plan, logs: Path, with_ray: bool) -> dict[str, Peer]:
     serve = ["-m", "ensemble.cli", "serve"]
     ports = ["--http-port", "0", "--grpc-port", "0"]
     pending.append(spawn("gateway", [*serve, str(BENCH_CONFIG), *ports], logs))
+    if baseline is not None:  # its `ensemble` package first: not this tree's (PYTHONSAFEPATH)
+        env = {"PYTHONPATH": str(baseline.resolve()), "PYTHONSAFEPATH": "1"}
+        pending.append(spawn("baseline", [*serve, str(BENCH_CONFIG), *ports], logs, env))
     if plan.default5:
         pending.append(spawn("gateway5", [*serve, str(DEFAULT_CONFIG), *ports], logs))
     pending.append(spawn("noop", ["-m", "loadtest.peers.noop"], logs))
@@ -234,7 +256,7 @@ def start_peers(plan: Plan, logs: Path, with_ray: bool) -> dict[str, Peer]:
     try:
         for p in pending:
             peers[p.name] = p.wait_ready(timeout_s=180 if p.name == "ray" else 90)
-            progress(f"{p.name} ready at {peers[p.name].http[0]}:{peers[p.name].http[1]}")
+            say(f"{p.name} ready at {peers[p.name].http[0]}:{peers[p.name].http[1]}")
     except BaseException:
         stop_peers(peers)
         for p in pending:
@@ -249,7 +271,7 @@ def stop_peers(peers: dict[str, Peer]) -> dict[str, int]:
     for name, peer in peers.items():
         codes[name] = peer.stop()
         if codes[name] != 0:
-            progress(f"{name} exited {codes[name]}; log tail:\n{peer.log_tail()}")
+            say(f"{name} exited {codes[name]}; log tail:\n{peer.log_tail()}")
     return codes
 
 
@@ -258,103 +280,110 @@ def targets(peers: dict[str, Peer], plan: Plan) -> list[Target]:
     order = [("noop-http", "noop", "http")]
     if plan.grpc:
         order.append(("noop-grpc", "noop", "grpc"))
-    order.append(("gateway-http", "gateway", "http"))
-    if plan.grpc:
-        order.append(("gateway-grpc", "gateway", "grpc"))
+    for peer in ("gateway", "baseline"):
+        order.append((f"{peer}-http", peer, "http"))
+        if plan.grpc:
+            order.append((f"{peer}-grpc", peer, "grpc"))
     order += [("ray-http", "ray", "http"), ("gateway5-http", "gateway5", "http")]
     return [Target(name, peers[peer], proto) for name, peer, proto in order if peer in peers]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
-    if args.concurrency:
-        plan = replace(plan, concurrency=tuple(args.concurrency))
-    if args.duration:
-        plan = replace(plan, duration_s=args.duration)
-    if args.rates:
-        plan = replace(plan, rates=tuple(args.rates))
-    out: Path = args.out
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class Settings:
+    """What one invocation measures: the plan, and where."""
+
+    plan: Plan
+    out: Path | None = None
+    grpc_procs: int = 2
+    ray: bool = True
+    baseline: Path | None = None
+    """A source tree (e.g. a `git worktree` of an earlier commit) whose gateway is measured
+    beside this one, as baseline-http and baseline-grpc."""
+
+
+def measure_all(bench: Bench, systems: list[Target], doc: dict[str, Any]) -> None:
+    """Every closed-loop level and open-loop rate, the systems taking turns; rows into doc."""
+    plan = bench.plan
+    closed: dict[str, dict[str, Any]] = {t.name: {} for t in systems}
+    for c in plan.concurrency:
+        for target in systems:
+            report.settle(target.peer)
+            row = bench.closed(target, c)
+            closed[target.name][str(c)] = row
+            say(f"closed c={c:<3} {target.name:<14} {report.brief(row)}")
+    doc["closed_loop"] = closed
+    opened: dict[str, dict[str, Any]] = {}
+    for rate in plan.rates:
+        for target in systems:
+            if target.protocol != "http" or target.peer.name in ("gateway5", "baseline"):
+                continue
+            capacity = max(r["rps"] for r in closed[target.name].values())
+            if rate > capacity:
+                # Past its capacity an open-loop queue only grows: no steady state to
+                # measure, just a backlog that would delay the next system's turn.
+                row = {"skipped": f"offered rate above closed-loop capacity {capacity}"}
+                opened.setdefault(target.name, {})[f"{rate:g}"] = row
+                say(f"open {rate:>5g}/s {target.name:<14} skipped: {row['skipped']}")
+                continue
+            report.settle(target.peer)
+            row = bench.open(target, rate)
+            opened.setdefault(target.name, {})[f"{rate:g}"] = row
+            say(f"open {rate:>5g}/s {target.name:<14} {report.brief(row)}")
+    doc["open_loop"] = opened
+
+
+def run(settings: Settings, command: str = "") -> Report:
     from ensemble.models import ensure_zoo
 
+    wrk_binary()
+    plan = settings.plan
+    this = Run(NAME, settings.out, command)
+    (this.out / "logs").mkdir(parents=True, exist_ok=True)
     zoo = ROOT / "models" / "digits"
     ensure_zoo(zoo)
-    started = time.time()
-    doc = report.header(plan, started)
     busy = report.busy_cores(1.0)
-    doc["machine"]["busy_cores_before_start"] = busy
+    this.machine.update(versions=report.versions(), busy_cores_before_start=busy)
     if busy > 0.3:
-        progress(f"warning: {busy:.2f} cores already busy before start; results will be noisy")
-    peers = start_peers(plan, out / "logs", with_ray=not args.no_ray)
+        say(f"warning: {busy:.2f} cores already busy before start; results will be noisy")
+    doc: dict[str, Any] = {
+        "plan": {k: v for k, v in asdict(plan).items() if k != "rates"}
+        | {"open_loop_rates": list(plan.rates)},
+        "generators": report.GENERATORS,
+    }
+    peers = start_peers(plan, this.out / "logs", settings.ray, settings.baseline)
     bench: Bench | None = None
     try:
         report.check_answers(peers, INFER_PATH, *oip_http_body(zoo))
         with tempfile.TemporaryDirectory(prefix="bench-") as work:
-            bench = Bench(plan, list(peers.values()), Path(work), args.grpc_procs, zoo)
-            progress("floor: onnxruntime in-process, members back to back at batch 1")
+            bench = Bench(plan, list(peers.values()), Path(work), settings.grpc_procs, zoo)
+            say("floor: onnxruntime in-process, members back to back at batch 1")
             doc["floor"] = measure_floor(BENCH_CONFIG, zoo, plan.floor_iterations)
             if plan.default5:
                 doc["floor_default5"] = measure_floor(DEFAULT_CONFIG, zoo, plan.floor_iterations)
-            systems = targets(peers, plan)
-            closed: dict[str, dict[str, Any]] = {t.name: {} for t in systems}
-            for c in plan.concurrency:
-                for target in systems:
-                    report.settle(target.peer)
-                    row = bench.closed(target, c)
-                    closed[target.name][str(c)] = row
-                    progress(f"closed c={c:<3} {target.name:<14} {report.brief(row)}")
-            doc["closed_loop"] = closed
-            opened: dict[str, dict[str, Any]] = {}
-            for rate in plan.rates:
-                for target in systems:
-                    if target.protocol != "http" or target.name == "gateway5-http":
-                        continue
-                    capacity = max(r["rps"] for r in closed[target.name].values())
-                    if rate > capacity:
-                        # Past its capacity an open-loop queue only grows: no steady state to
-                        # measure, just a backlog that would delay the next system's turn.
-                        row = {"skipped": f"offered rate above closed-loop capacity {capacity}"}
-                        opened.setdefault(target.name, {})[f"{rate:g}"] = row
-                        progress(f"open {rate:>5g}/s {target.name:<14} skipped: {row['skipped']}")
-                        continue
-                    report.settle(target.peer)
-                    row = bench.open(target, rate)
-                    opened.setdefault(target.name, {})[f"{rate:g}"] = row
-                    progress(f"open {rate:>5g}/s {target.name:<14} {report.brief(row)}")
-            doc["open_loop"] = opened
+            measure_all(bench, targets(peers, plan), doc)
     finally:
         if bench is not None:
             bench.close()
         doc["exit_codes"] = stop_peers(peers)
-    doc["elapsed_s"] = round(time.time() - started, 1)
-    report.finish(doc)
-    (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
-    return doc
+    result: Report = {**this.header(), **doc}
+    report.finish(result)
+    return write_report(this.out, result, report.render_markdown(result))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.bench",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--quick",
-        action="store_true",
-        help="1 s warm-up + 2 s per measurement, under three minutes in all (default: a full "
+def parse_args(argv: Sequence[str] | None) -> Settings:
+    parser = new_parser(NAME, DESCRIPTION)
+    add_common(
+        parser,
+        NAME,
+        quick="1 s warm-up + 2 s per measurement, under three minutes in all (default: a full "
         "run, 2 s + 10 s per measurement, about eight minutes)",
+        seed=False,
+        quiet=False,
     )
-    mode.add_argument(
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="tiny run for the integration test: c=1,32, HTTP only, 1 s each",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=ROOT / "loadtest" / "results",
-        help="directory for bench.json and the peers' logs (default: loadtest/results)",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", help="override the levels")
     parser.add_argument("--duration", type=int, help="override seconds per measurement")
@@ -363,20 +392,34 @@ def main(argv: list[str] | None = None) -> int:
         "--grpc-procs", type=int, default=2, help="gRPC generator processes (default: 2)"
     )
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve peer")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also measure the gateway of the source tree DIR (e.g. `git worktree add DIR "
+        "COMMIT`), run by this interpreter, as baseline-http and baseline-grpc, in turn with "
+        "this one; the report compares throughput and CPU per request",
+    )
     args = parser.parse_args(argv)
-    try:
-        wrk_binary()
-    except WrkError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 2
-    try:
-        doc = run(args)
-    except (WrkError, PeerError, report.AnswerMismatch) as exc:
-        print(f"bench: FAILED: {exc}", file=sys.stderr)
-        return 1
-    print(report.table(doc))
-    progress(f"wrote {args.out / 'bench.json'}")
-    return 0
+    if args.baseline is not None and not (args.baseline / "ensemble" / "__init__.py").is_file():
+        parser.error(f"--baseline {args.baseline}: no ensemble package there")
+    if args.quick and args.smoke:
+        parser.error("--quick and --smoke are two different plans: give one")
+    plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.concurrency:
+        plan = replace(plan, concurrency=tuple(args.concurrency))
+    if args.duration:
+        plan = replace(plan, duration_s=args.duration)
+    if args.rates:
+        plan = replace(plan, rates=tuple(args.rates))
+    return Settings(plan, args.out, args.grpc_procs, not args.no_ray, args.baseline)
+
+
+DRIVER = Driver(NAME, parse_args, run, report.table, failures=(WrkError, report.AnswerMismatch))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return DRIVER.main(argv)
 
 
 if __name__ == "__main__":

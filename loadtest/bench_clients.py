@@ -1,22 +1,25 @@
-"""The benchmark's own load clients: closed-loop gRPC in generator processes, open-loop HTTP."""
+"""The benchmark's load clients besides wrk: closed-loop gRPC in generator processes, and
+open-loop HTTP at a fixed rate on the harness's HTTP client (`loadtest.httpclient`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import time
 from array import array
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
-import httptools
 import numpy as np
 import orjson
 import uvloop
 from tritonclient.grpc import service_pb2
+
+from loadtest.httpclient import HttpPool
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -194,53 +197,44 @@ class GrpcLoad:
             conn.close()
 
 
-# -- open-loop HTTP --------------------------------------------------------------------------
+# -- open-loop HTTP, on the harness's own client ----------------------------------------------
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection with at most one request outstanding."""
+@dataclass
+class _OpenLoop:
+    """The bookkeeping of one open-loop run: what was sent, answered, failed, and when."""
 
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[int] | None = None
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+    lags: array[float] = field(default_factory=lambda: array("d"))
+    errors: list[str] = field(default_factory=list)
+    outstanding: int = 0
+    last_done: float = 0.0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
+    def send(self, pool: HttpPool, raw: bytes, intended: float, record: bool) -> None:
+        sent = time.perf_counter()
+        self.outstanding += 1
+        self.idle.clear()
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(ConnectionError(f"bad HTTP response: {exc}"))
+        def done(status: int, _hlen: int | None, _body: bytes, err: str | None) -> None:
+            finished = time.perf_counter()
+            self.outstanding -= 1
+            if not self.outstanding:
+                self.idle.set()
+            if not record:
+                return
+            if err is not None:
+                self.errors.append(err)
+                return
+            if not 200 <= status < 300:
+                self.errors.append(f"HTTP {status}")
+            # Late sends (a busy client) and waits for a connection count from the intended
+            # time, so a slow server cannot hide its queue behind a slowed-down client (wrk2).
+            self.latencies.append(finished - min(intended, sent))
+            self.lags.append(max(0.0, sent - intended))
+            self.last_done = max(self.last_done, finished)
 
-    def on_message_complete(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(self.parser.get_status_code())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self._fail(ConnectionError(f"connection closed: {exc}"))
-
-    def _fail(self, exc: Exception) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(exc)
-
-    def send(self, raw: bytes) -> asyncio.Future[int]:
-        self.waiter = asyncio.get_running_loop().create_future()
-        if self.transport is None:  # the server closed it between our requests
-            self.waiter.set_exception(ConnectionError("connection closed before sending"))
-        else:
-            self.transport.write(raw)
-        return self.waiter
-
-
-def http_request(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    """The raw bytes of one POST, as wrk sends it."""
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        pool.send(raw, done)
 
 
 async def _open_loop(
@@ -253,47 +247,14 @@ async def _open_loop(
     max_connections: int,
     grace_s: float,
 ) -> LoadResult:
-    loop = asyncio.get_running_loop()
-    idle: list[_Connection] = []
-    pool: list[_Connection] = []
-    slots = asyncio.Semaphore(max_connections)
-    latencies: list[float] = []
-    lags: list[float] = []
-    last_done = 0.0
-    errors: list[str] = []
     n_warm = int(warmup_s * rate)
     n_total = n_warm + int(duration_s * rate)
-
-    async def one(intended: float, record: bool) -> None:
-        nonlocal last_done
-        async with slots:
-            conn = idle.pop() if idle else None
-            sent = time.perf_counter()
-            try:
-                if conn is None or conn.transport is None:
-                    _, conn = await loop.create_connection(_Connection, host, port)
-                    pool.append(conn)
-                status = await conn.send(raw)
-            except OSError as exc:  # ConnectionError included: refused, reset, closed
-                if record:
-                    errors.append(f"{type(exc).__name__}: {exc}")
-                return
-            done = time.perf_counter()
-            idle.append(conn)
-        if not record:
-            return
-        if not 200 <= status < 300:
-            errors.append(f"HTTP {status}")
-        # Late sends (a busy client, or every connection busy) count from the intended time,
-        # so a slow server cannot hide its queue behind a slowed-down client (wrk2's rule).
-        latencies.append(done - min(intended, sent))
-        lags.append(max(0.0, sent - intended))
-        last_done = max(last_done, done)
-
-    tasks: set[asyncio.Task[None]] = set()
+    # No request times out before the grace after the last send has run out.
+    pool = HttpPool(host, port, max_connections, warmup_s + duration_s + grace_s + 60)
+    book = _OpenLoop()
     # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
     start = time.perf_counter() + 0.05
-    cpu_start = 0.0
+    cpu_start, burst = 0.0, 0
     for i in range(n_total):
         intended = start + i / rate
         if i == n_warm:
@@ -301,33 +262,37 @@ async def _open_loop(
         # Timers fire on millisecond ticks: wake up to 1 ms early rather than always late.
         delay = intended - time.perf_counter() - 0.001
         if delay > 0:
+            burst = 0
             await asyncio.sleep(delay)
-        tasks.add(asyncio.create_task(one(intended, i >= n_warm)))
-    _, pending = await asyncio.wait(tasks, timeout=grace_s) if tasks else (set(), set())
+        elif burst >= 64:  # behind schedule: let answers in between sends
+            burst = 0
+            await asyncio.sleep(0)
+        burst += 1
+        book.send(pool, raw, intended, i >= n_warm)
+    if book.outstanding:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(book.idle.wait(), grace_s)
     cpu = time.process_time() - cpu_start
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    for conn in pool:
-        if conn.transport is not None:
-            conn.transport.close()
-    done = np.asarray(latencies)
-    lag = np.asarray(lags) * 1e3 if lags else np.zeros(1)
+    unfinished = book.outstanding
+    await pool.close()
+    done = np.frombuffer(book.latencies, dtype=np.float64)
+    lag = np.frombuffer(book.lags, dtype=np.float64) * 1e3 if book.lags else np.zeros(1)
     # Achieved rate over the time the answers took to arrive: an overloaded server answers the
     # same number of requests, but over a longer span than the sending window.
-    span = max(duration_s, last_done - (start + n_warm / rate))
+    span = max(duration_s, book.last_done - (start + n_warm / rate))
     return LoadResult(
         requests=int(done.size),
         duration_s=span,
         rps=done.size / span,
         latency_ms=latency_summary(done),
-        errors=len(errors),
-        error_sample=errors[0] if errors else None,
+        errors=len(book.errors),
+        error_sample=book.errors[0] if book.errors else None,
         generator_cpu_s=cpu,
         extra={
             "offered_rps": rate,
-            "unfinished": float(len(pending)),
-            "connections": float(len(pool)),
+            "unfinished": float(unfinished),
+            "connections": float(pool.opened),
+            "connection_waits": float(pool.queued),
             "client_lag_p99_ms": float(np.percentile(lag, 99)),
         },
     )
@@ -344,9 +309,10 @@ def run_open_loop(
     max_connections: int = 64,
     grace_s: float = 5.0,
 ) -> LoadResult:
-    """Send ``raw`` at a fixed ``rate`` whatever the answers do (open loop), over at most
-    ``max_connections`` keep-alive connections; requests still unanswered ``grace_s`` after the
-    last send are cancelled and reported as ``unfinished``."""
+    """Send ``raw`` (pre-encoded request bytes) at a fixed ``rate`` whatever the answers do
+    (open loop), over at most ``max_connections`` keep-alive connections of the harness's
+    HTTP client; requests still unanswered ``grace_s`` after the last send are dropped and
+    reported as ``unfinished``."""
     return uvloop.run(
         _open_loop(host, port, raw, rate, warmup_s, duration_s, max_connections, grace_s)
     )

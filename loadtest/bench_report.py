@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import http.client
 import os
-import platform
-import shlex
 import subprocess
-import sys
 import time
-from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import orjson
 
 from loadtest.bench_clients import LoadResult
+from loadtest.experiment import Goal, Report, goal_lines, goals_doc, goals_of, text_table
 from loadtest.peers import Peer, machine_busy_seconds
 from loadtest.wrk import WrkResult
-
-if TYPE_CHECKING:
-    from loadtest.bench import Plan
 
 REFERENCE_CONCURRENCY = 32
 GOALS = (
@@ -30,13 +23,20 @@ GOALS = (
     ("gateway HTTP throughput vs no-op ceiling at c=32", "throughput_vs_noop", ">=", 0.5),
     ("gateway HTTP p50 overhead over the onnxruntime floor at c=1 (ms)", "overhead", "<=", 0.5),
 )
+GENERATORS = {
+    "http_closed_loop": "wrk -t1 -c N --latency, Lua script POSTing the binary OIP body",
+    "grpc_closed_loop": "grpc.aio in N processes, raw ModelInfer bytes on one channel each",
+    "http_open_loop": "loadtest.bench_clients on the harness's HTTP client at a fixed rate, "
+    "latency from the intended send time, at most 64 connections",
+}
 
 
 class AnswerMismatch(RuntimeError):
     """The peers do not compute the same answer, so their speeds are not comparable."""
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of what the systems under test and the generators run on."""
     out = {}
     for name in ("onnxruntime", "ray", "uvicorn", "httptools", "uvloop", "grpcio", "numpy"):
         try:
@@ -50,43 +50,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    mem_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
-    return {
-        "cpu": names[0] if names else platform.processor(),
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "loadavg_at_start": list(os.getloadavg()),
-        "versions": _versions(),
-    }
-
-
-def header(plan: Plan, started: float) -> dict[str, Any]:
-    return {
-        "date": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
-        "command": shlex.join(sys.orig_argv),
-        "cwd": os.getcwd(),
-        "plan": {
-            "concurrency": list(plan.concurrency),
-            "warmup_s": plan.warmup_s,
-            "duration_s": plan.duration_s,
-            "open_loop_rates": list(plan.rates),
-        },
-        "generators": {
-            "http_closed_loop": "wrk -t1 -c N --latency, Lua script POSTing the binary OIP body",
-            "grpc_closed_loop": "grpc.aio in N processes, raw ModelInfer bytes on one channel each",
-            "http_open_loop": "loadtest.bench_clients asyncio+httptools at a fixed rate, "
-            "latency from the intended send time, at most 64 connections",
-        },
-        "machine": machine(),
-    }
-
-
 def busy_cores(window_s: float) -> float:
     """How many cores the machine keeps busy right now (other users, leftovers)."""
     before = machine_busy_seconds()
@@ -95,7 +58,7 @@ def busy_cores(window_s: float) -> float:
 
 
 def row(result: WrkResult | LoadResult, cpu: dict[str, float]) -> dict[str, Any]:
-    """One system at one load level, in the units bench.json uses (ms, req/s, cores)."""
+    """One system at one load level, in the units report.json uses (ms, req/s, cores)."""
     out: dict[str, Any] = {"rps": round(result.rps, 1), "requests": result.requests}
     for key, value in result.latency_ms.items():
         out[f"{key}_ms"] = round(value, 3)
@@ -188,6 +151,8 @@ def finish(doc: dict[str, Any]) -> None:
         "grpc_throughput_vs_ray_serve": _ratio(gw_grpc, _at(doc, "ray-http", ref)),
         "grpc_throughput_vs_noop_grpc": _ratio(gw_grpc, _at(doc, "noop-grpc", ref)),
     }
+    if "baseline-http" in doc["closed_loop"]:
+        doc["vs_baseline"] = _vs_baseline(doc)
     floor, floor5 = doc.get("floor"), doc.get("floor_default5")
     doc["overhead_p50_ms_vs_floor"] = _overhead(_at(doc, "gateway-http", low), floor)
     doc["overheads_p50_ms_vs_floor"] = {
@@ -200,6 +165,30 @@ def finish(doc: dict[str, Any]) -> None:
     noop = _at(doc, "noop-http", low)
     # The HTTP stack's own round trip: what any server here pays before any model work.
     doc["noop_http_p50_ms"] = noop["p50_ms"] if noop else None
+    doc["generator_ceiling"] = _ceilings(doc)
+    doc["goals"] = goals_doc(goals(doc))
+    doc["machine"]["loadavg_at_end"] = list(os.getloadavg())
+
+
+def _vs_baseline(doc: dict[str, Any]) -> dict[str, Any]:
+    """The gateway against the baseline tree (``--baseline``) at every closed-loop level, per
+    protocol: throughput and server CPU per request, each as gateway / baseline."""
+    out: dict[str, Any] = {}
+    for protocol in ("http", "grpc"):
+        ours = doc["closed_loop"].get(f"gateway-{protocol}", {})
+        theirs = doc["closed_loop"].get(f"baseline-{protocol}", {})
+        for level in sorted(set(ours) & set(theirs), key=int):
+            a, b = ours[level], theirs[level]
+            cpu_a, cpu_b = a.get("server_cpu_ms_per_request"), b.get("server_cpu_ms_per_request")
+            out[f"{protocol} c={level}"] = {
+                "throughput": _ratio(a, b),
+                "cpu_per_request": round(cpu_a / cpu_b, 3) if cpu_a and cpu_b else None,
+            }
+    return out
+
+
+def _ceilings(doc: dict[str, Any]) -> dict[str, Any]:
+    """The best no-op rate per generator and the generator's own cores there."""
     ceiling = {}
     for system, name in (("noop-http", "wrk_http"), ("noop-grpc", "grpc_aio")):
         rows = doc["closed_loop"].get(system, {})
@@ -210,24 +199,21 @@ def finish(doc: dict[str, Any]) -> None:
                 "concurrency": int(level),
                 "generator_cores": best["generator_cores"],
             }
-    doc["generator_ceiling"] = ceiling
+    return ceiling
+
+
+def goals(doc: dict[str, Any]) -> list[Goal]:
     measured = {
         "throughput_vs_ray_serve": doc["ratios"]["throughput_vs_ray_serve"],
         "throughput_vs_noop": doc["ratios"]["throughput_vs_noop"],
         "overhead": doc["overhead_p50_ms_vs_floor"],
     }
-    doc["goals"] = [
-        {
-            "goal": text,
-            "target": f"{op} {target:g}",
-            "measured": measured[key],
-            "met": None
-            if measured[key] is None
-            else (measured[key] >= target if op == ">=" else measured[key] <= target),
-        }
-        for text, key, op, target in GOALS
-    ]
-    doc["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    out = []
+    for text, key, op, target in GOALS:
+        value = measured[key]
+        passed = None if value is None else (value >= target if op == ">=" else value <= target)
+        out.append(Goal(f"{text} {op} {target:g}", "", str(value), passed, {key: value}))
+    return out
 
 
 def _cell(r: dict[str, Any] | None) -> str:
@@ -240,23 +226,30 @@ def _cell(r: dict[str, Any] | None) -> str:
     return f"{r['rps']:.0f} ({r['p50_ms']:.2f}/{r['p99_ms']:.1f})"
 
 
-def table(doc: dict[str, Any]) -> str:
-    """The results as plain text: req/s (p50/p99 ms) per system and load level."""
-    lines = [
-        f"benchmark {doc['date']}  {doc['command']}",
-        f"machine: {doc['machine']['cores']} cores, {doc['machine']['cpu']}",
-        "",
+def _loop_table(
+    rows_by_system: dict[str, dict[str, Any]], keys: list[str], labels: list[str]
+) -> str:
+    header = ["system", *labels]
+    body = [
+        [system, *(_cell(rows.get(k)) for k in keys)] for system, rows in rows_by_system.items()
     ]
-    levels = doc["plan"]["concurrency"]
-    lines.append("closed loop: req/s (p50/p99 ms)")
-    lines.append(f"{'system':<15}" + "".join(f"{'c=' + str(c):>22}" for c in levels))
-    for system, rows in doc["closed_loop"].items():
-        lines.append(f"{system:<15}" + "".join(f"{_cell(rows.get(str(c))):>22}" for c in levels))
-    lines += ["", "open loop: achieved req/s (p50/p99 ms) at the offered rate"]
-    rates = doc["plan"]["open_loop_rates"]
-    lines.append(f"{'system':<15}" + "".join(f"{f'{r:g}/s':>22}" for r in rates))
-    for system, rows in doc.get("open_loop", {}).items():
-        lines.append(f"{system:<15}" + "".join(f"{_cell(rows.get(f'{r:g}')):>22}" for r in rates))
+    return text_table(header, body)
+
+
+def table(doc: Report) -> str:
+    """The results as plain text: req/s (p50/p99 ms) per system and load level."""
+    levels = [str(c) for c in doc["plan"]["concurrency"]]
+    rates = [f"{r:g}" for r in doc["plan"]["open_loop_rates"]]
+    lines = [
+        f"benchmark {doc['started_at']}  {doc['command']}",
+        f"machine: {doc['machine']['cpus']} cores, {doc['machine']['cpu']}",
+        "",
+        "closed loop: req/s (p50/p99 ms)",
+        _loop_table(doc["closed_loop"], levels, [f"c={c}" for c in levels]),
+        "",
+        "open loop: achieved req/s (p50/p99 ms) at the offered rate",
+        _loop_table(doc.get("open_loop", {}), rates, [f"{r}/s" for r in rates]),
+    ]
     floor = doc.get("floor")
     if floor:
         lines += [
@@ -271,22 +264,32 @@ def table(doc: dict[str, Any]) -> str:
         "",
         f"ratios at c={doc['ratios']['concurrency']}: "
         + ", ".join(f"{k} {v}" for k, v in doc["ratios"].items() if k != "concurrency"),
-    ]
-    lines.append(
         "p50 overhead over the floor (ms): "
         + ", ".join(
             f"{k} {v}" for k, v in doc["overheads_p50_ms_vs_floor"].items() if k != "concurrency"
-        )
-    )
-    lines.append(
+        ),
+        *(
+            [
+                "against the baseline tree (gateway / baseline): "
+                + ", ".join(
+                    f"{k}: throughput {v['throughput']}, CPU per request {v['cpu_per_request']}"
+                    for k, v in doc["vs_baseline"].items()
+                )
+            ]
+            if doc.get("vs_baseline")
+            else []
+        ),
         "generator ceiling: "
         + ", ".join(
             f"{k} {v['rps']:.0f} req/s at c={v['concurrency']} ({v['generator_cores']:.2f} cores)"
             for k, v in doc["generator_ceiling"].items()
-        )
-    )
-    lines.append("")
-    for goal in doc["goals"]:
-        verdict = {True: "MET", False: "NOT MET", None: "n/a"}[goal["met"]]
-        lines.append(f"goal {goal['goal']} {goal['target']}: {goal['measured']} -> {verdict}")
+        ),
+        "",
+        goal_lines(goals_of(doc)),
+    ]
     return "\n".join(lines)
+
+
+def render_markdown(doc: Report) -> str:
+    """report.md: the printed table, as printed."""
+    return f"# Benchmark\n\n```\n{table(doc)}\n```\n"

@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import datetime as dt
 import os
-import re
 import secrets
-import selectors
-import signal
-import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the command's modules load only when it runs, keeping `ensemble --help` quick
-    from collections.abc import Mapping
-
-    from loadtest.faults import Mark, ReplicaControl
-    from loadtest.fleet import Fleet, Job
-    from loadtest.runner import GeneratorResult
+    from loadtest.gateway import Gateway
     from loadtest.scenario import Scenario
 
 RESULTS_DIR = Path("loadtest/results")
-READY = re.compile(r"ensemble (?:gateway|replica) ready: http=(\S+):(\d+) grpc=(\S+):(\d+)")
 EXIT_PASSED, EXIT_FAILED, EXIT_UNUSABLE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `loadtest` command to the `ensemble` parser."""
     parser = subparsers.add_parser(
         "loadtest",
@@ -57,157 +43,6 @@ def register(subparsers: Any) -> None:
 
 def _say(line: str) -> None:
     print(f"loadtest: {line}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class Gateway:
-    """A gateway the harness started, and the addresses it announced."""
-
-    proc: subprocess.Popen[str]
-    url: str
-    grpc: str
-
-
-def start_gateway(config: Path, log_path: Path, timeout_s: float) -> Gateway:
-    """`ensemble serve CONFIG` on free ports; returns once its ready line is printed."""
-    return start_server(
-        ["serve", str(config), "--http-port", "0", "--grpc-port", "0"], log_path, timeout_s
-    )
-
-
-def start_server(
-    args: list[str], log_path: Path, timeout_s: float, env: dict[str, str] | None = None
-) -> Gateway:
-    """`ensemble ARGS...` (`serve` or `replica`), with ``env`` added to this process's
-    environment; returns once its ready line is printed."""
-    cmd = [sys.executable, "-m", "ensemble.cli", *args]
-    with log_path.open("w") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
-            start_new_session=True,  # Ctrl-C is for the harness; it stops the gateway itself
-        )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline and sel.select(max(0.0, deadline - time.monotonic())):
-            line = proc.stdout.readline()
-            if not line:
-                break
-            match = READY.search(line)
-            if match:
-                host, http_port, ghost, grpc_port = match.groups()
-                # Keep reading stdout so the gateway never blocks on a full pipe.
-                threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-                return Gateway(proc, f"http://{host}:{http_port}", f"{ghost}:{grpc_port}")
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
-    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-    from loadtest.fleet import TargetError
-
-    raise TargetError(f"`ensemble {args[0]}` did not become ready within {timeout_s:g} s:\n{tail}")
-
-
-def _drain(stream: IO[str]) -> None:
-    with contextlib.suppress(ValueError, OSError):
-        for _ in stream:
-            pass
-
-
-def stop_gateway(gw: Gateway, timeout_s: float) -> int:
-    """SIGCONT (a pause fault may have left it stopped), SIGTERM, wait; kill if it hangs."""
-    if gw.proc.poll() is None:
-        gw.proc.send_signal(signal.SIGCONT)
-        gw.proc.send_signal(signal.SIGTERM)
-    try:
-        return gw.proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _say(f"gateway did not exit {timeout_s:g} s after SIGTERM; killing it")
-        gw.proc.kill()
-        return gw.proc.wait()
-
-
-async def _progress(fleet: Fleet, start_at: float, planned_s: float, quiet: bool) -> None:
-    """A live line on stderr: rewritten in place on a terminal, every 5 s in a log."""
-    from loadtest.runner import Histogram
-
-    tty = sys.stderr.isatty()
-    interval = 0.5 if tty else 5.0
-    last_ok, last_t = 0, time.monotonic()
-    while not quiet:
-        await asyncio.sleep(interval)
-        snap, now = fleet.snapshot(), time.monotonic()
-        rps = (snap.ok - last_ok) / max(now - last_t, 1e-9)
-        last_ok, last_t = snap.ok, now
-        p99 = Histogram.of(snap.hist).quantile(0.99)
-        line = (
-            f"loadtest: {max(now - start_at, 0):6.1f}/{planned_s:g} s  sent {snap.sent}  "
-            f"answered {snap.ok}  {rps:7.1f} req/s  "
-            f"p99 {'-' if p99 is None else f'{p99 * 1000:.1f} ms'}  errors {snap.errors}"
-        )
-        sys.stderr.write(f"\r{line:<100}" if tty else line + "\n")
-        sys.stderr.flush()
-
-
-async def execute(
-    job: Job,
-    pid: int | None,
-    planned_s: float,
-    quiet: bool,
-    replicas: Mapping[str, ReplicaControl] | None = None,
-) -> tuple[GeneratorResult, list[Mark], bool]:
-    """Run the load, the faults and the progress line together; Ctrl-C ends the load early.
-    ``replicas`` are replica processes the caller started, for the replica fault hooks."""
-    from loadtest import faults
-    from loadtest.faults import FaultContext, FaultEvent
-    from loadtest.fleet import make_fleet
-
-    sc = job.scenario
-    fleet = make_fleet(job)
-    await fleet.start()
-    start_at = time.monotonic() + 0.2
-    ctx = FaultContext(
-        pid,
-        elapsed=lambda: time.monotonic() - start_at,
-        gateway_url=job.url,
-        replicas=dict(replicas or {}),
-    )
-    events = [
-        FaultEvent(f.at_s, f.name, faults.validate_params(f.name, f.params)) for f in sc.faults
-    ]
-
-    async def sleep_until(at_s: float) -> None:
-        await asyncio.sleep(max(0.0, start_at + at_s - time.monotonic()))
-
-    loop = asyncio.get_running_loop()
-    interrupted = False
-
-    def interrupt() -> None:
-        nonlocal interrupted
-        interrupted = True
-        _say("interrupted: stopping the load, waiting for answers in flight")
-        fleet.stop()
-
-    loop.add_signal_handler(signal.SIGINT, interrupt)
-    helpers = [
-        asyncio.ensure_future(faults.run_faults(events, ctx, sleep_until)),
-        asyncio.ensure_future(_progress(fleet, start_at, planned_s, quiet)),
-    ]
-    try:
-        result = await fleet.run(start_at)
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
-        for task in helpers:
-            task.cancel()  # a pause still running resumes the gateway on its way out
-        await asyncio.gather(*helpers, return_exceptions=True)
-        if not quiet and sys.stderr.isatty():
-            sys.stderr.write("\n")
-    return result, ctx.marks, interrupted
 
 
 def _data_path(sc: Scenario) -> Path:
@@ -258,6 +93,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     import uvloop
 
     from loadtest.fleet import Job, TargetError
+    from loadtest.gateway import start_gateway, stop_gateway
+    from loadtest.harness import execute
     from loadtest.plots import write_plots
     from loadtest.report import RunInfo, build_report, write_report
     from loadtest.scenario import ScenarioError
@@ -341,3 +178,17 @@ def summary(report: dict[str, Any], out: Path) -> str:
     lines += [f"  warning: {w}" for w in report["warnings"]]
     lines.append(f"  report: {out / 'report.md'}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loadtest.cli SCENARIO [--out DIR] [--quiet]`: `ensemble loadtest` run with
+    this interpreter, whether or not the package's entry points are installed."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.cli")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["loadtest", *(sys.argv[1:] if argv is None else argv)])
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

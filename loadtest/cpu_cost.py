@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loadtest.cli import start_gateway, stop_gateway
+from loadtest.gateway import start_gateway, stop_gateway
 
 CLOCK = os.sysconf("SC_CLK_TCK")
 

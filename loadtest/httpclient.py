@@ -172,6 +172,8 @@ class HttpPool:
         self._sweep_s = min(0.02, timeout_s / 10)
         self.queued = 0
         """Requests that found every connection busy and waited for one."""
+        self.opened = 0
+        """Connections opened so far."""
 
     async def connect(self, count: int) -> None:
         """Open ``count`` connections up front so the first requests do not pay for them."""
@@ -229,6 +231,7 @@ class HttpPool:
             conn._abort()
             return
         self._open.add(conn)
+        self.opened += 1
         self._release(conn)
 
     def _release(self, conn: _Connection) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 
-from loadtest.cli import Gateway, start_server, stop_gateway
 from loadtest.fleet import TargetError
+from loadtest.gateway import Gateway, close_stdout, start_server, stop_gateway
 
 HOST = "127.0.0.1"
 _CHUNK = 64 * 1024
@@ -184,7 +183,7 @@ class ReplicaProcess:
             raise RuntimeError(f"replica {self.name} is not running")
         server.proc.kill()
         server.proc.wait()
-        _close_stdout(server)
+        close_stdout(server)
         self.kills += 1
         return server.proc.pid
 
@@ -206,15 +205,7 @@ class ReplicaProcess:
         if server is not None:
             running = server.proc.poll() is None
             code = await asyncio.to_thread(stop_gateway, server, timeout_s)
-            _close_stdout(server)
             code = code if running else None
         if self.proxy is not None:
             await self.proxy.close()
         return code
-
-
-def _close_stdout(server: Gateway) -> None:
-    # The reader thread has seen its end: the process exited.
-    if server.proc.stdout is not None:
-        with contextlib.suppress(OSError):
-            server.proc.stdout.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,32 +161,8 @@ def build_report(sc: Scenario, result: GeneratorResult, info: RunInfo) -> dict[s
         "goodput_rps": round(float(good.sum()) / window, 3),
     }
     checks = _checks(sc, summary, info)
-    lag_stats = {
-        "p50": _ms(_quantile(lag, 50)) if sent else None,
-        "p99": _ms(_quantile(lag, 99)) if sent else None,
-        "max": _ms(float(lag.max())) if sent else None,
-    }
-    cpu_pct = 100.0 * result.cpu_s / (window * sc.generators)
-    # CPU per request says how far one generator process could go with a core to itself; when it
-    # mostly idled, wake-ups dominate and the extrapolation would be far too low.
-    us_per_request = 1e6 * result.cpu_s / sent if sent and result.cpu_s > 0 else None
-    busy = us_per_request is not None and cpu_pct >= 25
-    closed = isinstance(sc.load, ClosedLoad)
-    lag_p99 = lag_stats["p99"] or 0.0
-    saturated = lag_p99 > sc.limits.max_send_lag_ms or (closed and cpu_pct >= 90)
     report: dict[str, Any] = {
-        "scenario": {
-            "name": info.name,
-            "file": info.source,
-            "description": sc.description,
-            "protocol": sc.protocol,
-            "model": sc.model,
-            "endpoint": sc.request.endpoint,
-            "batch_size": batch,
-            "load": sc.load.model_dump(mode="json"),
-            "mix": [c.model_dump(mode="json") for c in sc.mix],
-            "seed": sc.seed,
-        },
+        "scenario": _scenario(sc, info),
         "target": {
             "url": info.url,
             "grpc": info.grpc,
@@ -212,18 +187,7 @@ def build_report(sc: Scenario, result: GeneratorResult, info: RunInfo) -> dict[s
         "errors": errors,
         "error_samples": {k: v for k, v in result.error_samples.items() if k in errors},
         "slo": {"passed": all(c["passed"] for c in checks), "checks": checks},
-        "generator": {
-            "processes": sc.generators,
-            "send_lag_ms": lag_stats,
-            "max_send_lag_ms": sc.limits.max_send_lag_ms,
-            "generator_saturated": bool(saturated),
-            "cpu_percent": round(cpu_pct, 1),
-            "cpu_us_per_request": None if us_per_request is None else round(us_per_request, 1),
-            "capacity_rps_estimate": round(sc.generators * 1e6 / us_per_request)
-            if busy and us_per_request
-            else None,
-            "connection_waits": result.queued,
-        },
+        "generator": _generator(sc, result, lag, window),
         "feedback": _feedback(sc, result),
         "classes": _classes(sc, klass, ok, latency, correct, checked, batch),
         "faults": [{"at_s": m.at_s, "name": m.name, "message": m.message} for m in info.marks],
@@ -231,8 +195,55 @@ def build_report(sc: Scenario, result: GeneratorResult, info: RunInfo) -> dict[s
             intended + latency, intended, latency, ok, good, correct, checked, lag, batch, degraded
         ),
     }
-    report["warnings"] = warnings(report, closed)
+    report["warnings"] = warnings(report, isinstance(sc.load, ClosedLoad))
     return report
+
+
+def _scenario(sc: Scenario, info: RunInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "file": info.source,
+        "description": sc.description,
+        "protocol": sc.protocol,
+        "model": sc.model,
+        "endpoint": sc.request.endpoint,
+        "batch_size": sc.request.batch_size,
+        "load": sc.load.model_dump(mode="json"),
+        "mix": [c.model_dump(mode="json") for c in sc.mix],
+        "seed": sc.seed,
+    }
+
+
+def _generator(
+    sc: Scenario, result: GeneratorResult, lag: np.ndarray, window: float
+) -> dict[str, Any]:
+    """The generator's own lateness and CPU, and whether it kept up."""
+    sent = lag.size
+    lag_stats = {
+        "p50": _ms(_quantile(lag, 50)) if sent else None,
+        "p99": _ms(_quantile(lag, 99)) if sent else None,
+        "max": _ms(float(lag.max())) if sent else None,
+    }
+    cpu_pct = 100.0 * result.cpu_s / (window * sc.generators)
+    # CPU per request says how far one generator process could go with a core to itself; when it
+    # mostly idled, wake-ups dominate and the extrapolation would be far too low.
+    us_per_request = 1e6 * result.cpu_s / sent if sent and result.cpu_s > 0 else None
+    busy = us_per_request is not None and cpu_pct >= 25
+    closed = isinstance(sc.load, ClosedLoad)
+    lag_p99 = lag_stats["p99"] or 0.0
+    saturated = lag_p99 > sc.limits.max_send_lag_ms or (closed and cpu_pct >= 90)
+    return {
+        "processes": sc.generators,
+        "send_lag_ms": lag_stats,
+        "max_send_lag_ms": sc.limits.max_send_lag_ms,
+        "generator_saturated": bool(saturated),
+        "cpu_percent": round(cpu_pct, 1),
+        "cpu_us_per_request": None if us_per_request is None else round(us_per_request, 1),
+        "capacity_rps_estimate": round(sc.generators * 1e6 / us_per_request)
+        if busy and us_per_request
+        else None,
+        "connection_waits": result.queued,
+    }
 
 
 def _feedback(sc: Scenario, result: GeneratorResult) -> dict[str, Any] | None:
@@ -418,6 +429,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report))
+    """OUT_DIR/report.json and report.md."""
+    from loadtest.experiment import write_report as write
+
+    write(out_dir, report, render_markdown(report))

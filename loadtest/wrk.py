@@ -44,7 +44,11 @@ end
 
 
 class WrkError(RuntimeError):
-    """wrk is missing, failed, or saw errors the benchmark must not silently average away."""
+    """wrk failed, or saw errors the benchmark must not silently average away."""
+
+
+class WrkMissing(FileNotFoundError):
+    """wrk is not installed: nothing can be measured."""
 
 
 @dataclass(frozen=True)
@@ -126,10 +130,10 @@ def parse_wrk_output(text: str) -> WrkResult:
 
 
 def wrk_binary() -> str:
-    """Path of wrk, or a WrkError telling how to install it."""
+    """Path of wrk, or WrkMissing telling how to install it."""
     path = shutil.which("wrk")
     if path is None:
-        raise WrkError("wrk is not installed; install it with: apt-get install wrk")
+        raise WrkMissing("wrk is not installed; install it with: apt-get install wrk")
     return path
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-# Before Ray is imported: its servers bind to loopback only (ensemble.replicas.ray_serve explains).
+# Before Ray is imported: its servers bind to loopback only (ensemble.control.ray_runtime explains).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -31,13 +31,13 @@ from starlette.responses import Response
 
 from ensemble.config import load_config
 from ensemble.errors import EnsembleError
-from ensemble.frontends.rest_codec import (
+from ensemble.models.card import load_card
+from ensemble.oip.rest import (
     HEADER_LENGTH,
     decode_infer_request,
     dumps,
     encode_infer_response,
 )
-from ensemble.models.card import load_card
 from ensemble.replicas.onnx import load_session
 from ensemble.types import InferRequest, InferResponse, Tensor
 
@@ -134,9 +134,11 @@ def build_app(config_path: Path) -> tuple[Any, str]:
         model = cfg.resolve(member.model)
         card_path = cfg.resolve(member.card) if member.card else model.with_suffix(".card.json")
         output = member.probability_output or load_card(card_path).probability_output
-        members.append(OnnxMember.options(name=member.name).bind(str(model), output))
+        member_app = OnnxMember.options(name=member.name)  # type: ignore[attr-defined]
+        members.append(member_app.bind(str(model), output))
     names = [m.name for m in ensemble.members]
-    return EnsembleIngress.bind(ensemble.name, names, members), ensemble.name
+    ingress = EnsembleIngress.bind(ensemble.name, names, members)  # type: ignore[attr-defined]
+    return ingress, ensemble.name
 
 
 def warm_up(url: str, timeout_s: float = 60.0) -> None:
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         while not stop.wait(0.5):
             pass
     finally:
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
     return 0
 

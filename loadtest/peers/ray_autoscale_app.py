@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Before Ray is imported: its servers bind to loopback only (ensemble.replicas.ray_serve explains).
+# Before Ray is imported: its servers bind to loopback only (ensemble.control.ray_runtime explains).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from ray import serve
@@ -31,10 +31,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ensemble.config import load_config
-from ensemble.frontends.rest_codec import (
+from ensemble.models.card import load_card
+from ensemble.oip.rest import (
     dumps,
 )
-from ensemble.models.card import load_card
 from ensemble.replicas.onnx import load_session
 from ensemble.types import InferResponse, Tensor
 from loadtest.peers.ray_app import oip_response, read_infer_request, warm_up

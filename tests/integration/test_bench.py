@@ -24,10 +24,10 @@ def test_smoke_run_writes_a_complete_record(zoo_dir: Path, tmp_path: Path) -> No
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    doc = json.loads((tmp_path / "bench.json").read_text())
+    doc = json.loads((tmp_path / "report.json").read_text())
 
     assert doc["command"].endswith(f"--smoke --out {tmp_path}")
-    assert doc["machine"]["cores"] >= 1
+    assert doc["machine"]["cpus"] >= 1
     assert doc["floor"]["members"] == ["logreg", "mlp_small", "forest"]
     assert 0 < doc["floor"]["p50_ms"] < 50
     closed = doc["closed_loop"]
@@ -52,6 +52,7 @@ def test_smoke_run_writes_a_complete_record(zoo_dir: Path, tmp_path: Path) -> No
         closed["gateway-http"]["1"]["p50_ms"] - doc["floor"]["p50_ms"], abs=0.01
     )
     assert doc["generator_ceiling"]["wrk_http"]["rps"] > 0
-    assert [g["met"] in (True, False) for g in doc["goals"]] == [True, True, True]
+    assert [g["passed"] in (True, False) for g in doc["goals"]] == [True, True, True]
     assert doc["exit_codes"] == {"ray": 0, "gateway": 0, "noop": 0}
     assert "closed loop: req/s" in proc.stdout
+    assert "closed loop: req/s" in (tmp_path / "report.md").read_text()

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from loadtest import straggler
-from loadtest.straggler import Settings, goals
+from loadtest.experiment import Goal, by_name, goal_lines, goals_of
+from loadtest.straggler import Settings
+from loadtest.straggler_report import GOAL_COST, GOAL_HEDGING, goals
 from tests.integration.process import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -114,15 +116,13 @@ def test_only_hedging_profiles_hedge(report: dict[str, Any]) -> None:
 
 
 def test_goals_are_computed_for_every_pair(report: dict[str, Any]) -> None:
-    g = report["goals"]
-    first = g["cost_accuracy_slo"]
-    assert first["reference"] == "all"
-    assert [p["profile"] for p in first["profiles"]] == PROFILES[1:]
-    assert first["met"] == any(p["met"] for p in first["profiles"])
-    pairs = [(p["hedged"], p["unhedged"]) for p in g["hedging"]["pairs"]]
-    assert pairs == [("all", "all_nohedge"), ("best_single", "best_single_nohedge")]
-    assert isinstance(g["hedging"]["met"], bool)
-    text = straggler.verdicts(report)
+    g = by_name(goals_of(report))
+    assert [x.subject for x in g[GOAL_COST]] == PROFILES[1:]
+    assert all(x.need == "any" and isinstance(x.passed, bool) for x in g[GOAL_COST])
+    pairs = [x.subject for x in g[GOAL_HEDGING]]
+    assert pairs == ["all vs all_nohedge", "best_single vs best_single_nohedge"]
+    assert all(isinstance(x.passed, bool) for x in g[GOAL_HEDGING])
+    text = goal_lines(goals_of(report))
     assert text.startswith("goal 1 (>= 99% SLO attainment") and "goal 2 (hedging cuts p99" in text
 
 
@@ -162,19 +162,19 @@ def test_goal_arithmetic() -> None:
             row("worse", 0.999, 0.964, 0.01, 5.0, 6.0),  # 0.6 points below
         ]
     )
-    first = {p["profile"]: p["met"] for p in goals_first(result)}
+    first = {x.subject: x.passed for x in by_name(result)[GOAL_COST]}
     assert first == {"all_nohedge": False, "cheap": True, "cheap_nohedge": False, "worse": False}
-    assert result["cost_accuracy_slo"]["met"]
-    pairs = {p["hedged"]: (p["p99_cut"], p["met"]) for p in result["hedging"]["pairs"]}
-    assert pairs == {"all": (5.5, True), "cheap": (20.0, True)}
-    assert result["hedging"]["met"]
+    pairs = {x.subject: (x.values["p99_cut"], x.passed) for x in by_name(result)[GOAL_HEDGING]}
+    assert pairs == {"all vs all_nohedge": (5.5, True), "cheap vs cheap_nohedge": (20.0, True)}
+    text = goal_lines(result)
+    assert f"goal {GOAL_COST}: MET by cheap\n" in text and f"goal {GOAL_HEDGING}: MET\n" in text
     result = goals(
         [row("all", 0.95, 0.97, 0.25, 30.0, 3.0), row("all_nohedge", 0.9, 0.97, 0.25, 110.0, 0.0)]
     )
-    assert result["hedging"]["pairs"][0]["p99_cut"] == pytest.approx(3.667, abs=1e-3)
-    assert not result["hedging"]["met"] and not result["cost_accuracy_slo"]["met"]
-
-
-def goals_first(result: dict[str, Any]) -> list[dict[str, Any]]:
-    profiles: list[dict[str, Any]] = result["cost_accuracy_slo"]["profiles"]
-    return profiles
+    (cost, hedging) = result
+    assert hedging.values["p99_cut"] == pytest.approx(3.667, abs=1e-3)
+    assert hedging.passed is False and cost.passed is False
+    assert goals([row("cheap", 0.99, 0.97, 0.1, 5.0, 1.0)]) == [
+        Goal(GOAL_COST, "", "no profile to compare with `all`", None),
+        Goal(GOAL_HEDGING, "", "no X / X_nohedge pair of profiles", None),
+    ]

@@ -8,6 +8,7 @@ import pytest
 
 from loadtest import autoscale_report as ar
 from loadtest.autoscale import parse_args, scenario_doc
+from loadtest.experiment import by_name, goal_lines
 from loadtest.scenario import parse_scenario
 
 
@@ -99,8 +100,9 @@ def test_host_stalls_are_counted_and_a_second_reaction_time_leaves_them_out() ->
         {"scenario": "step", "system": "r3e", "recovery_s": 7.0, "recovery_excl_stalls_s": 1.0,
          "cost": 1.0, "slo_attainment": 1.0},
     ]  # fmt: skip
-    (react,) = ar.goals(rows)["react"]
-    assert not react["met"] and react["met_excl_stalls"]
+    (react,) = [g for g in ar.goals(rows) if g.name == ar.GOAL_REACT]
+    assert react.passed is False and react.values["met_excl_stalls"]
+    assert react.measured == "7 s; host stalls left out: 1 s (met)"
 
 
 def test_step_of_the_shipped_scenarios() -> None:
@@ -131,17 +133,20 @@ def test_goals_compare_with_static_peak_at_the_same_attainment() -> None:
         result("step", "ray", 0.90, 2.0),  # cheap but far lower attainment: not met
         result("step", "other", 0.999, 8.0),  # 80 % of the cost: not met
     ]
-    got = ar.goals(rows)
-    assert [(x["system"], x["met"]) for x in got["cost"]] == [
-        ("r3e", True),
-        ("ray", False),
-        ("other", False),
+    got = by_name(ar.goals(rows))
+    assert [(x.subject, x.passed) for x in got[ar.GOAL_CHEAPER]] == [
+        ("step/r3e", True),
+        ("step/ray", False),
+        ("step/other", False),
     ]
-    assert [(x["system"], x["met"]) for x in got["react"]] == [
-        ("r3e", True),
-        ("ray", False),
-        ("other", False),
+    assert [(x.subject, x.passed) for x in got[ar.GOAL_REACT]] == [
+        ("step/r3e", True),
+        ("step/ray", False),
+        ("step/other", False),
     ]
+    text = goal_lines(ar.goals(rows))
+    assert text.startswith(f"goal {ar.GOAL_REACT}: NOT MET (step/ray, step/other)")
+    assert "  step/r3e: 60% of its cost, attainment -0.50 points: met" in text
 
 
 def test_arguments() -> None:
@@ -173,11 +178,9 @@ def test_medians_over_repeated_sweeps_feed_the_goals() -> None:
     assert rows["r3e"]["runs"] == 3 and rows["r3e"]["slo_attainment"] == 0.99
     assert rows["r3e"]["cost"] == 0.65 and rows["r3e"]["recovery_s"] == 3.0
     assert rows["r3e"]["values"]["recovery_s"] == [2.0, None, 3.0]
-    goals = ar.goals(list(rows.values()))
-    (react,) = goals["react"]
-    assert react["system"] == "r3e" and react["recovery_s"] == 3.0 and react["met"]
-    (cost,) = goals["cost"]
-    assert cost["met"] and cost["cost_share_of_static"] == 0.65
+    react, cost = ar.goals(list(rows.values()))
+    assert react.subject == "step/r3e" and react.values["recovery_s"] == 3.0 and react.passed
+    assert cost.passed and cost.values["cost_share_of_static"] == 0.65
     # Two of three reactions that never came: the median never came either.
     late = [[row("r3e", 0.9, 1.0, r)] for r in (None, None, 1.0)]
     assert ar.median_rows(late)[0]["recovery_s"] is None

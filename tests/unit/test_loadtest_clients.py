@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ensemble.frontends.rest_codec import decode_infer_request, encode_infer_response
+from ensemble.oip.rest import decode_infer_request, encode_infer_response
 from ensemble.types import InferRequest, InferResponse, Tensor
 from loadtest import httpclient
 from loadtest.clients import HttpBinaryClient, HttpJsonClient, RequestShape, Workload

@@ -12,8 +12,8 @@ import numpy as np
 import orjson
 import pytest
 
-from ensemble.feedback import parse_body
-from ensemble.frontends.rest_codec import decode_infer_request
+from ensemble.dataplane.feedback import parse_body
+from ensemble.oip.rest import decode_infer_request
 from loadtest.cli import provide_feedback_token
 from loadtest.clients import (
     FeedbackSender,
