@@ -46,11 +46,9 @@ def dotted(loc: Loc) -> str:
     return out or "<root>"
 
 
-def _known_keys(loc: Loc) -> list[str]:
-    """Field names allowed at the parent of ``loc``, found by walking the config models."""
-    from ensemble.config import GatewayConfig
-
-    model: Any = GatewayConfig
+def _known_keys(loc: Loc, schema: type[BaseModel] | None) -> list[str]:
+    """Field names allowed at the parent of ``loc``, found by walking ``schema``'s models."""
+    model: Any = schema
     for part in loc[:-1]:
         if isinstance(part, int) or model is None:
             continue
@@ -77,11 +75,11 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
-def _message(loc: Loc, msg: str, kind: str) -> str:
+def _message(loc: Loc, msg: str, kind: str, schema: type[BaseModel] | None) -> str:
     if kind == "extra_forbidden" and loc:
         key = str(loc[-1])
         text = f"unknown key {key!r}"
-        return text + did_you_mean(key, _known_keys(loc))
+        return text + did_you_mean(key, _known_keys(loc, schema))
     if kind == "missing":
         return "required key is missing"
     if kind == "value_error":  # our validators' own messages, without pydantic's prefix
@@ -99,13 +97,15 @@ def format_errors(
     source: str,
     errors: ValidationError | Sequence[LocatedError],
     lines: dict[Loc, tuple[int, int]],
+    schema: type[BaseModel] | None = None,
 ) -> list[str]:
-    """One line per problem: ``file:line:col: yaml.path: message``."""
+    """One line per problem: ``file:line:col: yaml.path: message``; an unknown key gets a
+    "did you mean" from the keys ``schema`` (the root model validated) allows there."""
     located: list[tuple[Loc, str]] = []
     if isinstance(errors, ValidationError):
         for e in errors.errors():
             loc = tuple(e["loc"])
-            located.append((loc, _message(loc, e["msg"], e["type"])))
+            located.append((loc, _message(loc, e["msg"], e["type"], schema)))
     else:
         located = list(errors)
     out = []

@@ -3,7 +3,6 @@ partition (in userspace: the kernel here has no netem; in production links are r
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -11,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.config import LinkConfig, TierConfig
 from ensemble.errors import MemberFailed
 from ensemble.replicas.base import Replica
 
-Sleep = Callable[[float], Awaitable[None]]
 Probe = Callable[[], Awaitable[str | None]]
 
 OVERRIDABLE = (
@@ -57,7 +56,7 @@ class Link:
         tier: str,
         config: LinkConfig,
         *,
-        sleep: Sleep = asyncio.sleep,
+        clock: Clock = SYSTEM_CLOCK,
         rng: random.Random | None = None,
     ) -> None:
         self.tier = tier
@@ -69,7 +68,7 @@ class Link:
         """What the link does now: the config with the overrides applied."""
         self.failures = {"dropped": 0, "reset": 0, "partitioned": 0}
         self.changes = 0
-        self._sleep = sleep
+        self._clock = clock
         self._rng = rng or random.Random(config.seed)
 
     @property
@@ -121,23 +120,23 @@ class Link:
         if settings.loss and self._rng.random() < settings.loss:
             if settings.loss_mode == "reset":
                 self.failures["reset"] += 1
-                await self._sleep(self.one_way_s(0))
+                await self._clock.sleep(self.one_way_s(0))
                 raise MemberFailed(f"{what}: connection reset (emulated link to {self.tier})")
             self.failures["dropped"] += 1
             wait_s = settings.drop_timeout_ms / 1e3
             if timeout_s is not None:
                 wait_s = min(wait_s, timeout_s)
-            await self._sleep(wait_s)
+            await self._clock.sleep(wait_s)
             raise MemberFailed(
                 f"{what}: no answer within {wait_s:g} s (call dropped by the emulated link to "
                 f"{self.tier})"
             )
-        await self._sleep(self.one_way_s(nbytes))
+        await self._clock.sleep(self.one_way_s(nbytes))
 
     async def receive(self, nbytes: int, what: str) -> None:
         """The answer's leg back; MemberFailed when the link was cut meanwhile."""
         self._refuse_if_partitioned(what)
-        await self._sleep(self.one_way_s(nbytes))
+        await self._clock.sleep(self.one_way_s(nbytes))
 
     async def check(self, probe: Probe) -> str | None:
         """A health check across the link: None when it passed, else why not."""
@@ -179,8 +178,8 @@ class Links:
     """The gateway's links by tier; they outlive config reloads (a partition is the network's
     state, not the config's), so a reload keeps runtime overrides."""
 
-    def __init__(self, tiers: Mapping[str, TierConfig], *, sleep: Sleep = asyncio.sleep) -> None:
-        self._sleep = sleep
+    def __init__(self, tiers: Mapping[str, TierConfig], *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
         self._links: dict[str, Link] = {}
         self.configure(tiers)
 
@@ -189,7 +188,7 @@ class Links:
         settings until ``configure``, so a reload being built changes nothing yet)."""
         found = self._links.get(tier)
         if found is None:
-            found = self._links[tier] = Link(tier, config, sleep=self._sleep)
+            found = self._links[tier] = Link(tier, config, clock=self._clock)
         return found
 
     def configure(self, tiers: Mapping[str, TierConfig]) -> None:

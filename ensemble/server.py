@@ -19,18 +19,19 @@ import uvicorn
 
 from ensemble.auth import ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV, ApiKeys
 from ensemble.config import GatewayConfig, ServerConfig, TlsConfig
+from ensemble.control.build import Built, build
 from ensemble.control.loop import ControlLoop
-from ensemble.dispatcher import Dispatcher
+from ensemble.control.provisioning import Fleet
+from ensemble.control.ray_runtime import RayRuntime
+from ensemble.control.reload import Reloader
+from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.frontends.connections import ConnectionGuard, ConnectionLimits, GatewayHttpProtocol
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.frontends.http import HttpFrontend
 from ensemble.frontends.limits import Offload, RequestLimits
 from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
-from ensemble.reload import Reloader
 from ensemble.replicas.engine import InProcessEngine
-from ensemble.replicas.ray_serve import RayRuntime
-from ensemble.repository import Repository
 from ensemble.tls import TlsFileError, TlsFiles, load_tls_files
 
 log = logging.getLogger("ensemble.server")
@@ -103,13 +104,14 @@ class Gateway:
     """One server: executor, models, dispatcher, and the HTTP and gRPC frontends.
 
     ``ensemble serve`` builds it from a config (with hot reload); ``ensemble replica`` from one
-    ONNX file (no admin API). ``build`` makes the repository on the gateway's engine.
+    ONNX file (no admin API). ``build`` makes the repository and its fleet on the gateway's
+    engine.
     """
 
     def __init__(
         self,
         server: ServerConfig,
-        build: Callable[[InProcessEngine], Repository],
+        build: Callable[[InProcessEngine], Built],
         *,
         config: GatewayConfig | None = None,
         links: Links | None = None,
@@ -126,7 +128,9 @@ class Gateway:
             max_batch_rows=server.batch_max_rows,
             batching=server.batching,
         )
-        self.repository = build(self.engine)
+        built = build(self.engine)
+        self.repository = built.repository
+        self._fleet = built.fleet
         self.limits = RequestLimits.of(server)
         self.offload = Offload(self.limits)
         """The thread both frontends decode large requests in."""
@@ -144,16 +148,21 @@ class Gateway:
             feedback_accuracy_window=server.feedback_accuracy_window,
         )
         self.reloader = (
-            Reloader(config, config.source, self.engine, self.dispatcher, self.metrics, links, ray)
+            Reloader(
+                config,
+                config.source,
+                self.engine,
+                self.dispatcher,
+                built.fleet,
+                self.metrics,
+                links,
+                ray,
+            )
             if config is not None
             else None
         )
         """Hot reload, for a gateway built from a config."""
-        self.control = (
-            ControlLoop(lambda: self.dispatcher.repository, self.metrics)
-            if config is not None
-            else None
-        )
+        self.control = ControlLoop(lambda: self.fleet, self.metrics) if config is not None else None
         """The control loop (it acts only while the config has `autoscaling`)."""
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -174,11 +183,16 @@ class Gateway:
             server = server.model_copy(update={"tls": server.tls.resolved(cfg.base_dir)})
         return cls(
             server,
-            lambda engine: Repository.from_config(cfg, engine, progress, links, ray),
+            lambda engine: build(cfg, engine, progress, links, ray),
             config=cfg,
             links=links,
             ray=ray,
         )
+
+    @property
+    def fleet(self) -> Fleet:
+        """The current config's provisioners (a hot reload replaces them)."""
+        return self.reloader.fleet if self.reloader is not None else self._fleet
 
     async def start(self, host: str, http_port: int, grpc_port: int) -> Addresses:
         server = self.server
@@ -253,6 +267,7 @@ class Gateway:
         await asyncio.gather(*waits, return_exceptions=True)
         if self.control is not None:
             await self.control.stop()
+        await self.fleet.close()
         if self.reloader is not None:
             await self.reloader.close()
         await self.dispatcher.repository.close()

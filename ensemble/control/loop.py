@@ -1,13 +1,12 @@
 """The control loop: its own task on its own interval, never on the request path.
 
 Every ``interval_s`` it samples each member placement (calls in flight on its tier's replicas,
-calls started, recent p95), averages over ``window_s``, asks the repository's autoscaling policy
-for targets (``decide(context, state) -> (decision, state)``), and applies them. In-process
-placements are provisioned: new replicas (a session each, loaded in a worker thread) join the
-member's routing; removed ones are drained first (no new calls, calls in flight finish, then
-closed). Other backends are observed only (a ``static`` provisioner: remote servers and Ray
-deployments keep their size). Every decision is logged and exported as metrics
-(``ensemble_autoscaler_replicas``, ``ensemble_autoscaler_decisions``).
+calls started, recent p95), averages over ``window_s``, asks the config's autoscaling policy
+for targets (``decide(context, state) -> (decision, state)``), and hands them to each
+placement's provisioner (`ensemble.control.provisioning`): in-process and process replicas are
+made or drained here, a Ray deployment is resized by Serve, remote servers stay as they are.
+Every decision is logged and exported as metrics (``ensemble_autoscaler_replicas``,
+``ensemble_autoscaler_decisions``). It also accounts replica-seconds and their price.
 """
 
 from __future__ import annotations
@@ -20,29 +19,28 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ensemble.control.provisioning import Fleet, Key, Provisioner
 from ensemble.errors import EnsembleError, ModelIntegrityError
 from ensemble.links import round_trip_s
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.base import Replica
 from ensemble.replicas.member import Member
 from ensemble.replicas.stats import ReplicaStats
-from ensemble.repository import Repository
-from policies.autoscaling import AutoscalingPolicy, PlacementLoad, ScalingContext
+from policies.base import AutoscalingPolicy, PlacementLoad, ScalingContext
 
 log = logging.getLogger("ensemble.control")
-Key = tuple[str, str]
 
 
 class ControlLoop:
-    """Observes the repository the dispatcher serves (read at every tick: reloads swap it)."""
+    """Observes and scales the current config's fleet (read at every tick: reloads swap it)."""
 
     def __init__(
         self,
-        repository: Callable[[], Repository],
+        fleet: Callable[[], Fleet],
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._repository = repository
+        self._fleet = fleet
         self._metrics = metrics
         self._clock = clock
         self._policy: AutoscalingPolicy | None = None
@@ -57,11 +55,10 @@ class ControlLoop:
         leaves takes its counters along, not the calls it served)."""
         """Per placement: (time, calls in flight, calls started and failed so far)."""
         self.replicas: dict[Key, int] = {}
-        """Replicas each placement has (the static provisioner keeps the minimum)."""
+        """Replicas each placement has, as its provisioner counts them."""
         self.desired: dict[Key, int] = {}
         self._last_account: float | None = None
         self._task: asyncio.Task[None] | None = None
-        self._draining: set[asyncio.Task[None]] = set()
         metrics.autoscaler = lambda: [
             (member, tier, self.replicas[(member, tier)], self.desired.get((member, tier)))
             for member, tier in list(self.replicas)
@@ -77,12 +74,10 @@ class ControlLoop:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for drain in list(self._draining):
-            drain.cancel()
 
     async def _run(self) -> None:
         while True:
-            settings = self._repository().autoscaling
+            settings = self._fleet().autoscaling
             await asyncio.sleep(settings.interval_s if settings is not None else 1.0)
             try:
                 await self.tick()
@@ -91,94 +86,49 @@ class ControlLoop:
 
     async def tick(self) -> None:
         """One observation, decision and provisioning step."""
-        repository = self._repository()
+        fleet = self._fleet()
         now = self._clock()
-        self._account(repository, now)
-        policy, settings = repository.scaling_policy, repository.autoscaling
+        self._account(fleet, now)
+        policy, settings = fleet.policy, fleet.autoscaling
         if policy is None or settings is None:
             return
         if policy is not self._policy:  # a new config: start from the policy's own state
             self._policy, self._state = policy, policy.initial_state()
-        loads = self._observe(repository, now, settings.window_s)
-        ctx = ScalingContext(now, loads, repository.tier_caps, settings.window_s)
+        loads = self._observe(fleet, now, settings.window_s)
+        ctx = ScalingContext(now, loads, fleet.tier_caps, settings.window_s)
         decision, self._state = policy.decide(ctx, self._state)
         for key, target in decision.targets.items():
-            member = repository.members.get(key[0])
-            grow = member.growers.get(key[1]) if member is not None else None
-            scale = member.scalers.get(key[1]) if member is not None else None
+            provisioner = fleet.provisioners.get(key)
             if self.desired.get(key) != target:
-                direction = "up" if target > self.replicas.get(key, 0) else "down"
-                self._metrics.scaling_decisions[(*key, direction)] += 1
-                log.info(
-                    "autoscaler: %s@%s %d -> %d replicas (%s)%s",
-                    key[0],
-                    key[1],
-                    self.replicas.get(key, 0),
-                    target,
-                    decision.reasons.get(key, "no reason given"),
-                    "" if grow or scale else "; static provisioner: not applied",
-                )
+                self._log_decision(key, target, decision.reasons.get(key), provisioner)
             self.desired[key] = target
+            if provisioner is None:
+                continue
             try:
-                if member is not None and grow is not None:
-                    await self._provision(member, key[1], target, repository)
-                elif scale is not None and self.replicas.get(key) != target:
-                    await scale(target)  # Serve starts or stops replicas of the deployment
-                    self.replicas[key] = target
+                await provisioner.scale(target)
             except EnsembleError as exc:  # e.g. a replica process that could not start
                 if isinstance(exc, ModelIntegrityError):  # the file changed since it loaded
                     self._metrics.record_integrity_failure(key[0])
                 log.warning("autoscaler: %s@%s: could not provision: %s", *key, exc)
+            self.replicas[key] = provisioner.replicas()
         for key in list(self.desired):
             if key not in decision.targets:
                 del self.desired[key]
 
-    async def _provision(
-        self, member: Member, tier: str, target: int, repository: Repository
+    def _log_decision(
+        self, key: Key, target: int, reason: str | None, provisioner: Provisioner | None
     ) -> None:
-        """In-process and process replicas on ``tier`` up or down to ``target``; new ones
-        start concurrently (a process replica's child boots for a second or two)."""
-        serving = member.serving(tier)
-        grow = member.growers[tier]
-        if target > len(serving):
-            names = member.new_names(tier, target - len(serving))
-
-            async def start(name: str) -> Replica:
-                replica = await asyncio.to_thread(grow, name)  # loads a session: off the loop
-                try:
-                    await replica.start()
-                except BaseException:
-                    await replica.close()
-                    raise
-                return replica
-
-            results = await asyncio.gather(*map(start, names), return_exceptions=True)
-            failed = [r for r in results if isinstance(r, BaseException)]
-            started = [r for r in results if not isinstance(r, BaseException)]
-            if repository is not self._repository():  # a reload replaced the member meanwhile
-                await asyncio.gather(*(r.close() for r in started))
-                return
-            for replica in started:  # in name order, whichever started first
-                member.add_replica(replica)
-            for exc in failed:
-                if not isinstance(exc, EnsembleError):
-                    raise exc
-            self.replicas[(member.name, tier)] = len(member.serving(tier))
-            if failed:
-                raise failed[0]
-            return
-        elif target < len(serving):
-            # Only replicas it added, the newest first; each drains in the background (no
-            # call is lost). The configured ones stay.
-            added = [r for r in serving if r.name in member.added]
-            added.sort(key=lambda r: member.added.index(r.name), reverse=True)
-            for replica in added[: len(serving) - target]:
-                task = asyncio.ensure_future(
-                    member.retire(replica.name, repository.drain_timeout_s)
-                )
-                self._draining.add(task)
-                task.add_done_callback(self._draining.discard)
-        self.replicas[(member.name, tier)] = target
+        direction = "up" if target > self.replicas.get(key, 0) else "down"
+        self._metrics.scaling_decisions[(*key, direction)] += 1
+        log.info(
+            "autoscaler: %s@%s %d -> %d replicas (%s)%s",
+            key[0],
+            key[1],
+            self.replicas.get(key, 0),
+            target,
+            reason or "no reason given",
+            "" if provisioner is not None and provisioner.provisioned else "; static: not applied",
+        )
 
     def _counted(
         self, key: Key, serving: list[Replica], stats: list[ReplicaStats]
@@ -226,39 +176,28 @@ class ControlLoop:
         self._recorded[key] = kept
         return p95s
 
-    def _account(self, repository: Repository, now: float) -> None:
+    def _account(self, fleet: Fleet, now: float) -> None:
         """Replica-seconds since the last tick, and their price, per placement."""
         last, self._last_account = self._last_account, now
         if last is None or now <= last:
             return
         held = self._metrics.replica_seconds
-        for (member_name, tier), (low, _) in repository.bounds.items():
-            member = repository.members.get(member_name)
-            if member is None:
-                continue
-            count = self._count(member, tier, low)
+        for (member_name, tier), provisioner in fleet.provisioners.items():
+            count = provisioner.replicas()
             if count:
                 seconds = count * (now - last)
                 held[(member_name, tier)] += seconds
-                price = repository.tier_prices.get(tier, 0.0)
+                price = fleet.tier_prices.get(tier, 0.0)
                 if price:
                     self._metrics.spend[(tier, "replicas")] += seconds * price / 3600
 
-    def _count(self, member: Member, tier: str, low: int) -> int:
-        """Replicas a placement has: its Ray Serve deployment's count as last set (one
-        replica object here stands for the deployment), else the replicas serving."""
-        if tier in member.scalers:
-            return self.replicas.get((member.name, tier), low)
-        return len(member.serving(tier))
-
-    def _observe(
-        self, repository: Repository, now: float, window_s: float
-    ) -> tuple[PlacementLoad, ...]:
+    def _observe(self, fleet: Fleet, now: float, window_s: float) -> tuple[PlacementLoad, ...]:
         loads = []
-        for (member_name, tier), (low, high) in repository.bounds.items():
-            member = repository.members.get(member_name)
-            if member is None:
+        for (member_name, tier), (low, high) in fleet.bounds.items():
+            provisioner = fleet.provisioners.get((member_name, tier))
+            if provisioner is None:
                 continue
+            member = provisioner.member
             serving = member.serving(tier)
             stats = [member.stats[r.name] for r in serving]
             inflight = float(sum(s.outstanding for s in stats))
@@ -273,9 +212,7 @@ class ControlLoop:
             failing = (failures - samples[0][3]) / span if span > 0 else 0.0
             p95s = self._window_p95s(key, serving, stats, now, window_s)
             trips = [round_trip_s(r) for r in serving]
-            if tier in member.growers:  # provisioned here: count what serves
-                self.replicas[key] = len(serving)
-            replicas = self.replicas.setdefault(key, low)
+            replicas = self.replicas[key] = provisioner.replicas()
             ready = sum(
                 1
                 for r, s in zip(serving, stats, strict=True)
@@ -296,10 +233,8 @@ class ControlLoop:
                     failures_rps=failing,
                     service_ms=_service_ms(member, trips, stats),
                     link_ms=max(trips, default=0.0) * 1e3,
-                    cost_per_replica_hour=repository.tier_prices.get(tier, 0.0),
-                    other_tiers=tuple(
-                        t for m, t in repository.bounds if m == member_name and t != tier
-                    ),
+                    cost_per_replica_hour=fleet.tier_prices.get(tier, 0.0),
+                    other_tiers=tuple(t for m, t in fleet.bounds if m == member_name and t != tier),
                 )
             )
         return tuple(loads)

@@ -10,19 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ensemble.config import GatewayConfig, load_config, parse_yaml
-from ensemble.dispatcher import Dispatcher
+from ensemble.control.build import Built, build
+from ensemble.control.provisioning import Fleet, Key
+from ensemble.control.ray_runtime import RayRuntime
+from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import ConfigError, EnsembleError, ModelIntegrityError
 from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
-from ensemble.replicas.base import innermost
 from ensemble.replicas.engine import InProcessEngine
-from ensemble.replicas.member import Member
-from ensemble.replicas.ray_serve import RayReplica, RayRuntime
 from ensemble.repository import Repository
 
 log = logging.getLogger("ensemble.reload")
-Key = tuple[str, str]
-"""A placement: (member, tier)."""
 
 
 @dataclass
@@ -43,11 +41,14 @@ class Reloader:
         source: Path | None,
         engine: InProcessEngine,
         dispatcher: Dispatcher,
+        fleet: Fleet,
         metrics: GatewayMetrics,
         links: Links | None = None,
         ray: RayRuntime | None = None,
     ) -> None:
         self.cfg = cfg
+        self.fleet = fleet
+        """The current config's fleet (the control loop reads it at every tick)."""
         self._ray = ray
         self._links = links if links is not None else Links(cfg.tiers)
         self.source = source
@@ -55,7 +56,7 @@ class Reloader:
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._lock = asyncio.Lock()
-        self.retired: list[Repository] = []
+        self.retired: list[Built] = []
         """Replaced repositories not closed yet (requests that started on them may still call
         their replicas): each is closed ``server.drain_timeout_s`` after it was replaced, or when
         the gateway stops."""
@@ -82,11 +83,11 @@ class Reloader:
                 cfg = await asyncio.to_thread(load)
                 _check_restart_only(self.cfg, cfg)
                 # Loading sessions blocks for a while: never on the event loop.
-                repository = await asyncio.to_thread(
-                    Repository.from_config, cfg, self._engine, None, self._links, self._ray
+                built = await asyncio.to_thread(
+                    build, cfg, self._engine, None, self._links, self._ray
                 )
                 # Before it starts, so the kept replicas start (and are checked) with the rest.
-                await _keep_replica_counts(self.cfg, cfg, self._dispatcher.repository, repository)
+                await _keep_replica_counts(self.cfg, cfg, self.fleet, built.fleet)
             except ConfigError as exc:
                 return self._reject(exc.errors)
             except ModelIntegrityError as exc:
@@ -98,16 +99,19 @@ class Reloader:
             # The new tiers' link settings; runtime overrides (a partition) are kept.
             self._links.configure(cfg.tiers)
             try:
-                await repository.start()  # remote replicas' first checks; process children
+                await built.repository.start()  # remote replicas' first checks; children
             except EnsembleError as exc:  # a child that cannot start; it closed the others
                 self._links.configure(self.cfg.tiers)
                 if isinstance(exc, ModelIntegrityError):  # a child refused its model file
                     for member in exc.members:
                         self._metrics.record_integrity_failure(member)
                 return self._reject([str(exc)])
-            old = self._dispatcher.repository
-            _carry_state(old, repository)
+            old = Built(self._dispatcher.repository, self.fleet)
+            repository = built.repository
+            _carry_state(old.repository, repository)
             self._dispatcher.repository = repository  # new requests see it from now on
+            self.fleet = built.fleet
+            await old.fleet.close()  # replicas it is still starting or draining: not its own
             self.retired.append(old)
             closing = asyncio.create_task(self._close_later(old))
             self._closing.add(closing)
@@ -119,11 +123,11 @@ class Reloader:
             log.info(message)
             return ReloadResult(True, message)
 
-    async def _close_later(self, repository: Repository) -> None:
+    async def _close_later(self, old: Built) -> None:
         # Stops its health checks and connection pools once requests begun on it are done.
         await asyncio.sleep(self.cfg.server.drain_timeout_s)
-        self.retired.remove(repository)
-        await repository.close()
+        self.retired.remove(old)
+        await old.repository.close()
 
     async def close(self) -> None:
         """Close every replaced repository now (the gateway is stopping)."""
@@ -131,8 +135,8 @@ class Reloader:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for repository in self.retired:
-            await repository.close()
+        for old in self.retired:
+            await old.repository.close()
         self.retired.clear()
 
     def _reject(self, errors: list[str]) -> ReloadResult:
@@ -158,7 +162,8 @@ def _check_restart_only(old: GatewayConfig, new: GatewayConfig) -> None:
 
 
 def _carry_state(old: Repository, new: Repository) -> None:
-    """Learned selection state (bandit weights) survives a reload of an unchanged profile."""
+    """What an unchanged profile learned (its learning cell: bandit weights) survives a
+    reload; its hedge and retry budgets start afresh with the new config."""
     for name, ensemble in new.ensembles.items():
         before = old.ensembles.get(name)
         if before is None or set(before.members) != set(ensemble.members):
@@ -166,73 +171,42 @@ def _carry_state(old: Repository, new: Repository) -> None:
         for profile_name, profile in ensemble.profiles.items():
             previous = before.profiles.get(profile_name)
             if previous is not None and previous.spec == profile.spec:
-                profile.state = previous.state
+                profile.learning = previous.learning
 
 
 async def _keep_replica_counts(
-    old_cfg: GatewayConfig, new_cfg: GatewayConfig, old: Repository, new: Repository
+    old_cfg: GatewayConfig, new_cfg: GatewayConfig, old: Fleet, new: Fleet
 ) -> None:
     """Give every placement the reload leaves unchanged the replicas it has now (clamped to its
-    new bounds), so capacity the control loop added is not lost: the new repository would
-    otherwise start at each placement's minimum and serve a busy member with fewer replicas
-    until the loop scaled it up again. Placements that changed, and new ones, start at their
+    new bounds), so capacity the control loop added is not lost: the new config's placements
+    would otherwise start at their minimum and serve a busy member with fewer replicas until
+    the loop scaled them up again. Placements that changed, and new ones, start at their
     minimum as before.
 
-    In-process and process placements get more replicas from the new member's grower (made
-    here, started with the rest by ``Repository.start``; listed in ``Member.added``, so the
-    loop may scale them away again); a Ray deployment, which a reload reuses unchanged and
-    whose Serve replicas keep running, has its new replica object told its current count.
-    The old replicas are not handed over: they stay with the old repository, whose requests
-    in flight may still need them, and are closed with it."""
+    Each new provisioner ``keep``s the count: in-process and process placements make more
+    replicas (started with the rest by ``Repository.start``; the loop may scale them away
+    again); a Ray deployment, which a reload reuses unchanged and whose Serve replicas keep
+    running, is told its current count. The old replicas are not handed over: they stay with
+    the old repository, whose requests in flight may still need them, and are closed with it."""
     unchanged = _unchanged_placements(old_cfg, new_cfg)
-    grow: list[tuple[Member, str, str]] = []
-    for key, had in _replica_counts(old).items():
-        member = new.members.get(key[0])
+    keeps: list[tuple[Key, int]] = []
+    for key, before in old.provisioners.items():
         bounds = new.bounds.get(key)
-        if key not in unchanged or member is None or bounds is None:
+        if key not in unchanged or key not in new.provisioners or bounds is None:
             continue
+        had = before.replicas()
         keep = min(max(had, bounds[0]), bounds[1])
-        tier = key[1]
-        if tier in member.growers:
-            more = keep - len(member.serving(tier))
-            grow += [(member, tier, name) for name in member.new_names(tier, more)]
-        elif (ray := _ray_replica(member, tier)) is not None:
-            ray.scaled_to(keep)
+        keeps.append((key, keep))
         if keep > bounds[0]:
             log.info("reload keeps %s@%s at %d replicas (it had %d)", *key, keep, had)
-    if grow:
+    if keeps:
         # Loading sessions blocks for a while: never on the event loop.
-        await asyncio.to_thread(_grow, grow)
+        await asyncio.to_thread(_keep, new, keeps)
 
 
-def _grow(wanted: list[tuple[Member, str, str]]) -> None:
-    """Make each (member, tier, name) replica and add it (blocking: in-process ones load a
-    session; a process replica's child starts with the repository)."""
-    for member, tier, name in wanted:
-        member.add_replica(member.growers[tier](name))
-
-
-def _replica_counts(repository: Repository) -> dict[Key, int]:
-    """Replicas each provisioned placement has now: the in-process and process replicas
-    serving (draining ones are on their way out), a Ray deployment's count as last set."""
-    counts: dict[Key, int] = {}
-    for key in repository.bounds:
-        member = repository.members.get(key[0])
-        if member is None:
-            continue
-        if key[1] in member.growers:
-            counts[key] = len(member.serving(key[1]))
-        elif (ray := _ray_replica(member, key[1])) is not None:
-            counts[key] = ray.replicas
-    return counts
-
-
-def _ray_replica(member: Member, tier: str) -> RayReplica | None:
-    """The one Ray deployment's replica of a member on ``tier`` (None: none, or several, whose
-    counts the loop does not tell apart), without its fault and link wrappers."""
-    found = [r for r in map(innermost, member.replicas) if r.tier == tier]
-    rays = [r for r in found if isinstance(r, RayReplica)]
-    return rays[0] if len(rays) == 1 and tier in member.scalers else None
+def _keep(fleet: Fleet, keeps: list[tuple[Key, int]]) -> None:
+    for key, count in keeps:
+        fleet.provisioners[key].keep(count)
 
 
 def _unchanged_placements(old: GatewayConfig, new: GatewayConfig) -> set[Key]:

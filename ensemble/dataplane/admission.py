@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.errors import Overloaded
 from ensemble.metrics import GatewayMetrics
-from policies.admission import AdaptiveLimit, AdmissionPolicy, GateView, LatencyWindow, LimitState
+from policies.base import AdaptiveLimit, AdmissionPolicy, GateView, LatencyWindow, LimitState
 
 
 @dataclass(eq=False)
@@ -39,9 +39,7 @@ class AdmissionGate:
     """Requests running now and waiting for a slot; one per gateway (reloads keep it, and an
     adaptive limit carries over to the next adaptive policy)."""
 
-    def __init__(
-        self, metrics: GatewayMetrics, clock: Callable[[], float] = time.perf_counter
-    ) -> None:
+    def __init__(self, metrics: GatewayMetrics, clock: Clock = SYSTEM_CLOCK) -> None:
         self.metrics = metrics
         self.clock = clock
         self.running = 0
@@ -79,7 +77,7 @@ class AdmissionGate:
         if self._adaptive is None:
             self._limit = None
         else:
-            self._limit = self._adaptive.start(self._limit, self.clock())
+            self._limit = self._adaptive.start(self._limit, self.clock.now())
 
     @contextlib.asynccontextmanager
     async def slot(
@@ -105,7 +103,7 @@ class AdmissionGate:
             self._start()
         else:
             await self._wait(policy, priority, deadline)
-        started = self.clock()
+        started = self.clock.now()
         finished = True
         try:
             yield
@@ -115,7 +113,7 @@ class AdmissionGate:
         finally:
             self.running -= 1
             if finished:
-                service_s = self.clock() - started
+                service_s = self.clock.now() - started
                 typical = self.typical_service_s
                 self.typical_service_s = (
                     service_s if typical == 0 else typical + _EWMA * (service_s - typical)
@@ -148,7 +146,7 @@ class AdmissionGate:
         self._service_s.append(service_s)
         state = self._limit
         assert state is not None
-        now = self.clock()
+        now = self.clock.now()
         if len(self._service_s) < adaptive.window_requests and now - state.updated_s < (
             adaptive.window_s
         ):
@@ -162,17 +160,17 @@ class AdmissionGate:
         waiter = _Waiter(priority, deadline)
         self._waiting.append(waiter)
         self.wake(policy)  # a slot may be free (a request ahead of it just finished)
-        started = time.perf_counter()
-        timeout = None if deadline is None else max(0.0, deadline - started)
+        started = self.clock.now()
+        expiry = None
+        if deadline is not None and not waiter.future.done():
+            # Whichever settles the waiter first wins: a slot, an eviction, or its deadline.
+            expiry = self.clock.call_later(max(0.0, deadline - started), lambda: _expire(waiter))
         try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(waiter.future)
+            await asyncio.shield(waiter.future)
         except TimeoutError:
-            if _granted(waiter):
-                return  # granted as the deadline struck: it runs
             self._forget(waiter, policy)
             self.count_shed("deadline")
-            waited = (time.perf_counter() - started) * 1e3
+            waited = (self.clock.now() - started) * 1e3
             raise Overloaded(
                 f"overloaded: waited {waited:.0f} ms for a slot, until the request's deadline; "
                 "retry later",
@@ -181,6 +179,9 @@ class AdmissionGate:
         except asyncio.CancelledError:  # the client went away
             self._forget(waiter, policy)
             raise
+        finally:
+            if expiry is not None:
+                expiry.cancel()
 
     def _forget(self, waiter: _Waiter, policy: AdmissionPolicy) -> None:
         """Drop a waiter that stopped waiting; give back its slot if it had just got one."""
@@ -206,7 +207,7 @@ class AdmissionGate:
             if waiter.future.done():
                 continue
             if waiter.deadline is not None:
-                left_s = waiter.deadline - time.perf_counter()
+                left_s = waiter.deadline - self.clock.now()
                 if left_s < self.typical_service_s:
                     self.count_shed("deadline")
                     waiter.future.set_exception(
@@ -225,6 +226,12 @@ class AdmissionGate:
 def _full(policy: AdmissionPolicy, reason: str) -> Overloaded:
     """A newcomer shed because the gate is full."""
     return Overloaded(f"overloaded: {reason}; retry later", policy.retry_after_s)
+
+
+def _expire(waiter: _Waiter) -> None:
+    """The waiter's deadline came before a slot did."""
+    if not waiter.future.done():
+        waiter.future.set_exception(TimeoutError())
 
 
 def _granted(waiter: _Waiter) -> bool:

@@ -4,11 +4,11 @@ Tail at Scale), retry on another replica or tier within a budget, and time out e
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ensemble.clock import Timer
 from ensemble.errors import DeadlineExceeded, InvalidInput
 from ensemble.replicas.base import Replica
 from ensemble.replicas.member import Member
@@ -17,7 +17,9 @@ Outputs = dict[str, np.ndarray]
 
 
 class Call:
-    """One call to a member replica, timed from start to completion; ``future`` is its outcome."""
+    """One call to a member replica, timed from start to completion; ``future`` is its outcome.
+
+    Calls tell time by their member's clock, as its stats and outlier detection do."""
 
     __slots__ = (
         "cost",
@@ -47,13 +49,13 @@ class Call:
     def _begin(self, member: Member, replica: Replica) -> None:
         self.member = member
         self.replica = replica
-        self.start = time.perf_counter()
+        self.start = member.clock.now()
         self.end = 0.0
         self.hedged = False
         self.retries = 0
 
     def _stamp(self, future: asyncio.Future[Outputs]) -> None:
-        self.end = time.perf_counter()
+        self.end = self.member.clock.now()
         outcome = (
             "cancelled" if future.cancelled() else "error" if future.exception() else "success"
         )
@@ -64,7 +66,7 @@ class Call:
         return False
 
     def latency_s(self) -> float:
-        return (self.end or time.perf_counter()) - self.start
+        return (self.end or self.member.clock.now()) - self.start
 
 
 class ResilientCall(Call):
@@ -123,7 +125,9 @@ class ResilientCall(Call):
         self.future.add_done_callback(self._settled)
         self._launch()
         self._timer = (
-            loop.call_later(hedge_delay_s, self._hedge) if hedge_delay_s is not None else None
+            member.clock.call_later(hedge_delay_s, self._hedge)
+            if hedge_delay_s is not None
+            else None
         )
 
     @property
@@ -153,10 +157,11 @@ class ResilientCall(Call):
         attempt = asyncio.ensure_future(replica.infer(self._feed, self._outputs))
         stats = self.member.attempt(replica)
         self.cost += self.member.tier_costs.get(replica.tier, 0.0)
-        began = time.perf_counter()
+        clock = self.member.clock
+        began = clock.now()
         self._attempts.append(attempt)
         expired = False
-        timer: asyncio.TimerHandle | None = None
+        timer: Timer | None = None
         if timeout is not None:
 
             def expire() -> None:
@@ -164,7 +169,7 @@ class ResilientCall(Call):
                 expired = True
                 attempt.cancel()
 
-            timer = asyncio.get_running_loop().call_later(timeout, expire)
+            timer = clock.call_later(timeout, expire)
 
         def done(fut: asyncio.Future[Outputs]) -> None:
             if timer is not None:
@@ -178,7 +183,7 @@ class ResilientCall(Call):
             elif not fut.cancelled():
                 error = fut.exception()
             outcome = "error" if error else "cancelled" if fut.cancelled() else "success"
-            self.member.observe(stats, time.perf_counter() - began, outcome)
+            self.member.observe(stats, clock.now() - began, outcome)
             if self.future.done():
                 return  # the twin already won, or the request gave up
             if outcome == "success":
@@ -211,7 +216,7 @@ class ResilientCall(Call):
         return False
 
     def _settled(self, _: asyncio.Future[Outputs]) -> None:
-        self.end = time.perf_counter()
+        self.end = self.member.clock.now()
         if self._timer is not None:
             self._timer.cancel()
         for attempt in self._attempts:

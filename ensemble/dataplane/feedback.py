@@ -9,8 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from ensemble.dataplane.feedback_store import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_WINDOW,
+    Answered,
+    AnswerStore,
+)
 from ensemble.errors import EnsembleError, InvalidInput
-from ensemble.feedback_store import DEFAULT_MAX_BYTES, DEFAULT_WINDOW, Answered, AnswerStore
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.onnx import ClassLabel
 from ensemble.repository import EnsembleModel, Repository
@@ -174,7 +179,7 @@ class FeedbackHub:
         event = Feedback(model.name, feedback_id, truth, predicted, entry.asked, entry.n_classes)
         profile = model.profiles.get(entry.profile)
         if profile is not None:  # a reload may have removed the profile since
-            profile.state = profile.selection.feedback(event, profile.state)
+            profile.learning.update(lambda state: profile.selection.feedback(event, state))
         members: dict[str, bool | float] = {}
         for member, classes in predicted.items():
             correct = classes == truth

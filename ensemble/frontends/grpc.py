@@ -14,11 +14,12 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 from ensemble.auth import ApiKeys
-from ensemble.dispatcher import Dispatcher
+from ensemble.dataplane.catalog import ConfigTensor, ModelConfig, model_config, repository_index
+from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import EnsembleError, InvalidInput, Overloaded
 from ensemble.frontends.connections import ConnectionLimits
-from ensemble.frontends.grpc_codec import decode_infer_request, encode_infer_response
 from ensemble.frontends.limits import Offload, RequestLimits
+from ensemble.oip.grpc import decode_infer_request, encode_infer_response
 from ensemble.tls import TlsFiles
 from ensemble.types import ModelMetadata, TensorSpec
 
@@ -99,34 +100,21 @@ def model_metadata_response(meta: ModelMetadata) -> Any:
     )
 
 
-def model_config(meta: ModelMetadata, max_batch_size: int) -> Any:
-    """A minimal Triton ModelConfig: name, platform, max_batch_size, inputs and outputs.
+def model_config_message(config: ModelConfig) -> Any:
+    """The catalog's model configuration as Triton's ModelConfig message."""
 
-    As in Triton, a model that batches (every tensor's first dimension is variable) reports
-    ``max_batch_size > 0`` and dims without the batch dimension; otherwise 0 and the full shape.
-    """
-    specs = (*meta.inputs, *meta.outputs)
-    batching = bool(specs) and all(s.shape and s.shape[0] == -1 for s in specs)
-
-    def dims(spec: TensorSpec) -> tuple[int, ...]:
-        return spec.shape[1:] if batching else spec.shape
+    def tensors(kind: Any, specs: tuple[ConfigTensor, ...]) -> list[Any]:
+        return [kind(name=t.name, data_type=_CONFIG_TYPES[t.datatype], dims=t.dims) for t in specs]
 
     return model_config_pb2.ModelConfig(
-        name=meta.name,
-        platform=meta.platform,
-        max_batch_size=max_batch_size if batching else 0,
-        input=[
-            model_config_pb2.ModelInput(
-                name=s.name, data_type=_CONFIG_TYPES[s.datatype], dims=dims(s)
-            )
-            for s in meta.inputs
-        ],
-        output=[
-            model_config_pb2.ModelOutput(
-                name=s.name, data_type=_CONFIG_TYPES[s.datatype], dims=dims(s)
-            )
-            for s in meta.outputs
-        ],
+        name=config.name,
+        platform=config.platform,
+        max_batch_size=config.max_batch_size,
+        input=tensors(model_config_pb2.ModelInput, config.inputs),
+        output=tensors(model_config_pb2.ModelOutput, config.outputs),
+        parameters={
+            k: model_config_pb2.ModelParameter(string_value=v) for k, v in config.parameters
+        },
     )
 
 
@@ -179,27 +167,21 @@ class InferenceServicer:
     @_rpc
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         model = self._dispatcher.model(request.name, request.version or None)
-        config = model_config(model.metadata, self._dispatcher.max_batch_size)
-        return service_pb2.ModelConfigResponse(config=config)
+        config = model_config(model, self._dispatcher.max_batch_size)
+        return service_pb2.ModelConfigResponse(config=model_config_message(config))
 
     @_rpc
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         # There is a single repository, so repository_name is not consulted.
-        index: list[Any] = []
-        for name in self._dispatcher.repository.names():
-            model = self._dispatcher.model(name)
-            ready = model.ready()
-            if request.ready and not ready:
-                continue
-            state = "READY" if ready else "UNAVAILABLE"
-            reason = "" if ready else "no ready replica"
-            index.extend(
+        entries = repository_index(self._dispatcher.repository, ready_only=request.ready)
+        return service_pb2.RepositoryIndexResponse(
+            models=[
                 service_pb2.RepositoryIndexResponse.ModelIndex(
-                    name=name, version=version, state=state, reason=reason
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
                 )
-                for version in model.metadata.versions
-            )
-        return service_pb2.RepositoryIndexResponse(models=index)
+                for e in entries
+            ]
+        )
 
     @_rpc
     async def ModelInfer(self, request: Any, context: Any) -> Any:

@@ -14,7 +14,9 @@ import orjson
 from pydantic import ValidationError
 
 from ensemble.auth import ApiKeys, bearer_token
-from ensemble.dispatcher import Dispatcher
+from ensemble.control.reload import Reloader
+from ensemble.dataplane.catalog import ConfigTensor, ModelConfig, model_config, repository_index
+from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import (
     Conflict,
     EnsembleError,
@@ -29,18 +31,16 @@ from ensemble.errors import (
 )
 from ensemble.frontends.body import read_body
 from ensemble.frontends.limits import Offload, RequestLimits, ValueGuard, counts_values
-from ensemble.frontends.rest_codec import (
+from ensemble.links import Link, Links
+from ensemble.metrics import GatewayMetrics
+from ensemble.oip.rest import (
     HEADER_LENGTH,
     decode_infer_request,
     dumps,
     encode_infer_response,
     may_set_priority,
 )
-from ensemble.links import Link, Links
-from ensemble.metrics import GatewayMetrics
-from ensemble.reload import Reloader
-from ensemble.repository import EnsembleModel, ServedModel
-from ensemble.types import MODEL_VERSION
+from ensemble.repository import ServedModel
 
 Scope: TypeAlias = MutableMapping[str, Any]
 Message: TypeAlias = MutableMapping[str, Any]
@@ -97,28 +97,23 @@ def model_metadata_doc(model: ServedModel) -> dict[str, Any]:
     }
 
 
-def model_config_doc(model: ServedModel) -> dict[str, Any]:
+def model_config_doc(config: ModelConfig) -> dict[str, Any]:
     """A Triton-style model configuration (what `tritonclient` get_model_config returns)."""
-    meta = model.metadata
 
-    def tensors(specs: Any) -> list[dict[str, Any]]:
+    def tensors(specs: tuple[ConfigTensor, ...]) -> list[dict[str, Any]]:
         return [
-            {"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": list(t.shape[1:])}
-            for t in specs
+            {"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": list(t.dims)} for t in specs
         ]
 
     doc: dict[str, Any] = {
-        "name": meta.name,
-        "platform": meta.platform,
-        "max_batch_size": 0,
-        "input": tensors(meta.inputs),
-        "output": tensors(meta.outputs),
+        "name": config.name,
+        "platform": config.platform,
+        "max_batch_size": config.max_batch_size,
+        "input": tensors(config.inputs),
+        "output": tensors(config.outputs),
     }
-    if isinstance(model, EnsembleModel):
-        doc["parameters"] = {
-            "policy": {"string_value": model.profile},
-            "members": {"string_value": ",".join(model.members)},
-        }
+    if config.parameters:
+        doc["parameters"] = {k: {"string_value": v} for k, v in config.parameters}
     return doc
 
 
@@ -221,7 +216,11 @@ class HttpFrontend:
         if parts == ["v2", "repository", "index"]:
             _expect(method, "GET", "POST")
             self._require_api_key(scope)
-            return _json(200, dumps(self._repository_index()))
+            ready_only = False
+            if method == "POST":  # Triton's body: {"ready": true} lists ready models only
+                raw = await self._read_body(_headers(scope), receive)
+                ready_only = _json_object(raw or b"{}").get("ready") is True
+            return _json(200, dumps(self._repository_index(ready_only)))
         raise NotFound(f"no route for {method} {scope['path']}")
 
     async def _model_route(
@@ -260,7 +259,8 @@ class HttpFrontend:
             return _json(200, _OK_READY)
         if rest == ["config"]:
             _expect(method, "GET")
-            return _json(200, dumps(model_config_doc(model)))
+            config = model_config(model, self.dispatcher.max_batch_size)
+            return _json(200, dumps(model_config_doc(config)))
         raise NotFound(f"no route for {method} {scope['path']}")
 
     async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive) -> Reply:
@@ -383,15 +383,11 @@ class HttpFrontend:
             )
         return link
 
-    def _repository_index(self) -> list[dict[str, str]]:
-        repo = self.dispatcher.repository
+    def _repository_index(self, ready_only: bool) -> list[dict[str, str]]:
+        entries = repository_index(self.dispatcher.repository, ready_only=ready_only)
         return [
-            {
-                "name": name,
-                "version": MODEL_VERSION,
-                "state": "READY" if repo.get(name).ready() else "UNAVAILABLE",
-            }
-            for name in repo.names()
+            {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+            for e in entries
         ]
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from ensemble.config import ServerConfig
-from ensemble.errors import InvalidInput, PayloadTooLarge
+from ensemble.errors import PayloadTooLarge
 from ensemble.types import ModelMetadata
 
 T = TypeVar("T")
@@ -21,9 +21,6 @@ batch of zeros compresses far better than 100:1, and is harmless."""
 
 SEPARATOR_SLACK = 65_536
 """Commas a JSON body may hold beyond its values (keys, shapes, parameters, strings)."""
-
-MAX_ID_CHARS = 1024
-"""Longest request ``id`` accepted; the answer echoes it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +100,6 @@ class ValueGuard:
             )
 
 
-def check_elements(count: int, limit: int, where: str) -> None:
-    """PayloadTooLarge when a declared shape holds more elements than the model takes."""
-    if count > limit:
-        raise PayloadTooLarge(
-            f"{where}: shape holds {count:,} elements; a request may carry at most {limit:,} "
-            "(server.max_batch_size rows, at most server.max_request_elements)"
-        )
-
-
 class Offload:
     """One worker thread for decoding large requests, so the event loop keeps serving others
     meanwhile (zlib releases the GIL while it inflates; JSON is bounded by ``ValueGuard``)."""
@@ -128,11 +116,3 @@ class Offload:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def check_id(request_id: object) -> None:
-    """InvalidInput unless a request ``id`` is a string of at most ``MAX_ID_CHARS``."""
-    if not isinstance(request_id, str):
-        raise InvalidInput("'id' must be a string")
-    if len(request_id) > MAX_ID_CHARS:
-        raise InvalidInput(f"'id' has {len(request_id):,} characters; at most {MAX_ID_CHARS}")

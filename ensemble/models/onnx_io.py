@@ -7,8 +7,8 @@ from typing import cast
 
 import onnxruntime as ort
 
-from ensemble.datatypes import NUMPY_TO_OIP, OIP_TO_NUMPY, ORT_TO_OIP, numpy_to_oip
 from ensemble.models.card import OipDatatype, TensorSpec
+from ensemble.oip.datatypes import NUMPY_TO_OIP, OIP_TO_NUMPY, ORT_TO_OIP, numpy_to_oip
 
 
 def onnx_io_specs(model_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -9,7 +9,9 @@ from typing import Any, Final
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from ensemble.datatypes import (
+from ensemble.errors import EnsembleError, InvalidInput, clip
+from ensemble.oip.checks import check_elements, check_id
+from ensemble.oip.datatypes import (
     OIP_TO_NUMPY,
     WIRE_DTYPES,
     check_rank,
@@ -17,8 +19,6 @@ from ensemble.datatypes import (
     split_bytes_elements,
     to_wire,
 )
-from ensemble.errors import EnsembleError, InvalidInput, clip
-from ensemble.frontends.limits import check_elements, check_id
 from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
 # Which InferTensorContents field carries each datatype (as in Triton's grpc_service.proto).

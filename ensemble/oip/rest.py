@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from ensemble.datatypes import (
+from ensemble.errors import InvalidInput, clip
+from ensemble.oip.checks import check_elements, check_id
+from ensemble.oip.datatypes import (
     OIP_TO_NUMPY,
     check_rank,
     numpy_to_oip,
@@ -17,8 +19,6 @@ from ensemble.datatypes import (
     split_bytes_elements,
     to_wire,
 )
-from ensemble.errors import InvalidInput, clip
-from ensemble.frontends.limits import check_elements, check_id
 from ensemble.types import InferRequest, InferResponse, Parameters, RequestedOutput, Tensor
 
 HEADER_LENGTH = "inference-header-content-length"

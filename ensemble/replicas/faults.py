@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Awaitable, Sequence
 
 import numpy as np
 
+from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.errors import MemberFailed
 from ensemble.replicas.base import Replica
 
@@ -49,15 +49,24 @@ class _FaultyReplica:
 class StragglerReplica(_FaultyReplica):
     """Wraps a replica so that a share of its calls answer ``delay_s`` late (tail latency)."""
 
-    def __init__(self, inner: Replica, probability: float, delay_s: float, seed: int) -> None:
+    def __init__(
+        self,
+        inner: Replica,
+        probability: float,
+        delay_s: float,
+        seed: int,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         super().__init__(inner, probability, seed)
         self.delay_s = delay_s
+        self._clock = clock
 
     async def _hit(
         self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
         result = await self.inner.infer(feed, outputs)
-        await asyncio.sleep(self.delay_s)
+        await self._clock.sleep(self.delay_s)
         return result
 
 
@@ -74,16 +83,19 @@ class DeviceReplica(_FaultyReplica):
     """Wraps a replica as a slower device: at most ``concurrency`` calls at once, each holding
     its slot for at least ``service_s`` (calls beyond wait in FIFO order)."""
 
-    def __init__(self, inner: Replica, service_s: float, concurrency: int) -> None:
+    def __init__(
+        self, inner: Replica, service_s: float, concurrency: int, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         super().__init__(inner, 1.0, 0)
         self.service_s = service_s
+        self._clock = clock
         self._slots = asyncio.Semaphore(concurrency)
 
     async def _hit(
         self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
         async with self._slots:
-            started = time.monotonic()
+            started = self._clock.now()
             result = await self.inner.infer(feed, outputs)
-            await asyncio.sleep(self.service_s - (time.monotonic() - started))
+            await self._clock.sleep(self.service_s - (self._clock.now() - started))
             return result

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.errors import EnsembleError, InvalidInput, ModelNotReady
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
@@ -25,9 +25,8 @@ from ensemble.types import (
     RoutingContext,
     TensorSpec,
 )
-from policies.base import RoutingPolicy
-from policies.registry import NoParams
-from policies.reliability import NoEjection, OutlierDetector
+from policies import registry
+from policies.base import OutlierDetector, RoutingPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +114,8 @@ class Member:
         schema: ClassifierSchema | None,
         replicas: Sequence[Replica],
         card: MemberCard | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not replicas:
             raise EnsembleError(f"member {name!r} has no replicas")
@@ -125,6 +126,8 @@ class Member:
         """How to read class scores out of its outputs; None for a model that is served on its
         own (a replica server) and is no classifier."""
         self.card = card
+        self.clock = clock
+        """What its calls, their hedges and timeouts, and outlier detection tell time by."""
         self.replicas = list(replicas)
         self._view: MemberView | None = None
         self.stats = {r.name: ReplicaStats() for r in self.replicas}
@@ -136,17 +139,10 @@ class Member:
         """Price of one call per tier its replicas run on (set by the repository)."""
         self.rolling_accuracy: float | None = None
         """Accuracy over recent feedback, set by the feedback hub; None before any."""
-        self.outlier: OutlierDetector = NoEjection(NoParams())
+        self.outlier: OutlierDetector = registry.build(
+            "outlier_detection", "none", None, OutlierDetector
+        )
         """Ejects failing replicas from routing (set by the repository from the config)."""
-        self.growers: dict[str, Callable[[str], Replica]] = {}
-        """Per tier with an in-process or process placement: makes one more replica
-        (blocking: it loads a session; a process replica starts its child in ``start``), given
-        its name; what the in-process and process provisioners scale with."""
-        self.scalers: dict[str, Callable[[int], Coroutine[Any, Any, None]]] = {}
-        """Per tier whose replicas a platform runs (a Ray Serve deployment): sets how many
-        it runs; what the ray provisioner scales with."""
-        self.added: list[str] = []
-        """Replicas the provisioner added, oldest first: the only ones it removes again."""
         self.draining: set[str] = set()
         """Replicas on their way out: routed to no more, closed once their calls finish."""
         self.metadata = ModelMetadata(
@@ -222,7 +218,6 @@ class Member:
         self.stats[replica.name] = ReplicaStats()
         self._by_name[replica.name] = replica
         self.replicas.append(replica)
-        self.added.append(replica.name)
         self._view = None
 
     def retire(self, name: str, drain_timeout_s: float) -> Coroutine[Any, Any, None]:
@@ -237,16 +232,14 @@ class Member:
 
     async def _drain(self, replica: Replica, drain_timeout_s: float) -> None:
         stats = self.stats[replica.name]
-        deadline = time.monotonic() + drain_timeout_s
+        deadline = self.clock.now() + drain_timeout_s
         # Polling a counter every 10 ms while a replica drains costs nothing worth an event.
-        while stats.outstanding > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+        while stats.outstanding > 0 and self.clock.now() < deadline:
+            await self.clock.sleep(0.01)
         self.replicas.remove(replica)
         del self._by_name[replica.name]
         del self.stats[replica.name]
         self.draining.discard(replica.name)
-        if replica.name in self.added:
-            self.added.remove(replica.name)
         self._view = None
         await replica.close()
 
@@ -284,7 +277,7 @@ class Member:
                 # ejected it are history (Envoy un-ejects on a passing active check too).
                 stats.breaker = HEALTHY
         ejected = stats.breaker is not HEALTHY and self.outlier.is_ejected(
-            stats.breaker, time.perf_counter()
+            stats.breaker, self.clock.now()
         )
         return ReplicaView(
             replica.name,
@@ -301,7 +294,7 @@ class Member:
         stats = self._stats_of(replica)
         stats.started()
         if stats.breaker is not HEALTHY:
-            _, stats.breaker = self.outlier.allow(stats.breaker, time.perf_counter())
+            _, stats.breaker = self.outlier.allow(stats.breaker, self.clock.now())
         return stats
 
     def observe(self, stats: ReplicaStats, latency_s: float, outcome: str) -> None:
@@ -315,10 +308,10 @@ class Member:
         state = stats.breaker
         if outcome == "success":
             if state is not HEALTHY:
-                state = self.outlier.on_success(state, time.perf_counter())
+                state = self.outlier.on_success(state, self.clock.now())
                 stats.breaker = HEALTHY if state == HEALTHY else state
             return
-        stats.breaker = self.outlier.on_failure(state, time.perf_counter())
+        stats.breaker = self.outlier.on_failure(state, self.clock.now())
         until = stats.breaker.ejected_until
         if until is not None and until != state.ejected_until:
             stats.ejections += 1  # ejected, or ejected again after a failed probe

@@ -10,9 +10,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from ensemble.datatypes import numpy_to_oip
 from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
-from ensemble.frontends.grpc_codec import decode_infer_response
+from ensemble.oip.datatypes import numpy_to_oip
+from ensemble.oip.grpc import decode_infer_response
 from ensemble.replicas.remote import Outputs, RemoteReplica
 
 CHANNEL_OPTIONS = [

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 
 from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
-from ensemble.frontends.rest_codec import (
+from ensemble.oip.rest import (
     HEADER_LENGTH,
     decode_response_body,
     encode_request_body,

@@ -10,8 +10,8 @@ from typing import TypeAlias
 import onnx
 import onnxruntime as ort
 
-from ensemble.datatypes import ORT_TO_OIP
 from ensemble.errors import EnsembleError
+from ensemble.oip.datatypes import ORT_TO_OIP
 from ensemble.types import TensorSpec
 
 ClassLabel: TypeAlias = int | str

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ensemble.datatypes import numpy_to_oip
 from ensemble.errors import MemberFailed
+from ensemble.oip.datatypes import numpy_to_oip
 from ensemble.types import TensorSpec
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from array import array
 
-from policies.reliability import BreakerState
+from policies.base import BreakerState
 
 HEALTHY = BreakerState()
 """The breaker state of a replica with no recent failure (shared: states are immutable)."""

@@ -18,6 +18,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from tests.helpers import metric, scrape
 from tests.integration.conftest import array_input
 from tests.integration.process import GatewayProcess, start_from_config, zoo_member
 
@@ -190,13 +191,6 @@ def adaptive_gw(
     assert gateway.stop() == 0, gateway.log()
 
 
-def metric(gw: GatewayProcess, name: str) -> float | None:
-    for line in httpx.get(f"{gw.http_url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    return None
-
-
 def hammer(gw: GatewayProcess, clients: int, duration_s: float) -> list[tuple[int, float, str]]:
     """``clients`` closed-loop clients for ``duration_s``, each pausing 0.2 s after a 429:
     (status, latency s, Retry-After) of every request."""
@@ -236,12 +230,12 @@ def test_adaptive_limit_sheds_overload_and_keeps_admitted_requests_fast(
     adaptive_gw: GatewayProcess,
 ) -> None:
     alone = sorted(latency for _, latency, _ in hammer(adaptive_gw, 1, 1.0))
-    assert metric(adaptive_gw, "ensemble_admission_limit") is not None
+    assert metric(scrape(adaptive_gw.http_url), "ensemble_admission_limit", None) is not None
     rows = hammer(adaptive_gw, CLIENTS, 4.0)
     codes = Counter(code for code, _, _ in rows)
     assert set(codes) <= {200, 429} and codes[200] > 0 and codes[429] > 0, codes
     assert {after for code, _, after in rows if code == 429} == {"3"}
-    limit = metric(adaptive_gw, "ensemble_admission_limit")
+    limit = metric(scrape(adaptive_gw.http_url), "ensemble_admission_limit", None)
     assert limit is not None and limit < INITIAL_LIMIT
     # Without admission all 16 clients' requests would queue, each taking about 16 times one
     # request alone (one executor thread). The limit keeps admitted requests a few requests

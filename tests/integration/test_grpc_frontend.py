@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from ensemble.config import ProfileConfig
-from ensemble.dispatcher import Dispatcher
+from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.engine import InProcessEngine, SessionRunner

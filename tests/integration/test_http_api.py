@@ -9,6 +9,7 @@ import re
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
@@ -63,6 +64,24 @@ def test_model_metadata_and_readiness(client: httpclient.InferenceServerClient) 
     assert config["parameters"]["members"]["string_value"] == ",".join(MEMBERS)
     index = {m["name"]: m["state"] for m in client.get_model_repository_index()}
     assert index == dict.fromkeys(["digits", *MEMBERS], "READY")
+
+
+def test_model_config_and_index_say_the_same_over_http_and_grpc(
+    client: httpclient.InferenceServerClient, gateway: GatewayProcess, raw: httpx.Client
+) -> None:
+    grpc = grpcclient.InferenceServerClient(gateway.grpc_target)
+    for name in ("digits", "logreg"):
+        http = client.get_model_config(name)
+        other = grpc.get_model_config(name, as_json=True)["config"]
+        # Every tensor's first dimension is the batch: Triton reports max_batch_size > 0 and
+        # dims without it, over both protocols.
+        assert http["max_batch_size"] == int(other["max_batch_size"]) > 0
+        assert [i["dims"] for i in http["input"]] == [[64]]
+        assert [[int(d) for d in i["dims"]] for i in other["input"]] == [[64]]
+    ready = raw.post("/v2/repository/index", json={"ready": True})
+    assert ready.status_code == 200
+    assert {m["name"] for m in ready.json()} == {"digits", *MEMBERS}
+    assert {m["state"] for m in ready.json()} == {"READY"}
 
 
 def test_ensemble_accuracy_over_test_split_binary(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 
 from loadtest import faults
 from loadtest.faults import FaultContext, FaultEvent
+from tests.helpers import metric, scrape, wait_for
 from tests.integration.conftest import good_input
 from tests.integration.process import (
     ZOO,
@@ -76,19 +77,6 @@ def infer(client: httpx.Client, model: str) -> tuple[int, dict[str, Any], float]
     return response.status_code, response.json(), time.perf_counter() - start
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.05)
-
-
-def metric(client: httpx.Client, line_start: str) -> float:
-    text = client.get("/metrics").text
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(line_start))
-
-
 def cloud_answered(doc: dict[str, Any]) -> bool:
     return "@cloud" in doc["parameters"]["members_answered"]
 
@@ -103,8 +91,9 @@ def test_the_cloud_links_delay_shows_in_latency(gw: GatewayProcess) -> None:
         assert "degraded" not in doc["parameters"]
         assert cloud >= 2 * DELAY_MS / 1e3 > edge  # one-way delay, paid both ways
         assert whole >= 2 * DELAY_MS / 1e3
-        assert metric(client, 'ensemble_link_delay_seconds{tier="cloud"}') == DELAY_MS / 1e3
-        assert metric(client, 'ensemble_link_partitioned{tier="cloud"}') == 0.0
+        metrics = scrape(gw.http_url)
+        assert metric(metrics, 'ensemble_link_delay_seconds{tier="cloud"}') == DELAY_MS / 1e3
+        assert metric(metrics, 'ensemble_link_partitioned{tier="cloud"}') == 0.0
 
 
 def test_the_links_admin_api_checks_its_token_and_input(gw: GatewayProcess) -> None:
@@ -156,20 +145,22 @@ def test_a_partitioned_cloud_leaves_the_edge_answering_degraded_then_heals(
     load = Load(gw.http_url)
     try:
         with httpx.Client(base_url=gw.http_url, timeout=30) as client:
-            wait_for(lambda: len(load.answers) >= 5, "requests flow")
+            wait_for(lambda: len(load.answers) >= 5, "requests flow", 5.0)
             answer = client.put("/admin/links/cloud", json={"partitioned": True}, headers=AUTH)
             assert answer.status_code == 200 and answer.json()["partitioned"] is True
             cut = len(load.answers)
-            wait_for(lambda: len(load.answers) >= cut + 10, "requests answer while partitioned")
+            wait_for(lambda: len(load.answers) >= cut + 10, "answers while partitioned", 5.0)
             assert client.get("/v2/models/mlp_small/ready").status_code == 503  # at once
             wait_for(
                 lambda: client.get("/v2/models/svm/ready").status_code == 503,
                 "the remote cloud replica's health checks fail",
+                5.0,
             )
             assert client.get("/v2/models/digits/ready").status_code == 200  # the edge answers
             assert client.get("/v2/health/ready").status_code == 503  # not every model is
-            assert metric(client, 'ensemble_model_ready{model="svm"}') == 0.0
-            assert metric(client, 'ensemble_link_partitioned{tier="cloud"}') == 1.0
+            metrics = scrape(gw.http_url)
+            assert metric(metrics, 'ensemble_model_ready{model="svm"}') == 0.0
+            assert metric(metrics, 'ensemble_link_partitioned{tier="cloud"}') == 1.0
             partitioned = load.answers[cut + 2 :]
             answer = client.put("/admin/links/cloud", json={"partitioned": False}, headers=AUTH)
             assert answer.status_code == 200
@@ -178,17 +169,21 @@ def test_a_partitioned_cloud_leaves_the_edge_answering_degraded_then_heals(
             wait_for(
                 lambda: any(cloud_answered(d) for _, _, d in load.answers[mark:]),
                 "cloud members answer again",
+                5.0,
             )
             wait_for(
-                lambda: client.get("/v2/health/ready").status_code == 200, "every model is ready"
+                lambda: client.get("/v2/health/ready").status_code == 200,
+                "every model is ready",
+                5.0,
             )
             full = len(load.answers) + 1  # the one in flight may have started before
-            wait_for(lambda: len(load.answers) > full, "answers after every member is ready")
+            wait_for(lambda: len(load.answers) > full, "answers after every member is ready", 5.0)
             assert time.monotonic() - healed_at < 5
             assert client.delete("/admin/links/cloud", headers=AUTH).status_code == 200
-            assert metric(client, 'ensemble_degraded_answers_total{ensemble="digits"}') > 0
+            metrics = scrape(gw.http_url)
+            assert metric(metrics, 'ensemble_degraded_answers_total{ensemble="digits"}') > 0
             failures = 'ensemble_link_failures_total{kind="partitioned",tier="cloud"}'
-            assert metric(client, failures) > 0
+            assert metric(metrics, failures) > 0
     finally:
         load.stop()
     assert all(status == 200 for _, status, _ in load.answers)  # nothing lost, no errors

@@ -11,8 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import pytest
 import yaml
 
 from ensemble.replicas.process import cli_command
+from tests.helpers import wait_for
 from tests.integration.conftest import array_input
 from tests.integration.process import ROOT, ZOO, GatewayProcess, start_gateway
 
@@ -74,13 +73,6 @@ def integrity_failures(gw: GatewayProcess, member: str) -> float:
         if line.startswith(prefix):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        time.sleep(0.1)
 
 
 def test_a_swapped_member_is_refused_on_reload_and_on_restart(

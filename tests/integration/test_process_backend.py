@@ -29,6 +29,7 @@ import yaml
 from ensemble.errors import EnsembleError
 from ensemble.replicas.process import ProcessReplica, ReplicaCommand, cli_command
 from ensemble.replicas.remote import HealthCheck
+from tests.helpers import wait_for
 from tests.integration.conftest import array_input
 from tests.integration.process import (
     ROOT,
@@ -85,13 +86,6 @@ def children(model: Path) -> dict[int, int]:
             if stat is not None and stat[0] != "Z":
                 found[int(entry.name)] = stat[1]
     return found
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        time.sleep(0.1)
 
 
 def probabilities(answer: dict[str, Any]) -> np.ndarray:

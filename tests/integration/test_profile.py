@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ensemble.profiler import ProfileRow, dominates, read_csv
+from ensemble.measure.report import read_csv
+from ensemble.measure.rows import ProfileRow, dominates
 from tests.integration.process import ROOT, ZOO, start_replica, zoo_member
 
 DELAY_MS = 10.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from tests.helpers import wait_for
 from tests.integration.conftest import array_input
 from tests.integration.process import GatewayProcess, start_from_config, zoo_member
 
@@ -135,14 +136,6 @@ def test_ray_replicas_are_health_checked_and_reported(gw: GatewayProcess) -> Non
     assert httpx.get(f"{gw.http_url}/v2/health/ready", timeout=10).status_code == 200
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> float:
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout_s, f"timed out waiting for: {what}"
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
 def test_partitioned_ray_tier_degrades_then_recovers(gw: GatewayProcess) -> None:
     url = f"{gw.http_url}/admin/links/cloud"
     answer = httpx.put(url, json={"partitioned": True}, headers=AUTH, timeout=10)
@@ -157,6 +150,7 @@ def test_partitioned_ray_tier_degrades_then_recovers(gw: GatewayProcess) -> None
         wait_for(
             lambda: httpx.get(f"{gw.http_url}/v2/models/forest/ready").status_code == 503,
             "the partitioned member turns unready",
+            10.0,
         )
     finally:
         assert httpx.delete(url, headers=AUTH, timeout=10).status_code == 200

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.helpers import wait_for
 from tests.integration.conftest import array_input
 from tests.integration.process import GatewayProcess, Traffic, start_from_config, zoo_member
 
@@ -40,15 +41,6 @@ def serve_replicas(gateway: GatewayProcess, deployment: str) -> int:
         ["pgrep", "-f", f"ServeReplica:ensemble:{deployment}"], capture_output=True, text=True
     ).stdout
     return len({int(p) for p in out.split()} & descendants(gateway.proc.pid))
-
-
-def wait_for(check: object, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(0.25)
-    return False
 
 
 def test_control_loop_scales_a_ray_deployment_up_and_down(zoo_dir: Path, tmp_path: Path) -> None:
@@ -95,16 +87,31 @@ def test_control_loop_scales_a_ray_deployment_up_and_down(zoo_dir: Path, tmp_pat
         )
         body = {"inputs": [array_input(np.zeros((1, 64), np.float32))]}
         with Traffic(gw.http_url, "e", body, clients=6) as traffic:
-            grew = wait_for(lambda: serve_replicas(gw, "mlp_large-cloud-0") == 2, 60)
+            wait_for(
+                lambda: serve_replicas(gw, "mlp_large-cloud-0") == 2,
+                "Serve to run a second replica",
+                60,
+                interval_s=0.25,
+                detail=gw.log,
+            )
             time.sleep(1)  # calls flow through both replicas for a while
         statuses = traffic.statuses
-        assert grew, gw.log()
         assert statuses and set(statuses) == {200}, sorted(set(statuses))
         # The idle deployment shrinks back to its minimum once downscale_delay_s has passed.
-        assert wait_for(
-            lambda: f"{CURRENT} 1.0" in httpx.get(f"{gw.http_url}/metrics", timeout=10).text, 30
-        ), gw.log()
-        assert wait_for(lambda: serve_replicas(gw, "mlp_large-cloud-0") == 1, 60), gw.log()
+        wait_for(
+            lambda: f"{CURRENT} 1.0" in httpx.get(f"{gw.http_url}/metrics", timeout=10).text,
+            "the autoscaler to want 1 replica again",
+            30,
+            interval_s=0.25,
+            detail=gw.log,
+        )
+        wait_for(
+            lambda: serve_replicas(gw, "mlp_large-cloud-0") == 1,
+            "Serve to stop the second replica",
+            60,
+            interval_s=0.25,
+            detail=gw.log,
+        )
         metrics = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
         # Health checks never woke the placement scaled to zero.
         assert serve_replicas(gw, "logreg-cloud-0") == 0

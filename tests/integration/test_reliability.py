@@ -17,6 +17,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from tests.helpers import metric, scrape
 from tests.integration.conftest import good_input
 from tests.integration.process import GatewayProcess, start_from_config, zoo_member
 
@@ -109,12 +110,6 @@ def infer(client: httpx.Client, model: str, **parameters: object) -> tuple[int, 
     return response.status_code, response.json()
 
 
-def metric(gw: GatewayProcess, line_start: str) -> float:
-    text = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
-    values = [float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(line_start)]
-    return sum(values)
-
-
 def test_dead_replica_fails_over_then_is_ejected_and_probed(gw: GatewayProcess) -> None:
     ejected = 'ensemble_replica_ejected{member="forest",replica="edge/0",tier="edge"}'
     ejections = 'ensemble_replica_ejections_total{member="forest",replica="edge/0",tier="edge"}'
@@ -128,17 +123,18 @@ def test_dead_replica_fails_over_then_is_ejected_and_probed(gw: GatewayProcess) 
         assert sum(retries[3:]) == 0  # ... and routing skips it from then on
         assert results[0][1]["parameters"]["cost"] == pytest.approx(0.011)  # edge + cloud try
         assert results[-1][1]["parameters"]["cost"] == pytest.approx(0.01)
-        assert metric(gw, ejected) == 1.0
-        assert metric(gw, ejections) == 1.0
-        assert metric(gw, 'ensemble_retries_total{member="forest"}') >= 3
+        metrics = scrape(gw.http_url)
+        assert metric(metrics, ejected) == 1.0
+        assert metric(metrics, ejections) == 1.0
+        assert metric(metrics, 'ensemble_retries_total{member="forest"}') >= 3
 
         # After the ejection, one half-open probe goes to the edge replica; it fails, so the
         # replica is ejected again (for longer), and the request still succeeds by a retry.
         time.sleep(EJECT_S + 0.1)
-        assert metric(gw, ejected) == 0.0  # half-open: routable for one probe
+        assert metric(scrape(gw.http_url), ejected) == 0.0  # half-open: routable for one probe
         status, doc = infer(client, "failover")
         assert status == 200 and doc["parameters"]["retries"] == 1
-        assert metric(gw, ejections) == 2.0
+        assert metric(scrape(gw.http_url), ejections) == 2.0
         status, doc = infer(client, "failover")
         assert status == 200 and "retries" not in doc["parameters"]
 
@@ -148,7 +144,7 @@ def test_a_member_addressed_directly_fails_over_too(gw: GatewayProcess) -> None:
         results = [infer(client, "mlp_large") for _ in range(6)]
     assert [status for status, _ in results] == [200] * 6, results
     assert {doc["parameters"]["members_answered"] for _, doc in results} == {"mlp_large@cloud"}
-    assert metric(gw, 'ensemble_retries_total{member="mlp_large"}') >= 1
+    assert metric(scrape(gw.http_url), 'ensemble_retries_total{member="mlp_large"}') >= 1
 
 
 def test_without_retries_a_failure_is_the_answer(gw: GatewayProcess) -> None:
@@ -161,15 +157,17 @@ def test_without_retries_a_failure_is_the_answer(gw: GatewayProcess) -> None:
 
 
 def test_alert_answers_and_counts_an_unmet_accuracy(gw: GatewayProcess) -> None:
-    before = metric(gw, 'ensemble_contract_violations_total{action="alert"')
+    alerts = 'ensemble_contract_violations_total{action="alert"'
+    before = metric(scrape(gw.http_url), alerts, 0.0)  # none yet: no such series yet
     with httpx.Client(base_url=gw.http_url, timeout=30) as client:
         status, doc = infer(client, "contracts", policy="alerting", min_accuracy=0.9999)
     assert status == 200
     params = doc["parameters"]
     assert params["degraded"] is True and params["violations"] == "accuracy"
     assert 0.5 < params["estimated_accuracy"] < 0.9999
-    assert metric(gw, 'ensemble_contract_violations_total{action="alert"') == before + 1
-    assert metric(gw, 'ensemble_degraded_answers_total{ensemble="contracts"}') >= 1
+    metrics = scrape(gw.http_url)
+    assert metric(metrics, alerts) == before + 1
+    assert metric(metrics, 'ensemble_degraded_answers_total{ensemble="contracts"}') >= 1
 
 
 def test_reject_refuses_an_unmet_accuracy_on_both_protocols(gw: GatewayProcess) -> None:

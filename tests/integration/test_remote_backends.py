@@ -5,8 +5,7 @@ dies, and the dead one found again by health checks once it is back on its port.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tests.helpers import wait_for
 from tests.integration.conftest import array_input
 from tests.integration.process import (
     ZOO,
@@ -129,13 +129,6 @@ def replica_ready(gw: GatewayProcess, member: str, replica: str) -> float:
     tier = replica.split("/")[0]
     key = f'ensemble_replica_ready{{member="{member}",replica="{replica}",tier="{tier}"}}'
     return metrics(gw)[key]
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
 
 
 def test_mixed_backends_answer_as_the_in_process_ensemble(

@@ -26,6 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from tests.helpers import metric
 from tests.integration.conftest import array_input
 from tests.integration.process import ROOT, ZOO, GatewayProcess, start_from_config, zoo_member
 from tests.triton import venv
@@ -214,13 +215,6 @@ def infer(client: httpx.Client, model: str, x: np.ndarray) -> dict[str, Any]:
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
-
-
-def metric(text: str, key: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {key} in the metrics:\n{text}")
 
 
 def test_the_gateway_uses_triton_as_a_cloud_replica(

@@ -1,26 +1,20 @@
 """Admission control: the `bounded` policy's decisions, and the gate's running/waiting/shedding
-with real asyncio tasks (tests/integration/test_admission.py drives a real gateway)."""
+with real asyncio tasks in virtual time (tests/integration/test_admission.py drives a real
+gateway)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
-from ensemble.admission import AdmissionGate
+from ensemble.clock import VirtualClock
+from ensemble.dataplane.admission import AdmissionGate
 from ensemble.errors import Overloaded
 from ensemble.metrics import GatewayMetrics
 from policies import registry
-from policies.admission import (
-    Adaptive,
-    AdmissionPolicy,
-    Bounded,
-    BoundedParams,
-    GateView,
-    LatencyWindow,
-    LimitState,
-)
+from policies.admission import Adaptive, Bounded, BoundedParams
+from policies.base import AdmissionPolicy, GateView, LatencyWindow, LimitState
 
 
 def bounded(running: int = 2, waiting: int = 2) -> Bounded:
@@ -100,15 +94,19 @@ def test_the_gate_runs_waits_and_sheds_in_priority_order() -> None:
 def test_a_request_waits_no_longer_than_its_deadline() -> None:
     async def main() -> None:
         metrics = GatewayMetrics()
-        gate = AdmissionGate(metrics)
+        clock = VirtualClock()
+        gate = AdmissionGate(metrics, clock)
         policy = bounded(running=1, waiting=4)
         release = asyncio.Event()
         log: list[str] = []
         busy = asyncio.ensure_future(hold(gate, policy, 0, release, log, "busy"))
         await asyncio.sleep(0)
-        deadline = time.perf_counter() + 0.05
-        with pytest.raises(Overloaded, match="until the request's deadline"):
-            await hold(gate, policy, 0, release, log, "late", deadline)
+        late = asyncio.ensure_future(hold(gate, policy, 0, release, log, "late", 0.05))
+        await clock.advance(0.0499)
+        assert not late.done() and gate.waiting == 1  # still waiting 0.1 ms before its deadline
+        await clock.advance(0.0001)
+        with pytest.raises(Overloaded, match="waited 50 ms for a slot, until the request's dead"):
+            await late
         assert gate.waiting == 0 and metrics.shed["deadline"] == 1
         release.set()
         await busy
@@ -122,25 +120,27 @@ def test_a_waiter_too_close_to_its_deadline_is_shed_when_its_slot_comes() -> Non
     # answer late, so it is shed then and the slot goes to the next waiter, which has time.
     async def main() -> None:
         metrics = GatewayMetrics()
-        gate = AdmissionGate(metrics)
+        clock = VirtualClock()
+        gate = AdmissionGate(metrics, clock)
         policy = bounded(running=1, waiting=4)
         log: list[str] = []
         done = asyncio.Event()
         done.set()
         first = asyncio.ensure_future(hold(gate, policy, 0, done, log, "first"))
         await first
-        assert gate.typical_service_s < 0.08
+        assert gate.typical_service_s == 0  # no virtual time passed while it ran
         gate.typical_service_s = 0.08  # as if requests had been taking 80 ms
         release = asyncio.Event()
         busy = asyncio.ensure_future(hold(gate, policy, 0, release, log, "busy"))
         await asyncio.sleep(0)
-        now = time.perf_counter()
+        now = clock.now()
         tight = asyncio.ensure_future(hold(gate, policy, 0, done, log, "tight", now + 0.05))
         roomy = asyncio.ensure_future(hold(gate, policy, 0, done, log, "roomy", now + 5.0))
-        await asyncio.sleep(0.03)  # the slot frees with 20 ms left for "tight"
+        await clock.advance(0.03)  # the slot frees with 20 ms left for "tight"
+        assert not tight.done() and gate.waiting == 2
         release.set()
         await busy
-        with pytest.raises(Overloaded, match="ms left before the request's deadline"):
+        with pytest.raises(Overloaded, match="20 ms left before the request's deadline"):
             await tight
         await roomy
         assert log == ["first", "busy", "roomy"]
@@ -255,24 +255,16 @@ def test_adaptive_params_are_validated() -> None:
         adaptive(limit=3)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_gate_feeds_service_times_to_the_adaptive_limit() -> None:
     async def main() -> None:
-        clock = FakeClock()
+        clock = VirtualClock()
         metrics = GatewayMetrics()
         gate = AdmissionGate(metrics, clock=clock)
         policy = adaptive(initial_limit=4, headroom=1, window_requests=4, window_ms=60_000)
 
         async def request(service_s: float) -> None:
             async with gate.slot(policy, 0, None):
-                clock.now += service_s
+                await clock.advance(service_s)
 
         for _ in range(3):
             await request(0.002)
@@ -289,7 +281,7 @@ def test_the_gate_feeds_service_times_to_the_adaptive_limit() -> None:
         ]
         await asyncio.sleep(0)
         assert (gate.running, gate.waiting) == (4, 2)  # the limit, and ceil(4 * 1.0) waiting
-        clock.now += 0.05  # all of them 25x slower than the baseline
+        await clock.advance(0.05)  # all of them 25x slower than the baseline
         release.set()
         await asyncio.gather(*held)
         state = gate.limit
@@ -305,7 +297,8 @@ def test_the_gate_feeds_service_times_to_the_adaptive_limit() -> None:
 
 def test_sheds_asks_the_policy_without_changing_the_gate() -> None:
     async def main() -> None:
-        gate = AdmissionGate(GatewayMetrics())
+        clock = VirtualClock()
+        gate = AdmissionGate(GatewayMetrics(), clock)
         policy = bounded(running=1, waiting=1)
         assert gate.sheds(policy, 0) is None  # a policy the gate has not started: slot decides
         release = asyncio.Event()
@@ -314,7 +307,7 @@ def test_sheds_asks_the_policy_without_changing_the_gate() -> None:
             asyncio.ensure_future(hold(gate, policy, priority, release, log, str(priority)))
             for priority in (0, 3)
         ]
-        await asyncio.sleep(0.01)
+        await clock.advance(0)  # both tasks reach the gate
         assert (gate.running, gate.waiting) == (1, 1)
         error = gate.sheds(policy, 3)
         assert error is not None and "1 requests running and 1 waiting" in error.message

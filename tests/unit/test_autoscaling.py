@@ -11,18 +11,14 @@ import numpy as np
 import pytest
 
 from ensemble.config import parse_yaml
+from ensemble.control.build import build, replica_bounds
 from ensemble.control.loop import ControlLoop
+from ensemble.control.provisioning import ReplicaSet
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.engine import InProcessEngine
-from ensemble.repository import Repository, replica_bounds
 from policies import registry
-from policies.autoscaling import (
-    AutoscalingPolicy,
-    PlacementLoad,
-    ScalingContext,
-    TargetInflight,
-    TargetInflightParams,
-)
+from policies.autoscaling import TargetInflight, TargetInflightParams
+from policies.base import AutoscalingPolicy, PlacementLoad, ScalingContext
 
 ZOO = Path(__file__).resolve().parents[2] / "models" / "digits"
 
@@ -96,10 +92,11 @@ def test_the_loop_scales_an_in_process_placement_up_and_drains_it_down() -> None
     engine = InProcessEngine(1)
 
     async def main() -> None:
-        repository = Repository.from_config(cfg, engine)
+        built = build(cfg, engine)
+        repository = built.repository
         metrics = GatewayMetrics()
         now = [100.0]
-        loop = ControlLoop(lambda: repository, metrics, clock=lambda: now[0])
+        loop = ControlLoop(lambda: built.fleet, metrics, clock=lambda: now[0])
         member = repository.members["logreg"]
         (edge,) = member.serving("edge")
         for _ in range(5):  # five calls in flight on the edge replica
@@ -152,10 +149,10 @@ def test_the_loop_accounts_replica_seconds_and_their_price() -> None:
     engine = InProcessEngine(1)
 
     async def main() -> None:
-        repository = Repository.from_config(cfg, engine)
+        built = build(cfg, engine)
         metrics = GatewayMetrics()
         now = [0.0]
-        loop = ControlLoop(lambda: repository, metrics, clock=lambda: now[0])
+        loop = ControlLoop(lambda: built.fleet, metrics, clock=lambda: now[0])
         await loop.tick()  # the first tick only starts the clock
         assert metrics.replica_seconds == {}
         now[0] = 10.0
@@ -179,23 +176,26 @@ def test_a_replica_leaving_takes_its_counters_not_the_rate() -> None:
     engine = InProcessEngine(1)
 
     async def main() -> None:
-        repository = Repository.from_config(cfg, engine)
-        loop = ControlLoop(lambda: repository, GatewayMetrics(), clock=lambda: 0.0)
+        built = build(cfg, engine)
+        repository = built.repository
+        loop = ControlLoop(lambda: built.fleet, GatewayMetrics(), clock=lambda: 0.0)
         member = repository.members["logreg"]
         (replica,) = member.serving("edge")
-        extra = member.growers["edge"]("edge/1")
+        provisioner = built.fleet.provisioners[("logreg", "edge")]
+        assert isinstance(provisioner, ReplicaSet)
+        extra = provisioner.make("edge/1")
         await extra.start()
         member.add_replica(extra)
         for name, n in ((replica.name, 30), ("edge/1", 20)):
             for _ in range(n):
                 member.stats[name].started()
                 member.stats[name].finished(0.01, True)
-        (first,) = [x for x in loop._observe(repository, 0.0, 5.0) if x.tier == "edge"]
+        (first,) = [x for x in loop._observe(built.fleet, 0.0, 5.0) if x.tier == "edge"]
         await member.retire("edge/1", 1.0)  # drained at once: no call in flight
         for _ in range(10):
             member.stats[replica.name].started()
             member.stats[replica.name].finished(0.01, True)
-        (second,) = [x for x in loop._observe(repository, 1.0, 5.0) if x.tier == "edge"]
+        (second,) = [x for x in loop._observe(built.fleet, 1.0, 5.0) if x.tier == "edge"]
         assert second.arrival_rps == 10.0  # 10 new calls in 1 s, not (40 - 50) / 1
         assert first.replicas == 2 and second.replicas == 1
 
@@ -220,8 +220,9 @@ autoscaling: {{policy: {{name: r3e}}}}
     engine = InProcessEngine(1)
 
     async def main() -> None:
-        repository = Repository.from_config(cfg, engine)
-        loop = ControlLoop(lambda: repository, GatewayMetrics(), clock=lambda: 0.0)
+        built = build(cfg, engine)
+        repository = built.repository
+        loop = ControlLoop(lambda: built.fleet, GatewayMetrics(), clock=lambda: 0.0)
         member = repository.members["logreg"]
         # Both replicas answered in 70 ms: the edge replica took all of it, the cloud one
         # 50 ms (its link's two 10 ms legs are time on the wire).
@@ -229,7 +230,7 @@ autoscaling: {{policy: {{name: r3e}}}}
             for _ in range(20):
                 member.stats[replica.name].started()
                 member.stats[replica.name].finished(0.07, True)
-        loads = {x.tier: x for x in loop._observe(repository, 0.0, 5.0)}
+        loads = {x.tier: x for x in loop._observe(built.fleet, 0.0, 5.0)}
         assert loads["edge"].service_ms == pytest.approx(70.0)
         assert loads["edge"].link_ms == 0.0
         assert loads["cloud"].service_ms == pytest.approx(50.0)
@@ -251,14 +252,15 @@ def test_the_loops_p95_is_over_its_window_not_the_last_128_calls() -> None:
             stats.finished(latency_s, True)
 
     async def main() -> None:
-        repository = Repository.from_config(cfg, engine)
-        loop = ControlLoop(lambda: repository, GatewayMetrics(), clock=lambda: 0.0)
+        built = build(cfg, engine)
+        repository = built.repository
+        loop = ControlLoop(lambda: built.fleet, GatewayMetrics(), clock=lambda: 0.0)
         member = repository.members["logreg"]
         (replica,) = member.serving("edge")
         stats = member.stats[replica.name]
 
         def edge_p95(now: float) -> float | None:
-            (load,) = [x for x in loop._observe(repository, now, 5.0) if x.tier == "edge"]
+            (load,) = [x for x in loop._observe(built.fleet, now, 5.0) if x.tier == "edge"]
             return load.p95_ms
 
         assert edge_p95(0.0) is None  # no call yet

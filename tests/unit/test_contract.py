@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ensemble.contract import parse_contract
+from ensemble.dataplane.contract import parse_contract
 from ensemble.errors import InvalidInput
 from ensemble.types import Contract, Param
 

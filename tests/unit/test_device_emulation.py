@@ -4,13 +4,13 @@ each holding its slot at least `service_ms`; what makes replica counts matter in
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ensemble.clock import VirtualClock
 from ensemble.config import parse_yaml
 from ensemble.errors import ConfigError
 from ensemble.replicas.faults import DeviceReplica
@@ -35,22 +35,20 @@ class Instant:
 
 
 def test_calls_queue_for_the_devices_slots() -> None:
-    device = DeviceReplica(Instant(), service_s=0.05, concurrency=2)
+    clock = VirtualClock()
+    device = DeviceReplica(Instant(), service_s=0.05, concurrency=2, clock=clock)
 
     async def main() -> list[float]:
-        start = time.monotonic()
-
         async def one(i: int) -> float:
             out = await device.infer({"x": np.array([i])})
             assert out["y"][0] == i
-            return time.monotonic() - start
+            return clock.now()
 
-        return sorted(await asyncio.gather(*(one(i) for i in range(4))))
+        return sorted(await clock.run(asyncio.gather(*(one(i) for i in range(4)))))
 
     done = asyncio.run(main())
-    # Two at a time, 50 ms each: two finish after ~50 ms, two after ~100 ms.
-    assert 0.045 <= done[1] < 0.095, done
-    assert done[2] >= 0.095, done
+    # Two at a time, 50 ms each: two finish at 50 ms, the two that queued at 100 ms.
+    assert done == [0.05, 0.05, 0.1, 0.1]
 
 
 def test_device_config_is_validated() -> None:

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from ensemble.config import PolicySpec, ProfileConfig
-from ensemble.dispatcher import Dispatcher
-from ensemble.errors import EnsembleError, InvalidInput, ModelNotFound
-from ensemble.feedback import (
+from ensemble.dataplane.dispatcher import Dispatcher
+from ensemble.dataplane.feedback import (
     Duplicate,
     FeedbackHub,
     RollingAccuracy,
@@ -21,10 +20,12 @@ from ensemble.feedback import (
     class_indices,
     parse_body,
 )
-from ensemble.feedback_store import ENTRY_OVERHEAD_BYTES
+from ensemble.dataplane.feedback_store import ENTRY_OVERHEAD_BYTES
+from ensemble.errors import EnsembleError, InvalidInput, ModelNotFound
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.member import ClassifierSchema, Member
 from ensemble.repository import EnsembleModel, Profile, Repository
+from ensemble.state import LocalCell
 from ensemble.types import (
     Feedback,
     InferRequest,
@@ -205,7 +206,8 @@ def test_join_batch_reports_share_per_member() -> None:
 def test_exp3_profile_learns_from_its_own_requests() -> None:
     hub, repository, _ = _hub()
     bandit = repository.ensembles["pets"].profiles["bandit"]
-    bandit.state = before = BanditState({"a": 1.0, "b": 1.0})  # as after draws of both
+    before = BanditState({"a": 1.0, "b": 1.0})  # as after draws of both
+    bandit.learning = LocalCell(before)
     fid = hub.remember("pets", "bandit", ("b",), _answers(names=("b",)))
     hub.submit("pets", _body(fid, "cat"))  # b was wrong
     assert bandit.state != before
@@ -368,7 +370,7 @@ def test_kept_classes_teach_exp4_exp3_and_cocktail_as_full_probabilities_did() -
                  ("bandit", "exp3"))}  # fmt: skip
     reference["vote"] = Profile.build("vote", vote)
     for profile in (*ensemble.profiles.values(), *reference.values()):
-        profile.state = profile.selection.initial_state()
+        profile.learning = LocalCell(profile.selection.initial_state())
     rng = np.random.default_rng(7)
     expected_exp4 = {"a": 1.0, "b": 1.0}
     for i in range(120):
@@ -382,7 +384,7 @@ def test_kept_classes_teach_exp4_exp3_and_cocktail_as_full_probabilities_did() -
         # What the policies saw when the gateway kept the members' probabilities:
         ref = reference[name]
         event = Feedback.from_probabilities("pets", fid, labels, probabilities, ("a", "b"))
-        ref.state = ref.selection.feedback(event, ref.state)
+        ref.learning.update(lambda state: ref.selection.feedback(event, state))  # noqa: B023
         if name == "default":  # Clipper's Exp4 from the probabilities themselves (eta = 1)
             for m, p in probabilities.items():
                 expected_exp4[m] *= math.exp(-float(np.mean(p.argmax(axis=1) != labels)))

@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from ensemble.feedback_store import (
+from ensemble.dataplane.feedback_store import (
     ENTRY_OVERHEAD_BYTES,
     Answered,
     AnswerStore,

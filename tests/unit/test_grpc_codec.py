@@ -10,9 +10,9 @@ import pytest
 from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
-from ensemble.datatypes import join_bytes_elements, split_bytes_elements
 from ensemble.errors import EnsembleError, InvalidInput
-from ensemble.frontends.grpc_codec import (
+from ensemble.oip.datatypes import join_bytes_elements, split_bytes_elements
+from ensemble.oip.grpc import (
     decode_infer_request,
     encode_infer_response,
     params_from_proto,

@@ -4,7 +4,7 @@ bandwidth, partition on and off, runtime overrides, health checks across the lin
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +14,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from ensemble.clock import Timer
 from ensemble.config import LinkConfig, ProfileConfig, TierConfig, parse_config
-from ensemble.dispatcher import Dispatcher
+from ensemble.control.build import build
+from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import MemberFailed
 from ensemble.links import Link, LinkedReplica, Links
 from ensemble.metrics import GatewayMetrics
@@ -31,16 +33,23 @@ OUT = {"probabilities": np.zeros((1, 10), np.float32)}  # 40 bytes
 
 
 class FakeClock:
-    """Records every sleep and advances virtual time instead of waiting."""
+    """Records every sleep and advances virtual time instead of waiting (a link's calls here run
+    one at a time, so no order of wake-ups needs keeping: see ``VirtualClock`` for that)."""
 
     def __init__(self) -> None:
-        self.now = 0.0
+        self.time_s = 0.0
         self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self.time_s
 
     async def sleep(self, seconds: float) -> None:
         assert seconds >= 0
         self.sleeps.append(seconds)
-        self.now += seconds
+        self.time_s += seconds
+
+    def call_later(self, delay_s: float, callback: Callable[[], object]) -> Timer:
+        raise AssertionError("a link only sleeps")
 
 
 class FakeReplica:
@@ -68,7 +77,7 @@ class FakeReplica:
 
 def linked(**settings: Any) -> tuple[LinkedReplica, FakeReplica, FakeClock, Link]:
     clock = FakeClock()
-    link = Link("cloud", LinkConfig(emulate=True, **settings), sleep=clock.sleep)
+    link = Link("cloud", LinkConfig(emulate=True, **settings), clock=clock)
     inner = FakeReplica()
     return LinkedReplica(inner, link), inner, clock, link
 
@@ -131,7 +140,7 @@ def test_loss_drops_its_share_of_calls_after_the_drop_timeout() -> None:
 
 def test_a_drop_waits_no_longer_than_the_calls_timeout() -> None:
     clock = FakeClock()
-    link = Link("cloud", LinkConfig(emulate=True, loss=0.99, seed=1), sleep=clock.sleep)
+    link = Link("cloud", LinkConfig(emulate=True, loss=0.99, seed=1), clock=clock)
     replica = LinkedReplica(FakeReplica(), link, timeout_s=0.2)
     with pytest.raises(MemberFailed, match="dropped"):
         call(replica)
@@ -202,7 +211,7 @@ def test_link_state_is_in_the_metrics() -> None:
 def test_remote_health_checks_cross_the_link() -> None:
     async def main() -> list[bool]:
         clock = FakeClock()
-        link = Link("cloud", LinkConfig(emulate=True, delay_ms=5), sleep=clock.sleep)
+        link = Link("cloud", LinkConfig(emulate=True, delay_ms=5), clock=clock)
         remote = HttpReplica(
             "cloud/0",
             "cloud",
@@ -253,7 +262,7 @@ def test_only_emulated_tiers_get_a_wrapper(zoo_dir: Path, tmp_path: Path) -> Non
     engine = InProcessEngine(1)
     try:
         links = Links(cfg.tiers)
-        repo = Repository.from_config(cfg, engine, links=links)
+        repo = build(cfg, engine, links=links).repository
         edge, cloud = repo.members["logreg"].replicas
         assert not isinstance(edge, LinkedReplica)
         assert isinstance(cloud, LinkedReplica) and cloud.link is links.get("cloud")
@@ -296,7 +305,7 @@ class Fixed:
 
 def test_answers_without_a_partitioned_tiers_members_are_degraded() -> None:
     clock = FakeClock()
-    link = Link("cloud", LinkConfig(emulate=True, delay_ms=5), sleep=clock.sleep)
+    link = Link("cloud", LinkConfig(emulate=True, delay_ms=5), clock=clock)
     x = (TensorSpec("x", "FP32", (-1, 2)),)
     out = (TensorSpec("probs", "FP32", (-1, 2)),)
     schema = ClassifierSchema("probs", (0, 1), logits=False)

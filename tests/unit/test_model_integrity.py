@@ -15,15 +15,16 @@ import pytest
 
 from ensemble.cli import main
 from ensemble.config import GatewayConfig, parse_yaml
-from ensemble.dispatcher import Dispatcher
+from ensemble.control.build import build, build_member, single_model
+from ensemble.control.provisioning import ReplicaSet
+from ensemble.control.reload import Reloader
+from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import ConfigError, ModelIntegrityError
 from ensemble.integrity import PIN_SOURCE, Digest, expected_digests, read_verified
 from ensemble.metrics import GatewayMetrics
 from ensemble.models.card import load_card
-from ensemble.reload import Reloader
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.process import ProcessReplica
-from ensemble.repository import Repository, build_member
 
 ZOO = Path(__file__).resolve().parents[2] / "models" / "digits"
 X = np.random.default_rng(3).uniform(0, 16, (4, 64)).astype(np.float32)
@@ -126,7 +127,7 @@ def test_start_refuses_every_swapped_file_at_once(tmp_path: Path, engine: InProc
     swap(tmp_path, "forest")
     cfg = config(tmp_path, "logreg", "forest", "mlp_small")
     with pytest.raises(ModelIntegrityError) as info:
-        Repository.from_config(cfg, engine)
+        build(cfg, engine)
     assert info.value.members == ["logreg", "forest"]
     assert len(info.value.problems) == 2
 
@@ -134,9 +135,9 @@ def test_start_refuses_every_swapped_file_at_once(tmp_path: Path, engine: InProc
 def test_a_pinned_model_without_a_card_loads(tmp_path: Path, engine: InProcessEngine) -> None:
     shutil.copy(ZOO / "logreg.onnx", tmp_path / "foreign.onnx")
     with pytest.raises(ModelIntegrityError, match="pin it with `sha256: "):
-        Repository.from_config(config(tmp_path, "foreign"), engine)
+        build(config(tmp_path, "foreign"), engine)
     digest = sha256(tmp_path / "foreign.onnx").upper()
-    repository = Repository.from_config(config(tmp_path, "foreign", pin=digest), engine)
+    repository = build(config(tmp_path, "foreign", pin=digest), engine).repository
     assert repository.members["foreign"].card is None
 
 
@@ -144,7 +145,7 @@ def test_the_session_runs_the_bytes_that_were_checked(
     tmp_path: Path, engine: InProcessEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The file swapped right after it was hashed: what runs is still the checked model."""
-    import ensemble.repository as repository_module
+    import ensemble.control.build as repository_module
 
     zoo_copy(tmp_path, "logreg")
     real = read_verified
@@ -155,7 +156,7 @@ def test_the_session_runs_the_bytes_that_were_checked(
         return data
 
     monkeypatch.setattr(repository_module, "read_verified", then_swapped)
-    repository = Repository.from_config(config(tmp_path, "logreg"), engine)
+    repository = build(config(tmp_path, "logreg"), engine).repository
     member = repository.members["logreg"]
 
     async def call() -> np.ndarray:
@@ -174,11 +175,13 @@ def test_a_replica_added_later_checks_the_file_again(
 ) -> None:
     zoo_copy(tmp_path, "logreg")
     cfg = config(tmp_path, "logreg", placement="[{tier: edge, replicas: {min: 1, max: 3}}]")
-    member = build_member(cfg, cfg.ensembles[0].members[0], engine)
-    member.add_replica(member.growers["edge"]("edge/1"))  # the file is still the checked one
+    _, provisioners = build_member(cfg, cfg.ensembles[0].members[0], engine)
+    provisioner = provisioners[("logreg", "edge")]
+    assert isinstance(provisioner, ReplicaSet)
+    provisioner.add(provisioner.make("edge/1"))  # the file is still the checked one
     swap(tmp_path, "logreg")
     with pytest.raises(ModelIntegrityError, match=r"logreg\.card\.json expects"):
-        member.growers["edge"]("edge/2")
+        provisioner.make("edge/2")
 
 
 def test_a_process_child_is_told_the_digest_to_check(
@@ -186,7 +189,7 @@ def test_a_process_child_is_told_the_digest_to_check(
 ) -> None:
     zoo_copy(tmp_path, "logreg")
     cfg = config(tmp_path, "logreg", placement="[{tier: edge, backend: process}]")
-    member = build_member(cfg, cfg.ensembles[0].members[0], engine)
+    member, _ = build_member(cfg, cfg.ensembles[0].members[0], engine)
     (replica,) = member.replicas
     assert isinstance(replica, ProcessReplica)
     argv = replica.command.argv()
@@ -199,14 +202,14 @@ def test_a_replica_server_checks_its_card_and_sha256(
 ) -> None:
     zoo_copy(tmp_path, "logreg")
     path = tmp_path / "logreg.onnx"
-    assert Repository.single_model(path, "m", engine, sha256=sha256(path)).members["m"]
+    assert single_model(path, "m", engine, sha256=sha256(path)).repository.members["m"]
     with pytest.raises(ModelIntegrityError, match=PIN_SOURCE):
-        Repository.single_model(path, "m", engine, sha256="0" * 64)
+        single_model(path, "m", engine, sha256="0" * 64)
     swap(tmp_path, "logreg")
     with pytest.raises(ModelIntegrityError, match="its card"):
-        Repository.single_model(path, "m", engine)
+        single_model(path, "m", engine)
     (tmp_path / "logreg.card.json").unlink()  # no card, no --sha256: served as named
-    assert Repository.single_model(path, "m", engine).members["m"]
+    assert single_model(path, "m", engine).repository.members["m"]
 
 
 def test_a_replica_server_with_a_swapped_file_exits_3(tmp_path: Path) -> None:
@@ -227,9 +230,9 @@ def test_a_reload_onto_a_swapped_file_is_refused_and_counted(
     zoo_copy(tmp_path, "logreg", "forest")
     cfg = config(tmp_path, "logreg", "forest")
     metrics = GatewayMetrics()
-    old = Repository.from_config(cfg, engine)
-    dispatcher = Dispatcher(old, metrics)
-    reloader = Reloader(cfg, None, engine, dispatcher, metrics)
+    old = build(cfg, engine)
+    dispatcher = Dispatcher(old.repository, metrics)
+    reloader = Reloader(cfg, None, engine, dispatcher, old.fleet, metrics)
     swap(tmp_path, "forest")
     text = (
         "ensembles:\n  - name: e\n    members:\n"
@@ -242,7 +245,7 @@ def test_a_reload_onto_a_swapped_file_is_refused_and_counted(
         assert not result.ok
         (error,) = result.errors
         assert str(tmp_path / "forest.onnx") in error and "forest.card.json expects" in error
-        assert dispatcher.repository is old  # the old config keeps serving
+        assert dispatcher.repository is old.repository  # the old config keeps serving
         await reloader.close()
 
     asyncio.run(main())

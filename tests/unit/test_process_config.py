@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from ensemble.config import load_config, parse_config
+from ensemble.control.build import build_member, replica_bounds
+from ensemble.control.provisioning import ReplicaSet
 from ensemble.errors import ConfigError
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.process import ProcessReplica, parse_ready_line
-from ensemble.repository import build_member, replica_bounds
 
 
 def config(zoo: Path, placement: dict[str, object]) -> dict[str, object]:
@@ -123,7 +124,7 @@ def test_a_member_on_processes_describes_its_children_and_can_grow(zoo_dir: Path
     cfg = parse_config(doc)
     engine = InProcessEngine(1)
     try:
-        member = build_member(cfg, cfg.ensembles[0].members[0], engine)
+        member, provisioners = build_member(cfg, cfg.ensembles[0].members[0], engine)
     finally:
         engine.shutdown()
     replicas = member.replicas
@@ -140,7 +141,9 @@ def test_a_member_on_processes_describes_its_children_and_can_grow(zoo_dir: Path
     assert flags["--executor-threads"] == "3" and flags["--max-batch-size"] == "64"
     assert flags["--card"] == str(zoo_dir / "logreg.card.json")
     assert "--no-batching" in argv
-    grown = member.growers["edge"]("edge/2")  # the control loop's provisioner calls this
+    provisioner = provisioners[("logreg", "edge")]
+    assert isinstance(provisioner, ReplicaSet)
+    grown = provisioner.make("edge/2")  # what the control loop's scaling calls
     assert isinstance(grown, ProcessReplica) and grown.name == "edge/2" and grown.pid is None
 
 

@@ -7,19 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from ensemble.profiler import (
+from ensemble.measure.report import (
     CSV_COLUMNS,
-    ProfileRow,
-    cost_per_1k,
-    dominates,
     format_csv,
     format_markdown,
     format_table,
-    mark_pareto,
-    pareto_front,
     read_csv,
     write_outputs,
 )
+from ensemble.measure.rows import ProfileRow, cost_per_1k, dominates, mark_pareto, pareto_front
 
 
 def row(member: str, tier: str, accuracy: float | None, p50: float | None) -> ProfileRow:

@@ -14,6 +14,15 @@ import numpy as np
 import pytest
 
 from ensemble.config import GatewayConfig, MemberConfig, Placement, parse_yaml
+from ensemble.control.ray_runtime import (
+    OnnxDeployment,
+    RayRuntime,
+    RaySpec,
+    deployment_name,
+    is_loopback,
+    ray_specs,
+)
+from ensemble.control.reload import _check_restart_only
 from ensemble.errors import (
     ConfigError,
     EnsembleError,
@@ -21,16 +30,7 @@ from ensemble.errors import (
     MemberFailed,
     ModelIntegrityError,
 )
-from ensemble.reload import _check_restart_only
-from ensemble.replicas.ray_serve import (
-    OnnxDeployment,
-    RayReplica,
-    RayRuntime,
-    RaySpec,
-    deployment_name,
-    is_loopback,
-    ray_specs,
-)
+from ensemble.replicas.ray import RayReplica
 from ensemble.replicas.remote import HealthCheck
 from ensemble.types import TensorSpec
 
@@ -227,8 +227,9 @@ def replica(handle: Handle, timeout_s: float = 5.0) -> RayReplica:
         "cloud/0",
         "cloud",
         handle,
-        spec,
         "ensemble",
+        spec.deployment,
+        spec.member,
         OUTPUTS,
         timeout_s=timeout_s,
         health=HealthCheck(interval_s=0.01, timeout_s=0.5),
@@ -425,7 +426,7 @@ class _Context:
 def test_follow_gateway_applies_the_control_loops_count(monkeypatch: pytest.MonkeyPatch) -> None:
     from ray.experimental import internal_kv
 
-    from ensemble.replicas import ray_serve
+    from ensemble.control import ray_runtime
 
     store: dict[tuple[bytes, str | None], bytes] = {}
     monkeypatch.setattr(
@@ -436,10 +437,10 @@ def test_follow_gateway_applies_the_control_loops_count(monkeypatch: pytest.Monk
     monkeypatch.setattr(
         internal_kv, "_internal_kv_get", lambda key, namespace: store.get((key, namespace))
     )
-    assert ray_serve.follow_gateway(_Context(2, 0))[0] == 2  # nothing set: keep Serve's count
-    ray_serve.set_target("app", "m-cloud-0", 3)
-    assert ray_serve.follow_gateway(_Context(2, 0))[0] == 3
-    ray_serve.set_target("app", "m-cloud-0", 0)
-    assert ray_serve.follow_gateway(_Context(1, 0))[0] == 0
+    assert ray_runtime.follow_gateway(_Context(2, 0))[0] == 2  # nothing set: keep Serve's count
+    ray_runtime.set_target("app", "m-cloud-0", 3)
+    assert ray_runtime.follow_gateway(_Context(2, 0))[0] == 3
+    ray_runtime.set_target("app", "m-cloud-0", 0)
+    assert ray_runtime.follow_gateway(_Context(1, 0))[0] == 0
     # A call waiting at zero replicas starts one (Serve's own cold start).
-    assert ray_serve.follow_gateway(_Context(0, 1))[0] == 1
+    assert ray_runtime.follow_gateway(_Context(0, 1))[0] == 1

@@ -11,18 +11,10 @@ from pydantic import ValidationError
 
 from ensemble.types import ReplicaView
 from policies import registry
-from policies.reliability import (
-    BreakerState,
-    CircuitBreaker,
-    CircuitBreakerParams,
-    HedgeParams,
-    HedgePolicy,
-    HedgingPolicy,
-    NoHedge,
-    RetryBudget,
-    RetryBudgetParams,
-    deadline_share,
-)
+from policies.base import BreakerState, HedgingPolicy
+from policies.hedging import HedgeParams, HedgePolicy, NoHedge
+from policies.outlier_detection import CircuitBreaker, CircuitBreakerParams
+from policies.retry import RetryBudget, RetryBudgetParams, deadline_share
 
 
 def replica(p95: float | None = None, ewma: float | None = None) -> ReplicaView:

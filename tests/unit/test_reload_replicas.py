@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from ensemble.config import GatewayConfig, parse_yaml
-from ensemble.reload import _keep_replica_counts, _unchanged_placements
+from ensemble.control.build import Built, build
+from ensemble.control.provisioning import ReplicaSet
+from ensemble.control.reload import _keep_replica_counts, _unchanged_placements
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.process import restart_delay
-from ensemble.repository import Repository
 
 ZOO = Path(__file__).resolve().parents[2] / "models" / "digits"
 
@@ -48,29 +49,27 @@ def engine() -> Iterator[InProcessEngine]:
     engine.shutdown()
 
 
-def grown(cfg: GatewayConfig, engine: InProcessEngine, edge: int) -> Repository:
-    """The config's repository after the control loop grew logreg@edge to ``edge`` replicas
-    (the way the loop does it: the member's grower, then ``add_replica``)."""
-    repository = Repository.from_config(cfg, engine)
-    member = repository.members["logreg"]
-    for name in member.new_names("edge", edge - len(member.serving("edge"))):
-        member.add_replica(member.growers["edge"](name))
-    return repository
+def grown(cfg: GatewayConfig, engine: InProcessEngine, edge: int) -> Built:
+    """The config built, after its provisioner grew logreg@edge to ``edge`` replicas."""
+    built = build(cfg, engine)
+    built.fleet.provisioners[("logreg", "edge")].keep(edge)
+    return built
 
 
-def edge_names(repository: Repository, member: str = "logreg") -> list[str]:
-    return [r.name for r in repository.members[member].serving("edge")]
+def edge_names(built: Built, member: str = "logreg") -> list[str]:
+    return [r.name for r in built.repository.members[member].serving("edge")]
 
 
 def test_an_unchanged_placement_keeps_its_replicas(engine: InProcessEngine) -> None:
     cfg = config()
     old = grown(cfg, engine, 3)
-    new = Repository.from_config(config(), engine)
-    asyncio.run(_keep_replica_counts(cfg, config(), old, new))
+    new = build(config(), engine)
+    asyncio.run(_keep_replica_counts(cfg, config(), old.fleet, new.fleet))
     assert edge_names(new) == ["edge/0", "edge/1", "edge/2"]
-    member = new.members["logreg"]
+    member = new.repository.members["logreg"]
     # Added like the loop's own replicas: the loop may scale them away again.
-    assert member.added == ["edge/1", "edge/2"]
+    provisioner = new.fleet.provisioners[("logreg", "edge")]
+    assert isinstance(provisioner, ReplicaSet) and provisioner.added == ["edge/1", "edge/2"]
     # The cloud placement had its minimum and keeps it.
     assert [r.name for r in member.serving("cloud")] == ["cloud/0"]
     # The old repository is not touched: its requests in flight still have their replicas.
@@ -81,14 +80,14 @@ def test_the_kept_count_is_clamped_to_the_new_bounds(engine: InProcessEngine) ->
     cfg = config()
     old = grown(cfg, engine, 4)
     fewer = config("{tier: edge, replicas: {min: 1, max: 2}}")
-    new = Repository.from_config(fewer, engine)
-    asyncio.run(_keep_replica_counts(cfg, fewer, old, new))
+    new = build(fewer, engine)
+    asyncio.run(_keep_replica_counts(cfg, fewer, old.fleet, new.fleet))
     assert edge_names(new) == ["edge/0", "edge/1"]
     # A new minimum above what it had: the new minimum.
     more = config("{tier: edge, replicas: {min: 3, max: 4}}")
     small = grown(cfg, engine, 2)
-    new = Repository.from_config(more, engine)
-    asyncio.run(_keep_replica_counts(cfg, more, small, new))
+    new = build(more, engine)
+    asyncio.run(_keep_replica_counts(cfg, more, small.fleet, new.fleet))
     assert edge_names(new) == ["edge/0", "edge/1", "edge/2"]
 
 
@@ -102,8 +101,8 @@ def test_a_changed_placement_and_a_new_member_start_at_their_minimum(
         extra_member=True,
     )
     assert _unchanged_placements(cfg, changed) == {("logreg", "cloud")}
-    new = Repository.from_config(changed, engine)
-    asyncio.run(_keep_replica_counts(cfg, changed, old, new))
+    new = build(changed, engine)
+    asyncio.run(_keep_replica_counts(cfg, changed, old.fleet, new.fleet))
     assert edge_names(new) == ["edge/0"]
     assert edge_names(new, "mlp_small") == ["edge/0"]
 

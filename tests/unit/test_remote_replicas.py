@@ -14,15 +14,16 @@ import orjson
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from ensemble.calls import ResilientCall
+from ensemble.dataplane.calls import ResilientCall
 from ensemble.errors import InvalidInput, MemberFailed
-from ensemble.frontends import grpc_codec, rest_codec
+from ensemble.oip import grpc as grpc_codec
+from ensemble.oip import rest as rest_codec
 from ensemble.replicas.member import ClassifierSchema, Member
 from ensemble.replicas.oip_grpc import GrpcReplica
 from ensemble.replicas.oip_http import HttpReplica
 from ensemble.replicas.remote import HealthCheck, RemoteReplica
 from ensemble.types import InferRequest, InferResponse, RequestedOutput, Tensor, TensorSpec
-from policies.reliability import CircuitBreaker, CircuitBreakerParams
+from policies.outlier_detection import CircuitBreaker, CircuitBreakerParams
 
 OUTPUTS = (TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 2)))
 FEED = {"input": np.array([[0.25, 0.75]], np.float32)}

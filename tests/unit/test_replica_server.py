@@ -11,9 +11,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from ensemble.cli import main
+from ensemble.control.build import single_model
 from ensemble.errors import EnsembleError
 from ensemble.replicas.engine import InProcessEngine
-from ensemble.repository import LOCAL_TIER, Repository
+from ensemble.repository import LOCAL_TIER
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ def test_a_missing_model_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_a_zoo_model_is_served_with_its_card(zoo_dir: Path) -> None:
     engine = InProcessEngine(1)
     try:
-        repo = Repository.single_model(zoo_dir / "logreg.onnx", "digits_lr", engine)
+        repo = single_model(zoo_dir / "logreg.onnx", "digits_lr", engine).repository
         assert repo.names() == ["digits_lr"] and not repo.ensembles
         member = repo.members["digits_lr"]
         assert member.card is not None and member.classifier.classes == tuple(range(10))
@@ -55,7 +56,7 @@ def test_a_missing_explicit_card_is_an_error(zoo_dir: Path, tmp_path: Path) -> N
     engine = InProcessEngine(1)
     try:
         with pytest.raises(EnsembleError, match="card not found"):
-            Repository.single_model(zoo_dir / "logreg.onnx", "m", engine, tmp_path / "x.json")
+            single_model(zoo_dir / "logreg.onnx", "m", engine, tmp_path / "x.json")
     finally:
         engine.shutdown()
 
@@ -80,7 +81,7 @@ def test_any_onnx_model_is_served_even_when_it_is_no_classifier(tmp_path: Path) 
     two_float_outputs(tmp_path / "twice.onnx")
     engine = InProcessEngine(1)
     try:
-        repo = Repository.single_model(tmp_path / "twice.onnx", "twice", engine)
+        repo = single_model(tmp_path / "twice.onnx", "twice", engine).repository
         member = repo.members["twice"]
         assert member.schema is None
         with pytest.raises(EnsembleError, match="no class-score output"):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ensemble.dataplane.validation import check_inputs
 from ensemble.errors import (
     MAX_MESSAGE_CHARS,
     REJECTION_REASONS,
@@ -22,7 +23,6 @@ from ensemble.errors import (
     UnsupportedMediaType,
     clip,
 )
-from ensemble.frontends import grpc_codec, rest_codec
 from ensemble.frontends.body import inflate, read_body
 from ensemble.frontends.limits import (
     INFLATE_FLOOR_BYTES,
@@ -32,8 +32,9 @@ from ensemble.frontends.limits import (
     ValueGuard,
     counts_values,
 )
+from ensemble.oip import grpc as grpc_codec
+from ensemble.oip import rest as rest_codec
 from ensemble.types import ModelMetadata, Tensor, TensorSpec
-from ensemble.validation import check_inputs
 
 LIMITS = RequestLimits(max_bytes=8 * 2**20, max_batch_size=100, max_elements=1_000_000)
 
@@ -190,10 +191,11 @@ def test_every_error_names_a_known_reason() -> None:
     def subclasses(cls: type[EnsembleError]) -> list[type[EnsembleError]]:
         return [cls, *(s for c in cls.__subclasses__() for s in subclasses(c))]
 
-    import ensemble.feedback
+    import ensemble.dataplane.feedback
     import ensemble.frontends.http
 
-    assert ensemble.feedback and ensemble.frontends.http  # their errors are EnsembleErrors too
+    # their errors are EnsembleErrors too
+    assert ensemble.dataplane.feedback and ensemble.frontends.http
 
     reasons = {cls: cls.reason for cls in subclasses(EnsembleError)}
     assert set(reasons.values()) <= set(REJECTION_REASONS)

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from ensemble.errors import InvalidInput
-from ensemble.frontends.rest_codec import (
+from ensemble.oip.rest import (
     decode_infer_request,
     encode_infer_response,
     may_set_priority,

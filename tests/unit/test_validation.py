@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ensemble.dataplane.validation import check_inputs, check_outputs
 from ensemble.errors import InvalidInput
 from ensemble.types import ModelMetadata, RequestedOutput, Tensor, TensorSpec
-from ensemble.validation import check_inputs, check_outputs
 
 META = ModelMetadata(
     "m",

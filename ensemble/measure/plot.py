@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only; never a display, also on machines that have
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
-    from ensemble.profiler import ProfileRow
+    from ensemble.measure.rows import ProfileRow
 
 
 def pareto_plot(rows: Sequence[ProfileRow], path: Path, title: str) -> None:

@@ -1,0 +1,9 @@
+"""`python -m ensemble.cli`: the `ensemble` command (replica processes are started this way)."""
+
+from __future__ import annotations
+
+import sys
+
+from ensemble.cli import main
+
+sys.exit(main())

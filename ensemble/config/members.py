@@ -1,0 +1,85 @@
+"""Config of ensembles, their members, and the model zoo the members' files come from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ensemble.config.base import Name, Sha256Hex, StrictModel
+from ensemble.config.placement import Placement
+
+
+class MemberConfig(StrictModel):
+    """One ensemble member: an ONNX classifier and where its replicas run."""
+
+    name: Name = Field(description="Member name; also addressable as a model of its own.")
+    model: Path = Field(description="ONNX file, relative to this config file's directory.")
+    card: Path | None = Field(
+        None, description="Member card JSON; default: `<model stem>.card.json` beside the model."
+    )
+    sha256: Sha256Hex | None = Field(
+        None,
+        description="Hex SHA-256 the model file must have; the gateway refuses a file that "
+        "hashes otherwise (on start, reload and every new replica). Needed for a model without "
+        "a member card; with a card, the file must match both.",
+    )
+    probability_output: str | None = Field(
+        None, description="Output holding class scores; default: from the card, else inferred."
+    )
+    output_kind: Literal["probabilities", "logits"] = Field(
+        "probabilities", description="`logits` outputs are turned into probabilities by softmax."
+    )
+    classes: list[int] | list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Class labels in output order; default: the card, the graph's classifier "
+        "node, else 0..C-1.",
+    )
+    placement: list[Placement] = Field(min_length=1, description="Tiers this member runs on.")
+
+    @model_validator(mode="after")
+    def _somewhere_always(self) -> MemberConfig:
+        # A placement may scale to zero (a burst tier) while another one keeps the member up.
+        if all(p.replicas.min == 0 for p in self.placement):
+            raise ValueError(
+                "placement: every placement has replicas.min 0; keep at least one replica on "
+                "some tier (a tier may scale to zero only while another one serves the member)"
+            )
+        return self
+
+    def replica_names(self) -> list[list[str]]:
+        """Per placement, its replicas' names ``TIER/INDEX``, numbered per tier across
+        placements: one per endpoint (remote), one per deployment (ray; Ray Serve balances the
+        deployment's own replicas, none while scaled to zero), else ``replicas.min`` (none on
+        a tier that starts scaled to zero)."""
+        counts: dict[str, int] = {}
+        names = []
+        for place in self.placement:
+            if place.remote:
+                n = len(place.endpoints or ())
+            elif place.backend == "ray":
+                n = 1
+            else:
+                n = place.replicas.min
+            first = counts.get(place.tier, 0)
+            counts[place.tier] = first + n
+            names.append([f"{place.tier}/{i}" for i in range(first, first + n)])
+        return names
+
+
+class EnsembleConfig(StrictModel):
+    """An ensemble served as one model."""
+
+    name: Name = Field(description="Model name clients use.")
+    description: str = Field("", description="Free text shown in model metadata.")
+    policy: str = Field("default", description="Name of a profile under `policies`.")
+    members: list[MemberConfig] = Field(min_length=1, description="The ensemble's members.")
+
+
+class ModelZooConfig(StrictModel):
+    """Where the built-in model zoo lives; `serve` builds it when member files are missing."""
+
+    dir: Path = Field(Path("../models/digits"), description="Zoo directory, relative to config.")
+    build_if_missing: bool = Field(True, description="Build the zoo on first use.")

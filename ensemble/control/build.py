@@ -1,0 +1,346 @@
+"""Build what a config serves: the data plane's `Repository` and the control plane's `Fleet`.
+
+Every member's model file is read once, checked against its digests and loaded; each of its
+placements gets replicas from its backend (`ensemble.control.backends`), wrapped in the
+placement's emulated device, faults and link, and one provisioner per (member, tier).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ensemble.cards import card_path, member_card, member_digests, read_card
+from ensemble.config import EnsembleConfig, GatewayConfig, MemberConfig, Placement
+from ensemble.control import backends
+from ensemble.control.backends import Site
+from ensemble.control.provisioning import Fleet, Key, Provisioner
+from ensemble.control.ray_runtime import RayRuntime
+from ensemble.errors import EnsembleError, ModelIntegrityError
+from ensemble.integrity import Digest, expected_digests, read_verified
+from ensemble.links import LinkedReplica, Links
+from ensemble.model_checks import inputs_agree
+from ensemble.models.card import MemberCard, card_path_for, load_manifest
+from ensemble.replicas.base import Replica
+from ensemble.replicas.engine import InProcessEngine
+from ensemble.replicas.faults import DeviceReplica, FailingReplica, StragglerReplica
+from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_schema
+from ensemble.replicas.onnx import OnnxSignature, load_session, read_signature
+from ensemble.repository import (
+    LOCAL_TIER,
+    VERSION,
+    EnsembleModel,
+    Profile,
+    Repository,
+    label_datatype,
+)
+from ensemble.types import ModelMetadata, TensorSpec, ValidationSet
+from policies import registry
+from policies.base import AdmissionPolicy, AutoscalingPolicy, OutlierDetector
+
+
+@dataclass
+class Built:
+    """One config, built: what requests use and what the control plane changes."""
+
+    repository: Repository
+    fleet: Fleet
+
+
+def build(
+    cfg: GatewayConfig,
+    engine: InProcessEngine,
+    progress: Callable[[str], None] | None = None,
+    links: Links | None = None,
+    ray: RayRuntime | None = None,
+) -> Built:
+    """The config's models; replicas on a tier with ``link.emulate`` cross ``links`` (the
+    gateway's, which outlive reloads; a fresh set when None); `ray` placements call ``ray``'s
+    deployments. Every model file that fails its integrity check is named in one
+    ModelIntegrityError."""
+    links = links if links is not None else Links(cfg.tiers)
+    members: dict[str, Member] = {}
+    fleet = Fleet(
+        bounds=replica_bounds(cfg),
+        tier_prices={n: t.cost_per_replica_hour for n, t in cfg.tiers.items()},
+        tier_caps={n: t.max_replicas for n, t in cfg.tiers.items() if t.max_replicas is not None},
+    )
+    refused: list[ModelIntegrityError] = []
+    for ens in cfg.ensembles:
+        for m in ens.members:
+            if progress:
+                progress(f"loading member {m.name} from {cfg.resolve(m.model)}")
+            try:
+                members[m.name], provisioners = build_member(cfg, m, engine, links, ray)
+            except ModelIntegrityError as exc:  # go on: report every refused file at once
+                refused.append(exc)
+                continue
+            fleet.provisioners.update(provisioners)
+    if refused:
+        raise ModelIntegrityError(
+            [p for exc in refused for p in exc.problems],
+            [m for exc in refused for m in exc.members],
+        )
+    ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
+    spec = cfg.admission
+    admission: AdmissionPolicy = registry.build(
+        "admission", spec.name, spec.params, AdmissionPolicy
+    )
+    repository = Repository(ensembles, list(members.values()), admission)
+    if cfg.autoscaling is not None:
+        scaling = cfg.autoscaling.policy
+        fleet.autoscaling = cfg.autoscaling
+        fleet.policy = registry.build(
+            "autoscaling", scaling.name, scaling.params, AutoscalingPolicy
+        )
+    return Built(repository, fleet)
+
+
+def build_member(
+    cfg: GatewayConfig,
+    member: MemberConfig,
+    engine: InProcessEngine,
+    links: Links | None = None,
+    ray: RayRuntime | None = None,
+) -> tuple[Member, dict[Key, Provisioner]]:
+    """A config's member and a provisioner per tier it runs on: its replicas on every
+    placement (across their tier's emulated link when it has one), its card, costs, outlier
+    detection. Its model file must match its card's and its config's SHA-256
+    (ModelIntegrityError otherwise)."""
+    card = member_card(cfg, member)
+
+    def site(place: Placement) -> Site:
+        config = cfg.tiers[place.tier].link
+        return Site(
+            member,
+            place,
+            cfg.resolve(member.model),
+            signature,
+            card,
+            engine,
+            verified,
+            link=links.link(place.tier, config) if links is not None and config.emulate else None,
+            cfg=cfg,
+            expected=expected,
+            ray=ray,
+            sessions=sessions,
+            drain_timeout_s=cfg.server.drain_timeout_s,
+        )
+
+    expected = member_digests(cfg, member, card)
+    path = cfg.resolve(member.model)
+    verified, signature, sessions = _load(member, path, expected, allow_unverified=False)
+    built, provisioners = _member(member, card, [site(p) for p in member.placement])
+    built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
+    built.cost_per_call = built.tier_costs[member.placement[0].tier]
+    built.outlier = registry.build(
+        "outlier_detection",
+        cfg.outlier_detection.name,
+        cfg.outlier_detection.params,
+        OutlierDetector,
+    )
+    return built, provisioners
+
+
+def single_model(
+    path: Path,
+    name: str,
+    engine: InProcessEngine,
+    card: Path | None = None,
+    sha256: str | None = None,
+) -> Built:
+    """One ONNX model served on its own (the replica server): no ensemble, one in-process
+    replica; its card (default: beside the model) is read when there is one. The file must
+    match ``sha256`` and the card's digest when they are given; with neither it is served
+    unverified (the operator named this very file)."""
+    where = card or card_path_for(path)
+    found = read_card(where, name, required=card is not None)
+    member = MemberConfig(
+        name=name, model=path, sha256=sha256, placement=[Placement(tier=LOCAL_TIER)]
+    )
+    expected = expected_digests(found, where, sha256)
+    verified, signature, sessions = _load(member, path, expected, allow_unverified=True)
+    place = member.placement[0]
+    site = Site(member, place, path, signature, found, engine, verified, sessions=sessions)
+    built, provisioners = _member(member, found, [site], classifier=False)
+    return Built(Repository([], [built]), Fleet(provisioners))
+
+
+def _load(
+    member: MemberConfig, path: Path, expected: Sequence[Digest], *, allow_unverified: bool
+) -> tuple[Callable[[], bytes], OnnxSignature, list[ort.InferenceSession]]:
+    """Read the member's file once, check those bytes against the ``expected`` digests and hand
+    the same bytes to onnxruntime (ModelIntegrityError on a mismatch, or with no digest unless
+    ``allow_unverified``): a reader for later replicas (each reads and checks the file again),
+    the model's signature, and the session that read it (it serves the first in-process
+    replica)."""
+    if not path.is_file():
+        raise EnsembleError(f"member {member.name!r}: model file not found: {path}")
+
+    def verified() -> bytes:
+        return read_verified(member.name, path, expected, allow_unverified=allow_unverified)
+
+    model = verified()
+    first = load_session(path, model=model)
+    return verified, read_signature(path, first, model), [first]
+
+
+def _member(
+    member: MemberConfig, card: MemberCard | None, sites: list[Site], *, classifier: bool = True
+) -> tuple[Member, dict[Key, Provisioner]]:
+    """The member's replicas on every site, and a provisioner per tier (its first placement
+    there decides which); ``classifier=False`` serves a model whose class scores cannot be
+    found as is."""
+    replicas: list[Replica] = []
+    for site, names in zip(sites, member.replica_names(), strict=True):
+        endpoints = [*site.place.endpoints] if site.place.endpoints else [None] * len(names)
+        replicas += [make_replica(site, name, endpoints[k]) for k, name in enumerate(names)]
+    signature = sites[0].signature
+    try:
+        schema: ClassifierSchema | None = infer_classifier_schema(
+            member.name,
+            signature.outputs,
+            probability_output=member.probability_output,
+            classes=member.classes,
+            logits=member.output_kind == "logits",
+            card=card,
+            graph_classes=signature.graph_classes,
+        )
+    except EnsembleError:
+        if classifier:
+            raise
+        schema = None
+    built = Member(member.name, signature.inputs, signature.outputs, schema, replicas, card)
+    provisioners: dict[Key, Provisioner] = {}
+    for site in sites:
+        key = (member.name, site.place.tier)
+        if key not in provisioners:
+            grow = functools.partial(make_replica, site, endpoint=None)
+            provisioners[key] = backends.backend(site.place.backend).provisioner(built, site, grow)
+    return built, provisioners
+
+
+def make_replica(site: Site, name: str, endpoint: str | None) -> Replica:
+    """One replica of ``site`` named ``TIER/INDEX`` by its backend, inside the placement's
+    emulated device, faults and link (the link sits between the gateway and the replica)."""
+    place = site.place
+    i = int(name.rsplit("/", 1)[1])
+    replica = backends.backend(place.backend).make(site, name, endpoint)
+    if place.device is not None:
+        device = place.device
+        replica = DeviceReplica(replica, device.service_ms / 1e3, device.concurrency)
+    if place.straggler is not None:
+        late = place.straggler
+        replica = StragglerReplica(replica, late.probability, late.delay_ms / 1e3, late.seed + i)
+    if place.failures is not None:
+        replica = FailingReplica(replica, place.failures.probability, place.failures.seed + i)
+    if site.link is not None:
+        timeout_s = place.timeout_s if place.networked else None
+        replica = LinkedReplica(
+            replica, site.link, timeout_s=timeout_s, health_checked=place.networked
+        )
+    return replica
+
+
+def replica_bounds(cfg: GatewayConfig) -> dict[Key, tuple[int, int]]:
+    """(min, max) replicas per (member, tier): a remote placement has exactly its endpoints;
+    ray (Ray Serve replicas of its deployment), in-process and process placements their bounds
+    (zero for a tier that may scale to zero)."""
+    bounds: dict[Key, tuple[int, int]] = {}
+    for ens in cfg.ensembles:
+        for member in ens.members:
+            for place in member.placement:
+                fixed = len(place.endpoints or ()) if place.remote else None
+                low = fixed if fixed is not None else place.replicas.min
+                high = fixed if fixed is not None else max(low, place.replicas.max)
+                key = (member.name, place.tier)
+                before = bounds.get(key, (0, 0))
+                bounds[key] = (before[0] + low, before[1] + high)
+    return bounds
+
+
+def build_ensemble(
+    cfg: GatewayConfig, ens: EnsembleConfig, members: dict[str, Member]
+) -> EnsembleModel:
+    """Check the members agree on inputs and classes, and wire the profile's policies."""
+    first = members[ens.members[0].name]
+    for m in ens.members[1:]:
+        other = members[m.name]
+        if not inputs_agree(first.inputs, other.inputs):  # as `validate` checks the files
+            raise EnsembleError(
+                f"ensemble {ens.name!r}: member {m.name!r} inputs {_specs(other.inputs)} differ "
+                f"from {first.name!r} inputs {_specs(first.inputs)}"
+            )
+        if other.classifier.classes != first.classifier.classes:
+            raise EnsembleError(
+                f"ensemble {ens.name!r}: member {m.name!r} classes differ from {first.name!r}'s"
+            )
+    profiles = {
+        name: Profile.build(name, cfg.profile(name)) for name in sorted({*cfg.policies, "default"})
+    }
+    n = first.classifier.n_classes
+    metadata = ModelMetadata(
+        name=ens.name,
+        versions=(VERSION,),
+        platform="ensemble",
+        inputs=first.inputs,
+        outputs=(
+            TensorSpec("label", label_datatype(first.classifier.classes), (-1,)),
+            TensorSpec("probabilities", "FP32", (-1, n)),
+        ),
+    )
+    chosen = {m.name: members[m.name] for m in ens.members}
+    return EnsembleModel(
+        ens.name,
+        chosen,
+        profiles,
+        ens.policy,
+        first.classifier.classes,
+        metadata,
+        ens.description,
+        validation_set(chosen, [card_path(cfg, m) for m in ens.members]),
+        tuple(cfg.tiers),
+    )
+
+
+def _card_path(cfg: GatewayConfig, member: MemberConfig) -> Path:
+    return cfg.resolve(member.card) if member.card else card_path_for(cfg.resolve(member.model))
+
+
+def validation_set(members: Mapping[str, Member], card_paths: list[Path]) -> ValidationSet | None:
+    """Held-out labels and every member's answers on them, when all cards share one zoo.
+
+    The labels live in the zoo manifest beside the cards; members without a card, or cards
+    scored on different splits, leave the ensemble without one (policies then fall back).
+    """
+    if not card_paths or any(m.card is None for m in members.values()):
+        return None
+    directories = {p.parent for p in card_paths}
+    if len(directories) != 1:
+        return None
+    try:
+        manifest = load_manifest(directories.pop())
+    except (OSError, ValueError):
+        return None
+    labels = np.asarray(manifest.validation_labels)
+    probabilities = {}
+    for name, member in members.items():
+        assert member.card is not None
+        probs = np.asarray(member.card.validation_probabilities, dtype=np.float32)
+        if probs.shape != (len(labels), member.classifier.n_classes):
+            return None
+        probabilities[name] = probs
+    classes = list(next(iter(members.values())).classifier.classes)
+    if not all(label in classes for label in manifest.validation_labels):
+        return None
+    index = np.asarray([classes.index(label) for label in manifest.validation_labels])
+    return ValidationSet(index, probabilities)
+
+
+def _specs(specs: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(f"{s.name} {s.datatype}{list(s.shape)}" for s in specs)

@@ -1,0 +1,79 @@
+"""What the server says about its models, whichever protocol asks: the Triton-style model
+configuration and the repository index (model metadata is `ModelMetadata` itself). The
+frontends only render these into JSON or protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ensemble.repository import EnsembleModel, Repository, ServedModel
+from ensemble.types import TensorSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigTensor:
+    name: str
+    datatype: str
+    """The OIP datatype (Triton's config says ``TYPE_`` + this)."""
+    dims: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """A minimal Triton model configuration."""
+
+    name: str
+    platform: str
+    max_batch_size: int
+    inputs: tuple[ConfigTensor, ...]
+    outputs: tuple[ConfigTensor, ...]
+    parameters: tuple[tuple[str, str], ...] = ()
+    """String parameters: an ensemble's default policy and members."""
+
+
+def model_config(model: ServedModel, max_batch_size: int) -> ModelConfig:
+    """Triton's rule: a model that batches (every tensor's first dimension is variable) reports
+    ``max_batch_size > 0`` and dims without the batch dimension; otherwise 0 and the full
+    shape."""
+    meta = model.metadata
+    specs = (*meta.inputs, *meta.outputs)
+    batching = max_batch_size > 0 and bool(specs) and all(s.shape[:1] == (-1,) for s in specs)
+
+    def tensors(specs: tuple[TensorSpec, ...]) -> tuple[ConfigTensor, ...]:
+        return tuple(
+            ConfigTensor(s.name, s.datatype, s.shape[1:] if batching else s.shape) for s in specs
+        )
+
+    parameters: tuple[tuple[str, str], ...] = ()
+    if isinstance(model, EnsembleModel):
+        parameters = (("policy", model.profile), ("members", ",".join(model.members)))
+    return ModelConfig(
+        meta.name,
+        meta.platform,
+        max_batch_size if batching else 0,
+        tensors(meta.inputs),
+        tensors(meta.outputs),
+        parameters,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: str
+    """``READY`` or ``UNAVAILABLE``."""
+    reason: str
+
+
+def repository_index(repository: Repository, *, ready_only: bool = False) -> list[IndexEntry]:
+    """Every model and version the repository serves (only the ready ones if ``ready_only``)."""
+    entries = []
+    for name in repository.names():
+        model = repository.get(name)
+        ready = model.ready()
+        if ready_only and not ready:
+            continue
+        state, reason = ("READY", "") if ready else ("UNAVAILABLE", "no ready replica")
+        entries += [IndexEntry(name, v, state, reason) for v in model.metadata.versions]
+    return entries

@@ -1,0 +1,278 @@
+"""The transport-agnostic entry of the data plane: one request, from admission to answer."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+
+from ensemble import __version__
+from ensemble.clock import SYSTEM_CLOCK, Clock
+from ensemble.dataplane import respond
+from ensemble.dataplane.admission import AdmissionGate
+from ensemble.dataplane.contract import parse_contract
+from ensemble.dataplane.ensemble_run import EnsembleRun
+from ensemble.dataplane.fanout import record_call, start_call, wait_calls
+from ensemble.dataplane.feedback import DEFAULT_ACCURACY_WINDOW, FeedbackHub
+from ensemble.dataplane.feedback_store import DEFAULT_MAX_BYTES, DEFAULT_WINDOW
+from ensemble.dataplane.validation import check_inputs, check_outputs
+from ensemble.dataplane.verdict import Alerts, no_answer, rejection
+from ensemble.errors import DeadlineExceeded, EnsembleError, InvalidInput
+from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.base import innermost
+from ensemble.replicas.member import Member
+from ensemble.repository import VERSION, EnsembleModel, Repository, ServedModel
+from ensemble.types import (
+    DEFAULT_PRIORITY,
+    AggregationContext,
+    Contract,
+    InferRequest,
+    InferResponse,
+    Parameters,
+    Tensor,
+)
+
+SERVER_NAME = "ensemble-gateway"
+EXTENSIONS = ("binary_tensor_data", "parameters", "model_configuration", "model_repository")
+
+
+def outcome_of(exc: BaseException | None) -> str:
+    """The `outcome` label for a finished request."""
+    if exc is None:
+        return "success"
+    status = exc.http_status if isinstance(exc, EnsembleError) else 500
+    if status == 503:
+        return "unavailable"
+    return "client_error" if 400 <= status < 500 else "server_error"
+
+
+class Dispatcher:
+    """Serves inference for both frontends; knows nothing about HTTP or gRPC.
+
+    ``repository`` is what requests use; a hot reload replaces it whole, and each request reads
+    it once, so it runs on one config from start to end."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        metrics: GatewayMetrics,
+        *,
+        max_batch_size: int = 1024,
+        allow_non_finite: bool = False,
+        feedback: bool = False,
+        feedback_window: int = DEFAULT_WINDOW,
+        feedback_max_bytes: int = DEFAULT_MAX_BYTES,
+        feedback_accuracy_window: int = DEFAULT_ACCURACY_WINDOW,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.allow_non_finite = allow_non_finite
+        """Floating-point inputs may hold NaN and infinity (``server.non_finite_inputs``)."""
+        self.clock = clock
+        self.feedback = FeedbackHub(
+            metrics,
+            lambda: self.repository,  # read at each use: a reload swaps the repository
+            enabled=feedback,
+            window=feedback_window,
+            max_bytes=feedback_max_bytes,
+            accuracy_window=feedback_accuracy_window,
+        )
+        self.draining = False
+        self.gate = AdmissionGate(metrics, clock)
+        """Admission control; its policy comes from the repository, so reloads change it."""
+        self.alerts = Alerts(clock)
+        self._rng = random.Random(0)  # routing draws (p2c); seeded for repeatable runs
+        metrics.readiness = self._readiness
+        metrics.replicas = self._replica_states
+
+    # -- health and metadata ------------------------------------------------------------
+
+    def _readiness(self) -> dict[str, bool]:
+        repository = self.repository  # read once: a reload may swap it
+        return {n: repository.get(n).ready() for n in repository.names()}
+
+    def _replica_states(self) -> list[tuple[str, str, str, bool, bool, int, int]]:
+        states = []
+        for m in self.repository.members.values():
+            restarts = {r.name: getattr(innermost(r), "restarts", 0) for r in m.replicas}
+            states += [
+                (m.name, v.name, v.tier, v.ready, v.ejected, m.stats[v.name].ejections,
+                 restarts.get(v.name, 0))
+                for v in m.replica_views()
+            ]  # fmt: skip
+        return states
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return not self.draining and self.repository.all_ready()
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+
+    def model(self, name: str, version: str | None = None) -> ServedModel:
+        return self.repository.get(name, version)
+
+    # -- inference ----------------------------------------------------------------------
+
+    def shed_early(self, name: str, version: str | None) -> None:
+        """Raise Overloaded when admission would shed a default-priority request for model
+        ``name`` now. Frontends call it before decoding a request that sets no ``priority``, so
+        a shed request costs no decoding, validation or contract parsing (under 2x overload
+        half the requests are shed, and that work would come out of the other half's CPU).
+        Anything else (an unknown model, a gate with room) is left to ``infer``. The frontend
+        counts the request (``refused``)."""
+        repository = self.repository
+        error = self.gate.sheds(repository.admission, DEFAULT_PRIORITY)
+        if error is None:
+            return
+        try:
+            repository.get(name, version)
+        except EnsembleError:
+            return  # infer reports it
+        self.gate.count_shed("full")
+        raise error
+
+    def refused(
+        self, name: str, version: str | None, protocol: str, error: EnsembleError, started: float
+    ) -> None:
+        """Count a request a frontend refused before ``infer`` (its body, its decoding, an early
+        shed) among the requests of its model, or of model "" when the name is unknown."""
+        try:
+            label = self.repository.get(name, version).name
+        except EnsembleError:
+            label = ""
+        elapsed = self.clock.now() - started
+        self.metrics.record_request(label, protocol, outcome_of(error), elapsed)
+
+    async def infer(self, request: InferRequest, protocol: str) -> InferResponse:
+        """Answer one request; raises EnsembleError subclasses for every client-visible failure."""
+        start = self.clock.now()
+        label = ""  # unknown model names never become label values (unbounded cardinality)
+        error: BaseException | None = None
+        self.metrics.inflight += 1
+        repository = self.repository  # the request's snapshot: a reload swaps it whole
+        try:
+            model = repository.get(request.model_name, request.model_version)
+            label = model.name
+            feed = check_inputs(
+                model.metadata, request.inputs, self.max_batch_size, self.allow_non_finite
+            )
+            check_outputs(model.metadata, request.outputs)
+            contract = parse_contract(
+                request.parameters, tiers=repository.tiers, profiles=repository.profile_names
+            )
+            deadline = start + contract.timeout_us / 1e6 if contract.timeout_us else None
+            async with self.gate.slot(repository.admission, contract.priority, deadline):
+                if isinstance(model, EnsembleModel):
+                    outputs, params = await self._ensemble(model, feed, contract, deadline)
+                else:
+                    outputs, params = await self._member(
+                        repository, model, feed, contract, deadline
+                    )
+            outputs = respond.requested(request, outputs)
+            return InferResponse(model.name, VERSION, outputs, request.id, params)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.metrics.inflight -= 1
+            elapsed = self.clock.now() - start
+            self.metrics.record_request(label, protocol, outcome_of(error), elapsed)
+
+    async def _member(
+        self,
+        repository: Repository,
+        member: Member,
+        feed: dict[str, np.ndarray],
+        contract: Contract,
+        deadline: float | None,
+    ) -> tuple[list[Tensor], Parameters]:
+        """A member addressed as a model of its own: one call, default routing and retries."""
+        if contract.tier is not None and contract.tier not in member.tiers:
+            raise InvalidInput(
+                f"member {member.name!r} runs on {', '.join(member.tiers)}, "
+                f"not on tier {contract.tier!r}"
+            )
+        call = start_call(
+            member,
+            feed,
+            None,
+            repository.direct,
+            contract,
+            deadline,
+            repository.tiers,
+            self._rng,
+            self.clock,
+        )
+        outcome: str | None = None
+        try:
+            await wait_calls([call], deadline, self.clock)
+            if not call.future.done():
+                call.future.cancel()
+                outcome = "timeout"
+                raise DeadlineExceeded(f"member {member.name!r} did not answer in time")
+            result = call.future.result()
+        finally:
+            record_call(self.metrics, member.name, call, outcome)
+        return respond.member_outputs(member, result), {
+            "members_answered": f"{member.name}@{call.replica.tier}",
+            "cost": round(call.cost, 9),
+        }
+
+    async def _ensemble(
+        self,
+        model: EnsembleModel,
+        feed: dict[str, np.ndarray],
+        contract: Contract,
+        deadline: float | None,
+    ) -> tuple[list[Tensor], Parameters]:
+        """Select and ask members, check the contract, combine the answers."""
+        profile = model.profiles[contract.policy or model.profile]
+        run = EnsembleRun(
+            model,
+            profile,
+            feed,
+            contract,
+            deadline,
+            metrics=self.metrics,
+            rng=self._rng,
+            clock=self.clock,
+        )
+        await run.select()
+        if not run.asked:
+            where = f" on tier {contract.tier!r}" if contract.tier else ""
+            raise InvalidInput(f"no member of ensemble {model.name!r} can answer{where}")
+        kinds = run.violations()
+        action = profile.on_violation
+        rerouted = False
+        if kinds and action == "reroute" and not run.late:
+            rerouted = await run.reroute()
+            kinds = run.violations()
+        if not run.answers and action in ("degrade", "reroute"):
+            await run.fall_back()
+        self.metrics.record_completeness(model.name, len(run.asked), len(run.answers))
+        if kinds:
+            self.metrics.record_violations(model.name, kinds, action)
+            if action == "reject":
+                raise rejection(kinds, run.detail(kinds))
+            if action == "alert":
+                self.alerts.warn(model.name, run.detail(kinds))
+        if not run.answers:
+            raise no_answer(run.failures, run.late)
+        members = {v.name: v for v in run.views}
+        agg = profile.aggregation.aggregate(
+            run.answers, AggregationContext(len(model.classes), members, profile.weights())
+        )
+        params = respond.ensemble_parameters(run, agg, kinds, rerouted=rerouted)
+        if params.get("degraded"):
+            self.metrics.record_degraded(model.name)
+        if self.feedback.enabled:  # the id a label joins this answer by, and only this one
+            params["feedback_id"] = self.feedback.remember(
+                model.name, profile.name, tuple(run.asked), run.answers
+            )
+        return respond.ensemble_outputs(run, agg), params

@@ -1,0 +1,84 @@
+"""Member calls: start one (routed, hedged, retried as the profile says), wait, record."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+
+from ensemble.clock import Clock
+from ensemble.dataplane.calls import Call, ResilientCall
+from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.member import Member
+from ensemble.repository import Profile
+from ensemble.types import Contract, RoutingContext
+
+
+def start_call(
+    member: Member,
+    feed: dict[str, np.ndarray],
+    outputs: tuple[str, ...] | None,
+    profile: Profile,
+    contract: Contract,
+    deadline: float | None,
+    tiers: tuple[str, ...],
+    rng: random.Random,
+    clock: Clock,
+) -> Call:
+    """Start one member's call: route it; hedge, retry and time out its attempts as the
+    profile says. ModelNotReady when no replica it may use is ready."""
+    if len(member.replicas) == 1:  # nothing to route, hedge or fail over to: the cheap path
+        return Call(member, member.only(), feed, outputs)
+    order = member.route(profile.routing, RoutingContext(member.name, contract.tier, tiers), rng)
+    profile.first_attempt()
+    if len(order) == 1:
+        return Call(member, order[0], feed, outputs)
+    retry = profile.retry
+
+    def attempt_timeout(attempts_left: int) -> float | None:
+        remaining = None if deadline is None else deadline - clock.now()
+        return retry.attempt_timeout_s(remaining, attempts_left)
+
+    return ResilientCall(
+        member,
+        order,
+        feed,
+        outputs,
+        hedge_delay_s=profile.hedging.delay_s(member.replica_view(order[0])),
+        may_hedge=profile.may_hedge,
+        may_retry=profile.may_retry,
+        max_attempts=retry.max_attempts,
+        attempt_timeout=attempt_timeout,
+    )
+
+
+def record_call(
+    metrics: GatewayMetrics, model: str, call: Call, outcome: str | None = None
+) -> None:
+    """Count a finished (or abandoned: ``outcome="timeout"``) call of ``model``'s request."""
+    if outcome is None:
+        outcome = "success" if succeeded(call) else "error"
+    member, tier = call.member.name, call.replica.tier
+    metrics.record_member_call(member, tier, outcome, call.latency_s())
+    metrics.record_call_extras(model, member, tier, call.retries, call.cost)
+    if call.hedged:
+        metrics.record_hedge(member, call.won_by_hedge)
+
+
+def succeeded(call: Call) -> bool:
+    f = call.future
+    return f.done() and not f.cancelled() and f.exception() is None
+
+
+async def wait_calls(calls: list[Call], deadline: float | None, clock: Clock) -> None:
+    """Wait for the calls until the deadline; cancel them if the request itself is cancelled."""
+    if not calls:
+        return
+    timeout = None if deadline is None else max(0.0, deadline - clock.now())
+    try:
+        await asyncio.wait([c.future for c in calls], timeout=timeout)
+    except asyncio.CancelledError:
+        for call in calls:
+            call.future.cancel()  # a queued in-process call is then skipped
+        raise

@@ -1,0 +1,1 @@
+"""`ensemble profile`: members measured on their tiers through the gateway's own replicas."""

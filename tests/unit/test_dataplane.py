@@ -1,0 +1,187 @@
+"""The data plane's seams: one repository snapshot per request (a reload mid-request never mixes
+two configs), the catalog both frontends render, the cells shared state lives in, and the
+provisioners the control plane scales with."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from ensemble.config import ProfileConfig
+from ensemble.control.provisioning import ReplicaSet, Static
+from ensemble.dataplane.catalog import model_config, repository_index
+from ensemble.dataplane.dispatcher import Dispatcher
+from ensemble.metrics import GatewayMetrics
+from ensemble.replicas.member import ClassifierSchema, Member
+from ensemble.repository import EnsembleModel, Profile, Repository
+from ensemble.state import LocalCell
+from ensemble.types import InferRequest, ModelMetadata, Tensor, TensorSpec
+
+X = (TensorSpec("x", "FP32", (-1, 2)),)
+OUT = (TensorSpec("probs", "FP32", (-1, 2)),)
+SCHEMA = ClassifierSchema("probs", (0, 1), logits=False)
+
+
+class Answering:
+    """A replica answering fixed class probabilities, after ``gate`` opens when it has one."""
+
+    def __init__(
+        self, name: str, probs: Sequence[float], gate: asyncio.Event | None = None
+    ) -> None:
+        self.name, self.tier = name, name.split("/")[0]
+        self.probs = np.float32(probs)
+        self.gate = gate
+        self.up = True
+
+    def ready(self) -> bool:
+        return self.up
+
+    async def infer(
+        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        if self.gate is not None:
+            await self.gate.wait()
+        return {"probs": np.tile(self.probs, (len(feed["x"]), 1))}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def repository(name: str, *replicas: Answering, ensemble: str = "e") -> Repository:
+    member = Member(name, X, OUT, SCHEMA, list(replicas))
+    metadata = ModelMetadata(
+        ensemble, ("1",), "ensemble", X, (TensorSpec("label", "INT64", (-1,)), OUT[0])
+    )
+    profiles = {"default": Profile.build("default", ProfileConfig())}
+    model = EnsembleModel(ensemble, {name: member}, profiles, "default", (0, 1), metadata)
+    return Repository([model], [member])
+
+
+def request(model: str = "e") -> InferRequest:
+    x = np.zeros((1, 2), np.float32)
+    return InferRequest(model, None, [Tensor("x", "FP32", (1, 2), x)])
+
+
+def test_a_request_runs_on_the_repository_it_started_with() -> None:
+    async def main() -> None:
+        gate = asyncio.Event()
+        old = repository("a", Answering("edge/0", [0.9, 0.1], gate))
+        dispatcher = Dispatcher(old, GatewayMetrics())
+        pending = asyncio.ensure_future(dispatcher.infer(request(), "http"))
+        await asyncio.sleep(0)  # the request is in its member call now
+        for _ in range(10):
+            if old.members["a"].stats["edge/0"].outstanding:
+                break
+            await asyncio.sleep(0)
+        # A reload swaps in a config whose only member is another one, on another tier.
+        dispatcher.repository = repository("b", Answering("cloud/0", [0.1, 0.9]))
+        gate.set()
+        answer = await pending
+        assert answer.parameters["members_answered"] == "a@edge"
+        assert answer.outputs[0].data.tolist() == [0]
+        # The next request sees the new config only.
+        after = await dispatcher.infer(request(), "http")
+        assert after.parameters["members_answered"] == "b@cloud"
+        assert after.outputs[0].data.tolist() == [1]
+
+    asyncio.run(main())
+
+
+def test_model_config_follows_tritons_batching_rule() -> None:
+    repo = repository("a", Answering("edge/0", [0.5, 0.5]))
+    config = model_config(repo.get("e"), max_batch_size=64)
+    assert config.max_batch_size == 64
+    assert [(t.name, t.dims) for t in config.inputs] == [("x", (2,))]
+    assert [(t.name, t.dims) for t in config.outputs] == [("label", ()), ("probs", (2,))]
+    assert dict(config.parameters) == {"policy": "default", "members": "a"}
+    # A model with a fixed first dimension does not batch: 0 and the full shapes.
+    member = repo.members["a"]
+    fixed_x = (TensorSpec("x", "FP32", (1, 2)),)
+    member.metadata = ModelMetadata("a", ("1",), "onnxruntime_onnx", fixed_x, OUT)
+    fixed = model_config(member, max_batch_size=64)
+    assert fixed.max_batch_size == 0
+    assert [t.dims for t in fixed.inputs] == [(1, 2)]
+
+
+def test_the_repository_index_filters_unready_models_when_asked() -> None:
+    replica = Answering("edge/0", [0.5, 0.5])
+    repo = repository("a", replica)
+    replica.up = False
+    everything = repository_index(repo)
+    assert [(e.name, e.state, e.reason) for e in everything] == [
+        ("e", "UNAVAILABLE", "no ready replica"),
+        ("a", "UNAVAILABLE", "no ready replica"),
+    ]
+    assert repository_index(repo, ready_only=True) == []
+    replica.up = True
+    assert [e.state for e in repository_index(repo, ready_only=True)] == ["READY", "READY"]
+
+
+def test_a_cell_changes_only_by_transitions() -> None:
+    cell = LocalCell(0)
+    assert cell.apply(lambda n: (f"was {n}", n + 1)) == "was 0"
+    cell.update(lambda n: n * 10)
+    assert cell.get() == 10
+
+
+def test_a_profiles_hedge_budget_lives_in_its_cell() -> None:
+    hedging = {"name": "percentile", "params": {"budget": 0.5, "burst": 1.0}}
+    profile = Profile.build("p", ProfileConfig.model_validate({"hedging": hedging}))
+    assert profile.hedge_budget.get().tokens == 1.0  # a full burst
+    assert profile.may_hedge() and profile.hedge_budget.get().tokens == 0.0
+    assert not profile.may_hedge()  # spent
+    profile.first_attempt()
+    profile.first_attempt()  # two primaries earn one hedge
+    assert profile.may_hedge() and not profile.may_hedge()
+
+
+def test_a_static_placement_never_changes() -> None:
+    member = Member("a", X, OUT, SCHEMA, [Answering("cloud/0", [0.5, 0.5])])
+    static = Static(member, "cloud")
+    asyncio.run(static.scale(5))
+    assert static.replicas() == 1 and not static.provisioned
+
+
+def test_a_replica_set_grows_and_drains_only_what_it_added() -> None:
+    async def main() -> None:
+        member = Member("a", X, OUT, SCHEMA, [Answering("edge/0", [0.5, 0.5])])
+        made: list[str] = []
+
+        def make(name: str) -> Answering:
+            made.append(name)
+            return Answering(name, [0.5, 0.5])
+
+        replicas = ReplicaSet(member, "edge", make, drain_timeout_s=1.0)
+        await replicas.scale(3)
+        assert made == ["edge/1", "edge/2"] and replicas.replicas() == 3
+        assert replicas.added == ["edge/1", "edge/2"]
+        await replicas.scale(0)  # never below the configured replica
+        assert [r.name for r in member.serving("edge")] == ["edge/0"]
+        await replicas.close()
+
+    asyncio.run(main())
+
+
+def test_a_replica_set_closes_what_it_started_after_a_reload_replaced_it() -> None:
+    async def main() -> None:
+        member = Member("a", X, OUT, SCHEMA, [Answering("edge/0", [0.5, 0.5])])
+        replicas = ReplicaSet(member, "edge", lambda n: Answering(n, [0.5, 0.5]), 1.0)
+        replicas.retired = True
+        await replicas.scale(2)
+        assert replicas.replicas() == 1 and replicas.added == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("target", [1, 2])
+def test_keep_gives_a_new_replica_set_the_count_it_had(target: int) -> None:
+    member = Member("a", X, OUT, SCHEMA, [Answering("edge/0", [0.5, 0.5])])
+    replicas = ReplicaSet(member, "edge", lambda n: Answering(n, [0.5, 0.5]), 1.0)
+    replicas.keep(target)
+    assert replicas.replicas() == target
