@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, NoReturn, TypeAlias
 
@@ -185,7 +184,7 @@ class InferenceServicer:
 
     @_rpc
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        started = time.perf_counter()
+        started = self._dispatcher.clock.now()
         name, version = request.model_name, request.model_version or None
         try:
             limit = self.limits.elements(self._dispatcher.model(name, version).metadata)

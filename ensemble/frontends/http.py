@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -264,7 +263,7 @@ class HttpFrontend:
         raise NotFound(f"no route for {method} {scope['path']}")
 
     async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive) -> Reply:
-        started = time.perf_counter()
+        started = self.dispatcher.clock.now()
         headers = _headers(scope)
         header_length = headers.get(HEADER_LENGTH)
         try:
