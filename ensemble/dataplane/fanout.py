@@ -72,13 +72,35 @@ def succeeded(call: Call) -> bool:
 
 
 async def wait_calls(calls: list[Call], deadline: float | None, clock: Clock) -> None:
-    """Wait for the calls until the deadline; cancel them if the request itself is cancelled."""
-    if not calls:
+    """Wait for every call until the deadline, on ``clock``'s timers; cancel the calls if the
+    request itself is cancelled."""
+    pending = [c.future for c in calls if not c.future.done()]
+    if not pending:
         return
-    timeout = None if deadline is None else max(0.0, deadline - clock.now())
+    woken = asyncio.get_running_loop().create_future()
+    left = len(pending)
+
+    def landed(_: object) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0 and not woken.done():
+            woken.set_result(None)
+
+    def expired() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    for future in pending:
+        future.add_done_callback(landed)
+    timer = None if deadline is None else clock.call_later(deadline - clock.now(), expired)
     try:
-        await asyncio.wait([c.future for c in calls], timeout=timeout)
+        await woken
     except asyncio.CancelledError:
         for call in calls:
             call.future.cancel()  # a queued in-process call is then skipped
         raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for future in pending:
+            future.remove_done_callback(landed)

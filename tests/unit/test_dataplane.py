@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from ensemble.clock import Clock, VirtualClock
 from ensemble.config import ProfileConfig
 from ensemble.control.provisioning import ReplicaSet, Static
 from ensemble.dataplane.catalog import model_config, repository_index
@@ -91,6 +92,55 @@ def test_a_request_runs_on_the_repository_it_started_with() -> None:
         assert after.outputs[0].data.tolist() == [1]
 
     asyncio.run(main())
+
+
+class Timed:
+    """A replica answering fixed probabilities ``delay_s`` after each call, on ``clock``."""
+
+    def __init__(self, name: str, probs: Sequence[float], delay_s: float, clock: Clock) -> None:
+        self.name, self.tier = name, name.split("/")[0]
+        self.probs, self.delay_s, self.clock = np.float32(probs), delay_s, clock
+
+    def ready(self) -> bool:
+        return True
+
+    async def infer(
+        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        await self.clock.sleep(self.delay_s)
+        return {"probs": np.tile(self.probs, (len(feed["x"]), 1))}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def test_a_deadline_answers_with_what_arrived_in_virtual_time() -> None:
+    clock = VirtualClock()
+    near = Member("near", X, OUT, SCHEMA, [Timed("edge/0", [0.9, 0.1], 0.005, clock)], clock=clock)
+    far = Member("far", X, OUT, SCHEMA, [Timed("cloud/0", [0.1, 0.9], 0.100, clock)], clock=clock)
+    metadata = ModelMetadata(
+        "e", ("1",), "ensemble", X, (TensorSpec("label", "INT64", (-1,)), OUT[0])
+    )
+    profiles = {"default": Profile.build("default", ProfileConfig(), clock)}
+    members = {"near": near, "far": far}
+    model = EnsembleModel("e", members, profiles, "default", (0, 1), metadata)
+    dispatcher = Dispatcher(Repository([model], [near, far]), GatewayMetrics(), clock=clock)
+    x = np.zeros((1, 2), np.float32)
+    timed = InferRequest(
+        "e", None, [Tensor("x", "FP32", (1, 2), x)], parameters={"timeout": 20_000}
+    )
+
+    async def main() -> tuple[float, dict[str, object]]:
+        answer = await clock.run(dispatcher.infer(timed, "http"))
+        return clock.now(), dict(answer.parameters)
+
+    took, params = asyncio.run(main())
+    assert took == pytest.approx(0.020)  # the 20 ms deadline, to the tick of the virtual clock
+    assert params["members_answered"] == "near@edge"
+    assert params["deadline_met"] is False and params["violations"] == "deadline"
 
 
 def test_model_config_follows_tritons_batching_rule() -> None:
