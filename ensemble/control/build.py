@@ -308,10 +308,6 @@ def build_ensemble(
     )
 
 
-def _card_path(cfg: GatewayConfig, member: MemberConfig) -> Path:
-    return cfg.resolve(member.card) if member.card else card_path_for(cfg.resolve(member.model))
-
-
 def validation_set(members: Mapping[str, Member], card_paths: list[Path]) -> ValidationSet | None:
     """Held-out labels and every member's answers on them, when all cards share one zoo.
 
