@@ -170,15 +170,19 @@ class Bench:
         """Run a measurement and account where the machine's CPU went meanwhile."""
         idle = [p for p in self.peers if p is not target.peer]
         server0, idle0 = target.peer.cpu_seconds(), sum(p.cpu_seconds() for p in idle)
+        loop0 = target.peer.main_thread_cpu_seconds()
         machine0, wall0 = machine_busy_seconds(), time.time()
         result = run()
         wall = time.time() - wall0
         server = (target.peer.cpu_seconds() - server0) / wall
+        loop = (target.peer.main_thread_cpu_seconds() - loop0) / wall
         idle_peers = (sum(p.cpu_seconds() for p in idle) - idle0) / wall
         machine = (machine_busy_seconds() - machine0) / wall
         generator = result.generator_cpu_s / wall
         cpu = {
             "server_cores": round(server, 3),
+            # Of those, the server's main thread: the event loop that bounds one process.
+            "server_loop_cores": round(loop, 3),
             "generator_cores": round(generator, 3),
             # The other peers while they wait their turn (Ray's background work shows here).
             "idle_peers_cores": round(idle_peers, 3),

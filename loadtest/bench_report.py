@@ -65,6 +65,9 @@ def row(result: WrkResult | LoadResult, cpu: dict[str, float]) -> dict[str, Any]
     out.update(cpu)
     if result.rps > 0:
         out["server_cpu_ms_per_request"] = round(cpu["server_cores"] / result.rps * 1e3, 3)
+        loop = cpu.get("server_loop_cores")
+        if loop is not None:  # the loop thread's share, and the other threads' and processes'
+            out["server_loop_cpu_ms_per_request"] = round(loop / result.rps * 1e3, 3)
     if isinstance(result, LoadResult):
         out.update({k: round(v, 3) for k, v in result.extra.items()})
     return out
@@ -73,7 +76,10 @@ def row(result: WrkResult | LoadResult, cpu: dict[str, float]) -> dict[str, Any]
 def brief(r: dict[str, Any]) -> str:
     p50, p99 = r.get("p50_ms", float("nan")), r.get("p99_ms", float("nan"))
     text = f"{r['rps']:>8.1f} req/s  p50 {p50:8.2f} ms  p99 {p99:8.2f} ms"
-    text += f"  cores server {r['server_cores']:.2f} gen {r['generator_cores']:.2f}"
+    text += f"  cores server {r['server_cores']:.2f}"
+    if "server_loop_cores" in r:
+        text += f" (loop {r['server_loop_cores']:.2f})"
+    text += f" gen {r['generator_cores']:.2f}"
     if r.get("unfinished"):
         text += f"  unfinished {r['unfinished']:.0f}"
     return text

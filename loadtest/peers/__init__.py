@@ -45,6 +45,11 @@ class Peer:
         """CPU used so far by the peer and every process under it (Ray's raylet, workers...)."""
         return tree_cpu_seconds(self.proc.pid)
 
+    def main_thread_cpu_seconds(self) -> float:
+        """CPU used so far by the peer's main thread: its event loop, for the gateway and the
+        no-op server (the rest of :meth:`cpu_seconds` is other threads and processes)."""
+        return thread_cpu_seconds(self.proc.pid, self.proc.pid)
+
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM and wait for a clean exit; past the timeout, kill the peer's process group."""
         if self.proc.poll() is None:
@@ -164,6 +169,16 @@ def tree_cpu_seconds(pid: int) -> float:
             total += sum(int(v) for v in fields[11:15])
         stack.extend(children.get(current, ()))
     return total / _TICKS_PER_S
+
+
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """User + system CPU of one thread ``tid`` of process ``pid`` (0 once it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
 
 
 def machine_steal_seconds() -> float:

@@ -171,3 +171,29 @@ def test_script_posts_the_body_file_with_the_headers(tmp_path: Path) -> None:
     assert 'wrk.headers["Inference-Header-Content-Length"] = "13"' in text
     assert 'wrk.headers["Content-Type"] = "application/octet-stream"' in text
     assert "latency:percentile(99.9)" in text
+
+
+def test_a_row_splits_the_servers_cpu_into_its_loop_and_the_rest() -> None:
+    from loadtest.bench_clients import LoadResult
+    from loadtest.bench_report import brief, row
+
+    result = LoadResult(1000, 1.0, 1000.0, {"p50": 1.0, "p99": 2.0}, 0, None, 0.1)
+    cpu = {"server_cores": 1.1, "server_loop_cores": 0.8, "generator_cores": 0.1}
+    r = row(result, cpu)
+    assert r["server_cpu_ms_per_request"] == 1.1
+    assert r["server_loop_cpu_ms_per_request"] == 0.8
+    assert "cores server 1.10 (loop 0.80) gen 0.10" in brief(r)
+
+
+def test_a_threads_cpu_is_read_from_proc() -> None:
+    import os
+    import time
+
+    from loadtest.peers import thread_cpu_seconds
+
+    before = thread_cpu_seconds(os.getpid(), os.getpid())
+    end = time.process_time() + 0.05
+    while time.process_time() < end:  # bounded busy work on this (the main) thread
+        pass
+    assert thread_cpu_seconds(os.getpid(), os.getpid()) > before
+    assert thread_cpu_seconds(os.getpid(), 2**22 + 7) == 0.0  # no such thread
