@@ -113,13 +113,16 @@ def build_member(
     detection. Its model file must match its card's and its config's SHA-256
     (ModelIntegrityError otherwise)."""
     card = member_card(cfg, member)
+    expected = member_digests(cfg, member, card)
+    path = cfg.resolve(member.model)
+    verified, signature, sessions = _load(member, path, expected, allow_unverified=False)
 
     def site(place: Placement) -> Site:
         config = cfg.tiers[place.tier].link
         return Site(
             member,
             place,
-            cfg.resolve(member.model),
+            path,
             signature,
             card,
             engine,
@@ -132,9 +135,6 @@ def build_member(
             drain_timeout_s=cfg.server.drain_timeout_s,
         )
 
-    expected = member_digests(cfg, member, card)
-    path = cfg.resolve(member.model)
-    verified, signature, sessions = _load(member, path, expected, allow_unverified=False)
     built, provisioners = _member(member, card, [site(p) for p in member.placement])
     built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
     built.cost_per_call = built.tier_costs[member.placement[0].tier]

@@ -269,7 +269,7 @@ class Dispatcher:
             run.answers, AggregationContext(len(model.classes), members, profile.weights())
         )
         params = respond.ensemble_parameters(run, agg, kinds, rerouted=rerouted)
-        if params.get("degraded"):
+        if respond.degraded(run, kinds):
             self.metrics.record_degraded(model.name)
         if self.feedback.enabled:  # the id a label joins this answer by, and only this one
             params["feedback_id"] = self.feedback.remember(

@@ -40,7 +40,7 @@ def ensemble_parameters(
         params["hedges"] = run.hedges
     if run.retries:
         params["retries"] = run.retries
-    if kinds or run.fallback_used:
+    if degraded(run, kinds):
         params["degraded"] = True
         if kinds:
             params["violations"] = ",".join(kinds)
@@ -51,6 +51,11 @@ def ensemble_parameters(
     if rerouted:
         params["rerouted"] = True
     return params
+
+
+def degraded(run: EnsembleRun, kinds: tuple[str, ...]) -> bool:
+    """Whether the answer falls short: a contract violation, or the fallback member answered."""
+    return bool(kinds) or run.fallback_used
 
 
 def member_outputs(member: Member, result: dict[str, np.ndarray]) -> list[Tensor]:
