@@ -23,6 +23,7 @@ REJECTION_REASONS = (
     "members_failed",
     "feedback_unknown_id",
     "feedback_duplicate",
+    "worker_unavailable",
     "internal",
 )
 """Every error's ``reason``: the label values of ``ensemble_rejected_requests_total``."""
@@ -152,6 +153,14 @@ class ServerShuttingDown(EnsembleError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     reason = "draining"
+
+
+class WorkerUnavailable(EnsembleError):
+    """Another worker of the gateway did not answer (it is restarting): retry."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+    reason = "worker_unavailable"
 
 
 class Overloaded(EnsembleError):

@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ import grpc
 import uvicorn
 
 from ensemble.auth import ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV, ApiKeys
+from ensemble.cluster.slots import LocalSlots, SharedSlots
 from ensemble.config import GatewayConfig, ServerConfig, TlsConfig
 from ensemble.control.build import Built, build
 from ensemble.control.loop import ControlLoop
@@ -27,7 +28,7 @@ from ensemble.control.reload import Reloader
 from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.frontends.connections import ConnectionGuard, ConnectionLimits, GatewayHttpProtocol
 from ensemble.frontends.grpc import start_grpc_server
-from ensemble.frontends.http import HttpFrontend
+from ensemble.frontends.http import HttpFrontend, LocalRoutes, Reloads, SharedRoutes
 from ensemble.frontends.limits import Offload, RequestLimits
 from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
@@ -45,7 +46,8 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: a free port); OSError naming the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -116,6 +118,7 @@ class Gateway:
         config: GatewayConfig | None = None,
         links: Links | None = None,
         ray: RayRuntime | None = None,
+        slots: LocalSlots | SharedSlots | None = None,
     ) -> None:
         self.server = server
         self.metrics = GatewayMetrics()
@@ -146,6 +149,7 @@ class Gateway:
             feedback_window=server.feedback_window,
             feedback_max_bytes=server.feedback_max_bytes,
             feedback_accuracy_window=server.feedback_accuracy_window,
+            slots=slots,
         )
         self.reloader = (
             Reloader(
@@ -162,6 +166,10 @@ class Gateway:
             else None
         )
         """Hot reload, for a gateway built from a config."""
+        self.reloads: Reloads | None = self.reloader
+        """What the admin API and SIGHUP reload through (all workers of a gateway together)."""
+        self.shared: SharedRoutes = LocalRoutes(self.dispatcher, self.metrics)
+        """The routes over state a gateway's workers share."""
         self.control = ControlLoop(lambda: self.fleet, self.metrics) if config is not None else None
         """The control loop (it acts only while the config has `autoscaling`)."""
         self._http: _Uvicorn | None = None
@@ -174,6 +182,7 @@ class Gateway:
         cfg: GatewayConfig,
         progress: Callable[[str], None] | None = None,
         ray: RayRuntime | None = None,
+        slots: LocalSlots | SharedSlots | None = None,
     ) -> Gateway:
         """The gateway of ``ensemble serve``: the config's ensembles, hot-reloadable; `ray`
         placements call ``ray``'s deployments."""
@@ -187,6 +196,7 @@ class Gateway:
             config=cfg,
             links=links,
             ray=ray,
+            slots=slots,
         )
 
     @property
@@ -194,7 +204,17 @@ class Gateway:
         """The current config's provisioners (a hot reload replaces them)."""
         return self.reloader.fleet if self.reloader is not None else self._fleet
 
-    async def start(self, host: str, http_port: int, grpc_port: int) -> Addresses:
+    async def start(
+        self,
+        host: str,
+        http_port: int,
+        grpc_port: int,
+        *,
+        http_socket: socket.socket | None = None,
+        reuse_port: bool = False,
+    ) -> Addresses:
+        """Serve on ``host``'s ports, or HTTP on ``http_socket`` (a worker's, shared with the
+        others); ``reuse_port``: the gRPC port is shared by the gateway's workers."""
         server = self.server
         tls = _tls_files(server.tls)  # before anything starts: a bad file is the whole error
         api_keys = ApiKeys.from_env()
@@ -203,7 +223,7 @@ class Gateway:
         await self.repository.start()  # first health checks: readiness known before listening
         if self.control is not None:
             self.control.start()
-        sock = _listen(host, http_port)
+        sock = listen(host, http_port) if http_socket is None else http_socket
         conns = ConnectionLimits.of(server).fit_descriptors()
         # uvicorn builds each connection's protocol from this (any factory works), and arms
         # its keep-alive timer with loop.call_later (its `int` hint is too narrow).
@@ -216,11 +236,12 @@ class Gateway:
             self.metrics,
             limits=self.limits,
             offload=self.offload,
-            reloader=self.reloader,
+            reloader=self.reloads,
             admin_token=os.environ.get(ADMIN_TOKEN_ENV),
             feedback_token=self.feedback_token,
             links=self.links,
             api_keys=api_keys,
+            shared=self.shared,
         )
         config = uvicorn.Config(
             app,
@@ -246,6 +267,7 @@ class Gateway:
             connections=conns,
             tls=tls,
             api_keys=api_keys,
+            reuse_port=reuse_port,
         )
         while not self._http.started:
             if self._http_task.done():
@@ -286,17 +308,24 @@ async def run_gateway(
     http_port: int,
     grpc_port: int,
     announce: Callable[[Addresses], None],
+    *,
+    join: Callable[[Gateway], Awaitable[asyncio.Event]] | None = None,
+    http_socket: socket.socket | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT, then drain; the process's exit code. ``make`` builds the
-    gateway (loading its models) once the signal handlers are in place."""
+    gateway (loading its models) once the signal handlers are in place. A worker of a gateway
+    of several ``join``s the others before it listens (on ``http_socket``, shared with them,
+    and the gRPC port, with SO_REUSEPORT); it also stops when the returned event is set (its
+    supervisor went away)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # Installed before the models load, so a stop request during start-up is also orderly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     gateway = make()
+    orphaned = await join(gateway) if join is not None else asyncio.Event()
     reloads: set[asyncio.Task[object]] = set()
-    reloader = gateway.reloader
+    reloader = gateway.reloads
 
     def reload_on_sighup() -> None:
         assert reloader is not None
@@ -308,12 +337,15 @@ async def run_gateway(
         loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
     else:  # a replica server has no config to re-read; SIGHUP must not terminate it
         loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: nothing to reload"))
-    addresses = await gateway.start(host, http_port, grpc_port)
+    addresses = await gateway.start(
+        host, http_port, grpc_port, http_socket=http_socket, reuse_port=join is not None
+    )
     if not stop.is_set():
         announce(addresses)
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(gateway.wait_failed())
-    await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+    lost = asyncio.create_task(orphaned.wait())
+    await asyncio.wait({stopped, failed, lost}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if failed.done() and not stopped.done():
         log.error("a frontend stopped unexpectedly; shutting down")
@@ -322,6 +354,7 @@ async def run_gateway(
     await gateway.stop()
     stopped.cancel()
     failed.cancel()
+    lost.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Drained: the process only exits now. Closing the loop would restore the default
         # handlers, and a repeated stop request (a supervisor that signals twice) would then

@@ -28,7 +28,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     announce = announcer("gateway", cfg.model_names())
     ray = None
     try:
+        from ensemble.supervisor import supervise, worker_count
+
+        workers = worker_count(args.workers)
+        if workers > 1 and (args.ray_address or cfg.uses_ray()):
+            raise ValueError(
+                "--workers above 1 does not combine with Ray yet (`--ray-address` or `ray` "
+                "placements); serve with one worker"
+            )
         ensure_models(cfg)
+        if workers > 1:
+            return supervise(cfg, args.config, host, http_port, grpc_port, workers, announce)
         if args.ray_address:
             from ensemble.serve_app import serve_on_cluster
 
@@ -50,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return Gateway.from_config(cfg, progress, ray)
 
         return uvloop.run(run_gateway(make, host, http_port, grpc_port, announce))
-    except (EnsembleError, OSError) as exc:
+    except (EnsembleError, OSError, ValueError) as exc:
         print(f"ensemble: cannot serve {args.config}: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -84,6 +94,17 @@ def register(sub: Subparsers) -> None:
     )
     serve.add_argument(
         "--grpc-port", type=int, metavar="PORT", help="OIP gRPC port (0 = any free port)."
+    )
+    serve.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="Worker processes serving the same ports, each with its own event loop: a number, "
+        "or `auto` for one per core (default: 1, this process serves). Above 1, a supervising "
+        "process restarts a worker that dies, drains all on SIGTERM/SIGINT, and on SIGHUP (or "
+        "PUT /admin/config to any worker) reloads the config in every worker or in none; "
+        "learning, feedback, admission, link settings, scaling and /metrics are the whole "
+        "gateway's (see docs/operations.md).",
     )
     serve.add_argument(
         "--ray-address",

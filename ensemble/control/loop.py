@@ -16,8 +16,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any, Protocol
 
 from ensemble.control.provisioning import Fleet, Key, Provisioner
 from ensemble.errors import EnsembleError, ModelIntegrityError
@@ -31,16 +32,45 @@ from policies.base import AutoscalingPolicy, PlacementLoad, ScalingContext
 log = logging.getLogger("ensemble.control")
 
 
+class Peers(Protocol):
+    """The gateway's other workers, as the control loop sees them: one leader observes all of
+    them, decides, and publishes the targets every worker applies (``apply``)."""
+
+    @property
+    def leads(self) -> bool:
+        """This worker decides (it is the lowest-numbered live worker)."""
+        ...
+
+    @property
+    def workers(self) -> int: ...
+
+    async def loads(self) -> list[tuple[PlacementLoad, ...]]:
+        """Every other live worker's own observation (``ControlLoop.observe``)."""
+        ...
+
+    def publish(self, targets: dict[Key, int]) -> None:
+        """Send the targets to every worker (this one too), in the order of shared changes."""
+        ...
+
+
 class ControlLoop:
-    """Observes and scales the current config's fleet (read at every tick: reloads swap it)."""
+    """Observes and scales the current config's fleet (read at every tick: reloads swap it).
+
+    With ``peers`` (a gateway of several workers), only the leader decides: from the load of
+    every worker (per worker for placements each worker holds, in total for shared ones), and
+    every worker scales its own replicas to the targets; shared placements scale once, by the
+    leader."""
 
     def __init__(
         self,
         fleet: Callable[[], Fleet],
         metrics: GatewayMetrics,
         clock: Callable[[], float] = time.monotonic,
+        peers: Peers | None = None,
     ) -> None:
         self._fleet = fleet
+        self.peers = peers
+        self._applying = asyncio.Lock()
         self._metrics = metrics
         self._clock = clock
         self._policy: AutoscalingPolicy | None = None
@@ -86,34 +116,61 @@ class ControlLoop:
 
     async def tick(self) -> None:
         """One observation, decision and provisioning step."""
+        peers = self.peers
+        if peers is not None and not peers.leads:
+            return  # the leader observes this worker through ``observe`` and decides
         fleet = self._fleet()
         now = self._clock()
-        self._account(fleet, now)
+        self._account(fleet, now, 1 if peers is None else peers.workers)
         policy, settings = fleet.policy, fleet.autoscaling
         if policy is None or settings is None:
             return
         if policy is not self._policy:  # a new config: start from the policy's own state
             self._policy, self._state = policy, policy.initial_state()
         loads = self._observe(fleet, now, settings.window_s)
+        if peers is not None:
+            loads = _merged(fleet, loads, await peers.loads())
         ctx = ScalingContext(now, loads, fleet.tier_caps, settings.window_s)
         decision, self._state = policy.decide(ctx, self._state)
         for key, target in decision.targets.items():
-            provisioner = fleet.provisioners.get(key)
             if self.desired.get(key) != target:
+                provisioner = fleet.provisioners.get(key)
                 self._log_decision(key, target, decision.reasons.get(key), provisioner)
             self.desired[key] = target
-            if provisioner is None:
-                continue
-            try:
-                await provisioner.scale(target)
-            except EnsembleError as exc:  # e.g. a replica process that could not start
-                if isinstance(exc, ModelIntegrityError):  # the file changed since it loaded
-                    self._metrics.record_integrity_failure(key[0])
-                log.warning("autoscaler: %s@%s: could not provision: %s", *key, exc)
-            self.replicas[key] = provisioner.replicas()
         for key in list(self.desired):
             if key not in decision.targets:
                 del self.desired[key]
+        if peers is not None:
+            peers.publish(dict(decision.targets))
+        else:
+            await self.apply(decision.targets)
+
+    def observe(self) -> tuple[PlacementLoad, ...]:
+        """This worker's own load now (the leader asks each worker at every tick)."""
+        fleet = self._fleet()
+        settings = fleet.autoscaling
+        if settings is None:
+            return ()
+        return self._observe(fleet, self._clock(), settings.window_s)
+
+    async def apply(self, targets: Mapping[Key, int]) -> None:
+        """Scale this worker's placements to ``targets`` (shared ones only on the leader),
+        one set of targets at a time, in the order they were decided."""
+        async with self._applying:
+            fleet = self._fleet()
+            leads = self.peers is None or self.peers.leads
+            for key, target in targets.items():
+                provisioner = fleet.provisioners.get(key)
+                if provisioner is None:
+                    continue
+                if provisioner.per_worker or leads:
+                    try:
+                        await provisioner.scale(target)
+                    except EnsembleError as exc:  # e.g. a replica process that could not start
+                        if isinstance(exc, ModelIntegrityError):  # the file changed since
+                            self._metrics.record_integrity_failure(key[0])
+                        log.warning("autoscaler: %s@%s: could not provision: %s", *key, exc)
+                self.replicas[key] = provisioner.replicas()
 
     def _log_decision(
         self, key: Key, target: int, reason: str | None, provisioner: Provisioner | None
@@ -176,14 +233,15 @@ class ControlLoop:
         self._recorded[key] = kept
         return p95s
 
-    def _account(self, fleet: Fleet, now: float) -> None:
-        """Replica-seconds since the last tick, and their price, per placement."""
+    def _account(self, fleet: Fleet, now: float, workers: int) -> None:
+        """Replica-seconds since the last tick, and their price, per placement (each of the
+        ``workers`` holds its own replicas of a per-worker placement)."""
         last, self._last_account = self._last_account, now
         if last is None or now <= last:
             return
         held = self._metrics.replica_seconds
         for (member_name, tier), provisioner in fleet.provisioners.items():
-            count = provisioner.replicas()
+            count = provisioner.replicas() * (workers if provisioner.per_worker else 1)
             if count:
                 seconds = count * (now - last)
                 held[(member_name, tier)] += seconds
@@ -238,6 +296,34 @@ class ControlLoop:
                 )
             )
         return tuple(loads)
+
+
+def _merged(
+    fleet: Fleet, mine: tuple[PlacementLoad, ...], others: list[tuple[PlacementLoad, ...]]
+) -> tuple[PlacementLoad, ...]:
+    """The leader's loads joined with the other workers': a placement each worker holds is
+    judged per worker (the average worker's load on its own replicas, the worst p95), a shared
+    one on the calls of all workers together."""
+    merged = []
+    for load in mine:
+        seen = [o for loads in others for o in loads if o.key == load.key]
+        if not seen:
+            merged.append(load)
+            continue
+        provisioner = fleet.provisioners.get(load.key)
+        every = [load, *seen]
+        share = len(every) if provisioner is not None and provisioner.per_worker else 1
+        p95s = [x.p95_ms for x in every if x.p95_ms is not None]
+        merged.append(
+            replace(
+                load,
+                outstanding=sum(x.outstanding for x in every) / share,
+                arrival_rps=sum(x.arrival_rps for x in every) / share,
+                failures_rps=sum(x.failures_rps for x in every) / share,
+                p95_ms=max(p95s) if p95s else None,
+            )
+        )
+    return tuple(merged)
 
 
 def _service_ms(member: Member, trips: list[float], stats: list[ReplicaStats]) -> float | None:

@@ -36,6 +36,9 @@ class Provisioner(Protocol):
     tier: str
     provisioned: bool
     """False: its replicas are fixed here (a scaling decision is logged, not applied)."""
+    per_worker: bool
+    """Each of the gateway's workers has replicas of its own (in-process, process); False: the
+    workers share the replicas (remote servers, a Ray deployment), the leader scales them."""
 
     def replicas(self) -> int:
         """Replicas it has now (draining ones are on their way out)."""
@@ -59,6 +62,7 @@ class Static:
     """A placement whose replicas are fixed: remote servers at configured endpoints."""
 
     provisioned = False
+    per_worker = False
 
     def __init__(self, member: Member, tier: str) -> None:
         self.member, self.tier = member, tier
@@ -81,6 +85,7 @@ class RayScaler:
     count (blocking: one write to Ray's key-value store, read by Serve's autoscaling policy)."""
 
     provisioned = True
+    per_worker = False
 
     def __init__(
         self, member: Member, replica: RayReplica, set_target: Callable[[str, str, int], None]
@@ -111,6 +116,7 @@ class ReplicaSet:
     blocking: it loads a session, a process replica's child starts with the replica)."""
 
     provisioned = True
+    per_worker = True
 
     def __init__(
         self, member: Member, tier: str, make: Callable[[str], Replica], drain_timeout_s: float

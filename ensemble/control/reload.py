@@ -30,6 +30,8 @@ class ReloadResult:
     ok: bool
     message: str
     errors: list[str] = field(default_factory=list)
+    workers: dict[int, str] | None = None
+    """A gateway of several workers: what each did (applied, rolled back, or why not)."""
 
 
 class Reloader:
@@ -61,6 +63,8 @@ class Reloader:
         their replicas): each is closed ``server.drain_timeout_s`` after it was replaced, or when
         the gateway stops."""
         self._closing: set[asyncio.Task[None]] = set()
+        self._prepared: tuple[tuple[GatewayConfig, Built], str, float] | None = None
+        """What ``prepare`` built, until ``commit`` or ``abort``."""
 
     async def reload_file(self) -> ReloadResult:
         """Re-read the config file the gateway was started with (SIGHUP, empty admin PUT)."""
@@ -79,49 +83,101 @@ class Reloader:
     async def _apply(self, load: Callable[[], GatewayConfig], what: str) -> ReloadResult:
         async with self._lock:
             start = time.perf_counter()
-            try:
-                cfg = await asyncio.to_thread(load)
-                _check_restart_only(self.cfg, cfg)
-                # Loading sessions blocks for a while: never on the event loop.
-                built = await asyncio.to_thread(
-                    build, cfg, self._engine, None, self._links, self._ray
-                )
-                # Before it starts, so the kept replicas start (and are checked) with the rest.
-                await _keep_replica_counts(self.cfg, cfg, self.fleet, built.fleet)
-            except ConfigError as exc:
-                return self._reject(exc.errors)
-            except ModelIntegrityError as exc:
+            prepared = await self._prepare(load)
+            if isinstance(prepared, ReloadResult):
+                return prepared
+            return await self._commit(prepared, what, start)
+
+    async def prepare(self, text: str, source: str) -> list[str]:
+        """The first half of a reload all of a gateway's workers make together: validate and
+        build ``text`` and start its replicas, without serving it. Returns the problems (the
+        old config stays, nothing to undo) or [] and holds the reload lock until ``commit`` or
+        ``abort``."""
+        await self._lock.acquire()
+        base = self.cfg.base_dir if self.source is None else self.source.parent
+        prepared = await self._prepare(lambda: parse_yaml(text, source=source, base_dir=base))
+        if isinstance(prepared, ReloadResult):
+            self._lock.release()
+            return prepared.errors or [prepared.message]
+        self._prepared = (prepared, source, time.perf_counter())
+        return []
+
+    async def commit(self) -> str:
+        """Serve the config ``prepare`` built (nothing can fail now)."""
+        if self._prepared is None:
+            return "nothing prepared"
+        (cfg, built), what, start = self._prepared
+        self._prepared = None
+        try:
+            return (await self._commit((cfg, built), what, start)).message
+        finally:
+            self._lock.release()
+
+    async def abort(self) -> None:
+        """Drop what ``prepare`` built: another worker could not apply the config."""
+        if self._prepared is None:
+            return
+        (_, built), _, _ = self._prepared
+        self._prepared = None
+        try:
+            self._links.configure(self.cfg.tiers)
+            await built.fleet.close()
+            await built.repository.close()
+            self._metrics.record_reload("failure")
+        finally:
+            self._lock.release()
+
+    async def _prepare(
+        self, load: Callable[[], GatewayConfig]
+    ) -> tuple[GatewayConfig, Built] | ReloadResult:
+        """A new config validated, built and started, or why not (the old one unchanged)."""
+        try:
+            cfg = await asyncio.to_thread(load)
+            _check_restart_only(self.cfg, cfg)
+            # Loading sessions blocks for a while: never on the event loop.
+            built = await asyncio.to_thread(build, cfg, self._engine, None, self._links, self._ray)
+            # Before it starts, so the kept replicas start (and are checked) with the rest.
+            await _keep_replica_counts(self.cfg, cfg, self.fleet, built.fleet)
+        except ConfigError as exc:
+            return self._reject(exc.errors)
+        except ModelIntegrityError as exc:
+            for member in exc.members:
+                self._metrics.record_integrity_failure(member)
+            return self._reject(exc.problems)
+        except (EnsembleError, OSError) as exc:
+            return self._reject([str(exc)])
+        # The new tiers' link settings; runtime overrides (a partition) are kept.
+        self._links.configure(cfg.tiers)
+        try:
+            await built.repository.start()  # remote replicas' first checks; children
+        except EnsembleError as exc:  # a child that cannot start; it closed the others
+            self._links.configure(self.cfg.tiers)
+            if isinstance(exc, ModelIntegrityError):  # a child refused its model file
                 for member in exc.members:
                     self._metrics.record_integrity_failure(member)
-                return self._reject(exc.problems)
-            except (EnsembleError, OSError) as exc:
-                return self._reject([str(exc)])
-            # The new tiers' link settings; runtime overrides (a partition) are kept.
-            self._links.configure(cfg.tiers)
-            try:
-                await built.repository.start()  # remote replicas' first checks; children
-            except EnsembleError as exc:  # a child that cannot start; it closed the others
-                self._links.configure(self.cfg.tiers)
-                if isinstance(exc, ModelIntegrityError):  # a child refused its model file
-                    for member in exc.members:
-                        self._metrics.record_integrity_failure(member)
-                return self._reject([str(exc)])
-            old = Built(self._dispatcher.repository, self.fleet)
-            repository = built.repository
-            _carry_state(old.repository, repository)
-            self._dispatcher.repository = repository  # new requests see it from now on
-            self.fleet = built.fleet
-            await old.fleet.close()  # replicas it is still starting or draining: not its own
-            self.retired.append(old)
-            closing = asyncio.create_task(self._close_later(old))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
-            self.cfg = cfg
-            self._metrics.record_reload("success")
-            took = time.perf_counter() - start
-            message = f"reloaded {what} in {took:.2f} s: {', '.join(repository.names())}"
-            log.info(message)
-            return ReloadResult(True, message)
+            return self._reject([str(exc)])
+        return cfg, built
+
+    async def _commit(
+        self, prepared: tuple[GatewayConfig, Built], what: str, start: float
+    ) -> ReloadResult:
+        cfg, built = prepared
+        old = Built(self._dispatcher.repository, self.fleet)
+        repository = built.repository
+        _carry_state(old.repository, repository)
+        self._dispatcher.repository = repository  # new requests see it from now on
+        self.fleet = built.fleet
+        await old.fleet.close()  # replicas it is still starting or draining: not its own
+        self.retired.append(old)
+        closing = asyncio.create_task(self._close_later(old))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        self.cfg = cfg
+        self._metrics.record_reload("success")
+        took = time.perf_counter() - start
+        message = f"reloaded {what} in {took:.2f} s: {', '.join(repository.names())}"
+        log.info(message)
+        return ReloadResult(True, message)
 
     async def _close_later(self, old: Built) -> None:
         # Stops its health checks and connection pools once requests begun on it are done.

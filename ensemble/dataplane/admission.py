@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ensemble.clock import SYSTEM_CLOCK, Clock
+from ensemble.cluster.slots import LocalSlots, SharedSlots
 from ensemble.errors import Overloaded
 from ensemble.metrics import GatewayMetrics
 from policies.base import AdaptiveLimit, AdmissionPolicy, GateView, LatencyWindow, LimitState
@@ -34,15 +35,27 @@ class _Waiter:
 _EWMA = 0.1
 """Weight of each finished request in ``typical_service_s``."""
 
+POLL_S = 0.001
+"""With the count shared by workers, how often a worker with requests waiting looks for a slot
+another worker freed (its own finished requests wake them at once)."""
+
 
 class AdmissionGate:
     """Requests running now and waiting for a slot; one per gateway (reloads keep it, and an
-    adaptive limit carries over to the next adaptive policy)."""
+    adaptive limit carries over to the next adaptive policy). With ``slots`` shared by the
+    gateway's workers the running count, and so the policy's limit, is the whole gateway's;
+    the waiting requests, and so ``max_waiting``, are each worker's."""
 
-    def __init__(self, metrics: GatewayMetrics, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        clock: Clock = SYSTEM_CLOCK,
+        slots: LocalSlots | SharedSlots | None = None,
+    ) -> None:
         self.metrics = metrics
         self.clock = clock
-        self.running = 0
+        self.slots = slots if slots is not None else LocalSlots()
+        self._polling = False
         self._waiting: list[_Waiter] = []
         self._policy: AdmissionPolicy | None = None
         self._adaptive: AdaptiveLimit | None = None
@@ -51,8 +64,13 @@ class AdmissionGate:
         self._peak = 0
         self.typical_service_s = 0.0
         """Moving average of how long admitted requests hold their slot (0: none finished)."""
-        metrics.admission = lambda: (self.running, len(self._waiting))
+        metrics.admission = lambda: (self.slots.mine, len(self._waiting))
         metrics.admission_limit = lambda: None if self._limit is None else self._limit.limit
+
+    @property
+    def running(self) -> int:
+        """Requests running now (in every worker, when the count is shared)."""
+        return self.slots.total()
 
     @property
     def waiting(self) -> int:
@@ -111,7 +129,7 @@ class AdmissionGate:
             finished = False  # the client went away: its time says nothing about service
             raise
         finally:
-            self.running -= 1
+            self.slots.add(-1)
             if finished:
                 service_s = self.clock.now() - started
                 typical = self.typical_service_s
@@ -137,9 +155,10 @@ class AdmissionGate:
         self.metrics.shed[reason] += 1
 
     def _start(self) -> None:
-        self.running += 1
-        if self.running > self._peak:
-            self._peak = self.running
+        self.slots.add(1)
+        running = self.slots.total()
+        if running > self._peak:
+            self._peak = running
 
     def _record(self, adaptive: AdaptiveLimit, service_s: float) -> None:
         """Keep one service time; every window (so many requests, or so long) update the limit."""
@@ -160,6 +179,9 @@ class AdmissionGate:
         waiter = _Waiter(priority, deadline)
         self._waiting.append(waiter)
         self.wake(policy)  # a slot may be free (a request ahead of it just finished)
+        if self.slots.shared and not self._polling and self._waiting:
+            self._polling = True
+            self.clock.call_later(POLL_S, lambda: self._poll(policy))
         started = self.clock.now()
         expiry = None
         if deadline is not None and not waiter.future.done():
@@ -188,10 +210,18 @@ class AdmissionGate:
         if waiter in self._waiting:
             self._waiting.remove(waiter)
         elif _granted(waiter):
-            self.running -= 1
+            self.slots.add(-1)
             self.wake(policy)
         if not waiter.future.done():
             waiter.future.cancel()
+
+    def _poll(self, policy: AdmissionPolicy) -> None:
+        """Look for a slot another worker freed, while requests wait here."""
+        self.wake(policy)
+        if self._waiting:
+            self.clock.call_later(POLL_S, lambda: self._poll(policy))
+        else:
+            self._polling = False
 
     def wake(self, policy: AdmissionPolicy) -> None:
         """Start waiting requests while the policy says a slot is free (the newest policy, if a

@@ -9,6 +9,7 @@ import numpy as np
 
 from ensemble import __version__
 from ensemble.clock import SYSTEM_CLOCK, Clock
+from ensemble.cluster.slots import LocalSlots, SharedSlots
 from ensemble.dataplane import respond
 from ensemble.dataplane.admission import AdmissionGate
 from ensemble.dataplane.contract import parse_contract
@@ -65,6 +66,7 @@ class Dispatcher:
         feedback_max_bytes: int = DEFAULT_MAX_BYTES,
         feedback_accuracy_window: int = DEFAULT_ACCURACY_WINDOW,
         clock: Clock = SYSTEM_CLOCK,
+        slots: LocalSlots | SharedSlots | None = None,
     ) -> None:
         self.repository = repository
         self.metrics = metrics
@@ -81,7 +83,7 @@ class Dispatcher:
             accuracy_window=feedback_accuracy_window,
         )
         self.draining = False
-        self.gate = AdmissionGate(metrics, clock)
+        self.gate = AdmissionGate(metrics, clock, slots)
         """Admission control; its policy comes from the repository, so reloads change it."""
         self.alerts = Alerts(clock)
         self._rng = random.Random(0)  # routing draws (p2c); seeded for repeatable runs

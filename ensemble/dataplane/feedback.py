@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -128,6 +129,9 @@ class FeedbackHub:
         self.store = AnswerStore(window, max_bytes)
         self.accuracy_window = accuracy_window
         self.accuracy: dict[tuple[str, str], RollingAccuracy] = {}
+        self.learn: Callable[[LabelledAnswer], None] = self.apply
+        """Where a joined label goes: applied here (one process), or published to every
+        worker of the gateway, each of which applies it in the same order."""
         metrics.selection_weights = self._weights
         metrics.feedback_store = self._store_size
 
@@ -177,23 +181,33 @@ class FeedbackHub:
         truth = class_indices(labels, model.classes)
         predicted = dict(zip(entry.members, self.store.settle(feedback_id), strict=True))
         event = Feedback(model.name, feedback_id, truth, predicted, entry.asked, entry.n_classes)
-        profile = model.profiles.get(entry.profile)
-        if profile is not None:  # a reload may have removed the profile since
-            profile.learning.update(lambda state: profile.selection.feedback(event, state))
+        self.learn(LabelledAnswer(event, entry.profile))
         members: dict[str, bool | float] = {}
         for member, classes in predicted.items():
             correct = classes == truth
+            members[member] = bool(correct[0]) if len(correct) == 1 else float(correct.mean())
+        return {"accepted": True, "members": members}
+
+    def apply(self, labelled: LabelledAnswer) -> None:
+        """Learn from a labelled answer: its profile's selection state and the members'
+        rolling accuracy (in the serving repository; a reload may have removed either)."""
+        event = labelled.event
+        model = self._repository().ensembles.get(event.ensemble)
+        if model is None:
+            return
+        profile = model.profiles.get(labelled.profile)
+        if profile is not None:
+            profile.learning.update(lambda state: profile.selection.feedback(event, state))
+        for member, classes in event.predicted.items():
             key = (model.name, member)
             window = self.accuracy.get(key)
             if window is None:
                 window = self.accuracy[key] = RollingAccuracy(self.accuracy_window)
-            value = window.add(correct)
+            value = window.add(classes == event.labels)
             self.metrics.rolling_accuracy[key] = value
             served = model.members.get(member)
             if served is not None:
                 served.rolling_accuracy = value
-            members[member] = bool(correct[0]) if len(correct) == 1 else float(correct.mean())
-        return {"accepted": True, "members": members}
 
     def _store_size(self) -> tuple[int, int]:
         return len(self.store), self.store.nbytes
@@ -206,6 +220,21 @@ class FeedbackHub:
                 weights: Mapping[str, float] | None = profile.weights()
                 for member, weight in (weights or {}).items():
                     yield ensemble.name, profile.name, member, weight
+
+
+@dataclass(frozen=True)
+class LabelledAnswer:
+    """A label joined to its answer: what every worker learns from."""
+
+    event: Feedback
+    profile: str
+
+
+def owner(feedback_id: str) -> int | None:
+    """The worker that keeps a feedback id's answer (its ``"<index>."`` prefix), or None for
+    an id without one."""
+    head, dot, _ = feedback_id.partition(".")
+    return int(head) if dot and head.isdigit() and len(head) <= 4 else None
 
 
 class _Outcome(EnsembleError):

@@ -102,6 +102,9 @@ class AnswerStore:
         self._entries: dict[str, Answered] = {}
         self._order: deque[str] = deque()
         self._names: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.prefix = ""
+        """Put before every id minted: a gateway worker's ``"<index>."``, so a label that
+        reaches another worker finds the one that keeps its answer."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -117,7 +120,7 @@ class AnswerStore:
 
         An entry larger than the whole budget is not kept (its label will find nothing: 404).
         """
-        feedback_id = mint_feedback_id()
+        feedback_id = self.prefix + mint_feedback_id()
         size = entry.nbytes
         if size > self.max_bytes:
             return feedback_id

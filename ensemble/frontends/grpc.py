@@ -253,6 +253,7 @@ async def start_grpc_server(
     connections: ConnectionLimits | None = None,
     tls: TlsFiles | None = None,
     api_keys: ApiKeys | None = None,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """Bind ``host:port`` (0 picks a free port), start serving, return the server and its port.
 
@@ -262,14 +263,16 @@ async def start_grpc_server(
     server with ``await server.stop(grace)``.
 
     With ``tls`` the port speaks TLS only (mutual TLS when it has a client CA); with
-    ``api_keys`` that require a key, the RPCs in ``GUARDED`` need one.
+    ``api_keys`` that require a key, the RPCs in ``GUARDED`` need one. With ``reuse_port``
+    the gateway's workers share the port (the kernel spreads connections over them).
     """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", -1),
         # gRPC defaults to SO_REUSEPORT, which would let a second gateway share a busy port
-        # silently and split the traffic; a busy port must be an error instead.
-        ("grpc.so_reuseport", 0),
+        # silently and split the traffic; a busy port must be an error instead (the
+        # supervisor of several workers checked the port is free before they share it).
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         *(connections or ConnectionLimits()).grpc_options(),
     ]
     server = grpc.aio.server(options=options)

@@ -7,13 +7,13 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import orjson
 from pydantic import ValidationError
 
 from ensemble.auth import ApiKeys, bearer_token
-from ensemble.control.reload import Reloader
+from ensemble.control.reload import ReloadResult
 from ensemble.dataplane.catalog import ConfigTensor, ModelConfig, model_config, repository_index
 from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import (
@@ -141,13 +141,16 @@ class HttpFrontend:
         *,
         limits: RequestLimits,
         offload: Offload,
-        reloader: Reloader | None = None,
+        reloader: Reloads | None = None,
         admin_token: str | None = None,
         feedback_token: str | None = None,
         links: Links | None = None,
         api_keys: ApiKeys | None = None,
+        shared: SharedRoutes | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        self.shared = shared or LocalRoutes(dispatcher, metrics)
+        """Where the routes over state all workers share go (this process alone, or all)."""
         self.metrics = metrics
         self.limits = limits
         self.offload = offload
@@ -193,7 +196,7 @@ class HttpFrontend:
             return await self._model_route(method, parts[2:], scope, receive)
         if parts == ["metrics"]:
             _expect(method, "GET")
-            body, content_type = self.metrics.exposition()
+            body, content_type = await self.shared.exposition()
             return 200, [(b"content-type", content_type.encode())], body
         if parts == ["v2"]:
             _expect(method, "GET")
@@ -244,7 +247,7 @@ class HttpFrontend:
                 self.dispatcher.feedback.refused(name)
                 raise
             body = await self._read_body(_headers(scope), receive)
-            return _json(200, dumps(self.dispatcher.feedback.submit(name, body)))
+            return _json(200, dumps(await self.shared.feedback(name, body)))
         if len(rest) > 1:
             raise NotFound(f"no route for {method} {scope['path']}")
         model = self.dispatcher.model(name, version)
@@ -336,9 +339,10 @@ class HttpFrontend:
             result = await self.reloader.reload_text(text)
         else:
             result = await self.reloader.reload_file()
+        workers = {} if result.workers is None else {"workers": _by_index(result.workers)}
         if result.ok:
-            return _json(200, dumps({"reloaded": True, "message": result.message}))
-        return _json(400, dumps({"error": result.message, "errors": result.errors}))
+            return _json(200, dumps({"reloaded": True, "message": result.message, **workers}))
+        return _json(400, dumps({"error": result.message, "errors": result.errors, **workers}))
 
     async def _links_route(
         self, method: str, rest: list[str], scope: Scope, receive: Receive
@@ -353,19 +357,18 @@ class HttpFrontend:
         _expect(method, "PUT", "DELETE")
         self._authorize(scope, self.admin)
         link = self._emulated_link(rest[0])
-        if method == "DELETE":
-            link.clear()
-        else:
+        changes = None
+        if method == "PUT":
             changes = _json_object(await self._read_body(_headers(scope), receive))
-            try:
-                link.override(changes)
-            except ValidationError as exc:
-                problems = "; ".join(
-                    f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
-                )
-                raise InvalidInput(f"invalid link settings: {problems}") from None
-            except ValueError as exc:
-                raise InvalidInput(str(exc)) from None
+        try:
+            link = self.shared.change_link(link, changes)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
+            )
+            raise InvalidInput(f"invalid link settings: {problems}") from None
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         log.warning("link to tier %r changed at runtime: %s", link.tier, link.overrides or "reset")
         return _json(200, dumps({"tier": link.tier, **link.describe()}))
 
@@ -390,12 +393,63 @@ class HttpFrontend:
         ]
 
 
+class Reloads(Protocol):
+    """Applies configs to the gateway: ``control.reload.Reloader`` in one process, all
+    workers together in several."""
+
+    async def reload_text(self, text: str) -> ReloadResult: ...
+
+    async def reload_file(self) -> ReloadResult: ...
+
+
+class SharedRoutes(Protocol):
+    """The routes whose state a gateway's workers share; ``LocalRoutes`` serves one process."""
+
+    async def exposition(self) -> tuple[bytes, str]:
+        """`/metrics`: the body and content type (the whole gateway's counts)."""
+        ...
+
+    async def feedback(self, name: str, body: bytes) -> dict[str, Any]:
+        """A feedback post joined to its answer, wherever that answer is kept."""
+        ...
+
+    def change_link(self, link: Link, changes: dict[str, Any] | None) -> Link:
+        """Override ``link``'s settings (None: back to the config's) in every worker; the
+        link as it is now. ValueError or pydantic's ValidationError, changing nothing, when
+        the changes are not valid."""
+        ...
+
+
+class LocalRoutes:
+    """One gateway process: its own metrics, answers and links are all there is."""
+
+    def __init__(self, dispatcher: Dispatcher, metrics: GatewayMetrics) -> None:
+        self._dispatcher, self._metrics = dispatcher, metrics
+
+    async def exposition(self) -> tuple[bytes, str]:
+        return self._metrics.exposition()
+
+    async def feedback(self, name: str, body: bytes) -> dict[str, Any]:
+        return self._dispatcher.feedback.submit(name, body)
+
+    def change_link(self, link: Link, changes: dict[str, Any] | None) -> Link:
+        if changes is None:
+            link.clear()
+        else:
+            link.override(changes)
+        return link
+
+
 _OPEN_MODEL_ROUTES = (["ready"], ["feedback"])
 """Model routes API keys do not guard: the readiness probe, and feedback (its own token)."""
 
 _WANTED_HEADERS = frozenset(
     {b"content-length", b"content-encoding", HEADER_LENGTH.encode("latin-1")}
 )
+
+
+def _by_index(values: dict[int, str]) -> dict[str, str]:
+    return {str(index): value for index, value in sorted(values.items())}
 
 
 def _headers(scope: Scope) -> dict[str, str]:
