@@ -44,7 +44,9 @@ DESCRIPTION = """The gateway against Ray Serve, onnxruntime alone and a no-op se
 Systems, all serving the digits ensemble of ``loadtest/configs/bench.yaml`` (logreg, mlp_small,
 forest; mean of class probabilities) from the same ONNX files:
 
-  gateway-http, gateway-grpc  `ensemble serve` in a subprocess
+  gateway-http, gateway-grpc  `ensemble serve` in a subprocess (one process: --workers 1)
+  gateway2w-http, -grpc       `ensemble serve --workers 2`: a supervisor and two workers
+                              (--workers N for another count; 1 leaves these rows out)
   ray-http                    a Ray Serve application (loadtest.peers.ray_app) in a subprocess
   floor                       the members run back to back in this process at batch 1
   noop-http, noop-grpc        a server that reads the body and answers a fixed OIP response on the
@@ -75,6 +77,8 @@ class Plan:
     rates: tuple[float, ...]
     grpc: bool = True
     default5: bool = True
+    workers: int = 2
+    """Worker processes of the second gateway row (1: no such row)."""
     floor_iterations: int = 5000
 
 
@@ -88,6 +92,7 @@ PLANS = {
         rates=(100,),
         grpc=False,
         default5=False,
+        workers=1,
         floor_iterations=500,
     ),
 }
@@ -250,6 +255,10 @@ def start_peers(
     serve = ["-m", "ensemble.cli", "serve"]
     ports = ["--http-port", "0", "--grpc-port", "0"]
     pending.append(spawn("gateway", [*serve, str(BENCH_CONFIG), *ports], logs))
+    if plan.workers > 1:
+        workers = ["--workers", str(plan.workers)]
+        name = workers_peer(plan)
+        pending.append(spawn(name, [*serve, str(BENCH_CONFIG), *ports, *workers], logs))
     if baseline is not None:  # its `ensemble` package first: not this tree's (PYTHONSAFEPATH)
         env = {"PYTHONPATH": str(baseline.resolve()), "PYTHONSAFEPATH": "1"}
         pending.append(spawn("baseline", [*serve, str(BENCH_CONFIG), *ports], logs, env))
@@ -284,12 +293,17 @@ def targets(peers: dict[str, Peer], plan: Plan) -> list[Target]:
     order = [("noop-http", "noop", "http")]
     if plan.grpc:
         order.append(("noop-grpc", "noop", "grpc"))
-    for peer in ("gateway", "baseline"):
+    for peer in ("gateway", workers_peer(plan), "baseline"):
         order.append((f"{peer}-http", peer, "http"))
         if plan.grpc:
             order.append((f"{peer}-grpc", peer, "grpc"))
     order += [("ray-http", "ray", "http"), ("gateway5-http", "gateway5", "http")]
     return [Target(name, peers[peer], proto) for name, peer, proto in order if peer in peers]
+
+
+def workers_peer(plan: Plan) -> str:
+    """The name of the gateway of several workers (its rows: NAME-http, NAME-grpc)."""
+    return f"gateway{plan.workers}w"
 
 
 @dataclass(frozen=True)
@@ -319,7 +333,8 @@ def measure_all(bench: Bench, systems: list[Target], doc: dict[str, Any]) -> Non
     opened: dict[str, dict[str, Any]] = {}
     for rate in plan.rates:
         for target in systems:
-            if target.protocol != "http" or target.peer.name in ("gateway5", "baseline"):
+            skipped = ("gateway5", "baseline", workers_peer(plan))
+            if target.protocol != "http" or target.peer.name in skipped:
                 continue
             capacity = max(r["rps"] for r in closed[target.name].values())
             if rate > capacity:
@@ -397,6 +412,13 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     )
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Serve peer")
     parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes of the second gateway (`ensemble serve --workers N`), measured "
+        "beside the one-process gateway (default: 2; 1 leaves it out)",
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         metavar="DIR",
@@ -416,6 +438,10 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         plan = replace(plan, duration_s=args.duration)
     if args.rates:
         plan = replace(plan, rates=tuple(args.rates))
+    if args.workers is not None:
+        if args.workers < 1:
+            parser.error("--workers must be at least 1")
+        plan = replace(plan, workers=args.workers)
     return Settings(plan, args.out, args.grpc_procs, not args.no_ray, args.baseline)
 
 

@@ -22,6 +22,11 @@ GOALS = (
     ("gateway HTTP throughput vs Ray Serve at c=32", "throughput_vs_ray_serve", ">=", 30.0),
     ("gateway HTTP throughput vs no-op ceiling at c=32", "throughput_vs_noop", ">=", 0.5),
     ("gateway HTTP p50 overhead over the onnxruntime floor at c=1 (ms)", "overhead", "<=", 0.5),
+    ("N-worker gateway HTTP throughput vs one worker at c=32", "workers_speedup", ">=", 1.7),
+    ("N-worker gateway HTTP throughput vs no-op ceiling at c=32", "workers_vs_noop", ">=", 0.25),
+    ("N-worker gateway HTTP throughput vs Ray Serve at c=32", "workers_vs_ray_serve", ">=", 60.0),
+    ("N-worker gateway server cores at saturation (HTTP)", "workers_server_cores", ">=", 1.8),
+    ("gateway gRPC CPU per request vs HTTP's at c=32", "grpc_cpu_vs_http", "<=", 1.5),
 )
 GENERATORS = {
     "http_closed_loop": "wrk -t1 -c N --latency, Lua script POSTing the binary OIP body",
@@ -138,6 +143,28 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
     return round(float(a["rps"]) / float(b["rps"]), 3)
 
 
+def _cpu_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    """Server CPU per request of ``a`` over ``b``'s."""
+    cpu_a = a.get("server_cpu_ms_per_request") if a else None
+    cpu_b = b.get("server_cpu_ms_per_request") if b else None
+    return round(cpu_a / cpu_b, 3) if cpu_a and cpu_b else None
+
+
+def _workers(doc: dict[str, Any], ref: int, one: dict[str, Any] | None) -> dict[str, Any]:
+    """The gateway of several workers against one worker, the no-op server and Ray Serve over
+    HTTP at ``ref``, and the most cores it used at any level."""
+    count = doc["plan"].get("workers", 1)
+    rows = doc["closed_loop"].get(f"gateway{count}w-http", {})
+    many = rows.get(str(ref))
+    return {
+        "workers": count,
+        "workers_speedup": _ratio(many, one),
+        "workers_vs_noop": _ratio(many, _at(doc, "noop-http", ref)),
+        "workers_vs_ray_serve": _ratio(many, _at(doc, "ray-http", ref)),
+        "workers_server_cores": max((r["server_cores"] for r in rows.values()), default=None),
+    }
+
+
 def _overhead(system: dict[str, Any] | None, floor: dict[str, Any] | None) -> float | None:
     if system is None or floor is None:
         return None
@@ -156,6 +183,8 @@ def finish(doc: dict[str, Any]) -> None:
         "throughput_vs_noop": _ratio(gw, _at(doc, "noop-http", ref)),
         "grpc_throughput_vs_ray_serve": _ratio(gw_grpc, _at(doc, "ray-http", ref)),
         "grpc_throughput_vs_noop_grpc": _ratio(gw_grpc, _at(doc, "noop-grpc", ref)),
+        "grpc_cpu_vs_http": _cpu_ratio(gw_grpc, gw),
+        **_workers(doc, ref, gw),
     }
     if "baseline-http" in doc["closed_loop"]:
         doc["vs_baseline"] = _vs_baseline(doc)
@@ -209,11 +238,7 @@ def _ceilings(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def goals(doc: dict[str, Any]) -> list[Goal]:
-    measured = {
-        "throughput_vs_ray_serve": doc["ratios"]["throughput_vs_ray_serve"],
-        "throughput_vs_noop": doc["ratios"]["throughput_vs_noop"],
-        "overhead": doc["overhead_p50_ms_vs_floor"],
-    }
+    measured = {**doc["ratios"], "overhead": doc["overhead_p50_ms_vs_floor"]}
     out = []
     for text, key, op, target in GOALS:
         value = measured[key]

@@ -47,8 +47,11 @@ class Peer:
 
     def main_thread_cpu_seconds(self) -> float:
         """CPU used so far by the peer's main thread: its event loop, for the gateway and the
-        no-op server (the rest of :meth:`cpu_seconds` is other threads and processes)."""
-        return thread_cpu_seconds(self.proc.pid, self.proc.pid)
+        no-op server (the rest of :meth:`cpu_seconds` is other threads and processes); for a
+        gateway of several workers, every worker's main thread and the supervisor's."""
+        pid = self.proc.pid
+        workers = [c for c in _children_map().get(pid, ()) if _is_spawned(c)]
+        return sum(thread_cpu_seconds(p, p) for p in (pid, *workers))
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM and wait for a clean exit; past the timeout, kill the peer's process group."""
@@ -154,6 +157,15 @@ def _children_map() -> dict[int, list[int]]:
         if fields is not None:
             children.setdefault(int(fields[1]), []).append(int(entry.name))
     return children
+
+
+def _is_spawned(pid: int) -> bool:
+    """A process multiprocessing's spawn started (a gateway worker, not its resource tracker)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"spawn_main" in cmdline
 
 
 def tree_cpu_seconds(pid: int) -> float:

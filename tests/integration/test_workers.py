@@ -48,6 +48,7 @@ def _config() -> dict[str, Any]:
             }
         ],
         "policies": {"learn": {"selection": {"name": "exp4", "params": {"eta": 0.5}}}},
+        "tiers": {"edge": {}, "cloud": {"link": {"emulate": True, "delay_ms": 5}}},
         "model_zoo": {"dir": str(ZOO)},
     }
 
@@ -195,6 +196,24 @@ def test_a_reload_applies_in_every_worker_or_in_none(two: GatewayProcess) -> Non
     assert applied.json()["workers"] == {"0": "applied", "1": "applied"}
     for _ in range(8):  # new connections: whichever worker answers serves the new config
         assert httpx.get(f"{two.http_url}/v2/models/digits2", timeout=10).status_code == 200
+
+
+def test_a_link_changed_through_one_worker_changes_in_every_worker(two: GatewayProcess) -> None:
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    url = f"{two.http_url}/admin/links"
+    answer = httpx.put(f"{url}/cloud", json={"delay_ms": 40, "partitioned": True}, headers=admin)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["overrides"] == {"delay_ms": 40.0, "partitioned": True}
+    bad = httpx.put(f"{url}/cloud", json={"loss": 2}, headers=admin)
+    assert bad.status_code == 400  # refused before any worker changes
+    for _ in range(8):  # new connections: both workers, each with the change
+        doc = httpx.get(url, headers=admin, timeout=10).json()["links"]["cloud"]
+        assert doc["overrides"] == {"delay_ms": 40.0, "partitioned": True}
+    assert metric(scrape(two.http_url), 'ensemble_link_partitioned{tier="cloud"}') == 1
+    assert httpx.delete(f"{url}/cloud", headers=admin).status_code == 200
+    for _ in range(8):
+        doc = httpx.get(url, headers=admin, timeout=10).json()["links"]["cloud"]
+        assert doc["overrides"] == {}
 
 
 def test_a_dead_worker_is_restarted_and_sigterm_drains_all(
