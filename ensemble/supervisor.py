@@ -1,8 +1,11 @@
 """`ensemble serve --workers N`: a supervising parent and N worker processes on shared ports.
 
-The parent binds the HTTP port and hands the listening socket to every worker (one accept queue:
-a worker that dies leaves queued connections to the others), and checks the gRPC port is free
-before the workers share it with SO_REUSEPORT (gRPC cannot adopt a socket). It runs the hub
+The parent binds the HTTP port once per worker with SO_REUSEPORT (the kernel spreads new
+connections evenly over the sockets; one shared socket would let whichever worker wakes first
+accept a whole burst) and hands socket i to worker i, keeping every socket open itself: while a
+worker restarts, connections the kernel gives its socket wait in that socket's queue for the
+new worker instead of being refused. The gRPC port is checked free, then the workers' gRPC
+servers share it with SO_REUSEPORT (gRPC cannot adopt a socket). It runs the hub
 (``ensemble.cluster.hub``) the workers share their state through, restarts a worker that dies
 (with a growing pause if it keeps dying), reloads the config in every worker or in none on
 SIGHUP, and on SIGTERM or SIGINT drains every worker and exits 0. The parent serves no request:
@@ -30,7 +33,7 @@ from typing import Any
 
 from ensemble.cluster.hub import Hub
 from ensemble.config import GatewayConfig
-from ensemble.server import Addresses, listen
+from ensemble.server import Addresses
 from ensemble.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("ensemble.supervisor")
@@ -56,6 +59,29 @@ def worker_count(value: str) -> int:
     if not 1 <= count <= 64:
         raise ValueError(f"--workers must be between 1 and 64, not {count}")
     return count
+
+
+def http_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one port (0: a free one), sharing it with SO_REUSEPORT;
+    OSError when the port is busy."""
+    held = reserve_port(host, port)
+    try:
+        port = held.getsockname()[1]
+        sockets = [held]
+        for _ in range(count - 1):
+            sock = socket.socket(held.family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+        for sock in sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -109,7 +135,7 @@ class Supervisor:
         self._cells: SynchronizedArray[Any] = self._context.Array("q", workers)
         self._hub = Hub(source.read_text(encoding="utf-8"), str(self.source), self._ready)
         self._changed = asyncio.Event()
-        self._http: socket.socket | None = None
+        self._http: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _ready(self, index: int, addresses: Any) -> None:
@@ -125,9 +151,9 @@ class Supervisor:
         folder = tempfile.mkdtemp(prefix="ensemble-hub-")  # mode 0700: this user's only
         held = None
         try:
-            self._http = listen(self.host, self.http_port)
+            self._http = http_sockets(self.host, self.http_port, len(self.slots))
             held = reserve_port(self.host, self.grpc_port)
-            self.http_port, self.grpc_port = self._http.getsockname()[1], held.getsockname()[1]
+            self.http_port, self.grpc_port = self._http[0].getsockname()[1], held.getsockname()[1]
             path = os.path.join(folder, "hub.sock")
             await self._hub.start(path)
             for slot in self.slots:
@@ -141,13 +167,12 @@ class Supervisor:
         finally:
             await self._stop_all()
             await self._hub.close()
-            for sock in (self._http, held):
+            for sock in (*self._http, held):
                 if sock is not None:
                     sock.close()
             shutil.rmtree(folder, ignore_errors=True)
 
     def _start(self, slot: _Slot, hub_path: str) -> None:
-        assert self._http is not None
         spec = WorkerSpec(
             slot.index,
             hub_path,
@@ -161,7 +186,7 @@ class Supervisor:
         self._cells[slot.index] = 0  # what a dead worker was running is not running any more
         process = self._context.Process(
             target=worker_main,
-            args=(spec, self._http, self._cells),
+            args=(spec, self._http[slot.index], self._cells),
             name=f"ensemble-worker-{slot.index}",
         )
         process.start()
