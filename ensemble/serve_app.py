@@ -1,7 +1,10 @@
 """`ensemble serve --ray-address`: the gateway and its members as one Ray Serve application.
 
-The gateway itself runs as a Serve deployment (`GatewayDeployment`) beside the members'
-deployments (`ensemble.control.ray_runtime`), serving both OIP frontends from its node.
+The gateway itself runs as a Serve deployment (`GatewayDeployment`, ``ray.gateway_replicas``
+replicas, at most one per node) beside the members' deployments
+(`ensemble.control.ray_runtime`). HTTP reaches it through Serve's proxy on every node, gRPC on
+each replica's node at the config's gRPC port. The replicas share their state through a hub
+actor (`ensemble.cluster.ray_hub`) with the rules of local workers (`ensemble.worker`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ensemble.auth import ADMIN_TOKEN_ENV, API_KEYS_ENV, FEEDBACK_TOKEN_ENV
+from ensemble.cluster.ray_hub import HubActor, RayHubLink
+from ensemble.cluster.slots import ShareSlots
 from ensemble.config import GatewayConfig
 from ensemble.control.ray_runtime import (
     RESOURCE_PER_REPLICA,
@@ -33,6 +38,7 @@ from ensemble.control.ray_runtime import (
 )
 from ensemble.replicas.ray_loopback import LOOPBACK_ENV
 from ensemble.server import Addresses, Gateway
+from ensemble.worker import Worker
 
 log = logging.getLogger("ensemble.ray")
 
@@ -46,9 +52,13 @@ class GatewayDeployment:
     Deleting the application drains it like SIGTERM does.
     """
 
-    def __init__(self, cfg: GatewayConfig, specs: dict[str, RaySpec], **handles: Any) -> None:
+    def __init__(
+        self, cfg: GatewayConfig, specs: dict[str, RaySpec], hub: str, **handles: Any
+    ) -> None:
         self._runtime = RayRuntime(cfg.ray.app, specs, handles, owns_ray=False)
         self._cfg = cfg
+        self._hub = hub
+        self._gateway: Gateway | None = None
         self._addresses: Addresses | None = None
         self._error: BaseException | None = None
         self._started = threading.Event()
@@ -70,25 +80,45 @@ class GatewayDeployment:
             self._started.set()
 
     async def _serve(self) -> None:
+        import ray
+
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         server = self._cfg.server
-        gateway = Gateway.from_config(self._cfg, log.info, ray=self._runtime)
-        self._addresses = await gateway.start(server.host, server.http_port, server.grpc_port)
+        link = RayHubLink(ray.get_actor(self._hub, namespace=HUB_NAMESPACE))
+        gateway = Gateway.from_config(
+            self._cfg, log.info, ray=self._runtime, slots=ShareSlots(lambda: link.workers)
+        )
+        worker = Worker(gateway, link)
+        await worker.join(link.join(0), 0)
+        # HTTP comes through Serve's proxy (``http_app``); gRPC on this node's port, shared
+        # with SO_REUSEPORT should two replicas ever run on one machine.
+        self._addresses = await gateway.start(server.host, None, server.grpc_port, reuse_port=True)
+        self._gateway = gateway
         self._started.set()
         failed = asyncio.ensure_future(gateway.wait_failed())
         stopped = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        lost = asyncio.ensure_future(link.closed.wait())
+        await asyncio.wait({failed, stopped, lost}, return_when=asyncio.FIRST_COMPLETED)
         await gateway.stop()
+        await link.close()
         if failed.done():
             raise RuntimeError("a frontend stopped unexpectedly")
+        if lost.done() and not stopped.done():
+            raise RuntimeError("the hub actor is gone")
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """Serve's proxy hands HTTP requests to this ASGI app on the replica's own event loop;
+        it runs the gateway's app on the gateway's loop."""
+        assert self._gateway is not None and self._loop is not None
+        return _bridge(self._gateway.http_app, self._loop)
 
     def node(self) -> str:
         return node_id()
 
     def addresses(self) -> dict[str, str]:
         assert self._addresses is not None
-        return {"http": self._addresses.http_url, "grpc": self._addresses.grpc_target}
+        return {"grpc": self._addresses.grpc_target}
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
@@ -100,6 +130,111 @@ class GatewayDeployment:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(stop.set)
             self._thread.join(self._cfg.server.drain_timeout_s + 5)
+
+
+HUB_NAMESPACE = "ensemble"
+"""Ray namespace of the hub actor (the driver's own namespace is anonymous)."""
+
+
+def _gateway_actor(cfg: GatewayConfig) -> dict[str, Any]:
+    """Ray options of each gateway replica: CPUs, the gateway tier's resource, credentials."""
+    actor: dict[str, Any] = {"num_cpus": cfg.ray.gateway_num_cpus}
+    if cfg.ray.gateway_tier is not None:
+        actor["resources"] = {cfg.ray.gateway_tier: RESOURCE_PER_REPLICA}
+    names = (ADMIN_TOKEN_ENV, API_KEYS_ENV, FEEDBACK_TOKEN_ENV)
+    credentials = {name: os.environ[name] for name in names if os.environ.get(name)}
+    if credentials:  # the gateway's process reads them from its environment
+        actor["runtime_env"] = {"env_vars": credentials}
+    return actor
+
+
+def _gateway_sizing(cfg: GatewayConfig) -> dict[str, Any]:
+    """A fixed count of gateway replicas, or Serve's autoscaling between min and max."""
+    bounds = cfg.ray.gateway_replicas
+    if bounds.min == bounds.max:
+        return {"num_replicas": bounds.min}
+    return {
+        "autoscaling_config": {
+            "min_replicas": bounds.min,
+            "max_replicas": bounds.max,
+            "target_ongoing_requests": bounds.target_ongoing_requests,
+        }
+    }
+
+
+def _proxy_options(cfg: GatewayConfig, port: int) -> dict[str, Any]:
+    """Serve's HTTP proxy on every node: the gateway's host and HTTP port, its TLS files."""
+    options: dict[str, Any] = {"host": cfg.server.host, "port": port}
+    if cfg.server.tls is not None:
+        tls = cfg.server.tls.resolved(cfg.base_dir)
+        options |= {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+        if tls.client_ca_file is not None:
+            options["ssl_ca_certs"] = str(tls.client_ca_file)
+    return options
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` now (Serve's proxy needs a number, not 0)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _bridge(app: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """An ASGI app that runs ``app`` on ``loop`` (another thread's), its receive and send
+    calls crossing back to the caller's loop; it answers lifespan events itself."""
+
+    async def bridge(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].removeprefix("lifespan.")
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        here = asyncio.get_running_loop()
+
+        async def there_receive() -> Any:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(receive(), here))
+
+        async def there_send(message: Any) -> None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(send(message), here))
+
+        done = asyncio.run_coroutine_threadsafe(app(scope, there_receive, there_send), loop)
+        await asyncio.wrap_future(done)
+
+    return bridge
+
+
+def _config_text(cfg: GatewayConfig) -> tuple[str, str]:
+    """The config file's text and absolute path (what the hub reloads from)."""
+    assert cfg.source is not None
+    return cfg.source.read_text(encoding="utf-8"), str(cfg.source.resolve())
+
+
+def _stay_attached(
+    cfg: GatewayConfig, hub: Any, stop: threading.Event, reload: threading.Event
+) -> None:
+    """Until ``stop``: reload every gateway replica on ``reload`` (SIGHUP), log the
+    application's state when it changes."""
+    import ray
+    from ray import serve
+
+    healthy = True
+    while not stop.wait(1.0):
+        if reload.is_set():
+            reload.clear()
+            result: Any = ray.get(hub.reload.remote(*_config_text(cfg)))
+            log.info("SIGHUP: %s %s", result.message, result.errors or result.workers)
+        status = serve.status().applications.get(cfg.ray.app)
+        running = status is not None and status.status.value == "RUNNING"
+        if running != healthy:
+            log.warning("Ray Serve application %s: %s", cfg.ray.app, waiting_for(status))
+            healthy = running
 
 
 def serve_on_cluster(
@@ -127,43 +262,46 @@ def serve_on_cluster(
         log_to_driver=False,
         configure_logging=False,
     )
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
-    app = cfg.ray.app
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    app, server = cfg.ray.app, cfg.server
     try:
-        serve.start(proxy_location="Disabled", logging_config=SERVE_LOGGING)
+        http_port = server.http_port or free_port(server.host)
+        serve.start(
+            proxy_location="EveryNode",
+            http_options=_proxy_options(cfg, http_port),
+            logging_config=SERVE_LOGGING,
+        )
         specs = ray_specs(cfg)
         reset_targets(app, specs)
         members = {name: member_app(spec) for name, spec in specs.items()}
-        actor: dict[str, Any] = {"num_cpus": cfg.ray.gateway_num_cpus}
-        if cfg.ray.gateway_tier is not None:
-            actor["resources"] = {cfg.ray.gateway_tier: RESOURCE_PER_REPLICA}
-        names = (ADMIN_TOKEN_ENV, API_KEYS_ENV, FEEDBACK_TOKEN_ENV)
-        credentials = {name: os.environ[name] for name in names if os.environ.get(name)}
-        if credentials:  # the gateway's process reads them from its environment
-            actor["runtime_env"] = {"env_vars": credentials}
+        hub_name = f"{app}-hub"
+        hub: Any = (
+            ray.remote(HubActor)
+            .options(name=hub_name, namespace=HUB_NAMESPACE, num_cpus=0, max_concurrency=1000)
+            .remote(*_config_text(cfg))
+        )
         gateway = serve_deployment(
-            GatewayDeployment, name="gateway", num_replicas=1, ray_actor_options=actor
+            serve.ingress()(GatewayDeployment),
+            name="gateway",
+            max_replicas_per_node=1,  # two on one node would share its cores and gRPC port
+            ray_actor_options=_gateway_actor(cfg),
+            **_gateway_sizing(cfg),
         )
         progress(f"deploying Serve application {app}: gateway + {len(specs)} ray deployment(s)")
         deploy(
-            gateway.bind(cfg, specs, **members),
+            gateway.bind(cfg, specs, hub_name, **members),
             app,
             progress,
             timeout_s=cfg.ray.deploy_timeout_s,
             stop=stop,
+            route_prefix="/",
         )
         where = serve.get_app_handle(app).addresses.remote().result()
-        http_host, http_port = where["http"].removeprefix("http://").rsplit(":", 1)
-        announce(Addresses(http_host, int(http_port), int(where["grpc"].rsplit(":", 1)[1])))
-        healthy = True
-        while not stop.wait(2.0):
-            status = serve.status().applications.get(app)
-            running = status is not None and status.status.value == "RUNNING"
-            if running != healthy:
-                log.warning("Ray Serve application %s: %s", app, waiting_for(status))
-                healthy = running
+        announce(Addresses(server.host, http_port, int(where["grpc"].rsplit(":", 1)[1])))
+        _stay_attached(cfg, hub, stop, reload)
         progress(f"deleting Serve application {app} (the gateway drains first)")
         serve.delete(app)
         return 0

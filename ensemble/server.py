@@ -18,7 +18,7 @@ import grpc
 import uvicorn
 
 from ensemble.auth import ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV, ApiKeys
-from ensemble.cluster.slots import LocalSlots, SharedSlots
+from ensemble.cluster.slots import Slots
 from ensemble.config import GatewayConfig, ServerConfig, TlsConfig
 from ensemble.control.build import Built, build
 from ensemble.control.loop import ControlLoop
@@ -118,7 +118,7 @@ class Gateway:
         config: GatewayConfig | None = None,
         links: Links | None = None,
         ray: RayRuntime | None = None,
-        slots: LocalSlots | SharedSlots | None = None,
+        slots: Slots | None = None,
     ) -> None:
         self.server = server
         self.metrics = GatewayMetrics()
@@ -175,6 +175,8 @@ class Gateway:
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._grpc: grpc.aio.Server | None = None
+        self.http_app: HttpFrontend | None = None
+        """The OIP REST application, once started."""
 
     @classmethod
     def from_config(
@@ -182,7 +184,7 @@ class Gateway:
         cfg: GatewayConfig,
         progress: Callable[[str], None] | None = None,
         ray: RayRuntime | None = None,
-        slots: LocalSlots | SharedSlots | None = None,
+        slots: Slots | None = None,
     ) -> Gateway:
         """The gateway of ``ensemble serve``: the config's ensembles, hot-reloadable; `ray`
         placements call ``ray``'s deployments."""
@@ -207,14 +209,16 @@ class Gateway:
     async def start(
         self,
         host: str,
-        http_port: int,
+        http_port: int | None,
         grpc_port: int,
         *,
         http_socket: socket.socket | None = None,
         reuse_port: bool = False,
     ) -> Addresses:
         """Serve on ``host``'s ports, or HTTP on ``http_socket`` (a worker's, shared with the
-        others); ``reuse_port``: the gRPC port is shared by the gateway's workers."""
+        others); ``reuse_port``: the gRPC port is shared by the gateway's workers. With
+        ``http_port`` None no HTTP listener starts: another server (Ray Serve's proxy) calls
+        ``http_app``."""
         server = self.server
         tls = _tls_files(server.tls)  # before anything starts: a bad file is the whole error
         api_keys = ApiKeys.from_env()
@@ -223,7 +227,6 @@ class Gateway:
         await self.repository.start()  # first health checks: readiness known before listening
         if self.control is not None:
             self.control.start()
-        sock = listen(host, http_port) if http_socket is None else http_socket
         conns = ConnectionLimits.of(server).fit_descriptors()
         # uvicorn builds each connection's protocol from this (any factory works), and arms
         # its keep-alive timer with loop.call_later (its `int` hint is too narrow).
@@ -243,6 +246,11 @@ class Gateway:
             api_keys=api_keys,
             shared=self.shared,
         )
+        self.http_app = app
+        if http_port is None and http_socket is None:
+            self._grpc, bound_grpc = await self._start_grpc(host, grpc_port, tls, api_keys, conns)
+            return Addresses(host, 0, bound_grpc)
+        sock = listen(host, http_port or 0) if http_socket is None else http_socket
         config = uvicorn.Config(
             app,
             lifespan="off",
@@ -257,17 +265,8 @@ class Gateway:
         )
         self._http = _Uvicorn(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
-        self._grpc, bound_grpc = await start_grpc_server(
-            self.dispatcher,
-            host,
-            grpc_port,
-            max_message_bytes=server.max_request_bytes,
-            limits=self.limits,
-            offload=self.offload,
-            connections=conns,
-            tls=tls,
-            api_keys=api_keys,
-            reuse_port=reuse_port,
+        self._grpc, bound_grpc = await self._start_grpc(
+            host, grpc_port, tls, api_keys, conns, reuse_port
         )
         while not self._http.started:
             if self._http_task.done():
@@ -275,6 +274,28 @@ class Gateway:
                 raise RuntimeError("HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
         return Addresses(host, sock.getsockname()[1], bound_grpc)
+
+    async def _start_grpc(
+        self,
+        host: str,
+        port: int,
+        tls: TlsFiles | None,
+        api_keys: ApiKeys,
+        conns: ConnectionLimits,
+        reuse_port: bool = True,
+    ) -> tuple[grpc.aio.Server, int]:
+        return await start_grpc_server(
+            self.dispatcher,
+            host,
+            port,
+            max_message_bytes=self.server.max_request_bytes,
+            limits=self.limits,
+            offload=self.offload,
+            connections=conns,
+            tls=tls,
+            api_keys=api_keys,
+            reuse_port=reuse_port,
+        )
 
     async def stop(self) -> None:
         """Stop taking requests, let in-flight ones finish (bounded by drain_timeout_s)."""
@@ -300,6 +321,8 @@ class Gateway:
         """Returns if a frontend dies on its own (a bug, or a lost socket)."""
         if self._http_task is not None:
             await asyncio.shield(self._http_task)
+        else:  # gRPC alone: grpc.aio reports no death of its own
+            await asyncio.Event().wait()
 
 
 async def run_gateway(

@@ -24,7 +24,8 @@ counts, spend, replica-seconds             ``GatewayMetrics``          the gatew
 =========================================  ==========================  ========================
 
 "The config" means a hot reload replaces it; a reload keeps the learning cell of each profile
-it leaves unchanged.
+it leaves unchanged. A gateway of several workers keeps a copy of this state in each; what they
+share, and how, is ``ensemble.worker``'s table.
 """
 
 from __future__ import annotations

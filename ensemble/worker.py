@@ -32,7 +32,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import SynchronizedArray
 from pathlib import Path
@@ -74,7 +74,6 @@ class Worker:
         self.gateway = gateway
         self.link = link
         self._scaling: set[asyncio.Task[None]] = set()
-        gateway.dispatcher.feedback.store.prefix = f"{link.index}."
         gateway.dispatcher.feedback.learn = lambda labelled: link.publish("learn", labelled)
         gateway.shared = _ClusterRoutes(self)
         gateway.reloads = _ClusterReloads(link)
@@ -92,6 +91,21 @@ class Worker:
         link.on_request("reload_prepare", lambda p: reloader.prepare(*p))
         link.on_request("reload_commit", lambda _: reloader.commit())
         link.on_request("reload_abort", lambda _: reloader.abort())
+
+    async def join(self, welcome: Awaitable[tuple[Any, int, str, str]], generation: int) -> None:
+        """Wait for the hub's welcome (``generation``: of the config this worker was built
+        on): catch up on a reload committed meanwhile, take the shared state's snapshot."""
+        snapshot, current, text, where = await welcome
+        self.gateway.dispatcher.feedback.store.prefix = f"{self.link.index}."
+        if current != generation:
+            reloader = self.gateway.reloader
+            assert reloader is not None
+            problems = await reloader.prepare(text, where)
+            if problems:
+                raise EnsembleError(f"cannot apply the gateway's current config: {problems}")
+            await reloader.commit()
+        if snapshot is not None:
+            self.restore(snapshot)
 
     def snapshot(self) -> dict[str, Any]:
         """The shared state as this worker holds it now, for a worker that joins."""
@@ -273,15 +287,7 @@ async def _serve(
 
     async def join(gateway: Gateway) -> asyncio.Event:
         worker = Worker(gateway, link)
-        snapshot, generation, text, where = await link.connect(spec.hub_path, spec.generation)
-        if generation != spec.generation:  # a reload committed while this worker started
-            assert gateway.reloader is not None
-            problems = await gateway.reloader.prepare(text, where)
-            if problems:
-                raise EnsembleError(f"cannot apply the gateway's current config: {problems}")
-            await gateway.reloader.commit()
-        if snapshot is not None:
-            worker.restore(snapshot)
+        await worker.join(link.connect(spec.hub_path, spec.generation), spec.generation)
         return link.closed
 
     def announce(addresses: Addresses) -> None:

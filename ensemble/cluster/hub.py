@@ -20,7 +20,7 @@ import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ensemble.cluster.wire import frame, read_frame
 
@@ -35,11 +35,23 @@ class WorkerGone(Exception):
     """The worker asked went away before it answered."""
 
 
+class Outbox(Protocol):
+    """Where the hub's frames to one worker go: its Unix socket, or a mailbox it polls."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(eq=False)
-class _Worker:
+class Worker:
+    """A worker as the hub knows it."""
+
     index: int
     pid: int
-    writer: asyncio.StreamWriter
+    outbox: Outbox
     generation: int
     buffered: list[bytes] | None = field(default_factory=list)
     """Changes published while it joins (None once it is live)."""
@@ -48,8 +60,8 @@ class _Worker:
         self.send_frame(frame(message))
 
     def send_frame(self, data: bytes) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(data)
+        if not self.outbox.is_closing():
+            self.outbox.write(data)
 
 
 @dataclass(frozen=True)
@@ -78,9 +90,11 @@ class Hub:
         self.generation = 0
         """Counts committed reloads; a worker started on an older config catches up."""
         self._on_ready = on_ready
-        self._workers: dict[int, _Worker] = {}
+        self._workers: dict[int, Worker] = {}
         """Live workers by index."""
-        self._joining: set[_Worker] = set()
+        self._joining: set[Worker] = set()
+        self._reserved: set[int] = set()
+        """Indexes of workers that said hello and have not left."""
         self._pending: dict[int, asyncio.Future[tuple[bool, Any]]] = {}
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
@@ -96,7 +110,7 @@ class Hub:
         if self._server is not None:
             self._server.close()
         for worker in list(self._workers.values()) + list(self._joining):
-            worker.writer.close()
+            worker.outbox.close()
         for task in list(self._tasks):
             task.cancel()
 
@@ -110,18 +124,29 @@ class Hub:
             writer.close()
             return
         _, index, pid, generation = hello
-        worker = _Worker(index, pid, writer, generation)
-        self._spawn(self._join(worker))
+        worker = self.attach(index, pid, generation, writer)
         try:
             while (message := await read_frame(reader)) is not None:
-                self._handle(worker, message)
+                self.receive(worker, message)
         except (ConnectionError, ValueError) as exc:
             log.warning("worker %d: link broken: %s", index, exc)
         finally:
-            self._leave(worker)
+            self.detach(worker)
             writer.close()
 
-    async def _join(self, worker: _Worker) -> None:
+    def attach(self, index: int, pid: int, generation: int, outbox: Outbox) -> Worker:
+        """A worker says hello: it joins (snapshot, then welcome) as soon as it may."""
+        worker = Worker(index, pid, outbox, generation)
+        self._reserved.add(index)
+        self._spawn(self._join(worker))
+        return worker
+
+    def free_index(self) -> int:
+        """The lowest index no live or joining worker has (for workers that get theirs here)."""
+        taken = self._reserved | set(self._workers)
+        return next(i for i in range(len(taken) + 1) if i not in taken)
+
+    async def _join(self, worker: Worker) -> None:
         async with self._lock:
             donors = [w for w in self._workers.values() if w.index != worker.index]
             snapshot = None
@@ -143,8 +168,11 @@ class Hub:
             self._workers[worker.index] = worker
             self._elect()
 
-    def _leave(self, worker: _Worker) -> None:
+    def detach(self, worker: Worker) -> None:
+        """The worker went away (its link closed, or it stopped polling)."""
         self._joining.discard(worker)
+        if self._workers.get(worker.index, worker) is worker:
+            self._reserved.discard(worker.index)
         if self._workers.get(worker.index) is worker:
             del self._workers[worker.index]
             self._elect()
@@ -157,7 +185,8 @@ class Hub:
         for w in self._workers.values():
             w.send(("leader", leader, len(self._workers)))
 
-    def _handle(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+    def receive(self, worker: Worker, message: tuple[Any, ...]) -> None:
+        """A message from ``worker``."""
         kind = message[0]
         if kind == "publish":
             self.publish(message[1], message[2])
@@ -189,7 +218,7 @@ class Hub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _ask(self, worker: _Worker, method: str, payload: Any, timeout_s: float) -> Any:
+    async def _ask(self, worker: Worker, method: str, payload: Any, timeout_s: float) -> Any:
         rid = next(self._ids)
         future: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
@@ -197,7 +226,7 @@ class Hub:
         try:
             async with asyncio.timeout(timeout_s):
                 while not future.done():
-                    if worker.writer.is_closing():
+                    if worker.outbox.is_closing():
                         raise WorkerGone(f"worker {worker.index} went away")
                     await asyncio.wait({future}, timeout=0.5)
         finally:
@@ -213,7 +242,7 @@ class Hub:
         """Every live worker's answer, by index: (True, value) or (False, why it failed)."""
         workers = list(self._workers.values())
 
-        async def one(w: _Worker) -> tuple[bool, Any]:
+        async def one(w: Worker) -> tuple[bool, Any]:
             try:
                 return True, await self._ask(w, method, payload, timeout_s)
             except (WorkerGone, TimeoutError, RuntimeError) as exc:
@@ -223,7 +252,7 @@ class Hub:
         return {w.index: a for w, a in zip(workers, answers, strict=True)}
 
     async def _relay(
-        self, asker: _Worker, rid: int, target: int | None, method: str, payload: Any
+        self, asker: Worker, rid: int, target: int | None, method: str, payload: Any
     ) -> None:
         """A worker's question to another worker (``target``) or to all (None)."""
         try:
@@ -238,7 +267,7 @@ class Hub:
         except (WorkerGone, TimeoutError, RuntimeError) as exc:
             asker.send(("answer", rid, False, str(exc) or type(exc).__name__))
 
-    async def _reload_for(self, asker: _Worker, rid: int, text: str | None) -> None:
+    async def _reload_for(self, asker: Worker, rid: int, text: str | None) -> None:
         result = await self.reload(text)
         asker.send(("answer", rid, True, result))
 

@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ class HubLink:
 
     def __init__(self, index: int) -> None:
         self.index = index
+        """This worker's number (a Ray gateway replica gets its from the hub)."""
         self.leader: int | None = None
         self.workers = 1
         """Live workers, as the hub last said."""
@@ -38,6 +40,7 @@ class HubLink:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._welcome: asyncio.Future[tuple[Any, int, str, str]] | None = None
         self.closed: asyncio.Event = asyncio.Event()
         """Set when the hub went away (the supervisor died): the worker should stop."""
 
@@ -58,13 +61,14 @@ class HubLink:
         """Join: the hub answers with (snapshot or None, config generation, config text,
         config source) once this worker may serve."""
         reader, self._writer = await asyncio.open_unix_connection(path)
-        self._send(("hello", self.index, _pid(), generation))
-        welcome = await read_frame(reader)
-        if welcome is None or welcome[0] != "welcome":
-            raise ConnectionError("the hub closed the link before welcoming this worker")
+        welcome = self._expect_welcome()
+        self._send(("hello", self.index, os.getpid(), generation))
         self._reader_task = asyncio.create_task(self._read(reader), name="hub link")
-        _, snapshot, hub_generation, text, source = welcome
-        return snapshot, hub_generation, text, source
+        return await welcome
+
+    def _expect_welcome(self) -> asyncio.Future[tuple[Any, int, str, str]]:
+        self._welcome = asyncio.get_running_loop().create_future()
+        return self._welcome
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -73,9 +77,13 @@ class HubLink:
             self._reader_task.cancel()
 
     def _send(self, message: tuple[Any, ...]) -> None:
+        self._write(frame(message))
+
+    def _write(self, data: bytes) -> None:
+        """The transport: the Unix socket (a Ray replica's link sends to the hub actor)."""
         if self._writer is None or self._writer.is_closing():
             raise RemoteError("the link to the supervisor is closed")
-        self._writer.write(frame(message))
+        self._writer.write(data)
 
     def publish(self, topic: str, payload: Any) -> None:
         """Send a change to every worker (this one included) through the hub."""
@@ -113,10 +121,16 @@ class HubLink:
         except (ConnectionError, ValueError) as exc:
             log.error("link to the supervisor broken: %s", exc)
         finally:
-            for future in self._answers.values():
-                if not future.done():
-                    future.set_result((False, "the link to the supervisor closed"))
-            self.closed.set()
+            self._lost()
+
+    def _lost(self) -> None:
+        """The hub is gone: every question fails, and the worker should stop."""
+        for future in self._answers.values():
+            if not future.done():
+                future.set_result((False, "the link to the hub closed"))
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(ConnectionError("the hub closed the link first"))
+        self.closed.set()
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -137,6 +151,8 @@ class HubLink:
                 future.set_result((message[2], message[3]))
         elif kind == "leader":
             self.leader, self.workers = message[1], message[2]
+        elif kind == "welcome" and self._welcome is not None and not self._welcome.done():
+            self._welcome.set_result(message[1:])
 
     def _answer(self, rid: int, method: str, payload: Any) -> None:
         handler = self._requests.get(method)
@@ -164,9 +180,3 @@ class HubLink:
             self._send(("reply", rid, False, f"{type(exc).__name__}: {exc}"))
             return
         self._send(("reply", rid, True, value))
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()

@@ -8,8 +8,22 @@ global count can exceed the limit by at most (workers - 1) for as long as those 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from multiprocessing.sharedctypes import SynchronizedArray
-from typing import Any
+from typing import Any, Protocol
+
+
+class Slots(Protocol):
+    """The running count the admission gate compares with its limit."""
+
+    mine: int
+    """Requests running in this process."""
+    shared: bool
+    """Other processes free slots too (a gate with waiters looks for them now and then)."""
+
+    def total(self) -> int: ...
+
+    def add(self, delta: int) -> None: ...
 
 
 class LocalSlots:
@@ -46,3 +60,22 @@ class SharedSlots:
     def add(self, delta: int) -> None:
         self.mine += delta
         self._cells[self._index] = self.mine
+
+
+class ShareSlots:
+    """Requests running in this gateway replica, counted as its share of every replica's: a
+    replica admits ``max_running / replicas`` (Ray replicas on many machines share no memory;
+    Serve spreads requests over them)."""
+
+    __slots__ = ("_replicas", "mine")
+    shared = False
+
+    def __init__(self, replicas: Callable[[], int]) -> None:
+        self._replicas = replicas
+        self.mine = 0
+
+    def total(self) -> int:
+        return self.mine * max(1, self._replicas())
+
+    def add(self, delta: int) -> None:
+        self.mine += delta

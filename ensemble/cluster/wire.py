@@ -24,6 +24,13 @@ def frame(message: tuple[Any, ...]) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+def unframe(data: bytes) -> tuple[Any, ...]:
+    """The message of one whole frame (a frame that travels as a Ray object, not a stream)."""
+    message = pickle.loads(data[_HEADER.size :])
+    assert isinstance(message, tuple)
+    return message
+
+
 async def read_frame(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
     """The next message, or None when the other end closed the connection."""
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ensemble.config.base import Name, StrictModel
 
@@ -168,6 +168,31 @@ class ServerConfig(StrictModel):
     )
 
 
+class GatewayReplicas(StrictModel):
+    """How many gateway replicas `ensemble serve --ray-address` runs (one per node at most)."""
+
+    min: int = Field(1, ge=1, le=256, description="Gateway replicas kept at all times.")
+    max: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Gateway replicas Ray Serve may grow to on the gateway's own load (above "
+        "min: Serve autoscales them on requests in flight per replica).",
+    )
+    target_ongoing_requests: float = Field(
+        16.0,
+        gt=0,
+        le=100_000,
+        description="Requests in flight per gateway replica Serve's autoscaling aims at.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GatewayReplicas:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class RayConfig(StrictModel):
     """The Ray cluster behind `ray` placements (docs/replicas.md)."""
 
@@ -179,6 +204,13 @@ class RayConfig(StrictModel):
         None,
         description="With `ensemble serve --ray-address`, the gateway itself runs as a Serve "
         "deployment on a Ray node offering this tier's custom resource (default: any node).",
+    )
+    gateway_replicas: GatewayReplicas = Field(
+        default_factory=GatewayReplicas,
+        description="With `ensemble serve --ray-address`: the gateway's own replicas, each on "
+        "a different node (HTTP through Ray Serve's proxy on every node, gRPC on each "
+        "replica's node); they share learning, feedback, link changes, reloads and one "
+        "control-loop leader through a Ray actor.",
     )
     gateway_num_cpus: float = Field(
         1.0,

@@ -342,6 +342,7 @@ def deploy(
     *,
     timeout_s: float,
     stop: threading.Event | None = None,
+    route_prefix: str | None = None,
 ) -> None:
     """Deploy ``app`` as application ``name`` and wait until it runs, reporting what Serve is
     waiting for; EnsembleError (and the app deleted) if it fails, is not up in time (e.g. no
@@ -350,7 +351,7 @@ def deploy(
     from ray.serve.schema import ApplicationStatus
 
     serve.run_many(
-        [serve.RunTarget(app, name=name, route_prefix=None, logging_config=SERVE_LOGGING)],
+        [serve.RunTarget(app, name=name, route_prefix=route_prefix, logging_config=SERVE_LOGGING)],
         wait_for_applications_running=False,
     )
     deadline = time.monotonic() + timeout_s

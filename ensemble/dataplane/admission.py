@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ensemble.clock import SYSTEM_CLOCK, Clock
-from ensemble.cluster.slots import LocalSlots, SharedSlots
+from ensemble.cluster.slots import LocalSlots, Slots
 from ensemble.errors import Overloaded
 from ensemble.metrics import GatewayMetrics
 from policies.base import AdaptiveLimit, AdmissionPolicy, GateView, LatencyWindow, LimitState
@@ -50,7 +50,7 @@ class AdmissionGate:
         self,
         metrics: GatewayMetrics,
         clock: Clock = SYSTEM_CLOCK,
-        slots: LocalSlots | SharedSlots | None = None,
+        slots: Slots | None = None,
     ) -> None:
         self.metrics = metrics
         self.clock = clock

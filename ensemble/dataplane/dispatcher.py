@@ -9,7 +9,7 @@ import numpy as np
 
 from ensemble import __version__
 from ensemble.clock import SYSTEM_CLOCK, Clock
-from ensemble.cluster.slots import LocalSlots, SharedSlots
+from ensemble.cluster.slots import Slots
 from ensemble.dataplane import respond
 from ensemble.dataplane.admission import AdmissionGate
 from ensemble.dataplane.contract import parse_contract
@@ -66,7 +66,7 @@ class Dispatcher:
         feedback_max_bytes: int = DEFAULT_MAX_BYTES,
         feedback_accuracy_window: int = DEFAULT_ACCURACY_WINDOW,
         clock: Clock = SYSTEM_CLOCK,
-        slots: LocalSlots | SharedSlots | None = None,
+        slots: Slots | None = None,
     ) -> None:
         self.repository = repository
         self.metrics = metrics

@@ -3,7 +3,9 @@ pytest's): a head node offering the `edge` resource and a worker node offering `
 
 Prints ``cluster ready: ADDRESS`` and then answers one JSON line per command line on stdin:
 ``placement APP DEPLOYMENT...`` gives each deployment's node resources (the deployment must have
-a ``node`` method) and ``apps`` the Serve applications; EOF or SIGTERM shuts the cluster down.
+a ``node`` method), ``nodes APP DEPLOYMENT CALLS`` the tiers of the nodes whichever replicas
+answered CALLS calls ran on, ``hub APP`` the gateway replicas' hub state (leader, replicas and
+their pids), ``apps`` the Serve applications; EOF or SIGTERM shuts the cluster down.
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def main() -> int:
                 }
             elif words[0] == "apps":
                 answer = sorted(serve.status().applications)
+            elif words[0] == "hub":  # the gateway replicas' hub actor: leader and replicas
+                hub = ray.get_actor(f"{words[1]}-hub", namespace="ensemble")
+                answer = ray.get(hub.state.remote(), timeout=30)
+            elif words[0] == "nodes":  # the node resources of whichever replica answers
+                app, name, calls = words[1], words[2], int(words[3])
+                handle = serve.get_deployment_handle(name, app)
+                seen = {handle.node.remote().result(timeout_s=30) for _ in range(calls)}
+                answer = sorted(sorted(k for k in resources[n] if k in NODES)[0] for n in seen)
             else:
                 answer = {"error": f"unknown command {words[0]!r}"}
             print(json.dumps(answer), flush=True)

@@ -5,7 +5,6 @@ gateway unchanged; SIGTERM deletes the application."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,49 +17,18 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import yaml
 
-from tests.integration.process import ROOT, ZOO, GatewayProcess, start_gateway, zoo_member
+from tests.integration.process import (
+    ROOT,
+    ZOO,
+    GatewayProcess,
+    RayCluster,
+    start_gateway,
+    zoo_member,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 APP = "edgecloud"
 X = np.random.default_rng(3).uniform(0, 16, (3, 64)).astype(np.float32)
-
-
-class RayCluster:
-    """tests/integration/ray_cluster.py in its own process, driven over its stdin/stdout."""
-
-    def __init__(self, log: Path) -> None:
-        with log.open("w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.integration.ray_cluster"],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-            )
-        self.log = log
-        line = self._line()
-        assert line.startswith("cluster ready: "), line + log.read_text()
-        self.address = line.removeprefix("cluster ready: ").strip()
-
-    def _line(self) -> str:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.readline()
-
-    def ask(self, *words: str) -> object:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(" ".join(words) + "\n")
-        self.proc.stdin.flush()
-        line = self._line()
-        assert line, self.log.read_text()
-        return json.loads(line)
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        assert self.proc.wait(timeout=60) == 0, self.log.read_text()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
