@@ -277,3 +277,60 @@ def test_the_loops_p95_is_over_its_window_not_the_last_128_calls() -> None:
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+class TwoWorkers:
+    """The control loop's view of a gateway of two workers: this one leads (or not), the other
+    reports ``other`` as its load, and published targets are kept."""
+
+    def __init__(self, leads: bool, other: tuple[PlacementLoad, ...]) -> None:
+        self.leads = leads
+        self.workers = 2
+        self.other = other
+        self.published: list[dict[tuple[str, str], int]] = []
+
+    async def loads(self) -> list[tuple[PlacementLoad, ...]]:
+        return [self.other]
+
+    def publish(self, targets: dict[tuple[str, str], int]) -> None:
+        self.published.append(targets)
+
+
+def test_the_leader_decides_from_every_workers_load_and_followers_only_apply() -> None:
+    """Five calls in flight on this worker's edge replica and one on the other's: a per-worker
+    placement is judged on the average worker (3 in flight -> 2 replicas each), a shared one
+    (the remote cloud endpoint) on the sum; the targets are published, not applied at once, and
+    replica-seconds count every worker's in-process replicas."""
+    cfg = parse_yaml(CONFIG, source="t.yaml", base_dir=ZOO)
+    engine = InProcessEngine(1)
+
+    async def main() -> None:
+        built = build(cfg, engine)
+        member = built.repository.members["logreg"]
+        other = (
+            PlacementLoad("logreg", "edge", 1, 1, 3, 1.0, 4.0, None),
+            PlacementLoad("logreg", "cloud", 1, 1, 1, 2.0, 6.0, None),
+        )
+        peers = TwoWorkers(True, other)
+        now = [0.0]
+        metrics = GatewayMetrics()
+        loop = ControlLoop(lambda: built.fleet, metrics, clock=lambda: now[0], peers=peers)
+        for _ in range(5):
+            member.stats["edge/0"].started()
+        await loop.tick()
+        assert peers.published == [{("logreg", "edge"): 2}]  # ceil(((5 + 1) / 2) / 2)
+        assert len(member.serving("edge")) == 1  # applied when the change comes back
+        await loop.apply(peers.published[0])
+        assert len(member.serving("edge")) == 2
+        now[0] = 10.0
+        await loop.tick()
+        assert metrics.replica_seconds[("logreg", "edge")] == 20.0 * 2  # both workers' replicas
+        assert metrics.replica_seconds[("logreg", "cloud")] == 10.0  # one shared endpoint
+        follower = ControlLoop(lambda: built.fleet, GatewayMetrics(), peers=TwoWorkers(False, ()))
+        await follower.tick()  # a follower does not decide
+        assert follower.desired == {}
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
