@@ -182,6 +182,7 @@ class Supervisor:
             self.host,
             self.http_port,
             self.grpc_port,
+            logging.getLogger().level,
         )
         self._cells[slot.index] = 0  # what a dead worker was running is not running any more
         process = self._context.Process(
@@ -289,6 +290,5 @@ def supervise(
     """Run the gateway as ``workers`` processes until SIGTERM/SIGINT; the exit code."""
     import uvloop
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(name)s: %(message)s")
     supervisor = Supervisor(cfg, source, host, http_port, grpc_port, workers, announce)
     return uvloop.run(supervisor.run())

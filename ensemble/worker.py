@@ -65,6 +65,7 @@ class WorkerSpec:
     host: str
     http_port: int
     grpc_port: int
+    log_level: int = logging.INFO
 
 
 class Worker:
@@ -268,8 +269,11 @@ def worker_main(
 ) -> None:
     """A worker process's entry point (the supervisor starts it with multiprocessing's spawn)."""
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s worker {spec.index} %(name)s: %(message)s"
+        level=spec.log_level,
+        format=f"ensemble: worker {spec.index} %(levelname)s %(name)s: %(message)s",
     )
+    if spec.log_level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # as the command does
     import uvloop
 
     sys.exit(uvloop.run(_serve(spec, http_socket, cells)))
