@@ -216,12 +216,19 @@ def test_a_link_changed_through_one_worker_changes_in_every_worker(two: GatewayP
         assert doc["overrides"] == {}
 
 
-def test_a_dead_worker_is_restarted_and_sigterm_drains_all(
+def test_a_dead_worker_is_restarted_with_the_learned_state_and_sigterm_drains_all(
     tmp_path: Path, split: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    x, _ = split
+    x, y = split
     gw = _start(tmp_path, "--workers", "2")
     try:
+        for row in ROWS[:30]:  # learn something first: the restarted worker must get it
+            doc = infer(gw.http_url, x[row])
+            assert label(gw.http_url, doc["parameters"]["feedback_id"], int(y[row])).is_success
+        wait_for(lambda: len(weights(gw)) == 3, timeout_s=5, what="weights")
+        learned = weights(gw)
+        assert min(learned.values()) < 1 / 3 - 0.01  # merged as the largest copy: a worker
+        # that had lost them would show 1/3 for this member
         victim = workers(gw)[1]
         os.kill(victim.pid, signal.SIGKILL)
         wait_for(
@@ -237,6 +244,7 @@ def test_a_dead_worker_is_restarted_and_sigterm_drains_all(
         for row in x[:6]:
             infer(gw.http_url, row)
         assert "exited with code -9; restarting it" in gw.log()
+        assert weights(gw) == pytest.approx(learned, abs=WEIGHT_TOLERANCE)
     finally:
         assert gw.stop() == 0
     assert "Traceback" not in gw.log(), gw.log()
