@@ -92,7 +92,6 @@ PLANS = {
         rates=(100,),
         grpc=False,
         default5=False,
-        workers=1,
         floor_iterations=500,
     ),
 }
