@@ -55,6 +55,8 @@ class Worker:
     generation: int
     buffered: list[bytes] | None = field(default_factory=list)
     """Changes published while it joins (None once it is live)."""
+    gone: bool = False
+    """Its link closed: it never becomes live again."""
 
     def send(self, message: tuple[Any, ...]) -> None:
         self.send_frame(frame(message))
@@ -148,16 +150,22 @@ class Hub:
 
     async def _join(self, worker: Worker) -> None:
         async with self._lock:
-            donors = [w for w in self._workers.values() if w.index != worker.index]
-            snapshot = None
-            self._joining.add(worker)
-            if donors:  # from here on, changes are buffered for it and not in the snapshot
-                try:
-                    snapshot = await self._ask(donors[0], "snapshot", None, ASK_TIMEOUT_S)
-                except (WorkerGone, TimeoutError) as exc:
-                    log.warning("worker %d joins without shared state: %s", worker.index, exc)
-            if worker not in self._joining:  # it went away meanwhile
+            if worker.gone:  # it went away while it waited
                 return
+            self._joining.add(worker)  # from here on, changes are buffered for it
+            snapshot = None
+            for donor in [w for w in self._workers.values() if w.index != worker.index]:
+                try:  # the donor's snapshot holds every change sent before this question
+                    snapshot = await self._ask(donor, "snapshot", None, ASK_TIMEOUT_S)
+                    break
+                except (WorkerGone, TimeoutError, RuntimeError) as exc:
+                    log.warning(
+                        "worker %d: no snapshot from %d: %s", worker.index, donor.index, exc
+                    )
+            if worker.gone:
+                return
+            if snapshot is None and self._workers:
+                log.warning("worker %d joins without the shared state", worker.index)
             self._joining.discard(worker)
             worker.send(
                 ("welcome", snapshot, self.generation, self.config_text, self.config_source)
@@ -170,6 +178,7 @@ class Hub:
 
     def detach(self, worker: Worker) -> None:
         """The worker went away (its link closed, or it stopped polling)."""
+        worker.gone = True
         self._joining.discard(worker)
         if self._workers.get(worker.index, worker) is worker:
             self._reserved.discard(worker.index)

@@ -15,6 +15,7 @@ import pytest
 from ensemble.cluster.hub import Hub
 from ensemble.cluster.link import HubLink, RemoteError
 from ensemble.cluster.slots import SharedSlots
+from ensemble.cluster.wire import frame
 from ensemble.dataplane.admission import AdmissionGate
 from ensemble.dataplane.feedback import owner
 from ensemble.metrics import GatewayMetrics
@@ -230,3 +231,24 @@ def test_metrics_of_all_workers_add_up_and_shared_state_shows_once() -> None:
     assert 'ensemble_model_ready{model="digits"} 0.0' in text  # not ready in every worker
     assert "ensemble_request_duration_seconds_count" in text
     assert 'ensemble_request_duration_seconds_count{model="digits",protocol="http"} 2.0' in text
+
+
+def test_a_worker_that_leaves_before_it_is_welcomed_never_counts_as_live(tmp_path: Path) -> None:
+    with_hub(tmp_path, _leaves_early)
+
+
+async def _leaves_early(hub_: Hub, path: str) -> None:
+    first = Node(0)
+    await first.join(path)
+    async with hub_._lock:  # a reload in progress: the next worker waits to join
+        _, writer = await asyncio.open_unix_connection(path)
+        writer.write(frame(("hello", 1, 0, 0)))
+        await writer.drain()
+        await settle(lambda: hub_.free_index() == 2)  # it said hello
+        writer.close()  # it dies before the hub could welcome it
+        await settle(lambda: hub_.free_index() == 1)  # and left
+    await asyncio.sleep(0.05)
+    assert hub_.live == [0] and hub_.leader == 0
+    everyone = await first.link.ask(None, "echo", "still answers")
+    assert everyone == {0: (True, (0, "still answers"))}
+    await first.link.close()
