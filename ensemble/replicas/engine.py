@@ -26,6 +26,14 @@ from ensemble.replicas.onnx import OnnxSignature
 Outputs = dict[str, np.ndarray]
 SPLIT_MIN_S = 1e-3
 """Work estimated below this runs in one job rather than spread over threads."""
+INLINE_MAX_S = 100e-6
+"""Work estimated below this (by sessions that have timed enough runs) runs on the event loop's
+own thread while the pool is idle: handing it to a pool thread and back costs more than running
+it (three digits members take about 30-50 us together; a hand-off wakes two threads and moves
+the GIL twice). Under load the pool runs it beside the loop; larger work, and work of a session
+not timed yet, never blocks the loop."""
+LEARNED_RUNS = 8
+"""Runs a session must have timed before its estimate can keep work on the loop."""
 
 
 class SessionRunner:
@@ -41,6 +49,8 @@ class SessionRunner:
         )
         self.fixed_s = 50e-6
         self.per_row_s = 5e-6
+        self.timed = 0
+        """Runs timed so far (estimates are guesses before ``LEARNED_RUNS``)."""
 
     def estimate_s(self, rows: int) -> float:
         return self.fixed_s + self.per_row_s * rows
@@ -67,6 +77,7 @@ class SessionRunner:
     def _learn(self, elapsed_s: float, rows: int) -> None:
         # A rough split of the observed time into a fixed and a per-row part, smoothed; only
         # used to balance work across threads, so races between threads are harmless.
+        self.timed += 1
         if rows <= 1:
             self.fixed_s += 0.2 * (elapsed_s - self.fixed_s)
         else:
@@ -132,7 +143,8 @@ def _run_job(job: list[_Batch]) -> list[list[Outputs | BaseException]]:
 
 
 class InProcessEngine:
-    """The bounded pool onnxruntime runs on; never blocks the event loop."""
+    """The bounded pool onnxruntime runs on; only work shorter than a hand-off to it
+    (``INLINE_MAX_S``) runs on the event loop, and only while the pool is idle."""
 
     def __init__(self, threads: int, *, max_batch_rows: int = 256, batching: bool = True) -> None:
         self.threads = threads
@@ -188,6 +200,13 @@ class InProcessEngine:
         # last free one takes whatever is left, so nothing waits behind a whole job.
         batches.sort(key=_Batch.cost_s, reverse=True)
         total = sum(b.cost_s() for b in batches)
+        if (
+            self._busy == 0
+            and total < INLINE_MAX_S
+            and all(b.runner.timed >= LEARNED_RUNS for b in batches)
+        ):
+            self._finish(batches, _ran(batches), counted=False)
+            return
         share = total / self.threads
         loop = asyncio.get_running_loop()
         while batches and free > 0:
@@ -207,9 +226,13 @@ class InProcessEngine:
             done.add_done_callback(functools.partial(self._finish, job))
 
     def _finish(
-        self, job: list[_Batch], done: asyncio.Future[list[list[Outputs | BaseException]]]
+        self,
+        job: list[_Batch],
+        done: asyncio.Future[list[list[Outputs | BaseException]]],
+        counted: bool = True,
     ) -> None:
-        self._busy -= 1
+        if counted:  # it held a pool thread
+            self._busy -= 1
         try:
             results = done.result()
         except BaseException as exc:  # the pool itself failed (shut down): fail the calls
@@ -228,3 +251,12 @@ class InProcessEngine:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _ran(job: list[_Batch]) -> asyncio.Future[list[list[Outputs | BaseException]]]:
+    """``job`` run here and now, as the finished future a pool thread would have given."""
+    done: asyncio.Future[list[list[Outputs | BaseException]]] = (
+        asyncio.get_running_loop().create_future()
+    )
+    done.set_result(_run_job(job))
+    return done

@@ -141,3 +141,47 @@ def test_many_concurrent_calls_all_answer(tmp_path: Path, threads: int) -> None:
     results = asyncio.run(main())
     engine.shutdown()
     assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(300)]
+
+
+class ThreadRecordingRunner(SessionRunner):
+    def __init__(self, base: SessionRunner) -> None:
+        self.__dict__.update(base.__dict__)
+        self.threads: list[str] = []
+
+    def run(self, feed, outputs):  # type: ignore[no-untyped-def]
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        return super().run(feed, outputs)
+
+
+def test_tiny_work_of_a_timed_session_runs_on_the_loop_and_the_rest_on_the_pool(
+    tmp_path: Path,
+) -> None:
+    """A hand-off to a pool thread costs more than a tiny run: once a session has timed
+    LEARNED_RUNS runs, work estimated under INLINE_MAX_S stays on the event loop's thread;
+    a session not timed yet, or work estimated larger, goes to the pool."""
+    from ensemble.replicas.engine import INLINE_MAX_S, LEARNED_RUNS
+
+    runner = ThreadRecordingRunner(doubler(tmp_path / "d.onnx"))
+    engine = InProcessEngine(1)
+
+    async def one() -> None:
+        result = await engine.submit(runner, rows(1, 0.0), ("y",))
+        assert np.array_equal(result["y"], 2 * rows(1, 0.0)["x"])
+
+    async def main() -> None:
+        for _ in range(LEARNED_RUNS):
+            await one()
+        assert all(name.startswith("onnxruntime") for name in runner.threads)
+        runner.fixed_s, runner.per_row_s = INLINE_MAX_S / 4, 0.0
+        await one()
+        assert runner.threads[-1] == "MainThread"
+        runner.fixed_s = INLINE_MAX_S * 2  # a bigger model: never on the loop
+        await one()
+        assert runner.threads[-1].startswith("onnxruntime")
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
