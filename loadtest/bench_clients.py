@@ -90,7 +90,8 @@ def oip_grpc_body(zoo: Path, model: str = "digits") -> bytes:
 async def _grpc_drive(
     target: str, body: bytes, concurrency: int, warm_until: float, end: float
 ) -> tuple[bytes, int, str | None, float]:
-    """``concurrency`` callers back to back on one channel; latencies inside [warm_until, end]."""
+    """``concurrency`` callers back to back over the process's channels; latencies inside
+    [warm_until, end]."""
     loop = asyncio.get_running_loop()
     latencies = array("d")
     errors = 0
@@ -100,12 +101,15 @@ async def _grpc_drive(
         max(0.0, warm_until - time.monotonic()), lambda: cpu.append(time.process_time())
     )
     if target not in _CHANNELS:  # kept across runs: the warm-up run has already connected
-        _CHANNELS[target] = grpc.aio.insecure_channel(target)
+        own = [("grpc.use_local_subchannel_pool", 1)]  # a connection each, not one shared
+        _CHANNELS[target] = [
+            grpc.aio.insecure_channel(target, options=own) for _ in range(CHANNELS_PER_PROCESS)
+        ]
     # Raw bytes in and out: the request is serialised once by the bench, so the generator spends
     # its CPU on gRPC itself and not on protobuf.
-    call = _CHANNELS[target].unary_unary(MODEL_INFER)
+    calls = [channel.unary_unary(MODEL_INFER) for channel in _CHANNELS[target]]
 
-    async def caller() -> None:
+    async def caller(call: Any) -> None:
         nonlocal errors, sample
         while (start := time.monotonic()) < end:
             try:
@@ -119,13 +123,16 @@ async def _grpc_drive(
             if start >= warm_until and done <= end:
                 latencies.append(done - start)
 
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    await asyncio.gather(*(caller(calls[i % len(calls)]) for i in range(concurrency)))
     cpu_s = time.process_time() - (cpu[0] if cpu else time.process_time())
     return latencies.tobytes(), errors, sample, cpu_s
 
 
-_CHANNELS: dict[str, grpc.aio.Channel] = {}
-"""Per generator process: one channel (one HTTP/2 connection) per target, as tritonclient has."""
+CHANNELS_PER_PROCESS = 2
+"""Connections per generator process and target: a gateway of several workers gets connections
+spread by the kernel (SO_REUSEPORT), so a handful are needed for each worker to get some."""
+_CHANNELS: dict[str, list[grpc.aio.Channel]] = {}
+"""Per generator process: its channels (one HTTP/2 connection each) per target."""
 
 
 def _grpc_worker(conn: Connection) -> None:
@@ -134,8 +141,9 @@ def _grpc_worker(conn: Connection) -> None:
     try:
         while (job := conn.recv()) is not None:
             conn.send(loop.run_until_complete(_grpc_drive(*job)))
-        for channel in _CHANNELS.values():
-            loop.run_until_complete(channel.close())
+        for channels in _CHANNELS.values():
+            for channel in channels:
+                loop.run_until_complete(channel.close())
     finally:
         loop.close()
 

@@ -30,7 +30,7 @@ GOALS = (
 )
 GENERATORS = {
     "http_closed_loop": "wrk -t1 -c N --latency, Lua script POSTing the binary OIP body",
-    "grpc_closed_loop": "grpc.aio in N processes, raw ModelInfer bytes on one channel each",
+    "grpc_closed_loop": "grpc.aio in N processes, raw ModelInfer bytes over 2 channels each",
     "http_open_loop": "loadtest.bench_clients on the harness's HTTP client at a fixed rate, "
     "latency from the intended send time, at most 64 connections",
 }
