@@ -25,6 +25,7 @@ from tests.integration.process import (
     ZOO,
     GatewayProcess,
     start_from_config,
+    start_gateway,
     start_replica,
     zoo_member,
 )
@@ -214,3 +215,31 @@ def test_mutual_tls_needs_a_client_certificate_signed_by_the_ca(
                 grpcs.is_server_live(client_timeout=10)
         finally:
             grpcs.close()
+
+
+def test_workers_serve_https_and_grpcs_with_the_configs_files(
+    zoo_dir: Path, tmp_path: Path
+) -> None:
+    """`--workers 2`: each worker loads the config's TLS files; both ports speak TLS only."""
+    import yaml
+
+    pki = mint(tmp_path / "certs")
+    config = {
+        "model_zoo": {"dir": str(ZOO)},
+        "server": {"tls": {"cert_file": "certs/server.pem", "key_file": "certs/server.key"}},
+        "ensembles": [{"name": "digits", "members": [zoo_member("logreg")]}],
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gw = start_gateway(path, tmp_path / "gw.log", "--workers", "2")
+    try:
+        for _ in range(4):  # new connections: either worker
+            with https_client(gw, pki.ca) as client:
+                assert infer_http(client, "digits").shape == (1,)
+            with grpcs_client(gw, pki.ca) as client:
+                assert infer_grpc(client, "digits").shape == (1,)
+        plain = httpclient.InferenceServerClient(gw.http_target, network_timeout=5)
+        with plain, pytest.raises(REFUSED):  # plain HTTP to a TLS port
+            plain.is_server_live()
+    finally:
+        assert gw.stop() == 0, gw.log()
