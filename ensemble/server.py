@@ -46,7 +46,7 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (0: a free port); OSError naming the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -248,9 +248,11 @@ class Gateway:
         )
         self.http_app = app
         if http_port is None and http_socket is None:
-            self._grpc, bound_grpc = await self._start_grpc(host, grpc_port, tls, api_keys, conns)
+            self._grpc, bound_grpc = await self._start_grpc(
+                host, grpc_port, tls, api_keys, conns, reuse_port
+            )
             return Addresses(host, 0, bound_grpc)
-        sock = listen(host, http_port or 0) if http_socket is None else http_socket
+        sock = _listen(host, http_port or 0) if http_socket is None else http_socket
         config = uvicorn.Config(
             app,
             lifespan="off",
@@ -282,7 +284,7 @@ class Gateway:
         tls: TlsFiles | None,
         api_keys: ApiKeys,
         conns: ConnectionLimits,
-        reuse_port: bool = True,
+        reuse_port: bool,
     ) -> tuple[grpc.aio.Server, int]:
         return await start_grpc_server(
             self.dispatcher,
