@@ -102,6 +102,17 @@ class Link:
         self.changes += 1
         return self.settings
 
+    def change(self, changes: Mapping[str, Any] | None) -> LinkConfig:
+        """``override(changes)``, or ``clear()`` for None (the admin API's PUT and DELETE)."""
+        return self.clear() if changes is None else self.override(changes)
+
+    def copy(self) -> Link:
+        """A copy to try a change on: changing it leaves this link as it is."""
+        trial = object.__new__(Link)
+        trial.__dict__.update(self.__dict__)
+        trial.failures = dict(self.failures)
+        return trial
+
     def one_way_s(self, nbytes: int) -> float:
         """How long ``nbytes`` take from one end to the other now (a fresh jitter draw)."""
         settings = self.settings

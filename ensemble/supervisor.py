@@ -117,6 +117,9 @@ class _Slot:
 
 
 class Supervisor:
+    """The parent of a gateway's workers (the module's docstring says what it does); ``run`` on
+    an event loop until SIGTERM/SIGINT, its result the exit code."""
+
     def __init__(
         self,
         cfg: GatewayConfig,
@@ -276,19 +279,3 @@ class Supervisor:
 def _join(processes: list[BaseProcess], deadline: float) -> None:
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))
-
-
-def supervise(
-    cfg: GatewayConfig,
-    source: Path,
-    host: str,
-    http_port: int,
-    grpc_port: int,
-    workers: int,
-    announce: Callable[[Addresses], None],
-) -> int:
-    """Run the gateway as ``workers`` processes until SIGTERM/SIGINT; the exit code."""
-    import uvloop
-
-    supervisor = Supervisor(cfg, source, host, http_port, grpc_port, workers, announce)
-    return uvloop.run(supervisor.run())

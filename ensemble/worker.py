@@ -143,10 +143,7 @@ class Worker:
         link = self.gateway.links.get(tier) if self.gateway.links is not None else None
         if link is None:
             return
-        if changes is None:
-            link.clear()
-        else:
-            link.override(changes)
+        link.change(changes)
 
     def _scale(self, targets: dict[Key, int]) -> None:
         control = self.gateway.control
@@ -203,23 +200,14 @@ class _ClusterRoutes:
         return value
 
     def change_link(self, link: Link, changes: dict[str, Any] | None) -> Link:
-        trial = _copy(link)  # validated on a copy: the change itself comes back in order
-        if changes is None:
-            trial.clear()
-        else:
-            trial.override(changes)
+        trial = link.copy()  # validated on a copy: the change itself comes back in order
+        trial.change(changes)
         self._link.publish("link", (link.tier, changes))
         return trial
 
 
 def _constant(state: Any) -> Callable[[Any], Any]:
     return lambda _: state
-
-
-def _copy(link: Link) -> Link:
-    trial = object.__new__(Link)
-    trial.__dict__.update(link.__dict__)
-    return trial
 
 
 class _ClusterReloads:

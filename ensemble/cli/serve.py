@@ -28,7 +28,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     announce = announcer("gateway", cfg.model_names())
     ray = None
     try:
-        from ensemble.supervisor import supervise, worker_count
+        import uvloop
+
+        from ensemble.supervisor import Supervisor, worker_count
 
         workers = worker_count(args.workers)
         if workers > 1 and (args.ray_address or cfg.uses_ray()):
@@ -38,7 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         ensure_models(cfg)
         if workers > 1:
-            return supervise(cfg, args.config, host, http_port, grpc_port, workers, announce)
+            supervisor = Supervisor(cfg, args.config, host, http_port, grpc_port, workers, announce)
+            return uvloop.run(supervisor.run())
         if args.ray_address:
             from ensemble.serve_app import serve_on_cluster
 
@@ -52,8 +55,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             # Before the event loop's signal handlers: ray.init installs its own.
             ray = RayRuntime.start_local(cfg, progress)
-        import uvloop
-
         from ensemble.server import Gateway, run_gateway
 
         def make() -> Gateway:

@@ -433,10 +433,7 @@ class LocalRoutes:
         return self._dispatcher.feedback.submit(name, body)
 
     def change_link(self, link: Link, changes: dict[str, Any] | None) -> Link:
-        if changes is None:
-            link.clear()
-        else:
-            link.override(changes)
+        link.change(changes)
         return link
 
 

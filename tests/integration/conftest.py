@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.process import ROOT, GatewayProcess, start_gateway
+from tests.integration.process import ROOT, GatewayProcess, RayCluster, start_gateway
 
 DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
@@ -27,6 +27,14 @@ def gateway(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def test_split(zoo_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     data = np.load(zoo_dir / "test.npz")
     return data["X"].astype(np.float32), data["y"].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A two-node Ray cluster on loopback (`edge` and `cloud` nodes), one per test module."""
+    ray = RayCluster(tmp_path_factory.mktemp("cluster") / "cluster.log")
+    yield ray
+    ray.close()
 
 
 @pytest.fixture(scope="module")

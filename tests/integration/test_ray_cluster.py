@@ -32,13 +32,6 @@ X = np.random.default_rng(3).uniform(0, 16, (3, 64)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    ray = RayCluster(tmp_path_factory.mktemp("cluster") / "cluster.log")
-    yield ray
-    ray.close()
-
-
-@pytest.fixture(scope="module")
 def gw(
     cluster: RayCluster, zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:

@@ -57,13 +57,6 @@ def _start(tmp: Path, doc: dict[str, Any], *extra: str) -> GatewayProcess:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    ray = RayCluster(tmp_path_factory.mktemp("cluster") / "cluster.log")
-    yield ray
-    ray.close()
-
-
-@pytest.fixture(scope="module")
 def gw(
     cluster: RayCluster, zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
@@ -74,12 +67,6 @@ def gw(
     yield gateway
     if gateway.proc.poll() is None:
         assert gateway.stop(timeout_s=90) == 0, gateway.log()
-
-
-@pytest.fixture(scope="module")
-def split() -> tuple[np.ndarray, np.ndarray]:
-    data = np.load(ZOO / "test.npz")
-    return data["X"].astype(np.float32), data["y"]
 
 
 def _body(row: np.ndarray) -> dict[str, Any]:
@@ -116,12 +103,12 @@ def _weights(url: str) -> dict[str, float]:
 
 
 def test_two_gateway_replicas_on_two_nodes_both_answer(
-    cluster: RayCluster, gw: GatewayProcess, split: tuple[np.ndarray, np.ndarray]
+    cluster: RayCluster, gw: GatewayProcess, test_split: tuple[np.ndarray, np.ndarray]
 ) -> None:
     assert cluster.ask("nodes", APP, "gateway", "16") == ["cloud", "edge"]
     state = cluster.ask("hub", APP)
     assert isinstance(state, dict) and len(state["replicas"]) == 2
-    x, _ = split
+    x, _ = test_split
     for row in x[:4]:  # through Serve's proxy
         answer = httpx.post(f"{gw.http_url}/v2/models/digits/infer", json=_body(row), timeout=30)
         assert answer.status_code == 200, answer.text
@@ -134,9 +121,9 @@ def test_two_gateway_replicas_on_two_nodes_both_answer(
 
 
 def test_labels_through_either_replica_teach_one_profile(
-    gw: GatewayProcess, split: tuple[np.ndarray, np.ndarray], tmp_path: Path
+    gw: GatewayProcess, test_split: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
-    x, y = split
+    x, y = test_split
     keepers = _learn(gw.http_url, x, y)
     assert keepers == {"0", "1"}, keepers  # both replicas answered, and every label joined
     one = _start(tmp_path, _config(None))  # one process, the same labels in the same order
@@ -150,13 +137,13 @@ def test_labels_through_either_replica_teach_one_profile(
 
 
 def test_killing_the_leader_under_load_loses_only_its_requests_and_another_leads(
-    cluster: RayCluster, gw: GatewayProcess, split: tuple[np.ndarray, np.ndarray]
+    cluster: RayCluster, gw: GatewayProcess, test_split: tuple[np.ndarray, np.ndarray]
 ) -> None:
     state = cluster.ask("hub", APP)
     assert isinstance(state, dict)
     leader = state["leader"]
     victim = state["replicas"][str(leader)]
-    x, _ = split
+    x, _ = test_split
     with Traffic(gw.http_url, "digits", _body(x[0]), clients=2) as traffic:
         time.sleep(1.0)
         os.kill(victim, signal.SIGKILL)

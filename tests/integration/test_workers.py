@@ -74,12 +74,6 @@ def one(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     assert gw.stop() == 0
 
 
-@pytest.fixture(scope="module")
-def split() -> tuple[np.ndarray, np.ndarray]:
-    data = np.load(ZOO / "test.npz")
-    return data["X"].astype(np.float32), data["y"]
-
-
 def workers(gw: GatewayProcess) -> list[psutil.Process]:
     """The worker processes under the supervisor (not multiprocessing's resource tracker)."""
     found = []
@@ -122,9 +116,9 @@ def weights(gw: GatewayProcess) -> dict[str, float]:
 
 
 def test_both_workers_serve_grpc_and_http_and_metrics_count_them_all(
-    two: GatewayProcess, split: tuple[np.ndarray, np.ndarray]
+    two: GatewayProcess, test_split: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    x, _ = split
+    x, _ = test_split
     before = metric(scrape(two.http_url), 'ensemble_requests_total{model="digits"', 0.0)
     own = [("grpc.use_local_subchannel_pool", 1)]  # a connection each, not one shared
     clients = [
@@ -155,9 +149,9 @@ def test_both_workers_serve_grpc_and_http_and_metrics_count_them_all(
 
 
 def test_labels_reach_the_worker_that_answered_and_teach_exp4_as_one_worker(
-    one: GatewayProcess, two: GatewayProcess, split: tuple[np.ndarray, np.ndarray]
+    one: GatewayProcess, two: GatewayProcess, test_split: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    x, y = split
+    x, y = test_split
     keepers = set()
     for row in ROWS:
         for gw in (one, two):
@@ -217,9 +211,9 @@ def test_a_link_changed_through_one_worker_changes_in_every_worker(two: GatewayP
 
 
 def test_a_dead_worker_is_restarted_with_the_learned_state_and_sigterm_drains_all(
-    tmp_path: Path, split: tuple[np.ndarray, np.ndarray]
+    tmp_path: Path, test_split: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    x, y = split
+    x, y = test_split
     gw = _start(tmp_path, "--workers", "2")
     try:
         for row in ROWS[:30]:  # learn something first: the restarted worker must get it
