@@ -128,8 +128,6 @@ def _start(
 
 def inflight(url: str) -> float:
     """Requests the server at ``url`` is processing now (its metrics' gauge)."""
-    import httpx
-
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         if line.startswith("ensemble_inflight_requests "):
             return float(line.split()[1])
@@ -158,7 +156,8 @@ def start_from_config(
 
 class Traffic:
     """``clients`` closed-loop clients POSTing ``body`` to a model's infer route from threads
-    until stopped (also as a context manager); every HTTP status is kept."""
+    until stopped (also as a context manager); every HTTP status is kept, and a request whose
+    connection broke (a killed server's in-flight work) counts as status 0."""
 
     def __init__(self, url: str, model: str, body: Mapping[str, object], clients: int = 1) -> None:
         self.statuses: list[int] = []
@@ -173,7 +172,11 @@ class Traffic:
     def _run(self, url: str, model: str, body: Mapping[str, object]) -> None:
         with httpx.Client(base_url=url, timeout=30) as http:
             while not self._stop.is_set():
-                self.statuses.append(http.post(f"/v2/models/{model}/infer", json=body).status_code)
+                try:
+                    status = http.post(f"/v2/models/{model}/infer", json=body).status_code
+                except httpx.TransportError:
+                    status = 0
+                self.statuses.append(status)
 
     def stop(self) -> list[int]:
         self._stop.set()
