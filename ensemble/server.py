@@ -30,9 +30,9 @@ from ensemble.frontends.connections import ConnectionGuard, ConnectionLimits, Ga
 from ensemble.frontends.grpc import start_grpc_server
 from ensemble.frontends.http import HttpFrontend, LocalRoutes, Reloads, SharedRoutes
 from ensemble.frontends.limits import Offload, RequestLimits
-from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.engine import InProcessEngine
+from ensemble.replicas.links import Links
 from ensemble.tls import TlsFileError, TlsFiles, load_tls_files
 
 log = logging.getLogger("ensemble.server")

@@ -101,6 +101,45 @@ class Contract:
 
 
 @dataclass(frozen=True, slots=True)
+class PlacementView:
+    """One member on one tier as it is now: what a call there is expected to take and cost.
+
+    Latencies are the tier's round trip now plus the service time (call latency less the round
+    trip at the time) of its recent calls, queueing included; with fewer than 8 calls in the
+    estimate's horizon the service time is the member card's (``samples`` is then 0)."""
+
+    tier: str
+    ready: bool
+    """Some replica on the tier takes calls now."""
+    latency_s: float | None
+    """Expected (median) latency of a call; None with neither calls nor a card."""
+    latency_p95_s: float | None
+    latency_p99_s: float | None
+    round_trip_s: float
+    """The network's share: the tier's health checks' round trip (or its emulated link's)."""
+    error_rate: float = 0.0
+    """Share of recent calls that failed (decaying: old failures weigh less)."""
+    cost_per_call: float = 0.0
+    samples: int = 0
+    """Recent calls the latencies come from; 0: seeded from the card."""
+
+    def tail_s(self, quantile: str) -> float | None:
+        """``p50``, ``p95`` or ``p99`` latency."""
+        if quantile == "p50":
+            return self.latency_s
+        return self.latency_p95_s if quantile == "p95" else self.latency_p99_s
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    """A selection policy's choice of a member on a given tier (a plain member name lets
+    routing choose among all the tiers the request may use)."""
+
+    member: str
+    tier: str
+
+
+@dataclass(frozen=True, slots=True)
 class MemberView:
     """What selection and aggregation policies know about one ensemble member."""
 
@@ -112,12 +151,16 @@ class MemberView:
     per_class_accuracy: tuple[float, ...] | None = None
     """Validation recall per class index, from the card."""
     cost_per_call: float = 0.0
-    """Expected price of one call, in the config's currency."""
+    """Expected price of one call on its first tier, in the config's currency."""
     latency_s: float | None = None
-    """Expected latency of one call: the live window's median, else the card's batch-1 p50."""
+    """The member card's batch-1 p50 (offline, on the machine that profiled it; no network):
+    ``placements`` has the live figures."""
     latency_p95_s: float | None = None
+    """The member card's batch-1 p99 (offline)."""
     rolling_accuracy: float | None = None
     """Accuracy over recent feedback (true labels joined to answers); None before any."""
+    placements: tuple[PlacementView, ...] = ()
+    """Each tier it runs on, live (empty for a view built without replicas, as in tests)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,8 +45,8 @@ from ensemble.control.provisioning import Key
 from ensemble.control.reload import ReloadResult
 from ensemble.dataplane.feedback import owner, parse_body
 from ensemble.errors import EnsembleError, WorkerUnavailable
-from ensemble.links import Link
 from ensemble.metrics.merge import exposition, merge
+from ensemble.replicas.links import Link
 from ensemble.server import Addresses, Gateway, run_gateway
 from policies.base import PlacementLoad
 

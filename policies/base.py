@@ -20,6 +20,7 @@ from ensemble.types import (
     AggregationContext,
     Feedback,
     MemberAnswer,
+    Pick,
     ReplicaView,
     RoutingContext,
     SelectionContext,
@@ -32,7 +33,10 @@ class SelectionPolicy(Protocol):
 
     The runtime calls ``select`` with no answers first, asks the members it names, then calls
     again with every answer so far; an empty tuple ends the request (cascades escalate by
-    naming more members; one-shot policies return ``()`` on the second call).
+    naming more members; one-shot policies return ``()`` on the second call). A member named
+    as a ``Pick(member, tier)`` is asked on that tier first (its placements in
+    ``MemberView.placements`` say what each tier takes and costs now); a plain name leaves the
+    tier to routing.
     """
 
     def initial_state(self) -> Any:
@@ -41,7 +45,7 @@ class SelectionPolicy(Protocol):
 
     def select(
         self, ctx: SelectionContext, answers: Sequence[MemberAnswer], state: Any
-    ) -> tuple[tuple[str, ...], Any]:
+    ) -> tuple[tuple[str | Pick, ...], Any]:
         """Members to ask next (never one already asked) and the new state."""
         ...
 

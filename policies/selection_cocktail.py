@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ensemble.types import Feedback, MemberAnswer, SelectionContext
+from ensemble.types import (
+    Feedback,
+    MemberAnswer,
+    MemberView,
+    Pick,
+    SelectionContext,
+)
 from policies.ensemble_math import majority_quorum, tally
 from policies.registry import register
-from policies.selection import allowed_views, not_yet_asked
+from policies.selection import Tail, allowed_views, fits, not_yet_asked, pick, placement_for
 
 
 class CocktailParams(BaseModel):
@@ -36,6 +43,13 @@ class CocktailParams(BaseModel):
     initial_members: int | None = Field(
         default=None, ge=1, description="Start with this many best members; None: all allowed."
     )
+    estimates: Literal["live", "card"] = Field(
+        default="live",
+        description="`live`: ask each active member on the tier that fits the time left by "
+        "its live latency at the lowest price, leaving out members no tier of which fits "
+        "(the fastest is asked when none does); `card`: routing picks tiers, none left out.",
+    )
+    tail: Tail = Field(default="p95", description="Which live latency must fit the time left.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +103,7 @@ class Cocktail:
 
     def select(
         self, ctx: SelectionContext, answers: Sequence[MemberAnswer], state: CocktailState
-    ) -> tuple[tuple[str, ...], CocktailState]:
+    ) -> tuple[tuple[str | Pick, ...], CocktailState]:
         if answers:
             return (), state
         views = allowed_views(ctx)
@@ -104,7 +118,23 @@ class Cocktail:
             # The whole active set is unavailable: ask the best available ones instead.
             chosen = list(ranking[: max(self.params.min_members, 1)])
         state = replace(state, active=active, ranking=ranking)
-        return not_yet_asked(chosen, answers, ctx.asked), state
+        if self.params.estimates == "card":
+            return not_yet_asked(chosen, answers, ctx.asked), state
+        return not_yet_asked(self._place(chosen, views, ctx), answers, ctx.asked), state
+
+    def _place(
+        self, chosen: list[str], views: list[MemberView], ctx: SelectionContext
+    ) -> list[str | Pick]:
+        """The chosen members on the tiers that fit the time left; those that fit nowhere are
+        left out, unless none fits (then the fastest of them is asked)."""
+        by_name = {v.name: v for v in views}
+        tail = self.params.tail
+        placed = [(by_name[m], placement_for(by_name[m], ctx, tail)) for m in chosen]
+        fitting = [pick(v, p) for v, p in placed if fits(p, ctx, tail)]
+        if fitting or not placed:
+            return fitting
+        v, p = min(placed, key=lambda vp: (vp[1].tail_s(tail) or 0.0) if vp[1] else 0.0)
+        return [pick(v, p)]
 
     def feedback(self, event: Feedback, state: CocktailState) -> CocktailState:
         if not event.predicted:

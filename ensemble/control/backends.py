@@ -26,11 +26,11 @@ from ensemble.control.provisioning import Provisioner, RayScaler, ReplicaSet, St
 from ensemble.control.ray_runtime import RayRuntime, set_target, spec_for
 from ensemble.errors import EnsembleError
 from ensemble.integrity import Digest
-from ensemble.links import Link
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica, innermost
 from ensemble.replicas.engine import InProcessEngine, SessionRunner
 from ensemble.replicas.inprocess import InProcessReplica
+from ensemble.replicas.links import Link
 from ensemble.replicas.member import Member
 from ensemble.replicas.oip_grpc import GrpcReplica
 from ensemble.replicas.oip_http import HttpReplica

@@ -23,12 +23,12 @@ from ensemble.control.provisioning import Fleet, Key, Provisioner
 from ensemble.control.ray_runtime import RayRuntime
 from ensemble.errors import EnsembleError, ModelIntegrityError
 from ensemble.integrity import Digest, expected_digests, read_verified
-from ensemble.links import LinkedReplica, Links
 from ensemble.model_checks import inputs_agree
 from ensemble.models.card import MemberCard, card_path_for, load_manifest
 from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.faults import DeviceReplica, FailingReplica, StragglerReplica
+from ensemble.replicas.links import LinkedReplica, Links
 from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_schema
 from ensemble.replicas.onnx import OnnxSignature, load_session, read_signature
 from ensemble.repository import (

@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 from ensemble.control.provisioning import Fleet, Key, Provisioner
 from ensemble.errors import EnsembleError, ModelIntegrityError
-from ensemble.links import round_trip_s
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.base import Replica
+from ensemble.replicas.links import round_trip_s
 from ensemble.replicas.member import Member
 from ensemble.replicas.stats import ReplicaStats
 from policies.base import AutoscalingPolicy, PlacementLoad, ScalingContext

@@ -15,9 +15,9 @@ from ensemble.control.provisioning import Fleet, Key
 from ensemble.control.ray_runtime import RayRuntime
 from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import ConfigError, EnsembleError, ModelIntegrityError
-from ensemble.links import Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.engine import InProcessEngine
+from ensemble.replicas.links import Links
 from ensemble.repository import Repository
 
 log = logging.getLogger("ensemble.reload")

@@ -59,7 +59,7 @@ class Call:
         outcome = (
             "cancelled" if future.cancelled() else "error" if future.exception() else "success"
         )
-        self.member.observe(self.stats, self.end - self.start, outcome)
+        self.member.observe(self.replica, self.stats, self.end - self.start, outcome)
 
     @property
     def won_by_hedge(self) -> bool:
@@ -183,7 +183,7 @@ class ResilientCall(Call):
             elif not fut.cancelled():
                 error = fut.exception()
             outcome = "error" if error else "cancelled" if fut.cancelled() else "success"
-            self.member.observe(stats, clock.now() - began, outcome)
+            self.member.observe(replica, stats, clock.now() - began, outcome)
             if self.future.done():
                 return  # the twin already won, or the request gave up
             if outcome == "success":

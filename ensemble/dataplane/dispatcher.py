@@ -31,6 +31,7 @@ from ensemble.types import (
     InferRequest,
     InferResponse,
     Parameters,
+    PlacementView,
     Tensor,
 )
 
@@ -89,6 +90,7 @@ class Dispatcher:
         self._rng = random.Random(0)  # routing draws (p2c); seeded for repeatable runs
         metrics.readiness = self._readiness
         metrics.replicas = self._replica_states
+        metrics.placements = self._placements
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -106,6 +108,10 @@ class Dispatcher:
                 for v in m.replica_views()
             ]  # fmt: skip
         return states
+
+    def _placements(self) -> list[tuple[str, PlacementView]]:
+        members = self.repository.members.values()
+        return [(m.name, p) for m in members for p in m.view().placements]
 
     def live(self) -> bool:
         return True

@@ -4,6 +4,7 @@ profile's `on_violation`, everything within the request's one deadline."""
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from ensemble.errors import DeadlineExceeded, ModelNotReady
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.member import Member
 from ensemble.repository import EnsembleModel, Profile
-from ensemble.types import Contract, MemberAnswer, MemberView, SelectionContext
+from ensemble.types import Contract, MemberAnswer, MemberView, Pick, SelectionContext
 from policies.ensemble_math import estimated_accuracy
 
 
@@ -85,14 +86,19 @@ class EnsembleRun:
             if not v.ready and v.name not in self.asked and (tier is None or tier in v.tiers)
         )
 
-    async def stage(self, names: tuple[str, ...], *, checked: bool = True) -> bool:
-        """Ask ``names`` (those not asked yet and allowed) concurrently, until they answer or
-        the deadline; whether anyone was asked. ``checked``: the selection policy already
-        checked readiness and the contract's tier (a reroute or fallback checks them here)."""
-        chosen = [n for n in dict.fromkeys(names) if self._allowed(n, checked=checked)]
-        if not chosen:
+    async def stage(self, names: tuple[str | Pick, ...], *, checked: bool = True) -> bool:
+        """Ask ``names`` (those not asked yet and allowed; a ``Pick`` on its tier first)
+        concurrently, until they answer or the deadline; whether anyone was asked. ``checked``:
+        the selection policy already checked readiness and the contract's tier (a reroute or
+        fallback checks them here)."""
+        tiers: dict[str, str | None] = {}
+        for pick in names:
+            name, tier = (pick, None) if isinstance(pick, str) else (pick.member, pick.tier)
+            if name not in tiers and self._allowed(name, checked=checked):
+                tiers[name] = tier
+        if not tiers:
             return False
-        calls = self._start(chosen)
+        calls = self._start(list(tiers), tiers)
         fallback = self._fallback_member()
         if fallback is not None and self.deadline is not None and not self.answers:
             # Wait until just before the deadline, leaving the fallback member time to answer;
@@ -162,7 +168,7 @@ class EnsembleRun:
             return None
         return self.model.members[name] if self._allowed(name, checked=False) else None
 
-    def _start(self, names: list[str]) -> list[Call]:
+    def _start(self, names: list[str], tiers: Mapping[str, str | None] | None = None) -> list[Call]:
         self.asked.extend(names)
         calls = []
         model = self.model
@@ -181,6 +187,7 @@ class EnsembleRun:
                         model.tiers,
                         self.rng,
                         self.clock,
+                        tier=tiers.get(name) if tiers else None,
                     )
                 )
             except ModelNotReady as exc:  # no replica it may use: a failure like any other

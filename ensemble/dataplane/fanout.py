@@ -25,12 +25,16 @@ def start_call(
     tiers: tuple[str, ...],
     rng: random.Random,
     clock: Clock,
+    *,
+    tier: str | None = None,
 ) -> Call:
-    """Start one member's call: route it; hedge, retry and time out its attempts as the
+    """Start one member's call: route it (the replicas on ``tier``, when the selection policy
+    chose one, first; the others stay fallbacks); hedge, retry and time out its attempts as the
     profile says. ModelNotReady when no replica it may use is ready."""
     if len(member.replicas) == 1:  # nothing to route, hedge or fail over to: the cheap path
         return Call(member, member.only(), feed, outputs)
-    order = member.route(profile.routing, RoutingContext(member.name, contract.tier, tiers), rng)
+    ctx = RoutingContext(member.name, contract.tier, tiers)
+    order = member.route(profile.routing, ctx, rng, prefer=tier)
     profile.first_attempt()
     if len(order) == 1:
         return Call(member, order[0], feed, outputs)

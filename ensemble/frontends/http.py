@@ -30,7 +30,6 @@ from ensemble.errors import (
 )
 from ensemble.frontends.body import read_body
 from ensemble.frontends.limits import Offload, RequestLimits, ValueGuard, counts_values
-from ensemble.links import Link, Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.oip.rest import (
     HEADER_LENGTH,
@@ -39,6 +38,7 @@ from ensemble.oip.rest import (
     encode_infer_response,
     may_set_priority,
 )
+from ensemble.replicas.links import Link, Links
 from ensemble.repository import ServedModel
 
 Scope: TypeAlias = MutableMapping[str, Any]

@@ -23,7 +23,6 @@ from ensemble.config import GatewayConfig, MemberConfig, Placement
 from ensemble.control.build import build_member
 from ensemble.control.ray_runtime import RayRuntime
 from ensemble.errors import EnsembleError
-from ensemble.links import LinkedReplica, Links
 from ensemble.measure.probes import (
     TestSplit,
     load_test_split,
@@ -36,6 +35,7 @@ from ensemble.measure.settings import ProfileSettings, Progress
 from ensemble.models.layout import TEST_SET_FILE
 from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine
+from ensemble.replicas.links import LinkedReplica, Links
 from ensemble.replicas.member import Member
 from ensemble.replicas.onnx import load_session
 

@@ -15,8 +15,9 @@ from ensemble.errors import REJECTION_REASONS
 from ensemble.metrics.histogram import histogram_family
 
 if TYPE_CHECKING:
-    from ensemble.links import LinkReading
     from ensemble.metrics.gateway import GatewayMetrics
+    from ensemble.replicas.links import LinkReading
+    from ensemble.types import PlacementView
 
 
 def _counter(
@@ -337,3 +338,44 @@ def link_families(readings: Iterable[LinkReading]) -> Iterator[Metric]:
             failures.add_metric([r.tier, kind], count)
         changes.add_metric([r.tier], r.changes)
     yield from (partitioned, delay, loss, failures, changes)
+
+
+def placement_families(placements: Iterable[tuple[str, PlacementView]]) -> Iterator[Metric]:
+    """What selection expects of each (member, tier) now: latency, round trip, failures."""
+    labels = ["member", "tier"]
+    latency = GaugeMetricFamily(
+        "ensemble_placement_expected_latency_seconds",
+        "Expected latency of a call to the member on the tier now, by quantile (0.5, 0.95, "
+        "0.99): the tier's round trip now plus recent calls' service times (the card's while "
+        "the tier has had fewer than 8 calls in the last 30 s).",
+        labels=[*labels, "quantile"],
+    )
+    trip = GaugeMetricFamily(
+        "ensemble_placement_round_trip_seconds",
+        "The network's share of a call: the tier's last health check's round trip, or its "
+        "emulated link's delay both ways (0 in process).",
+        labels=labels,
+    )
+    errors = GaugeMetricFamily(
+        "ensemble_placement_error_ratio",
+        "Share of recent calls to the member on the tier that failed (older ones weigh less: "
+        "a half-life of 10 s).",
+        labels=labels,
+    )
+    samples = GaugeMetricFamily(
+        "ensemble_placement_estimate_calls",
+        "Recent calls the expected latency comes from (0: from the member card).",
+        labels=labels,
+    )
+    for member, p in placements:
+        for quantile, value in (
+            ("0.5", p.latency_s),
+            ("0.95", p.latency_p95_s),
+            ("0.99", p.latency_p99_s),
+        ):
+            if value is not None:
+                latency.add_metric([member, p.tier, quantile], value)
+        trip.add_metric([member, p.tier], p.round_trip_s)
+        errors.add_metric([member, p.tier], p.error_rate)
+        samples.add_metric([member, p.tier], p.samples)
+    yield from (latency, trip, errors, samples)

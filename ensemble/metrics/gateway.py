@@ -27,12 +27,14 @@ from ensemble.metrics.families import (
     frontend_families,
     link_families,
     member_call_families,
+    placement_families,
     replica_families,
 )
 from ensemble.metrics.histogram import Histogram
 
 if TYPE_CHECKING:
-    from ensemble.links import LinkReading
+    from ensemble.replicas.links import LinkReading
+    from ensemble.types import PlacementView
 
 
 class GatewayMetrics:
@@ -82,6 +84,8 @@ class GatewayMetrics:
         """Read at scrape time: (ensemble, profile, member, weight) learned from feedback."""
         self.feedback_store: Callable[[], tuple[int, int]] = lambda: (0, 0)
         """Read at scrape time: answers kept for feedback, and the bytes they hold."""
+        self.placements: Callable[[], Iterable[tuple[str, PlacementView]]] = tuple
+        """Read at scrape time: (member, its live view on one tier) for every placement."""
         self.links: Callable[[], Iterable[LinkReading]] = tuple
         """Read at scrape time: the emulated links' state and counters (the gateway sets it)."""
         self.rejections: defaultdict[tuple[str, str], int] = defaultdict(int)
@@ -169,6 +173,7 @@ class GatewayMetrics:
         yield from config_families(self)
         yield from feedback_families(self)
         yield from link_families(self.links())
+        yield from placement_families(self.placements())
 
     def exposition(self) -> tuple[bytes, str]:
         """Body and content type of the Prometheus text exposition."""

@@ -15,12 +15,14 @@ from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.errors import EnsembleError, InvalidInput, ModelNotReady
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
+from ensemble.replicas.estimates import PlacementEstimate, measured_round_trip_s
 from ensemble.replicas.onnx import ClassLabel
 from ensemble.replicas.stats import HEALTHY, ReplicaStats
 from ensemble.types import (
     MODEL_VERSION,
     MemberView,
     ModelMetadata,
+    PlacementView,
     ReplicaView,
     RoutingContext,
     TensorSpec,
@@ -132,6 +134,8 @@ class Member:
         self._view: MemberView | None = None
         self.stats = {r.name: ReplicaStats() for r in self.replicas}
         self._by_name = {r.name: r for r in self.replicas}
+        self.estimates: dict[str, PlacementEstimate] = {}
+        """Live latency and failures per tier (from every call, whichever replica took it)."""
         self.cost_per_call = 0.0
         """Expected price of one call: its first tier's `cost_per_request` (set by the
         repository)."""
@@ -161,22 +165,26 @@ class Member:
         return any(r.ready() for r in self.replicas)
 
     def view(self) -> MemberView:
-        """What selection policies see of this member (rebuilt only when readiness or the
-        rolling accuracy changes)."""
-        ready = self.ready()
+        """What selection policies see of this member (rebuilt only when readiness, the
+        rolling accuracy or a placement's live figures change)."""
+        placements = self._placements()
+        ready = any(p.ready for p in placements)
         view = self._view
-        if view is None or view.ready != ready or view.rolling_accuracy != self.rolling_accuracy:
+        if (
+            view is None
+            or view.ready != ready
+            or view.rolling_accuracy != self.rolling_accuracy
+            or any(a is not b for a, b in zip(view.placements, placements, strict=False))
+            or len(view.placements) != len(placements)
+        ):
             card = self.card
             per_class = None
-            latency = p95 = None
             if card is not None:
                 recall = card.per_class_accuracy
                 classes = self.schema.classes if self.schema else ()
                 if classes and all(str(c) in recall for c in classes):
                     per_class = tuple(recall[str(c)] for c in classes)
-                one = card.latency_ms.get("batch_1")
-                if one is not None:
-                    latency, p95 = one.p50_ms / 1e3, one.p99_ms / 1e3
+            seed = self._card_latency()
             view = self._view = MemberView(
                 self.name,
                 self.tiers,
@@ -184,11 +192,36 @@ class Member:
                 ready,
                 per_class_accuracy=per_class,
                 cost_per_call=self.cost_per_call,
-                latency_s=latency,
-                latency_p95_s=p95,
+                latency_s=seed[0] if seed else None,
+                latency_p95_s=seed[1] if seed else None,
                 rolling_accuracy=self.rolling_accuracy,
+                placements=placements,
             )
         return view
+
+    def _card_latency(self) -> tuple[float, float] | None:
+        """The card's batch-1 (p50, p99) in seconds."""
+        one = self.card.latency_ms.get("batch_1") if self.card is not None else None
+        return None if one is None else (one.p50_ms / 1e3, one.p99_ms / 1e3)
+
+    def _estimate(self, tier: str) -> PlacementEstimate:
+        found = self.estimates.get(tier)
+        if found is None:
+            found = self.estimates[tier] = PlacementEstimate(tier, self._card_latency())
+        return found
+
+    def _placements(self) -> tuple[PlacementView, ...]:
+        """Each tier's live view: ready when a replica there is, the round trip the fastest
+        ready replica's (any replica's while none is)."""
+        now = self.clock.now()
+        out = []
+        for tier in self.tiers:
+            serving = [r for r in self.replicas if r.tier == tier and r.name not in self.draining]
+            ready = [r for r in serving if r.ready()]
+            trip = min((measured_round_trip_s(r) for r in ready or serving), default=0.0)
+            cost = self.tier_costs.get(tier, 0.0)
+            out.append(self._estimate(tier).view(bool(ready), trip, cost, now))
+        return tuple(out)
 
     def replica_views(self) -> list[ReplicaView]:
         """What routing policies see of this member's replicas, from their live stats."""
@@ -251,9 +284,16 @@ class Member:
         return only
 
     def route(
-        self, routing: RoutingPolicy, ctx: RoutingContext, rng: random.Random
+        self,
+        routing: RoutingPolicy,
+        ctx: RoutingContext,
+        rng: random.Random,
+        *,
+        prefer: str | None = None,
     ) -> list[Replica]:
         """Replicas in the routing policy's preference order (first: the primary); never empty.
+        ``prefer``: a tier whose replicas go first (the selection policy chose it), the routing
+        policy's order kept within and after them.
 
         When outlier detection has ejected every replica the request may use, they are routed
         to anyway (Envoy's panic mode): a likely failure beats a certain one.
@@ -265,7 +305,10 @@ class Member:
             order = routing.route(views, ctx, rng)
         if not order:
             raise ModelNotReady(f"member {self.name!r} has no ready replica the request may use")
-        return [self._by_name[name] for name in order]
+        replicas = [self._by_name[name] for name in order]
+        if prefer is not None:
+            replicas.sort(key=lambda r: r.tier != prefer)  # stable: routing's order kept
+        return replicas
 
     def replica_view(self, replica: Replica) -> ReplicaView:
         stats = self._stats_of(replica)
@@ -297,10 +340,16 @@ class Member:
             _, stats.breaker = self.outlier.allow(stats.breaker, self.clock.now())
         return stats
 
-    def observe(self, stats: ReplicaStats, latency_s: float, outcome: str) -> None:
-        """An attempt ended: ``success``, ``error`` (counts against the replica: failures and
-        attempt timeouts) or ``cancelled`` (a hedge's loser, a request that gave up: neutral)."""
+    def observe(
+        self, replica: Replica, stats: ReplicaStats, latency_s: float, outcome: str
+    ) -> None:
+        """An attempt on ``replica`` ended: ``success``, ``error`` (counts against the replica:
+        failures and attempt timeouts) or ``cancelled`` (a hedge's loser, a request that gave
+        up: neutral)."""
         stats.finished(latency_s, outcome == "success", abandoned=outcome == "cancelled")
+        self._estimate(replica.tier).record(
+            latency_s, measured_round_trip_s(replica), outcome, self.clock.now()
+        )
         if outcome == "cancelled":
             if stats.breaker.probe_sent_at is not None:  # a cancelled probe tells nothing:
                 stats.breaker = replace(stats.breaker, probe_sent_at=None)  # let another go

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ensemble.oip.datatypes import numpy_to_oip
 from ensemble.types import TensorSpec
 
 if TYPE_CHECKING:
-    from ensemble.links import Link
+    from ensemble.replicas.links import Link
 
 log = logging.getLogger("ensemble.replicas")
 
@@ -71,6 +72,9 @@ class RemoteReplica(ABC):
         self._closed = False
         self.last_check_error: str | None = None
         """Why the last health check failed (None when it passed)."""
+        self.check_round_trip_s: float | None = None
+        """How long the last passing health check took: the network's round trip to the server
+        (plus its health route's own few microseconds); None before one passed."""
         self.link: Link | None = None
         """An emulated link its health checks cross (set by the repository; calls cross it in
         ``LinkedReplica``), so a partitioned tier's servers turn unready as real ones would."""
@@ -153,6 +157,7 @@ class RemoteReplica(ABC):
             await self._probe()
 
     async def _probe(self) -> None:
+        began = time.perf_counter()
         try:
             async with asyncio.timeout(self.health.timeout_s):
                 link = self.link
@@ -161,6 +166,8 @@ class RemoteReplica(ABC):
             problem = f"no answer within {self.health.timeout_s:g} s"
         except Exception as exc:  # any failure to check is a failed check
             problem = describe(exc)
+        if problem is None:
+            self.check_round_trip_s = time.perf_counter() - began
         self.record_check(problem)
 
     def record_check(self, problem: str | None) -> None:

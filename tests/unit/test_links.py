@@ -19,9 +19,9 @@ from ensemble.config import LinkConfig, ProfileConfig, TierConfig, parse_config
 from ensemble.control.build import build
 from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import MemberFailed
-from ensemble.links import Link, LinkedReplica, Links
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.engine import InProcessEngine
+from ensemble.replicas.links import Link, LinkedReplica, Links
 from ensemble.replicas.member import ClassifierSchema, Member
 from ensemble.replicas.oip_http import HttpReplica
 from ensemble.replicas.remote import HealthCheck

@@ -570,7 +570,7 @@ def test_a_replica_whose_server_comes_back_is_taken_out_of_ejection() -> None:
     schema = ClassifierSchema("probabilities", (0, 1), False)
     member = Member("m", (), OUTPUTS, schema, [replica, other])  # type: ignore[list-item]
     member.outlier = CircuitBreaker(CircuitBreakerParams(consecutive_failures=1))
-    member.observe(member.attempt(replica), 0.01, "error")  # type: ignore[arg-type]
+    member.observe(replica, member.attempt(replica), 0.01, "error")  # type: ignore[arg-type]
     assert member.replica_view(replica).ejected  # type: ignore[arg-type]
     replica.up = False  # its health checks fail: the server is down
     assert not member.replica_view(replica).ready  # type: ignore[arg-type]

@@ -150,7 +150,7 @@ def test_the_hedge_goes_out_at_the_primarys_p95() -> None:
         clock = VirtualClock()
         m = member(clock, primary, backup)
         for latency_s in latencies:
-            m.observe(m.attempt(primary), latency_s, "success")
+            m.observe(primary, m.attempt(primary), latency_s, "success")
         delay_s = HedgePolicy(HedgeParams()).delay_s(m.replica_view(primary))
         assert delay_s is not None and delay_s == pytest.approx(0.029)
         return await settle(clock, resilient(m, [primary, backup], delay_s, [True])), delay_s
