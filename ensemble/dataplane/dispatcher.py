@@ -263,7 +263,7 @@ class Dispatcher:
             kinds = run.violations()
         if not run.answers and action in ("degrade", "reroute"):
             await run.fall_back()
-        self.metrics.record_completeness(model.name, len(run.asked), len(run.answers))
+        self.metrics.record_completeness(model.name, len(run.asked), len(run.answers), run.stages)
         if kinds:
             self.metrics.record_violations(model.name, kinds, action)
             if action == "reject":

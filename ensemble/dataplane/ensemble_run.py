@@ -49,6 +49,9 @@ class EnsembleRun:
         self.answers: list[MemberAnswer] = []
         self.failures: list[tuple[str, BaseException]] = []
         self.late = False
+        self.stages = 0
+        """Selection stages that asked someone (a cascade's escalations are the ones after
+        the first)."""
         self.hedges = 0
         self.retries = 0
         self.cost = 0.0
@@ -79,6 +82,7 @@ class EnsembleRun:
             )
             if not await self.stage(chosen):
                 break
+            self.stages += 1
         tier = self.contract.tier
         self.unreachable = tuple(
             v.name

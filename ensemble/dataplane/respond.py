@@ -36,6 +36,8 @@ def ensemble_parameters(
         params["estimated_accuracy"] = round(accuracy, 6)
     if run.deadline is not None:
         params["deadline_met"] = not run.late
+    if run.stages > 1:
+        params["stages"] = run.stages
     if run.hedges:
         params["hedges"] = run.hedges
     if run.retries:

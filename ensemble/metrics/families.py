@@ -96,6 +96,13 @@ def member_call_families(m: GatewayMetrics) -> Iterator[Metric]:
         _by_one(m.members_asked),
     )
     yield _counter(
+        "ensemble_escalations",
+        "Selection stages after a request's first (a cascade asking its next member because "
+        "the answers so far were not confident enough), summed over requests, by ensemble.",
+        ["ensemble"],
+        _by_one(m.escalations),
+    )
+    yield _counter(
         "ensemble_members_answered",
         "Members whose answer was aggregated, summed over requests, by ensemble.",
         ["ensemble"],

@@ -47,6 +47,8 @@ class GatewayMetrics:
         self.member_latency: defaultdict[tuple[str, str], Histogram] = defaultdict(Histogram)
         self.members_asked: defaultdict[str, int] = defaultdict(int)
         self.members_answered: defaultdict[str, int] = defaultdict(int)
+        self.escalations: defaultdict[str, int] = defaultdict(int)
+        """Selection stages after a request's first (a cascade asking its next member)."""
         self.hedges: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.retries: defaultdict[str, int] = defaultdict(int)
         self.violations: defaultdict[tuple[str, str, str], int] = defaultdict(int)
@@ -117,9 +119,15 @@ class GatewayMetrics:
         self.member_calls[(member, tier, outcome)] += 1
         self.member_latency[(member, tier)].observe(seconds)
 
-    def record_completeness(self, ensemble: str, asked: int, answered: int) -> None:
+    def record_completeness(
+        self, ensemble: str, asked: int, answered: int, stages: int = 1
+    ) -> None:
+        """Members one request asked and that answered, and its selection stages (more than
+        one: a cascade escalated)."""
         self.members_asked[ensemble] += asked
         self.members_answered[ensemble] += answered
+        if stages > 1:
+            self.escalations[ensemble] += stages - 1
 
     def record_hedge(self, member: str, won: bool) -> None:
         """A hedge went out for a call to ``member``; ``won`` when its answer was used."""

@@ -2,7 +2,9 @@
 emulated 20 ms link. With a 15 ms deadline `slo_greedy` asks the edge alone and meets every
 deadline, where the card-based choice asks the cloud and misses; with room it asks the cloud;
 when the link slows down, the next request already leaves the cloud out, and when it heals
-the cloud is asked again; /metrics shows what selection expects of each member and tier."""
+the cloud is asked again; /metrics shows what selection expects of each member and tier; a
+cascade starts on the edge, stops on confident rows and escalates the others to the cloud,
+counted."""
 
 from __future__ import annotations
 
@@ -11,15 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import onnxruntime as ort
 import pytest
 
 from tests.helpers import metric, scrape
-from tests.integration.conftest import good_input
-from tests.integration.process import GatewayProcess, start_from_config, zoo_member
+from tests.integration.conftest import array_input, good_input
+from tests.integration.process import ZOO, GatewayProcess, start_from_config, zoo_member
 
 pytestmark = pytest.mark.integration
 TOKEN = "estimates-test-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
+THRESHOLD = 0.9
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,7 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
         "policies": {
             "live": {"selection": {"name": "slo_greedy"}},
             "card": {"selection": {"name": "slo_greedy", "params": {"estimates": "card"}}},
+            "cascade": {"selection": {"name": "cascade", "params": {"threshold": THRESHOLD}}},
         },
     }
     proc = start_from_config(config, tmp, env={"ENSEMBLE_ADMIN_TOKEN": TOKEN})
@@ -56,9 +62,11 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
     assert "Traceback" not in proc.log(), proc.log()
 
 
-def infer(client: httpx.Client, deadline_ms: int, policy: str = "live") -> dict[str, Any]:
+def infer(
+    client: httpx.Client, deadline_ms: int, policy: str = "live", x: np.ndarray | None = None
+) -> dict[str, Any]:
     body = {
-        "inputs": [good_input()],
+        "inputs": [good_input() if x is None else array_input(x)],
         "parameters": {"timeout": deadline_ms * 1000, "policy": policy},
     }
     response = client.post("/v2/models/digits/infer", json=body)
@@ -110,3 +118,28 @@ def test_the_metrics_show_each_placements_estimate(gw: GatewayProcess) -> None:
     expected = "ensemble_placement_expected_latency_seconds"
     assert 0.040 < metric(text, f'{expected}{{member="svm",quantile="0.5",tier="cloud"}}') < 0.1
     assert metric(text, f'{expected}{{member="logreg",quantile="0.99",tier="edge"}}') < 0.04
+
+
+def test_the_cascade_starts_on_the_edge_and_escalates_only_unsure_rows(
+    gw: GatewayProcess, test_split: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x = test_split[0][:60]
+    session = ort.InferenceSession(str(ZOO / "logreg.onnx"), providers=["CPUExecutionProvider"])
+    confidence = session.run(["probabilities"], {"input": x})[0].max(axis=1)
+    clear = np.abs(confidence - THRESHOLD) > 0.01  # rows far enough from the threshold
+    assert clear.sum() > 40 and (confidence[clear] < THRESHOLD).sum() >= 3
+    escalations = 'ensemble_escalations_total{ensemble="digits"}'
+    before = metric(scrape(gw.http_url), escalations, 0.0)
+    extra = 0
+    with httpx.Client(base_url=gw.http_url, timeout=30) as client:
+        for row, sure, keep in zip(x, confidence >= THRESHOLD, clear, strict=True):
+            params = infer(client, 200, "cascade", row[None, :])
+            extra += params.get("stages", 1) - 1
+            answered = params["members_answered"].split(",")
+            assert answered[0] == "logreg@edge", params
+            if keep and sure:
+                assert answered == ["logreg@edge"] and "stages" not in params, params
+            elif keep:
+                assert params["stages"] >= 2 and answered[1].endswith("@cloud"), params
+    assert extra >= (confidence[clear] < THRESHOLD).sum()
+    assert metric(scrape(gw.http_url), escalations) - before == extra
