@@ -55,6 +55,9 @@ class InferRequest:
     id: str | None = None
     outputs: list[RequestedOutput] | None = None
     parameters: Parameters = field(default_factory=dict)
+    transport_deadline_s: float | None = None
+    """Seconds left before the transport's own deadline when the request arrived (a gRPC
+    call's deadline); None without one."""
 
 
 @dataclass(slots=True)

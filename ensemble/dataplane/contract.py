@@ -71,3 +71,13 @@ def parse_contract(
             )
         contract.policy = policy
     return contract
+
+
+def bound_by_transport(contract: Contract, left_s: float | None) -> None:
+    """A transport's own deadline (gRPC's: ``left_s`` seconds when the call arrived) bounds
+    the contract's ``timeout``: the earlier of the two is the request's deadline."""
+    if left_s is None:
+        return
+    left_us = max(1, min(MAX_TIMEOUT_US, int(left_s * 1e6)))
+    if contract.timeout_us is None or left_us < contract.timeout_us:
+        contract.timeout_us = left_us

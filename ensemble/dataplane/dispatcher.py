@@ -12,7 +12,7 @@ from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.cluster.slots import Slots
 from ensemble.dataplane import respond
 from ensemble.dataplane.admission import AdmissionGate
-from ensemble.dataplane.contract import parse_contract
+from ensemble.dataplane.contract import bound_by_transport, parse_contract
 from ensemble.dataplane.ensemble_run import EnsembleRun
 from ensemble.dataplane.fanout import record_call, start_call, wait_calls
 from ensemble.dataplane.feedback import DEFAULT_ACCURACY_WINDOW, FeedbackHub
@@ -24,6 +24,7 @@ from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.base import innermost
 from ensemble.replicas.member import Member
 from ensemble.repository import VERSION, EnsembleModel, Repository, ServedModel
+from ensemble.scope import request_scope
 from ensemble.types import (
     DEFAULT_PRIORITY,
     AggregationContext,
@@ -174,14 +175,17 @@ class Dispatcher:
             contract = parse_contract(
                 request.parameters, tiers=repository.tiers, profiles=repository.profile_names
             )
+            bound_by_transport(contract, request.transport_deadline_s)
             deadline = start + contract.timeout_us / 1e6 if contract.timeout_us else None
-            async with self.gate.slot(repository.admission, contract.priority, deadline):
-                if isinstance(model, EnsembleModel):
-                    outputs, params = await self._ensemble(model, feed, contract, deadline)
-                else:
-                    outputs, params = await self._member(
-                        repository, model, feed, contract, deadline
-                    )
+            # Replica clients send the time left and the priority on (`ensemble.scope`).
+            with request_scope(deadline, contract.priority, self.clock):
+                async with self.gate.slot(repository.admission, contract.priority, deadline):
+                    if isinstance(model, EnsembleModel):
+                        outputs, params = await self._ensemble(model, feed, contract, deadline)
+                    else:
+                        outputs, params = await self._member(
+                            repository, model, feed, contract, deadline
+                        )
             outputs = respond.requested(request, outputs)
             return InferResponse(model.name, VERSION, outputs, request.id, params)
         except BaseException as exc:

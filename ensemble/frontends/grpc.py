@@ -196,6 +196,7 @@ class InferenceServicer:
         except EnsembleError as exc:
             self._dispatcher.refused(name, version, PROTOCOL, exc, started)
             raise
+        infer_request.transport_deadline_s = context.time_remaining()
         response = await self._dispatcher.infer(infer_request, PROTOCOL)
         return encode_infer_response(response)
 

@@ -326,10 +326,13 @@ def dumps(doc: Any) -> bytes:
 
 
 def encode_request_body(
-    feed: Mapping[str, np.ndarray], outputs: Sequence[str]
+    feed: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
+    parameters: Mapping[str, int] | None = None,
 ) -> tuple[bytes, int]:
-    """An infer request with every input as binary data and ``outputs`` asked for as binary;
-    the body and its JSON header's length (``Inference-Header-Content-Length``)."""
+    """An infer request with every input as binary data and ``outputs`` asked for as binary
+    (and request ``parameters`` when any); the body and its JSON header's length
+    (``Inference-Header-Content-Length``)."""
     inputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, array in feed.items():
@@ -345,7 +348,10 @@ def encode_request_body(
         )
         blobs.append(blob)
     wanted = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]
-    header = orjson.dumps({"inputs": inputs, "outputs": wanted})
+    doc: dict[str, Any] = {"inputs": inputs, "outputs": wanted}
+    if parameters:
+        doc["parameters"] = dict(parameters)
+    header = orjson.dumps(doc)
     return b"".join([header, *blobs]), len(header)
 
 

@@ -14,6 +14,7 @@ from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
 from ensemble.oip.datatypes import numpy_to_oip
 from ensemble.oip.grpc import decode_infer_response
 from ensemble.replicas.remote import Outputs, RemoteReplica
+from ensemble.scope import outgoing
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
@@ -24,6 +25,8 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+GRPC_DEADLINE_GRACE_S = 0.05
+"""How long after the request's deadline a call's gRPC deadline is."""
 INPUT_CODES = frozenset({"StatusCode.INVALID_ARGUMENT", "StatusCode.OUT_OF_RANGE"})
 """Status codes that blame the request's input (never retried); any other blames the replica."""
 
@@ -70,8 +73,20 @@ class GrpcReplica(RemoteReplica):
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         wanted = [grpcclient.InferRequestedOutput(n) for n in outputs]
+        timeout_us, priority = outgoing(self.timeout_s)
+        # The gRPC deadline is a backstop a little after the request's own (sent as Triton's
+        # `timeout` parameter): the gateway's timers cancel the call first, so a deadline
+        # the request missed does not count as the replica's failure.
+        deadline_s = None if timeout_us is None else timeout_us / 1e6 + GRPC_DEADLINE_GRACE_S
         try:
-            result = await self._client.infer(self.model, inputs, outputs=wanted)
+            result = await self._client.infer(
+                self.model,
+                inputs,
+                outputs=wanted,
+                priority=priority or 0,
+                timeout=timeout_us,
+                client_timeout=deadline_s,
+            )
         except InferenceServerException as exc:
             raise status_error(self, exc) from exc
         try:

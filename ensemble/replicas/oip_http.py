@@ -16,6 +16,7 @@ from ensemble.oip.rest import (
     error_message,
 )
 from ensemble.replicas.remote import Outputs, RemoteReplica, describe
+from ensemble.scope import outgoing
 
 LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=64, keepalive_expiry=4.0)
 """Per replica: up to 64 calls in flight, each on a connection of its own (HTTP/1.1), kept
@@ -77,7 +78,11 @@ class HttpReplica(RemoteReplica):
         await self._checker.aclose()
 
     async def _infer(self, feed: dict[str, np.ndarray], outputs: Sequence[str]) -> Outputs:
-        body, header_length = encode_request_body(feed, outputs)
+        timeout_us, priority = outgoing(self.timeout_s)
+        parameters = {
+            k: v for k, v in (("timeout", timeout_us), ("priority", priority)) if v is not None
+        }
+        body, header_length = encode_request_body(feed, outputs, parameters)
         headers = {
             "content-type": "application/octet-stream",
             HEADER_LENGTH: str(header_length),

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from ensemble.clock import SYSTEM_CLOCK
 from ensemble.dataplane.calls import ResilientCall
 from ensemble.errors import InvalidInput, MemberFailed
 from ensemble.oip import grpc as grpc_codec
@@ -22,7 +23,15 @@ from ensemble.replicas.member import ClassifierSchema, Member
 from ensemble.replicas.oip_grpc import GrpcReplica
 from ensemble.replicas.oip_http import HttpReplica
 from ensemble.replicas.remote import HealthCheck, RemoteReplica
-from ensemble.types import InferRequest, InferResponse, RequestedOutput, Tensor, TensorSpec
+from ensemble.scope import outgoing, request_scope
+from ensemble.types import (
+    DEFAULT_PRIORITY,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    Tensor,
+    TensorSpec,
+)
 from policies.outlier_detection import CircuitBreaker, CircuitBreakerParams
 
 OUTPUTS = (TensorSpec("label", "INT64", (-1,)), TensorSpec("probabilities", "FP32", (-1, 2)))
@@ -462,8 +471,12 @@ class FakeGrpcClient:
         self.ready = True
         self.closed = False
         self.requests: list[Any] = []
+        self.options: list[dict[str, Any]] = []
 
-    async def infer(self, model: str, inputs: list[Any], outputs: list[Any]) -> FakeResult:
+    async def infer(
+        self, model: str, inputs: list[Any], outputs: list[Any], **options: Any
+    ) -> FakeResult:
+        self.options.append(options)
         if self.error is not None:
             raise self.error
         from tritonclient.grpc import service_pb2
@@ -577,3 +590,62 @@ def test_a_replica_whose_server_comes_back_is_taken_out_of_ejection() -> None:
     replica.up = True  # ... and pass again: it is back
     view = member.replica_view(replica)  # type: ignore[arg-type]
     assert view.ready and not view.ejected
+
+
+# -- the request's deadline and priority travel ------------------------------------------------
+
+
+def test_http_calls_send_the_time_left_and_the_priority() -> None:
+    seen: list[httpx.Request] = []
+
+    async def main() -> None:
+        replica = await started(http_replica(oip_server(seen)))
+        try:
+            await replica.infer(FEED)  # outside any request: nothing to send
+            deadline = SYSTEM_CLOCK.now() + 0.25
+            with request_scope(deadline, 3, SYSTEM_CLOCK):
+                await replica.infer(FEED)
+            with request_scope(None, DEFAULT_PRIORITY, SYSTEM_CLOCK):
+                await replica.infer(FEED)  # no deadline, default priority: nothing either
+        finally:
+            await replica.close()
+
+    asyncio.run(main())
+    headers = [
+        orjson.loads(r.content[: int(r.headers["inference-header-content-length"])])
+        for r in seen
+        if r.url.path.endswith("/infer")
+    ]
+    assert [h.get("parameters") for h in (headers[0], headers[2])] == [None, None]
+    sent = headers[1]["parameters"]
+    assert sent["priority"] == 3 and 200_000 < sent["timeout"] <= 250_000
+
+
+def test_grpc_calls_send_the_time_left_the_priority_and_a_backstop_deadline() -> None:
+    client = FakeGrpcClient()
+
+    async def main() -> None:
+        replica = GrpcReplica("cloud/0", "cloud", "127.0.0.1:9001", "m", OUTPUTS)
+        replica.connect = lambda _: client
+        await replica.start()
+        try:
+            await replica.infer(FEED)
+            with request_scope(SYSTEM_CLOCK.now() + 0.25, 3, SYSTEM_CLOCK):
+                await replica.infer(FEED)
+        finally:
+            await replica.close()
+
+    asyncio.run(main())
+    plain, scoped = client.options
+    assert plain == {"priority": 0, "timeout": None, "client_timeout": None}
+    assert scoped["priority"] == 3 and 200_000 < scoped["timeout"] <= 250_000
+    assert scoped["client_timeout"] == pytest.approx(scoped["timeout"] / 1e6 + 0.05)
+
+
+def test_the_time_left_is_capped_by_the_replicas_own_timeout_and_never_zero() -> None:
+    clock = SYSTEM_CLOCK
+    with request_scope(clock.now() + 100.0, DEFAULT_PRIORITY, clock):
+        assert outgoing(2.0) == (2_000_000, None)
+    with request_scope(clock.now() - 1.0, 7, clock):
+        assert outgoing(2.0) == (1, 7)  # already late: the server fails it at once
+    assert outgoing(2.0) == (None, None)
