@@ -47,7 +47,8 @@ class Profile:
     retry: RetryPolicy
     learning: Cell[Any]
     """The selection policy's state (bandit weights), per request and per feedback label."""
-    hedge_budget: Cell[HedgeState]
+    hedge_budget: Cell[Mapping[str, HedgeState]]
+    """Each member's hedge budget (a member missing has the policy's initial one)."""
     retry_budget: Cell[RetryBudgetState]
     spec: ProfileConfig | None = None
     """The config it was built from (a reload keeps the cells of an unchanged profile)."""
@@ -61,18 +62,32 @@ class Profile:
         """The selection policy's state now."""
         return self.learning.get()
 
-    def may_hedge(self) -> bool:
-        """Spend one hedge from the budget if it has one (the hedging policy decides)."""
-        return self.hedge_budget.apply(self.hedging.try_hedge)
+    def may_hedge(self, member: str) -> bool:
+        """Spend one hedge from ``member``'s budget if it has one (the hedging policy
+        decides): one member's stragglers cannot spend the others' hedges."""
+        hedging = self.hedging
+
+        def spend(budgets: Mapping[str, HedgeState]) -> tuple[bool, Mapping[str, HedgeState]]:
+            state = budgets.get(member) or hedging.initial_state()
+            granted, state = hedging.try_hedge(state)
+            return granted, {**budgets, member: state}
+
+        return self.hedge_budget.apply(spend)
 
     def may_retry(self) -> bool:
         """Spend one retry from the budget if it has one (the retry policy decides)."""
         now = self.clock.now()
         return self.retry_budget.apply(lambda state: self.retry.try_retry(state, now))
 
-    def first_attempt(self) -> None:
-        """A member call's first attempt goes out: the budgets earn their shares."""
-        self.hedge_budget.update(self.hedging.on_primary)
+    def first_attempt(self, member: str) -> None:
+        """A first attempt of a call to ``member`` goes out: the budgets earn their shares."""
+        hedging = self.hedging
+        self.hedge_budget.update(
+            lambda budgets: {
+                **budgets,
+                member: hedging.on_primary(budgets.get(member) or hedging.initial_state()),
+            }
+        )
         now = self.clock.now()
         self.retry_budget.update(lambda state: self.retry.on_request(state, now))
 
@@ -102,7 +117,7 @@ class Profile:
             hedging,
             retry,
             LocalCell(selection.initial_state()),
-            LocalCell(hedging.initial_state()),
+            LocalCell({}),
             LocalCell(retry.initial_state()),
             config,
             config.on_violation,

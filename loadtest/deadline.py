@@ -116,7 +116,7 @@ def tight_runs(settings: Settings, target: straggler.Target) -> list[dict[str, A
 
     async def all_profiles() -> None:
         for i, name in enumerate(settings.profiles):
-            row = await straggler.run_profile(runs, name, i, target)
+            row = await straggler.run_profile(runs, name, i, target, NAME)
             rows.append({k: row[k] for k in TIGHT_KEYS})
 
     uvloop.run(all_profiles())

@@ -130,8 +130,15 @@ class Target:
     out: Path
 
 
-async def run_profile(settings: Settings, profile: str, index: int, gw: Target) -> dict[str, Any]:
-    """Warm up, then measure one profile; returns its row of the report."""
+async def run_profile(
+    settings: Settings, profile: str, index: int, gw: Target, driver: str = NAME
+) -> dict[str, Any]:
+    """Warm up, then measure one profile; returns its row of the report. ``driver`` names
+    the experiment in progress lines (another driver may run profiles this way)."""
+
+    def say(line: str) -> None:
+        progress(driver, line)
+
     if settings.warmup_s > 0:
         seed = settings.seed + 1 + index
         warm = scenario_for(

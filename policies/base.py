@@ -84,7 +84,8 @@ class RoutingPolicy(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class HedgeState:
-    """The hedge budget's token bucket; one token pays for one hedge."""
+    """A hedge budget's token bucket (one per member of a profile); one token pays for one
+    hedge."""
 
     tokens: float
 
@@ -93,8 +94,13 @@ class HedgeState:
 class HedgingPolicy(Protocol):
     """When to send a second copy of a call, and whether the budget still allows one."""
 
-    def delay_s(self, replica: ReplicaView) -> float | None:
-        """How long the first call may run before a hedge goes out; None: never hedge it."""
+    def delay_s(
+        self, replica: ReplicaView, peers: Sequence[ReplicaView] = ()
+    ) -> float | None:
+        """How long a first call to ``replica`` may run before a hedge goes out; None: never
+        hedge it. ``peers``: the member's other replicas on the same tier that routing may use
+        now, so the delay can come from the member's healthy latency rather than from a slow
+        replica's own (a straggler's p95 is its delay)."""
         ...
 
     def initial_state(self) -> HedgeState:

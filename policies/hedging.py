@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from statistics import NormalDist
 from typing import Self
 
@@ -29,16 +30,19 @@ class HedgeParams(BaseModel):
         ge=0.5,
         lt=1.0,
         description=(
-            "Hedge once the first call has run longer than this latency quantile of its "
-            "replica. 0.95 uses the observed p95; others are estimated (log-normal fit "
-            "through the latency EWMA and the p95)."
+            "Hedge once the first call has run longer than this latency quantile of the "
+            "member's healthiest replica on the tier (the lowest of its replicas' quantiles, "
+            "so a slow replica does not set its own, late, hedge delay). 0.95 uses the "
+            "observed p95; others are estimated (log-normal fit through the latency EWMA and "
+            "the p95)."
         ),
     )
     budget: float = Field(
         default=0.05,
         ge=0.0,
         le=1.0,
-        description="Most hedges per first call, over time (0.05: at most 5% extra calls).",
+        description="Most hedges per first call of each member, over time (0.05: at most 5% "
+        "extra calls to any member).",
     )
     burst: float = Field(
         default=10.0,
@@ -84,16 +88,25 @@ def _latency_quantile_s(replica: ReplicaView, quantile: float) -> float | None:
 
 @register("hedging", "percentile", params=HedgeParams)
 class HedgePolicy:
-    """Hedge after the replica's latency quantile, within a token-bucket budget."""
+    """Hedge after the member's healthy latency quantile on the tier, within a token-bucket
+    budget per member."""
 
     def __init__(self, params: HedgeParams) -> None:
         self.params = params
 
-    def delay_s(self, replica: ReplicaView) -> float | None:
-        observed = _latency_quantile_s(replica, self.params.quantile)
-        if observed is None:
+    def delay_s(
+        self, replica: ReplicaView, peers: Sequence[ReplicaView] = ()
+    ) -> float | None:
+        quantile = self.params.quantile
+        known = [
+            q
+            for r in (replica, *peers)
+            if (q := _latency_quantile_s(r, quantile)) is not None
+        ]
+        if not known:
             # Without data any delay is a guess; a guess too short doubles the load.
             return None
+        observed = min(known)
         low = self.params.min_delay_ms / 1000.0
         high = self.params.max_delay_ms / 1000.0
         return min(max(observed, low), high)
@@ -117,8 +130,10 @@ class NoHedge:
     def __init__(self, params: NoParams) -> None:
         del params
 
-    def delay_s(self, replica: ReplicaView) -> float | None:
-        del replica
+    def delay_s(
+        self, replica: ReplicaView, peers: Sequence[ReplicaView] = ()
+    ) -> float | None:
+        del replica, peers
         return None
 
     def initial_state(self) -> HedgeState:

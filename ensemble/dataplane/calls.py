@@ -23,6 +23,7 @@ class Call:
 
     __slots__ = (
         "cost",
+        "due",
         "end",
         "future",
         "hedged",
@@ -53,6 +54,11 @@ class Call:
         self.end = 0.0
         self.hedged = False
         self.retries = 0
+        self.due = False
+        """Past its hedge delay with no hedge sent yet (a plain call never is)."""
+
+    def hedge_now(self) -> None:
+        """Send the hedge it is due (a plain call has no other replica to send one to)."""
 
     def _stamp(self, future: asyncio.Future[Outputs]) -> None:
         self.end = self.member.clock.now()
@@ -73,7 +79,9 @@ class ResilientCall(Call):
     """A member call over an ordered list of replicas (the routing policy's preference).
 
     The first attempt goes to ``order[0]``. A **hedge** goes to the next replica ``hedge_delay_s``
-    later if the first is still running and ``may_hedge()`` grants it; the first successful
+    later if the first is still running and ``may_hedge()`` grants it (in a ``Stage``, once
+    every call the request still waits for is due one: only the critical path is hedged);
+    the first successful
     attempt wins and the others are cancelled. A **failed** attempt (an error, or running past
     its own timeout) with no twin still running is **retried** on the next untried replica while
     ``max_attempts`` and ``may_retry()`` (the retry budget) allow; with retries spent, a hedge
@@ -91,6 +99,7 @@ class ResilientCall(Call):
         "_order",
         "_outputs",
         "_primary",
+        "_stage",
         "_timer",
         "_tried",
     )
@@ -121,11 +130,12 @@ class ResilientCall(Call):
         self._feed = feed
         self._outputs = outputs
         self._attempts: list[asyncio.Future[Outputs]] = []
+        self._stage: Stage | None = None
         self.future = loop.create_future()
         self.future.add_done_callback(self._settled)
         self._launch()
         self._timer = (
-            member.clock.call_later(hedge_delay_s, self._hedge)
+            member.clock.call_later(hedge_delay_s, self._hedge_delay_passed)
             if hedge_delay_s is not None
             else None
         )
@@ -139,7 +149,17 @@ class ResilientCall(Call):
             and self.replica is not self._primary
         )
 
-    def _hedge(self) -> None:
+    def _hedge_delay_passed(self) -> None:
+        if self._stage is None:
+            self.hedge_now()
+        elif not self.hedged and not self.future.done():
+            self.due = True
+            self._stage.check()
+
+    def hedge_now(self) -> None:
+        """Send the hedge now if the call still runs, has a replica left and the budget
+        grants one."""
+        self.due = False
         if (
             not self.hedged
             and not self.future.done()
@@ -211,7 +231,7 @@ class ResilientCall(Call):
             self._launch()
             return True
         if not self.hedged:  # fail over now rather than at the hedge delay
-            self._hedge()
+            self.hedge_now()
             return self.hedged
         return False
 
@@ -222,3 +242,32 @@ class ResilientCall(Call):
         for attempt in self._attempts:
             if not attempt.done():
                 attempt.cancel()  # the loser: its queued in-process work is skipped
+
+
+class Stage:
+    """The calls one request waits for together (one selection stage). A call due a hedge
+    gets it only once every call still running is due one too: hedging a member that others
+    are slower than would not bring the answer sooner (Tail at Scale's hedges, for the
+    critical path of a fan-out). A call on its own hedges at its delay."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def add(self, calls: list[Call]) -> None:
+        for call in calls:
+            self.calls.append(call)
+            if isinstance(call, ResilientCall):
+                call._stage = self
+            call.future.add_done_callback(self._landed)
+
+    def _landed(self, _: object) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Hedge the calls still running if every one of them is due a hedge."""
+        running = [c for c in self.calls if not c.future.done()]
+        if running and all(c.due for c in running):
+            for call in running:
+                call.hedge_now()

@@ -10,7 +10,7 @@ import numpy as np
 
 from ensemble.clock import Clock
 from ensemble.dataplane import verdict
-from ensemble.dataplane.calls import Call
+from ensemble.dataplane.calls import Call, Stage
 from ensemble.dataplane.fanout import record_call, start_call, succeeded, wait_calls
 from ensemble.errors import DeadlineExceeded, ModelNotReady
 from ensemble.metrics import GatewayMetrics
@@ -103,6 +103,8 @@ class EnsembleRun:
         if not tiers:
             return False
         calls = self._start(list(tiers), tiers)
+        stage = Stage()
+        stage.add(calls)
         fallback = self._fallback_member()
         if fallback is not None and self.deadline is not None and not self.answers:
             # Wait until just before the deadline, leaving the fallback member time to answer;
@@ -110,7 +112,9 @@ class EnsembleRun:
             early = self.deadline - _reserve_s(fallback, self.contract.timeout_us)
             await wait_calls(calls, early, self.clock)
             if not any(succeeded(c) for c in calls) and self.clock.now() < self.deadline:
-                calls.extend(self._start([fallback.name]))
+                more = self._start([fallback.name])
+                stage.add(more)
+                calls.extend(more)
                 self.fallback_used = True
         await wait_calls(calls, self.deadline, self.clock)
         self._collect(calls)

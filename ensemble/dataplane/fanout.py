@@ -35,7 +35,8 @@ def start_call(
         return Call(member, member.only(), feed, outputs)
     ctx = RoutingContext(member.name, contract.tier, tiers)
     order = member.route(profile.routing, ctx, rng, prefer=tier)
-    profile.first_attempt()
+    name = member.name
+    profile.first_attempt(name)
     if len(order) == 1:
         return Call(member, order[0], feed, outputs)
     retry = profile.retry
@@ -44,13 +45,15 @@ def start_call(
         remaining = None if deadline is None else deadline - clock.now()
         return retry.attempt_timeout_s(remaining, attempts_left)
 
+    primary = order[0]
+    peers = [member.replica_view(r) for r in order[1:] if r.tier == primary.tier]
     return ResilientCall(
         member,
         order,
         feed,
         outputs,
-        hedge_delay_s=profile.hedging.delay_s(member.replica_view(order[0])),
-        may_hedge=profile.may_hedge,
+        hedge_delay_s=profile.hedging.delay_s(member.replica_view(primary), peers),
+        may_hedge=lambda: profile.may_hedge(name),
         may_retry=profile.may_retry,
         max_attempts=retry.max_attempts,
         attempt_timeout=attempt_timeout,

@@ -180,15 +180,17 @@ def test_a_cell_changes_only_by_transitions() -> None:
     assert cell.get() == 10
 
 
-def test_a_profiles_hedge_budget_lives_in_its_cell() -> None:
+def test_a_profiles_hedge_budgets_live_in_its_cell_one_per_member() -> None:
     hedging = {"name": "percentile", "params": {"budget": 0.5, "burst": 1.0}}
     profile = Profile.build("p", ProfileConfig.model_validate({"hedging": hedging}))
-    assert profile.hedge_budget.get().tokens == 1.0  # a full burst
-    assert profile.may_hedge() and profile.hedge_budget.get().tokens == 0.0
-    assert not profile.may_hedge()  # spent
-    profile.first_attempt()
-    profile.first_attempt()  # two primaries earn one hedge
-    assert profile.may_hedge() and not profile.may_hedge()
+    assert profile.hedge_budget.get() == {}  # every member starts with a full burst
+    assert profile.may_hedge("a") and profile.hedge_budget.get()["a"].tokens == 0.0
+    assert not profile.may_hedge("a")  # spent
+    assert profile.may_hedge("b")  # another member's budget is its own
+    profile.first_attempt("a")
+    profile.first_attempt("a")  # two primaries earn one hedge
+    assert profile.may_hedge("a") and not profile.may_hedge("a")
+    assert not profile.may_hedge("b")
 
 
 def test_a_static_placement_never_changes() -> None:

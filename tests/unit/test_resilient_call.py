@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from ensemble.clock import VirtualClock
-from ensemble.dataplane.calls import ResilientCall
+from ensemble.dataplane.calls import ResilientCall, Stage
 from ensemble.errors import DeadlineExceeded, InvalidInput
 from ensemble.replicas.member import ClassifierSchema, Member
-from ensemble.types import TensorSpec
+from ensemble.types import ReplicaView, TensorSpec
 from policies.base import BreakerState
 from policies.hedging import HedgeParams, HedgePolicy
 from policies.outlier_detection import CircuitBreaker, CircuitBreakerParams
@@ -347,3 +347,59 @@ def test_a_cancelled_probe_lets_the_next_one_go() -> None:
     state = m.stats["a"].breaker
     assert state.probe_sent_at is None  # released: another probe may go
     assert not m.replica_views()[0].ejected
+
+
+# -- hedging a fan-out: only the critical path ------------------------------------------------
+
+
+def test_a_due_call_waits_to_be_hedged_until_it_is_the_one_the_request_waits_for() -> None:
+    """Two members' calls in one stage: a's first replica straggles (1 s), b's answers in 30 ms.
+    a is due a hedge at 10 ms, but b still runs (not due until 20 ms): the hedge goes out when
+    b lands at 30 ms, not before; a's hedge then answers 1 ms later."""
+    a1, a2 = FakeReplica("a/0", 1.0), FakeReplica("a/1", 0.001)
+    b1, b2 = FakeReplica("b/0", 0.030), FakeReplica("b/1", 0.001)
+
+    async def main() -> tuple[ResilientCall, ResilientCall]:
+        clock = VirtualClock()
+        a, b = member(clock, a1, a2), member(clock, b1, b2)
+        call_a = resilient(a, [a1, a2], 0.010, [True])
+        call_b = resilient(b, [b1, b2], 0.040, [True])
+        stage = Stage()
+        stage.add([call_a, call_b])
+        await clock.run(asyncio.wait([call_a.future, call_b.future]))
+        return call_a, call_b
+
+    call_a, call_b = asyncio.run(main())
+    assert call_a.hedged and a2.started == [pytest.approx(0.030)]
+    assert call_a.latency_s() == pytest.approx(0.031)
+    assert not call_b.hedged and b2.calls == 0
+
+
+def test_calls_all_past_their_delay_are_all_hedged() -> None:
+    a1, a2 = FakeReplica("a/0", 1.0), FakeReplica("a/1", 0.001)
+    b1, b2 = FakeReplica("b/0", 1.0), FakeReplica("b/1", 0.001)
+
+    async def main() -> tuple[ResilientCall, ResilientCall]:
+        clock = VirtualClock()
+        a, b = member(clock, a1, a2), member(clock, b1, b2)
+        call_a = resilient(a, [a1, a2], 0.010, [True])
+        call_b = resilient(b, [b1, b2], 0.020, [True])
+        stage = Stage()
+        stage.add([call_a, call_b])
+        await clock.run(asyncio.wait([call_a.future, call_b.future]))
+        return call_a, call_b
+
+    call_a, call_b = asyncio.run(main())
+    # a is due at 10 ms while b runs; at 20 ms both are due: both hedged then
+    assert a2.started == [pytest.approx(0.020)] and b2.started == [pytest.approx(0.020)]
+    assert call_a.hedged and call_b.hedged
+
+
+def test_the_hedge_delay_is_the_healthy_replicas_not_the_stragglers() -> None:
+    policy = HedgePolicy(HedgeParams(min_delay_ms=1))
+    straggler = ReplicaView("a/0", "edge", True, latency_ewma_s=0.02, latency_p95_s=0.100)
+    healthy = ReplicaView("a/1", "edge", True, latency_ewma_s=0.001, latency_p95_s=0.003)
+    unknown = ReplicaView("a/2", "edge", True)
+    assert policy.delay_s(straggler) == pytest.approx(0.100)  # its own: too late to help
+    assert policy.delay_s(straggler, [healthy, unknown]) == pytest.approx(0.003)
+    assert policy.delay_s(unknown, [unknown]) is None
