@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from ensemble.clock import SYSTEM_CLOCK, Clock
-from ensemble.config import ProfileConfig
+from ensemble.config import ProfileConfig, UncertaintyConfig
+from ensemble.drift import InputWatch
 from ensemble.errors import ModelNotFound, clip
 from ensemble.replicas.member import Member
 from ensemble.replicas.onnx import ClassLabel
@@ -56,6 +57,8 @@ class Profile:
     fallback: str | None = None
     """A member asked when nothing else can answer in time (under degrade or reroute)."""
     clock: Clock = SYSTEM_CLOCK
+    uncertainty: UncertaintyConfig | None = None
+    """When its answers are uncertain and whether it escalates them (None: not checked)."""
 
     @property
     def state(self) -> Any:
@@ -123,6 +126,7 @@ class Profile:
             config.on_violation,
             config.fallback,
             clock,
+            config.uncertainty,
         )
 
     def weights(self) -> Mapping[str, float] | None:
@@ -144,6 +148,9 @@ class EnsembleModel:
     description: str = ""
     validation: ValidationSet | None = None
     tiers: tuple[str, ...] = ("edge", "cloud")
+    watch: InputWatch | None = None
+    """Its inputs against the training distribution (None: no card describes them, or the
+    watch is off)."""
     labels: np.ndarray = field(init=False)
     accuracy_cache: dict[frozenset[str], float | None] = field(init=False, default_factory=dict)
     """Estimated accuracy per subset of members that answered (a few subsets recur)."""

@@ -94,9 +94,7 @@ class HedgeState:
 class HedgingPolicy(Protocol):
     """When to send a second copy of a call, and whether the budget still allows one."""
 
-    def delay_s(
-        self, replica: ReplicaView, peers: Sequence[ReplicaView] = ()
-    ) -> float | None:
+    def delay_s(self, replica: ReplicaView, peers: Sequence[ReplicaView] = ()) -> float | None:
         """How long a first call to ``replica`` may run before a hedge goes out; None: never
         hedge it. ``peers``: the member's other replicas on the same tier that routing may use
         now, so the delay can come from the member's healthy latency rather than from a slow

@@ -108,3 +108,22 @@ def mean_top_confidence(probabilities: Sequence[np.ndarray]) -> tuple[np.ndarray
     mean = np.mean(np.stack(probabilities), axis=0)
     winner = mean.argmax(axis=1)
     return winner, mean[np.arange(mean.shape[0]), winner]
+
+
+def normalized_entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Per row, the entropy of a [batch, classes] probability matrix as a share of its
+    maximum, log(classes): 0 for a one-hot row, 1 for a uniform one."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
+    classes = p.shape[1]
+    if classes < 2:
+        return np.zeros(p.shape[0])
+    out: np.ndarray = -(p * np.log(p)).sum(axis=1) / np.log(classes)
+    return out
+
+
+def disagreement(probabilities: Sequence[np.ndarray], winner: np.ndarray) -> np.ndarray:
+    """Per row, the share of the answers (each [batch, classes]) whose top class is not
+    ``winner``'s (the combined answer's class index per row)."""
+    tops = np.stack([np.asarray(p).argmax(axis=1) for p in probabilities])
+    out: np.ndarray = (tops != np.asarray(winner)[None, :]).mean(axis=0)
+    return out

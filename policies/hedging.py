@@ -94,14 +94,10 @@ class HedgePolicy:
     def __init__(self, params: HedgeParams) -> None:
         self.params = params
 
-    def delay_s(
-        self, replica: ReplicaView, peers: Sequence[ReplicaView] = ()
-    ) -> float | None:
+    def delay_s(self, replica: ReplicaView, peers: Sequence[ReplicaView] = ()) -> float | None:
         quantile = self.params.quantile
         known = [
-            q
-            for r in (replica, *peers)
-            if (q := _latency_quantile_s(r, quantile)) is not None
+            q for r in (replica, *peers) if (q := _latency_quantile_s(r, quantile)) is not None
         ]
         if not known:
             # Without data any delay is a guess; a guess too short doubles the load.
@@ -130,9 +126,7 @@ class NoHedge:
     def __init__(self, params: NoParams) -> None:
         del params
 
-    def delay_s(
-        self, replica: ReplicaView, peers: Sequence[ReplicaView] = ()
-    ) -> float | None:
+    def delay_s(self, replica: ReplicaView, peers: Sequence[ReplicaView] = ()) -> float | None:
         del replica, peers
         return None
 

@@ -14,7 +14,7 @@ from ensemble.config.gateway import (
     parse_config,
     parse_yaml,
 )
-from ensemble.config.members import EnsembleConfig, MemberConfig, ModelZooConfig
+from ensemble.config.members import DriftConfig, EnsembleConfig, MemberConfig, ModelZooConfig
 from ensemble.config.placement import (
     REMOTE_BACKENDS,
     Backend,
@@ -26,7 +26,12 @@ from ensemble.config.placement import (
     ReplicaBounds,
     StragglerConfig,
 )
-from ensemble.config.policies import AutoscalingConfig, PolicySpec, ProfileConfig
+from ensemble.config.policies import (
+    AutoscalingConfig,
+    PolicySpec,
+    ProfileConfig,
+    UncertaintyConfig,
+)
 from ensemble.config.server import RayConfig, ServerConfig, TlsConfig
 from ensemble.config.tiers import LinkConfig, LossMode, TierConfig
 
@@ -36,6 +41,7 @@ __all__ = [
     "AutoscalingConfig",
     "Backend",
     "DeviceConfig",
+    "DriftConfig",
     "EnsembleConfig",
     "FailureConfig",
     "GatewayConfig",
@@ -57,6 +63,7 @@ __all__ = [
     "StrictModel",
     "TierConfig",
     "TlsConfig",
+    "UncertaintyConfig",
     "json_schema",
     "load_config",
     "parse_config",

@@ -69,6 +69,26 @@ class MemberConfig(StrictModel):
         return names
 
 
+class DriftConfig(StrictModel):
+    """Watching the ensemble's inputs against the training distribution in its members' cards."""
+
+    enabled: bool = Field(
+        True,
+        description="Score input drift when a member card has the input's training "
+        "distribution (`input_reference`); off: no per-request cost.",
+    )
+    window: int = Field(
+        500, ge=50, le=100_000, description="Rows per drift score (a tumbling window)."
+    )
+    threshold: float = Field(
+        0.2,
+        gt=0,
+        le=10,
+        description="Drift score (mean per-feature PSI) at which a warning is logged; below it "
+        "again, an info line. Rule of thumb: < 0.1 stable, 0.1-0.25 moderate, > 0.25 shifted.",
+    )
+
+
 class EnsembleConfig(StrictModel):
     """An ensemble served as one model."""
 
@@ -76,6 +96,9 @@ class EnsembleConfig(StrictModel):
     description: str = Field("", description="Free text shown in model metadata.")
     policy: str = Field("default", description="Name of a profile under `policies`.")
     members: list[MemberConfig] = Field(min_length=1, description="The ensemble's members.")
+    drift: DriftConfig = Field(
+        default_factory=DriftConfig, description="Input drift watch (see docs/contracts.md)."
+    )
 
 
 class ModelZooConfig(StrictModel):

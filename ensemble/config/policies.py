@@ -52,6 +52,44 @@ class ProfileConfig(StrictModel):
         description="A member (fast and cheap) asked when nothing else can answer in time: "
         "under `degrade` or `reroute`, started early enough to answer before the deadline.",
     )
+    uncertainty: UncertaintyConfig | None = Field(
+        None,
+        description="Mark answers `uncertain` (and escalate them) by the ensemble's own "
+        "disagreement and entropy and the input's distance from the training data; None: "
+        "not checked (no per-request cost).",
+    )
+
+
+class UncertaintyConfig(StrictModel):
+    """When a profile calls an answer uncertain, and what it does then. A threshold left out
+    is not checked; an answer is uncertain when any row passes any threshold set."""
+
+    entropy: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Entropy of the combined probabilities, as a share of its maximum "
+        "(log of the class count), above which a row is uncertain.",
+    )
+    disagreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of the answering members whose top class is not the combined "
+        "answer's, above which a row is uncertain (needs two answers or more).",
+    )
+    input_outliers: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Share of a row's features outside the training range (from the member "
+        "cards' `input_reference`), above which it is uncertain.",
+    )
+    escalate: bool = Field(
+        True,
+        description="Ask the members not asked yet (those the contract allows, on a tier "
+        "that fits the time left) before answering an uncertain request.",
+    )
 
 
 class AutoscalingConfig(StrictModel):

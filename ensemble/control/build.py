@@ -21,6 +21,7 @@ from ensemble.control import backends
 from ensemble.control.backends import Site
 from ensemble.control.provisioning import Fleet, Key, Provisioner
 from ensemble.control.ray_runtime import RayRuntime
+from ensemble.drift import watch_for
 from ensemble.errors import EnsembleError, ModelIntegrityError
 from ensemble.integrity import Digest, expected_digests, read_verified
 from ensemble.model_checks import inputs_agree
@@ -305,6 +306,15 @@ def build_ensemble(
         ens.description,
         validation_set(chosen, [card_path(cfg, m) for m in ens.members]),
         tuple(cfg.tiers),
+        watch_for(
+            ens.name,
+            first.inputs[0],
+            (m.card.input_reference if m.card else None for m in chosen.values()),
+            window=ens.drift.window,
+            threshold=ens.drift.threshold,
+        )
+        if ens.drift.enabled and len(first.inputs) == 1
+        else None,
     )
 
 

@@ -80,7 +80,7 @@ class ResilientCall(Call):
 
     The first attempt goes to ``order[0]``. A **hedge** goes to the next replica ``hedge_delay_s``
     later if the first is still running and ``may_hedge()`` grants it (in a ``Stage``, once
-    every call the request still waits for is due one: only the critical path is hedged);
+    it is the last call the request waits for: only the critical path is hedged);
     the first successful
     attempt wins and the others are cancelled. A **failed** attempt (an error, or running past
     its own timeout) with no twin still running is **retried** on the next untried replica while
@@ -246,9 +246,10 @@ class ResilientCall(Call):
 
 class Stage:
     """The calls one request waits for together (one selection stage). A call due a hedge
-    gets it only once every call still running is due one too: hedging a member that others
-    are slower than would not bring the answer sooner (Tail at Scale's hedges, for the
-    critical path of a fan-out). A call on its own hedges at its delay."""
+    gets it only once it is the last one running: hedging a member that others are slower
+    than would not bring the answer sooner, and when every call is slow the machine or the
+    network is, which a second copy makes worse (Tail at Scale's hedges, for the critical
+    path of a fan-out). A call on its own hedges at its delay."""
 
     __slots__ = ("calls",)
 
@@ -266,8 +267,7 @@ class Stage:
         self.check()
 
     def check(self) -> None:
-        """Hedge the calls still running if every one of them is due a hedge."""
+        """Hedge the call still running if it is the only one and due a hedge."""
         running = [c for c in self.calls if not c.future.done()]
-        if running and all(c.due for c in running):
-            for call in running:
-                call.hedge_now()
+        if len(running) == 1 and running[0].due:
+            running[0].hedge_now()

@@ -17,16 +17,18 @@ from ensemble.dataplane.ensemble_run import EnsembleRun
 from ensemble.dataplane.fanout import record_call, start_call, wait_calls
 from ensemble.dataplane.feedback import DEFAULT_ACCURACY_WINDOW, FeedbackHub
 from ensemble.dataplane.feedback_store import DEFAULT_MAX_BYTES, DEFAULT_WINDOW
+from ensemble.dataplane.uncertainty import Doubt, assess
 from ensemble.dataplane.validation import check_inputs, check_outputs
 from ensemble.dataplane.verdict import Alerts, no_answer, rejection
 from ensemble.errors import DeadlineExceeded, EnsembleError, InvalidInput
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.base import innermost
 from ensemble.replicas.member import Member
-from ensemble.repository import VERSION, EnsembleModel, Repository, ServedModel
+from ensemble.repository import VERSION, EnsembleModel, Profile, Repository, ServedModel
 from ensemble.scope import request_scope
 from ensemble.types import (
     DEFAULT_PRIORITY,
+    Aggregate,
     AggregationContext,
     Contract,
     InferRequest,
@@ -92,6 +94,7 @@ class Dispatcher:
         metrics.readiness = self._readiness
         metrics.replicas = self._replica_states
         metrics.placements = self._placements
+        metrics.drift = self._drift
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -109,6 +112,10 @@ class Dispatcher:
                 for v in m.replica_views()
             ]  # fmt: skip
         return states
+
+    def _drift(self) -> list[tuple[str, float | None]]:
+        models = (self.repository.get(n) for n in self.repository.names())
+        return [(m.name, m.watch.score) for m in models if isinstance(m, EnsembleModel) and m.watch]
 
     def _placements(self) -> list[tuple[str, PlacementView]]:
         members = self.repository.members.values()
@@ -259,6 +266,8 @@ class Dispatcher:
         if not run.asked:
             where = f" on tier {contract.tier!r}" if contract.tier else ""
             raise InvalidInput(f"no member of ensemble {model.name!r} can answer{where}")
+        rows = feed[model.metadata.inputs[0].name] if model.watch is not None else None
+        doubt, escalated = await self._doubt(model, profile, run, rows)
         kinds = run.violations()
         action = profile.on_violation
         rerouted = False
@@ -276,11 +285,12 @@ class Dispatcher:
                 self.alerts.warn(model.name, run.detail(kinds))
         if not run.answers:
             raise no_answer(run.failures, run.late)
-        members = {v.name: v for v in run.views}
-        agg = profile.aggregation.aggregate(
-            run.answers, AggregationContext(len(model.classes), members, profile.weights())
-        )
+        agg = _aggregate(model, profile, run)
         params = respond.ensemble_parameters(run, agg, kinds, rerouted=rerouted)
+        if doubt is not None:
+            params.update(doubt.parameters(escalated))
+        if rows is not None and model.watch is not None:
+            model.watch.observe(rows)
         if respond.degraded(run, kinds):
             self.metrics.record_degraded(model.name)
         if self.feedback.enabled:  # the id a label joins this answer by, and only this one
@@ -288,3 +298,30 @@ class Dispatcher:
                 model.name, profile.name, tuple(run.asked), run.answers
             )
         return respond.ensemble_outputs(run, agg), params
+
+    async def _doubt(
+        self, model: EnsembleModel, profile: Profile, run: EnsembleRun, rows: np.ndarray | None
+    ) -> tuple[Doubt | None, bool]:
+        """The profile's verdict on the answers so far (None: it checks none), and whether an
+        uncertain one was escalated to more members."""
+        config = profile.uncertainty
+        if config is None or not run.answers:
+            return None, False
+        watch = model.watch
+        outliers = None
+        if watch is not None and rows is not None and config.input_outliers is not None:
+            outliers = watch.outliers(rows)
+        doubt = assess(config, _aggregate(model, profile, run), run.answers, outliers)
+        escalated = False
+        if doubt.uncertain:
+            if config.escalate and not run.late:
+                escalated = await run.escalate()
+            self.metrics.record_uncertain(model.name, escalated)
+        return doubt, escalated
+
+
+def _aggregate(model: EnsembleModel, profile: Profile, run: EnsembleRun) -> Aggregate:
+    """The profile's aggregation of the answers so far."""
+    members = {v.name: v for v in run.views}
+    ctx = AggregationContext(len(model.classes), members, profile.weights())
+    return profile.aggregation.aggregate(run.answers, ctx)

@@ -18,6 +18,7 @@ from ensemble.replicas.member import Member
 from ensemble.repository import EnsembleModel, Profile
 from ensemble.types import Contract, MemberAnswer, MemberView, Pick, SelectionContext
 from policies.ensemble_math import estimated_accuracy
+from policies.selection import allowed_views, fits, pick, placement_for
 
 
 class EnsembleRun:
@@ -96,8 +97,8 @@ class EnsembleRun:
         the selection policy already checked readiness and the contract's tier (a reroute or
         fallback checks them here)."""
         tiers: dict[str, str | None] = {}
-        for pick in names:
-            name, tier = (pick, None) if isinstance(pick, str) else (pick.member, pick.tier)
+        for chosen in names:
+            name, tier = (chosen, None) if isinstance(chosen, str) else (chosen.member, chosen.tier)
             if name not in tiers and self._allowed(name, checked=checked):
                 tiers[name] = tier
         if not tiers:
@@ -119,6 +120,19 @@ class EnsembleRun:
         await wait_calls(calls, self.deadline, self.clock)
         self._collect(calls)
         return True
+
+    async def escalate(self) -> bool:
+        """Ask, in one stage, the members not asked yet that the contract allows, each on a
+        tier that fits the time left by its live estimates (an uncertain answer wants more
+        opinions, not a late one); whether anyone was asked."""
+        remaining = None if self.deadline is None else self.deadline - self.clock.now()
+        ctx = SelectionContext(self.model.name, self.views, self.batch, self.contract, remaining)
+        picks: list[str | Pick] = []
+        for view in allowed_views(ctx):
+            placement = placement_for(view, ctx)
+            if view.name not in self.asked and fits(placement, ctx, "p95"):
+                picks.append(pick(view, placement))
+        return await self.stage(tuple(picks))
 
     async def reroute(self) -> bool:
         """Ask every member the policy left out that the contract allows, in one stage."""

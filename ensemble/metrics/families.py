@@ -103,6 +103,23 @@ def member_call_families(m: GatewayMetrics) -> Iterator[Metric]:
         _by_one(m.escalations),
     )
     yield _counter(
+        "ensemble_uncertain_answers",
+        "Answers a profile judged uncertain (its `uncertainty` thresholds), by ensemble and "
+        "whether they were escalated to more members (yes, no).",
+        ["ensemble", "escalated"],
+        list(m.uncertain.items()),
+    )
+    drift = GaugeMetricFamily(
+        "ensemble_input_drift",
+        "Mean per-feature PSI of the ensemble's last full window of input rows against the "
+        "training distribution in its member cards (absent before the first window).",
+        labels=["ensemble"],
+    )
+    for ensemble, score in m.drift():
+        if score is not None:
+            drift.add_metric([ensemble], score)
+    yield drift
+    yield _counter(
         "ensemble_members_answered",
         "Members whose answer was aggregated, summed over requests, by ensemble.",
         ["ensemble"],

@@ -48,6 +48,10 @@ class GatewayMetrics:
         self.members_asked: defaultdict[str, int] = defaultdict(int)
         self.members_answered: defaultdict[str, int] = defaultdict(int)
         self.escalations: defaultdict[str, int] = defaultdict(int)
+        self.uncertain: defaultdict[tuple[str, str], int] = defaultdict(int)
+        """Answers a profile judged uncertain, by (ensemble, escalated: yes or no)."""
+        self.drift: Callable[[], Iterable[tuple[str, float | None]]] = tuple
+        """Read at scrape time: (ensemble, its last input drift score or None) per watch."""
         """Selection stages after a request's first (a cascade asking its next member)."""
         self.hedges: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.retries: defaultdict[str, int] = defaultdict(int)
@@ -128,6 +132,10 @@ class GatewayMetrics:
         self.members_answered[ensemble] += answered
         if stages > 1:
             self.escalations[ensemble] += stages - 1
+
+    def record_uncertain(self, ensemble: str, escalated: bool) -> None:
+        """An answer was judged uncertain (and escalated to more members, or not)."""
+        self.uncertain[(ensemble, "yes" if escalated else "no")] += 1
 
     def record_hedge(self, member: str, won: bool) -> None:
         """A hedge went out for a call to ``member``; ``won`` when its answer was used."""

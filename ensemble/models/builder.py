@@ -27,6 +27,7 @@ from ensemble.models.layout import (
 )
 from ensemble.models.onnx_io import session_io_specs
 from ensemble.models.profiling import Predictions, latency_profile, predict, profiling_session
+from ensemble.models.reference import input_reference
 
 _VERSIONED_LIBRARIES = ("numpy", "scikit-learn", "skl2onnx", "onnx", "onnxruntime")
 
@@ -132,6 +133,7 @@ def _member_card(
         validation_predictions=[int(label) for label in validation.labels],
         # Rounded from float64 so the JSON holds 0.12345, not float32 noise like 0.1234500035.
         validation_probabilities=np.round(validation.probabilities.astype(np.float64), 5).tolist(),
+        input_reference=input_reference(inputs[0].name, split.x_train),
     )
 
 

@@ -50,6 +50,34 @@ class LatencyStats(BaseModel):
     runs: int = Field(ge=1, description="Number of timed calls (after warm-up).")
 
 
+class InputReference(BaseModel):
+    """The training split's distribution of one [N, F] input, per feature: what the gateway
+    measures input drift (PSI) and out-of-range features against."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="The input tensor it describes.")
+    edges: list[list[float]] = Field(
+        description="Per feature, the inner bin edges (training deciles, repeats dropped): a "
+        "value v falls in the first bin whose edge is >= v, else in the last."
+    )
+    proportions: list[list[float]] = Field(
+        description="Per feature, the training rows' share in each bin (one more than edges)."
+    )
+    low: list[float] = Field(description="Per feature, the smallest training value.")
+    high: list[float] = Field(description="Per feature, the largest training value.")
+    rows: int = Field(ge=1, description="Training rows it was computed from.")
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> InputReference:
+        width = len(self.edges)
+        if not width or any(len(x) != width for x in (self.proportions, self.low, self.high)):
+            raise ValueError("edges, proportions, low and high must list the same features")
+        if any(len(p) != len(e) + 1 for e, p in zip(self.edges, self.proportions, strict=True)):
+            raise ValueError("each feature needs one proportion more than it has edges")
+        return self
+
+
 class MemberCard(BaseModel):
     """What the gateway knows about one ensemble member without running it."""
 
@@ -97,6 +125,11 @@ class MemberCard(BaseModel):
     validation_probabilities: list[list[float]] = Field(
         description="Class probabilities per validation example (rounded to 5 decimals), "
         "in the manifest's validation_labels order."
+    )
+    input_reference: InputReference | None = Field(
+        default=None,
+        description="The training inputs' distribution (drift and out-of-range detection); "
+        "None: the gateway cannot watch this member's inputs.",
     )
 
     @model_validator(mode="after")

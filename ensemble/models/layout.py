@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ensemble.models.card import CARD_SUFFIX, MANIFEST_FILE
 
-ZOO_FORMAT_VERSION = 1
+ZOO_FORMAT_VERSION = 2
 """Bumped when the directory layout or card schema changes, so old zoos get rebuilt."""
 
 DEFAULT_ZOO_DIR = Path("models/digits")
