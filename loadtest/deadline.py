@@ -6,13 +6,10 @@ things through the load-test harness, each against the card-based choice in the 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import os
 import secrets
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +31,7 @@ from loadtest.experiment import (
     split_list,
     write_report,
 )
-from loadtest.measure import drive, harness_report
+from loadtest.measure import Samples, drive_watched, harness_report, total
 
 if TYPE_CHECKING:
     from loadtest.scenario import Scenario
@@ -181,23 +178,13 @@ SAMPLE_EVERY_S = 0.25
 """How often the link run reads the gateway's /metrics (the time-to-adapt's resolution)."""
 
 
-async def watch(url: str, stop: asyncio.Event) -> list[Reading]:
-    """The cloud link's delay and the calls to the cloud, from /metrics, until ``stop``."""
-    from loadtest.measure import scrape, total
-
-    readings: list[Reading] = []
-    while not stop.is_set():
-        samples = await scrape(url)
-        readings.append(
-            Reading(
-                time.monotonic(),
-                total(samples, "ensemble_link_delay_seconds", tier="cloud"),
-                total(samples, "ensemble_member_calls_total", tier="cloud"),
-            )
-        )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), SAMPLE_EVERY_S)
-    return readings
+def reading(at: float, samples: Samples) -> Reading:
+    """The cloud link's delay and the calls to the cloud, from one read of /metrics."""
+    return Reading(
+        at,
+        total(samples, "ensemble_link_delay_seconds", tier="cloud"),
+        total(samples, "ensemble_member_calls_total", tier="cloud"),
+    )
 
 
 def link_runs(settings: Settings, target: straggler.Target) -> dict[str, Any]:
@@ -215,16 +202,10 @@ def link_runs(settings: Settings, target: straggler.Target) -> dict[str, Any]:
         )
         started = dt.datetime.now().astimezone()
 
-        async def measured(sc: Scenario = sc) -> tuple[Any, Any, list[Reading]]:
-            stop = asyncio.Event()
-            watcher = asyncio.ensure_future(watch(target.url, stop))
-            try:
-                result, marks = await drive(sc, target.url, target.data, settings.quiet)
-            finally:
-                stop.set()
-            return result, marks, await watcher
-
-        result, marks, readings = uvloop.run(measured())
+        watched = drive_watched(
+            sc, target.url, target.data, settings.quiet, SAMPLE_EVERY_S, reading
+        )
+        result, marks, readings = uvloop.run(watched)
         source = f"<deadline link {profile}>"
         out = target.out / "link" / profile
         harness_report(sc, result, out, url=target.url, source=source, started=started, marks=marks)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 Sample = tuple[str, tuple[tuple[str, str], ...]]
 """A Prometheus sample's name and sorted labels."""
 Samples = dict[Sample, float]
+T = TypeVar("T")
 
 
 async def scrape(url: str, timeout_s: float = 10.0) -> Samples:
@@ -70,6 +72,38 @@ def total(samples: Mapping[Sample, float], name: str, **match: str) -> float:
     return sum(
         v for labels, v in named(samples, name) if all(labels.get(k) == w for k, w in match.items())
     )
+
+
+async def while_running(
+    url: str, stop: asyncio.Event, every_s: float, read: Callable[[float, Samples], T]
+) -> list[T]:
+    """``read(time.monotonic(), /metrics)`` every ``every_s`` seconds until ``stop`` is set
+    (run it beside a scenario's load), in order."""
+    readings: list[T] = []
+    while not stop.is_set():
+        samples = await scrape(url)
+        readings.append(read(time.monotonic(), samples))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+    return readings
+
+
+async def drive_watched(
+    sc: Scenario,
+    url: str,
+    data: Path,
+    quiet: bool,
+    every_s: float,
+    read: Callable[[float, Samples], T],
+) -> tuple[GeneratorResult, list[Mark], list[T]]:
+    """``drive`` a scenario while reading /metrics with ``while_running``."""
+    stop = asyncio.Event()
+    watcher = asyncio.ensure_future(while_running(url, stop, every_s, read))
+    try:
+        result, marks = await drive(sc, url, data, quiet)
+    finally:
+        stop.set()
+    return result, marks, await watcher
 
 
 # --- a scenario's load -------------------------------------------------------------------------

@@ -31,11 +31,13 @@ SAME_IN_EVERY_WORKER = frozenset(
         "ensemble_placement_round_trip_seconds",
         "ensemble_placement_error_ratio",
         "ensemble_placement_estimate_calls",
+        "ensemble_input_drift",
     }
 )
 """Families whose value each worker holds a copy of: the largest is shown (a worker that just
-restarted may still be behind). Placement estimates are each worker's own, from its own calls:
-the largest (the slowest, most failing any worker sees) is shown."""
+restarted may still be behind). Placement estimates and input drift scores are each worker's
+own, from its own calls and rows: the largest (the slowest, most failing, most drifted any
+worker sees) is shown."""
 
 WEAKEST_WORKER = frozenset({"ensemble_model_ready", "ensemble_replica_ready"})
 """Families shown as the smallest value of any worker."""
