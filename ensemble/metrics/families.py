@@ -377,7 +377,8 @@ def placement_families(placements: Iterable[tuple[str, PlacementView]]) -> Itera
     trip = GaugeMetricFamily(
         "ensemble_placement_round_trip_seconds",
         "The network's share of a call: the tier's last health check's round trip, or its "
-        "emulated link's delay both ways (0 in process).",
+        "emulated link's delay both ways plus the last call's bytes at its bandwidth (0 in "
+        "process without a link).",
         labels=labels,
     )
     errors = GaugeMetricFamily(

@@ -25,7 +25,7 @@ REFRESH_S = 0.5
 def measured_round_trip_s(replica: Replica) -> float:
     """The network's share of a call to ``replica`` now: its server's last health check's round
     trip when it has active checks (they cross the real network and any emulated link), else
-    the emulated links' configured delay (0 in process with no link)."""
+    what the emulated links add (``links.round_trip_s``; 0 in process with no link)."""
     checked = getattr(innermost(replica), "check_round_trip_s", None)
     return checked if isinstance(checked, float) else round_trip_s(replica)
 

@@ -222,13 +222,17 @@ class Links:
 
 
 def round_trip_s(replica: Replica) -> float:
-    """The fixed delay the emulated links under ``replica`` (and its wrappers) add to a call:
-    both legs' ``delay_ms``, time a call spends on the wire rather than on the replica."""
+    """The time the emulated links under ``replica`` (and its wrappers) add to a call now: both
+    legs' ``delay_ms``, plus the transfer time of the last call's bytes at the link's
+    bandwidth: time a call spends on the wire rather than on the replica."""
     total = 0.0
     found: Replica | None = replica
     while found is not None:
         if isinstance(found, LinkedReplica) and found.link.emulated:
-            total += 2 * found.link.settings.delay_ms / 1e3
+            settings = found.link.settings
+            total += 2 * settings.delay_ms / 1e3
+            if settings.bandwidth_mbps is not None:
+                total += found.wire_bytes * 8 / (settings.bandwidth_mbps * 1e6)
         found = getattr(found, "inner", None)
     return total
 
@@ -259,6 +263,8 @@ class LinkedReplica:
         self.tier = inner.tier
         self.timeout_s = timeout_s
         self._health_checked = health_checked
+        self.wire_bytes = 0
+        """Bytes the last call sent and received (what a bandwidth change costs the next)."""
 
     def ready(self) -> bool:
         if not self._health_checked and self.link.settings.partitioned:
@@ -274,9 +280,12 @@ class LinkedReplica:
         self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
         what = f"replica {self.name}"
-        await self.link.send(payload_bytes(feed), what, self.timeout_s)
+        sent = payload_bytes(feed)
+        await self.link.send(sent, what, self.timeout_s)
         result = await self.inner.infer(feed, outputs)
-        await self.link.receive(payload_bytes(result), what)
+        received = payload_bytes(result)
+        self.wire_bytes = sent + received
+        await self.link.receive(received, what)
         return result
 
     async def start(self) -> None:

@@ -165,3 +165,15 @@ def test_a_member_view_shows_each_tier_live() -> None:
     assert cut is not view and [p.ready for p in cut.placements] == [True, False]
     link.override({"partitioned": False, "delay_ms": 60})
     assert member.view().placements[1].round_trip_s == pytest.approx(0.120)
+
+
+def test_a_bandwidth_cap_counts_the_last_calls_bytes_in_the_round_trip() -> None:
+    import asyncio
+
+    link = Link("cloud", LinkConfig(emulate=True, delay_ms=0))
+    linked = LinkedReplica(Answering("cloud/0", "cloud"), link)
+    feed = {"input": np.zeros((1, 64), np.float32)}  # 256 bytes out, 8 back
+    asyncio.run(linked.infer(feed))
+    assert measured_round_trip_s(linked) == 0.0  # no cap: bytes cost nothing
+    link.override({"bandwidth_mbps": 0.1})
+    assert measured_round_trip_s(linked) == pytest.approx(264 * 8 / 0.1e6)
