@@ -260,7 +260,9 @@ def start_peers(
         pending.append(spawn(name, [*serve, str(BENCH_CONFIG), *ports, *workers], logs))
     if baseline is not None:  # its `ensemble` package first: not this tree's (PYTHONSAFEPATH)
         env = {"PYTHONPATH": str(baseline.resolve()), "PYTHONSAFEPATH": "1"}
-        pending.append(spawn("baseline", [*serve, str(BENCH_CONFIG), *ports], logs, env))
+        # Its own copy of the config and so its own zoo: model cards change between versions.
+        config = baseline / BENCH_CONFIG.relative_to(ROOT)
+        pending.append(spawn("baseline", [*serve, str(config), *ports], logs, env))
     if plan.default5:
         pending.append(spawn("gateway5", [*serve, str(DEFAULT_CONFIG), *ports], logs))
     pending.append(spawn("noop", ["-m", "loadtest.peers.noop"], logs))
