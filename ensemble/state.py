@@ -11,12 +11,15 @@ Everything that outlives a request, and its one owner:
 state                                      owner                       lives as long as
 =========================================  ==========================  ========================
 selection learning (bandit weights)        ``Profile.learning`` cell   the profile's config
-hedge and retry budgets                    ``Profile`` budget cells    the profile's config
+hedge budgets (one per member), retry      ``Profile`` budget cells    the profile's config
+budget
 answers awaiting feedback, rolling         ``FeedbackHub``             the gateway
 accuracy                                   (``ensemble.dataplane.feedback``)
 admission (requests running and queued,    ``AdmissionGate`` on the    the gateway
 adaptive limit)                            ``Dispatcher``
 replica stats, ejections                   ``Member.stats``            the config
+live estimates per tier                    ``Member.estimates``        the config
+input drift window and score               ``EnsembleModel.watch``     the config
 emulated link settings and partitions      ``Links``                   the gateway
 replicas added or drained, scaling state   ``ControlLoop`` and the     the gateway / the config
                                            ``Fleet``'s provisioners

@@ -19,8 +19,8 @@ scaling decisions                          the leader (lowest live     one contr
 config                                     the hub (all or none)       exact after a reload
 counts, spend, latency histograms          each worker; `/metrics`     exact at the scrape
                                            adds them up
-replica health, ejection                   each worker, for the calls  its own calls
-                                           it makes
+replica health, ejection, live estimates,  each worker, for the calls  its own calls
+input drift                                it makes and rows it serves
 =========================================  ==========================  ========================
 """
 
