@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ensemble.config_errors import Loc, LocatedError, dotted
+from ensemble.errors import EnsembleError
 from ensemble.types import TensorSpec
 
 if TYPE_CHECKING:
@@ -74,11 +75,73 @@ def describe(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(f"{s.name} {s.datatype}{list(s.shape)}" for s in specs)
 
 
+def _numeric(datatype: str) -> bool:
+    return datatype not in ("BYTES", "BOOL")
+
+
+def input_pairs(
+    where: str,
+    inputs: Sequence[TensorSpec],
+    ensemble_inputs: Sequence[TensorSpec],
+    input_map: Mapping[str, str] | None,
+) -> list[tuple[TensorSpec, TensorSpec]]:
+    """Each of a member's inputs with the ensemble input it takes: by ``input_map`` (member
+    name -> ensemble name) or by position; each must fit (rank, fixed dimensions) and convert
+    (the same datatype, or numbers to numbers). EnsembleError names the first that does not
+    (``where``: the member's place in the config)."""
+    if input_map is None:
+        if len(inputs) != len(ensemble_inputs):
+            raise EnsembleError(
+                f"{where}: the model takes {len(inputs)} input(s) ({describe(inputs)}), the "
+                f"ensemble {len(ensemble_inputs)} ({describe(ensemble_inputs)}); map them with "
+                "`inputs`"
+            )
+        pairs = list(zip(inputs, ensemble_inputs, strict=True))
+    else:
+        names = {s.name for s in inputs}
+        unknown, missing = sorted(set(input_map) - names), sorted(names - set(input_map))
+        if unknown or missing:
+            raise EnsembleError(
+                f"{where}.inputs: the model's inputs are {', '.join(sorted(names))}"
+                + (f"; not the model's: {', '.join(unknown)}" if unknown else "")
+                + (f"; not mapped: {', '.join(missing)}" if missing else "")
+            )
+        by_name = {s.name: s for s in ensemble_inputs}
+        pairs = []
+        for own in inputs:
+            target = by_name.get(input_map[own.name])
+            if target is None:
+                raise EnsembleError(
+                    f"{where}.inputs.{own.name}: the ensemble has no input "
+                    f"{input_map[own.name]!r} (it has {', '.join(by_name)})"
+                )
+            pairs.append((own, target))
+    for own, target in pairs:
+        fits = len(own.shape) == len(target.shape) and all(
+            a == b or -1 in (a, b) for a, b in zip(own.shape, target.shape, strict=True)
+        )
+        converts = own.datatype == target.datatype or (
+            _numeric(own.datatype) and _numeric(target.datatype)
+        )
+        if not fits or not converts:
+            raise EnsembleError(
+                f"{where}: model input {describe([own])} cannot take the ensemble's "
+                f"{describe([target])}"
+            )
+    return pairs
+
+
 def input_errors(cfg: GatewayConfig) -> list[LocatedError]:
-    """Members whose inputs differ from the first readable member of their ensemble, each at
-    its `model` key (files not there yet, or not readable, are left to loading)."""
+    """Members whose inputs do not fit their ensemble's: its declared `inputs` through the
+    member's `inputs` map (at that key), else the first readable member's, by position (at
+    the `model` key). Files not there yet, or not readable, are left to loading."""
     errors: list[LocatedError] = []
     for ei, ens in enumerate(cfg.ensembles):
+        declared = (
+            tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in ens.inputs)
+            if ens.inputs
+            else None
+        )
         first: tuple[Loc, str, tuple[TensorSpec, ...]] | None = None
         for mi, member in enumerate(ens.members):
             path = cfg.resolve(member.model)
@@ -86,6 +149,13 @@ def input_errors(cfg: GatewayConfig) -> list[LocatedError]:
             if inputs is None:
                 continue
             loc: Loc = ("ensembles", ei, "members", mi)
+            if declared is not None or member.inputs is not None:
+                try:
+                    input_pairs(dotted(loc), inputs, declared or inputs, member.inputs)
+                except EnsembleError as exc:
+                    key = "inputs" if member.inputs is not None else "model"
+                    errors.append(((*loc, key), exc.message))
+                continue
             if first is None:
                 first = (loc, member.name, inputs)
             elif not inputs_agree(first[2], inputs):

@@ -14,6 +14,7 @@ from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.config import ProfileConfig, UncertaintyConfig
 from ensemble.drift import InputWatch
 from ensemble.errors import ModelNotFound, clip
+from ensemble.replicas.adapter import MemberAdapter
 from ensemble.replicas.member import Member
 from ensemble.replicas.onnx import ClassLabel
 from ensemble.state import Cell, LocalCell
@@ -151,6 +152,9 @@ class EnsembleModel:
     watch: InputWatch | None = None
     """Its inputs against the training distribution (None: no card describes them, or the
     watch is off)."""
+    adapters: dict[str, MemberAdapter] = field(default_factory=dict)
+    """Members that differ from the ensemble (inputs, classes): how each maps (the others
+    take the ensemble's inputs by position and answer its classes)."""
     labels: np.ndarray = field(init=False)
     accuracy_cache: dict[frozenset[str], float | None] = field(init=False, default_factory=dict)
     """Estimated accuracy per subset of members that answered (a few subsets recur)."""
@@ -163,7 +167,11 @@ class EnsembleModel:
         return any(m.ready() for m in self.members.values())
 
     def member_feed(self, member: Member, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The ensemble's feed renamed (by position) to the member's own input names."""
+        """The ensemble's feed as the member takes it: through its adapter, else renamed by
+        position to the member's own input names."""
+        adapter = self.adapters.get(member.name)
+        if adapter is not None:
+            return adapter.feed(feed)
         renames = self._renames.get(member.name)
         if renames is None:
             pairs = zip(member.inputs, self.metadata.inputs, strict=True)
@@ -172,6 +180,12 @@ class EnsembleModel:
         if all(a == b for a, b in renames):
             return feed  # the common case: same input names, no copy
         return {theirs: feed[ours] for theirs, ours in renames}
+
+    def member_scores(self, member: Member, result: dict[str, np.ndarray]) -> np.ndarray:
+        """A member's answer as class probabilities in the ensemble's class order."""
+        scores = member.scores(result)
+        adapter = self.adapters.get(member.name)
+        return scores if adapter is None else adapter.scores(scores)
 
 
 ServedModel = EnsembleModel | Member

@@ -38,6 +38,18 @@ class MemberConfig(StrictModel):
         "node, else 0..C-1.",
     )
     placement: list[Placement] = Field(min_length=1, description="Tiers this member runs on.")
+    inputs: dict[str, str] | None = Field(
+        None,
+        description="The member's own input names, each with the ensemble input it takes "
+        "(`{features: input}`: the model's `features` gets the ensemble's `input`, converted "
+        "to the model's datatype); default: by position.",
+    )
+    class_map: dict[str, int | str] | None = Field(
+        None,
+        description="Each of the member's class labels (as written in YAML) with the ensemble "
+        "class it stands for; ensemble classes no member label maps to get probability 0 from "
+        "this member. Default: the member's labels are the ensemble's, in order.",
+    )
 
     @model_validator(mode="after")
     def _somewhere_always(self) -> MemberConfig:
@@ -69,6 +81,18 @@ class MemberConfig(StrictModel):
         return names
 
 
+class InputSpec(StrictModel):
+    """One input tensor an ensemble takes."""
+
+    name: str = Field(min_length=1, description="Tensor name clients send.")
+    datatype: Literal["FP16", "FP32", "FP64", "INT8", "INT16", "INT32", "INT64", "UINT8"] = Field(
+        description="OIP datatype clients send."
+    )
+    shape: list[int] = Field(
+        min_length=1, description="Dimensions, the batch first; -1 for a variable one."
+    )
+
+
 class DriftConfig(StrictModel):
     """Watching the ensemble's inputs against the training distribution in its members' cards."""
 
@@ -96,6 +120,18 @@ class EnsembleConfig(StrictModel):
     description: str = Field("", description="Free text shown in model metadata.")
     policy: str = Field("default", description="Name of a profile under `policies`.")
     members: list[MemberConfig] = Field(min_length=1, description="The ensemble's members.")
+    inputs: list[InputSpec] | None = Field(
+        None,
+        min_length=1,
+        description="The ensemble's own inputs, which members map to (`members[].inputs`); "
+        "default: the first member's.",
+    )
+    classes: list[int] | list[str] | None = Field(
+        None,
+        min_length=2,
+        description="The ensemble's class labels, in the order of its `probabilities` output, "
+        "which members map to (`members[].class_map`); default: the first member's.",
+    )
     drift: DriftConfig = Field(
         default_factory=DriftConfig, description="Input drift watch (see docs/contracts.md)."
     )

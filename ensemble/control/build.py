@@ -24,14 +24,14 @@ from ensemble.control.ray_runtime import RayRuntime
 from ensemble.drift import watch_for
 from ensemble.errors import EnsembleError, ModelIntegrityError
 from ensemble.integrity import Digest, expected_digests, read_verified
-from ensemble.model_checks import inputs_agree
 from ensemble.models.card import MemberCard, card_path_for, load_manifest
+from ensemble.replicas.adapter import MemberAdapter, adapter
 from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.faults import DeviceReplica, FailingReplica, StragglerReplica
 from ensemble.replicas.links import LinkedReplica, Links
 from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_schema
-from ensemble.replicas.onnx import OnnxSignature, load_session, read_signature
+from ensemble.replicas.onnx import ClassLabel, OnnxSignature, load_session, read_signature
 from ensemble.repository import (
     LOCAL_TIER,
     VERSION,
@@ -268,31 +268,38 @@ def replica_bounds(cfg: GatewayConfig) -> dict[Key, tuple[int, int]]:
 def build_ensemble(
     cfg: GatewayConfig, ens: EnsembleConfig, members: dict[str, Member]
 ) -> EnsembleModel:
-    """Check the members agree on inputs and classes, and wire the profile's policies."""
+    """Fit every member to the ensemble's inputs and classes (declared, else the first
+    member's) and wire the profiles' policies."""
     first = members[ens.members[0].name]
-    for m in ens.members[1:]:
-        other = members[m.name]
-        if not inputs_agree(first.inputs, other.inputs):  # as `validate` checks the files
-            raise EnsembleError(
-                f"ensemble {ens.name!r}: member {m.name!r} inputs {_specs(other.inputs)} differ "
-                f"from {first.name!r} inputs {_specs(first.inputs)}"
-            )
-        if other.classifier.classes != first.classifier.classes:
-            raise EnsembleError(
-                f"ensemble {ens.name!r}: member {m.name!r} classes differ from {first.name!r}'s"
-            )
+    inputs = (
+        tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in ens.inputs)
+        if ens.inputs
+        else first.inputs
+    )
+    classes: tuple[ClassLabel, ...] = (
+        tuple(ens.classes) if ens.classes else first.classifier.classes
+    )
+    index = cfg.ensembles.index(ens)
+    adapters = {}
+    for i, m in enumerate(ens.members):
+        member = members[m.name]
+        where = f"ensemble {ens.name!r}: ensembles[{index}].members[{i}] ({m.name})"
+        fitted = adapter(
+            where, member.inputs, member.classifier.classes, inputs, classes, m.inputs, m.class_map
+        )
+        if not fitted.plain:
+            adapters[m.name] = fitted
     profiles = {
         name: Profile.build(name, cfg.profile(name)) for name in sorted({*cfg.policies, "default"})
     }
-    n = first.classifier.n_classes
     metadata = ModelMetadata(
         name=ens.name,
         versions=(VERSION,),
         platform="ensemble",
-        inputs=first.inputs,
+        inputs=inputs,
         outputs=(
-            TensorSpec("label", label_datatype(first.classifier.classes), (-1,)),
-            TensorSpec("probabilities", "FP32", (-1, n)),
+            TensorSpec("label", label_datatype(classes), (-1,)),
+            TensorSpec("probabilities", "FP32", (-1, len(classes))),
         ),
     )
     chosen = {m.name: members[m.name] for m in ens.members}
@@ -301,25 +308,32 @@ def build_ensemble(
         chosen,
         profiles,
         ens.policy,
-        first.classifier.classes,
+        classes,
         metadata,
         ens.description,
-        validation_set(chosen, [card_path(cfg, m) for m in ens.members]),
+        validation_set(chosen, [card_path(cfg, m) for m in ens.members], classes, adapters),
         tuple(cfg.tiers),
         watch_for(
             ens.name,
-            first.inputs[0],
+            inputs[0],
             (m.card.input_reference if m.card else None for m in chosen.values()),
             window=ens.drift.window,
             threshold=ens.drift.threshold,
         )
-        if ens.drift.enabled and len(first.inputs) == 1
+        if ens.drift.enabled and len(inputs) == 1
         else None,
+        adapters,
     )
 
 
-def validation_set(members: Mapping[str, Member], card_paths: list[Path]) -> ValidationSet | None:
-    """Held-out labels and every member's answers on them, when all cards share one zoo.
+def validation_set(
+    members: Mapping[str, Member],
+    card_paths: list[Path],
+    classes: tuple[ClassLabel, ...],
+    adapters: Mapping[str, MemberAdapter],
+) -> ValidationSet | None:
+    """Held-out labels and every member's answers on them (in the ensemble's ``classes``,
+    through its adapter), when all cards share one zoo.
 
     The labels live in the zoo manifest beside the cards; members without a card, or cards
     scored on different splits, leave the ensemble without one (policies then fall back).
@@ -340,13 +354,10 @@ def validation_set(members: Mapping[str, Member], card_paths: list[Path]) -> Val
         probs = np.asarray(member.card.validation_probabilities, dtype=np.float32)
         if probs.shape != (len(labels), member.classifier.n_classes):
             return None
-        probabilities[name] = probs
-    classes = list(next(iter(members.values())).classifier.classes)
-    if not all(label in classes for label in manifest.validation_labels):
+        fitted = adapters.get(name)
+        probabilities[name] = probs if fitted is None else fitted.scores(probs)
+    known = list(classes)
+    if not all(label in known for label in manifest.validation_labels):
         return None
-    index = np.asarray([classes.index(label) for label in manifest.validation_labels])
+    index = np.asarray([known.index(label) for label in manifest.validation_labels])
     return ValidationSet(index, probabilities)
-
-
-def _specs(specs: tuple[TensorSpec, ...]) -> str:
-    return ", ".join(f"{s.name} {s.datatype}{list(s.shape)}" for s in specs)

@@ -229,7 +229,7 @@ class EnsembleRun:
                 continue
             record_call(self.metrics, self.model.name, call)
             try:
-                scores = call.member.scores(call.future.result())
+                scores = self.model.member_scores(call.member, call.future.result())
             except Exception as exc:
                 self.failures.append((call.member.name, exc))
                 continue
