@@ -82,6 +82,12 @@ def _tail(placement: PlacementView, tail: Tail) -> float:
     return 0.0 if seconds is None else seconds
 
 
+def _usable(view: MemberView, ctx: SelectionContext) -> list[PlacementView]:
+    """The member's ready placements on a tier the contract allows."""
+    tier = ctx.contract.tier
+    return [p for p in view.placements if p.ready and (tier is None or p.tier == tier)]
+
+
 def placement_for(
     view: MemberView, ctx: SelectionContext, tail: Tail = "p95", safety: float = 1.0
 ) -> PlacementView | None:
@@ -89,8 +95,7 @@ def placement_for(
     tier the contract allows, those whose ``tail`` latency times ``safety`` fits the time
     left; of those the least failing (error rates in tenths), then the cheapest, then the
     fastest. When none fits, the fastest. None when it has no such placement."""
-    tier = ctx.contract.tier
-    options = [p for p in view.placements if p.ready and (tier is None or p.tier == tier)]
+    options = _usable(view, ctx)
     if not options:
         return None
     fitting = [p for p in options if fits(p, ctx, tail, safety)]
@@ -110,8 +115,7 @@ def fits(
 def _cheapest(view: MemberView, ctx: SelectionContext) -> tuple[float, float]:
     """(price, median latency) of the member's cheapest ready placement the contract allows;
     its first tier's price and card latency when it has no placements."""
-    tier = ctx.contract.tier
-    options = [p for p in view.placements if p.ready and (tier is None or p.tier == tier)]
+    options = _usable(view, ctx)
     if not options:
         return view.cost_per_call, view.latency_s if view.latency_s is not None else math.inf
     best = min(options, key=lambda p: (p.cost_per_call, _tail(p, "p50")))
