@@ -7,8 +7,6 @@ things through the load-test harness, each against the card-based choice in the 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from loadtest.experiment import (
     goals_doc,
     new_parser,
     progress,
+    run_tokens,
     settings_doc,
     split_list,
     write_report,
@@ -232,17 +231,17 @@ def run(settings: Settings, command: str = "") -> Report:
     this = Run(NAME, settings.out, command)
     ensure_zoo(cfg.zoo_dir(), progress=say)
     # The link changes go through the admin API and labels through feedback: tokens for the run.
-    os.environ.setdefault(ADMIN_TOKEN_ENV, secrets.token_hex(16))
-    os.environ.setdefault(FEEDBACK_TOKEN_ENV, secrets.token_hex(16))
-    say(f"starting the gateway on {settings.config} (log: {this.out / 'gateway.log'})")
-    gw = start_gateway(settings.config, this.out / "gateway.log", 120)
-    prices = Prices.of(settings.config)
-    target = straggler.Target(gw.url, gw.proc.pid, cfg.zoo_dir() / "test.npz", prices, this.out)
-    try:
-        tight = tight_runs(settings, target)
-        link = link_runs(settings, target)
-    finally:
-        exit_code = stop_gateway(gw, 60)
+    with run_tokens(ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV):
+        say(f"starting the gateway on {settings.config} (log: {this.out / 'gateway.log'})")
+        gw = start_gateway(settings.config, this.out / "gateway.log", 120)
+        prices = Prices.of(settings.config)
+        zoo_test = cfg.zoo_dir() / "test.npz"
+        target = straggler.Target(gw.url, gw.proc.pid, zoo_test, prices, this.out)
+        try:
+            tight = tight_runs(settings, target)
+            link = link_runs(settings, target)
+        finally:
+            exit_code = stop_gateway(gw, 60)
     report: Report = {
         **this.header(),
         "settings": settings_doc(settings, out=str(this.out)),

@@ -101,7 +101,7 @@ def _changes(readings: Sequence[Reading]) -> list[int]:
 def _cloud_calls_per_phase(readings: Sequence[Reading]) -> list[float]:
     """Calls to the cloud between the link's changes (the first change sets the near delay at
     the start of the run, so phases begin there)."""
-    marks = _changes(readings)
+    marks = _changes(readings)[: len(PHASES)]
     if len(readings) < 2 or not marks:
         return []
     edges = [*marks, len(readings) - 1]
@@ -113,7 +113,9 @@ def adaptation(readings: Sequence[Reading]) -> list[dict[str, Any]]:
     (the delay went up) or came back (it went down), measured from the last reading before
     the change to the first reading after the last (or first) new call; None when that did not
     happen before the next change (or the end of the run)."""
-    marks = _changes(readings)
+    # The first change sets the near link as the run starts; the phases' own changes follow;
+    # one more may show as the run ends (the harness putting the config's link back).
+    marks = _changes(readings)[: len(PHASES)]
     out = []
     for n, i in enumerate(marks[1:], start=1):
         before = readings[i - 1]

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import math
 import os
 import platform
+import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -169,6 +171,21 @@ def write_report(out: Path, report: Report, markdown: str) -> Report:
     (out / "report.md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
     written: Report = json.loads(text)
     return written
+
+
+@contextlib.contextmanager
+def run_tokens(*names: str) -> Iterator[None]:
+    """Each environment variable of ``names`` that is unset holds a fresh random token for the
+    run (the gateway started inside inherits it, the harness reads it), and is unset again
+    after: a driver run in another process's environment (a test's) leaves it as it was."""
+    added = [name for name in names if not os.environ.get(name)]
+    for name in added:
+        os.environ[name] = secrets.token_hex(16)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 # --- goals -------------------------------------------------------------------------------------

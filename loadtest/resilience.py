@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import re
-import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +26,7 @@ from loadtest.experiment import (
     goals_doc,
     new_parser,
     progress,
+    run_tokens,
     settings_doc,
     split_list,
     write_report,
@@ -368,15 +367,15 @@ def run(settings: Settings, command: str = "") -> Report:
     doc = yaml.safe_load(settings.config.read_text())
     zoo = (settings.config.parent / doc.get("model_zoo", {}).get("dir", "")).resolve()
     ensure_zoo(zoo, progress=say)
-    # The partition fault needs the gateway's admin token; one made up for this run will do.
-    os.environ.setdefault(TOKEN_ENV, secrets.token_hex(16))
     rows: list[dict[str, Any]] = []
 
     async def every_fault() -> None:
         for fault in settings.faults:
             rows.append(await run_fault(settings, fault, this.out, zoo / "test.npz"))
 
-    uvloop.run(every_fault())
+    # The partition fault needs the gateway's admin token; one made up for this run will do.
+    with run_tokens(TOKEN_ENV):
+        uvloop.run(every_fault())
     goal_targets = {"answered_share": GOAL_ANSWERED, "recovery_s": GOAL_RECOVERY_S}
     report: Report = {
         **this.header(),

@@ -7,8 +7,6 @@ scenario per policy profile through the load-test harness, sequentially on the s
 from __future__ import annotations
 
 import datetime as dt
-import os
-import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from loadtest.experiment import (
     goals_doc,
     new_parser,
     progress,
+    run_tokens,
     settings_doc,
     split_list,
     write_report,
@@ -260,20 +259,21 @@ def run(settings: Settings, command: str = "") -> Report:
     ensure_zoo(zoo, progress=say)
     prices = Prices.of(settings.config)
     say(f"starting the gateway on {settings.config} (log: {this.out / 'gateway.log'})")
-    # Feedback needs the gateway's token: the gateway and the harness share one made for this run.
-    os.environ.setdefault(FEEDBACK_TOKEN_ENV, secrets.token_hex(16))
-    gw = start_gateway(settings.config, this.out / "gateway.log", 120)
-    target = Target(gw.url, gw.proc.pid, zoo / "test.npz", prices, this.out)
     rows: list[dict[str, Any]] = []
-    try:
 
-        async def all_profiles() -> None:
-            for i, name in enumerate(names):
-                rows.append(await run_profile(settings, name, i, target))
+    async def all_profiles(target: Target) -> None:
+        for i, name in enumerate(names):
+            rows.append(await run_profile(settings, name, i, target))
 
-        uvloop.run(all_profiles())
-    finally:
-        exit_code = stop_gateway(gw, 60)
+    # Feedback needs the gateway's token: the gateway and the harness share one made for this run.
+    with run_tokens(FEEDBACK_TOKEN_ENV):
+        gw = start_gateway(settings.config, this.out / "gateway.log", 120)
+        try:
+            uvloop.run(
+                all_profiles(Target(gw.url, gw.proc.pid, zoo / "test.npz", prices, this.out))
+            )
+        finally:
+            exit_code = stop_gateway(gw, 60)
     report: Report = {
         **this.header(),
         "settings": settings_doc(settings, out=str(this.out)),

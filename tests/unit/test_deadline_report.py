@@ -34,6 +34,14 @@ def test_adaptation_times_each_change_from_the_last_reading_before_it() -> None:
     ]
 
 
+def test_the_link_put_back_as_the_run_ends_is_no_phase() -> None:
+    ended = [*readings(), Reading(109.25, 0.020, readings()[-1].cloud_calls)]  # run over
+    assert len(adaptation(ended)) == 2
+    assert (
+        link_row(records(), 60.0, (3.0, 6.0), ended)["phases"][2]["cloud_calls_per_request"] == 0.9
+    )
+
+
 def test_calls_that_never_stop_are_no_adaptation() -> None:
     steady = [Reading(float(k), NEAR if k < 4 else FAR, 10.0 * k) for k in range(8)]
     steady.insert(0, Reading(-1.0, 0.02, 0.0))
