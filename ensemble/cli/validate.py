@@ -29,15 +29,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
         members = ", ".join(
             f"{m.name}@{'/'.join(_placement_summary(p) for p in m.placement)}" for m in ens.members
         )
-        print(f"  ensemble {ens.name} (profile {ens.policy}): {members}")
+        drift = (
+            f"; drift window {ens.drift.window} rows, threshold {ens.drift.threshold:g}"
+            if ens.drift.enabled
+            else "; drift off"
+        )
+        print(f"  ensemble {ens.name} (profile {ens.policy}): {members}{drift}")
     for name in sorted({*cfg.policies, "default"}):
         profile = cfg.profile(name)
-        fallback = f" fallback={profile.fallback}" if profile.fallback else ""
+        extras = f" fallback={profile.fallback}" if profile.fallback else ""
+        doubt = profile.uncertainty
+        if doubt is not None:
+            limits = ",".join(
+                f"{key}>{value:g}"
+                for key, value in doubt.model_dump(exclude={"escalate"}).items()
+                if value is not None
+            )
+            extras += f" uncertain={limits or 'never'}{' (escalated)' if doubt.escalate else ''}"
         print(
             f"  profile {name}: selection={profile.selection.name} "
             f"aggregation={profile.aggregation.name} routing={profile.routing.name} "
             f"hedging={profile.hedging.name} retry={profile.retry.name} "
-            f"on_violation={profile.on_violation}{fallback}"
+            f"on_violation={profile.on_violation}{extras}"
         )
     print(f"  outlier detection: {cfg.outlier_detection.name}")
     if cfg.autoscaling is not None:

@@ -153,6 +153,15 @@ def test_validate_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtu
     good = write(tmp_path, GOOD.replace("{name: a, model: a.onnx,", pinned))
     assert main(["validate", str(good)]) == 0
     assert "OK" in capsys.readouterr().out
+    watched = GOOD.replace("{name: a, model: a.onnx,", pinned) + (
+        "    drift: {window: 200, threshold: 0.1}\n"
+        "policies:\n"
+        "  careful: {uncertainty: {entropy: 0.3, escalate: true}}\n"
+    )
+    assert main(["validate", str(write(tmp_path, watched))]) == 0
+    summary = capsys.readouterr().out
+    assert "drift window 200 rows, threshold 0.1" in summary
+    assert "profile careful:" in summary and "uncertain=entropy>0.3 (escalated)" in summary
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("tier: edge", "tier: mars"))
     assert main(["validate", str(bad)]) == 1
