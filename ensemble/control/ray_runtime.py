@@ -30,7 +30,7 @@ import numpy as np
 
 from ensemble.cards import member_card, member_digests
 from ensemble.config import GatewayConfig, MemberConfig, Placement, RayDeploymentConfig
-from ensemble.errors import EnsembleError, ModelIntegrityError
+from ensemble.errors import DeadlineExceeded, EnsembleError, ModelIntegrityError
 from ensemble.integrity import Digest, read_verified, sha256_hex, verify
 from ensemble.replicas.ray_loopback import loopback_environment
 from ensemble.replicas.remote import Outputs
@@ -147,7 +147,16 @@ class OnnxDeployment:
         session = load_session(path, model=model)
         self._runner = SessionRunner(session, read_signature(path, session, model))
 
-    def __call__(self, feed: dict[str, np.ndarray], outputs: list[str]) -> Outputs:
+    def __call__(
+        self, feed: dict[str, np.ndarray], outputs: list[str], deadline_unix: float | None = None
+    ) -> Outputs:
+        """Run the model, unless the request's deadline (wall clock) passed while it queued."""
+        if deadline_unix is not None and time.time() > deadline_unix:
+            late_ms = 1000 * (time.time() - deadline_unix)
+            raise DeadlineExceeded(
+                f"{self.name}: the request's deadline passed {late_ms:.1f} ms before the "
+                "replica started it; skipped"
+            )
         return self._runner.run(feed, outputs)
 
     def ready(self) -> bool:

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import shape_inference, utils
 
-from ensemble.model_checks import ONNX_TO_OIP
-from ensemble.oip.datatypes import OIP_TO_NUMPY, ORT_TO_OIP
+from ensemble.oip.datatypes import OIP_TO_NUMPY, ORT_TO_OIP, numpy_to_oip
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +87,11 @@ def _measured(model: onnx.ModelProto, cuts: list[CutPoint]) -> list[CutPoint]:
 
 def _cut(tensor: str, index: int, kind: onnx.TypeProto) -> CutPoint:
     elem = kind.tensor_type.elem_type
-    datatype = ONNX_TO_OIP.get(elem, "BYTES")
+    datatype = (
+        "BYTES"
+        if elem == onnx.TensorProto.STRING
+        else numpy_to_oip(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    )
     dims = [d.dim_value if d.HasField("dim_value") else None for d in kind.tensor_type.shape.dim]
     size = None
     if dims and all(d is not None for d in dims[1:]) and datatype != "BYTES":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 
 from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
 from ensemble.replicas.remote import HealthCheck, Outputs, RemoteReplica, describe
+from ensemble.scope import outgoing
 from ensemble.types import TensorSpec
 
 log = logging.getLogger("ensemble.ray")
@@ -30,6 +32,9 @@ class _Waiting:
     outputs: tuple[str, ...]
     rows: int
     future: asyncio.Future[Outputs]
+    deadline_unix: float | None = None
+    """When its request gives up, on the wall clock (the Serve replica may be on another
+    node); None: no deadline."""
 
 
 class RayReplica(RemoteReplica):
@@ -116,7 +121,9 @@ class RayReplica(RemoteReplica):
     async def _infer(self, feed: dict[str, np.ndarray], outputs: Sequence[str]) -> Outputs:
         loop = asyncio.get_running_loop()
         rows = len(next(iter(feed.values()))) if feed else 0
-        waiting = _Waiting(feed, tuple(outputs), rows, loop.create_future())
+        timeout_us, _ = outgoing(self.timeout_s)
+        deadline = None if timeout_us is None else time.time() + timeout_us / 1e6
+        waiting = _Waiting(feed, tuple(outputs), rows, loop.create_future(), deadline)
         self._queue.append(waiting)
         if not self._pumping:
             # After the current tick, so calls made together leave together.
@@ -187,7 +194,12 @@ class RayReplica(RemoteReplica):
     ) -> Outputs:
         """One Ray request; cancelled once every call in ``batch`` has stopped waiting."""
         self.requests_sent += 1
-        response = self._handle.remote(feed, list(outputs))
+        # The request carries the latest deadline of the calls riding in it: work past it is
+        # for nobody, and the Serve replica skips it (it is cancelled, too, once every call
+        # has given up).
+        deadlines = [w.deadline_unix for w in batch]
+        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+        response = self._handle.remote(feed, list(outputs), latest)
 
         def abandon(_: object) -> None:
             if all(w.future.done() for w in batch):

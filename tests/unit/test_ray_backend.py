@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from ensemble.clock import SYSTEM_CLOCK
 from ensemble.config import GatewayConfig, MemberConfig, Placement, parse_yaml
 from ensemble.control.ray_runtime import (
     OnnxDeployment,
@@ -25,6 +27,7 @@ from ensemble.control.ray_runtime import (
 from ensemble.control.reload import _check_restart_only
 from ensemble.errors import (
     ConfigError,
+    DeadlineExceeded,
     EnsembleError,
     InvalidInput,
     MemberFailed,
@@ -32,6 +35,7 @@ from ensemble.errors import (
 )
 from ensemble.replicas.ray import RayReplica
 from ensemble.replicas.remote import HealthCheck
+from ensemble.scope import request_scope
 from ensemble.types import TensorSpec
 
 ZOO = Path(__file__).resolve().parents[2] / "models" / "digits"
@@ -151,6 +155,42 @@ def test_the_deployment_class_runs_the_model_from_bytes() -> None:
         deployment({"input": np.zeros((1, 63), np.float32)}, ["label"])
 
 
+def test_the_deployment_skips_work_whose_deadline_passed() -> None:
+    model = (ZOO / "logreg.onnx").read_bytes()
+    deployment = OnnxDeployment("logreg", model, hashlib.sha256(model).hexdigest())
+    feed = {"input": np.full((1, 64), 8.0, np.float32)}
+    assert deployment(feed, ["label"], time.time() + 10)["label"].shape == (1,)
+    with pytest.raises(DeadlineExceeded, match="deadline passed"):
+        deployment(feed, ["label"], time.time() - 0.5)
+
+
+def test_a_ray_request_carries_the_latest_deadline_of_its_calls() -> None:
+    async def main() -> list[float | None]:
+        handle = EchoHandle()
+        r = replica(handle)  # type: ignore[arg-type]
+        await r.start()
+        try:
+            with request_scope(SYSTEM_CLOCK.now() + 1.0, 0, SYSTEM_CLOCK):
+                alone = asyncio.ensure_future(r.infer(rows(0.5)))
+            await asyncio.sleep(0)  # it leaves alone
+            # Tasks made inside each request's scope, as the gateway makes its calls.
+            with request_scope(SYSTEM_CLOCK.now() + 2.0, 0, SYSTEM_CLOCK):
+                soon = asyncio.ensure_future(r.infer(rows(0.25)))
+            with request_scope(SYSTEM_CLOCK.now() + 5.0, 0, SYSTEM_CLOCK):
+                later = asyncio.ensure_future(r.infer(rows(0.25)))
+            await asyncio.gather(alone, soon, later)
+            await r.infer(rows(0.1))  # outside a request: no deadline
+        finally:
+            await r.close()
+        return handle.deadlines
+
+    now = time.time()
+    first, together, none = asyncio.run(main())
+    assert first == pytest.approx(now + 1.0, abs=0.2)
+    assert together == pytest.approx(now + 5.0, abs=0.2)  # the batch's latest
+    assert none is None
+
+
 def test_the_deployment_class_refuses_bytes_that_are_not_the_checked_ones() -> None:
     checked = hashlib.sha256((ZOO / "logreg.onnx").read_bytes()).hexdigest()
     other = (ZOO / "mlp_small.onnx").read_bytes()
@@ -246,7 +286,7 @@ def test_calls_pass_the_feed_and_the_outputs() -> None:
             assert r.ready() and "ray://ensemble/m-cloud-0" in str(r)
             out = await r.infer(FEED, ["probabilities"])
             assert out["probabilities"] is probs
-            assert handle.calls == [(FEED, ["probabilities"])]
+            assert handle.calls == [(FEED, ["probabilities"], None)]  # no request: no deadline
         finally:
             await r.close()
 
@@ -313,12 +353,16 @@ class EchoHandle:
     def __init__(self, delay_s: float = 0.01) -> None:
         self.delay_s = delay_s
         self.requests: list[int] = []
+        self.deadlines: list[float | None] = []
         self.ready = Method(Response(True))
         self.responses: list[Response] = []
 
-    def remote(self, feed: dict[str, np.ndarray], outputs: list[str]) -> Response:
+    def remote(
+        self, feed: dict[str, np.ndarray], outputs: list[str], deadline: float | None = None
+    ) -> Response:
         x = feed["input"]
         self.requests.append(len(x))
+        self.deadlines.append(deadline)
         if (x[:, 0] < 0).any():
             answer: Any = TaskError(InvalidInput("negative pixels"))
         else:
