@@ -114,8 +114,8 @@ class Dispatcher:
         return states
 
     def _drift(self) -> list[tuple[str, float | None]]:
-        models = (self.repository.get(n) for n in self.repository.names())
-        return [(m.name, m.watch.score) for m in models if isinstance(m, EnsembleModel) and m.watch]
+        ensembles = self.repository.ensembles.values()
+        return [(e.name, e.watch.score) for e in ensembles if e.watch is not None]
 
     def _placements(self) -> list[tuple[str, PlacementView]]:
         members = self.repository.members.values()

@@ -29,10 +29,11 @@ class CutPoint:
     bytes_per_row: int | None
 
 
-def cut_points(model: onnx.ModelProto) -> list[CutPoint]:
+def cut_points(model: onnx.ModelProto, *, measure: bool = True) -> list[CutPoint]:
     """Every tensor, in graph order, that alone separates the model's inputs from its outputs
     (not a graph input or output itself, no initializer), and whose type shape inference
-    knows (the tail takes it as its input)."""
+    knows (the tail takes it as its input). ``measure``: run the model once on a row of zeros
+    for the sizes shape inference cannot tell (else they stay None)."""
     graph = shape_inference.infer_shapes(model).graph
     constants = {init.name for init in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -55,7 +56,7 @@ def cut_points(model: onnx.ModelProto) -> list[CutPoint]:
             (tensor,) = crossing
             if tensor not in outputs and tensor in types:
                 cuts.append(_cut(tensor, i, types[tensor]))
-    if any(c.bytes_per_row is None for c in cuts):
+    if measure and any(c.bytes_per_row is None for c in cuts):
         cuts = _measured(model, cuts)
     return cuts
 
@@ -103,7 +104,7 @@ def _cut(tensor: str, index: int, kind: onnx.TypeProto) -> CutPoint:
 def split(model: onnx.ModelProto, tensor: str) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """The head (the model's inputs -> ``tensor``) and the tail (``tensor`` -> the model's
     outputs). ValueError when ``tensor`` is no cut point of the model."""
-    known = {c.tensor for c in cut_points(model)}
+    known = {c.tensor for c in cut_points(model, measure=False)}
     if tensor not in known:
         listed = ", ".join(sorted(known)) or "none"
         raise ValueError(f"cannot split at {tensor!r}: not a cut point (cut points: {listed})")
