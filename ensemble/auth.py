@@ -7,8 +7,9 @@ import hashlib
 import hmac
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from ensemble.errors import Unauthorized
+from ensemble.errors import Forbidden, Unauthorized
 
 ADMIN_TOKEN_ENV = "ENSEMBLE_ADMIN_TOKEN"
 """Opens the admin API (`PUT /admin/config`, `/admin/links`); unset, the admin API is off."""
@@ -30,6 +31,44 @@ def bearer_token(authorization: bytes | str | None) -> bytes | None:
     if scheme.lower() != b"bearer" or not token:
         return None
     return token
+
+
+@dataclass(frozen=True, slots=True)
+class BearerToken:
+    """A credential routes need as ``Authorization: Bearer <token>`` (HTTP header or gRPC
+    metadata)."""
+
+    name: str
+    """What it is called in errors (`admin token`)."""
+    token: str | None
+    """None: unset at start, so the routes it guards are disabled."""
+    realm: str
+    """Named in a 401's ``WWW-Authenticate``."""
+    disabled: str
+    """The 403's message while it is unset: how an operator enables the routes."""
+
+    def check(self, authorization: bytes | str | None) -> None:
+        """403 while unset (the routes it guards are off), 401 without a bearer token, 403
+        for a wrong one (compared in constant time)."""
+        if self.token is None:
+            raise Forbidden(self.disabled)
+        token = bearer_token(authorization)
+        if token is None:
+            raise Unauthorized(
+                f"send the {self.name} as `Authorization: Bearer <token>`", realm=self.realm
+            )
+        if not hmac.compare_digest(token, self.token.encode()):
+            raise Forbidden(f"wrong {self.name}")
+
+
+def admin_credential(token: str | None) -> BearerToken:
+    """The admin API's credential (``ENSEMBLE_ADMIN_TOKEN``; None: the admin API is off)."""
+    return BearerToken(
+        "admin token",
+        token or None,
+        "ensemble-admin",
+        "the admin API is disabled; start the gateway with ENSEMBLE_ADMIN_TOKEN set",
+    )
 
 
 def _digest(secret: bytes) -> bytes:

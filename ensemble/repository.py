@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from ensemble.errors import ModelNotFound, clip
 from ensemble.replicas.adapter import MemberAdapter
 from ensemble.replicas.member import Member
 from ensemble.replicas.onnx import ClassLabel
+from ensemble.replicas.versions import Decision, Versions
 from ensemble.state import Cell, LocalCell
 from ensemble.types import MODEL_VERSION, ModelMetadata, ValidationSet
 from policies import registry
@@ -204,16 +205,36 @@ def label_array(classes: tuple[ClassLabel, ...]) -> np.ndarray:
 
 
 class Repository:
-    """Every model the gateway serves, by name; each has exactly one version, ``1``."""
+    """Every model the gateway serves, by name: ensembles (version ``1``) and members, each
+    at its serving version, and the members' other versions."""
 
     def __init__(
         self,
         ensembles: list[EnsembleModel],
         members: list[Member],
         admission: AdmissionPolicy | None = None,
+        *,
+        versions: Sequence[Versions] = (),
+        every: Sequence[Member] | None = None,
+        unloaded: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.ensembles = {e.name: e for e in ensembles}
         self.members = {m.name: m for m in members}
+        """Each member at the version that serves its unversioned calls."""
+        self.versions = {v.name: v for v in versions}
+        """Members serving several versions: all of them, and their rollouts."""
+        self.every = list(every) if every is not None else list(members)
+        """Every member version it serves (what it starts and closes)."""
+        self.unloaded = tuple(unloaded)
+        """(model, version) its config knows but does not serve."""
+        for several in versions:
+            several.publish = self._publish_decision
+            listed = tuple(several.members)
+            for member in several.members.values():
+                member.metadata = replace(member.metadata, versions=listed)
+        self.publish: Callable[[Decision], None] = self.apply_decision
+        """Where a rollout decision goes: applied here, or (a gateway of several workers)
+        ordered by the hub so every worker applies it (`ensemble.worker`)."""
         self.tiers = tuple(
             dict.fromkeys(
                 [*(t for e in ensembles for t in e.tiers), *(t for m in members for t in m.tiers)]
@@ -234,7 +255,7 @@ class Repository:
         all at once; returns once every remote replica has been checked once, so readiness is
         known before traffic arrives. When a replica cannot start (a child that fails), every
         replica is closed again, so no child outlives the failure, and its error is raised."""
-        replicas = [r for m in self.members.values() for r in m.replicas]
+        replicas = [r for m in self.every for r in m.replicas]
         results = await asyncio.gather(*(r.start() for r in replicas), return_exceptions=True)
         failed = [result for result in results if isinstance(result, BaseException)]
         if failed:
@@ -242,17 +263,56 @@ class Repository:
             raise failed[0]
 
     def get(self, name: str, version: str | None = None) -> ServedModel:
-        """The model ``name``; ModelNotFound for unknown names or versions."""
+        """The model ``name`` (at ``version``: a member's other versions are served too);
+        ModelNotFound for unknown or unloaded names and versions."""
         model: ServedModel | None = self.ensembles.get(name) or self.members.get(name)
         if model is None:
+            if any(n == name for n, _ in self.unloaded):
+                raise ModelNotFound(
+                    f"model {clip(name)!r} is not loaded (POST /v2/repository/models/{name}/load)"
+                )
             raise ModelNotFound(
                 f"unknown model {clip(name)!r}; available: {', '.join(self.names())}"
             )
-        if version not in (None, "", VERSION):
+        if not version:
+            return model
+        found: ServedModel | None = None
+        if isinstance(model, EnsembleModel):
+            found = model if version == VERSION else None
+        elif name in self.versions:
+            found = self.versions[name].get(version)
+        elif model.version == version:
+            found = model
+        if found is not None:
+            return found
+        available = ", ".join(model.metadata.versions)
+        if (name, version) in self.unloaded:
             raise ModelNotFound(
-                f"model {clip(name)!r} has no version {clip(version)!r}; available: {VERSION}"
+                f"model {clip(name)!r} version {clip(version)!r} is not loaded "
+                f"(POST /v2/repository/models/{name}/load); loaded: {available}"
             )
-        return model
+        raise ModelNotFound(
+            f"model {clip(name)!r} has no version {clip(version)!r}; available: {available}"
+        )
+
+    def _publish_decision(self, decision: Decision) -> None:
+        self.publish(decision)
+
+    def apply_decision(self, decision: Decision) -> None:
+        """Apply a rollout's decision: a promoted version serves the member's unversioned
+        calls and its ensembles from now on."""
+        several = self.versions.get(decision.member)
+        if several is not None and several.apply(decision):
+            self.serve_default(decision.member)
+
+    def serve_default(self, name: str) -> None:
+        """Member ``name``'s default version answers its unversioned calls and ensembles."""
+        serving = self.versions[name].serving
+        self.members[name] = serving
+        for ensemble in self.ensembles.values():
+            if ensemble.members.get(name, serving) is not serving:
+                ensemble.members[name] = serving
+                ensemble.accuracy_cache.clear()
 
     def names(self) -> list[str]:
         return [*self.ensembles, *self.members]
@@ -268,4 +328,4 @@ class Repository:
         if self._closed:
             return
         self._closed = True
-        await asyncio.gather(*(member.close() for member in self.members.values()))
+        await asyncio.gather(*(member.close() for member in self.every))

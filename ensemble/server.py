@@ -17,10 +17,11 @@ from typing import Any
 import grpc
 import uvicorn
 
-from ensemble.auth import ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV, ApiKeys
+from ensemble.auth import ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV, ApiKeys, admin_credential
 from ensemble.cluster.slots import Slots
 from ensemble.config import GatewayConfig, ServerConfig, TlsConfig
 from ensemble.control.build import Built, build
+from ensemble.control.lifecycle import ModelLifecycle
 from ensemble.control.loop import ControlLoop
 from ensemble.control.provisioning import Fleet
 from ensemble.control.ray_runtime import RayRuntime
@@ -168,6 +169,14 @@ class Gateway:
         """Hot reload, for a gateway built from a config."""
         self.reloads: Reloads | None = self.reloader
         """What the admin API and SIGHUP reload through (all workers of a gateway together)."""
+        self.lifecycle = (
+            ModelLifecycle(
+                lambda: self._reloader().cfg, lambda text: self._reloads().reload_text(text)
+            )
+            if self.reloader is not None
+            else None
+        )
+        """Loads and unloads models (the repository extension), through ``reloads``."""
         self.shared: SharedRoutes = LocalRoutes(self.dispatcher, self.metrics)
         """The routes over state a gateway's workers share."""
         self.control = ControlLoop(lambda: self.fleet, self.metrics) if config is not None else None
@@ -200,6 +209,14 @@ class Gateway:
             ray=ray,
             slots=slots,
         )
+
+    def _reloader(self) -> Reloader:
+        assert self.reloader is not None
+        return self.reloader
+
+    def _reloads(self) -> Reloads:
+        assert self.reloads is not None
+        return self.reloads
 
     @property
     def fleet(self) -> Fleet:
@@ -240,6 +257,7 @@ class Gateway:
             limits=self.limits,
             offload=self.offload,
             reloader=self.reloads,
+            lifecycle=self.lifecycle,
             admin_token=os.environ.get(ADMIN_TOKEN_ENV),
             feedback_token=self.feedback_token,
             links=self.links,
@@ -297,6 +315,8 @@ class Gateway:
             tls=tls,
             api_keys=api_keys,
             reuse_port=reuse_port,
+            lifecycle=self.lifecycle,
+            admin=admin_credential(os.environ.get(ADMIN_TOKEN_ENV)),
         )
 
     async def stop(self) -> None:

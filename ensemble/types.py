@@ -219,6 +219,8 @@ class Feedback:
     asked: tuple[str, ...]
     n_classes: int
     """Width of the members' probabilities (the ensemble's classes)."""
+    versions: Mapping[str, str] = field(default_factory=dict)
+    """Member name -> the version that answered, for members serving several."""
 
     @classmethod
     def from_probabilities(
@@ -271,6 +273,8 @@ class MemberAnswer:
     probabilities: np.ndarray
     """Shape [batch, n_classes], rows are probability distributions."""
     latency_s: float
+    version: str | None = None
+    """The member's version that answered, when it serves several."""
 
 
 @dataclass(frozen=True, slots=True)

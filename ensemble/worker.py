@@ -6,21 +6,22 @@ What the workers share, its owner, and how stale a worker's copy can be:
 =========================================  ==========================  ========================
 state                                      owner                       a worker's copy
 =========================================  ==========================  ========================
-selection learning, rolling accuracy       the hub's order of labels   one hub round trip
-                                           (every worker applies each  behind
+selection learning, rolling accuracy,      the hub's order of labels   one hub round trip
+rollouts' evidence from labels             (every worker applies each  behind
                                            label, in that order)
 answers awaiting feedback                  the worker that answered    exact (a label is sent
                                            (its index leads the id)    to that worker)
 admission: requests running                shared memory, a cell per   exact (at most
                                            worker, summed              workers - 1 over)
 emulated link settings                     the hub's order of changes  one hub round trip
+rollout decisions (promote, roll back)     the hub's order of changes  one hub round trip
 scaling decisions                          the leader (lowest live     one control-loop tick
                                            index) decides, all apply
 config                                     the hub (all or none)       exact after a reload
 counts, spend, latency histograms          each worker; `/metrics`     exact at the scrape
                                            adds them up
 replica health, ejection, live estimates,  each worker, for the calls  its own calls
-input drift                                it makes and rows it serves
+input drift, rollout evidence from calls   it makes and rows it serves
 =========================================  ==========================  ========================
 """
 
@@ -76,12 +77,14 @@ class Worker:
         self.link = link
         self._scaling: set[asyncio.Task[None]] = set()
         gateway.dispatcher.feedback.learn = lambda labelled: link.publish("learn", labelled)
+        gateway.dispatcher.share_decision = lambda decision: link.publish("rollout", decision)
         gateway.shared = _ClusterRoutes(self)
         gateway.reloads = _ClusterReloads(link)
         if gateway.control is not None:
             gateway.control.peers = _Peers(link)
         link.on_change("learn", gateway.dispatcher.feedback.apply)
         link.on_change("link", self._change_link)
+        link.on_change("rollout", lambda d: gateway.dispatcher.repository.apply_decision(d))
         link.on_change("scale", self._scale)
         link.on_request("snapshot", lambda _: self.snapshot())
         link.on_request("metrics", lambda _: list(gateway.metrics.collect()))
@@ -118,7 +121,13 @@ class Worker:
             for p in e.profiles.values()
         }
         links = {ln.tier: dict(ln.overrides) for ln in self.gateway.links or () if ln.overrides}
-        return {"learning": learning, "accuracy": dict(feedback.accuracy), "links": links}
+        decisions = [d for v in repository.versions.values() for d in v.decisions]
+        return {
+            "learning": learning,
+            "accuracy": dict(feedback.accuracy),
+            "links": links,
+            "rollouts": decisions,
+        }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         repository = self.gateway.dispatcher.repository
@@ -137,6 +146,8 @@ class Worker:
                     served.members[member].rolling_accuracy = window.value
         for tier, overrides in snapshot["links"].items():
             self._change_link((tier, overrides))
+        for decision in snapshot["rollouts"]:
+            repository.apply_decision(decision)
 
     def _change_link(self, change: tuple[str, dict[str, Any] | None]) -> None:
         tier, changes = change

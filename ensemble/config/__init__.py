@@ -14,7 +14,14 @@ from ensemble.config.gateway import (
     parse_config,
     parse_yaml,
 )
-from ensemble.config.members import DriftConfig, EnsembleConfig, MemberConfig, ModelZooConfig
+from ensemble.config.members import (
+    DriftConfig,
+    EnsembleConfig,
+    MemberConfig,
+    ModelZooConfig,
+    RolloutConfig,
+    VersionConfig,
+)
 from ensemble.config.placement import (
     REMOTE_BACKENDS,
     Backend,
@@ -57,6 +64,7 @@ __all__ = [
     "RayConfig",
     "RayDeploymentConfig",
     "ReplicaBounds",
+    "RolloutConfig",
     "ServerConfig",
     "Sha256Hex",
     "StragglerConfig",
@@ -64,6 +72,7 @@ __all__ = [
     "TierConfig",
     "TlsConfig",
     "UncertaintyConfig",
+    "VersionConfig",
     "json_schema",
     "load_config",
     "parse_config",

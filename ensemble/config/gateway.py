@@ -130,28 +130,19 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
             errors.append(
                 (("ensembles", ei, "policy"), f"unknown profile {ens.policy!r}; defined: {known}")
             )
+        if ens.loaded and not any(m.loaded for m in ens.members):
+            errors.append(
+                (
+                    ("ensembles", ei, "members"),
+                    "no member is loaded; load one or set the ensemble's loaded: false",
+                )
+            )
         for mi, member in enumerate(ens.members):
             mloc: Loc = ("ensembles", ei, "members", mi)
-            endpoints: dict[str, int] = {}
-            for pi, place in enumerate(member.placement):
-                for endpoint in place.endpoints or ():
-                    if endpoints.setdefault(endpoint, pi) != pi:
-                        errors.append(
-                            (
-                                (*mloc, "placement", pi, "endpoints"),
-                                f"endpoint {endpoint!r} is already a replica of this member "
-                                f"(placement[{endpoints[endpoint]}])",
-                            )
-                        )
-                if place.tier not in cfg.tiers:
-                    known = ", ".join(sorted(cfg.tiers)) or "none"
-                    errors.append(
-                        (
-                            (*mloc, "placement", pi, "tier"),
-                            f"unknown tier {place.tier!r}; defined: {known}",
-                        )
-                    )
-            errors.extend(_file_errors(cfg, member, mloc))
+            errors.extend(_member_errors(cfg, member, mloc))
+            for vi, version in enumerate(member.versions):
+                vloc: Loc = (*mloc, "versions", vi)
+                errors.extend(_member_errors(cfg, member.at_version(version.version), vloc))
     errors.extend(input_errors(cfg))  # what `serve` would refuse, with the member's line
     gateway_tier = cfg.ray.gateway_tier
     if gateway_tier is not None and gateway_tier not in cfg.tiers:
@@ -182,6 +173,29 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
             (("server", "tls", problem.field), problem.message)
             for problem in tls_file_errors(tls.cert_file, tls.key_file, tls.client_ca_file)
         )
+    return errors
+
+
+def _member_errors(cfg: GatewayConfig, member: MemberConfig, loc: Loc) -> list[LocatedError]:
+    """A member's (or one version's) placements and model file."""
+    errors: list[LocatedError] = []
+    endpoints: dict[str, int] = {}
+    for pi, place in enumerate(member.placement):
+        for endpoint in place.endpoints or ():
+            if endpoints.setdefault(endpoint, pi) != pi:
+                errors.append(
+                    (
+                        (*loc, "placement", pi, "endpoints"),
+                        f"endpoint {endpoint!r} is already a replica of this member "
+                        f"(placement[{endpoints[endpoint]}])",
+                    )
+                )
+        if place.tier not in cfg.tiers:
+            known = ", ".join(sorted(cfg.tiers)) or "none"
+            errors.append(
+                ((*loc, "placement", pi, "tier"), f"unknown tier {place.tier!r}; defined: {known}")
+            )
+    errors.extend(_file_errors(cfg, member, loc))
     return errors
 
 

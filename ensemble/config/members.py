@@ -3,12 +3,88 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from ensemble.config.base import Name, Sha256Hex, StrictModel
 from ensemble.config.placement import Placement
+
+VersionLabel = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,8}$")]
+"""A model version: a positive integer, written as a string (OIP's `model_version`)."""
+
+
+class VersionConfig(StrictModel):
+    """A further version of a member: its own model file (same inputs and classes), replicas."""
+
+    version: VersionLabel = Field(description="Its version label (a positive integer).")
+    model: Path = Field(description="ONNX file, relative to this config file's directory.")
+    card: Path | None = Field(
+        None, description="Member card JSON; default: `<model stem>.card.json` beside the model."
+    )
+    sha256: Sha256Hex | None = Field(
+        None, description="Hex SHA-256 the model file must have (as for the member's own)."
+    )
+    placement: list[Placement] | None = Field(
+        None, min_length=1, description="Tiers this version runs on; default: the member's."
+    )
+
+
+class RolloutConfig(StrictModel):
+    """A candidate version tried against the serving one, promoted or rolled back on evidence.
+
+    Each measure compares the candidate with the serving (stable) version over the calls and
+    labels both received since the rollout began; a measure decides only once both versions
+    have its minimum sample. Any measure past its threshold rolls back; all of them within
+    theirs promote. A threshold of null leaves that measure out."""
+
+    version: VersionLabel = Field(description="The candidate version.")
+    mode: Literal["canary", "shadow"] = Field(
+        "canary",
+        description="`canary`: the candidate answers `weight` of the member's calls; `shadow`: "
+        "it gets a mirrored copy of every call, its answer compared with the serving "
+        "version's and never returned.",
+    )
+    weight: float = Field(
+        0.1, gt=0, lt=1, description="Share of the member's calls the canary answers."
+    )
+    min_calls: int = Field(
+        100,
+        ge=10,
+        le=1_000_000,
+        description="Calls each version needs before errors, latency and agreement decide.",
+    )
+    min_labels: int = Field(
+        100,
+        ge=10,
+        le=1_000_000,
+        description="Labelled rows (feedback) each version needs before accuracy decides.",
+    )
+    max_error_rate_increase: float | None = Field(
+        0.01, ge=0, le=1, description="Candidate error rate minus the stable's, at most."
+    )
+    max_latency_ratio: float | None = Field(
+        1.5, ge=1, le=100, description="Candidate p95 latency over the stable's, at most."
+    )
+    max_accuracy_drop: float | None = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Stable accuracy minus the candidate's on labelled "
+        "rows, at most (canary: each version's own answers; shadow: not measured).",
+    )
+    min_agreement: float | None = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Share of rows where the candidate's top class equals "
+        "the stable's, at least (shadow only: a canary call asks one version).",
+    )
+    auto: bool = Field(
+        True,
+        description="Promote or roll back on the evidence; false: only measure and "
+        "report (`POST /admin/rollout/{member}` decides).",
+    )
 
 
 class MemberConfig(StrictModel):
@@ -50,6 +126,96 @@ class MemberConfig(StrictModel):
         "class it stands for; ensemble classes no member label maps to get probability 0 from "
         "this member. Default: the member's labels are the ensemble's, in order.",
     )
+
+    version: VersionLabel = Field("1", description="The version `model` is.")
+    versions: list[VersionConfig] = Field(
+        default_factory=list,
+        description="Further versions, each with its own model file and "
+        "replicas; addressed as `/v2/models/{name}/versions/{version}`.",
+    )
+    default_version: VersionLabel | None = Field(
+        None,
+        description="The version unversioned calls and ensembles use; default: the "
+        "latest (highest) loaded one that is not a rollout's candidate.",
+    )
+    rollout: RolloutConfig | None = Field(
+        None, description="A candidate version tried on live traffic (docs/models.md#versions)."
+    )
+    loaded: bool = Field(
+        True,
+        description="Served; false: known but unloaded (`POST /v2/repository/models/"
+        "{name}/load` loads it).",
+    )
+    loaded_versions: list[VersionLabel] | None = Field(
+        None, description="The versions served (the others are unloaded); default: all."
+    )
+
+    @model_validator(mode="after")
+    def _versions_known(self) -> MemberConfig:
+        labels = [self.version, *(v.version for v in self.versions)]
+        twice = sorted({v for v in labels if labels.count(v) > 1})
+        if twice:
+            raise ValueError(f"versions: version {', '.join(twice)} given more than once")
+        for field, value in (
+            ("default_version", self.default_version),
+            ("rollout.version", self.rollout.version if self.rollout else None),
+            *(("loaded_versions", v) for v in self.loaded_versions or ()),
+        ):
+            if value is not None and value not in labels:
+                raise ValueError(f"{field}: no version {value!r}; versions: {', '.join(labels)}")
+        served = self.served_versions()
+        if self.loaded and not served:
+            raise ValueError("loaded_versions: empty; keep a version loaded or set loaded: false")
+        if self.loaded and self.default_version not in (None, *served):
+            raise ValueError(f"default_version: version {self.default_version} is not loaded")
+        for spec in self.versions:
+            if any(p.backend == "ray" for p in spec.placement or self.placement):
+                raise ValueError(
+                    f"versions: version {spec.version} would run on the `ray` backend; only a "
+                    "member's first version (`model`) may (a Ray Serve deployment per version "
+                    "is not supported yet)"
+                )
+        if self.rollout is not None and self.loaded:
+            candidate = self.rollout.version
+            if candidate == self.default_version:
+                raise ValueError(
+                    "rollout.version: is the default_version; a rollout tries "
+                    "another version against it"
+                )
+            if candidate not in served or len(served) < 2:
+                raise ValueError("rollout: needs the candidate and another version loaded")
+        return self
+
+    def served_versions(self) -> list[str]:
+        """The versions served (none when the member is unloaded), lowest first."""
+        if not self.loaded:
+            return []
+        labels = [self.version, *(v.version for v in self.versions)]
+        keep = self.loaded_versions
+        return sorted((v for v in labels if keep is None or v in keep), key=int)
+
+    def label(self, version: str) -> str:
+        """A version's name in metrics and scaling: the member's for its first version (its
+        `model`), ``NAME:VERSION`` for the others."""
+        return self.name if version == self.version else f"{self.name}:{version}"
+
+    def at_version(self, version: str) -> MemberConfig:
+        """This member as one of its versions serves it: that version's model, card, digest
+        and placement, with no further versions."""
+        if version == self.version:
+            return self.model_copy(update={"versions": [], "rollout": None})
+        spec = next(v for v in self.versions if v.version == version)
+        return self.model_copy(
+            update={
+                "version": version,
+                "model": spec.model,
+                "card": spec.card,
+                "sha256": spec.sha256,
+                "placement": spec.placement or self.placement,
+                "versions": [],
+                "rollout": None,
+            }
+        )
 
     @model_validator(mode="after")
     def _somewhere_always(self) -> MemberConfig:
@@ -134,6 +300,9 @@ class EnsembleConfig(StrictModel):
     )
     drift: DriftConfig = Field(
         default_factory=DriftConfig, description="Input drift watch (see docs/contracts.md)."
+    )
+    loaded: bool = Field(
+        True, description="Served; false: known but unloaded (its members stay addressable)."
     )
 
 

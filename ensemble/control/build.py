@@ -32,6 +32,7 @@ from ensemble.replicas.faults import DeviceReplica, FailingReplica, StragglerRep
 from ensemble.replicas.links import LinkedReplica, Links
 from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_schema
 from ensemble.replicas.onnx import ClassLabel, OnnxSignature, load_session, read_signature
+from ensemble.replicas.versions import Versions
 from ensemble.repository import (
     LOCAL_TIER,
     VERSION,
@@ -72,27 +73,40 @@ def build(
         tier_caps={n: t.max_replicas for n, t in cfg.tiers.items() if t.max_replicas is not None},
     )
     refused: list[ModelIntegrityError] = []
+    versions: list[Versions] = []
+    every: list[Member] = []
     for ens in cfg.ensembles:
         for m in ens.members:
-            if progress:
-                progress(f"loading member {m.name} from {cfg.resolve(m.model)}")
-            try:
-                members[m.name], provisioners = build_member(cfg, m, engine, links, ray)
-            except ModelIntegrityError as exc:  # go on: report every refused file at once
-                refused.append(exc)
-                continue
-            fleet.provisioners.update(provisioners)
+            built = []
+            for v in m.served_versions():
+                at = m.at_version(v)
+                if progress:
+                    progress(f"loading member {m.name} version {v} from {cfg.resolve(at.model)}")
+                try:
+                    member, provisioners = build_member(cfg, at, engine, links, ray, m.label(v))
+                except ModelIntegrityError as exc:  # go on: report every refused file at once
+                    refused.append(exc)
+                    continue
+                built.append(member)
+                fleet.provisioners.update(provisioners)
+            every += built
+            if len(built) == len(m.served_versions()) and built:
+                members[m.name], several = _versions(m, built)
+                versions += [several] if several is not None else []
     if refused:
         raise ModelIntegrityError(
             [p for exc in refused for p in exc.problems],
             [m for exc in refused for m in exc.members],
         )
-    ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles]
+    ensembles = [build_ensemble(cfg, e, members) for e in cfg.ensembles if e.loaded]
     spec = cfg.admission
     admission: AdmissionPolicy = registry.build(
         "admission", spec.name, spec.params, AdmissionPolicy
     )
-    repository = Repository(ensembles, list(members.values()), admission)
+    repository = Repository(
+        ensembles, list(members.values()), admission, versions=versions, every=every,
+        unloaded=unloaded_models(cfg),
+    )  # fmt: skip
     if cfg.autoscaling is not None:
         scaling = cfg.autoscaling.policy
         fleet.autoscaling = cfg.autoscaling
@@ -102,12 +116,47 @@ def build(
     return Built(repository, fleet)
 
 
+def _versions(config: MemberConfig, built: list[Member]) -> tuple[Member, Versions | None]:
+    """The member's serving version, and its versions when it serves several (each must take
+    the same inputs and answer the same classes as the first)."""
+    if len(built) == 1:
+        return built[0], None
+    first = built[0]
+    for other in built[1:]:
+        if other.inputs != first.inputs or other.classifier.classes != first.classifier.classes:
+            raise EnsembleError(
+                f"member {config.name!r}: version {other.version} takes "
+                f"{[(s.name, s.datatype) for s in other.inputs]} and answers classes "
+                f"{list(other.classifier.classes)[:12]}, version {first.version} "
+                f"{[(s.name, s.datatype) for s in first.inputs]} and "
+                f"{list(first.classifier.classes)[:12]}; versions of a member must agree"
+            )
+    candidate = config.rollout.version if config.rollout else None
+    default = config.default_version or max(
+        (m.version for m in built if m.version != candidate), key=int
+    )
+    several = Versions(config.name, built, default, config.rollout)
+    return several.serving, several
+
+
+def unloaded_models(cfg: GatewayConfig) -> list[tuple[str, str]]:
+    """(model, version) the config knows but does not serve (loaded: false)."""
+    out: list[tuple[str, str]] = [(e.name, VERSION) for e in cfg.ensembles if not e.loaded]
+    for ens in cfg.ensembles:
+        for m in ens.members:
+            served = set(m.served_versions())
+            labels = [m.version, *(v.version for v in m.versions)]
+            out += [(m.name, v) for v in sorted(labels, key=int) if v not in served]
+    return out
+
+
 def build_member(
     cfg: GatewayConfig,
     member: MemberConfig,
     engine: InProcessEngine,
     links: Links | None = None,
     ray: RayRuntime | None = None,
+    label: str | None = None,
 ) -> tuple[Member, dict[Key, Provisioner]]:
     """A config's member and a provisioner per tier it runs on: its replicas on every
     placement (across their tier's emulated link when it has one), its card, costs, outlier
@@ -136,7 +185,7 @@ def build_member(
             drain_timeout_s=cfg.server.drain_timeout_s,
         )
 
-    built, provisioners = _member(member, card, [site(p) for p in member.placement])
+    built, provisioners = _member(member, card, [site(p) for p in member.placement], label=label)
     built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
     built.cost_per_call = built.tier_costs[member.placement[0].tier]
     built.outlier = registry.build(
@@ -192,7 +241,12 @@ def _load(
 
 
 def _member(
-    member: MemberConfig, card: MemberCard | None, sites: list[Site], *, classifier: bool = True
+    member: MemberConfig,
+    card: MemberCard | None,
+    sites: list[Site],
+    *,
+    classifier: bool = True,
+    label: str | None = None,
 ) -> tuple[Member, dict[Key, Provisioner]]:
     """The member's replicas on every site, and a provisioner per tier (its first placement
     there decides which); ``classifier=False`` serves a model whose class scores cannot be
@@ -216,10 +270,19 @@ def _member(
         if classifier:
             raise
         schema = None
-    built = Member(member.name, signature.inputs, signature.outputs, schema, replicas, card)
+    built = Member(
+        member.name,
+        signature.inputs,
+        signature.outputs,
+        schema,
+        replicas,
+        card,
+        version=member.version,
+        label=label,
+    )
     provisioners: dict[Key, Provisioner] = {}
     for site in sites:
-        key = (member.name, site.place.tier)
+        key = (built.label, site.place.tier)
         if key not in provisioners:
             grow = functools.partial(make_replica, site, endpoint=None)
             provisioners[key] = backends.backend(site.place.backend).provisioner(built, site, grow)
@@ -254,14 +317,17 @@ def replica_bounds(cfg: GatewayConfig) -> dict[Key, tuple[int, int]]:
     (zero for a tier that may scale to zero)."""
     bounds: dict[Key, tuple[int, int]] = {}
     for ens in cfg.ensembles:
-        for member in ens.members:
-            for place in member.placement:
-                fixed = len(place.endpoints or ()) if place.remote else None
-                low = fixed if fixed is not None else place.replicas.min
-                high = fixed if fixed is not None else max(low, place.replicas.max)
-                key = (member.name, place.tier)
-                before = bounds.get(key, (0, 0))
-                bounds[key] = (before[0] + low, before[1] + high)
+        for config in ens.members:
+            for version in config.served_versions():
+                member = config.at_version(version)
+                label = config.label(version)
+                for place in member.placement:
+                    fixed = len(place.endpoints or ()) if place.remote else None
+                    low = fixed if fixed is not None else place.replicas.min
+                    high = fixed if fixed is not None else max(low, place.replicas.max)
+                    key = (label, place.tier)
+                    before = bounds.get(key, (0, 0))
+                    bounds[key] = (before[0] + low, before[1] + high)
     return bounds
 
 
@@ -270,7 +336,8 @@ def build_ensemble(
 ) -> EnsembleModel:
     """Fit every member to the ensemble's inputs and classes (declared, else the first
     member's) and wire the profiles' policies."""
-    first = members[ens.members[0].name]
+    served = [m for m in ens.members if m.loaded]
+    first = members[served[0].name]
     inputs = (
         tuple(TensorSpec(s.name, s.datatype, tuple(s.shape)) for s in ens.inputs)
         if ens.inputs
@@ -282,6 +349,8 @@ def build_ensemble(
     index = cfg.ensembles.index(ens)
     adapters = {}
     for i, m in enumerate(ens.members):
+        if not m.loaded:
+            continue
         member = members[m.name]
         where = f"ensemble {ens.name!r}: ensembles[{index}].members[{i}] ({m.name})"
         fitted = adapter(
@@ -302,7 +371,7 @@ def build_ensemble(
             TensorSpec("probabilities", "FP32", (-1, len(classes))),
         ),
     )
-    chosen = {m.name: members[m.name] for m in ens.members}
+    chosen = {m.name: members[m.name] for m in served}
     return EnsembleModel(
         ens.name,
         chosen,
@@ -311,7 +380,7 @@ def build_ensemble(
         classes,
         metadata,
         ens.description,
-        validation_set(chosen, [card_path(cfg, m) for m in ens.members], classes, adapters),
+        validation_set(chosen, [card_path(cfg, m) for m in served], classes, adapters),
         tuple(cfg.tiers),
         watch_for(
             ens.name,

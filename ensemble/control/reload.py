@@ -219,7 +219,14 @@ def _check_restart_only(old: GatewayConfig, new: GatewayConfig) -> None:
 
 def _carry_state(old: Repository, new: Repository) -> None:
     """What an unchanged profile learned (its learning cell: bandit weights) survives a
-    reload; its hedge and retry budgets start afresh with the new config."""
+    reload; its hedge and retry budgets start afresh with the new config. A rollout the
+    reload leaves as it was keeps its evidence and its decision (a promoted version keeps
+    serving)."""
+    for name, versions in new.versions.items():
+        earlier = old.versions.get(name)
+        if earlier is not None:
+            versions.carry(earlier)
+            new.serve_default(name)
     for name, ensemble in new.ensembles.items():
         before = old.ensembles.get(name)
         if before is None or set(before.members) != set(ensemble.members):

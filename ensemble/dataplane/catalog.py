@@ -67,13 +67,61 @@ class IndexEntry:
 
 
 def repository_index(repository: Repository, *, ready_only: bool = False) -> list[IndexEntry]:
-    """Every model and version the repository serves (only the ready ones if ``ready_only``)."""
+    """Every model and version the repository knows: served ones ``READY`` (or
+    ``UNAVAILABLE`` with no ready replica; a member's versions say how each serves), unloaded
+    ones ``UNAVAILABLE`` (only the ready ones if ``ready_only``)."""
     entries = []
     for name in repository.names():
-        model = repository.get(name)
-        ready = model.ready()
-        if ready_only and not ready:
-            continue
-        state, reason = ("READY", "") if ready else ("UNAVAILABLE", "no ready replica")
-        entries += [IndexEntry(name, v, state, reason) for v in model.metadata.versions]
+        several = repository.versions.get(name)
+        for version in repository.get(name).metadata.versions:
+            model = repository.get(name, version)
+            ready = model.ready()
+            if ready_only and not ready:
+                continue
+            role = several.state(version) if several is not None else ""
+            state, reason = ("READY", role) if ready else ("UNAVAILABLE", "no ready replica")
+            entries.append(IndexEntry(name, version, state, reason))
+    if not ready_only:
+        entries += [IndexEntry(n, v, "UNAVAILABLE", "unloaded") for n, v in repository.unloaded]
     return entries
+
+
+def rollout_report(repository: Repository) -> list[dict[str, object]]:
+    """Each member serving several versions: which serves, each one's share of unversioned
+    calls, and its rollout's phase, evidence and the readings it would decide on now."""
+    report: list[dict[str, object]] = []
+    for name, several in repository.versions.items():
+        entry: dict[str, object] = {
+            "member": name,
+            "serving": several.default,
+            "versions": {
+                v: {"state": several.state(v), "share": several.share(v), "label": m.label}
+                for v, m in several.members.items()
+            },
+        }
+        rollout = several.rollout
+        if rollout is not None:
+            verdict, readings = rollout.verdict()
+            alike, compared = rollout.agreement
+            entry["rollout"] = {
+                "candidate": rollout.candidate,
+                "mode": rollout.rules.mode,
+                "phase": rollout.phase,
+                "reason": rollout.reason,
+                "verdict_now": verdict,
+                "readings": [r.describe() for r in readings],
+                "evidence": {
+                    v: {
+                        "calls": e.calls,
+                        "errors": e.errors,
+                        "latency_p95_s": e.p95_s,
+                        "labelled": e.labelled,
+                        "accuracy": e.accuracy,
+                    }
+                    for v, e in rollout.evidence.items()
+                },
+                "agreement": alike / compared if compared else None,
+                "compared_rows": compared,
+            }
+        report.append(entry)
+    return report

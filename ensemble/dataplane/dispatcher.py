@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 
@@ -14,16 +15,18 @@ from ensemble.dataplane import respond
 from ensemble.dataplane.admission import AdmissionGate
 from ensemble.dataplane.contract import bound_by_transport, parse_contract
 from ensemble.dataplane.ensemble_run import EnsembleRun
-from ensemble.dataplane.fanout import record_call, start_call, wait_calls
+from ensemble.dataplane.fanout import mirror, record_call, start_call, version_for, wait_calls
 from ensemble.dataplane.feedback import DEFAULT_ACCURACY_WINDOW, FeedbackHub
 from ensemble.dataplane.feedback_store import DEFAULT_MAX_BYTES, DEFAULT_WINDOW
 from ensemble.dataplane.uncertainty import Doubt, assess
 from ensemble.dataplane.validation import check_inputs, check_outputs
 from ensemble.dataplane.verdict import Alerts, no_answer, rejection
-from ensemble.errors import DeadlineExceeded, EnsembleError, InvalidInput
+from ensemble.errors import DeadlineExceeded, EnsembleError, InvalidInput, ModelNotFound, clip
 from ensemble.metrics import GatewayMetrics
+from ensemble.metrics.versions import VersionReading
 from ensemble.replicas.base import innermost
 from ensemble.replicas.member import Member
+from ensemble.replicas.versions import Decision
 from ensemble.repository import VERSION, EnsembleModel, Profile, Repository, ServedModel
 from ensemble.scope import request_scope
 from ensemble.types import (
@@ -35,6 +38,7 @@ from ensemble.types import (
     InferResponse,
     Parameters,
     PlacementView,
+    RoutingContext,
     Tensor,
 )
 
@@ -72,6 +76,9 @@ class Dispatcher:
         clock: Clock = SYSTEM_CLOCK,
         slots: Slots | None = None,
     ) -> None:
+        self.share_decision: Callable[[Decision], None] | None = None
+        """Where a rollout decision goes (None: applied in this process; a worker sends it
+        through the hub, which has every worker apply it)."""
         self.repository = repository
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -95,6 +102,41 @@ class Dispatcher:
         metrics.replicas = self._replica_states
         metrics.placements = self._placements
         metrics.drift = self._drift
+        metrics.versions = self._versions
+
+    @property
+    def repository(self) -> Repository:
+        """What serves; a reload swaps it whole."""
+        return self._repository
+
+    @repository.setter
+    def repository(self, repository: Repository) -> None:
+        self._repository = repository
+        repository.publish = self._decided
+
+    def _decided(self, decision: Decision) -> None:
+        share = self.share_decision
+        if share is None:
+            self._repository.apply_decision(decision)
+        else:
+            share(decision)
+
+    def decide_rollout(self, member: str, action: str) -> Decision:
+        """Promote or roll back ``member``'s running rollout now (the admin API); as a
+        decision on evidence would, on every worker."""
+        several = self._repository.versions.get(member)
+        rollout = several.rollout if several is not None else None
+        if rollout is None:
+            raise ModelNotFound(f"member {clip(member)!r} has no rollout")
+        if rollout.phase != "running":
+            raise InvalidInput(
+                f"member {member!r}: the rollout of version {rollout.candidate} is over "
+                f"({rollout.phase.replace('_', ' ')})"
+            )
+        verdict: Literal["promote", "rollback"] = "promote" if action == "promote" else "rollback"
+        decision = Decision(member, rollout.candidate, verdict, "by the admin API")
+        self._decided(decision)
+        return decision
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -104,10 +146,10 @@ class Dispatcher:
 
     def _replica_states(self) -> list[tuple[str, str, str, bool, bool, int, int]]:
         states = []
-        for m in self.repository.members.values():
+        for m in self.repository.every:
             restarts = {r.name: getattr(innermost(r), "restarts", 0) for r in m.replicas}
             states += [
-                (m.name, v.name, v.tier, v.ready, v.ejected, m.stats[v.name].ejections,
+                (m.label, v.name, v.tier, v.ready, v.ejected, m.stats[v.name].ejections,
                  restarts.get(v.name, 0))
                 for v in m.replica_views()
             ]  # fmt: skip
@@ -117,9 +159,30 @@ class Dispatcher:
         ensembles = self.repository.ensembles.values()
         return [(e.name, e.watch.score) for e in ensembles if e.watch is not None]
 
+    def _versions(self) -> list[VersionReading]:
+        readings = []
+        for name, several in self._repository.versions.items():
+            rollout = several.rollout
+            for version in several.members:
+                share = several.share(version)
+                evidence = rollout.evidence.get(version) if rollout is not None else None
+                if rollout is None or evidence is None:
+                    readings.append(VersionReading(name, version, share))
+                    continue
+                alike, compared = rollout.agreement
+                decided = [d.verdict for d in several.decisions if d.candidate == version]
+                readings.append(
+                    VersionReading(
+                        name, version, share, rollout.phase, evidence.calls, evidence.errors,
+                        evidence.p95_s, evidence.labelled, evidence.accuracy,
+                        alike / compared if compared and version == rollout.candidate else None,
+                        tuple((v, decided.count(v)) for v in sorted(set(decided))),
+                    )
+                )  # fmt: skip
+        return readings
+
     def _placements(self) -> list[tuple[str, PlacementView]]:
-        members = self.repository.members.values()
-        return [(m.name, p) for m in members for p in m.view().placements]
+        return [(m.label, p) for m in self.repository.every for p in m.view().placements]
 
     def live(self) -> bool:
         return True
@@ -175,6 +238,7 @@ class Dispatcher:
         try:
             model = repository.get(request.model_name, request.model_version)
             label = model.name
+            shadow = None
             feed = check_inputs(
                 model.metadata, request.inputs, self.max_batch_size, self.allow_non_finite
             )
@@ -187,14 +251,18 @@ class Dispatcher:
             # Replica clients send the time left and the priority on (`ensemble.scope`).
             with request_scope(deadline, contract.priority, self.clock):
                 async with self.gate.slot(repository.admission, contract.priority, deadline):
+                    version = VERSION
                     if isinstance(model, EnsembleModel):
                         outputs, params = await self._ensemble(model, feed, contract, deadline)
                     else:
+                        if not request.model_version:  # its serving version, or a canary
+                            model, shadow = version_for(model, self._rng)
                         outputs, params = await self._member(
-                            repository, model, feed, contract, deadline
+                            repository, model, shadow, feed, contract, deadline
                         )
+                        version = model.version
             outputs = respond.requested(request, outputs)
-            return InferResponse(model.name, VERSION, outputs, request.id, params)
+            return InferResponse(model.name, version, outputs, request.id, params)
         except BaseException as exc:
             error = exc
             raise
@@ -207,11 +275,13 @@ class Dispatcher:
         self,
         repository: Repository,
         member: Member,
+        shadow: Member | None,
         feed: dict[str, np.ndarray],
         contract: Contract,
         deadline: float | None,
     ) -> tuple[list[Tensor], Parameters]:
-        """A member addressed as a model of its own: one call, default routing and retries."""
+        """A member addressed as a model of its own: one call, default routing and retries
+        (and a mirrored copy to a ``shadow`` version)."""
         if contract.tier is not None and contract.tier not in member.tiers:
             raise InvalidInput(
                 f"member {member.name!r} runs on {', '.join(member.tiers)}, "
@@ -228,6 +298,12 @@ class Dispatcher:
             self._rng,
             self.clock,
         )
+        if shadow is not None:
+            routing = RoutingContext(member.name, contract.tier, repository.tiers)
+            mirror(
+                call, shadow, feed, None, routing, repository.direct, self._rng,
+                lambda copy: record_call(self.metrics, member.name, copy),
+            )  # fmt: skip
         outcome: str | None = None
         try:
             await wait_calls([call], deadline, self.clock)

@@ -11,12 +11,26 @@ import numpy as np
 from ensemble.clock import Clock
 from ensemble.dataplane import verdict
 from ensemble.dataplane.calls import Call, Stage
-from ensemble.dataplane.fanout import record_call, start_call, succeeded, wait_calls
+from ensemble.dataplane.fanout import (
+    mirror,
+    record_call,
+    start_call,
+    succeeded,
+    version_for,
+    wait_calls,
+)
 from ensemble.errors import DeadlineExceeded, ModelNotReady
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.member import Member
 from ensemble.repository import EnsembleModel, Profile
-from ensemble.types import Contract, MemberAnswer, MemberView, Pick, SelectionContext
+from ensemble.types import (
+    Contract,
+    MemberAnswer,
+    MemberView,
+    Pick,
+    RoutingContext,
+    SelectionContext,
+)
 from policies.ensemble_math import estimated_accuracy
 from policies.selection import allowed_views, fits, pick, placement_for
 
@@ -195,25 +209,31 @@ class EnsembleRun:
         calls = []
         model = self.model
         for name in names:
-            member = model.members[name]
+            member, shadow = version_for(model.members[name], self.rng)
             feed = model.member_feed(member, self.feed)
             try:
-                calls.append(
-                    start_call(
-                        member,
-                        feed,
-                        member.score_outputs,
-                        self.profile,
-                        self.contract,
-                        self.deadline,
-                        model.tiers,
-                        self.rng,
-                        self.clock,
-                        tier=tiers.get(name) if tiers else None,
-                    )
+                call = start_call(
+                    member,
+                    feed,
+                    member.score_outputs,
+                    self.profile,
+                    self.contract,
+                    self.deadline,
+                    model.tiers,
+                    self.rng,
+                    self.clock,
+                    tier=tiers.get(name) if tiers else None,
                 )
             except ModelNotReady as exc:  # no replica it may use: a failure like any other
                 self.failures.append((name, exc))
+                continue
+            calls.append(call)
+            if shadow is not None:
+                routing = RoutingContext(name, self.contract.tier, model.tiers)
+                mirror(
+                    call, shadow, feed, member.score_outputs, routing, self.profile, self.rng,
+                    lambda copy: record_call(self.metrics, model.name, copy),
+                )  # fmt: skip
         return calls
 
     def _collect(self, calls: list[Call]) -> None:
@@ -233,11 +253,13 @@ class EnsembleRun:
             except Exception as exc:
                 self.failures.append((call.member.name, exc))
                 continue
-            self.answers.append(
-                MemberAnswer(
-                    call.member.name, call.replica.tier, call.replica.name, scores, call.latency_s()
-                )
+            member = call.member
+            version = member.version if member.versions is not None else None
+            replica = call.replica
+            answer = MemberAnswer(
+                member.name, replica.tier, replica.name, scores, call.latency_s(), version
             )
+            self.answers.append(answer)
 
 
 def _reserve_s(member: Member, timeout_us: int | None) -> float:

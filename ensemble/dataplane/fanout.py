@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 import numpy as np
 
 from ensemble.clock import Clock
 from ensemble.dataplane.calls import Call, ResilientCall
+from ensemble.errors import EnsembleError, ModelNotReady
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.member import Member
 from ensemble.repository import Profile
@@ -60,13 +62,64 @@ def start_call(
     )
 
 
+def version_for(member: Member, rng: random.Random) -> tuple[Member, Member | None]:
+    """The version of ``member`` an unversioned call goes to (its rollout's canary takes a
+    share), and a version that gets a mirrored copy of the call (a shadow; None: none)."""
+    several = member.versions
+    return (member, None) if several is None else several.route(rng)
+
+
+def mirror(
+    primary: Call,
+    shadow: Member,
+    feed: dict[str, np.ndarray],
+    outputs: tuple[str, ...] | None,
+    routing: RoutingContext,
+    profile: Profile,
+    rng: random.Random,
+    record: Callable[[Call], None],
+) -> None:
+    """Send ``shadow`` a copy of ``primary``'s call: its answer is compared with the primary's
+    (rows alike) once both finish, recorded (``record``), and never returned. A shadow with no
+    ready replica is skipped."""
+    try:
+        replica = shadow.route(profile.routing, routing, rng)[0]
+    except ModelNotReady:
+        return
+    copy = Call(shadow, replica, feed, outputs)
+    several = shadow.versions
+    left = 2
+
+    def landed(_: object) -> None:
+        nonlocal left
+        left -= 1
+        if left:
+            return
+        record(copy)
+        if several is None or not (succeeded(primary) and succeeded(copy)):
+            return
+        try:
+            ours = primary.member.scores(primary.future.result()).argmax(axis=1)
+            theirs = shadow.scores(copy.future.result()).argmax(axis=1)
+        except EnsembleError:
+            return  # an unusable answer: its call counted as an error already
+        several.compared(int(np.count_nonzero(ours == theirs)), int(ours.size))
+
+    primary.future.add_done_callback(landed)
+    copy.future.add_done_callback(landed)
+
+
 def record_call(
     metrics: GatewayMetrics, model: str, call: Call, outcome: str | None = None
 ) -> None:
-    """Count a finished (or abandoned: ``outcome="timeout"``) call of ``model``'s request."""
+    """Count a finished (or abandoned: ``outcome="timeout"``) call of ``model``'s request; a
+    call of a member's version under a rollout is evidence for it."""
     if outcome is None:
         outcome = "success" if succeeded(call) else "error"
-    member, tier = call.member.name, call.replica.tier
+    several = call.member.versions
+    if several is not None:
+        several.observe(call.member.version, outcome == "success", call.latency_s())
+    member, tier = call.member.label, call.replica.tier
     metrics.record_member_call(member, tier, outcome, call.latency_s())
     metrics.record_call_extras(model, member, tier, call.retries, call.cost)
     if call.hedged:

@@ -180,7 +180,15 @@ class FeedbackHub:
             )
         truth = class_indices(labels, model.classes)
         predicted = dict(zip(entry.members, self.store.settle(feedback_id), strict=True))
-        event = Feedback(model.name, feedback_id, truth, predicted, entry.asked, entry.n_classes)
+        event = Feedback(
+            model.name,
+            feedback_id,
+            truth,
+            predicted,
+            entry.asked,
+            entry.n_classes,
+            dict(entry.versions),
+        )
         self.learn(LabelledAnswer(event, entry.profile))
         members: dict[str, bool | float] = {}
         for member, classes in predicted.items():
@@ -203,11 +211,15 @@ class FeedbackHub:
             window = self.accuracy.get(key)
             if window is None:
                 window = self.accuracy[key] = RollingAccuracy(self.accuracy_window)
-            value = window.add(classes == event.labels)
+            correct = classes == event.labels
+            value = window.add(correct)
             self.metrics.rolling_accuracy[key] = value
             served = model.members.get(member)
             if served is not None:
                 served.rolling_accuracy = value
+                version = event.versions.get(member)
+                if served.versions is not None and version is not None:
+                    served.versions.labelled(version, correct)
 
     def _store_size(self) -> tuple[int, int]:
         return len(self.store), self.store.nbytes

@@ -6,10 +6,13 @@ import secrets
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ensemble.types import MemberAnswer
+
+T = TypeVar("T", bound=tuple[Any, ...])
 
 DEFAULT_WINDOW = 10_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -56,6 +59,8 @@ class Answered:
     batch: int
     n_classes: int
     """Width of the widest answer's probabilities (what Cocktail's vote is sized by)."""
+    versions: tuple[tuple[str, str], ...] = ()
+    """(member, version) for members serving several versions (their rollouts' evidence)."""
 
     @classmethod
     def of(
@@ -67,7 +72,8 @@ class Answered:
         for row, answer in enumerate(answers):
             predicted[row] = np.asarray(answer.probabilities).argmax(axis=1)
         members = tuple(a.member for a in answers)
-        return cls(ensemble, profile, asked, members, predicted, batch, n_classes)
+        versions = tuple((a.member, a.version) for a in answers if a.version is not None)
+        return cls(ensemble, profile, asked, members, predicted, batch, n_classes, versions)
 
     @property
     def joined(self) -> bool:
@@ -101,7 +107,8 @@ class AnswerStore:
         self.nbytes = 0
         self._entries: dict[str, Answered] = {}
         self._order: deque[str] = deque()
-        self._names: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._names: dict[Any, Any] = {}
+        """Tuples of names entries share (a few combinations recur)."""
         self.prefix = ""
         """Put before every id minted: a gateway worker's ``"<index>."``, so a label that
         reaches another worker finds the one that keeps its answer."""
@@ -129,6 +136,7 @@ class AnswerStore:
             self.nbytes -= entries.pop(order.popleft()).nbytes
         entry.asked = self._shared(entry.asked)
         entry.members = self._shared(entry.members)
+        entry.versions = self._shared(entry.versions)
         entries[feedback_id] = entry
         order.append(feedback_id)
         self.nbytes += size
@@ -145,8 +153,8 @@ class AnswerStore:
         self.nbytes -= predicted.nbytes
         return predicted
 
-    def _shared(self, names: tuple[str, ...]) -> tuple[str, ...]:
-        shared = self._names.get(names)
+    def _shared(self, names: T) -> T:
+        shared: T | None = self._names.get(names)
         if shared is None:
             if len(self._names) >= _MAX_SHARED_NAMES:
                 self._names.clear()

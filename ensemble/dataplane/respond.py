@@ -36,6 +36,9 @@ def ensemble_parameters(
         params["estimated_accuracy"] = round(accuracy, 6)
     if run.deadline is not None:
         params["deadline_met"] = not run.late
+    versions = [f"{a.member}:{a.version}" for a in run.answers if a.version is not None]
+    if versions:
+        params["versions"] = ",".join(versions)
     if run.stages > 1:
         params["stages"] = run.stages
     if run.hedges:

@@ -12,7 +12,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from ensemble.auth import ApiKeys
+from ensemble.auth import ApiKeys, BearerToken, admin_credential
+from ensemble.control.lifecycle import ModelLifecycle, requested_version
+from ensemble.control.reload import ReloadResult
 from ensemble.dataplane.catalog import ConfigTensor, ModelConfig, model_config, repository_index
 from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import EnsembleError, InvalidInput, Overloaded
@@ -131,12 +133,52 @@ class InferenceServicer:
         "ModelInfer",
     )
 
-    def __init__(self, dispatcher: Dispatcher, limits: RequestLimits, offload: Offload) -> None:
+    REPOSITORY: Final = ("RepositoryModelLoad", "RepositoryModelUnload")
+    """Triton's repository extension: served with a lifecycle (a gateway from a config)."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        limits: RequestLimits,
+        offload: Offload,
+        lifecycle: ModelLifecycle | None = None,
+        admin: BearerToken | None = None,
+    ) -> None:
         self._dispatcher = dispatcher
+        self.lifecycle = lifecycle
+        self.admin = admin or admin_credential(None)
         self.metrics = dispatcher.metrics
         self.limits = limits
         self.offload = offload
         """The thread large messages are parsed and decoded in."""
+
+    @_rpc
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        assert self.lifecycle is not None
+        await self._repository_change(self.lifecycle.load, request, context)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    @_rpc
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        assert self.lifecycle is not None
+        await self._repository_change(self.lifecycle.unload, request, context)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+    async def _repository_change(
+        self, act: Callable[[str, str | None], Awaitable[ReloadResult]], request: Any, context: Any
+    ) -> None:
+        """Load or unload with the admin token (metadata ``authorization: Bearer <token>``);
+        a change the config cannot take is FAILED_PRECONDITION."""
+        metadata = context.invocation_metadata()
+        self.admin.check(next((v for k, v in metadata if k == "authorization"), None))
+        parameters = {
+            key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for key, value in request.parameters.items()
+        }
+        result = await act(request.model_name, requested_version(parameters))
+        if not result.ok:
+            detail = "; ".join(result.errors) or result.message
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, detail[:2000])
 
     @_rpc
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -255,6 +297,8 @@ async def start_grpc_server(
     tls: TlsFiles | None = None,
     api_keys: ApiKeys | None = None,
     reuse_port: bool = False,
+    lifecycle: ModelLifecycle | None = None,
+    admin: BearerToken | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Bind ``host:port`` (0 picks a free port), start serving, return the server and its port.
 
@@ -278,11 +322,11 @@ async def start_grpc_server(
     ]
     server = grpc.aio.server(options=options)
     limits = limits or RequestLimits(max_bytes=max_message_bytes)
-    servicer = InferenceServicer(dispatcher, limits, offload or Offload(limits))
+    servicer = InferenceServicer(dispatcher, limits, offload or Offload(limits), lifecycle, admin)
     keys = api_keys if api_keys is not None and api_keys.required else None
+    served = [*servicer.IMPLEMENTED, *(servicer.REPOSITORY if lifecycle is not None else ())]
     handlers = {
-        name: _raw_handler(servicer, name, keys if name in GUARDED else None)
-        for name in servicer.IMPLEMENTED
+        name: _raw_handler(servicer, name, keys if name in GUARDED else None) for name in served
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     address = _address(host, port)

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias
 
 import orjson
 from pydantic import ValidationError
 
-from ensemble.auth import ApiKeys, bearer_token
+from ensemble.auth import ApiKeys, BearerToken, admin_credential
+from ensemble.control.lifecycle import ModelLifecycle, requested_version
 from ensemble.control.reload import ReloadResult
-from ensemble.dataplane.catalog import ConfigTensor, ModelConfig, model_config, repository_index
+from ensemble.dataplane.catalog import (
+    ConfigTensor,
+    ModelConfig,
+    model_config,
+    repository_index,
+    rollout_report,
+)
 from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import (
     Conflict,
     EnsembleError,
-    Forbidden,
     InvalidInput,
     MethodNotAllowed,
     ModelNotReady,
@@ -116,20 +120,6 @@ def model_config_doc(config: ModelConfig) -> dict[str, Any]:
     return doc
 
 
-@dataclass(frozen=True, slots=True)
-class BearerToken:
-    """A credential routes need as ``Authorization: Bearer <token>``."""
-
-    name: str
-    """What it is called in errors (`admin token`)."""
-    token: str | None
-    """None: unset at start, so the routes it guards are disabled."""
-    realm: str
-    """Named in a 401's ``WWW-Authenticate``."""
-    disabled: str
-    """The 403's message while it is unset: how an operator enables the routes."""
-
-
 class HttpFrontend:
     """ASGI application serving the OIP REST API over the shared dispatcher; the admin API
     exists only with a ``reloader`` (a gateway from a config, not a replica server)."""
@@ -142,6 +132,7 @@ class HttpFrontend:
         limits: RequestLimits,
         offload: Offload,
         reloader: Reloads | None = None,
+        lifecycle: ModelLifecycle | None = None,
         admin_token: str | None = None,
         feedback_token: str | None = None,
         links: Links | None = None,
@@ -156,12 +147,7 @@ class HttpFrontend:
         self.offload = offload
         """The thread large request bodies are inflated and decoded in."""
         self.reloader = reloader
-        self.admin = BearerToken(
-            "admin token",
-            admin_token or None,
-            "ensemble-admin",
-            "the admin API is disabled; start the gateway with ENSEMBLE_ADMIN_TOKEN set",
-        )
+        self.admin = admin_credential(admin_token)
         self.feedback = BearerToken(
             "feedback token",
             feedback_token or None,
@@ -169,6 +155,8 @@ class HttpFrontend:
             "feedback is disabled; start the gateway with ENSEMBLE_FEEDBACK_TOKEN set (its "
             "answers then carry a `feedback_id` to post the true label with)",
         )
+        self.lifecycle = lifecycle if reloader is not None else None
+        """Loads and unloads models (Triton's repository extension; a gateway from a config)."""
         self.links = links if reloader is not None else None
         """Emulated links the admin API reads and changes (a gateway from a config)."""
         self.api_keys = api_keys or ApiKeys([])
@@ -215,6 +203,10 @@ class HttpFrontend:
             return await self._reload(scope, receive)
         if parts[:2] == ["admin", "links"] and len(parts) <= 3 and self.links is not None:
             return await self._links_route(method, parts[2:], scope, receive)
+        if parts[:3] == ["v2", "repository", "models"] and self.lifecycle is not None:
+            return await self._repository_route(method, parts[3:], scope, receive)
+        if parts[:2] == ["admin", "rollouts"] and len(parts) <= 3 and self.reloader is not None:
+            return await self._rollout_route(method, parts[2:], scope, receive)
         if parts == ["v2", "repository", "index"]:
             _expect(method, "GET", "POST")
             self._require_api_key(scope)
@@ -305,22 +297,11 @@ class HttpFrontend:
         return await read_body(receive, headers, self.limits, self.offload, guard)
 
     def _authorize(self, scope: Scope, credential: BearerToken) -> None:
-        """403 while ``credential`` is unset (the routes it guards are off), 401 without a
-        bearer token, 403 for a wrong one (compared in constant time)."""
-        if credential.token is None:
-            raise Forbidden(credential.disabled)
         given = None
         for key, value in scope["headers"]:
             if key == b"authorization":
                 given = value
-        token = bearer_token(given)
-        if token is None:
-            raise Unauthorized(
-                f"send the {credential.name} as `Authorization: Bearer <token>`",
-                realm=credential.realm,
-            )
-        if not hmac.compare_digest(token, credential.token.encode()):
-            raise Forbidden(f"wrong {credential.name}")
+        credential.check(given)
 
     def _require_api_key(self, scope: Scope) -> None:
         if not self.api_keys.required:
@@ -343,6 +324,51 @@ class HttpFrontend:
         if result.ok:
             return _json(200, dumps({"reloaded": True, "message": result.message, **workers}))
         return _json(400, dumps({"error": result.message, "errors": result.errors, **workers}))
+
+    async def _repository_route(
+        self, method: str, rest: list[str], scope: Scope, receive: Receive
+    ) -> Reply:
+        """Triton's model repository extension: ``POST /v2/repository/models/{name}/load``
+        and ``.../unload`` (the admin token; body ``{"parameters": {"version": "2"}}`` for
+        one version)."""
+        assert self.lifecycle is not None
+        if len(rest) != 2 or rest[1] not in ("load", "unload"):
+            raise NotFound(f"no route for {method} {scope['path']}")
+        _expect(method, "POST")
+        self._authorize(scope, self.admin)
+        body = _json_object(await self._read_body(_headers(scope), receive) or b"{}")
+        parameters = body.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidInput("`parameters` must be a JSON object")
+        version = requested_version(parameters)
+        lifecycle = self.lifecycle
+        act = lifecycle.load if rest[1] == "load" else lifecycle.unload
+        result = await act(rest[0], version)
+        workers = {} if result.workers is None else {"workers": _by_index(result.workers)}
+        if result.ok:
+            return _json(200, dumps({"message": result.message, **workers}))
+        error = "; ".join([result.message, *result.errors])  # tritonclient shows only `error`
+        return _json(400, dumps({"error": error, "errors": result.errors, **workers}))
+
+    async def _rollout_route(
+        self, method: str, rest: list[str], scope: Scope, receive: Receive
+    ) -> Reply:
+        """``GET /admin/rollouts``: every member's versions, rollout phase and evidence;
+        ``POST /admin/rollouts/{member}`` ``{"action": "promote" | "rollback"}`` decides the
+        running rollout now (the admin token)."""
+        self._authorize(scope, self.admin)
+        if not rest:
+            _expect(method, "GET")
+            return _json(200, dumps({"rollouts": rollout_report(self.dispatcher.repository)}))
+        _expect(method, "POST")
+        body = _json_object(await self._read_body(_headers(scope), receive))
+        action = body.get("action")
+        if action not in ("promote", "rollback"):
+            raise InvalidInput('send {"action": "promote"} or {"action": "rollback"}')
+        decision = self.dispatcher.decide_rollout(rest[0], action)
+        return _json(
+            200, dumps({"member": decision.member, "version": decision.candidate, "action": action})
+        )
 
     async def _links_route(
         self, method: str, rest: list[str], scope: Scope, receive: Receive

@@ -31,6 +31,7 @@ from ensemble.metrics.families import (
     replica_families,
 )
 from ensemble.metrics.histogram import Histogram
+from ensemble.metrics.versions import VersionReading, version_families
 
 if TYPE_CHECKING:
     from ensemble.replicas.links import LinkReading
@@ -91,6 +92,8 @@ class GatewayMetrics:
         self.feedback_store: Callable[[], tuple[int, int]] = lambda: (0, 0)
         """Read at scrape time: answers kept for feedback, and the bytes they hold."""
         self.placements: Callable[[], Iterable[tuple[str, PlacementView]]] = tuple
+        self.versions: Callable[[], Iterable[VersionReading]] = tuple
+        """Read at scrape time: each served version of members that serve several."""
         """Read at scrape time: (member, its live view on one tier) for every placement."""
         self.links: Callable[[], Iterable[LinkReading]] = tuple
         """Read at scrape time: the emulated links' state and counters (the gateway sets it)."""
@@ -190,6 +193,7 @@ class GatewayMetrics:
         yield from feedback_families(self)
         yield from link_families(self.links())
         yield from placement_families(self.placements())
+        yield from version_families(self.versions())
 
     def exposition(self) -> tuple[bytes, str]:
         """Body and content type of the Prometheus text exposition."""

@@ -32,12 +32,20 @@ SAME_IN_EVERY_WORKER = frozenset(
         "ensemble_placement_error_ratio",
         "ensemble_placement_estimate_calls",
         "ensemble_input_drift",
+        "ensemble_version_traffic_share",
+        "ensemble_rollout_phase",
+        "ensemble_rollout_latency_p95_seconds",
+        "ensemble_rollout_labelled_rows",
+        "ensemble_rollout_accuracy",
+        "ensemble_rollout_agreement_ratio",
+        "ensemble_rollout_decisions",
     }
 )
 """Families whose value each worker holds a copy of: the largest is shown (a worker that just
 restarted may still be behind). Placement estimates and input drift scores are each worker's
 own, from its own calls and rows: the largest (the slowest, most failing, most drifted any
-worker sees) is shown."""
+worker sees) is shown. Rollouts: every worker applies each decision and learns every label;
+latency is each worker's own (the largest is shown), calls add up."""
 
 WEAKEST_WORKER = frozenset({"ensemble_model_ready", "ensemble_replica_ready"})
 """Families shown as the smallest value of any worker."""

@@ -7,7 +7,7 @@ import math
 import random
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -98,6 +98,26 @@ def infer_classifier_schema(
     return ClassifierSchema(chosen, labels, logits)
 
 
+class VersionSet(Protocol):
+    """The versions a member is one of (`ensemble.replicas.versions.Versions`)."""
+
+    def route(self, rng: random.Random) -> tuple[Member, Member | None]:
+        """The version an unversioned call goes to, and a shadow version (or None)."""
+        ...
+
+    def observe(self, version: str, ok: bool, latency_s: float) -> None:
+        """A finished call of ``version``."""
+        ...
+
+    def labelled(self, version: str, correct: np.ndarray) -> None:
+        """Feedback labels for rows ``version`` answered."""
+        ...
+
+    def compared(self, alike: int, rows: int) -> None:
+        """A shadow call's answer against the serving version's."""
+        ...
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     shifted = x - x.max(axis=1, keepdims=True)
     e = np.exp(shifted)
@@ -118,10 +138,18 @@ class Member:
         card: MemberCard | None = None,
         *,
         clock: Clock = SYSTEM_CLOCK,
+        version: str = MODEL_VERSION,
+        label: str | None = None,
     ) -> None:
         if not replicas:
             raise EnsembleError(f"member {name!r} has no replicas")
         self.name = name
+        self.version = version
+        self.label = label or name
+        """Its name in metrics and scaling: the member's, or ``NAME:VERSION`` for a version
+        beyond the one its config's `model` is."""
+        self.versions: VersionSet | None = None
+        """The versions it is one of, when its member has several (set by `Versions`)."""
         self.inputs = inputs
         self.outputs = outputs
         self.schema = schema
@@ -151,7 +179,7 @@ class Member:
         """Replicas on their way out: routed to no more, closed once their calls finish."""
         self.metadata = ModelMetadata(
             name=name,
-            versions=(MODEL_VERSION,),
+            versions=(version,),
             platform="onnxruntime_onnx",
             inputs=inputs,
             outputs=outputs,
