@@ -19,6 +19,8 @@ admission (requests running and queued,    ``AdmissionGate`` on the    the gatew
 adaptive limit)                            ``Dispatcher``
 replica stats, ejections                   ``Member.stats``            the config
 live estimates per tier                    ``Member.estimates``        the config
+which version serves, rollout evidence     ``Versions`` (one per       the config (a reload
+and decision                               member with several)        that keeps it keeps it)
 input drift window and score               ``EnsembleModel.watch``     the config
 emulated link settings and partitions      ``Links``                   the gateway
 replicas added or drained, scaling state   ``ControlLoop`` and the     the gateway / the config

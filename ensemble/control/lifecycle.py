@@ -119,7 +119,10 @@ def _member_loaded(member: MemberConfig, version: str | None, *, loaded: bool) -
 
 
 def _consistent(member: MemberConfig) -> MemberConfig:
-    """Drop a pinned default version or a rollout that the versions served no longer allow."""
+    """Drop a pinned default version or a rollout that the versions served no longer allow
+    (an unloaded member keeps both for when it is loaded again)."""
+    if not member.loaded:
+        return member
     served = member.served_versions()
     update: dict[str, object] = {}
     if member.default_version is not None and member.default_version not in served:

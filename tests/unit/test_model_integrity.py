@@ -132,6 +132,28 @@ def test_start_refuses_every_swapped_file_at_once(tmp_path: Path, engine: InProc
     assert len(info.value.problems) == 2
 
 
+def test_every_version_is_checked_against_its_own_card(
+    tmp_path: Path, engine: InProcessEngine
+) -> None:
+    zoo_copy(tmp_path, "logreg", "forest", "mlp_small")
+    text = (
+        "ensembles:\n  - name: e\n    members:\n"
+        "      - name: clf\n        model: logreg.onnx\n        placement: [{tier: edge}]\n"
+        "        versions: [{version: '2', model: forest.onnx}, {version: '3', model: "
+        "mlp_small.onnx}]\n"
+    )
+    cfg = parse_yaml(text, source="t.yaml", base_dir=tmp_path)
+    built = build(cfg, engine).repository
+    versions = built.versions["clf"]
+    assert {v: m.card.name for v, m in versions.members.items() if m.card} == {
+        "1": "logreg", "2": "forest", "3": "mlp_small"}  # fmt: skip
+    assert built.members["clf"].version == "3"  # the latest serves unversioned calls
+    swap(tmp_path, "forest")  # version 2's file no longer matches its card
+    with pytest.raises(ModelIntegrityError) as info:
+        build(cfg, engine)
+    assert info.value.members == ["clf"] and "forest.onnx" in info.value.problems[0]
+
+
 def test_a_pinned_model_without_a_card_loads(tmp_path: Path, engine: InProcessEngine) -> None:
     shutil.copy(ZOO / "logreg.onnx", tmp_path / "foreign.onnx")
     with pytest.raises(ModelIntegrityError, match="pin it with `sha256: "):
