@@ -81,7 +81,11 @@ class Reading:
         def shown(x: float | None) -> str:
             return "-" if x is None else f"{x:.4g}"
 
-        return f"{self.measure} {shown(self.candidate)} vs {shown(self.stable)}: {self.verdict}"
+        said = {"promote": "within", "rollback": "past its threshold", "wait": "too few samples"}
+        return (
+            f"{self.measure} {shown(self.candidate)} vs {shown(self.stable)}: "
+            f"{said[self.verdict]}"
+        )
 
 
 def judge(
@@ -118,14 +122,7 @@ def judge(
         alike, compared = agreement
         share = alike / compared if compared else None
         ok = share is not None and share >= rules.min_agreement
-        readings.append(
-            Reading(
-                "agreement",
-                None,
-                share,
-                "wait" if compared < rules.min_calls else "promote" if ok else "rollback",
-            )
-        )
+        read("agreement", share, None, ok, enough_calls and compared > 0)
     verdicts = {r.verdict for r in readings}
     if "rollback" in verdicts:
         return "rollback", readings

@@ -177,9 +177,15 @@ def canary(
         "2", {"name": "rising", "model": str(path), "sha256": digest,
               "placement": [{"tier": "edge"}]}, [good_version],
     )  # fmt: skip
+    mirrored = {
+        **zoo_member("mlp_small"),
+        "name": "mirrored",
+        "versions": [worse_version],
+        "rollout": {"version": "2", "mode": "shadow", "min_calls": 20},
+    }
     doc = {
         "ensembles": [
-            {"name": "digits", "members": [zoo_member("logreg"), falling, rising]}
+            {"name": "digits", "members": [zoo_member("logreg"), falling, rising, mirrored]}
         ]
     }
     env = {"ENSEMBLE_ADMIN_TOKEN": ADMIN, "ENSEMBLE_FEEDBACK_TOKEN": FEEDBACK}
@@ -196,7 +202,11 @@ def test_canaries_are_rolled_back_or_promoted_on_labels(
     feedback = {"authorization": f"Bearer {FEEDBACK}"}
     sent = 0
     seen_versions: set[str] = set()
-    with httpx.Client(base_url=canary.http_url, timeout=30) as client:
+    background = {"inputs": [array_input(x[:4])]}
+    with (
+        Traffic(canary.http_url, "digits", background, clients=2) as traffic,
+        httpx.Client(base_url=canary.http_url, timeout=30) as client,
+    ):
 
         def phases() -> dict[str, str]:
             report = client.get("/admin/rollouts", headers=AUTH).json()["rollouts"]
@@ -217,18 +227,27 @@ def test_canaries_are_rolled_back_or_promoted_on_labels(
             sent += 1
             if all(p != "running" for p in phases().values()):
                 break
-        assert phases() == {"mlp_small": "rolled_back", "rising": "promoted"}, sent
+        assert phases() == {
+            "mlp_small": "rolled_back", "rising": "promoted", "mirrored": "rolled_back"
+        }, sent  # fmt: skip
         assert seen_versions >= {"mlp_small:1", "mlp_small:2", "rising:1", "rising:2"}
+        assert "mirrored:2" not in seen_versions  # a shadow's answers are never returned
+        assert "mirrored:1" in seen_versions
         report = {r["member"]: r for r in client.get("/admin/rollouts", headers=AUTH).json()[
             "rollouts"]}  # fmt: skip
         assert "accuracy" in report["mlp_small"]["rollout"]["reason"]
+        shadow = report["mirrored"]["rollout"]
+        assert "agreement" in shadow["reason"] and shadow["agreement"] < 0.9
+        assert shadow["evidence"]["2"]["calls"] >= 20
         assert report["mlp_small"]["serving"] == "1" and report["rising"]["serving"] == "2"
         # After the decisions every unversioned call goes to the serving versions.
         after = client.post("/v2/models/digits/infer", json={"inputs": [array_input(x[:8])]})
-        assert after.json()["parameters"]["versions"] == "mlp_small:1,rising:2"
+        assert after.json()["parameters"]["versions"] == "mlp_small:1,rising:2,mirrored:1"
         # An operator cannot decide a rollout that is over.
         again = client.post("/admin/rollouts/rising", json={"action": "rollback"}, headers=AUTH)
         assert again.status_code == 400
+        statuses = traffic.stop()
+    assert set(statuses) == {200}, sorted(set(statuses))  # none lost through both decisions
     assert sent < 150
     metrics = scrape(canary.http_url)
     assert (

@@ -76,7 +76,8 @@ def test_a_measure_left_out_does_not_decide() -> None:
 def test_shadow_judges_agreement_not_accuracy() -> None:
     rules = RULES.model_copy(update={"mode": "shadow", "min_agreement": 0.9})
     stable, candidate = evidence(30), evidence(30)
-    assert judge(rules, stable, candidate, (19, 19))[0] == "wait"
+    assert judge(rules, stable, evidence(10), (19, 19))[0] == "wait"
+    assert judge(rules, stable, candidate, (0, 0))[0] == "wait"
     assert judge(rules, stable, candidate, (25, 30))[0] == "rollback"
     verdict, readings = judge(rules, stable, candidate, (29, 30))
     assert verdict == "promote"
