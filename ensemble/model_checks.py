@@ -178,27 +178,25 @@ def digest_errors(cfg: GatewayConfig) -> list[LocatedError]:
     from ensemble.integrity import PIN_SOURCE, expected_digests, problem, sha256_hex
 
     errors: list[LocatedError] = []
-    for ei, ens in enumerate(cfg.ensembles):
-        for mi, member in enumerate(ens.members):
-            loc: Loc = ("ensembles", ei, "members", mi)
-            path = cfg.resolve(member.model)
-            if not path.is_file():
-                continue
-            card_path, card, card_error = _card(cfg, member, path)
-            if card_error is not None:
-                errors.append(((*loc, "card" if member.card else "model"), card_error))
-                continue
-            expected = expected_digests(card, card_path, member.sha256)
-            try:
-                actual = sha256_hex(path.read_bytes())
-            except OSError as exc:
-                errors.append(((*loc, "model"), f"cannot read {path}: {exc.strerror or exc}"))
-                continue
-            why = problem(member.name, f"model file {path}", actual, expected)
-            if why is not None:
-                pin_wrong = member.sha256 is not None and member.sha256 != actual
-                key = "sha256" if pin_wrong and PIN_SOURCE in why else "model"
-                errors.append(((*loc, key), why))
+    for loc, member in cfg.member_specs():
+        path = cfg.resolve(member.model)
+        if not path.is_file():
+            continue
+        card_path, card, card_error = _card(cfg, member, path)
+        if card_error is not None:
+            errors.append(((*loc, "card" if member.card else "model"), card_error))
+            continue
+        expected = expected_digests(card, card_path, member.sha256)
+        try:
+            actual = sha256_hex(path.read_bytes())
+        except OSError as exc:
+            errors.append(((*loc, "model"), f"cannot read {path}: {exc.strerror or exc}"))
+            continue
+        why = problem(member.name, f"model file {path}", actual, expected)
+        if why is not None:
+            pin_wrong = member.sha256 is not None and member.sha256 != actual
+            key = "sha256" if pin_wrong and PIN_SOURCE in why else "model"
+            errors.append(((*loc, key), why))
     return errors
 
 

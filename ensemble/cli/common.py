@@ -36,10 +36,7 @@ def read_config(path: Path) -> GatewayConfig | None:
 
 def missing_models(cfg: GatewayConfig) -> list[Path]:
     return [
-        cfg.resolve(m.model)
-        for e in cfg.ensembles
-        for m in e.members
-        if not cfg.resolve(m.model).is_file()
+        cfg.resolve(m.model) for _, m in cfg.member_specs() if not cfg.resolve(m.model).is_file()
     ]
 
 

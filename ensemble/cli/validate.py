@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ensemble.cli.common import Subparsers, missing_models, read_config
-from ensemble.config import GatewayConfig, Placement, json_schema
+from ensemble.config import GatewayConfig, MemberConfig, Placement, json_schema
 
 SCHEMA_PATH = Path("configs/schema.json")
 
@@ -27,7 +27,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  tiers: {', '.join(cfg.tiers)}")
     for ens in cfg.ensembles:
         members = ", ".join(
-            f"{m.name}@{'/'.join(_placement_summary(p) for p in m.placement)}" for m in ens.members
+            f"{m.name}@{'/'.join(_placement_summary(p) for p in m.placement)}{_versions(m)}"
+            for m in ens.members
         )
         drift = (
             f"; drift window {ens.drift.window} rows, threshold {ens.drift.threshold:g}"
@@ -74,6 +75,20 @@ def _digest_errors(path: Path, cfg: GatewayConfig) -> list[str]:
     if not problems:
         return []
     return format_errors(str(path), problems, line_index(path.read_text(encoding="utf-8")))
+
+
+def _versions(member: MemberConfig) -> str:
+    """`` versions 1,2 (rollout of 2: canary 10%)`` for a member with several, else empty."""
+    if not member.versions and member.loaded:
+        return ""
+    if not member.loaded:
+        return " (unloaded)"
+    text = f" versions {','.join(member.served_versions())}"
+    rollout = member.rollout
+    if rollout is not None:
+        how = f"canary {rollout.weight:.0%}" if rollout.mode == "canary" else "shadow"
+        text += f" (rollout of {rollout.version}: {how}{'' if rollout.auto else ', manual'})"
+    return text
 
 
 def _placement_summary(place: Placement) -> str:

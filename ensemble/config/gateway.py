@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,17 @@ class GatewayConfig(StrictModel):
             for place in member.placement
         )
 
+    def member_specs(self) -> Iterator[tuple[Loc, MemberConfig]]:
+        """Every member at each of its versions (its own model, card, pin and placement),
+        with where that version is written."""
+        for ei, ens in enumerate(self.ensembles):
+            for mi, member in enumerate(ens.members):
+                loc: Loc = ("ensembles", ei, "members", mi)
+                yield loc, member.at_version(member.version)
+                for vi, version in enumerate(member.versions):
+                    at: Loc = (*loc, "versions", vi)
+                    yield at, member.at_version(version.version)
+
     def model_names(self) -> list[str]:
         """Every name a client can address: ensembles, then members."""
         return [e.name for e in self.ensembles] + [
@@ -137,12 +149,8 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
                     "no member is loaded; load one or set the ensemble's loaded: false",
                 )
             )
-        for mi, member in enumerate(ens.members):
-            mloc: Loc = ("ensembles", ei, "members", mi)
-            errors.extend(_member_errors(cfg, member, mloc))
-            for vi, version in enumerate(member.versions):
-                vloc: Loc = (*mloc, "versions", vi)
-                errors.extend(_member_errors(cfg, member.at_version(version.version), vloc))
+    for where, version in cfg.member_specs():
+        errors.extend(_member_errors(cfg, version, where))
     errors.extend(input_errors(cfg))  # what `serve` would refuse, with the member's line
     gateway_tier = cfg.ray.gateway_tier
     if gateway_tier is not None and gateway_tier not in cfg.tiers:

@@ -83,8 +83,7 @@ class Reading:
 
         said = {"promote": "within", "rollback": "past its threshold", "wait": "too few samples"}
         return (
-            f"{self.measure} {shown(self.candidate)} vs {shown(self.stable)}: "
-            f"{said[self.verdict]}"
+            f"{self.measure} {shown(self.candidate)} vs {shown(self.stable)}: {said[self.verdict]}"
         )
 
 
