@@ -244,7 +244,12 @@ def goals(runs: list[dict[str, Any]], settings: Settings) -> list[Goal]:
         for r in runs:
             d = r["decided"].get(member)
             n = d["after_requests"] if d else None
-            ok = d is not None and d["phase"] == want and n <= settings.goal_requests
+            ok = (
+                d is not None
+                and n is not None
+                and d["phase"] == want
+                and n <= settings.goal_requests
+            )
             seen = f"{d['phase']} after {n} labelled requests" if d else "undecided"
             out.append(Goal(f"{member}: {want.replace('_', ' ')} within "
                             f"{settings.goal_requests} labelled requests", f"seed {r['seed']}",
@@ -277,8 +282,17 @@ def render_markdown(report: Report) -> str:
         *header_lines(report),
         "",
         markdown_table(
-            ["seed", "member", "decision", "labelled requests", "v1 calls / rows / accuracy",
-             "v2 (canary) calls / rows / accuracy", "readings"], rows),  # fmt: skip
+            [
+                "seed",
+                "member",
+                "decision",
+                "labelled requests",
+                "v1 calls / rows / accuracy",
+                "v2 (canary) calls / rows / accuracy",
+                "readings",
+            ],
+            rows,
+        ),
         "",
         "Responses per run (background traffic + labelled stream + the unload):",
         "",

@@ -17,7 +17,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from loadtest.rollout import degraded_copy
-from tests.helpers import scrape, wait_for
+from tests.helpers import scrape
 from tests.integration.conftest import array_input
 from tests.integration.process import ZOO, GatewayProcess, Traffic, start_from_config, zoo_member
 
