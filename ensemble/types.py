@@ -101,6 +101,43 @@ class Contract:
     """Where data may go: a tier name; None means any tier."""
     policy: str | None = None
     """An operator-defined policy profile to use instead of the ensemble's own."""
+    split: str | None = None
+    """Where a split member runs this request (`edge`, `cloud` or a cut tensor) instead of
+    where its split policy would."""
+
+
+@dataclass(frozen=True, slots=True)
+class SplitOption:
+    """One way to run a split member's call: all on the head tier (``edge``), all on the
+    tail tier (``cloud``), or cut at a tensor (its name): the head on the head tier, the
+    tensor across the link, the tail on the tail tier. Times are for this call's rows."""
+
+    name: str
+    head_s: float
+    """Expected compute on the head tier (0 when it runs nothing there)."""
+    tail_s: float
+    """Expected compute on the tail tier (0 when it runs nothing there)."""
+    sent_bytes: int
+    """Bytes that cross to the tail tier (0 for ``edge``)."""
+    returned_bytes: int
+    """Bytes that come back (0 for ``edge``)."""
+    ready: bool = True
+    overhead_s: float = 0.0
+    """What its recent calls took beyond their compute and link time (hand-offs between
+    threads and tiers, queueing), measured; 0 before any."""
+
+
+@dataclass(frozen=True, slots=True)
+class SplitContext:
+    """What a split policy sees for one call: the options and the link to the tail tier now."""
+
+    member: str
+    rows: int
+    options: tuple[SplitOption, ...]
+    delay_s: float
+    """One-way delay to the tail tier now (0 without an emulated link)."""
+    bandwidth_bytes_per_s: float | None
+    """None: the link does not limit bandwidth."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from ensemble.types import (
     ReplicaView,
     RoutingContext,
     SelectionContext,
+    SplitContext,
 )
 
 
@@ -343,4 +344,17 @@ class AutoscalingPolicy(Protocol):
 
     def decide(self, ctx: ScalingContext, state: Any) -> tuple[ScalingDecision, Any]:
         """Targets within each placement's bounds (and its tier's cap), and the new state."""
+        ...
+
+
+# --- split computing -------------------------------------------------------------------------
+
+
+@runtime_checkable
+class SplitPolicy(Protocol):
+    """Where a split member runs one call: all on the head tier, all on the tail tier, or cut
+    at a tensor (Neurosurgeon's choice, made per call on the link as it is now)."""
+
+    def choose(self, ctx: SplitContext) -> str:
+        """The name of one of ``ctx.options`` (a ready one when any is)."""
         ...

@@ -28,7 +28,8 @@ def load() -> None:
     import policies.selection
     import policies.selection_bandits
     import policies.selection_cocktail
-    import policies.selection_slo  # noqa: F401
+    import policies.selection_slo
+    import policies.split  # noqa: F401
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()

@@ -22,6 +22,7 @@ Kind = Literal[
     "aggregation",
     "admission",
     "autoscaling",
+    "split",
 ]
 KINDS: tuple[str, ...] = get_args(Kind)
 

@@ -42,7 +42,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         import asyncio
 
         from ensemble.measure.members import profile_members
-        from ensemble.measure.report import format_table, write_outputs
+        from ensemble.measure.report import format_splits, format_table, write_outputs
 
         ensure_models(cfg)
         if cfg.uses_ray():
@@ -65,6 +65,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if ray is not None:
             ray.shutdown()
     print(format_table(rows), end="")
+    splits = format_splits(rows)
+    if splits:
+        print(
+            "\nsplit members (head on the first tier, tail on the second; one-row call, "
+            "the link as configured):"
+        )
+        print(splits, end="")
     print(
         "accuracy: test split (test.npz) unless marked * (member card); latency/calls/s: member "
         "calls through the gateway's replicas, emulated link included; cost per 1,000 calls"

@@ -20,6 +20,7 @@ from ensemble.config.members import (
     MemberConfig,
     ModelZooConfig,
     RolloutConfig,
+    SplitConfig,
     VersionConfig,
 )
 from ensemble.config.placement import (
@@ -67,6 +68,7 @@ __all__ = [
     "RolloutConfig",
     "ServerConfig",
     "Sha256Hex",
+    "SplitConfig",
     "StragglerConfig",
     "StrictModel",
     "TierConfig",

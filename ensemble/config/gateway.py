@@ -204,6 +204,8 @@ def _member_errors(cfg: GatewayConfig, member: MemberConfig, loc: Loc) -> list[L
                 ((*loc, "placement", pi, "tier"), f"unknown tier {place.tier!r}; defined: {known}")
             )
     errors.extend(_file_errors(cfg, member, loc))
+    if member.split is not None:
+        errors.extend(_policy_errors("split", member.split.policy, (*loc, "split", "policy")))
     return errors
 
 

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from ensemble.config.base import Name, Sha256Hex, StrictModel
 from ensemble.config.placement import Placement
+from ensemble.config.policies import PolicySpec
 
 VersionLabel = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,8}$")]
 """A model version: a positive integer, written as a string (OIP's `model_version`)."""
@@ -27,6 +28,25 @@ class VersionConfig(StrictModel):
     )
     placement: list[Placement] | None = Field(
         None, min_length=1, description="Tiers this version runs on; default: the member's."
+    )
+
+
+class SplitConfig(StrictModel):
+    """A member split between its two placements' tiers: per call, its split policy runs the
+    model all on the first (the head tier, the edge), all on the second (the tail tier, the
+    cloud), or cut at a tensor: the head on the first, the tensor across the second's link,
+    the tail there (docs/models.md#split-computing)."""
+
+    policy: PolicySpec = Field(
+        default_factory=lambda: PolicySpec(name="latency"),
+        description="Split policy: `latency` (the least expected latency now) or `fixed` "
+        "(params `at`).",
+    )
+    at: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Cut tensors offered besides all-edge and all-cloud; default: each cut "
+        "point that sends fewer bytes than the input and every earlier cut.",
     )
 
 
@@ -146,9 +166,35 @@ class MemberConfig(StrictModel):
         description="Served; false: known but unloaded (`POST /v2/repository/models/"
         "{name}/load` loads it).",
     )
+    split: SplitConfig | None = Field(
+        None,
+        description="Run the model split between its two placements' tiers (edge head, cloud "
+        "tail), chosen per call; both placements in-process with one replica.",
+    )
     loaded_versions: list[VersionLabel] | None = Field(
         None, description="The versions served (the others are unloaded); default: all."
     )
+
+    @model_validator(mode="after")
+    def _split_placements(self) -> MemberConfig:
+        if self.split is None:
+            return self
+        places = self.placement
+        if len(places) != 2 or places[0].tier == places[1].tier:
+            raise ValueError(
+                "split: needs two placements on different tiers: the head tier first (the "
+                "edge), the tail tier second (the cloud)"
+            )
+        for place in places:
+            if place.backend != "inprocess" or place.replicas.min != 1 or place.replicas.max != 1:
+                raise ValueError(
+                    "split: both placements must be `inprocess` with replicas {min: 1, max: 1} "
+                    "(a split member's head and tails run in the gateway's process, the tails "
+                    "behind the tail tier's link)"
+                )
+        if self.versions:
+            raise ValueError("split: a split member serves one version (no `versions`)")
+        return self
 
     @model_validator(mode="after")
     def _versions_known(self) -> MemberConfig:

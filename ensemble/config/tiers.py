@@ -71,3 +71,11 @@ class TierConfig(StrictModel):
     max_replicas: int | None = Field(
         None, ge=1, description="Upper bound on replicas across all members on this tier."
     )
+    compute_slowdown: float = Field(
+        1.0,
+        ge=1,
+        le=10_000,
+        description="Emulation: a call on this tier's in-process and process replicas takes "
+        "this many times as long as on the gateway's machine (an edge device slower than "
+        "the host it is emulated on); 1: off. For experiments, like link emulation.",
+    )

@@ -21,6 +21,7 @@ from ensemble.control import backends
 from ensemble.control.backends import Site
 from ensemble.control.provisioning import Fleet, Key, Provisioner
 from ensemble.control.ray_runtime import RayRuntime
+from ensemble.control.splitting import split_member
 from ensemble.drift import watch_for
 from ensemble.errors import EnsembleError, ModelIntegrityError
 from ensemble.integrity import Digest, expected_digests, read_verified
@@ -28,7 +29,7 @@ from ensemble.models.card import MemberCard, card_path_for, load_manifest
 from ensemble.replicas.adapter import MemberAdapter, adapter
 from ensemble.replicas.base import Replica
 from ensemble.replicas.engine import InProcessEngine
-from ensemble.replicas.faults import DeviceReplica, FailingReplica, StragglerReplica
+from ensemble.replicas.faults import DeviceReplica, FailingReplica, SlowReplica, StragglerReplica
 from ensemble.replicas.links import LinkedReplica, Links
 from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_schema
 from ensemble.replicas.onnx import ClassLabel, OnnxSignature, load_session, read_signature
@@ -185,7 +186,16 @@ def build_member(
             drain_timeout_s=cfg.server.drain_timeout_s,
         )
 
-    built, provisioners = _member(member, card, [site(p) for p in member.placement], label=label)
+    if member.split is not None:
+        schema = _schema(member, signature, card, classifier=True)
+        assert schema is not None
+        first, second = (site(p) for p in member.placement)
+        built = split_member(member, card, schema, first, second, label)
+        provisioners: dict[Key, Provisioner] = {}  # fixed: one head and tail set in process
+    else:
+        built, provisioners = _member(
+            member, card, [site(p) for p in member.placement], label=label
+        )
     built.tier_costs = {t: cfg.tiers[t].cost_per_request for t in built.tiers}
     built.cost_per_call = built.tier_costs[member.placement[0].tier]
     built.outlier = registry.build(
@@ -256,20 +266,7 @@ def _member(
         endpoints = [*site.place.endpoints] if site.place.endpoints else [None] * len(names)
         replicas += [make_replica(site, name, endpoints[k]) for k, name in enumerate(names)]
     signature = sites[0].signature
-    try:
-        schema: ClassifierSchema | None = infer_classifier_schema(
-            member.name,
-            signature.outputs,
-            probability_output=member.probability_output,
-            classes=member.classes,
-            logits=member.output_kind == "logits",
-            card=card,
-            graph_classes=signature.graph_classes,
-        )
-    except EnsembleError:
-        if classifier:
-            raise
-        schema = None
+    schema = _schema(member, signature, card, classifier=classifier)
     built = Member(
         member.name,
         signature.inputs,
@@ -289,6 +286,27 @@ def _member(
     return built, provisioners
 
 
+def _schema(
+    member: MemberConfig, signature: OnnxSignature, card: MemberCard | None, *, classifier: bool
+) -> ClassifierSchema | None:
+    """How to read the member's class scores; None for a model that is no classifier (an
+    error when it must be one)."""
+    try:
+        return infer_classifier_schema(
+            member.name,
+            signature.outputs,
+            probability_output=member.probability_output,
+            classes=member.classes,
+            logits=member.output_kind == "logits",
+            card=card,
+            graph_classes=signature.graph_classes,
+        )
+    except EnsembleError:
+        if classifier:
+            raise
+        return None
+
+
 def make_replica(site: Site, name: str, endpoint: str | None) -> Replica:
     """One replica of ``site`` named ``TIER/INDEX`` by its backend, inside the placement's
     emulated device, faults and link (the link sits between the gateway and the replica)."""
@@ -303,6 +321,9 @@ def make_replica(site: Site, name: str, endpoint: str | None) -> Replica:
         replica = StragglerReplica(replica, late.probability, late.delay_ms / 1e3, late.seed + i)
     if place.failures is not None:
         replica = FailingReplica(replica, place.failures.probability, place.failures.seed + i)
+    slowdown = site.cfg.tiers[place.tier].compute_slowdown if site.cfg is not None else 1.0
+    if slowdown > 1.0 and place.backend in ("inprocess", "process"):
+        replica = SlowReplica(replica, slowdown)
     if site.link is not None:
         timeout_s = place.timeout_s if place.networked else None
         replica = LinkedReplica(
@@ -321,7 +342,7 @@ def replica_bounds(cfg: GatewayConfig) -> dict[Key, tuple[int, int]]:
             for version in config.served_versions():
                 member = config.at_version(version)
                 label = config.label(version)
-                for place in member.placement:
+                for place in member.placement if member.split is None else ():
                     fixed = len(place.endpoints or ()) if place.remote else None
                     low = fixed if fixed is not None else place.replicas.min
                     high = fixed if fixed is not None else max(low, place.replicas.max)

@@ -8,7 +8,8 @@ from collections.abc import Collection, Mapping
 from ensemble.errors import InvalidInput
 from ensemble.types import Contract, Param
 
-CONTRACT_KEYS = ("timeout", "priority", "min_accuracy", "max_cost", "tier", "policy")
+CONTRACT_KEYS = ("timeout", "priority", "min_accuracy", "max_cost", "tier", "policy", "split")
+MAX_SPLIT_NAME = 256
 MAX_TIMEOUT_US = 3_600_000_000  # one hour: anything longer is a client bug, not a deadline
 
 
@@ -70,6 +71,14 @@ def parse_contract(
                 f"parameter 'policy' names no profile; defined: {known}; got {policy!r}"
             )
         contract.policy = policy
+    if "split" in parameters:
+        split = parameters["split"]
+        if not isinstance(split, str) or not 0 < len(split) <= MAX_SPLIT_NAME:
+            raise InvalidInput(
+                "parameter 'split' must name where a split member runs: edge, cloud or one "
+                "of its cut tensors"
+            )
+        contract.split = split
     return contract
 
 

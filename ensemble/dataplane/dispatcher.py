@@ -23,6 +23,7 @@ from ensemble.dataplane.validation import check_inputs, check_outputs
 from ensemble.dataplane.verdict import Alerts, no_answer, rejection
 from ensemble.errors import DeadlineExceeded, EnsembleError, InvalidInput, ModelNotFound, clip
 from ensemble.metrics import GatewayMetrics
+from ensemble.metrics.splits import SplitReading
 from ensemble.metrics.versions import VersionReading
 from ensemble.replicas.base import innermost
 from ensemble.replicas.member import Member
@@ -41,6 +42,7 @@ from ensemble.types import (
     RoutingContext,
     Tensor,
 )
+from policies.split import expected_s
 
 SERVER_NAME = "ensemble-gateway"
 EXTENSIONS = ("binary_tensor_data", "parameters", "model_configuration", "model_repository")
@@ -103,6 +105,7 @@ class Dispatcher:
         metrics.placements = self._placements
         metrics.drift = self._drift
         metrics.versions = self._versions
+        metrics.splits = self._splits
 
     @property
     def repository(self) -> Repository:
@@ -179,6 +182,21 @@ class Dispatcher:
                         tuple((v, decided.count(v)) for v in sorted(set(decided))),
                     )
                 )  # fmt: skip
+        return readings
+
+    def _splits(self) -> list[SplitReading]:
+        readings = []
+        for member in self._repository.every:
+            splitter = member.splitter
+            if splitter is None:
+                continue
+            ctx = splitter.context(1)
+            choice = splitter.policy.choose(ctx)
+            readings += [
+                SplitReading(member.label, o.name, splitter.chosen[o.name], expected_s(o, ctx),
+                             o.name == choice)
+                for o in ctx.options
+            ]  # fmt: skip
         return readings
 
     def _placements(self) -> list[tuple[str, PlacementView]]:

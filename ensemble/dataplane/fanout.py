@@ -32,7 +32,12 @@ def start_call(
 ) -> Call:
     """Start one member's call: route it (the replicas on ``tier``, when the selection policy
     chose one, first; the others stay fallbacks); hedge, retry and time out its attempts as the
-    profile says. ModelNotReady when no replica it may use is ready."""
+    profile says. A split member's call takes the path its splitter chooses (or the request's
+    `split`). ModelNotReady when no replica it may use is ready."""
+    if member.splitter is not None:
+        rows = next(iter(feed.values())).shape[0]
+        path = member.splitter.choose(rows, contract.split, contract.tier)
+        return Call(member, path, feed, outputs)
     if len(member.replicas) == 1:  # nothing to route, hedge or fail over to: the cheap path
         return Call(member, member.only(), feed, outputs)
     ctx = RoutingContext(member.name, contract.tier, tiers)

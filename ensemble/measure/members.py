@@ -30,7 +30,7 @@ from ensemble.measure.probes import (
     measure_latency,
     rss_bytes,
 )
-from ensemble.measure.rows import ProfileRow, cost_per_1k, mark_pareto
+from ensemble.measure.rows import ProfileRow, SplitFigures, cost_per_1k, mark_pareto
 from ensemble.measure.settings import ProfileSettings, Progress
 from ensemble.models.layout import TEST_SET_FILE
 from ensemble.replicas.base import Replica
@@ -38,6 +38,7 @@ from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.links import LinkedReplica, Links
 from ensemble.replicas.member import Member
 from ensemble.replicas.onnx import load_session
+from policies.split import expected_s
 
 
 def _what_if(cfg: GatewayConfig, member: MemberConfig) -> tuple[MemberConfig, set[str]]:
@@ -130,6 +131,12 @@ async def _measure_member(
     rows: list[ProfileRow] = []
     try:
         await asyncio.gather(*(r.start() for r in member.replicas))
+        if member.splitter is not None:
+            rows = await _measure_split(cfg, member, member_cfg, split, settings)
+            for row in rows:
+                row.file_mb, row.rss_mb = file_mb, rss_mb
+                report(row)
+            return rows
         for place in member_cfg.placement:
             if any(r.tier == place.tier and r.backend == place.backend for r in rows):
                 continue  # a second placement of one backend on one tier: the same replicas
@@ -191,6 +198,54 @@ async def _measure_cell(
         prices.cost_per_request, prices.cost_per_replica_hour, len(replicas), row.throughput_rps
     )
     return row
+
+
+async def _measure_split(
+    cfg: GatewayConfig,
+    member: Member,
+    member_cfg: MemberConfig,
+    split: TestSplit | None,
+    settings: ProfileSettings,
+) -> list[ProfileRow]:
+    """A row per way a split member runs (tier ``split:OPTION``), measured through that path,
+    with its split policy's figures for a one-row call under the link as configured."""
+    splitter = member.splitter
+    assert splitter is not None
+    ctx = splitter.context(1)
+    choice = splitter.policy.choose(ctx)
+    tail_tier = member_cfg.placement[1].tier
+    rows = []
+    for option in ctx.options:
+        path = splitter.paths[option.name]
+        row = ProfileRow(
+            member.name,
+            f"split:{option.name}",
+            "split",
+            True,
+            1,
+            _link_label(cfg, tail_tier),
+            None,
+            "none",
+        )
+        row.split = SplitFigures(
+            option.name,
+            option.head_s * 1e3,
+            option.tail_s * 1e3,
+            option.sent_bytes,
+            option.returned_bytes,
+            expected_s(option, ctx) * 1e3,
+            option.name == choice,
+        )
+        row.accuracy, row.accuracy_source = await measure_accuracy(member, path, split)
+        latencies, failures, wall_s = await measure_latency(member, [path], split, settings)
+        row.calls, row.failures = len(latencies), failures
+        if latencies:
+            ms = np.asarray(latencies) * 1e3
+            row.p50_ms = float(np.percentile(ms, 50))
+            row.p99_ms = float(np.percentile(ms, 99))
+        row.throughput_rps = len(latencies) / wall_s if wall_s > 0 else 0.0
+        rows.append(row)
+    return rows
 
 
 def _backend_kind(replica: Replica) -> str:

@@ -87,6 +87,53 @@ def format_table(rows: Sequence[ProfileRow]) -> str:
     return "\n".join(out) + "\n"
 
 
+def format_splits(rows: Sequence[ProfileRow]) -> str:
+    """Split members' ways of running: each part's compute, the bytes that cross, what the
+    split policy expects of a one-row call under the configured link (its choice marked *),
+    and the measured p50 through that path; empty without split members."""
+    split_rows = [r for r in rows if r.split is not None]
+    if not split_rows:
+        return ""
+    head = [
+        "member",
+        "split",
+        "head ms",
+        "tail ms",
+        "sent B",
+        "back B",
+        "expected ms",
+        "p50 ms",
+        "chosen",
+    ]
+    body = []
+    for r in split_rows:
+        f = r.split
+        assert f is not None
+        body.append(
+            [
+                r.member,
+                f.option,
+                f"{f.head_ms:.3f}",
+                f"{f.tail_ms:.3f}",
+                str(f.sent_bytes),
+                str(f.returned_bytes),
+                f"{f.expected_ms:.3f}",
+                _cell(r, "p50_ms"),
+                "*" if f.chosen else "",
+            ]
+        )
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    out = [line(head), line(["-" * w for w in widths]), *(line(b) for b in body)]
+    return "\n".join(out) + "\n"
+
+
 def format_markdown(rows: Sequence[ProfileRow]) -> str:
     head, body = table_cells(rows)
     align = ["---" if key in ("member", "tier", "backend") else "---:" for key, _ in COLUMNS]

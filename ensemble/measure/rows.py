@@ -7,6 +7,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class SplitFigures:
+    """A split member's way of running, as its split policy sees a one-row call now."""
+
+    option: str
+    head_ms: float
+    tail_ms: float
+    sent_bytes: int
+    returned_bytes: int
+    expected_ms: float
+    chosen: bool
+
+
 @dataclass
 class ProfileRow:
     """One member on one tier."""
@@ -31,6 +44,8 @@ class ProfileRow:
     cost_per_1k: float | None = None
     pareto: bool = False
     notes: list[str] = field(default_factory=list)
+    split: SplitFigures | None = None
+    """For a split member's way of running (tier ``split:OPTION``): the policy's figures."""
 
     @property
     def label(self) -> str:

@@ -31,6 +31,7 @@ from ensemble.metrics.families import (
     replica_families,
 )
 from ensemble.metrics.histogram import Histogram
+from ensemble.metrics.splits import SplitReading, split_families
 from ensemble.metrics.versions import VersionReading, version_families
 
 if TYPE_CHECKING:
@@ -92,9 +93,11 @@ class GatewayMetrics:
         self.feedback_store: Callable[[], tuple[int, int]] = lambda: (0, 0)
         """Read at scrape time: answers kept for feedback, and the bytes they hold."""
         self.placements: Callable[[], Iterable[tuple[str, PlacementView]]] = tuple
+        """Read at scrape time: (member, its live view on one tier) for every placement."""
         self.versions: Callable[[], Iterable[VersionReading]] = tuple
         """Read at scrape time: each served version of members that serve several."""
-        """Read at scrape time: (member, its live view on one tier) for every placement."""
+        self.splits: Callable[[], Iterable[SplitReading]] = tuple
+        """Read at scrape time: each way to run each split member's calls."""
         self.links: Callable[[], Iterable[LinkReading]] = tuple
         """Read at scrape time: the emulated links' state and counters (the gateway sets it)."""
         self.rejections: defaultdict[tuple[str, str], int] = defaultdict(int)
@@ -194,6 +197,7 @@ class GatewayMetrics:
         yield from link_families(self.links())
         yield from placement_families(self.placements())
         yield from version_families(self.versions())
+        yield from split_families(self.splits())
 
     def exposition(self) -> tuple[bytes, str]:
         """Body and content type of the Prometheus text exposition."""

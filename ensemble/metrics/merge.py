@@ -39,6 +39,8 @@ SAME_IN_EVERY_WORKER = frozenset(
         "ensemble_rollout_accuracy",
         "ensemble_rollout_agreement_ratio",
         "ensemble_rollout_decisions",
+        "ensemble_split_expected_seconds",
+        "ensemble_split_chosen",
     }
 )
 """Families whose value each worker holds a copy of: the largest is shown (a worker that just

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ensemble.models.card import CARD_SUFFIX, MANIFEST_FILE
 
-ZOO_FORMAT_VERSION = 2
+ZOO_FORMAT_VERSION = 3
 """Bumped when the directory layout or card schema changes, so old zoos get rebuilt."""
 
 DEFAULT_ZOO_DIR = Path("models/digits")
@@ -20,8 +20,10 @@ MEMBER_NAMES: tuple[str, ...] = (
     "mlp_small",
     "mlp_large",
     "svm",
+    "mlp_deep",
     "mlp_small_int8",
     "mlp_large_int8",
+    "mlp_deep_int8",
 )
 
 

@@ -1,5 +1,5 @@
 """Emulated replica faults and devices for tests and demos: replicas that answer some calls late
-or fail, and replicas with a device's service time and concurrency."""
+or fail, replicas with a device's service time and concurrency, and slower devices."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 
 from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.errors import MemberFailed
-from ensemble.replicas.base import Replica
+from ensemble.replicas.base import Replica, innermost
+from ensemble.replicas.inprocess import InProcessReplica
 
 
 class _FaultyReplica:
@@ -99,3 +100,38 @@ class DeviceReplica(_FaultyReplica):
             result = await self.inner.infer(feed, outputs)
             await self._clock.sleep(self.service_s - (self._clock.now() - started))
             return result
+
+
+class SlowReplica(_FaultyReplica):
+    """Wraps a replica as a slower device (a tier's ``compute_slowdown``): each call takes
+    ``factor`` times its compute. For an in-process replica the compute is its session's cost
+    for the call's rows as known when it was wrapped (its card's or its timed runs: warm
+    figures, so the emulated device's speed does not drift with the host's caches); for
+    others the call's whole duration."""
+
+    def __init__(self, inner: Replica, factor: float, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        super().__init__(inner, 1.0, 0)
+        self.factor = factor
+        self._clock = clock
+        found = innermost(inner)
+        runner = found.runner if isinstance(found, InProcessReplica) else None
+        self._cost = None if runner is None else (runner.fixed_s, runner.per_row_s)
+
+    def extra_s(self, rows: int) -> float | None:
+        """What the emulation adds to a call of ``rows`` rows (None: known only afterwards)."""
+        if self._cost is None:
+            return None
+        fixed_s, per_row_s = self._cost
+        return (self.factor - 1.0) * (fixed_s + per_row_s * rows)
+
+    async def _hit(
+        self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
+        started = self._clock.now()
+        result = await self.inner.infer(feed, outputs)
+        rows = next(iter(feed.values())).shape[0] if feed else 1
+        extra = self.extra_s(rows)
+        if extra is None:
+            extra = (self.factor - 1.0) * (self._clock.now() - started)
+        await self._clock.sleep(extra)
+        return result

@@ -17,6 +17,7 @@ from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
 from ensemble.replicas.estimates import PlacementEstimate, measured_round_trip_s
 from ensemble.replicas.onnx import ClassLabel
+from ensemble.replicas.split import Splitter
 from ensemble.replicas.stats import HEALTHY, ReplicaStats
 from ensemble.types import (
     MODEL_VERSION,
@@ -150,6 +151,8 @@ class Member:
         beyond the one its config's `model` is."""
         self.versions: VersionSet | None = None
         """The versions it is one of, when its member has several (set by `Versions`)."""
+        self.splitter: Splitter | None = None
+        """For a member split between two tiers: which of its paths a call takes."""
         self.inputs = inputs
         self.outputs = outputs
         self.schema = schema

@@ -41,9 +41,15 @@ from ensemble.models import zoo as zoo_module
 from ensemble.models.layout import zoo_files
 from ensemble.models.onnx_io import ORT_TO_OIP
 
-INT8_OF = {"mlp_small_int8": "mlp_small", "mlp_large_int8": "mlp_large"}
+INT8_OF = {
+    "mlp_small_int8": "mlp_small",
+    "mlp_large_int8": "mlp_large",
+    "mlp_deep_int8": "mlp_deep",
+}
 # Every member reaches 0.96-0.98 with seed 0; the margin absorbs library and seed changes.
-MIN_ACCURACY = 0.93
+MIN_ACCURACY = 0.92
+"""A floor every member clears (a broken export or quantization scores about 0.1); the int8
+members must also stay within 0.02 of their fp32 source."""
 
 
 def _card(zoo_dir: Path, name: str) -> MemberCard:
