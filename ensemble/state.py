@@ -21,6 +21,8 @@ replica stats, ejections                   ``Member.stats``            the confi
 live estimates per tier                    ``Member.estimates``        the config
 which version serves, rollout evidence     ``Versions`` (one per       the config (a reload
 and decision                               member with several)        that keeps it keeps it)
+a split member's measured parts and        ``Member.splitter``         the config
+overheads, its ways' call counts
 input drift window and score               ``EnsembleModel.watch``     the config
 emulated link settings and partitions      ``Links``                   the gateway
 replicas added or drained, scaling state   ``ControlLoop`` and the     the gateway / the config

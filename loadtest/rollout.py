@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from loadtest.experiment import (
+    ROOT,
     Driver,
     Goal,
     Report,
@@ -308,10 +309,9 @@ def render_markdown(report: Report) -> str:
 def run(settings: Settings, command: str = "") -> Report:
     from ensemble.auth import ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV
     from ensemble.models import ensure_zoo
-    from ensemble.models.layout import default_zoo_dir
 
     this = Run(NAME, settings.out, command)
-    zoo = default_zoo_dir()
+    zoo = ROOT / "models" / "digits"
     ensure_zoo(zoo)
     runs = []
     with run_tokens(ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV):

@@ -122,6 +122,44 @@ def test_profile_measures_each_tier_through_its_link(zoo_dir: Path, tmp_path: Pa
             assert not any(dominates(q, p) for q in parsed), r
 
 
+@pytest.mark.slow
+def test_profile_prints_a_split_members_table(zoo_dir: Path, tmp_path: Path) -> None:
+    doc = {
+        "model_zoo": {"dir": str(ZOO)},
+        "tiers": {
+            "edge": {"compute_slowdown": 100},
+            "cloud": {"link": {"emulate": True, "delay_ms": 25, "jitter_ms": 0}},
+        },
+        "ensembles": [
+            {
+                "name": "digits",
+                "members": [
+                    {
+                        **zoo_member("mlp_deep", {"tier": "edge"}, {"tier": "cloud"}),
+                        "split": {},
+                    }
+                ],
+            }
+        ],
+    }
+    config = tmp_path / "split.yaml"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    done = run_profile(str(config), "--quick", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.split("split members")[1].splitlines()[1:]
+    assert table[0].split()[:4] == ["member", "split", "head", "ms"]
+    rows = {line.split()[1]: line.split() for line in table[2:] if line.startswith("mlp_deep")}
+    assert list(rows)[:2] == ["edge", "cloud"] and len(rows) >= 3
+    chosen = [name for name, cells in rows.items() if cells[-1] == "*"]
+    assert chosen == ["edge"]  # 25 ms each way: the slow edge still beats the far cloud
+    assert rows["edge"][4] == "0" and rows["cloud"][4] == "256"  # bytes sent a row
+    csv = {r["tier"]: r for r in read_csv(tmp_path / "out" / "profile.csv")}
+    assert set(csv) == {f"split:{name}" for name in rows}
+    assert float(csv["split:cloud"]["p50_ms"]) >= 50  # two legs of 25 ms
+    accuracies = {r["accuracy"] for r in csv.values()}
+    assert len(accuracies) == 1  # every way answers as the whole model
+
+
 def test_profile_rejects_a_bad_config(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("ensembles: []\n")
