@@ -320,10 +320,7 @@ class HttpFrontend:
             result = await self.reloader.reload_text(text)
         else:
             result = await self.reloader.reload_file()
-        workers = {} if result.workers is None else {"workers": _by_index(result.workers)}
-        if result.ok:
-            return _json(200, dumps({"reloaded": True, "message": result.message, **workers}))
-        return _json(400, dumps({"error": result.message, "errors": result.errors, **workers}))
+        return _reload_reply(result, {"reloaded": True}, result.message)
 
     async def _repository_route(
         self, method: str, rest: list[str], scope: Scope, receive: Receive
@@ -344,11 +341,8 @@ class HttpFrontend:
         lifecycle = self.lifecycle
         act = lifecycle.load if rest[1] == "load" else lifecycle.unload
         result = await act(rest[0], version)
-        workers = {} if result.workers is None else {"workers": _by_index(result.workers)}
-        if result.ok:
-            return _json(200, dumps({"message": result.message, **workers}))
-        error = "; ".join([result.message, *result.errors])  # tritonclient shows only `error`
-        return _json(400, dumps({"error": error, "errors": result.errors, **workers}))
+        # tritonclient shows only `error`: it says everything.
+        return _reload_reply(result, {}, "; ".join([result.message, *result.errors]))
 
     async def _rollout_route(
         self, method: str, rest: list[str], scope: Scope, receive: Receive
@@ -482,6 +476,15 @@ def _headers(scope: Scope) -> dict[str, str]:
         for k, v in scope["headers"]
         if k in _WANTED_HEADERS
     }
+
+
+def _reload_reply(result: ReloadResult, done: dict[str, Any], error: str) -> Reply:
+    """A reload's answer (a config, a load or unload): 200 with ``done`` and its message, or
+    400 with ``error`` and every problem; what each worker did, with several."""
+    workers = {} if result.workers is None else {"workers": _by_index(result.workers)}
+    if result.ok:
+        return _json(200, dumps({**done, "message": result.message, **workers}))
+    return _json(400, dumps({"error": error, "errors": result.errors, **workers}))
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
