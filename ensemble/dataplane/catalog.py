@@ -28,7 +28,8 @@ class ModelConfig:
     inputs: tuple[ConfigTensor, ...]
     outputs: tuple[ConfigTensor, ...]
     parameters: tuple[tuple[str, str], ...] = ()
-    """String parameters: an ensemble's default policy and members."""
+    """String parameters: an ensemble's default policy and members; a member version's card
+    figures (test accuracy, batch-1 p50) and the SHA-256 its file was checked against."""
 
 
 def model_config(model: ServedModel, max_batch_size: int) -> ModelConfig:
@@ -47,6 +48,15 @@ def model_config(model: ServedModel, max_batch_size: int) -> ModelConfig:
     parameters: tuple[tuple[str, str], ...] = ()
     if isinstance(model, EnsembleModel):
         parameters = (("policy", model.profile), ("members", ",".join(model.members)))
+    elif model.card is not None:  # the card this version was checked against when it loaded
+        card = model.card
+        one = card.latency_ms.get("batch_1")
+        parameters = (
+            ("version", model.version),
+            ("card_accuracy", f"{card.test_accuracy:.4f}"),
+            *((("card_latency_p50_ms", f"{one.p50_ms:g}"),) if one is not None else ()),
+            ("sha256", card.sha256),
+        )
     return ModelConfig(
         meta.name,
         meta.platform,

@@ -182,6 +182,16 @@ class Versions:
         self.decisions: list[Decision] = []
         for member in self.members.values():
             member.versions = self
+        if rollout is not None:
+            how = f"a canary of {rollout.weight:.0%}" if rollout.mode == "canary" else "a shadow"
+            log.info(
+                "member %r: version %s serves, version %s runs as %s (%s)",
+                name,
+                default,
+                rollout.version,
+                how,
+                "decided on evidence" if rollout.auto else "decided by the admin API",
+            )
 
     @property
     def serving(self) -> Member:

@@ -5,6 +5,7 @@ evidence of feedback labels: a deliberately worse version rolled back, a better 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,11 @@ def test_each_version_answers_on_its_route(
         assert "available: 1, 2, 3" in missing.json()["error"]
         ready = client.get("/v2/models/clf/versions/3/ready")
         assert ready.status_code == 200
+        card = client.get("/v2/models/clf/versions/2/config").json()["parameters"]
+        assert card["version"]["string_value"] == "2"
+        forest = json.loads((ZOO / "forest.card.json").read_text())
+        assert card["sha256"]["string_value"] == forest["sha256"]
+        assert float(card["card_accuracy"]["string_value"]) == round(forest["test_accuracy"], 4)
         index = {(e["name"], e["version"]): e for e in client.post("/v2/repository/index").json()}
         assert index[("clf", "2")]["reason"] == "serving"
         assert index[("clf", "3")]["state"] == "READY"
