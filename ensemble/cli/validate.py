@@ -78,11 +78,14 @@ def _digest_errors(path: Path, cfg: GatewayConfig) -> list[str]:
 
 
 def _versions(member: MemberConfig) -> str:
-    """`` versions 1,2 (rollout of 2: canary 10%)`` for a member with several, else empty."""
-    if not member.versions and member.loaded:
-        return ""
+    """`` versions 1,2 (rollout of 2: canary 10%)`` for a member with several, `` split
+    (latency)`` for a split one, else empty."""
     if not member.loaded:
         return " (unloaded)"
+    if member.split is not None:
+        return f" split ({member.split.policy.name})"
+    if not member.versions:
+        return ""
     text = f" versions {','.join(member.served_versions())}"
     rollout = member.rollout
     if rollout is not None:
