@@ -44,9 +44,11 @@ class ModelLifecycle:
         )
 
 
-def requested_version(parameters: Mapping[str, object]) -> str | None:
+def requested_version(parameters: object) -> str | None:
     """The version a load or unload request's parameters name (None: the whole model).
     Triton's `config` and `file:` overrides are refused: models come from the config."""
+    if not isinstance(parameters, Mapping):
+        raise InvalidInput("`parameters` must be a JSON object")
     for key in parameters:
         if key == "config" or key.startswith("file:"):
             raise InvalidInput(

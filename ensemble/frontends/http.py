@@ -334,13 +334,8 @@ class HttpFrontend:
         _expect(method, "POST")
         self._authorize(scope, self.admin)
         body = _json_object(await self._read_body(_headers(scope), receive) or b"{}")
-        parameters = body.get("parameters", {})
-        if not isinstance(parameters, dict):
-            raise InvalidInput("`parameters` must be a JSON object")
-        version = requested_version(parameters)
-        lifecycle = self.lifecycle
-        act = lifecycle.load if rest[1] == "load" else lifecycle.unload
-        result = await act(rest[0], version)
+        act = self.lifecycle.load if rest[1] == "load" else self.lifecycle.unload
+        result = await act(rest[0], requested_version(body.get("parameters", {})))
         # tritonclient shows only `error`: it says everything.
         return _reload_reply(result, {}, "; ".join([result.message, *result.errors]))
 

@@ -239,7 +239,7 @@ def test_lifecycle_errors(tmp_path: Path) -> None:
         with_loaded(one, "clf", "1", loaded=False)
     assert requested_version({"version": 2, "unload_dependents": True}) == "2"
     assert requested_version({}) is None
-    for bad in ({"config": "{}"}, {"file:1/model.onnx": "x"}, {"colour": 1}, {"version": []}):
+    for bad in ({"config": "{}"}, {"file:1/model.onnx": "x"}, {"colour": 1}, {"version": []}, []):
         with pytest.raises(InvalidInput):
             requested_version(bad)
 
