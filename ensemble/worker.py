@@ -192,7 +192,8 @@ class _ClusterRoutes:
         missing = sorted(index for index, (ok, _) in answers.items() if not ok)
         if missing:  # a partial sum would look like counters going back: fail the scrape
             raise WorkerUnavailable(f"worker(s) {missing} did not report their metrics")
-        return exposition(merge([value for _, value in answers.values()]))
+        indexes = sorted(answers)
+        return exposition(merge([answers[i][1] for i in indexes], indexes))
 
     async def feedback(self, name: str, body: bytes) -> dict[str, Any]:
         feedback = self._worker.gateway.dispatcher.feedback

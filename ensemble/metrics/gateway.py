@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -106,6 +106,13 @@ class GatewayMetrics:
         """Client connections the gateway closed or refused, by (protocol, reason)."""
         self.open_connections: Callable[[], Iterable[tuple[str, int]]] = tuple
         """Read at scrape time: (protocol, client connections open now)."""
+        self.process = (
+            ProcessCollector(registry=None),
+            PlatformCollector(registry=None),
+            GCCollector(registry=CollectorRegistry()),  # it must register somewhere
+        )
+        """prometheus-client's own: the process's CPU, memory, descriptors and start time
+        (`process_*`), the interpreter (`python_info`) and its garbage collector (`python_gc_*`)."""
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.registry.register(self)
 
@@ -198,6 +205,8 @@ class GatewayMetrics:
         yield from placement_families(self.placements())
         yield from version_families(self.versions())
         yield from split_families(self.splits())
+        for collector in self.process:
+            yield from collector.collect()
 
     def exposition(self) -> tuple[bytes, str]:
         """Body and content type of the Prometheus text exposition."""

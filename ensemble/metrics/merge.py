@@ -41,6 +41,7 @@ SAME_IN_EVERY_WORKER = frozenset(
         "ensemble_rollout_decisions",
         "ensemble_split_expected_seconds",
         "ensemble_split_chosen",
+        "python_info",
     }
 )
 """Families whose value each worker holds a copy of: the largest is shown (a worker that just
@@ -52,6 +53,10 @@ latency is each worker's own (the largest is shown), calls add up."""
 WEAKEST_WORKER = frozenset({"ensemble_model_ready", "ensemble_replica_ready"})
 """Families shown as the smallest value of any worker."""
 
+PER_WORKER_PREFIXES = ("process_", "python_gc_")
+"""Families of each worker's own process (CPU, memory, descriptors, start time, garbage
+collector): shown per worker, with a `worker` label, never added up."""
+
 
 def _combine(name: str) -> Callable[[Iterable[float]], float]:
     if name in SAME_IN_EVERY_WORKER:
@@ -61,18 +66,23 @@ def _combine(name: str) -> Callable[[Iterable[float]], float]:
     return sum
 
 
-def merge(workers: Sequence[Sequence[Metric]]) -> list[Metric]:
-    """Every worker's families (each from ``GatewayMetrics.collect``) as one set."""
+def merge(
+    workers: Sequence[Sequence[Metric]], indexes: Sequence[int] | None = None
+) -> list[Metric]:
+    """Every worker's families (each from ``GatewayMetrics.collect``) as one set; the
+    process families labelled with each worker's index (``indexes``, default 0, 1, ...)."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]] = {}
-    for metrics in workers:
+    for index, metrics in zip(indexes or range(len(workers)), workers, strict=True):
         for family in metrics:
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)
                 values[family.name] = {}
             samples = values[family.name]
+            own = family.name.startswith(PER_WORKER_PREFIXES)
             for s in family.samples:
-                samples.setdefault((s.name, tuple(sorted(s.labels.items()))), []).append(s.value)
+                tags = {**s.labels, "worker": str(index)} if own else s.labels
+                samples.setdefault((s.name, tuple(sorted(tags.items()))), []).append(s.value)
     merged = []
     for name, family in families.items():
         combine = _combine(name)

@@ -231,6 +231,11 @@ def test_metrics_of_all_workers_add_up_and_shared_state_shows_once() -> None:
     assert 'ensemble_model_ready{model="digits"} 0.0' in text  # not ready in every worker
     assert "ensemble_request_duration_seconds_count" in text
     assert 'ensemble_request_duration_seconds_count{model="digits",protocol="http"} 2.0' in text
+    # Each worker's process is its own: shown per worker, never added up.
+    assert 'process_start_time_seconds{worker="0"}' in text
+    assert 'process_start_time_seconds{worker="1"}' in text
+    [info] = [line for line in text.splitlines() if line.startswith("python_info{")]
+    assert info.endswith(" 1.0")  # one interpreter, the same in each
 
 
 def test_a_worker_that_leaves_before_it_is_welcomed_never_counts_as_live(tmp_path: Path) -> None:
