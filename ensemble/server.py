@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import uvicorn
 
+from ensemble import tracing
 from ensemble.auth import ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV, ApiKeys, admin_credential
 from ensemble.cluster.slots import Slots
 from ensemble.config import GatewayConfig, ServerConfig, TlsConfig
@@ -29,8 +30,9 @@ from ensemble.control.reload import Reloader
 from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.frontends.connections import ConnectionGuard, ConnectionLimits, GatewayHttpProtocol
 from ensemble.frontends.grpc import start_grpc_server
-from ensemble.frontends.http import HttpFrontend, LocalRoutes, Reloads, SharedRoutes
+from ensemble.frontends.http import HttpFrontend
 from ensemble.frontends.limits import Offload, RequestLimits
+from ensemble.frontends.routes import LocalRoutes, Reloads, SharedRoutes
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.links import Links
@@ -238,6 +240,9 @@ class Gateway:
         ``http_app``."""
         server = self.server
         tls = _tls_files(server.tls)  # before anything starts: a bad file is the whole error
+        if server.tracing.enabled:
+            tracing.configure(server.tracing)
+            log.info("tracing: %s to %s", server.tracing.exporter, server.tracing.endpoint)
         api_keys = ApiKeys.from_env()
         if api_keys.required:
             log.info("inference needs an API key (%d configured)", len(api_keys))
@@ -338,6 +343,8 @@ class Gateway:
         await self.dispatcher.repository.close()
         self.engine.shutdown()
         self.offload.shutdown()
+        if self.server.tracing.enabled:
+            tracing.shutdown()  # the spans not exported yet
 
     async def wait_failed(self) -> None:
         """Returns if a frontend dies on its own (a bug, or a lost socket)."""

@@ -28,6 +28,7 @@ emulated link settings and partitions      ``Links``                   the gatew
 replicas added or drained, scaling state   ``ControlLoop`` and the     the gateway / the config
                                            ``Fleet``'s provisioners
 counts, spend, replica-seconds             ``GatewayMetrics``          the gateway
+the tracer and its exporter                ``ensemble.tracing``        the process
 =========================================  ==========================  ========================
 
 "The config" means a hot reload replaces it; a reload keeps the learning cell of each profile

@@ -40,7 +40,7 @@ from ensemble.config.policies import (
     ProfileConfig,
     UncertaintyConfig,
 )
-from ensemble.config.server import RayConfig, ServerConfig, TlsConfig
+from ensemble.config.server import RayConfig, ServerConfig, TlsConfig, TracingConfig
 from ensemble.config.tiers import LinkConfig, LossMode, TierConfig
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "StrictModel",
     "TierConfig",
     "TlsConfig",
+    "TracingConfig",
     "UncertaintyConfig",
     "VersionConfig",
     "json_schema",

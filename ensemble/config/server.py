@@ -42,6 +42,31 @@ class TlsConfig(StrictModel):
         )
 
 
+class TracingConfig(StrictModel):
+    """Traces with OpenTelemetry: a span per inference request, a child span per member call
+    attempt; needs the `tracing` extra (`pip install 'ensemble-gateway[tracing]'`)."""
+
+    enabled: bool = Field(False, description="Export traces (off: no cost per request).")
+    exporter: Literal["otlp", "console"] = Field(
+        "otlp",
+        description="`otlp`: OTLP over HTTP to `endpoint` (an OpenTelemetry Collector, Jaeger, "
+        "Tempo); `console`: JSON lines on stderr.",
+    )
+    endpoint: str = Field(
+        "http://127.0.0.1:4318/v1/traces", description="Where OTLP/HTTP spans are sent."
+    )
+    sample_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of traces recorded when a request comes without a sampled parent "
+        "(a client's `traceparent` decides for its own).",
+    )
+    service_name: str = Field(
+        "ensemble-gateway", min_length=1, description="The `service.name` resource attribute."
+    )
+
+
 class ServerConfig(StrictModel):
     """Listening addresses and request limits."""
 
@@ -165,6 +190,9 @@ class ServerConfig(StrictModel):
     tls: TlsConfig | None = Field(
         None,
         description="Serve HTTPS and gRPC over TLS with these files (plain text when absent).",
+    )
+    tracing: TracingConfig = Field(
+        default_factory=TracingConfig, description="OpenTelemetry traces (off by default)."
     )
 
 

@@ -4,13 +4,15 @@ Tail at Scale), retry on another replica or tier within a budget, and time out e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
+from ensemble import tracing
 from ensemble.clock import Timer
 from ensemble.errors import DeadlineExceeded, InvalidInput
-from ensemble.replicas.base import Replica
+from ensemble.replicas.base import Replica, innermost
+from ensemble.replicas.links import link_of
 from ensemble.replicas.member import Member
 
 Outputs = dict[str, np.ndarray]
@@ -42,7 +44,9 @@ class Call:
         outputs: tuple[str, ...] | None,
     ) -> None:
         self._begin(member, replica)
-        self.future: asyncio.Future[Outputs] = asyncio.ensure_future(replica.infer(feed, outputs))
+        self.future: asyncio.Future[Outputs] = asyncio.ensure_future(
+            _sent(member, replica, feed, outputs, 1, "first")
+        )
         self.stats = member.attempt(replica)
         self.cost = member.tier_costs.get(replica.tier, 0.0)
         self.future.add_done_callback(self._stamp)
@@ -167,14 +171,16 @@ class ResilientCall(Call):
             and self._may_hedge()
         ):
             self.hedged = True
-            self._launch()
+            self._launch("hedge")
 
-    def _launch(self) -> None:
+    def _launch(self, kind: str = "first") -> None:
         replica = self._order[self._tried]
         self._tried += 1
         left = min(self._max_attempts - self.retries, len(self._order) - self._tried + 1)
         timeout = self._attempt_timeout(left)
-        attempt = asyncio.ensure_future(replica.infer(self._feed, self._outputs))
+        attempt = asyncio.ensure_future(
+            _sent(self.member, replica, self._feed, self._outputs, self._tried, kind)
+        )
         stats = self.member.attempt(replica)
         self.cost += self.member.tier_costs.get(replica.tier, 0.0)
         clock = self.member.clock
@@ -228,7 +234,7 @@ class ResilientCall(Call):
             return False
         if 1 + self.retries < self._max_attempts and self._may_retry():
             self.retries += 1
-            self._launch()
+            self._launch("retry")
             return True
         if not self.hedged:  # fail over now rather than at the hedge delay
             self.hedge_now()
@@ -242,6 +248,37 @@ class ResilientCall(Call):
         for attempt in self._attempts:
             if not attempt.done():
                 attempt.cancel()  # the loser: its queued in-process work is skipped
+
+
+def _sent(
+    member: Member,
+    replica: Replica,
+    feed: dict[str, np.ndarray],
+    outputs: tuple[str, ...] | None,
+    number: int,
+    kind: str,
+) -> Awaitable[Outputs]:
+    """One attempt of a member call (``kind``: first, hedge or retry), traced when tracing
+    is on."""
+    call = replica.infer(feed, outputs)
+    if not tracing.enabled():
+        return call
+    attributes: dict[str, str | bool | int | float] = {
+        "ensemble.member": member.name,
+        "ensemble.member.version": member.version,
+        "ensemble.tier": replica.tier,
+        "ensemble.replica": replica.name,
+        "ensemble.attempt": number,
+        "ensemble.attempt.kind": kind,
+    }
+    link = link_of(replica)
+    if link is not None:
+        attributes["ensemble.link.delay_ms"] = link.settings.delay_ms
+        attributes["ensemble.link.partitioned"] = link.settings.partitioned
+    endpoint = getattr(innermost(replica), "endpoint", None)
+    if isinstance(endpoint, str):
+        attributes["server.address"] = endpoint
+    return tracing.attempt(call, f"call {member.name}", attributes)
 
 
 class Stage:

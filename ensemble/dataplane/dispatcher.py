@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ensemble import __version__
+from ensemble import __version__, tracing
 from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.cluster.slots import Slots
 from ensemble.dataplane import respond
@@ -45,6 +45,22 @@ from ensemble.types import (
 from policies.split import expected_s
 
 SERVER_NAME = "ensemble-gateway"
+TRACED_PARAMETERS = (
+    "policy",
+    "members_asked",
+    "members_answered",
+    "versions",
+    "degraded",
+    "violations",
+    "unreachable",
+    "hedges",
+    "retries",
+    "deadline_met",
+    "cost",
+    "stages",
+    "fallback",
+)
+"""Response parameters a request's span repeats (how its answer was made)."""
 EXTENSIONS = ("binary_tensor_data", "parameters", "model_configuration", "model_repository")
 
 
@@ -152,10 +168,17 @@ class Dispatcher:
         for m in self.repository.every:
             restarts = {r.name: getattr(innermost(r), "restarts", 0) for r in m.replicas}
             states += [
-                (m.label, v.name, v.tier, v.ready, v.ejected, m.stats[v.name].ejections,
-                 restarts.get(v.name, 0))
+                (
+                    m.label,
+                    v.name,
+                    v.tier,
+                    v.ready,
+                    v.ejected,
+                    m.stats[v.name].ejections,
+                    restarts.get(v.name, 0),
+                )
                 for v in m.replica_views()
-            ]  # fmt: skip
+            ]
         return states
 
     def _drift(self) -> list[tuple[str, float | None]]:
@@ -176,12 +199,19 @@ class Dispatcher:
                 decided = [d.verdict for d in several.decisions if d.candidate == version]
                 readings.append(
                     VersionReading(
-                        name, version, share, rollout.phase, evidence.calls, evidence.errors,
-                        evidence.p95_s, evidence.labelled, evidence.accuracy,
+                        name,
+                        version,
+                        share,
+                        rollout.phase,
+                        evidence.calls,
+                        evidence.errors,
+                        evidence.p95_s,
+                        evidence.labelled,
+                        evidence.accuracy,
                         alike / compared if compared and version == rollout.candidate else None,
                         tuple((v, decided.count(v)) for v in sorted(set(decided))),
                     )
-                )  # fmt: skip
+                )
         return readings
 
     def _splits(self) -> list[SplitReading]:
@@ -193,10 +223,15 @@ class Dispatcher:
             ctx = splitter.context(1)
             choice = splitter.policy.choose(ctx)
             readings += [
-                SplitReading(member.label, o.name, splitter.chosen[o.name], expected_s(o, ctx),
-                             o.name == choice)
+                SplitReading(
+                    member.label,
+                    o.name,
+                    splitter.chosen[o.name],
+                    expected_s(o, ctx),
+                    o.name == choice,
+                )
                 for o in ctx.options
-            ]  # fmt: skip
+            ]
         return readings
 
     def _placements(self) -> list[tuple[str, PlacementView]]:
@@ -280,6 +315,8 @@ class Dispatcher:
                         )
                         version = model.version
             outputs = respond.requested(request, outputs)
+            if tracing.enabled():
+                tracing.annotate(_traced(model.name, version, params))
             return InferResponse(model.name, version, outputs, request.id, params)
         except BaseException as exc:
             error = exc
@@ -319,9 +356,15 @@ class Dispatcher:
         if shadow is not None:
             routing = RoutingContext(member.name, contract.tier, repository.tiers)
             mirror(
-                call, shadow, feed, None, routing, repository.direct, self._rng,
+                call,
+                shadow,
+                feed,
+                None,
+                routing,
+                repository.direct,
+                self._rng,
                 lambda copy: record_call(self.metrics, member.name, copy),
-            )  # fmt: skip
+            )
         outcome: str | None = None
         try:
             await wait_calls([call], deadline, self.clock)
@@ -412,6 +455,19 @@ class Dispatcher:
                 escalated = await run.escalate()
             self.metrics.record_uncertain(model.name, escalated)
         return doubt, escalated
+
+
+def _traced(model: str, version: str, params: Parameters) -> dict[str, str | bool | int | float]:
+    """How the answer was made, as the request span's attributes."""
+    out: dict[str, str | bool | int | float] = {
+        "ensemble.model": model,
+        "ensemble.model.version": version,
+    }
+    for key in TRACED_PARAMETERS:
+        value = params.get(key)
+        if value is not None:
+            out[f"ensemble.{key}"] = value
+    return out
 
 
 def _aggregate(model: EnsembleModel, profile: Profile, run: EnsembleRun) -> Aggregate:

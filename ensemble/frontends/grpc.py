@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2
 
+from ensemble import tracing
 from ensemble.auth import ApiKeys, BearerToken, admin_credential
 from ensemble.control.lifecycle import ModelLifecycle, requested_version
 from ensemble.control.reload import ReloadResult
@@ -30,6 +31,20 @@ PROTOCOL: Final = "grpc"
 SERVICE_NAME: Final = "inference.GRPCInferenceService"
 GUARDED: Final = frozenset({"ModelInfer", "ModelMetadata", "ModelConfig", "RepositoryIndex"})
 """RPCs that need an API key when the gateway has some (health and server metadata stay open)."""
+
+TRACE_KEYS: Final = frozenset({"traceparent", "tracestate"})
+"""The metadata a client's trace context comes in (W3C Trace Context)."""
+SERVER_FAULTS: Final = frozenset(
+    {
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+"""Codes that mark a server span as failed (the client's own mistakes do not)."""
 
 _CONFIG_TYPES: Final[dict[str, Any]] = {
     "BOOL": model_config_pb2.TYPE_BOOL,
@@ -226,6 +241,27 @@ class InferenceServicer:
 
     @_rpc
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        if not tracing.enabled():
+            return await self._infer(request, context)
+        carrier = {k: v for k, v in context.invocation_metadata() if k in TRACE_KEYS}
+        attributes = {
+            "rpc.system": "grpc",
+            "rpc.service": SERVICE_NAME,
+            "rpc.method": "ModelInfer",
+            "ensemble.model": request.model_name,
+        }
+        with tracing.request_span(f"{SERVICE_NAME}/ModelInfer", carrier, attributes) as span:
+            try:
+                response = await self._infer(request, context)
+            except Exception as exc:
+                code = exc_code(exc) if isinstance(exc, EnsembleError) else grpc.StatusCode.INTERNAL
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                tracing.failed(span, exc, server_fault=code in SERVER_FAULTS)
+                raise
+            span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+            return response
+
+    async def _infer(self, request: Any, context: Any) -> Any:
         started = self._dispatcher.clock.now()
         name, version = request.model_name, request.model_version or None
         try:

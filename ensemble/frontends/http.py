@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Protocol, TypeAlias
+from typing import Any, TypeAlias
 
 import orjson
 from pydantic import ValidationError
 
+from ensemble import tracing
 from ensemble.auth import ApiKeys, BearerToken, admin_credential
 from ensemble.control.lifecycle import ModelLifecycle, requested_version
 from ensemble.control.reload import ReloadResult
@@ -34,6 +35,7 @@ from ensemble.errors import (
 )
 from ensemble.frontends.body import read_body
 from ensemble.frontends.limits import Offload, RequestLimits, ValueGuard, counts_values
+from ensemble.frontends.routes import LocalRoutes, Reloads, SharedRoutes
 from ensemble.metrics import GatewayMetrics
 from ensemble.oip.rest import (
     HEADER_LENGTH,
@@ -258,6 +260,29 @@ class HttpFrontend:
         raise NotFound(f"no route for {method} {scope['path']}")
 
     async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive) -> Reply:
+        if not tracing.enabled():
+            return await self._answer(name, version, scope, receive)
+        route = "/v2/models/{model}" + ("/versions/{version}" if version else "") + "/infer"
+        attributes = {
+            "http.request.method": "POST",
+            "http.route": route,
+            "url.path": scope["path"],
+            "ensemble.model": name,
+        }
+        with tracing.request_span(f"POST {route}", _headers(scope), attributes) as span:
+            try:
+                reply = await self._answer(name, version, scope, receive)
+            except Exception as exc:
+                status = exc.http_status if isinstance(exc, EnsembleError) else 500
+                span.set_attribute("http.response.status_code", status)
+                tracing.failed(span, exc, server_fault=status >= 500)
+                raise
+            span.set_attribute("http.response.status_code", reply[0])
+            return reply
+
+    async def _answer(
+        self, name: str, version: str | None, scope: Scope, receive: Receive
+    ) -> Reply:
         started = self.dispatcher.clock.now()
         headers = _headers(scope)
         header_length = headers.get(HEADER_LENGTH)
@@ -408,55 +433,17 @@ class HttpFrontend:
         ]
 
 
-class Reloads(Protocol):
-    """Applies configs to the gateway: ``control.reload.Reloader`` in one process, all
-    workers together in several."""
-
-    async def reload_text(self, text: str) -> ReloadResult: ...
-
-    async def reload_file(self) -> ReloadResult: ...
-
-
-class SharedRoutes(Protocol):
-    """The routes whose state a gateway's workers share; ``LocalRoutes`` serves one process."""
-
-    async def exposition(self) -> tuple[bytes, str]:
-        """`/metrics`: the body and content type (the whole gateway's counts)."""
-        ...
-
-    async def feedback(self, name: str, body: bytes) -> dict[str, Any]:
-        """A feedback post joined to its answer, wherever that answer is kept."""
-        ...
-
-    def change_link(self, link: Link, changes: dict[str, Any] | None) -> Link:
-        """Override ``link``'s settings (None: back to the config's) in every worker; the
-        link as it is now. ValueError or pydantic's ValidationError, changing nothing, when
-        the changes are not valid."""
-        ...
-
-
-class LocalRoutes:
-    """One gateway process: its own metrics, answers and links are all there is."""
-
-    def __init__(self, dispatcher: Dispatcher, metrics: GatewayMetrics) -> None:
-        self._dispatcher, self._metrics = dispatcher, metrics
-
-    async def exposition(self) -> tuple[bytes, str]:
-        return self._metrics.exposition()
-
-    async def feedback(self, name: str, body: bytes) -> dict[str, Any]:
-        return self._dispatcher.feedback.submit(name, body)
-
-    def change_link(self, link: Link, changes: dict[str, Any] | None) -> Link:
-        link.change(changes)
-        return link
-
-
 _OPEN_MODEL_ROUTES = (["ready"], ["feedback"])
 """Model routes API keys do not guard: the readiness probe, and feedback (its own token)."""
 
 _WANTED_HEADERS = frozenset(
-    {b"content-length", b"content-encoding", HEADER_LENGTH.encode("latin-1")}
+    {
+        b"content-length",
+        b"content-encoding",
+        HEADER_LENGTH.encode("latin-1"),
+        b"traceparent",
+        b"tracestate",
+    }
 )
 
 

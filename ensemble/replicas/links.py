@@ -237,6 +237,16 @@ def round_trip_s(replica: Replica) -> float:
     return total
 
 
+def link_of(replica: Replica) -> Link | None:
+    """The emulated link ``replica`` (or a replica it wraps) is reached across, if any."""
+    found: Replica | None = replica
+    while found is not None:
+        if isinstance(found, LinkedReplica) and found.link.emulated:
+            return found.link
+        found = getattr(found, "inner", None)
+    return None
+
+
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Bytes a call's tensors take on the wire (close enough: their raw contents)."""
     return sum(int(array.nbytes) for array in arrays.values())

@@ -10,6 +10,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from ensemble import tracing
 from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
 from ensemble.oip.datatypes import numpy_to_oip
 from ensemble.oip.grpc import decode_infer_response
@@ -78,6 +79,8 @@ class GrpcReplica(RemoteReplica):
         # `timeout` parameter): the gateway's timers cancel the call first, so a deadline
         # the request missed does not count as the replica's failure.
         deadline_s = None if timeout_us is None else timeout_us / 1e6 + GRPC_DEADLINE_GRACE_S
+        headers: dict[str, str] = {}
+        tracing.inject(headers)  # the call's span is the server's parent (gRPC metadata)
         try:
             result = await self._client.infer(
                 self.model,
@@ -86,6 +89,7 @@ class GrpcReplica(RemoteReplica):
                 priority=priority or 0,
                 timeout=timeout_us,
                 client_timeout=deadline_s,
+                **({"headers": headers} if headers else {}),
             )
         except InferenceServerException as exc:
             raise status_error(self, exc) from exc

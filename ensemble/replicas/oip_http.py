@@ -8,6 +8,7 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
+from ensemble import tracing
 from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
 from ensemble.oip.rest import (
     HEADER_LENGTH,
@@ -87,6 +88,7 @@ class HttpReplica(RemoteReplica):
             "content-type": "application/octet-stream",
             HEADER_LENGTH: str(header_length),
         }
+        tracing.inject(headers)  # the call's span is the server's parent
         try:
             response = await self._client.post(self._infer_path, content=body, headers=headers)
         except httpx.HTTPError as exc:
