@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import ClassVar
 
 REJECTION_REASONS = (
@@ -229,3 +230,13 @@ class ConfigError(Exception):
         self.source = source
         self.errors = errors
         super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(errors))
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """EnsembleError naming the extra to install when ``module`` is not installed (the slim
+    install leaves out Ray, the zoo's training stack and plotting)."""
+    if importlib.util.find_spec(module) is None:
+        raise EnsembleError(
+            f"{what} needs {module}, which this install does not have: "
+            f"pip install 'ensemble-gateway[{extra}]'"
+        )

@@ -36,6 +36,7 @@ from ensemble.control.ray_runtime import (
     serve_deployment,
     waiting_for,
 )
+from ensemble.errors import require_extra
 from ensemble.replicas.ray_loopback import LOOPBACK_ENV
 from ensemble.server import Addresses, Gateway
 from ensemble.worker import Worker
@@ -247,6 +248,8 @@ def serve_on_cluster(
     Ray cluster at ``address``; stay attached until SIGTERM or SIGINT, then delete the
     application (the gateway drains first). The exit code."""
     import signal
+
+    require_extra("ray", "ray", "`serve --ray-address`")
 
     if is_loopback(address):  # a cluster on loopback: keep Ray's idea of this node loopback
         os.environ.setdefault(LOOPBACK_ENV, "0")

@@ -30,7 +30,7 @@ import numpy as np
 
 from ensemble.cards import member_card, member_digests
 from ensemble.config import GatewayConfig, MemberConfig, Placement, RayDeploymentConfig
-from ensemble.errors import DeadlineExceeded, EnsembleError, ModelIntegrityError
+from ensemble.errors import DeadlineExceeded, EnsembleError, ModelIntegrityError, require_extra
 from ensemble.integrity import Digest, read_verified, sha256_hex, verify
 from ensemble.replicas.ray_loopback import loopback_environment
 from ensemble.replicas.remote import Outputs
@@ -262,6 +262,7 @@ class RayRuntime:
         """Start a private Ray on 127.0.0.1 offering every tier as a custom resource, deploy
         the config's `ray` placements, and wait until they run. Every process of that Ray
         listens on loopback only (`ray_loopback`; tests/integration/test_ray_loopback.py)."""
+        require_extra("ray", "ray", "a `ray` placement")
         loopback_environment()
         if "RAY_AUTH_MODE" not in os.environ:
             # Loopback keeps the network out, not the host's other users: Ray's processes

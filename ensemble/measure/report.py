@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -168,9 +169,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def write_outputs(rows: list[ProfileRow], out_dir: Path, title: str) -> list[Path]:
-    """``profile.csv``, ``profile.md`` and ``profile.png`` in ``out_dir``; returns their paths."""
-    from ensemble.measure.plot import pareto_plot
-
+    """``profile.csv``, ``profile.md`` and ``profile.png`` (with matplotlib, the `plot` extra)
+    in ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "profile.csv", out_dir / "profile.md", out_dir / "profile.png"]
     paths[0].write_text(format_csv(rows), encoding="utf-8")
@@ -182,5 +182,9 @@ def write_outputs(rows: list[ProfileRow], out_dir: Path, title: str) -> list[Pat
         "pareto: not dominated on (accuracy, p50).\n\n"
     )
     paths[1].write_text(note + format_markdown(rows), encoding="utf-8")
+    if importlib.util.find_spec("matplotlib") is None:  # the slim install: no plot
+        return paths[:2]
+    from ensemble.measure.plot import pareto_plot
+
     pareto_plot(rows, paths[2], title)
     return paths

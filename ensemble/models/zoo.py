@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from ensemble.errors import require_extra
 from ensemble.models.card import ZooManifest, load_manifest
 from ensemble.models.layout import MEMBER_NAMES, ZOO_FORMAT_VERSION, zoo_files
 
@@ -57,6 +58,8 @@ def complete_manifest(zoo_dir: Path) -> ZooManifest | None:
 def _build(out_dir: Path, seed: int, progress: Progress | None) -> ZooManifest:
     # Imported on demand: scikit-learn and skl2onnx take seconds to import, and code that only
     # reads cards (the gateway) should not pay for them.
+    require_extra("sklearn", "zoo", "training the model zoo")
+    require_extra("skl2onnx", "zoo", "training the model zoo")
     from ensemble.models.builder import build_unlocked
 
     return build_unlocked(out_dir, seed=seed, progress=progress or _discard)

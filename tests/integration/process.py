@@ -96,13 +96,18 @@ def start_replica(
 
 
 def _start(
-    args: list[str], log_path: Path, timeout_s: float, env: dict[str, str] | None
+    args: list[str],
+    log_path: Path,
+    timeout_s: float,
+    env: dict[str, str] | None,
+    command: list[str] | None = None,
+    cwd: Path = ROOT,
 ) -> GatewayProcess:
-    cmd = cli_command(*args)
+    cmd = [*command, *args] if command is not None else cli_command(*args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env
+            cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env
         )
     assert proc.stdout is not None
     sel = selectors.DefaultSelector()
@@ -124,6 +129,14 @@ def _start(
     proc.wait()
     proc.stdout.close()
     raise AssertionError(f"`ensemble {args[0]}` did not become ready:\n{log_path.read_text()}")
+
+
+def start_installed(
+    ensemble: Path, args: list[str], log_path: Path, timeout_s: float = 120.0
+) -> GatewayProcess:
+    """Run an installed `ensemble` command (another virtual environment's) in ``log_path``'s
+    directory, so it imports that environment's package, not this checkout's."""
+    return _start(args, log_path, timeout_s, None, [str(ensemble)], log_path.parent)
 
 
 def inflight(url: str) -> float:
