@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ensemble.auth import ADMIN_TOKEN_ENV, API_KEYS_ENV, FEEDBACK_TOKEN_ENV
@@ -36,7 +37,7 @@ from ensemble.control.ray_runtime import (
     serve_deployment,
     waiting_for,
 )
-from ensemble.errors import require_extra
+from ensemble.errors import EnsembleError, require_extra
 from ensemble.replicas.ray_loopback import LOOPBACK_ENV
 from ensemble.server import Addresses, Gateway
 from ensemble.worker import Worker
@@ -238,6 +239,51 @@ def _stay_attached(
             healthy = running
 
 
+def _application(cfg: GatewayConfig, *, detached: bool) -> tuple[Any, Any]:
+    """The hub actor (``detached``: it outlives the process that made it) and the Serve
+    application: the gateway deployment bound to the config's `ray` deployments."""
+    import ray
+    from ray import serve
+
+    specs = ray_specs(cfg)
+    reset_targets(cfg.ray.app, specs)
+    members = {name: member_app(spec) for name, spec in specs.items()}
+    hub_name = f"{cfg.ray.app}-hub"
+    options: dict[str, Any] = {"lifetime": "detached", "get_if_exists": True} if detached else {}
+    hub: Any = (
+        ray.remote(HubActor)
+        .options(
+            name=hub_name, namespace=HUB_NAMESPACE, num_cpus=0, max_concurrency=1000, **options
+        )
+        .remote(*_config_text(cfg))
+    )
+    gateway = serve_deployment(
+        serve.ingress()(GatewayDeployment),
+        name="gateway",
+        max_replicas_per_node=1,  # two on one node would share its cores and gRPC port
+        ray_actor_options=_gateway_actor(cfg),
+        **_gateway_sizing(cfg),
+    )
+    return hub, gateway.bind(cfg, specs, hub_name, **members)
+
+
+def app(args: dict[str, str]) -> Any:
+    """The gateway as a Serve application built from the config file ``args["config"]``, for
+    declarative deploys: KubeRay's RayService (`serveConfigV2` with import path
+    `ensemble.serve_app:app`, deploy/kubernetes/rayservice.yaml) or `serve run`. Its hub is a
+    detached actor (no command stays attached to own it): delete the application and the
+    actor `{app}-hub` (namespace `ensemble`) together. SIGHUP reloads do not apply; reload
+    through `PUT /admin/config` instead."""
+    require_extra("ray", "ray", "the gateway's Serve application")
+    from ensemble.config import load_config
+
+    config = args.get("config")
+    if not config:
+        raise EnsembleError('the application needs its config: args {"config": PATH}')
+    _, application = _application(load_config(Path(config)), detached=True)
+    return application
+
+
 def serve_on_cluster(
     cfg: GatewayConfig,
     address: str,
@@ -277,25 +323,10 @@ def serve_on_cluster(
             http_options=_proxy_options(cfg, http_port),
             logging_config=SERVE_LOGGING,
         )
-        specs = ray_specs(cfg)
-        reset_targets(app, specs)
-        members = {name: member_app(spec) for name, spec in specs.items()}
-        hub_name = f"{app}-hub"
-        hub: Any = (
-            ray.remote(HubActor)
-            .options(name=hub_name, namespace=HUB_NAMESPACE, num_cpus=0, max_concurrency=1000)
-            .remote(*_config_text(cfg))
-        )
-        gateway = serve_deployment(
-            serve.ingress()(GatewayDeployment),
-            name="gateway",
-            max_replicas_per_node=1,  # two on one node would share its cores and gRPC port
-            ray_actor_options=_gateway_actor(cfg),
-            **_gateway_sizing(cfg),
-        )
-        progress(f"deploying Serve application {app}: gateway + {len(specs)} ray deployment(s)")
+        hub, application = _application(cfg, detached=False)
+        progress(f"deploying Serve application {app}: the gateway and its ray deployments")
         deploy(
-            gateway.bind(cfg, specs, hub_name, **members),
+            application,
             app,
             progress,
             timeout_s=cfg.ray.deploy_timeout_s,

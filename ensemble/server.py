@@ -412,5 +412,8 @@ async def run_gateway(
         # handlers, and a repeated stop request (a supervisor that signals twice) would then
         # kill the exit half-way with -SIGTERM instead of 0.
         loop.remove_signal_handler(sig)
-        signal.signal(sig, signal.SIG_IGN)
+        # A repeated signal landing while the handler changes makes CPython raise "ignored
+        # due to race condition": ignoring it is what this line is for.
+        with contextlib.suppress(OSError):
+            signal.signal(sig, signal.SIG_IGN)
     return code

@@ -5,7 +5,9 @@ Prints ``cluster ready: ADDRESS`` and then answers one JSON line per command lin
 ``placement APP DEPLOYMENT...`` gives each deployment's node resources (the deployment must have
 a ``node`` method), ``nodes APP DEPLOYMENT CALLS`` the tiers of the nodes whichever replicas
 answered CALLS calls ran on, ``hub APP`` the gateway replicas' hub state (leader, replicas and
-their pids), ``apps`` the Serve applications; EOF or SIGTERM shuts the cluster down.
+their pids), ``apps`` the Serve applications, ``declare NAME IMPORT_PATH PORT ARGS_JSON`` deploys
+an application by import path as KubeRay's RayService does; EOF or SIGTERM shuts the cluster
+down.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
@@ -25,6 +28,23 @@ NODES = {
     "edge": {"num_cpus": 2, "resources": {"edge": 10}},
     "cloud": {"num_cpus": 2, "resources": {"cloud": 10}},
 }
+
+
+def declare(name: str, import_path: str, port: int, args: dict[str, str]) -> list[str]:
+    """What a declarative deploy (KubeRay's `serveConfigV2`) does: Serve's proxy on ``port``,
+    the application ``import_path`` built from ``args`` and run as ``name`` at `/`."""
+    from ray.serve._private.utils import import_attr
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    builder = import_attr(import_path)
+    serve.run(builder(args), name=name, route_prefix="/", blocking=False)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status.value == "RUNNING":
+            break
+        time.sleep(0.5)
+    return sorted(serve.status().applications)
 
 
 def main() -> int:
@@ -58,6 +78,8 @@ def main() -> int:
                 }
             elif words[0] == "apps":
                 answer = sorted(serve.status().applications)
+            elif words[0] == "declare":  # deploy an application by its import path, with args
+                answer = declare(words[1], words[2], int(words[3]), json.loads(words[4]))
             elif words[0] == "hub":  # the gateway replicas' hub actor: leader and replicas
                 hub = ray.get_actor(f"{words[1]}-hub", namespace="ensemble")
                 answer = ray.get(hub.state.remote(), timeout=30)

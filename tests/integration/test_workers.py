@@ -81,7 +81,7 @@ def workers(gw: GatewayProcess) -> list[psutil.Process]:
         try:
             if "resource_tracker" not in " ".join(child.cmdline()):
                 found.append(child)
-        except psutil.ZombieProcess:  # killed, not reaped yet
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):  # killed: not reaped, or gone
             pass
     return found
 
