@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Awaitable, Iterator, Mapping, MutableMapping
 from typing import Any, TypeVar
 
@@ -57,8 +58,8 @@ def _sdk_provider(config: TracingConfig) -> Any:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    if config.exporter == "console":
-        exporter: Any = ConsoleSpanExporter()
+    if config.exporter == "console":  # stderr: stdout carries the ready line
+        exporter: Any = ConsoleSpanExporter(out=sys.stderr)
     else:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

@@ -30,6 +30,13 @@ def _server_settings(args: argparse.Namespace) -> ServerConfig | None:
         "batch_max_rows": args.batch_max_rows,
         "drain_timeout_s": args.drain_timeout_s,
     }
+    if args.trace is not None:  # `server.tracing` of a gateway config
+        given["tracing"] = {
+            "enabled": True,
+            "exporter": args.trace,
+            "endpoint": args.trace_endpoint,
+            "service_name": f"ensemble-replica {args.name or args.model.stem}",
+        }
     try:
         given["tls"] = _tls_settings(args)
     except ValueError as exc:
@@ -153,6 +160,7 @@ def register(sub: Subparsers) -> None:
     )
     _add_server_flags(replica)
     _add_tls_flags(replica)
+    _add_trace_flags(replica)
     replica.set_defaults(func=cmd_replica)
 
 
@@ -215,6 +223,23 @@ def _add_server_flags(replica: argparse.ArgumentParser) -> None:
         metavar="S",
         default=30.0,
         help="On SIGTERM, how long in-flight requests may take to finish (default 30).",
+    )
+
+
+def _add_trace_flags(replica: argparse.ArgumentParser) -> None:
+    """The flags that stand for `server.tracing` of a gateway config."""
+    replica.add_argument(
+        "--trace",
+        choices=("otlp", "console"),
+        help="Export OpenTelemetry spans (the `tracing` extra): a span per request, continuing "
+        "its caller's `traceparent` (a gateway's call span); `otlp` to --trace-endpoint, "
+        "`console` as JSON on stderr. Off by default.",
+    )
+    replica.add_argument(
+        "--trace-endpoint",
+        default="http://127.0.0.1:4318/v1/traces",
+        metavar="URL",
+        help="OTLP/HTTP endpoint of --trace otlp (default http://127.0.0.1:4318/v1/traces).",
     )
 
 

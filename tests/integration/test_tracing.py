@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +25,7 @@ from ensemble.config import ServerConfig, parse_config
 from ensemble.control.build import single_model
 from ensemble.server import Gateway
 from tests.integration.conftest import good_input
-from tests.integration.process import ZOO, zoo_member
+from tests.integration.process import ZOO, start_replica, zoo_member
 
 pytestmark = pytest.mark.integration
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -252,3 +253,22 @@ def test_tracing_is_off_by_default() -> None:
     call = asyncio.sleep(0)
     assert tracing.attempt(call, "x", {}) is call  # no wrapper, no cost
     call.close()
+
+
+@pytest.mark.slow
+def test_a_replica_server_traces_when_asked(tmp_path: Path) -> None:
+    replica = start_replica(ZOO / "logreg.onnx", tmp_path / "replica.log", "--trace", "console")
+    try:
+        reply = httpx.post(
+            f"{replica.http_url}/v2/models/logreg/infer",
+            json={"inputs": [good_input()]},
+            headers={"traceparent": TRACEPARENT},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+    finally:
+        assert replica.stop() == 0, replica.log()  # its exporter flushes on the way out
+    log = replica.log()
+    assert f'"trace_id": "0x{TRACE_ID}"' in log, log
+    assert '"name": "POST /v2/models/{model}/infer"' in log
+    assert f'"parent_id": "0x{PARENT_ID}"' in log
