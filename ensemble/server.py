@@ -134,6 +134,9 @@ class Gateway:
             max_batch_rows=server.batch_max_rows,
             batching=server.batching,
         )
+        self.engine.observe = self.metrics.record_compute
+        if links is not None:
+            links.observe = self.metrics.record_link
         built = build(self.engine)
         self.repository = built.repository
         self._fleet = built.fleet

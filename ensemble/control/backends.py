@@ -63,6 +63,13 @@ class Site:
     """Spare onnxruntime sessions (the one that read the signature serves the first
     in-process replica)."""
     drain_timeout_s: float = 30.0
+    label: str | None = None
+    """The member version's name in metrics (default: the member's)."""
+
+    @property
+    def owner(self) -> str:
+        """Whose calls its replicas' queue, compute and link time are reported under."""
+        return self.label or self.member.name
 
 
 MakeReplica = Callable[[Site, str, str | None], Replica]
@@ -115,6 +122,7 @@ def _inprocess(site: Site, name: str, endpoint: str | None) -> Replica:
         site.sessions.pop() if site.sessions else load_session(site.path, model=site.verified())
     )
     runner = SessionRunner(session, site.signature)
+    runner.owner = (site.owner, site.place.tier)
     card = site.card
     one = card.latency_ms.get("batch_1") if card is not None else None
     many = card.latency_ms.get("batch_32") if card is not None else None

@@ -184,6 +184,7 @@ def build_member(
             ray=ray,
             sessions=sessions,
             drain_timeout_s=cfg.server.drain_timeout_s,
+            label=label,
         )
 
     if member.split is not None:
@@ -329,6 +330,7 @@ def make_replica(site: Site, name: str, endpoint: str | None) -> Replica:
         replica = LinkedReplica(
             replica, site.link, timeout_s=timeout_s, health_checked=place.networked
         )
+        replica.owner = site.owner
     return replica
 
 

@@ -130,6 +130,7 @@ class _Parts:
     def make(self, site: Site, name: str, model: bytes, sample: Mapping[str, np.ndarray]) -> Part:
         session = load_session(site.path, model=model)
         runner = SessionRunner(session, read_signature(site.path, session, model))
+        runner.owner = (site.owner, site.place.tier)
         for rows, runs in PROFILE_RUNS:
             feed = {k: np.repeat(v, rows, axis=0) for k, v in sample.items()}
             for _ in range(runs):
@@ -141,7 +142,9 @@ class _Parts:
         if slow is not None:
             replica = slow
         if site.link is not None:
-            replica = LinkedReplica(replica, site.link)
+            linked = LinkedReplica(replica, site.link)
+            linked.owner = site.owner
+            replica = linked
         return Part(replica, runner, slow)
 
 

@@ -89,6 +89,14 @@ def member_call_families(m: GatewayMetrics) -> Iterator[Metric]:
         ["member", "tier"],
         m.member_latency,
     )
+    yield histogram_family(
+        "ensemble_member_stage_duration_seconds",
+        "Where member calls spend their time, by member, tier and stage: queue (waiting for "
+        "an in-process thread), compute (the in-process session's run, shared by a batch), "
+        "link (crossing an emulated link, both ways).",
+        ["member", "tier", "stage"],
+        m.member_stages,
+    )
     yield _counter(
         "ensemble_members_asked",
         "Members asked to answer, summed over requests, by ensemble.",

@@ -47,6 +47,8 @@ class GatewayMetrics:
         self.request_latency: defaultdict[tuple[str, str], Histogram] = defaultdict(Histogram)
         self.member_calls: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.member_latency: defaultdict[tuple[str, str], Histogram] = defaultdict(Histogram)
+        self.member_stages: defaultdict[tuple[str, str, str], Histogram] = defaultdict(Histogram)
+        """Time member calls spent queued, computing and on a link, by (member, tier, stage)."""
         self.members_asked: defaultdict[str, int] = defaultdict(int)
         self.members_answered: defaultdict[str, int] = defaultdict(int)
         self.escalations: defaultdict[str, int] = defaultdict(int)
@@ -135,6 +137,15 @@ class GatewayMetrics:
         """Count one call to a member replica and its latency."""
         self.member_calls[(member, tier, outcome)] += 1
         self.member_latency[(member, tier)].observe(seconds)
+
+    def record_compute(self, member: str, tier: str, queue_s: float, compute_s: float) -> None:
+        """An in-process call's wait for a thread and its run (the engine's)."""
+        self.member_stages[(member, tier, "queue")].observe(queue_s)
+        self.member_stages[(member, tier, "compute")].observe(compute_s)
+
+    def record_link(self, member: str, tier: str, seconds: float) -> None:
+        """The time a call spent crossing an emulated link, both ways."""
+        self.member_stages[(member, tier, "link")].observe(seconds)
 
     def record_completeness(
         self, ensemble: str, asked: int, answered: int, stages: int = 1

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Mapping
+from typing import TypeVar
 
 from prometheus_client.core import HistogramMetricFamily
+
+K = TypeVar("K", bound=tuple[str, ...])
 
 # From 100 us (an in-process call) to 10 s (a WAN call under load).
 LATENCY_BUCKETS_S = (
@@ -51,7 +54,7 @@ class Histogram:
 
 
 def histogram_family(
-    name: str, doc: str, labels: list[str], values: Mapping[tuple[str, str], Histogram]
+    name: str, doc: str, labels: list[str], values: Mapping[K, Histogram]
 ) -> HistogramMetricFamily:
     """One histogram family, a series per key of ``values``."""
     family = HistogramMetricFamily(name, doc, labels=labels)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -51,6 +51,8 @@ class SessionRunner:
         self.per_row_s = 5e-6
         self.timed = 0
         """Runs timed so far (estimates are guesses before ``LEARNED_RUNS``)."""
+        self.owner: tuple[str, str] | None = None
+        """(member, tier) its calls' queue and compute time are reported under, if any."""
 
     def estimate_s(self, rows: int) -> float:
         return self.fixed_s + self.per_row_s * rows
@@ -97,6 +99,8 @@ class _Call:
     outputs: tuple[str, ...]
     future: asyncio.Future[Outputs]
     rows: int
+    queued: float = 0.0
+    """When it was submitted (``time.perf_counter``)."""
 
 
 @dataclass(eq=False)
@@ -105,6 +109,9 @@ class _Batch:
     outputs: tuple[str, ...]
     calls: list[_Call] = field(default_factory=list)
     rows: int = 0
+    started: float = 0.0
+    """When its run began and ended (``time.perf_counter``; its calls share them)."""
+    ended: float = 0.0
 
     def cost_s(self) -> float:
         return self.runner.estimate_s(self.rows)
@@ -117,7 +124,16 @@ def _signature_key(call: _Call) -> tuple[object, ...]:
 
 
 def _run_batch(batch: _Batch) -> list[Outputs | BaseException]:
-    """Run one batch in a pool thread; one result (or error) per call, in order."""
+    """Run one batch in a pool thread; one result (or error) per call, in order; its start
+    and end stamped on it."""
+    batch.started = time.perf_counter()
+    try:
+        return _results(batch)
+    finally:
+        batch.ended = time.perf_counter()
+
+
+def _results(batch: _Batch) -> list[Outputs | BaseException]:
     calls = batch.calls
     if len(calls) == 1:
         try:
@@ -129,7 +145,7 @@ def _run_batch(batch: _Batch) -> list[Outputs | BaseException]:
         merged = batch.runner.run(feed, batch.outputs)
     except Exception:
         # One bad request must not fail its neighbours: retry each on its own.
-        return [r for c in calls for r in _run_batch(_Batch(batch.runner, batch.outputs, [c]))]
+        return [r for c in calls for r in _results(_Batch(batch.runner, batch.outputs, [c]))]
     results: list[Outputs | BaseException] = []
     offset = 0
     for call in calls:
@@ -154,6 +170,9 @@ class InProcessEngine:
         self._queue: list[_Call] = []
         self._busy = 0
         self._scheduled = False
+        self.observe: Callable[[str, str, float, float], None] | None = None
+        """Told each call's (member, tier, queue seconds, compute seconds) when its session
+        has an owner (the gateway's metrics)."""
 
     @property
     def queued(self) -> int:
@@ -166,7 +185,8 @@ class InProcessEngine:
         """Queue one call; the future resolves with its outputs."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outputs] = loop.create_future()
-        self._queue.append(_Call(runner, feed, tuple(outputs), future, _rows(feed)))
+        call = _Call(runner, feed, tuple(outputs), future, _rows(feed), time.perf_counter())
+        self._queue.append(call)
         if not self._scheduled:
             # Dispatch after the current tick, so calls made together are planned together.
             self._scheduled = True
@@ -237,7 +257,13 @@ class InProcessEngine:
             results = done.result()
         except BaseException as exc:  # the pool itself failed (shut down): fail the calls
             results = [[exc] * len(batch.calls) for batch in job]
+        observe = self.observe
         for batch, batch_results in zip(job, results, strict=True):
+            owner = batch.runner.owner
+            if observe is not None and owner is not None and batch.ended:
+                compute = batch.ended - batch.started
+                for call in batch.calls:
+                    observe(owner[0], owner[1], max(0.0, batch.started - call.queued), compute)
             for call, result in zip(batch.calls, batch_results, strict=True):
                 if call.future.done():
                     continue

@@ -68,6 +68,8 @@ class Link:
         """What the link does now: the config with the overrides applied."""
         self.failures = {"dropped": 0, "reset": 0, "partitioned": 0}
         self.changes = 0
+        self.links: Links | None = None
+        """The gateway's links it belongs to (their `observe` hears of its calls' time)."""
         self._clock = clock
         self._rng = rng or random.Random(config.seed)
 
@@ -192,6 +194,8 @@ class Links:
     def __init__(self, tiers: Mapping[str, TierConfig], *, clock: Clock = SYSTEM_CLOCK) -> None:
         self._clock = clock
         self._links: dict[str, Link] = {}
+        self.observe: Callable[[str, str, float], None] | None = None
+        """Told the time each call of a member spent on a link: (member, tier, seconds)."""
         self.configure(tiers)
 
     def link(self, tier: str, config: LinkConfig) -> Link:
@@ -200,6 +204,7 @@ class Links:
         found = self._links.get(tier)
         if found is None:
             found = self._links[tier] = Link(tier, config, clock=self._clock)
+            found.links = self
         return found
 
     def configure(self, tiers: Mapping[str, TierConfig]) -> None:
@@ -275,6 +280,8 @@ class LinkedReplica:
         self._health_checked = health_checked
         self.wire_bytes = 0
         """Bytes the last call sent and received (what a bandwidth change costs the next)."""
+        self.owner: str | None = None
+        """The member whose calls' link time is reported (the gateway's metrics)."""
 
     def ready(self) -> bool:
         if not self._health_checked and self.link.settings.partitioned:
@@ -290,12 +297,20 @@ class LinkedReplica:
         self, feed: dict[str, np.ndarray], outputs: Sequence[str] | None
     ) -> dict[str, np.ndarray]:
         what = f"replica {self.name}"
+        link = self.link
+        clock = link._clock
         sent = payload_bytes(feed)
-        await self.link.send(sent, what, self.timeout_s)
+        started = clock.now()
+        await link.send(sent, what, self.timeout_s)
+        arrived = clock.now()
         result = await self.inner.infer(feed, outputs)
+        answered = clock.now()
         received = payload_bytes(result)
         self.wire_bytes = sent + received
-        await self.link.receive(received, what)
+        await link.receive(received, what)
+        hub = link.links
+        if hub is not None and hub.observe is not None and self.owner is not None:
+            hub.observe(self.owner, link.tier, arrived - started + clock.now() - answered)
         return result
 
     async def start(self) -> None:

@@ -94,6 +94,16 @@ def test_the_cloud_links_delay_shows_in_latency(gw: GatewayProcess) -> None:
         metrics = scrape(gw.http_url)
         assert metric(metrics, 'ensemble_link_delay_seconds{tier="cloud"}') == DELAY_MS / 1e3
         assert metric(metrics, 'ensemble_link_partitioned{tier="cloud"}') == 0.0
+        # Where the calls' time went: the link both ways, the session's run, the wait for it.
+        stage = 'ensemble_member_stage_duration_seconds_{}{{member="{}",stage="{}",tier="{}"}}'
+        links = metric(metrics, stage.format("count", "mlp_small", "link", "cloud"))
+        assert links >= 7  # the warm-up, five calls, the ensemble's
+        spent = metric(metrics, stage.format("sum", "mlp_small", "link", "cloud"))
+        assert spent >= links * 2 * DELAY_MS / 1e3
+        assert metric(metrics, stage.format("count", "logreg", "compute", "edge")) >= 6
+        assert metric(metrics, stage.format("count", "logreg", "queue", "edge")) >= 6
+        compute = metric(metrics, stage.format("sum", "logreg", "compute", "edge"))
+        assert 0 < compute < 6 * DELAY_MS / 1e3  # a logistic regression is quick
 
 
 def test_the_links_admin_api_checks_its_token_and_input(gw: GatewayProcess) -> None:
