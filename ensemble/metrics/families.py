@@ -38,14 +38,14 @@ def frontend_families(m: GatewayMetrics) -> Iterator[Metric]:
     """Requests, rejections, client connections and end-to-end latency."""
     yield _counter(
         "ensemble_requests",
-        "Inference requests by model, protocol and outcome "
+        "Inference requests by model, protocol (http, grpc) and outcome "
         "(success, client_error, server_error, unavailable).",
         ["model", "protocol", "outcome"],
         m.requests.items(),
     )
     yield _counter(
         "ensemble_rejected_requests",
-        "Requests answered with an error, on any route, by protocol and reason: "
+        "Requests answered with an error, on any route, by protocol (http, grpc) and reason: "
         + ", ".join(REJECTION_REASONS)
         + ".",
         ["protocol", "reason"],
@@ -53,7 +53,8 @@ def frontend_families(m: GatewayMetrics) -> Iterator[Metric]:
     )
     yield _counter(
         "ensemble_connections_closed",
-        "Client connections the gateway closed or refused, by protocol and reason: limit "
+        "Client connections the gateway closed or refused, by protocol (http, grpc) and "
+        "reason: limit "
         "(refused at server.max_connections), evicted (not in a request, closed for a new "
         "connection at the cap), header_timeout, header_too_large, idle_timeout.",
         ["protocol", "reason"],
@@ -69,7 +70,7 @@ def frontend_families(m: GatewayMetrics) -> Iterator[Metric]:
     yield open_now
     yield histogram_family(
         "ensemble_request_duration_seconds",
-        "End-to-end inference latency inside the gateway, by model and protocol.",
+        "End-to-end inference latency inside the gateway, by model and protocol (http, grpc).",
         ["model", "protocol"],
         m.request_latency,
     )
@@ -179,7 +180,7 @@ def autoscaler_families(m: GatewayMetrics) -> Iterator[Metric]:
     yield replicas
     yield _counter(
         "ensemble_autoscaler_decisions",
-        "Changes of a placement's desired replicas, by direction.",
+        "Changes of a placement's desired replicas, by member, tier and direction (up, down).",
         ["member", "tier", "direction"],
         m.scaling_decisions.items(),
     )
@@ -216,7 +217,7 @@ def answer_families(m: GatewayMetrics) -> Iterator[Metric]:
     yield _counter(
         "ensemble_contract_violations",
         "Requests whose contract was not met, by kind (deadline, availability, accuracy, "
-        "cost) and the profile's on_violation action.",
+        "cost) and the profile's on_violation action (reject, degrade, reroute, alert).",
         ["ensemble", "kind", "action"],
         m.violations.items(),
     )
