@@ -7,6 +7,7 @@ promoted, and no request lost while it happens (nor while a version is unloaded)
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import threading
 from collections import Counter
@@ -211,8 +212,6 @@ def run_once(settings: Settings, seed: int, out: Path, zoo: Path) -> dict[str, A
     path.write_text(yaml.safe_dump(config(settings, zoo, worse, digest), sort_keys=False))
     data = np.load(zoo / "test.npz")
     x, y = data["X"].astype(np.float32), data["y"].astype(np.int64)
-    import os
-
     admin, label = os.environ[ADMIN_TOKEN_ENV], os.environ[FEEDBACK_TOKEN_ENV]
     gw = start_gateway(path, out / f"gateway-{seed}.log", 120)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 
-from ensemble.config import EnsembleConfig, GatewayConfig, MemberConfig
+from ensemble.config import GatewayConfig, MemberConfig
 from ensemble.control.reload import ReloadResult
 from ensemble.errors import InvalidInput, ModelNotFound, clip
 from ensemble.types import MODEL_VERSION
@@ -87,14 +87,10 @@ def with_loaded(
                 found = True
                 member = _member_loaded(member, version or None, loaded=loaded)
             members.append(member)
-        ensembles.append(_with_members(ens, members))
+        ensembles.append(ens.model_copy(update={"members": members}))
     if not found:
         raise ModelNotFound(f"unknown model {clip(name)!r}; the config has no such model")
     return cfg.model_copy(update={"ensembles": ensembles})
-
-
-def _with_members(ens: EnsembleConfig, members: list[MemberConfig]) -> EnsembleConfig:
-    return ens.model_copy(update={"members": members})
 
 
 def _member_loaded(member: MemberConfig, version: str | None, *, loaded: bool) -> MemberConfig:

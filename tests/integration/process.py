@@ -7,6 +7,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -137,6 +138,14 @@ def start_installed(
     """Run an installed `ensemble` command (another virtual environment's) in ``log_path``'s
     directory, so it imports that environment's package, not this checkout's."""
     return _start(args, log_path, timeout_s, None, [str(ensemble)], log_path.parent)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server that cannot pick its own)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def inflight(url: str) -> float:

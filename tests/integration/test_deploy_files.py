@@ -48,7 +48,7 @@ def test_the_dockerfiles_pass_hadolint(name: str) -> None:
     assert text.count("FROM ") == 2  # multi-stage: the build tools stay behind
 
 
-def test_the_kubernetes_objects_are_valid() -> None:
+def test_the_kubernetes_objects_are_valid(tmp_path: Path) -> None:
     validate = shutil.which("kubernetes-validate", path=str(BIN))
     assert validate is not None
     core = [
@@ -65,14 +65,11 @@ def test_the_kubernetes_objects_are_valid() -> None:
     }
     for path in sorted(DEPLOY.glob("kubernetes/*.yaml")):
         tmp = [d for d in documents(path) if d["apiVersion"] != "ray.io/v1"]
-        out = path.parent / f".{path.stem}.core.yaml"
-        try:
-            out.write_text(yaml.safe_dump_all(tmp))
-            done = subprocess.run(
-                [validate, "--strict", str(out)], capture_output=True, text=True, timeout=120
-            )
-        finally:
-            out.unlink(missing_ok=True)
+        out = tmp_path / f"{path.stem}.core.yaml"
+        out.write_text(yaml.safe_dump_all(tmp))
+        done = subprocess.run(
+            [validate, "--strict", str(out)], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
 

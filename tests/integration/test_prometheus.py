@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import yaml
 
 from tests.helpers import wait_for
 from tests.integration.conftest import good_input
-from tests.integration.process import ROOT, GatewayProcess, start_from_config, zoo_member
+from tests.integration.process import ROOT, GatewayProcess, free_port, start_from_config, zoo_member
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RULES = ROOT / "deploy" / "prometheus"
@@ -62,13 +61,6 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
     proc = start_from_config(doc, tmp_path_factory.mktemp("gw"))
     yield proc
     assert proc.stop() == 0, proc.log()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ its hub is a detached actor."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import httpx
@@ -14,17 +13,10 @@ import pytest
 import yaml
 
 from tests.integration.conftest import good_input
-from tests.integration.process import ZOO, RayCluster, zoo_member
+from tests.integration.process import ZOO, RayCluster, free_port, zoo_member
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 APP = "declared"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_the_application_deploys_by_import_path(
