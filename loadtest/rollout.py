@@ -50,7 +50,7 @@ right on the test split against mlp_small's 96%), serves an ensemble of three me
 ports: `logreg`; `falling` (version 1 mlp_small, version 2 the worse copy as a canary); `rising`
 (version 1 the worse copy, version 2 the zoo's forest as a canary). Each canary answers --weight
 of its member's calls and is judged with the gateway's default thresholds (error rate +0.01,
-p95 latency x1.5, accuracy -0.02) on --min-calls calls and --min-labels labelled rows.
+p95 latency x1.5 and +5 ms, accuracy -0.02) on --min-calls calls and --min-labels labelled rows.
 --clients closed-loop clients send unlabelled requests the whole run; one more sends requests
 of --rows test rows and posts every answer's true labels to the feedback API, until both
 rollouts are decided (at most --max-requests). Then, still under load, the rolled back version
@@ -251,6 +251,8 @@ def goals(runs: list[dict[str, Any]], settings: Settings) -> list[Goal]:
                 and n <= settings.goal_requests
             )
             seen = f"{d['phase']} after {n} labelled requests" if d else "undecided"
+            if d and d["phase"] != want:
+                seen += f" ({d['reason']})"
             out.append(Goal(f"{member}: {want.replace('_', ' ')} within "
                             f"{settings.goal_requests} labelled requests", f"seed {r['seed']}",
                             seen, ok, {"after_requests": n}))  # fmt: skip

@@ -86,6 +86,14 @@ class RolloutConfig(StrictModel):
     max_latency_ratio: float | None = Field(
         1.5, ge=1, le=100, description="Candidate p95 latency over the stable's, at most."
     )
+    latency_slack_s: float = Field(
+        0.005,
+        ge=0,
+        le=60,
+        description="A candidate p95 at most this much above the stable's passes whatever "
+        "the ratio: a few milliseconds between two small samples are the host's scheduling "
+        "noise, not the model.",
+    )
     max_accuracy_drop: float | None = Field(
         0.02,
         ge=0,

@@ -110,7 +110,12 @@ def judge(
         a_s, b_s = candidate.p95_s, stable.p95_s
         # Failed calls have no latency: with none succeeding, errors decide, not latency.
         timed = enough_calls and a_s is not None and b_s is not None
-        ok = timed and a_s is not None and b_s is not None and a_s <= b_s * rules.max_latency_ratio
+        ok = (
+            timed
+            and a_s is not None
+            and b_s is not None
+            and (a_s <= b_s * rules.max_latency_ratio or a_s - b_s <= rules.latency_slack_s)
+        )
         read("latency_p95_s", a_s, b_s, ok, timed)
     if rules.max_accuracy_drop is not None and rules.mode == "canary":
         a_acc, b_acc = candidate.accuracy, stable.accuracy

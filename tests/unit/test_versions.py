@@ -62,6 +62,14 @@ def test_judge_rolls_back_on_one_measure_past_its_threshold(
     assert [r.measure for r in readings if r.verdict == "rollback"] == [failing]
 
 
+def test_latency_within_the_slack_passes_whatever_the_ratio() -> None:
+    stable, candidate = evidence(100, latency=0.001), evidence(40, latency=0.004)
+    rules = RULES.model_copy(update={"max_accuracy_drop": None})
+    assert judge(rules, stable, candidate)[0] == "promote"
+    strict = rules.model_copy(update={"latency_slack_s": 0.0})
+    assert judge(strict, stable, candidate)[0] == "rollback"
+
+
 def test_judge_rolls_back_early_on_errors_before_labels_arrive() -> None:
     stable, candidate = evidence(100), evidence(30, errors=10)
     assert judge(RULES, stable, candidate)[0] == "rollback"
