@@ -44,8 +44,7 @@ class SystemClock:
     loop's on Linux and macOS, and the one deadlines elsewhere in the gateway are taken from.
     """
 
-    def now(self) -> float:
-        return time.perf_counter()
+    now = staticmethod(time.perf_counter)  # read many times per request: no frame of ours
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -288,17 +288,26 @@ class Stage:
     network is, which a second copy makes worse (Tail at Scale's hedges, for the critical
     path of a fan-out). A call on its own hedges at its delay."""
 
-    __slots__ = ("calls",)
+    __slots__ = ("calls", "hedging", "watched")
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
+        self.hedging = False
+        """Some call may hedge (a ResilientCall): only then are landings watched (a plain
+        call is never due a hedge)."""
+        self.watched = 0
+        """``calls[:watched]`` have their landing watched."""
 
     def add(self, calls: list[Call]) -> None:
         for call in calls:
             self.calls.append(call)
             if isinstance(call, ResilientCall):
                 call._stage = self
-            call.future.add_done_callback(self._landed)
+                self.hedging = True
+        if self.hedging:
+            for call in self.calls[self.watched :]:
+                call.future.add_done_callback(self._landed)
+            self.watched = len(self.calls)
 
     def _landed(self, _: object) -> None:
         self.check()

@@ -4,10 +4,12 @@ tier is judged on its health checks rather than on old calls."""
 
 from __future__ import annotations
 
+import functools
 from array import array
+from collections.abc import Callable
 
 from ensemble.replicas.base import Replica, innermost
-from ensemble.replicas.links import round_trip_s
+from ensemble.replicas.links import LinkedReplica, round_trip_s
 from ensemble.types import PlacementView
 
 WINDOW = 256
@@ -20,6 +22,22 @@ ERROR_HALF_LIFE_S = 10.0
 """A failure counts half as much in the error rate after this long."""
 REFRESH_S = 0.5
 """Quantiles are recomputed at most this often, or after 16 new calls (not on every call)."""
+
+
+def round_trip_reader(replica: Replica) -> Callable[[], float]:
+    """``measured_round_trip_s`` of ``replica`` as a function to call each time: a replica's
+    wrappers never change, so one with neither health checks nor emulated links reads 0 at no
+    cost (the attribute lookups each read would otherwise repeat on every call)."""
+    found: Replica | None = replica
+    while found is not None:
+        if isinstance(found, LinkedReplica) or hasattr(found, "check_round_trip_s"):
+            return functools.partial(measured_round_trip_s, replica)
+        found = getattr(found, "inner", None)
+    return _no_round_trip
+
+
+def _no_round_trip() -> float:
+    return 0.0
 
 
 def measured_round_trip_s(replica: Replica) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -15,7 +15,7 @@ from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.errors import EnsembleError, InvalidInput, ModelNotReady
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
-from ensemble.replicas.estimates import PlacementEstimate, measured_round_trip_s
+from ensemble.replicas.estimates import PlacementEstimate, round_trip_reader
 from ensemble.replicas.onnx import ClassLabel
 from ensemble.replicas.split import Splitter
 from ensemble.replicas.stats import HEALTHY, ReplicaStats
@@ -163,6 +163,10 @@ class Member:
         """What its calls, their hedges and timeouts, and outlier detection tell time by."""
         self.replicas = list(replicas)
         self._view: MemberView | None = None
+        self._layout: tuple[tuple[str, tuple[Replica, ...]], ...] | None = None
+        """Each tier with its serving replicas (rebuilt when the replicas change)."""
+        self._trips: dict[str, Callable[[], float]] = {}
+        """Each replica's round-trip reader (`round_trip_reader`)."""
         self.stats = {r.name: ReplicaStats() for r in self.replicas}
         self._by_name = {r.name: r for r in self.replicas}
         self.estimates: dict[str, PlacementEstimate] = {}
@@ -190,7 +194,33 @@ class Member:
 
     @property
     def tiers(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(r.tier for r in self.replicas))
+        return tuple(tier for tier, _ in self._tiers())
+
+    def _tiers(self) -> tuple[tuple[str, tuple[Replica, ...]], ...]:
+        """Each tier any replica runs on, with its replicas that are not draining."""
+        layout = self._layout
+        if layout is None:
+            layout = self._layout = tuple(
+                (
+                    tier,
+                    tuple(
+                        r for r in self.replicas if r.tier == tier and r.name not in self.draining
+                    ),
+                )
+                for tier in dict.fromkeys(r.tier for r in self.replicas)
+            )
+        return layout
+
+    def _changed(self) -> None:
+        """The replicas, or which of them drain, changed."""
+        self._layout = None
+        self._view = None
+
+    def _round_trip_s(self, replica: Replica) -> float:
+        read = self._trips.get(replica.name)
+        if read is None:
+            read = self._trips[replica.name] = round_trip_reader(replica)
+        return read()
 
     def ready(self) -> bool:
         return any(r.ready() for r in self.replicas)
@@ -246,10 +276,9 @@ class Member:
         ready replica's (any replica's while none is)."""
         now = self.clock.now()
         out = []
-        for tier in self.tiers:
-            serving = [r for r in self.replicas if r.tier == tier and r.name not in self.draining]
+        for tier, serving in self._tiers():
             ready = [r for r in serving if r.ready()]
-            trip = min((measured_round_trip_s(r) for r in ready or serving), default=0.0)
+            trip = min((self._round_trip_s(r) for r in ready or serving), default=0.0)
             cost = self.tier_costs.get(tier, 0.0)
             out.append(self._estimate(tier).view(bool(ready), trip, cost, now))
         return tuple(out)
@@ -260,7 +289,7 @@ class Member:
 
     def serving(self, tier: str) -> list[Replica]:
         """Its replicas on ``tier`` that take calls or may again (not draining)."""
-        return [r for r in self.replicas if r.tier == tier and r.name not in self.draining]
+        return next((list(serving) for t, serving in self._tiers() if t == tier), [])
 
     def new_names(self, tier: str, count: int) -> list[str]:
         """Names for ``count`` more replicas on ``tier``: ``TIER/INDEX`` with the lowest
@@ -282,7 +311,8 @@ class Member:
         self.stats[replica.name] = ReplicaStats()
         self._by_name[replica.name] = replica
         self.replicas.append(replica)
-        self._view = None
+        self._trips.pop(replica.name, None)
+        self._changed()
 
     def retire(self, name: str, drain_timeout_s: float) -> Coroutine[Any, Any, None]:
         """Route no more calls to ``name`` from now on; the coroutine returned waits for its
@@ -292,6 +322,7 @@ class Member:
         if len(self.replicas) - len(self.draining) <= 1:
             raise EnsembleError(f"member {self.name!r} keeps its last replica")
         self.draining.add(name)
+        self._changed()
         return self._drain(replica, drain_timeout_s)
 
     async def _drain(self, replica: Replica, drain_timeout_s: float) -> None:
@@ -304,7 +335,8 @@ class Member:
         del self._by_name[replica.name]
         del self.stats[replica.name]
         self.draining.discard(replica.name)
-        self._view = None
+        self._trips.pop(replica.name, None)
+        self._changed()
         await replica.close()
 
     def only(self) -> Replica:
@@ -379,7 +411,7 @@ class Member:
         up: neutral)."""
         stats.finished(latency_s, outcome == "success", abandoned=outcome == "cancelled")
         self._estimate(replica.tier).record(
-            latency_s, measured_round_trip_s(replica), outcome, self.clock.now()
+            latency_s, self._round_trip_s(replica), outcome, self.clock.now()
         )
         if outcome == "cancelled":
             if stats.breaker.probe_sent_at is not None:  # a cancelled probe tells nothing:
