@@ -1,0 +1,34 @@
+"""`python -m loadtest.app_cost`: the gateway's own CPU per request, measured in process."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ensemble.auth import API_KEYS_ENV
+from loadtest import app_cost
+
+
+@pytest.mark.integration
+def test_prints_cpu_per_request_over_the_rounds(
+    zoo_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = app_cost.main(["--requests", "64", "--rounds", "3", "--concurrency", "8"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    found = re.search(r"over 3 rounds of 64 at concurrency 8: min ([\d.]+), p25 ([\d.]+), "
+                      r"median ([\d.]+)", out)  # fmt: skip
+    assert found, out
+    low, quarter, median = (float(x) for x in found.groups())
+    assert 0 < low <= quarter <= median < 100_000  # microseconds: a request is never 0.1 s
+
+
+@pytest.mark.integration
+def test_a_failing_request_fails_the_run(
+    zoo_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(API_KEYS_ENV, "a-key-the-requests-do-not-send")
+    assert app_cost.main(["--requests", "8", "--rounds", "1", "--concurrency", "2"]) == 1
+    assert "requests failed: statuses {401: 8}" in capsys.readouterr().err
