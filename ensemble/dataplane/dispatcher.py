@@ -11,7 +11,7 @@ import numpy as np
 from ensemble import __version__, tracing
 from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.cluster.slots import Slots
-from ensemble.dataplane import respond
+from ensemble.dataplane import readings, respond
 from ensemble.dataplane.admission import AdmissionGate
 from ensemble.dataplane.contract import bound_by_transport, parse_contract
 from ensemble.dataplane.ensemble_run import EnsembleRun
@@ -23,9 +23,6 @@ from ensemble.dataplane.validation import check_inputs, check_outputs
 from ensemble.dataplane.verdict import Alerts, no_answer, rejection
 from ensemble.errors import DeadlineExceeded, EnsembleError, InvalidInput, ModelNotFound, clip
 from ensemble.metrics import GatewayMetrics
-from ensemble.metrics.splits import SplitReading
-from ensemble.metrics.versions import VersionReading
-from ensemble.replicas.base import innermost
 from ensemble.replicas.member import Member
 from ensemble.replicas.versions import Decision
 from ensemble.repository import VERSION, EnsembleModel, Profile, Repository, ServedModel
@@ -38,11 +35,9 @@ from ensemble.types import (
     InferRequest,
     InferResponse,
     Parameters,
-    PlacementView,
     RoutingContext,
     Tensor,
 )
-from policies.split import expected_s
 
 SERVER_NAME = "ensemble-gateway"
 TRACED_PARAMETERS = (
@@ -116,12 +111,13 @@ class Dispatcher:
         """Admission control; its policy comes from the repository, so reloads change it."""
         self.alerts = Alerts(clock)
         self._rng = random.Random(0)  # routing draws (p2c); seeded for repeatable runs
-        metrics.readiness = self._readiness
-        metrics.replicas = self._replica_states
-        metrics.placements = self._placements
-        metrics.drift = self._drift
-        metrics.versions = self._versions
-        metrics.splits = self._splits
+        # Read at scrape time, from the repository serving then.
+        metrics.readiness = lambda: readings.readiness(self.repository)
+        metrics.replicas = lambda: readings.replica_states(self.repository)
+        metrics.placements = lambda: readings.placements(self.repository)
+        metrics.drift = lambda: readings.drift(self.repository)
+        metrics.versions = lambda: readings.versions(self.repository)
+        metrics.splits = lambda: readings.splits(self.repository)
 
     @property
     def repository(self) -> Repository:
@@ -158,84 +154,6 @@ class Dispatcher:
         return decision
 
     # -- health and metadata ------------------------------------------------------------
-
-    def _readiness(self) -> dict[str, bool]:
-        repository = self.repository  # read once: a reload may swap it
-        return {n: repository.get(n).ready() for n in repository.names()}
-
-    def _replica_states(self) -> list[tuple[str, str, str, bool, bool, int, int]]:
-        states = []
-        for m in self.repository.every:
-            restarts = {r.name: getattr(innermost(r), "restarts", 0) for r in m.replicas}
-            states += [
-                (
-                    m.label,
-                    v.name,
-                    v.tier,
-                    v.ready,
-                    v.ejected,
-                    m.stats[v.name].ejections,
-                    restarts.get(v.name, 0),
-                )
-                for v in m.replica_views()
-            ]
-        return states
-
-    def _drift(self) -> list[tuple[str, float | None]]:
-        ensembles = self.repository.ensembles.values()
-        return [(e.name, e.watch.score) for e in ensembles if e.watch is not None]
-
-    def _versions(self) -> list[VersionReading]:
-        readings = []
-        for name, several in self._repository.versions.items():
-            rollout = several.rollout
-            for version in several.members:
-                share = several.share(version)
-                evidence = rollout.evidence.get(version) if rollout is not None else None
-                if rollout is None or evidence is None:
-                    readings.append(VersionReading(name, version, share))
-                    continue
-                alike, compared = rollout.agreement
-                decided = [d.verdict for d in several.decisions if d.candidate == version]
-                readings.append(
-                    VersionReading(
-                        name,
-                        version,
-                        share,
-                        rollout.phase,
-                        evidence.calls,
-                        evidence.errors,
-                        evidence.p95_s,
-                        evidence.labelled,
-                        evidence.accuracy,
-                        alike / compared if compared and version == rollout.candidate else None,
-                        tuple((v, decided.count(v)) for v in sorted(set(decided))),
-                    )
-                )
-        return readings
-
-    def _splits(self) -> list[SplitReading]:
-        readings = []
-        for member in self._repository.every:
-            splitter = member.splitter
-            if splitter is None:
-                continue
-            ctx = splitter.context(1)
-            choice = splitter.policy.choose(ctx)
-            readings += [
-                SplitReading(
-                    member.label,
-                    o.name,
-                    splitter.chosen[o.name],
-                    expected_s(o, ctx),
-                    o.name == choice,
-                )
-                for o in ctx.options
-            ]
-        return readings
-
-    def _placements(self) -> list[tuple[str, PlacementView]]:
-        return [(m.label, p) for m in self.repository.every for p in m.view().placements]
 
     def live(self) -> bool:
         return True
