@@ -260,8 +260,9 @@ class HttpFrontend:
         raise NotFound(f"no route for {method} {scope['path']}")
 
     async def _infer(self, name: str, version: str | None, scope: Scope, receive: Receive) -> Reply:
+        headers = _headers(scope)
         if not tracing.enabled():
-            return await self._answer(name, version, scope, receive)
+            return await self._answer(name, version, headers, receive)
         route = "/v2/models/{model}" + ("/versions/{version}" if version else "") + "/infer"
         attributes = {
             "http.request.method": "POST",
@@ -269,9 +270,9 @@ class HttpFrontend:
             "url.path": scope["path"],
             "ensemble.model": name,
         }
-        with tracing.request_span(f"POST {route}", _headers(scope), attributes) as span:
+        with tracing.request_span(f"POST {route}", headers, attributes) as span:
             try:
-                reply = await self._answer(name, version, scope, receive)
+                reply = await self._answer(name, version, headers, receive)
             except Exception as exc:
                 status = exc.http_status if isinstance(exc, EnsembleError) else 500
                 span.set_attribute("http.response.status_code", status)
@@ -281,10 +282,9 @@ class HttpFrontend:
             return reply
 
     async def _answer(
-        self, name: str, version: str | None, scope: Scope, receive: Receive
+        self, name: str, version: str | None, headers: dict[str, str], receive: Receive
     ) -> Reply:
         started = self.dispatcher.clock.now()
-        headers = _headers(scope)
         header_length = headers.get(HEADER_LENGTH)
         try:
             meta = self.dispatcher.model(name, version).metadata
