@@ -19,6 +19,7 @@ import asyncio
 import sys
 import time
 from collections import Counter
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ async def measure(config: Path, requests: int, rounds: int, concurrency: int) ->
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 statuses[message["status"]] += 1
 
@@ -109,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "config", nargs="?", type=Path, default=BENCH_CONFIG, help="gateway config"
-    )
+    parser.add_argument("config", nargs="?", type=Path, default=BENCH_CONFIG, help="gateway config")
     parser.add_argument("--requests", type=int, default=2000, help="per round (default 2000)")
     parser.add_argument("--rounds", type=int, default=15, help="rounds measured (default 15)")
     parser.add_argument(
