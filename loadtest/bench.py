@@ -57,9 +57,10 @@ forest; mean of class probabilities) from the same ONNX files:
                               (loadtest/configs/bench5.yaml: its admission does not shed)
 
 Closed loop: wrk (one thread) over HTTP, grpc.aio generator processes over gRPC, at each
-concurrency, the systems interleaved, each measurement after a warm-up. Open loop: the harness's
-HTTP client (loadtest.httpclient, driven by loadtest.bench_clients) at fixed rates, latency from
-each request's intended send time.
+concurrency, the systems interleaved, each measurement after a warm-up; Ray Serve is started
+after the others' turns and measured alone (idle, its processes keep ~0.14 cores busy).
+Open loop: the harness's HTTP client (loadtest.httpclient, driven by loadtest.bench_clients) at
+fixed rates, latency from each request's intended send time.
 Writes OUT/report.json, OUT/report.md and the peers' logs under OUT/logs/, and prints a table;
 progress goes to stderr. Exit 0 when every measurement completed (whatever the goals say), 1
 when one saw failed requests or the peers disagreed, 2 when the run could not start (wrk
@@ -240,20 +241,12 @@ def _check(name: str, where: object, result: WrkResult | LoadResult) -> None:
         )
 
 
-def start_peers(
-    plan: Plan, logs: Path, with_ray: bool, baseline: Path | None = None
-) -> dict[str, Peer]:
-    """Start every peer at once (Ray takes longest), then wait for each ready line."""
-    pending = []
-    if with_ray:
-        # Ray starts its workers at nice 15 by default; other processes (the load generator,
-        # anyone else on the machine) would then take the CPU from its replicas first.
-        env = {"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
-        args = ["-m", "loadtest.peers.ray_app", str(BENCH_CONFIG), "--port", str(free_port())]
-        pending.append(spawn("ray", args, logs, env))
+def start_peers(plan: Plan, logs: Path, baseline: Path | None = None) -> dict[str, Peer]:
+    """Start the local peers at once, then wait for each ready line (Ray Serve is started later,
+    for its own turns: ``start_ray``)."""
     serve = ["-m", "ensemble.cli", "serve"]
     ports = ["--http-port", "0", "--grpc-port", "0"]
-    pending.append(spawn("gateway", [*serve, str(BENCH_CONFIG), *ports], logs))
+    pending = [spawn("gateway", [*serve, str(BENCH_CONFIG), *ports], logs)]
     if plan.workers > 1:
         workers = ["--workers", str(plan.workers)]
         name = workers_peer(plan)
@@ -266,6 +259,19 @@ def start_peers(
     if plan.default5:
         pending.append(spawn("gateway5", [*serve, str(DEFAULT_CONFIG), *ports], logs))
     pending.append(spawn("noop", ["-m", "loadtest.peers.noop"], logs))
+    return _ready(pending)
+
+
+def start_ray(logs: Path) -> Peer:
+    """The Ray Serve peer, once ready."""
+    # Ray starts its workers at nice 15 by default; other processes (the load generator,
+    # anyone else on the machine) would then take the CPU from its replicas first.
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"}
+    args = ["-m", "loadtest.peers.ray_app", str(BENCH_CONFIG), "--port", str(free_port())]
+    return _ready([spawn("ray", args, logs, env)])["ray"]
+
+
+def _ready(pending: list[Any]) -> dict[str, Peer]:
     peers: dict[str, Peer] = {}
     try:
         for p in pending:
@@ -298,7 +304,7 @@ def targets(peers: dict[str, Peer], plan: Plan) -> list[Target]:
         order.append((f"{peer}-http", peer, "http"))
         if plan.grpc:
             order.append((f"{peer}-grpc", peer, "grpc"))
-    order += [("ray-http", "ray", "http"), ("gateway5-http", "gateway5", "http")]
+    order.append(("gateway5-http", "gateway5", "http"))
     return [Target(name, peers[peer], proto) for name, peer, proto in order if peer in peers]
 
 
@@ -321,17 +327,18 @@ class Settings:
 
 
 def measure_all(bench: Bench, systems: list[Target], doc: dict[str, Any]) -> None:
-    """Every closed-loop level and open-loop rate, the systems taking turns; rows into doc."""
+    """Every closed-loop level and open-loop rate, the systems taking turns; rows into doc
+    (beside those of earlier calls)."""
     plan = bench.plan
-    closed: dict[str, dict[str, Any]] = {t.name: {} for t in systems}
+    closed: dict[str, dict[str, Any]] = doc.setdefault("closed_loop", {})
+    closed.update({t.name: {} for t in systems})
     for c in plan.concurrency:
         for target in systems:
             report.settle(target.peer)
             row = bench.closed(target, c)
             closed[target.name][str(c)] = row
             say(f"closed c={c:<3} {target.name:<14} {report.brief(row)}")
-    doc["closed_loop"] = closed
-    opened: dict[str, dict[str, Any]] = {}
+    opened: dict[str, dict[str, Any]] = doc.setdefault("open_loop", {})
     for rate in plan.rates:
         for target in systems:
             skipped = ("gateway5", "baseline", workers_peer(plan))
@@ -349,7 +356,6 @@ def measure_all(bench: Bench, systems: list[Target], doc: dict[str, Any]) -> Non
             row = bench.open(target, rate)
             opened.setdefault(target.name, {})[f"{rate:g}"] = row
             say(f"open {rate:>5g}/s {target.name:<14} {report.brief(row)}")
-    doc["open_loop"] = opened
 
 
 def run(settings: Settings, command: str = "") -> Report:
@@ -370,7 +376,7 @@ def run(settings: Settings, command: str = "") -> Report:
         | {"open_loop_rates": list(plan.rates)},
         "generators": report.GENERATORS,
     }
-    peers = start_peers(plan, this.out / "logs", settings.ray, settings.baseline)
+    peers = start_peers(plan, this.out / "logs", settings.baseline)
     bench: Bench | None = None
     try:
         report.check_answers(peers, INFER_PATH, *oip_http_body(zoo))
@@ -381,6 +387,13 @@ def run(settings: Settings, command: str = "") -> Report:
             if plan.default5:
                 doc["floor_default5"] = measure_floor(DEFAULT_CONFIG, zoo, plan.floor_iterations)
             measure_all(bench, targets(peers, plan), doc)
+            if settings.ray:
+                # Ray Serve runs only for its own turns: its dozen processes keep ~0.14 cores
+                # busy while idle, which the other systems would otherwise lose.
+                peers["ray"] = start_ray(this.out / "logs")
+                bench.peers.append(peers["ray"])
+                report.check_answers(peers, INFER_PATH, *oip_http_body(zoo))
+                measure_all(bench, [Target("ray-http", peers["ray"], "http")], doc)
     finally:
         if bench is not None:
             bench.close()
