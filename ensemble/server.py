@@ -134,7 +134,7 @@ class Gateway:
             max_batch_rows=server.batch_max_rows,
             batching=server.batching,
         )
-        self.engine.observe = self.metrics.record_compute
+        self.engine.observe = self.metrics.record_run
         if links is not None:
             links.observe = self.metrics.record_link
         built = build(self.engine)

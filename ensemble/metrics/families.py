@@ -84,6 +84,14 @@ def member_call_families(m: GatewayMetrics) -> Iterator[Metric]:
         ["member", "tier", "outcome"],
         m.member_calls.items(),
     )
+    yield _counter(
+        "ensemble_member_runs",
+        "Runs of in-process members' sessions by member and tier; each runs a batch of calls "
+        "(calls per run: ensemble_member_calls_total over this, as Triton's inference and "
+        "execution counts).",
+        ["member", "tier"],
+        m.member_runs.items(),
+    )
     yield histogram_family(
         "ensemble_member_call_duration_seconds",
         "Latency of one call to a member replica, by member and tier.",

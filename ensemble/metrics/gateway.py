@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -49,6 +49,8 @@ class GatewayMetrics:
         self.member_latency: defaultdict[tuple[str, str], Histogram] = defaultdict(Histogram)
         self.member_stages: defaultdict[tuple[str, str, str], Histogram] = defaultdict(Histogram)
         """Time member calls spent queued, computing and on a link, by (member, tier, stage)."""
+        self.member_runs: defaultdict[tuple[str, str], int] = defaultdict(int)
+        """In-process session runs by (member, tier); each serves a batch of calls."""
         self.members_asked: defaultdict[str, int] = defaultdict(int)
         self.members_answered: defaultdict[str, int] = defaultdict(int)
         self.escalations: defaultdict[str, int] = defaultdict(int)
@@ -138,10 +140,17 @@ class GatewayMetrics:
         self.member_calls[(member, tier, outcome)] += 1
         self.member_latency[(member, tier)].observe(seconds)
 
-    def record_compute(self, member: str, tier: str, queue_s: float, compute_s: float) -> None:
-        """An in-process call's wait for a thread and its run (the engine's)."""
-        self.member_stages[(member, tier, "queue")].observe(queue_s)
-        self.member_stages[(member, tier, "compute")].observe(compute_s)
+    def record_run(
+        self, member: str, tier: str, queues_s: Sequence[float], compute_s: float
+    ) -> None:
+        """One in-process session run (the engine's) of a batch: each call's wait for a
+        thread, and the run's time, which every call of the batch spent."""
+        self.member_runs[(member, tier)] += 1
+        queue = self.member_stages[(member, tier, "queue")]
+        compute = self.member_stages[(member, tier, "compute")]
+        for queue_s in queues_s:
+            queue.observe(queue_s)
+            compute.observe(compute_s)
 
     def record_link(self, member: str, tier: str, seconds: float) -> None:
         """The time a call spent crossing an emulated link, both ways."""

@@ -170,9 +170,9 @@ class InProcessEngine:
         self._queue: list[_Call] = []
         self._busy = 0
         self._scheduled = False
-        self.observe: Callable[[str, str, float, float], None] | None = None
-        """Told each call's (member, tier, queue seconds, compute seconds) when its session
-        has an owner (the gateway's metrics)."""
+        self.observe: Callable[[str, str, Sequence[float], float], None] | None = None
+        """Told of each run of a session that has an owner (the gateway's metrics): (member,
+        tier, each of its calls' seconds in the queue, the run's seconds)."""
 
     @property
     def queued(self) -> int:
@@ -261,9 +261,8 @@ class InProcessEngine:
         for batch, batch_results in zip(job, results, strict=True):
             owner = batch.runner.owner
             if observe is not None and owner is not None and batch.ended:
-                compute = batch.ended - batch.started
-                for call in batch.calls:
-                    observe(owner[0], owner[1], max(0.0, batch.started - call.queued), compute)
+                queues = [max(0.0, batch.started - call.queued) for call in batch.calls]
+                observe(owner[0], owner[1], queues, batch.ended - batch.started)
             for call, result in zip(batch.calls, batch_results, strict=True):
                 if call.future.done():
                     continue

@@ -104,6 +104,10 @@ def test_the_cloud_links_delay_shows_in_latency(gw: GatewayProcess) -> None:
         assert metric(metrics, stage.format("count", "logreg", "queue", "edge")) >= 6
         compute = metric(metrics, stage.format("sum", "logreg", "compute", "edge"))
         assert 0 < compute < 6 * DELAY_MS / 1e3  # a logistic regression is quick
+        # One session run per call here (each request alone); under load a run serves several.
+        runs = metric(metrics, 'ensemble_member_runs_total{member="logreg",tier="edge"}')
+        calls = 'ensemble_member_calls_total{{member="{}",outcome="success",tier="{}"}}'
+        assert 6 <= runs <= metric(metrics, calls.format("logreg", "edge"))
 
 
 def test_the_links_admin_api_checks_its_token_and_input(gw: GatewayProcess) -> None:

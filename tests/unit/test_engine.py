@@ -59,6 +59,25 @@ def test_concurrent_calls_are_batched_and_split_back(tmp_path: Path) -> None:
     assert len(runner.row_counts) < 20  # calls queued together ran together
 
 
+def test_each_run_of_an_owned_session_is_reported_with_its_calls(tmp_path: Path) -> None:
+    from ensemble.metrics.gateway import GatewayMetrics
+
+    runner = CountingRunner(doubler(tmp_path / "d.onnx"))
+    runner.owner = ("doubler", "edge")
+    metrics = GatewayMetrics()
+    engine = InProcessEngine(1)
+    engine.observe = metrics.record_run
+
+    async def main() -> None:
+        await asyncio.gather(*(engine.submit(runner, rows(1, i), ("y",)) for i in range(20)))
+
+    asyncio.run(main())
+    engine.shutdown()
+    assert 1 <= metrics.member_runs[("doubler", "edge")] == len(runner.row_counts) < 20
+    for stage in ("queue", "compute"):  # every call's wait, and the run it shared
+        assert sum(metrics.member_stages[("doubler", "edge", stage)].counts) == 20
+
+
 def test_batches_respect_max_rows(tmp_path: Path) -> None:
     runner = CountingRunner(doubler(tmp_path / "d.onnx"))
     engine = InProcessEngine(1, max_batch_rows=4)

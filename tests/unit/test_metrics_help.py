@@ -36,7 +36,7 @@ def populated() -> GatewayMetrics:
             m.record_connection_closed(protocol, reason)
     for outcome in ("success", "error"):
         m.record_member_call("logreg", "edge", outcome, 0.001)
-    m.record_compute("logreg", "edge", 0.0001, 0.0002)
+    m.record_run("logreg", "edge", [0.0001, 0.0003], 0.0002)
     m.record_link("logreg", "cloud", 0.04)
     for escalated in (True, False):
         m.record_uncertain("digits", escalated)
