@@ -126,8 +126,9 @@ def spawn(
 
 
 def _drain(stream: IO[str], log_path: Path) -> None:
-    # A peer printing to a pipe nobody reads would block once the pipe buffer fills.
-    with log_path.open("a") as log_file:
+    # A peer printing to a pipe nobody reads would block once the pipe buffer fills; the pipe is
+    # closed once the peer has exited.
+    with stream, log_path.open("a") as log_file:
         for line in stream:
             log_file.write(line)
 

@@ -2,7 +2,9 @@
 
 # It reads each request body and answers a fixed, small OIP response of the gateway's shape, so
 # what it sustains is the most any Python server on this stack can do on this machine. Run as
-# `python -m loadtest.peers.noop`: prints `noop ready: http=H:P grpc=H:P`, exits 0 on SIGTERM.
+# `python -m loadtest.peers.noop`: prints `noop ready: http=H:P grpc=H:P grpcio=VERSION`, exits 0
+# on SIGTERM. With `--handler-cpu-us N` each handler first keeps the event loop busy for N us, as
+# a real server's work would (what the stack itself costs around a busy loop: loadtest.grpc_cost).
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import contextlib
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any, TypeAlias
 
@@ -54,6 +57,17 @@ GRPC_RESPONSE: bytes = service_pb2.ModelInferResponse(
 ).SerializeToString()
 
 
+HANDLER_CPU_S = 0.0
+"""Loop time each handler spends before answering (``--handler-cpu-us``; 0: none)."""
+
+
+def _work() -> None:
+    if HANDLER_CPU_S:
+        end = time.perf_counter() + HANDLER_CPU_S
+        while time.perf_counter() < end:
+            pass
+
+
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     """Raw ASGI: read the whole body (as a real server must), answer the fixed response."""
     if scope["type"] != "http":
@@ -64,11 +78,13 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if message["type"] == "http.disconnect":
             return
         more = message.get("more_body", False)
+    _work()
     await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
     await send({"type": "http.response.body", "body": RESPONSE})
 
 
 async def _model_infer(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    _work()
     return GRPC_RESPONSE
 
 
@@ -116,7 +132,8 @@ async def serve(host: str, http_port: int, grpc_port: int) -> int:
             return 1
         await asyncio.sleep(0.01)
     port = sock.getsockname()[1]
-    print(f"noop ready: http={host}:{port} grpc={host}:{bound_grpc}", flush=True)
+    ready = f"noop ready: http={host}:{port} grpc={host}:{bound_grpc} grpcio={grpc.__version__}"
+    print(ready, flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -133,7 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument("--http-port", type=int, default=0, help="HTTP port; 0 picks a free one")
     parser.add_argument("--grpc-port", type=int, default=0, help="gRPC port; 0 picks a free one")
+    parser.add_argument(
+        "--handler-cpu-us",
+        type=float,
+        default=0.0,
+        help="microseconds each handler keeps the event loop busy before answering (default 0)",
+    )
     args = parser.parse_args(argv)
+    if args.handler_cpu_us < 0:
+        parser.error("--handler-cpu-us must be at least 0")
+    global HANDLER_CPU_S
+    HANDLER_CPU_S = args.handler_cpu_us * 1e-6
     return uvloop.run(serve(args.host, args.http_port, args.grpc_port))
 
 
