@@ -214,9 +214,15 @@ class Bench:
             def run() -> WrkResult | LoadResult:
                 return grpc.run(addr, self.grpc_body, concurrency, 0, plan.duration_s)
 
+        before = report.session_runs(target.peer)
         result, cpu = self._cpu_window(target, run)
         _check(target.name, concurrency, result)
-        return report.row(result, cpu)
+        row = report.row(result, cpu)
+        after = report.session_runs(target.peer)
+        if before is not None and after is not None and after[1] > before[1]:
+            # How well the in-process engine batched: member calls per onnxruntime run.
+            row["calls_per_run"] = round((after[0] - before[0]) / (after[1] - before[1]), 2)
+        return row
 
     def open(self, target: Target, rate: float) -> dict[str, Any]:
         host, port = target.address

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.bench_clients import LoadResult
 from loadtest.experiment import Goal, Report, goal_lines, goals_doc, goals_of, text_table
@@ -116,6 +117,33 @@ def _post(address: tuple[str, int], path: str, body: bytes, header_length: int) 
         return orjson.loads(payload)
     finally:
         conn.close()
+
+
+def session_runs(peer: Peer) -> tuple[float, float] | None:
+    """(member calls, session runs) so far of a gateway's in-process members, from its
+    `/metrics`; None for a server without those counts (Ray Serve, the no-op, an older tree)."""
+    if not peer.name.startswith(("gateway", "baseline")):
+        return None
+    conn = http.client.HTTPConnection(*peer.http, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode()
+    finally:
+        conn.close()
+    if response.status != 200:
+        return None
+    calls: dict[tuple[str, str], float] = {}
+    runs: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        into = {"ensemble_member_calls": calls, "ensemble_member_runs": runs}.get(family.name)
+        for sample in family.samples if into is not None else ():
+            if sample.name.endswith("_total"):
+                key = (sample.labels["member"], sample.labels["tier"])
+                into[key] = into.get(key, 0.0) + sample.value
+    if not runs:
+        return None
+    return sum(calls.get(key, 0.0) for key in runs), sum(runs.values())
 
 
 def check_answers(peers: dict[str, Peer], path: str, body: bytes, header_length: int) -> None:

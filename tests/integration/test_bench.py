@@ -37,6 +37,8 @@ def test_smoke_run_writes_a_complete_record(zoo_dir: Path, tmp_path: Path) -> No
         for row in levels.values():
             assert row["rps"] > 0 and row["requests"] > 0, system
             assert 0 < row["p50_ms"] <= row["p99_ms"], system
+            # The gateways' own batching, from their /metrics (a run serves one call or more).
+            assert (row.get("calls_per_run", 0) >= 1) == system.startswith("gateway"), system
     assert set(doc["open_loop"]) == {"noop-http", "gateway-http", "ray-http"}
     assert doc["open_loop"]["gateway-http"]["100"]["offered_rps"] == 100
 
