@@ -135,10 +135,11 @@ def session_runs(peer: Peer) -> tuple[float, float] | None:
         return None
     calls: dict[tuple[str, str], float] = {}
     runs: dict[tuple[str, str], float] = {}
+    wanted = {"ensemble_member_calls_total": calls, "ensemble_member_runs_total": runs}
     for family in text_string_to_metric_families(text):
-        into = {"ensemble_member_calls": calls, "ensemble_member_runs": runs}.get(family.name)
-        for sample in family.samples if into is not None else ():
-            if sample.name.endswith("_total"):
+        for sample in family.samples:
+            into = wanted.get(sample.name)
+            if into is not None:
                 key = (sample.labels["member"], sample.labels["tier"])
                 into[key] = into.get(key, 0.0) + sample.value
     if not runs:
