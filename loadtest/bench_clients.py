@@ -128,9 +128,10 @@ async def _grpc_drive(
     return latencies.tobytes(), errors, sample, cpu_s
 
 
-CHANNELS_PER_PROCESS = 2
+CHANNELS_PER_PROCESS = 4
 """Connections per generator process and target: a gateway of several workers gets connections
-spread by the kernel (SO_REUSEPORT), so a handful are needed for each worker to get some."""
+spread by the kernel (SO_REUSEPORT), so several are needed for each worker to get its share
+(two processes of two each would put all four on one of two workers one run in eight)."""
 _CHANNELS: dict[str, list[grpc.aio.Channel]] = {}
 """Per generator process: its channels (one HTTP/2 connection each) per target."""
 
