@@ -32,7 +32,7 @@ from loadtest.experiment import (
     write_report,
 )
 from loadtest.httpclient import encode_request
-from loadtest.peers import Peer, free_port, machine_busy_seconds, spawn
+from loadtest.peers import Peer, PendingPeer, free_port, machine_busy_seconds, spawn
 from loadtest.wrk import WrkError, WrkResult, run_wrk, write_script, wrk_binary
 
 NAME = "bench"
@@ -277,7 +277,7 @@ def start_ray(logs: Path) -> Peer:
     return _ready([spawn("ray", args, logs, env)])["ray"]
 
 
-def _ready(pending: list[Any]) -> dict[str, Peer]:
+def _ready(pending: list[PendingPeer]) -> dict[str, Peer]:
     peers: dict[str, Peer] = {}
     try:
         for p in pending:
