@@ -287,6 +287,8 @@ class ReplicaView:
     latency_p95_s: float | None = None
     ejected: bool = False
     """Taken out by outlier detection (circuit open)."""
+    latency_age_s: float | None = None
+    """Seconds since a latency last went into the EWMA (None: never, or not known)."""
 
 
 @dataclass(frozen=True, slots=True)

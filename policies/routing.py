@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 
@@ -17,9 +18,14 @@ __all__ = [
     "RoundRobinRouter",
     "TierPreferenceParams",
     "TierPreferenceRouter",
+    "decayed_latency_s",
     "eligible",
     "p2c_order",
 ]
+
+LATENCY_DECAY_S = 10.0
+"""Time constant with which an unmeasured replica's latency EWMA fades, for p2c (Finagle's and
+tower's peak-EWMA default)."""
 
 
 def eligible(replicas: Sequence[ReplicaView], ctx: RoutingContext) -> list[ReplicaView]:
@@ -31,18 +37,31 @@ def eligible(replicas: Sequence[ReplicaView], ctx: RoutingContext) -> list[Repli
     ]
 
 
+def decayed_latency_s(replica: ReplicaView, decay_s: float) -> float | None:
+    """The replica's latency EWMA, faded toward 0 by ``exp(-age / decay_s)`` with the time since
+    it was last measured (Finagle's and Linkerd's peak EWMA): a replica that was slow once and
+    has had no call since comes to look fast again and is tried, so one slow moment does not
+    starve it for good when load is too low for outstanding calls to send traffic its way."""
+    latency = replica.latency_ewma_s
+    age = replica.latency_age_s
+    if latency is None or not age:
+        return latency
+    return latency * math.exp(-age / decay_s)
+
+
 def _load_key(replica: ReplicaView) -> tuple[int, float]:
     # Unknown latency counts as 0 so a fresh replica wins ties and gets the traffic that
     # measures it; otherwise it would never earn an EWMA.
-    return replica.outstanding, replica.latency_ewma_s or 0.0
+    return replica.outstanding, decayed_latency_s(replica, LATENCY_DECAY_S) or 0.0
 
 
 def p2c_order(candidates: Sequence[ReplicaView], rng: random.Random) -> list[ReplicaView]:
     """Full preference order by repeated power-of-two draws among the replicas not yet placed.
 
     Each position is a fresh draw of two, the one with fewer outstanding calls (then lower
-    latency EWMA) wins; so fallbacks are load-aware too, and no replica is chosen by every
-    router at once the way a global "least loaded" sort would herd them.
+    latency EWMA, faded with its age: ``decayed_latency_s``) wins; so fallbacks are load-aware
+    too, and no replica is chosen by every router at once the way a global "least loaded" sort
+    would herd them.
     """
     pool = list(candidates)
     order: list[ReplicaView] = []
@@ -109,18 +128,27 @@ class PeakEwmaParams(BaseModel):
             "get probed, but above zero so their outstanding calls still count."
         ),
     )
+    decay_s: float = Field(
+        default=LATENCY_DECAY_S,
+        gt=0.0,
+        description=(
+            "Time constant with which a replica's latency EWMA fades toward 0 while it gets no "
+            "call, so that a replica slow once is tried again rather than starved."
+        ),
+    )
 
 
 @register("routing", "peak_ewma", params=PeakEwmaParams)
 class PeakEwmaRouter:
-    """Peak-EWMA (Finagle/Linkerd): lowest latency EWMA times (outstanding + 1) first."""
+    """Peak-EWMA (Finagle/Linkerd): lowest latency EWMA (faded with its age) times
+    (outstanding + 1) first."""
 
     def __init__(self, params: PeakEwmaParams) -> None:
         self.params = params
 
     def cost(self, replica: ReplicaView) -> float:
         """Expected wait at this replica: its latency weighted by the queue in front of a call."""
-        latency = replica.latency_ewma_s
+        latency = decayed_latency_s(replica, self.params.decay_s)
         if latency is None:
             latency = self.params.unknown_latency_s
         return latency * (replica.outstanding + 1)

@@ -382,9 +382,9 @@ class Member:
                 # Its server was down and passes its health checks again: the failures that
                 # ejected it are history (Envoy un-ejects on a passing active check too).
                 stats.breaker = HEALTHY
-        ejected = stats.breaker is not HEALTHY and self.outlier.is_ejected(
-            stats.breaker, self.clock.now()
-        )
+        now = self.clock.now()
+        ejected = stats.breaker is not HEALTHY and self.outlier.is_ejected(stats.breaker, now)
+        measured = stats.measured_at
         return ReplicaView(
             replica.name,
             replica.tier,
@@ -393,6 +393,7 @@ class Member:
             stats.ewma_s,
             stats.p95_s,
             ejected,
+            None if measured is None else max(0.0, now - measured),
         )
 
     def attempt(self, replica: Replica) -> ReplicaStats:
@@ -409,10 +410,9 @@ class Member:
         """An attempt on ``replica`` ended: ``success``, ``error`` (counts against the replica:
         failures and attempt timeouts) or ``cancelled`` (a hedge's loser, a request that gave
         up: neutral)."""
-        stats.finished(latency_s, outcome == "success", abandoned=outcome == "cancelled")
-        self._estimate(replica.tier).record(
-            latency_s, self._round_trip_s(replica), outcome, self.clock.now()
-        )
+        now = self.clock.now()
+        stats.finished(latency_s, outcome == "success", abandoned=outcome == "cancelled", now=now)
+        self._estimate(replica.tier).record(latency_s, self._round_trip_s(replica), outcome, now)
         if outcome == "cancelled":
             if stats.breaker.probe_sent_at is not None:  # a cancelled probe tells nothing:
                 stats.breaker = replace(stats.breaker, probe_sent_at=None)  # let another go

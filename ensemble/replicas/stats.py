@@ -27,6 +27,7 @@ class ReplicaStats:
         "ejections",
         "ewma_s",
         "failures",
+        "measured_at",
         "outstanding",
         "ready",
     )
@@ -36,6 +37,8 @@ class ReplicaStats:
         self.calls = 0
         """Calls started, ever (the control loop turns it into a rate)."""
         self.ewma_s: float | None = None
+        self.measured_at: float | None = None
+        """When a latency last went into the EWMA (the member's clock; None before any)."""
         self.failures = 0
         self._window = array("d")
         self._p95: float | None = None
@@ -52,21 +55,25 @@ class ReplicaStats:
         self.outstanding += 1
         self.calls += 1
 
-    def finished(self, latency_s: float, ok: bool, *, abandoned: bool = False) -> None:
-        """A call ended. ``abandoned``: cancelled unanswered (a hedge's loser, a request past
-        its deadline): no failure, but its time so far is a lower bound of its latency, kept
-        when it exceeds the EWMA so that hedging does not hide a slow replica from routing."""
+    def finished(
+        self, latency_s: float, ok: bool, *, abandoned: bool = False, now: float | None = None
+    ) -> None:
+        """A call ended (at ``now``, on the member's clock). ``abandoned``: cancelled unanswered
+        (a hedge's loser, a request past its deadline): no failure, but its time so far is a
+        lower bound of its latency, kept when it exceeds the EWMA so that hedging does not hide
+        a slow replica from routing."""
         self.outstanding -= 1
         if abandoned:
             if self.ewma_s is not None and latency_s > self.ewma_s:
-                self._record(latency_s)
+                self._record(latency_s, now)
             return
         if not ok:
             self.failures += 1
             return  # a fast failure must not make a broken replica look attractive
-        self._record(latency_s)
+        self._record(latency_s, now)
 
-    def _record(self, latency_s: float) -> None:
+    def _record(self, latency_s: float, now: float | None) -> None:
+        self.measured_at = now
         self.ewma_s = (
             latency_s
             if self.ewma_s is None

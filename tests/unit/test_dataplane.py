@@ -5,6 +5,7 @@ provisioners the control plane scales with."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +20,9 @@ from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.member import ClassifierSchema, Member
 from ensemble.repository import EnsembleModel, Profile, Repository
 from ensemble.state import LocalCell
-from ensemble.types import InferRequest, ModelMetadata, Tensor, TensorSpec
+from ensemble.types import InferRequest, ModelMetadata, RoutingContext, Tensor, TensorSpec
+from policies import registry
+from policies.base import RoutingPolicy
 
 X = (TensorSpec("x", "FP32", (-1, 2)),)
 OUT = (TensorSpec("probs", "FP32", (-1, 2)),)
@@ -141,6 +144,36 @@ def test_a_deadline_answers_with_what_arrived_in_virtual_time() -> None:
     assert took == pytest.approx(0.020)  # the 20 ms deadline, to the tick of the virtual clock
     assert params["members_answered"] == "near@edge"
     assert params["deadline_met"] is False and params["violations"] == "deadline"
+
+
+def test_a_replica_slow_once_gets_calls_again_once_its_latency_is_old() -> None:
+    """p2c through a member's live stats, in virtual time: after one slow call a replica loses
+    every draw to a fast one at low load, until its measurement has aged (10 s time constant)."""
+    clock = VirtualClock()
+    fast, slow = Answering("edge/0", [0.5, 0.5]), Answering("edge/1", [0.5, 0.5])
+    member = Member("m", X, OUT, SCHEMA, [fast, slow], clock=clock)
+    p2c: RoutingPolicy = registry.build("routing", "p2c", {}, RoutingPolicy)
+    rng = random.Random(0)
+
+    def served(replica: Answering, latency_s: float) -> None:
+        member.observe(replica, member.attempt(replica), latency_s, "success")
+
+    def firsts() -> set[str]:
+        return {member.route(p2c, RoutingContext("m"), rng)[0].name for _ in range(20)}
+
+    async def main() -> None:
+        served(slow, 0.050)
+        served(fast, 0.002)
+        assert firsts() == {"edge/0"}
+        await clock.advance(20.0)
+        served(fast, 0.002)  # the fast one keeps serving
+        assert firsts() == {"edge/0"}  # the slow one's 50 ms, 20 s old, weighs 6.8 ms
+        await clock.advance(20.0)
+        served(fast, 0.002)
+        assert member.replica_view(slow).latency_age_s == 40.0
+        assert firsts() == {"edge/1"}  # 40 s old: 0.9 ms against 2 ms, so it is tried again
+
+    asyncio.run(main())
 
 
 def test_model_config_follows_tritons_batching_rule() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
@@ -18,6 +19,7 @@ from policies.routing import (
     PeakEwmaRouter,
     TierPreferenceParams,
     TierPreferenceRouter,
+    decayed_latency_s,
     eligible,
     p2c_order,
 )
@@ -33,8 +35,9 @@ def rv(
     ewma: float | None = None,
     ready: bool = True,
     ejected: bool = False,
+    age: float | None = None,
 ) -> ReplicaView:
-    return ReplicaView(name, tier, ready, outstanding, ewma, None, ejected)
+    return ReplicaView(name, tier, ready, outstanding, ewma, None, ejected, age)
 
 
 def router(name: str, **params: object) -> RoutingPolicy:
@@ -151,7 +154,30 @@ def test_peak_ewma_params_validated() -> None:
     with pytest.raises(ValidationError):
         registry.lookup("routing", "peak_ewma").build({"unknown_latency_s": 0})
     with pytest.raises(ValidationError):
-        registry.lookup("routing", "peak_ewma").build({"decay_s": 1})
+        registry.lookup("routing", "peak_ewma").build({"decay_s": 0})
+    with pytest.raises(ValidationError):
+        registry.lookup("routing", "peak_ewma").build({"decay": 1})  # a misspelling: refused
+
+
+def test_a_replica_slow_once_and_idle_since_is_tried_again() -> None:
+    """At low load outstanding calls are all 0 and latency alone decides: a replica whose
+    EWMA is stale (no call for a while) fades toward 0, as Finagle's and Linkerd's peak EWMA
+    do, and wins again; freshly measured, the same EWMA keeps it behind."""
+    fast = rv("fast", ewma=0.002, age=0.0)
+    slow_now = rv("slow", ewma=0.050, age=0.0)
+    slow_then = rv("slow", ewma=0.050, age=60.0)  # 50 ms * exp(-6) = 0.12 ms
+    assert decayed_latency_s(slow_then, 10.0) == pytest.approx(0.050 * math.exp(-6))
+    assert decayed_latency_s(rv("new"), 10.0) is None
+    rng = random.Random(0)
+    for policy in (router("p2c"), router("peak_ewma")):
+        assert policy.route([fast, slow_now], CTX, rng)[0] == "fast"
+        assert policy.route([slow_now, fast], CTX, rng)[0] == "fast"
+        assert policy.route([fast, slow_then], CTX, rng)[0] == "slow"
+        assert policy.route([slow_then, fast], CTX, rng)[0] == "slow"
+    # A shorter time constant fades it sooner.
+    slow_recent = rv("slow", ewma=0.050, age=20.0)  # 10 s: 6.8 ms; 2 s: 2 us
+    assert router("peak_ewma").route([fast, slow_recent], CTX, rng)[0] == "fast"
+    assert router("peak_ewma", decay_s=2.0).route([fast, slow_recent], CTX, rng)[0] == "slow"
 
 
 # --- tier_preference -----------------------------------------------------------------------
