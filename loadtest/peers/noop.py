@@ -4,7 +4,7 @@
 # what it sustains is the most any Python server on this stack can do on this machine. Run as
 # `python -m loadtest.peers.noop`: prints `noop ready: http=H:P grpc=H:P grpcio=VERSION`, exits 0
 # on SIGTERM. With `--handler-cpu-us N` each handler first keeps the event loop busy for N us, as
-# a real server's work would (what the stack itself costs around a busy loop: loadtest.grpc_cost).
+# a real server's work would (what the stack itself costs around a busy loop: loadtest.stack_cost).
 
 from __future__ import annotations
 
