@@ -18,6 +18,7 @@ from loadtest.bench_clients import (
     LoadResult,
     oip_grpc_body,
     oip_http_body,
+    oip_http_headers,
     run_open_loop,
 )
 from loadtest.experiment import (
@@ -156,10 +157,7 @@ class Bench:
         self.plan = plan
         self.peers = peers
         body, header_length = oip_http_body(zoo)
-        self.http_headers = {
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(header_length),
-        }
+        self.http_headers = oip_http_headers(header_length)
         self.http_body = body
         self.script = write_script(work, "infer", body, self.http_headers)
         self.grpc_body = oip_grpc_body(zoo)

@@ -72,6 +72,14 @@ def oip_http_body(zoo: Path) -> tuple[bytes, int]:
     return header + x.tobytes(), len(header)
 
 
+def oip_http_headers(header_length: int) -> dict[str, str]:
+    """The headers that send a binary-extension body of ``oip_http_body``."""
+    return {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(header_length),
+    }
+
+
 def oip_grpc_body(zoo: Path, model: str = "digits") -> bytes:
     """The same image as a serialised ModelInferRequest with raw contents."""
     x = _test_image(zoo)

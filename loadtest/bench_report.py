@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.bench_clients import LoadResult
+from loadtest.bench_clients import LoadResult, oip_http_headers
 from loadtest.experiment import Goal, Report, goal_lines, goals_doc, goals_of, text_table
 from loadtest.peers import Peer, machine_busy_seconds
 from loadtest.wrk import WrkResult
@@ -105,11 +105,7 @@ def settle(peer: Peer, busy_cores: float = 0.5, max_wait_s: float = 20.0) -> Non
 def _post(address: tuple[str, int], path: str, body: bytes, header_length: int) -> Any:
     conn = http.client.HTTPConnection(*address, timeout=60)
     try:
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(header_length),
-        }
-        conn.request("POST", path, body, headers)
+        conn.request("POST", path, body, oip_http_headers(header_length))
         response = conn.getresponse()
         payload = response.read()
         if response.status != 200:

@@ -32,13 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.bench_clients import GrpcLoad, oip_grpc_body, oip_http_body
+from loadtest.bench import INFER_PATH
+from loadtest.bench_clients import GrpcLoad, oip_grpc_body, oip_http_body, oip_http_headers
 from loadtest.experiment import ROOT, progress
 from loadtest.peers import Peer, PeerError, spawn
 from loadtest.wrk import WrkMissing, run_wrk, write_script, wrk_binary
 
 NAME = "stack_cost"
-INFER_PATH = "/v2/models/digits/infer"
 
 
 @dataclass
@@ -82,11 +82,7 @@ class Driver:
     def __init__(self, work: Path, grpc_procs: int) -> None:
         zoo = ROOT / "models" / "digits"
         body, header_length = oip_http_body(zoo)
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(header_length),
-        }
-        self.script = write_script(work, "infer", body, headers)
+        self.script = write_script(work, "infer", body, oip_http_headers(header_length))
         self.grpc_body = oip_grpc_body(zoo)
         self.grpc = GrpcLoad(grpc_procs)
 
