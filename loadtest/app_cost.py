@@ -25,11 +25,9 @@ from typing import Any
 
 import uvloop
 
-from loadtest.bench import BENCH_CONFIG
-from loadtest.bench_clients import oip_http_body
+from loadtest.bench import BENCH_CONFIG, INFER_PATH
+from loadtest.bench_clients import oip_http_body, oip_http_headers
 from loadtest.experiment import ROOT
-
-PATH = "/v2/models/digits/infer"
 
 
 def _scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
@@ -39,8 +37,8 @@ def _scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": PATH,
-        "raw_path": PATH.encode(),
+        "path": INFER_PATH,
+        "raw_path": INFER_PATH.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": headers,
@@ -59,12 +57,13 @@ async def measure(config: Path, requests: int, rounds: int, concurrency: int) ->
     app = gateway.http_app
     assert app is not None
     body, header_length = oip_http_body(ROOT / "models" / "digits")
-    headers = [
-        (b"host", b"gateway"),
-        (b"content-type", b"application/octet-stream"),
-        (b"inference-header-content-length", str(header_length).encode()),
-        (b"content-length", str(len(body)).encode()),
-    ]
+    sent_headers = {
+        "Host": "gateway",
+        **oip_http_headers(header_length),
+        "Content-Length": str(len(body)),
+    }
+    # As ASGI hands them over: lower-case names, bytes.
+    headers = [(k.lower().encode(), v.encode()) for k, v in sent_headers.items()]
     statuses: Counter[int] = Counter()
 
     async def one() -> None:

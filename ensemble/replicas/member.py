@@ -311,7 +311,6 @@ class Member:
         self.stats[replica.name] = ReplicaStats()
         self._by_name[replica.name] = replica
         self.replicas.append(replica)
-        self._trips.pop(replica.name, None)
         self._changed()
 
     def retire(self, name: str, drain_timeout_s: float) -> Coroutine[Any, Any, None]:
