@@ -152,7 +152,11 @@ class ServerConfig(StrictModel):
         "their calls finishing first); none by default.",
     )
     executor_threads: int = Field(
-        2, ge=1, le=64, description="Threads running onnxruntime (never the event loop)."
+        2,
+        ge=1,
+        le=64,
+        description="Threads running onnxruntime (work shorter than a hand-off to them, "
+        "about 100 us, runs on the event loop while they are idle).",
     )
     batching: bool = Field(
         True,
