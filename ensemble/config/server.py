@@ -155,8 +155,8 @@ class ServerConfig(StrictModel):
         2,
         ge=1,
         le=64,
-        description="Threads running onnxruntime (work shorter than a hand-off to them, "
-        "about 100 us, runs on the event loop while they are idle).",
+        description="Threads running onnxruntime's larger work (work estimated under 1 ms "
+        "of CPU runs on the event loop: a hand-off to a thread would cost more).",
     )
     batching: bool = Field(
         True,

@@ -1,11 +1,13 @@
-"""Runs onnxruntime calls on a bounded thread pool, batching concurrent calls per session.
+"""Runs onnxruntime calls, batching concurrent calls per session: small work on the event loop,
+larger work on a bounded thread pool.
 
 Calls that arrive while the pool is busy (or in the same event-loop tick) are grouped by
 session and concatenated along the batch dimension into one ``session.run``: batching comes
 from load itself, so an idle gateway adds no wait and a busy one amortises per-call overhead
-(Clipper's adaptive batching without a timer). Work is handed to threads in jobs of roughly
-equal estimated cost, so both cores of a small machine stay busy and each request pays for
-few thread hand-offs instead of one per member.
+(Clipper's adaptive batching without a timer). Work estimated under ``INLINE_MAX_S`` of CPU runs
+on the loop's own thread; larger work is handed to threads in jobs of roughly equal estimated
+cost, so both cores of a small machine stay busy and each request pays for few thread hand-offs
+instead of one per member.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from ensemble.replicas.onnx import OnnxSignature
 Outputs = dict[str, np.ndarray]
 SPLIT_MIN_S = 1e-3
 """Work estimated below this runs in one job rather than spread over threads."""
-INLINE_MAX_S = 100e-6
-"""Work estimated below this (by sessions that have timed enough runs) runs on the event loop's
-own thread while the pool is idle: handing it to a pool thread and back costs more than running
-it (three digits members take about 30-50 us together; a hand-off wakes two threads and moves
-the GIL twice). Under load the pool runs it beside the loop; larger work, and work of a session
-not timed yet, never blocks the loop."""
+INLINE_MAX_S = 1e-3
+"""Work estimated below this much CPU (by sessions that have timed enough runs) runs on the event
+loop's own thread: a hand-off to a pool thread costs more CPU than such work. Measured on a
+2-vCPU machine under load, a digits member's run took 3-6 times the CPU on a pool thread that
+it took on the loop (77-199 us against 14-51 us), and the hand-off itself wakes two threads
+and moves the GIL twice: the three-member benchmark ensemble used 15-20% less CPU per request,
+over HTTP and gRPC, with its work on the loop (docs/evidence/2026-12-06-engine-inline.md).
+Larger work, and work of a session not timed yet, never blocks the loop for longer."""
 LEARNED_RUNS = 8
 """Runs a session must have timed before its estimate can keep work on the loop."""
 
@@ -60,7 +64,9 @@ class SessionRunner:
     def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Outputs:
         """Run synchronously (in a pool thread); errors become the gateway's own."""
         names = list(outputs or self.output_names)
-        start = time.perf_counter()
+        # CPU time, not wall time: on a busy machine a run's wall time includes waiting for a
+        # core and for the GIL, which would make small work look large.
+        start = time.thread_time()
         try:
             values = self.session.run(names, dict(feed))
         except Exception as exc:
@@ -68,7 +74,7 @@ class SessionRunner:
             if type(exc).__name__ in ("InvalidArgument", "InvalidGraph"):
                 raise InvalidInput(f"the model rejected the input: {exc}") from exc
             raise EnsembleError(f"onnxruntime failed: {exc}") from exc
-        self._learn(time.perf_counter() - start, _rows(feed))
+        self._learn(time.thread_time() - start, _rows(feed))
         result = dict(zip(names, values, strict=True))
         for name, classes in self.map_outputs.items():
             if name in result:  # ZipMap: a list of {class: probability} per row
@@ -77,8 +83,9 @@ class SessionRunner:
         return result
 
     def _learn(self, elapsed_s: float, rows: int) -> None:
-        # A rough split of the observed time into a fixed and a per-row part, smoothed; only
-        # used to balance work across threads, so races between threads are harmless.
+        # A rough split of the observed CPU time into a fixed and a per-row part, smoothed;
+        # only used to keep small work on the loop and to balance the rest across threads, so
+        # races between threads are harmless.
         self.timed += 1
         if rows <= 1:
             self.fixed_s += 0.2 * (elapsed_s - self.fixed_s)
@@ -159,8 +166,8 @@ def _run_job(job: list[_Batch]) -> list[list[Outputs | BaseException]]:
 
 
 class InProcessEngine:
-    """The bounded pool onnxruntime runs on; only work shorter than a hand-off to it
-    (``INLINE_MAX_S``) runs on the event loop, and only while the pool is idle."""
+    """The bounded pool onnxruntime runs on; work that costs less than a hand-off to it
+    (``INLINE_MAX_S``) runs on the event loop instead."""
 
     def __init__(self, threads: int, *, max_batch_rows: int = 256, batching: bool = True) -> None:
         self.threads = threads
@@ -211,22 +218,21 @@ class InProcessEngine:
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        free = self.threads - self._busy
-        if free <= 0 or not self._queue:
+        if not self._queue:
             return
         batches = self._batches(self._queue)
+        total = sum(b.cost_s() for b in batches)
+        if total < INLINE_MAX_S and all(b.runner.timed >= LEARNED_RUNS for b in batches):
+            self._queue = []  # small: here and now, whether or not a thread is free
+            self._finish(batches, _ran(batches), counted=False)
+            return
+        free = self.threads - self._busy
+        if free <= 0:
+            return  # the queue waits for a thread (``_finish`` dispatches again)
         self._queue = []
         # Largest first; each free thread gets about its share of the estimated cost, and the
         # last free one takes whatever is left, so nothing waits behind a whole job.
         batches.sort(key=_Batch.cost_s, reverse=True)
-        total = sum(b.cost_s() for b in batches)
-        if (
-            self._busy == 0
-            and total < INLINE_MAX_S
-            and all(b.runner.timed >= LEARNED_RUNS for b in batches)
-        ):
-            self._finish(batches, _ran(batches), counted=False)
-            return
         share = total / self.threads
         loop = asyncio.get_running_loop()
         while batches and free > 0:

@@ -204,3 +204,47 @@ def test_tiny_work_of_a_timed_session_runs_on_the_loop_and_the_rest_on_the_pool(
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+class GatedRunner(ThreadRecordingRunner):
+    """Holds its pool thread until ``release`` is set."""
+
+    def __init__(self, base: SessionRunner) -> None:
+        super().__init__(base)
+        import threading
+
+        self.release = threading.Event()
+
+    def run(self, feed, outputs):  # type: ignore[no-untyped-def]
+        assert self.release.wait(10)
+        return super().run(feed, outputs)
+
+
+def test_small_work_runs_on_the_loop_while_big_work_holds_the_pool(tmp_path: Path) -> None:
+    """Small work of a timed session does not wait for a free thread, nor take one."""
+    from ensemble.replicas.engine import INLINE_MAX_S, LEARNED_RUNS
+
+    big = GatedRunner(doubler(tmp_path / "big.onnx"))
+    small = ThreadRecordingRunner(doubler(tmp_path / "small.onnx"))
+    engine = InProcessEngine(1)
+
+    async def main() -> None:
+        for _ in range(LEARNED_RUNS):
+            await engine.submit(small, rows(1, 0.0), ("y",))
+        small.fixed_s, small.per_row_s = INLINE_MAX_S / 4, 0.0
+        big.fixed_s = INLINE_MAX_S * 2
+        held = engine.submit(big, rows(1, 0.0), ("y",))
+        await asyncio.sleep(0)  # the big call's dispatch: onto the one pool thread
+        result = await asyncio.wait_for(engine.submit(small, rows(2, 5.0), ("y",)), 10)
+        assert np.array_equal(result["y"], 2 * rows(2, 5.0)["x"])
+        assert small.threads[-1] == "MainThread"
+        assert not held.done()  # the pool's only thread was still busy with the big call
+        big.release.set()
+        assert np.array_equal((await held)["y"], 2 * rows(1, 0.0)["x"])
+        assert big.threads == [big.threads[0]] and big.threads[0].startswith("onnxruntime")
+
+    try:
+        asyncio.run(main())
+    finally:
+        big.release.set()
+        engine.shutdown()
