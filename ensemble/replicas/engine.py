@@ -31,10 +31,11 @@ SPLIT_MIN_S = 1e-3
 INLINE_MAX_S = 1e-3
 """Work estimated below this much CPU (by sessions that have timed enough runs) runs on the event
 loop's own thread: a hand-off to a pool thread costs more CPU than such work. Measured on a
-2-vCPU machine under load, a digits member's run took 3-6 times the CPU on a pool thread that
+2-vCPU machine under load, a digits member's run took 4-6 times the CPU on a pool thread that
 it took on the loop (77-199 us against 14-51 us), and the hand-off itself wakes two threads
-and moves the GIL twice: the three-member benchmark ensemble used 15-20% less CPU per request,
-over HTTP and gRPC, with its work on the loop (docs/evidence/2026-12-06-engine-inline.md).
+and moves the GIL twice: with its work on the loop, the three-member benchmark ensemble used
+0.78-0.93x the CPU per request over HTTP and 0.82-0.88x over gRPC
+(docs/evidence/2026-12-06-engine-inline.md).
 Larger work, and work of a session not timed yet, never blocks the loop for longer."""
 LEARNED_RUNS = 8
 """Runs a session must have timed before its estimate can keep work on the loop."""
@@ -62,7 +63,8 @@ class SessionRunner:
         return self.fixed_s + self.per_row_s * rows
 
     def run(self, feed: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Outputs:
-        """Run synchronously (in a pool thread); errors become the gateway's own."""
+        """Run synchronously (on a pool thread or the loop's); errors become the gateway's
+        own."""
         names = list(outputs or self.output_names)
         # CPU time, not wall time: on a busy machine a run's wall time includes waiting for a
         # core and for the GIL, which would make small work look large.
