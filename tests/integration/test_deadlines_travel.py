@@ -94,7 +94,10 @@ def test_the_replica_stops_work_whose_deadline_passed(kind: str, replica: Gatewa
     assert len(given_up) >= CALLS // 2, late  # one thread cannot do 40 x 256 rows in 20 ms
     assert all("in time" in r or "DEADLINE_EXCEEDED" in r for r in given_up), given_up
     stopped = stopped_so_far() - before
-    assert stopped >= len(given_up) - 2, (stopped, given_up)  # the replica gave them up
+    # The replica gave them up: without the deadline it would run all 40 (0 stopped). Its
+    # deadline is the client's plus the call's transit, so a call it finishes inside that skew
+    # is late for the client but done at the replica; on a loaded machine the skew holds a few.
+    assert stopped >= 0.75 * len(given_up), (stopped, given_up)
     assert burst(client(kind, replica), None) == ["ok"] * CALLS  # no deadline: all done
 
 
