@@ -144,7 +144,7 @@ def test_slow_body_gets_408(gw: GatewayProcess) -> None:
             b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
         )
         sock.settimeout(10)
-        answer = sock.recv(4096)
+        answer = response(sock)
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert b"server.read_timeout_s" in answer
 
