@@ -80,7 +80,8 @@ def member_call_families(m: GatewayMetrics) -> Iterator[Metric]:
     """Calls to member replicas, their latency, and how many members each request heard."""
     yield _counter(
         "ensemble_member_calls",
-        "Calls to member replicas by member, tier and outcome (success, error).",
+        "Calls to member replicas by member, tier and outcome (success, error, timeout: no "
+        "answer by the request's deadline).",
         ["member", "tier", "outcome"],
         m.member_calls.items(),
     )

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import re
 
+from ensemble.config import LinkConfig
 from ensemble.errors import REJECTION_REASONS
 from ensemble.metrics import GatewayMetrics
 from ensemble.metrics.versions import VersionReading
+from ensemble.replicas.links import Link
 
 CLOSED = {
     "protocol",
@@ -34,10 +36,12 @@ def populated() -> GatewayMetrics:
             m.record_rejection(protocol, reason)
         for reason in ("limit", "evicted", "header_timeout", "header_too_large", "idle_timeout"):
             m.record_connection_closed(protocol, reason)
-    for outcome in ("success", "error"):
+    for outcome in ("success", "error", "timeout"):
         m.record_member_call("logreg", "edge", outcome, 0.001)
     m.record_run("logreg", "edge", [0.0001, 0.0003], 0.0002)
     m.record_link("logreg", "cloud", 0.04)
+    link = Link("cloud", LinkConfig(emulate=True))
+    m.links = lambda: [link.reading()]  # every kind of failure the link counts
     for escalated in (True, False):
         m.record_uncertain("digits", escalated)
     for won in (True, False):
@@ -85,5 +89,7 @@ def test_every_closed_label_value_is_in_its_familys_help() -> None:
         ("ensemble_rollout_phase", "phase"),
         ("ensemble_rollout_decisions", "decision"),
         ("ensemble_spend", "kind"),
+        ("ensemble_member_calls", "outcome"),
+        ("ensemble_link_failures", "kind"),
     ):
         assert (name, label) in seen, (name, label)
