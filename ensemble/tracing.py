@@ -16,6 +16,7 @@ import contextlib
 import sys
 from collections.abc import Awaitable, Iterator, Mapping, MutableMapping
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from ensemble import __version__
 from ensemble.config import TracingConfig
@@ -130,19 +131,20 @@ def annotate(attributes: Attributes) -> None:
         span.set_attributes(dict(attributes))
 
 
-def attempt(call: Awaitable[T], name: str, attributes: Attributes) -> Awaitable[T]:
-    """``call`` (one attempt of a member call) inside a CLIENT span; unchanged while tracing
-    is off."""
+def attempt(call: Awaitable[T], name: str, attributes: Attributes, *, remote: bool) -> Awaitable[T]:
+    """``call`` (one attempt of a member call) inside a span: CLIENT when it leaves the
+    process (``remote``), else INTERNAL; unchanged while tracing is off."""
     if _tracer is None:
         return call
-    return _attempt(call, name, attributes)
+    return _attempt(call, name, attributes, remote)
 
 
-async def _attempt(call: Awaitable[T], name: str, attributes: Attributes) -> T:
+async def _attempt(call: Awaitable[T], name: str, attributes: Attributes, remote: bool) -> T:
     from opentelemetry.trace import SpanKind, Status, StatusCode
 
+    kind = SpanKind.CLIENT if remote else SpanKind.INTERNAL
     with _tracer.start_as_current_span(
-        name, kind=SpanKind.CLIENT, attributes=attributes, record_exception=False,
+        name, kind=kind, attributes=attributes, record_exception=False,
         set_status_on_exception=False,
     ) as span:  # fmt: skip
         try:
@@ -152,8 +154,8 @@ async def _attempt(call: Awaitable[T], name: str, attributes: Attributes) -> T:
             raise
         except Exception as exc:
             span.record_exception(exc)
-            kind = exc.reason if isinstance(exc, EnsembleError) else type(exc).__name__
-            span.set_attribute("error.type", kind)
+            error = exc.reason if isinstance(exc, EnsembleError) else type(exc).__name__
+            span.set_attribute("error.type", error)
             span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
             raise
 
@@ -162,3 +164,22 @@ def inject(headers: MutableMapping[str, str]) -> None:
     """Add the current span's `traceparent` (and `tracestate`) to an outgoing call's headers."""
     if _tracer is not None:
         _propagator.inject(headers)
+
+
+def peer_attributes(endpoint: str) -> dict[str, str | int]:
+    """OpenTelemetry's attributes for the server a remote replica's endpoint names: an HTTP
+    base URL (``http://host:port/...``) or a gRPC target (``host:port``)."""
+    url = urlsplit(endpoint)
+    if url.scheme in ("http", "https"):
+        found: dict[str, str | int] = {"network.protocol.name": "http", "url.scheme": url.scheme}
+        host, port = url.hostname, url.port
+    else:
+        found = {"rpc.system": "grpc"}
+        host, _, text = endpoint.rpartition(":")
+        port = int(text) if text.isdigit() else None
+        host = host.strip("[]") or endpoint
+    if host:
+        found["server.address"] = host
+    if port is not None:
+        found["server.port"] = port
+    return found

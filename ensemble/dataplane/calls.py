@@ -273,12 +273,13 @@ def _sent(
     }
     link = link_of(replica)
     if link is not None:
-        attributes["ensemble.link.delay_ms"] = link.settings.delay_ms
+        attributes["ensemble.link.delay_seconds"] = link.settings.delay_ms / 1000
         attributes["ensemble.link.partitioned"] = link.settings.partitioned
     endpoint = getattr(innermost(replica), "endpoint", None)
     if isinstance(endpoint, str):
-        attributes["server.address"] = endpoint
-    return tracing.attempt(call, f"call {member.name}", attributes)
+        attributes.update(tracing.peer_attributes(endpoint))
+    remote = isinstance(endpoint, str)
+    return tracing.attempt(call, f"call {member.name}", attributes, remote=remote)
 
 
 class Stage:

@@ -268,6 +268,7 @@ class HttpFrontend:
             "http.request.method": "POST",
             "http.route": route,
             "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"),
             "ensemble.model": name,
         }
         with tracing.request_span(f"POST {route}", headers, attributes) as span:

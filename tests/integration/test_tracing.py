@@ -154,17 +154,19 @@ async def _continues(spans: InMemorySpanExporter) -> None:
     assert request.name == "POST /v2/models/{model}/infer" and request.kind == SpanKind.SERVER
     attributes = dict(request.attributes or {})
     assert attributes["http.request.method"] == "POST"
+    assert attributes["url.scheme"] == "http"
     assert attributes["http.response.status_code"] == 200
     assert attributes["ensemble.model"] == "digits"
     assert attributes["ensemble.members_answered"] == reply.json()["parameters"]["members_answered"]
     calls = children(trace, request)
     assert {c.attributes["ensemble.member"] for c in calls} == {"forest", "logreg", "far", "remote"}
-    for call in calls:
-        assert call.kind == SpanKind.CLIENT
+    for call in calls:  # only a call that leaves the process is a client's
+        remote = call.attributes["ensemble.member"] == "remote"
+        assert call.kind == (SpanKind.CLIENT if remote else SpanKind.INTERNAL)
         assert call.name == f"call {call.attributes['ensemble.member']}"
         assert {"ensemble.tier", "ensemble.replica", "ensemble.attempt"} <= set(call.attributes)
     [far] = [c for c in calls if c.attributes["ensemble.member"] == "far"]
-    assert far.attributes["ensemble.link.delay_ms"] == 1.0
+    assert far.attributes["ensemble.link.delay_seconds"] == 0.001
     assert far.attributes["ensemble.link.partitioned"] is False
     # The remote replica's own server span continues the call's span: the context crossed,
     # as an HTTP header and as gRPC metadata.
@@ -174,7 +176,14 @@ async def _continues(spans: InMemorySpanExporter) -> None:
         for c in children(trace, r)
         if c.attributes["ensemble.member"] == "remote"
     ]
-    assert {str(c.attributes["server.address"]).startswith("http") for c in remote} == {True, False}
+    # The server each remote attempt went to, as OpenTelemetry names it: over HTTP and gRPC.
+    assert {c.attributes.get("url.scheme") or c.attributes["rpc.system"] for c in remote} == {
+        "http",
+        "grpc",
+    }
+    for call in remote:
+        assert call.attributes["server.address"] == "127.0.0.1"
+        assert isinstance(call.attributes["server.port"], int)
     for call in remote:
         [served] = children(trace, call)
         assert served.kind == SpanKind.SERVER
@@ -205,7 +214,7 @@ async def _hedged_and_retried(url: str, spans: InMemorySpanExporter) -> None:
                 break
         assert hedged is not None and retried is not None
         finished = spans.get_finished_spans()
-        attempts = [s for s in finished if s.kind == SpanKind.CLIENT]
+        attempts = [s for s in finished if "ensemble.attempt" in (s.attributes or {})]
         hedges = [s for s in attempts if s.attributes["ensemble.attempt.kind"] == "hedge"]
         assert hedges and all(s.attributes["ensemble.member"] == "forest" for s in hedges)
         assert any(s.attributes.get("ensemble.cancelled") for s in attempts)  # a loser
@@ -251,7 +260,7 @@ def test_tracing_is_off_by_default() -> None:
     assert ServerConfig().tracing.enabled is False
     assert not tracing.enabled()
     call = asyncio.sleep(0)
-    assert tracing.attempt(call, "x", {}) is call  # no wrapper, no cost
+    assert tracing.attempt(call, "x", {}, remote=False) is call  # no wrapper, no cost
     call.close()
 
 
@@ -272,3 +281,18 @@ def test_a_replica_server_traces_when_asked(tmp_path: Path) -> None:
     assert f'"trace_id": "0x{TRACE_ID}"' in log, log
     assert '"name": "POST /v2/models/{model}/infer"' in log
     assert f'"parent_id": "0x{PARENT_ID}"' in log
+
+
+def test_a_replicas_endpoint_names_its_server_as_opentelemetry_does() -> None:
+    assert tracing.peer_attributes("http://127.0.0.1:8001/base") == {
+        "network.protocol.name": "http",
+        "url.scheme": "http",
+        "server.address": "127.0.0.1",
+        "server.port": 8001,
+    }
+    assert tracing.peer_attributes("[::1]:8002") == {
+        "rpc.system": "grpc",
+        "server.address": "::1",
+        "server.port": 8002,
+    }
+    assert tracing.peer_attributes("edge-7") == {"rpc.system": "grpc", "server.address": "edge-7"}
