@@ -1,4 +1,5 @@
-"""Config checks that read the members' model files: inputs that agree, digests that match."""
+"""Config checks that read the members' model files: inputs and classes that fit, digests that
+match."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import TYPE_CHECKING
 
 from ensemble.config_errors import Loc, LocatedError, dotted
 from ensemble.errors import EnsembleError
-from ensemble.types import TensorSpec
+from ensemble.types import ClassLabel, TensorSpec
 
 if TYPE_CHECKING:
+    import onnx
+
     from ensemble.config import GatewayConfig, MemberConfig
     from ensemble.models.card import MemberCard
 
@@ -168,6 +171,119 @@ def input_errors(cfg: GatewayConfig) -> list[LocatedError]:
                         "matched by position)",
                     )
                 )
+    return errors
+
+
+def graph_labels(
+    model: onnx.ModelProto,
+) -> tuple[tuple[ClassLabel, ...] | None, dict[str, tuple[ClassLabel, ...]]]:
+    """Class labels a graph's classifier node declares, if any, and per ZipMap output name
+    the labels of its map keys."""
+    classes: tuple[ClassLabel, ...] | None = None
+    zipmaps: dict[str, tuple[ClassLabel, ...]] = {}
+    for node in model.graph.node:
+        labels = _labels(node)
+        if labels is None:
+            continue
+        if node.op_type == "ZipMap":
+            for out in node.output:
+                zipmaps[out] = labels
+        classes = classes or labels
+    return classes, zipmaps
+
+
+def _labels(node: onnx.NodeProto) -> tuple[ClassLabel, ...] | None:
+    for attr in node.attribute:
+        if attr.name in ("classlabels_ints", "classlabels_int64s") and attr.ints:
+            return tuple(int(v) for v in attr.ints)
+        if attr.name == "classlabels_strings" and attr.strings:
+            return tuple(s.decode() for s in attr.strings)
+    return None
+
+
+def class_columns(
+    where: str,
+    classes: Sequence[ClassLabel],
+    ensemble_classes: Sequence[ClassLabel],
+    class_map: Mapping[str, int | str] | None,
+) -> list[int] | None:
+    """For each of a member's classes, the column of the ensemble's class it is: by
+    ``class_map`` (member label as text -> ensemble label), else the classes must be the
+    ensemble's (None: the same columns). EnsembleError names what does not fit (``where``:
+    the member's place in the config)."""
+    if class_map is None:
+        if list(classes) != list(ensemble_classes):
+            raise EnsembleError(
+                f"{where}: the model's classes {list(classes)} are not the ensemble's "
+                f"{list(ensemble_classes)}; map them with `class_map`"
+            )
+        return None
+    own = {str(c): c for c in classes}
+    unknown = sorted(set(class_map) - set(own))
+    missing = sorted(set(own) - set(class_map))
+    if unknown or missing:
+        raise EnsembleError(
+            f"{where}.class_map: the model's classes are {', '.join(own)}"
+            + (f"; not the model's: {', '.join(unknown)}" if unknown else "")
+            + (f"; not mapped: {', '.join(missing)}" if missing else "")
+        )
+    index = {str(c): i for i, c in enumerate(ensemble_classes)}
+    columns = []
+    for label in own:
+        target = str(class_map[label])
+        if target not in index:
+            raise EnsembleError(
+                f"{where}.class_map.{label}: {class_map[label]!r} is no class of the ensemble "
+                f"({', '.join(index)})"
+            )
+        columns.append(index[target])
+    return None if columns == list(range(len(ensemble_classes))) else columns
+
+
+def known_classes(cfg: GatewayConfig, member: MemberConfig) -> tuple[ClassLabel, ...] | None:
+    """A member's class labels where no session is needed to tell them, in the order loading
+    reads them: its config's `classes`, its card's, its graph's classifier node. None when
+    only its output's width would say (left to loading)."""
+    import onnx
+
+    if member.classes:
+        return tuple(member.classes)
+    path = cfg.resolve(member.model)
+    if not path.is_file():
+        return None
+    _, card, _ = _card(cfg, member, path)
+    if card is not None and card.classes:
+        return tuple(card.classes)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's and onnx's own errors: loading says why
+        return None
+    return graph_labels(model)[0]
+
+
+def class_errors(cfg: GatewayConfig) -> list[LocatedError]:
+    """Members whose classes do not fit their ensemble's (declared `classes`, else the first
+    loaded member's): through the member's `class_map` (at that key), else equal (at `model`).
+    Members whose classes only a session could tell are left to loading."""
+    errors: list[LocatedError] = []
+    for ei, ens in enumerate(cfg.ensembles):
+        served = [(mi, m) for mi, m in enumerate(ens.members) if m.loaded]
+        if ens.classes:
+            target: tuple[ClassLabel, ...] | None = tuple(ens.classes)
+        else:
+            target = known_classes(cfg, served[0][1]) if served else None
+        if target is None:
+            continue
+        for mi, member in served:
+            own = known_classes(cfg, member)
+            if own is None:
+                continue
+            loc: Loc = ("ensembles", ei, "members", mi)
+            try:
+                class_columns(dotted(loc), own, target, member.class_map)
+            except EnsembleError as exc:
+                key = "class_map" if member.class_map is not None else "model"
+                errors.append(((*loc, key), exc.message))
     return errors
 
 

@@ -16,10 +16,9 @@ from ensemble.drift import InputWatch
 from ensemble.errors import ModelNotFound, clip
 from ensemble.replicas.adapter import MemberAdapter
 from ensemble.replicas.member import Member
-from ensemble.replicas.onnx import ClassLabel
 from ensemble.replicas.versions import Decision, Versions
 from ensemble.state import Cell, LocalCell
-from ensemble.types import MODEL_VERSION, ModelMetadata, ValidationSet
+from ensemble.types import MODEL_VERSION, ClassLabel, ModelMetadata, ValidationSet
 from policies import registry
 from policies.base import (
     AdmissionPolicy,

@@ -13,6 +13,9 @@ Param: TypeAlias = bool | int | float | str
 
 Parameters: TypeAlias = dict[str, Param]
 
+ClassLabel: TypeAlias = int | str
+"""A classifier's class label, as its model names it."""
+
 MODEL_VERSION = "1"
 """Every served model has exactly this one version (no version policies yet)."""
 

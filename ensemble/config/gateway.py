@@ -23,7 +23,7 @@ from ensemble.config_errors import (
     line_index,
 )
 from ensemble.errors import ConfigError
-from ensemble.model_checks import input_errors
+from ensemble.model_checks import class_errors, input_errors
 from ensemble.tls import tls_file_errors
 from policies import registry
 
@@ -152,6 +152,7 @@ def _semantic_errors(cfg: GatewayConfig) -> list[LocatedError]:
     for where, version in cfg.member_specs():
         errors.extend(_member_errors(cfg, version, where))
     errors.extend(input_errors(cfg))  # what `serve` would refuse, with the member's line
+    errors.extend(class_errors(cfg))
     gateway_tier = cfg.ray.gateway_tier
     if gateway_tier is not None and gateway_tier not in cfg.tiers:
         known = ", ".join(sorted(cfg.tiers)) or "none"

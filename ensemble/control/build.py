@@ -32,7 +32,7 @@ from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.faults import DeviceReplica, FailingReplica, SlowReplica, StragglerReplica
 from ensemble.replicas.links import LinkedReplica, Links
 from ensemble.replicas.member import ClassifierSchema, Member, infer_classifier_schema
-from ensemble.replicas.onnx import ClassLabel, OnnxSignature, load_session, read_signature
+from ensemble.replicas.onnx import OnnxSignature, load_session, read_signature
 from ensemble.replicas.versions import Versions
 from ensemble.repository import (
     LOCAL_TIER,
@@ -42,7 +42,7 @@ from ensemble.repository import (
     Repository,
     label_datatype,
 )
-from ensemble.types import ModelMetadata, TensorSpec, ValidationSet
+from ensemble.types import ClassLabel, ModelMetadata, TensorSpec, ValidationSet
 from policies import registry
 from policies.base import AdmissionPolicy, AutoscalingPolicy, OutlierDetector
 

@@ -18,9 +18,8 @@ from ensemble.dataplane.feedback_store import (
 )
 from ensemble.errors import EnsembleError, InvalidInput
 from ensemble.metrics import GatewayMetrics
-from ensemble.replicas.onnx import ClassLabel
 from ensemble.repository import EnsembleModel, Repository
-from ensemble.types import Feedback, MemberAnswer
+from ensemble.types import ClassLabel, Feedback, MemberAnswer
 
 DEFAULT_ACCURACY_WINDOW = 200
 FEEDBACK_FIELDS = ("feedback_id", "label")

@@ -8,11 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ensemble.errors import EnsembleError
-from ensemble.model_checks import input_pairs
+from ensemble.model_checks import class_columns, input_pairs
 from ensemble.oip.datatypes import OIP_TO_NUMPY
-from ensemble.replicas.onnx import ClassLabel
-from ensemble.types import TensorSpec
+from ensemble.types import ClassLabel, TensorSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,43 +71,10 @@ def adapter(
     ]
     return MemberAdapter(
         tuple(mapped),
-        _columns(where, classes, ensemble_classes, class_map),
+        _array(class_columns(where, classes, ensemble_classes, class_map)),
         len(ensemble_classes),
     )
 
 
-def _columns(
-    where: str,
-    classes: Sequence[ClassLabel],
-    ensemble_classes: Sequence[ClassLabel],
-    class_map: Mapping[str, int | str] | None,
-) -> np.ndarray | None:
-    if class_map is None:
-        if list(classes) != list(ensemble_classes):
-            raise EnsembleError(
-                f"{where}: the model's classes {list(classes)} are not the ensemble's "
-                f"{list(ensemble_classes)}; map them with `class_map`"
-            )
-        return None
-    own = {str(c): c for c in classes}
-    unknown = sorted(set(class_map) - set(own))
-    missing = sorted(set(own) - set(class_map))
-    if unknown or missing:
-        raise EnsembleError(
-            f"{where}.class_map: the model's classes are {', '.join(own)}"
-            + (f"; not the model's: {', '.join(unknown)}" if unknown else "")
-            + (f"; not mapped: {', '.join(missing)}" if missing else "")
-        )
-    index = {str(c): i for i, c in enumerate(ensemble_classes)}
-    columns = []
-    for label in own:
-        target = str(class_map[label])
-        if target not in index:
-            raise EnsembleError(
-                f"{where}.class_map.{label}: {class_map[label]!r} is no class of the ensemble "
-                f"({', '.join(index)})"
-            )
-        columns.append(index[target])
-    if columns == list(range(len(ensemble_classes))):
-        return None
-    return np.asarray(columns, dtype=np.intp)
+def _array(columns: list[int] | None) -> np.ndarray | None:
+    return None if columns is None else np.asarray(columns, dtype=np.intp)

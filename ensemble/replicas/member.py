@@ -16,11 +16,11 @@ from ensemble.errors import EnsembleError, InvalidInput, ModelNotReady
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica
 from ensemble.replicas.estimates import PlacementEstimate, round_trip_reader
-from ensemble.replicas.onnx import ClassLabel
 from ensemble.replicas.split import Splitter
 from ensemble.replicas.stats import HEALTHY, ReplicaStats
 from ensemble.types import (
     MODEL_VERSION,
+    ClassLabel,
     MemberView,
     ModelMetadata,
     PlacementView,

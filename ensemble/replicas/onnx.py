@@ -5,16 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeAlias
 
 import onnx
 import onnxruntime as ort
 
 from ensemble.errors import EnsembleError
+from ensemble.model_checks import graph_labels
 from ensemble.oip.datatypes import ORT_TO_OIP
-from ensemble.types import TensorSpec
-
-ClassLabel: TypeAlias = int | str
+from ensemble.types import ClassLabel, TensorSpec
 
 
 def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
@@ -62,15 +60,6 @@ class OnnxSignature:
     """Class labels declared by the graph's classifier or ZipMap node, if any."""
 
 
-def _labels(node: onnx.NodeProto) -> tuple[ClassLabel, ...] | None:
-    for attr in node.attribute:
-        if attr.name in ("classlabels_ints", "classlabels_int64s") and attr.ints:
-            return tuple(int(v) for v in attr.ints)
-        if attr.name == "classlabels_strings" and attr.strings:
-            return tuple(s.decode() for s in attr.strings)
-    return None
-
-
 def _graph_labels(
     path: Path, data: bytes | None = None
 ) -> tuple[tuple[ClassLabel, ...] | None, dict[str, tuple[ClassLabel, ...]]]:
@@ -79,17 +68,7 @@ def _graph_labels(
         model = onnx.load(str(path), load_external_data=False)
     else:
         model = onnx.load_model_from_string(data)
-    classes: tuple[ClassLabel, ...] | None = None
-    zipmaps: dict[str, tuple[ClassLabel, ...]] = {}
-    for node in model.graph.node:
-        labels = _labels(node)
-        if labels is None:
-            continue
-        if node.op_type == "ZipMap":
-            for out in node.output:
-                zipmaps[out] = labels
-        classes = classes or labels
-    return classes, zipmaps
+    return graph_labels(model)
 
 
 def _dims(arg: ort.NodeArg) -> tuple[int, ...]:

@@ -1,8 +1,9 @@
 """Members that differ, through a real gateway: two foreign classifiers trained here on the
 digits data bundled with scikit-learn, one taking `features` as FP64 with classes 10..19, one
-taking `pixels` with classes named `zero`..`nine`, join the zoo's `logreg` in one ensemble that
-declares its own input and classes; each maps to them. A map that does not fit is refused when
-the config loads, with its file and line."""
+taking `pixels` as INT64 with classes named `zero`..`nine`, join the zoo's `logreg` (FP32
+`input`, classes 0..9) in one ensemble that declares its own input and classes; each maps to
+them. An input or class map that does not fit is refused when the config loads, with its file
+and line."""
 
 from __future__ import annotations
 
@@ -25,17 +26,17 @@ pytestmark = pytest.mark.integration
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def train(path: Path, input_name: str, double: bool, labels: np.ndarray) -> str:
+def train(path: Path, input_name: str, datatype: str, labels: np.ndarray) -> str:
     """A logistic regression on scikit-learn's digits, exported with its own input name,
     datatype and class labels; its SHA-256 (foreign models have no card: the config pins it)."""
     from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
+    from skl2onnx.common.data_types import DoubleTensorType, Int64TensorType
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
 
     x, y = load_digits(return_X_y=True)
     model = LogisticRegression(max_iter=2000).fit(x / 16.0 * 16.0, labels[y])
-    kind = DoubleTensorType if double else FloatTensorType
+    kind = {"FP64": DoubleTensorType, "INT64": Int64TensorType}[datatype]
     onnx_model = convert_sklearn(
         model,
         initial_types=[(input_name, kind([None, 64]))],
@@ -64,9 +65,9 @@ def foreign(name: str, path: Path, digest: str, inputs: dict[str, str], labels: 
 def members(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("foreign")
     tens = tmp / "tens.onnx"
-    tens_sha = train(tens, "features", True, np.arange(10, 20))
+    tens_sha = train(tens, "features", "FP64", np.arange(10, 20))
     words = tmp / "words.onnx"
-    words_sha = train(words, "pixels", False, np.asarray(NAMES))
+    words_sha = train(words, "pixels", "INT64", np.asarray(NAMES))
     return [
         zoo_member("logreg"),
         foreign("tens", tens, tens_sha, {"features": "input"}, list(range(10, 20))),
@@ -114,6 +115,8 @@ def test_foreign_members_answer_in_the_ensembles_terms(
         # A foreign member is a model of its own too, in its own terms.
         own = client.get("/v2/models/tens").json()["inputs"][0]
         assert (own["name"], own["datatype"]) == ("features", "FP64")
+        own = client.get("/v2/models/words").json()["inputs"][0]
+        assert (own["name"], own["datatype"]) == ("pixels", "INT64")
         direct = {
             "inputs": [
                 {"name": "features", "datatype": "FP64", "shape": [1, 64], "data": x[0].tolist()}
@@ -139,3 +142,36 @@ def test_a_map_that_does_not_fit_is_refused_with_its_line(
     assert error.startswith(f"{path}:{line - 1}:") or error.startswith(f"{path}:{line}:"), error
     assert "ensembles[0].members[1].inputs" in error
     assert "not the model's: feature" in error and "not mapped: features" in error
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            {"eight": None},
+            "class_map: the model's classes are zero, one, two, three, four, five, "
+            "six, seven, eight, nine; not mapped: eight",
+        ),
+        (
+            {"nine": 10},
+            "class_map.nine: 10 is no class of the ensemble (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)",
+        ),
+    ],
+)
+def test_a_class_map_that_does_not_fit_is_refused_with_its_line(
+    zoo_dir: Path, members: list[dict[str, Any]], tmp_path: Path, change: dict[str, Any], said: str
+) -> None:
+    class_map = {**members[2]["class_map"], **change}
+    class_map = {label: digit for label, digit in class_map.items() if digit is not None}
+    wrong = [members[0], members[1], {**members[2], "class_map": class_map}]
+    path = tmp_path / "gateway.yaml"
+    doc = {"model_zoo": {"dir": str(ZOO)}, **config(wrong)}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [error] = info.value.errors
+    lines = path.read_text().splitlines()
+    # tens's map comes first, then words's (the one changed); logreg has none.
+    line = [i for i, text in enumerate(lines, 1) if text.strip().startswith("class_map:")][1]
+    assert error.startswith(f"{path}:{line}:"), error
+    assert f"ensembles[0].members[2].{said}" in error, error
