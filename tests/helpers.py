@@ -76,3 +76,17 @@ def metric(text: str, series: str, default: float | _Required | None = _REQUIRED
     if isinstance(default, _Required):
         raise AssertionError(f"no {series} in the metrics:\n{text}")
     return default
+
+
+def labelled(text: str, name: str, **labels: str) -> float | None:
+    """The sum of the samples of metric ``name`` (as exposed: ``_total`` and all) whose labels
+    include ``labels``, in any order; None when there is none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+    return sum(found) if found else None

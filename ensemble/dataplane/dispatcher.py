@@ -167,6 +167,17 @@ class Dispatcher:
     def model(self, name: str, version: str | None = None) -> ServedModel:
         return self.repository.get(name, version)
 
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        """Whether the model serves now: False for one the repository holds unloaded (as
+        Triton answers), ModelNotFound for a name or version it does not know."""
+        repository = self.repository
+        try:
+            return repository.get(name, version).ready()
+        except ModelNotFound:
+            if any(n == name and version in (None, v) for n, v in repository.unloaded):
+                return False
+            raise
+
     # -- inference ----------------------------------------------------------------------
 
     def shed_early(self, name: str, version: str | None) -> None:

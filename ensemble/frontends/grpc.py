@@ -205,8 +205,8 @@ class InferenceServicer:
 
     @_rpc
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        model = self._dispatcher.model(request.name, request.version or None)
-        return service_pb2.ModelReadyResponse(ready=model.ready())
+        ready = self._dispatcher.model_ready(request.name, request.version or None)
+        return service_pb2.ModelReadyResponse(ready=ready)
 
     @_rpc
     async def ServerMetadata(self, request: Any, context: Any) -> Any:

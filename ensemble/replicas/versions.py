@@ -158,6 +158,8 @@ class Rollout:
         self.agreement = (0, 0)
         """Shadow rows alike and rows compared."""
         self._since_check = 0
+        self.logged: tuple[tuple[str, Verdict], ...] = ()
+        """Each measure's verdict when the rollout last logged its evidence."""
 
     def verdict(self) -> tuple[Verdict, list[Reading]]:
         return judge(
@@ -269,8 +271,18 @@ class Versions:
             return
         rollout._since_check = 0
         verdict, readings = rollout.verdict()
+        reason = "; ".join(r.describe() for r in readings)
+        states = tuple((r.measure, r.verdict) for r in readings)
+        if states != rollout.logged:  # a measure got its sample or crossed its threshold
+            rollout.logged = states
+            log.info(
+                "member %r: version %s against %s: %s",
+                self.name,
+                rollout.candidate,
+                rollout.stable,
+                reason,
+            )
         if verdict != "wait":
-            reason = "; ".join(r.describe() for r in readings)
             self.publish(Decision(self.name, rollout.candidate, verdict, reason))
 
     # -- decisions --------------------------------------------------------------------------

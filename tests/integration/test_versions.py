@@ -18,7 +18,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from loadtest.rollout import degraded_copy
-from tests.helpers import scrape
+from tests.helpers import labelled, scrape
 from tests.integration.conftest import array_input
 from tests.integration.process import ZOO, GatewayProcess, Traffic, start_from_config, zoo_member
 
@@ -138,6 +138,10 @@ def test_unload_and_load_under_load_lose_no_request(
         assert index[("logreg", "1")]["reason"] == "unloaded"
         grpc.load_model("logreg", headers=AUTH)  # and over gRPC
         assert grpc.is_model_ready("logreg")
+        grpc.unload_model("logreg", headers=AUTH)  # each way over each protocol
+        assert not grpc.is_model_ready("logreg")
+        http.load_model("logreg", headers=AUTH)
+        assert http.is_model_ready("logreg")
         with httpx.Client(base_url=gw.http_url, timeout=60, headers=AUTH) as client:
             one = {"parameters": {"version": "3"}}
             reply = client.post("/v2/repository/models/clf/unload", json=one)
@@ -262,3 +266,17 @@ def test_canaries_are_rolled_back_or_promoted_on_labels(
     )
     assert 'ensemble_rollout_phase{member="rising",phase="promoted",version="2"} 1.0' in metrics
     assert "version 2 rolled back" in canary.log() and "version 2 promoted" in canary.log()
+    # Each step is logged: the evidence as each measure got its sample or crossed its threshold.
+    assert "member 'rising': version 2 against 1: " in canary.log()
+    # The evidence each decision rested on, per version, on /metrics.
+    for family in (
+        "ensemble_rollout_calls",
+        "ensemble_rollout_latency_p95_seconds",
+        "ensemble_rollout_labelled_rows",
+        "ensemble_rollout_accuracy",
+    ):
+        for version in ("1", "2"):
+            value = labelled(metrics, family, member="rising", version=version)
+            assert value is not None and value > 0, (family, version, value)
+    agreement = labelled(metrics, "ensemble_rollout_agreement_ratio", member="mirrored")
+    assert agreement == pytest.approx(shadow["agreement"], abs=0.05)

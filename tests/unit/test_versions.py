@@ -129,6 +129,21 @@ def test_evidence_leads_to_one_decision_applied_once() -> None:
     assert several.state("2").startswith("rolled back: ")
 
 
+def test_each_step_of_the_evidence_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    rules = RolloutConfig(version="2", min_calls=CHECK_EVERY * 2, max_accuracy_drop=None)
+    several = Versions("clf", [member("1"), member("2")], "1", rules)
+    several.publish = lambda decision: None
+    caplog.set_level("INFO", logger="ensemble.rollout")
+    caplog.clear()
+    for _ in range(CHECK_EVERY * 4):  # too few calls for two checks, then enough
+        several.observe("1", True, 0.01)
+        several.observe("2", True, 0.01)
+    steps = [r.getMessage() for r in caplog.records if "against 1" in r.getMessage()]
+    assert len(steps) == 2, steps  # each change of a measure's verdict, not each check
+    assert "error_rate 0 vs 0: too few samples" in steps[0]
+    assert "error_rate 0 vs 0: within" in steps[1]
+
+
 def test_a_promoted_candidate_serves_and_labels_count_for_their_version() -> None:
     rules = RolloutConfig(version="2", min_calls=10, min_labels=10, max_latency_ratio=None)
     several = Versions("clf", [member("1"), member("2")], "1", rules)
