@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ensemble.cards import card_path, member_card, member_digests, read_card
+from ensemble.cards import card_path, check_card, member_card, member_digests, read_card
 from ensemble.config import EnsembleConfig, GatewayConfig, MemberConfig, Placement
 from ensemble.control import backends
 from ensemble.control.backends import Site
@@ -162,11 +162,13 @@ def build_member(
     """A config's member and a provisioner per tier it runs on: its replicas on every
     placement (across their tier's emulated link when it has one), its card, costs, outlier
     detection. Its model file must match its card's and its config's SHA-256
-    (ModelIntegrityError otherwise)."""
+    (ModelIntegrityError otherwise), and score its card's accuracy (``check_card``)."""
     card = member_card(cfg, member)
     expected = member_digests(cfg, member, card)
     path = cfg.resolve(member.model)
     verified, signature, sessions = _load(member, path, expected, allow_unverified=False)
+    if card is not None:
+        check_card(label or member.name, card, card_path(cfg, member), sessions[0])
 
     def site(place: Placement) -> Site:
         config = cfg.tiers[place.tier].link
@@ -226,6 +228,8 @@ def single_model(
     )
     expected = expected_digests(found, where, sha256)
     verified, signature, sessions = _load(member, path, expected, allow_unverified=True)
+    if found is not None:
+        check_card(name, found, where, sessions[0])
     place = member.placement[0]
     site = Site(member, place, path, signature, found, engine, verified, sessions=sessions)
     built, provisioners = _member(member, found, [site], classifier=False)

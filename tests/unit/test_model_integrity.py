@@ -19,7 +19,7 @@ from ensemble.control.build import build, build_member, single_model
 from ensemble.control.provisioning import ReplicaSet
 from ensemble.control.reload import Reloader
 from ensemble.dataplane.dispatcher import Dispatcher
-from ensemble.errors import ConfigError, ModelIntegrityError
+from ensemble.errors import ConfigError, EnsembleError, ModelIntegrityError
 from ensemble.integrity import PIN_SOURCE, Digest, expected_digests, read_verified
 from ensemble.metrics import GatewayMetrics
 from ensemble.models.card import load_card
@@ -152,6 +152,25 @@ def test_every_version_is_checked_against_its_own_card(
     with pytest.raises(ModelIntegrityError) as info:
         build(cfg, engine)
     assert info.value.members == ["clf"] and "forest.onnx" in info.value.problems[0]
+
+
+def test_a_card_is_checked_against_the_model_on_its_zoos_test_split(
+    tmp_path: Path, engine: InProcessEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    zoo_copy(tmp_path, "logreg", "forest")
+    for name in ("zoo.json", "test.npz"):  # the manifest and test split beside the cards
+        shutil.copy(ZOO / name, tmp_path / name)
+    caplog.set_level("INFO", logger="ensemble.cards")
+    build(config(tmp_path, "logreg", "forest"), engine)
+    checked = [r.getMessage() for r in caplog.records if "card checked" in r.getMessage()]
+    card = load_card(tmp_path / "forest.card.json")
+    assert any(f"(card {card.test_accuracy:.4f})" in line for line in checked), checked
+    # A card that claims an accuracy its model does not score (its digest still matches).
+    doc = card.model_dump()
+    doc["test_accuracy"] = card.test_accuracy - 0.05
+    (tmp_path / "forest.card.json").write_text(type(card).model_validate(doc).model_dump_json())
+    with pytest.raises(EnsembleError, match="the card describes another model"):
+        build(config(tmp_path, "logreg", "forest"), engine)
 
 
 def test_a_pinned_model_without_a_card_loads(tmp_path: Path, engine: InProcessEngine) -> None:
