@@ -17,6 +17,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from ensemble.replicas.onnx import load_session
+from tests.helpers import metric
 from tests.integration.process import ZOO, GatewayProcess, inflight, start_replica
 
 pytestmark = pytest.mark.integration
@@ -129,6 +130,17 @@ def test_metrics_and_no_admin_api(replica: GatewayProcess) -> None:
         assert (
             'ensemble_replica_ready{member="digits_lr",replica="local/0",tier="local"} 1.0' in text
         )
+        # Its own queue and compute time per call, as Triton's server reports its own: what
+        # a gateway calling it sees as one remote call is split here.
+        for stage in ("queue", "compute"):
+            series = (
+                f'ensemble_member_stage_duration_seconds_count{{member="digits_lr",'
+                f'stage="{stage}",tier="local"}}'
+            )
+            assert metric(text, series) >= 1, stage
+        # The process collectors: its CPU and memory.
+        assert metric(text, "process_cpu_seconds_total") > 0
+        assert metric(text, "process_resident_memory_bytes") > 0
         assert client.put("/admin/config", content=b"").status_code == 404
 
 
