@@ -134,12 +134,19 @@ def _signature_key(call: _Call) -> tuple[object, ...]:
 
 def _run_batch(batch: _Batch) -> list[Outputs | BaseException]:
     """Run one batch in a pool thread; one result (or error) per call, in order; its start
-    and end stamped on it."""
+    and end stamped on it. A batch whose every caller gave up while it waited behind earlier
+    batches of its job is not run (reading a future's state from this thread is a plain read;
+    a call cancelled just after it is run anyway, as any call cancelled mid-run is)."""
+    if all(call.future.done() for call in batch.calls):
+        return [_GAVE_UP] * len(batch.calls)
     batch.started = time.perf_counter()
     try:
         return _results(batch)
     finally:
         batch.ended = time.perf_counter()
+
+
+_GAVE_UP = asyncio.CancelledError("every caller gave up before the run")
 
 
 def _results(batch: _Batch) -> list[Outputs | BaseException]:

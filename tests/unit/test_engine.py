@@ -248,3 +248,33 @@ def test_small_work_runs_on_the_loop_while_big_work_holds_the_pool(tmp_path: Pat
     finally:
         big.release.set()
         engine.shutdown()
+
+
+def test_a_batch_whose_callers_gave_up_while_it_waited_in_its_job_is_not_run(
+    tmp_path: Path,
+) -> None:
+    """Two big batches share the pool's one thread in one job; the second's caller gives up
+    (its deadline) while the first runs: the second never runs."""
+    from ensemble.replicas.engine import INLINE_MAX_S
+
+    first = GatedRunner(doubler(tmp_path / "first.onnx"))
+    second = ThreadRecordingRunner(doubler(tmp_path / "second.onnx"))
+    first.fixed_s = second.fixed_s = INLINE_MAX_S * 2
+    engine = InProcessEngine(1)
+
+    async def main() -> None:
+        held = engine.submit(first, rows(1, 0.0), ("y",))
+        doomed = engine.submit(second, rows(1, 0.0), ("y",))
+        await asyncio.sleep(0)  # both dispatched, in one job on the one thread
+        doomed.cancel()
+        first.release.set()
+        assert np.array_equal((await held)["y"], 2 * rows(1, 0.0)["x"])
+        kept = await engine.submit(second, rows(2, 1.0), ("y",))  # the thread is free again
+        assert np.array_equal(kept["y"], 2 * rows(2, 1.0)["x"])
+
+    try:
+        asyncio.run(main())
+    finally:
+        first.release.set()
+        engine.shutdown()
+    assert len(second.threads) == 1  # only the call that was still wanted ran
