@@ -74,12 +74,13 @@ def gateway_counts(change: Mapping[Sample, float], prices: Prices) -> dict[str, 
         priced += value * prices.tier.get(tier, 0.0)
     hedges: dict[str, dict[str, int]] = {}
     for labels, value in named(change, "ensemble_hedges_total"):
-        hedges.setdefault(labels["member"], {})[labels["outcome"]] = int(value)
+        outcomes = hedges.setdefault(labels["member"], {})  # summed over tiers
+        outcomes[labels["outcome"]] = outcomes.get(labels["outcome"], 0) + int(value)
         if labels["outcome"] == "sent":
             priced += value * prices.hedge.get(labels["member"], 0.0)
     retries: dict[str, int] = {}
     for labels, value in named(change, "ensemble_retries_total"):
-        retries[labels["member"]] = int(value)
+        retries[labels["member"]] = retries.get(labels["member"], 0) + int(value)
         priced += value * prices.hedge.get(labels["member"], 0.0)
     exported = [
         v

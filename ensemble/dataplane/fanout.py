@@ -128,7 +128,7 @@ def record_call(
     metrics.record_member_call(member, tier, outcome, call.latency_s())
     metrics.record_call_extras(model, member, tier, call.retries, call.cost)
     if call.hedged:
-        metrics.record_hedge(member, call.won_by_hedge)
+        metrics.record_hedge(member, tier, call.won_by_hedge)
 
 
 def succeeded(call: Call) -> bool:

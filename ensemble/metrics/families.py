@@ -213,15 +213,17 @@ def answer_families(m: GatewayMetrics) -> Iterator[Metric]:
     """What answers took beyond one call: hedges, retries, contracts not met, and the price."""
     yield _counter(
         "ensemble_hedges",
-        "Hedged calls by member: sent (a second copy went out) and won (its answer was used).",
-        ["member", "outcome"],
+        "Hedged calls by member, tier (where the call was answered, or last tried) and outcome: "
+        "sent (a second copy went out) and won (its answer was used).",
+        ["member", "tier", "outcome"],
         m.hedges.items(),
     )
     yield _counter(
         "ensemble_retries",
-        "Member calls re-sent to another replica or tier after a failure (failovers).",
-        ["member"],
-        _by_one(m.retries),
+        "Member calls re-sent to another replica or tier after a failure (failovers), by member "
+        "and tier (where the call was answered, or last tried).",
+        ["member", "tier"],
+        m.retries.items(),
     )
     yield _counter(
         "ensemble_contract_violations",

@@ -54,13 +54,14 @@ class GatewayMetrics:
         self.members_asked: defaultdict[str, int] = defaultdict(int)
         self.members_answered: defaultdict[str, int] = defaultdict(int)
         self.escalations: defaultdict[str, int] = defaultdict(int)
+        """Selection stages after a request's first (a cascade asking its next member)."""
         self.uncertain: defaultdict[tuple[str, str], int] = defaultdict(int)
         """Answers a profile judged uncertain, by (ensemble, escalated: yes or no)."""
         self.drift: Callable[[], Iterable[tuple[str, float | None]]] = tuple
         """Read at scrape time: (ensemble, its last input drift score or None) per watch."""
-        """Selection stages after a request's first (a cascade asking its next member)."""
-        self.hedges: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.retries: defaultdict[str, int] = defaultdict(int)
+        self.hedges: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        """Hedges by (member, tier, outcome: sent or won)."""
+        self.retries: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.violations: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.degraded: defaultdict[str, int] = defaultdict(int)
         self.cost: defaultdict[str, float] = defaultdict(float)
@@ -170,11 +171,12 @@ class GatewayMetrics:
         """An answer was judged uncertain (and escalated to more members, or not)."""
         self.uncertain[(ensemble, "yes" if escalated else "no")] += 1
 
-    def record_hedge(self, member: str, won: bool) -> None:
-        """A hedge went out for a call to ``member``; ``won`` when its answer was used."""
-        self.hedges[(member, "sent")] += 1
+    def record_hedge(self, member: str, tier: str, won: bool) -> None:
+        """A hedge went out for a call to ``member`` (``tier``: where the call was answered,
+        or last tried); ``won`` when its answer was used."""
+        self.hedges[(member, tier, "sent")] += 1
         if won:
-            self.hedges[(member, "won")] += 1
+            self.hedges[(member, tier, "won")] += 1
 
     def record_call_extras(
         self, model: str, member: str, tier: str, retries: int, cost: float
@@ -182,7 +184,7 @@ class GatewayMetrics:
         """Retries a member call needed (failovers to another replica or tier) and its cost
         (counted against the tier that answered last)."""
         if retries:
-            self.retries[member] += retries
+            self.retries[(member, tier)] += retries
         if cost:
             self.cost[model] += cost
             self.spend[(tier, "requests")] += cost

@@ -126,7 +126,7 @@ def test_dead_replica_fails_over_then_is_ejected_and_probed(gw: GatewayProcess) 
         metrics = scrape(gw.http_url)
         assert metric(metrics, ejected) == 1.0
         assert metric(metrics, ejections) == 1.0
-        assert metric(metrics, 'ensemble_retries_total{member="forest"}') >= 3
+        assert metric(metrics, 'ensemble_retries_total{member="forest"') >= 3
 
         # After the ejection, one half-open probe goes to the edge replica; it fails, so the
         # replica is ejected again (for longer), and the request still succeeds by a retry.
@@ -144,7 +144,7 @@ def test_a_member_addressed_directly_fails_over_too(gw: GatewayProcess) -> None:
         results = [infer(client, "mlp_large") for _ in range(6)]
     assert [status for status, _ in results] == [200] * 6, results
     assert {doc["parameters"]["members_answered"] for _, doc in results} == {"mlp_large@cloud"}
-    assert metric(scrape(gw.http_url), 'ensemble_retries_total{member="mlp_large"}') >= 1
+    assert metric(scrape(gw.http_url), 'ensemble_retries_total{member="mlp_large"') >= 1
 
 
 def test_without_retries_a_failure_is_the_answer(gw: GatewayProcess) -> None:

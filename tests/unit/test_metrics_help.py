@@ -45,7 +45,7 @@ def populated() -> GatewayMetrics:
     for escalated in (True, False):
         m.record_uncertain("digits", escalated)
     for won in (True, False):
-        m.record_hedge("logreg", won)
+        m.record_hedge("logreg", "edge", won)
     for action in ("reject", "degrade", "reroute", "alert"):
         m.record_violations("digits", ["deadline", "availability", "accuracy", "cost"], action)
     for outcome in ("success", "failure"):
