@@ -17,7 +17,7 @@ ClassLabel: TypeAlias = int | str
 """A classifier's class label, as its model names it."""
 
 MODEL_VERSION = "1"
-"""Every served model has exactly this one version (no version policies yet)."""
+"""The version of an ensemble, and of a member's model unless its config names others."""
 
 
 @dataclass(frozen=True, slots=True)
