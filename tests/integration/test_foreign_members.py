@@ -128,16 +128,22 @@ def test_foreign_members_answer_in_the_ensembles_terms(
         assert tens_label == [10 + int(y[0])]
 
 
-def test_a_map_that_does_not_fit_is_refused_with_its_line(
-    zoo_dir: Path, members: list[dict[str, Any]], tmp_path: Path
-) -> None:
-    wrong = [members[0], {**members[1], "inputs": {"feature": "input"}}, members[2]]
-    path = tmp_path / "gateway.yaml"
-    doc = {"model_zoo": {"dir": str(ZOO)}, **config(wrong)}
+def refused(members: list[dict[str, Any]], tmp: Path) -> tuple[Path, str]:
+    """The config file of an ensemble of ``members``, and the one error loading it gives."""
+    path = tmp / "gateway.yaml"
+    doc = {"model_zoo": {"dir": str(ZOO)}, **config(members)}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     with pytest.raises(ConfigError) as info:
         load_config(path)
     [error] = info.value.errors
+    return path, error
+
+
+def test_a_map_that_does_not_fit_is_refused_with_its_line(
+    zoo_dir: Path, members: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    wrong = [members[0], {**members[1], "inputs": {"feature": "input"}}, members[2]]
+    path, error = refused(wrong, tmp_path)
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "feature:" in text)
     assert error.startswith(f"{path}:{line - 1}:") or error.startswith(f"{path}:{line}:"), error
     assert "ensembles[0].members[1].inputs" in error
@@ -164,12 +170,7 @@ def test_a_class_map_that_does_not_fit_is_refused_with_its_line(
     class_map = {**members[2]["class_map"], **change}
     class_map = {label: digit for label, digit in class_map.items() if digit is not None}
     wrong = [members[0], members[1], {**members[2], "class_map": class_map}]
-    path = tmp_path / "gateway.yaml"
-    doc = {"model_zoo": {"dir": str(ZOO)}, **config(wrong)}
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    [error] = info.value.errors
+    path, error = refused(wrong, tmp_path)
     lines = path.read_text().splitlines()
     # tens's map comes first, then words's (the one changed); logreg has none.
     line = [i for i, text in enumerate(lines, 1) if text.strip().startswith("class_map:")][1]
