@@ -197,3 +197,18 @@ def test_a_threads_cpu_is_read_from_proc() -> None:
         pass
     assert thread_cpu_seconds(os.getpid(), os.getpid()) > before
     assert thread_cpu_seconds(os.getpid(), 2**22 + 7) == 0.0  # no such thread
+
+
+@pytest.mark.parametrize(("low", "verdict"), [(1, True), (32, None)])
+def test_the_c1_overhead_goal_is_judged_only_when_c1_was_measured(
+    low: int, verdict: bool | None
+) -> None:
+    from loadtest.bench_report import GOALS, goals
+
+    doc = {
+        "ratios": {key: None for _, key, _, _ in GOALS if key != "overhead"},
+        "overhead_p50_ms_vs_floor": 0.4,
+        "overheads_p50_ms_vs_floor": {"concurrency": low},
+    }
+    [overhead] = [g for g in goals(doc) if "c=1" in g.name]
+    assert overhead.passed is verdict
