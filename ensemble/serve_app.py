@@ -160,6 +160,9 @@ def _gateway_sizing(cfg: GatewayConfig) -> dict[str, Any]:
             "min_replicas": bounds.min,
             "max_replicas": bounds.max,
             "target_ongoing_requests": bounds.target_ongoing_requests,
+            "upscale_delay_s": bounds.upscale_delay_s,
+            "downscale_delay_s": bounds.downscale_delay_s,
+            "look_back_period_s": bounds.look_back_period_s,
         }
     }
 

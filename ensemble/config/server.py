@@ -217,6 +217,26 @@ class GatewayReplicas(StrictModel):
         le=100_000,
         description="Requests in flight per gateway replica Serve's autoscaling aims at.",
     )
+    upscale_delay_s: float = Field(
+        30.0,
+        ge=0,
+        le=86_400,
+        description="How long Serve's autoscaling must want more gateway replicas before it "
+        "adds one (Serve's default).",
+    )
+    downscale_delay_s: float = Field(
+        600.0,
+        ge=0,
+        le=86_400,
+        description="How long it must want fewer before it removes one (Serve's default).",
+    )
+    look_back_period_s: float = Field(
+        30.0,
+        gt=0,
+        le=86_400,
+        description="The window over which Serve averages requests in flight per replica "
+        "(Serve's default).",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> GatewayReplicas:
