@@ -17,7 +17,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     cfg = read_config(args.config)
     if cfg is None:
         return 1
-    refused = _digest_errors(args.config, cfg)
+    refused = _digest_errors(args.config, cfg) or _card_errors(args.config, cfg)
     if refused:
         for line in refused:
             print(line, file=sys.stderr)
@@ -72,6 +72,30 @@ def _digest_errors(path: Path, cfg: GatewayConfig) -> list[str]:
     from ensemble.model_checks import digest_errors
 
     problems = digest_errors(cfg)
+    if not problems:
+        return []
+    return format_errors(str(path), problems, line_index(path.read_text(encoding="utf-8")))
+
+
+def _card_errors(path: Path, cfg: GatewayConfig) -> list[str]:
+    """Zoo cards whose claimed accuracy their model does not score (what `serve` would refuse
+    after the digests), as config errors at the member's `card` or `model`."""
+    from ensemble.cards import card_path, check_card, member_card
+    from ensemble.config_errors import LocatedError, format_errors, line_index
+    from ensemble.errors import EnsembleError
+    from ensemble.models.profiling import profiling_session
+
+    problems: list[LocatedError] = []
+    for loc, member in cfg.member_specs():
+        model = cfg.resolve(member.model)
+        if not model.is_file():
+            continue  # built by `serve`, or said missing by it
+        try:
+            card = member_card(cfg, member)
+            if card is not None:
+                check_card(member.name, card, card_path(cfg, member), profiling_session(model))
+        except EnsembleError as exc:
+            problems.append(((*loc, "card" if member.card else "model"), exc.message))
     if not problems:
         return []
     return format_errors(str(path), problems, line_index(path.read_text(encoding="utf-8")))

@@ -318,6 +318,29 @@ def test_validate_reports_digest_mismatches_with_file_line_and_path(
     assert "invalid config (2 error(s))" in err
 
 
+def test_validate_reports_a_card_its_model_does_not_live_up_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    zoo_copy(tmp_path, "logreg")
+    for name in ("zoo.json", "test.npz"):
+        shutil.copy(ZOO / name, tmp_path / name)
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "ensembles:\n  - name: e\n    members:\n"
+        "      - {name: logreg, model: logreg.onnx, placement: [{tier: edge}]}\n"
+    )
+    assert main(["validate", str(path)]) == 0
+    card = load_card(tmp_path / "logreg.card.json")
+    doc = card.model_dump()
+    doc["test_accuracy"] = card.test_accuracy - 0.05
+    (tmp_path / "logreg.card.json").write_text(type(card).model_validate(doc).model_dump_json())
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:4:24: ensembles[0].members[0].model: member 'logreg'" in err, err
+    assert "the card describes another model" in err
+
+
 def test_validate_accepts_matching_files(tmp_path: Path) -> None:
     zoo_copy(tmp_path, "logreg")
     path = tmp_path / "c.yaml"
