@@ -261,12 +261,17 @@ class Repository:
             await self.close()
             raise failed[0]
 
+    def holds_unloaded(self, name: str, version: str | None = None) -> bool:
+        """Whether its config knows model ``name`` (at ``version``; any, when None) but does
+        not serve it."""
+        return any(n == name and version in (None, v) for n, v in self.unloaded)
+
     def get(self, name: str, version: str | None = None) -> ServedModel:
         """The model ``name`` (at ``version``: a member's other versions are served too);
         ModelNotFound for unknown or unloaded names and versions."""
         model: ServedModel | None = self.ensembles.get(name) or self.members.get(name)
         if model is None:
-            if any(n == name for n, _ in self.unloaded):
+            if self.holds_unloaded(name):
                 raise ModelNotFound(
                     f"model {clip(name)!r} is not loaded (POST /v2/repository/models/{name}/load)"
                 )
@@ -285,7 +290,7 @@ class Repository:
         if found is not None:
             return found
         available = ", ".join(model.metadata.versions)
-        if (name, version) in self.unloaded:
+        if self.holds_unloaded(name, version):
             raise ModelNotFound(
                 f"model {clip(name)!r} version {clip(version)!r} is not loaded "
                 f"(POST /v2/repository/models/{name}/load); loaded: {available}"

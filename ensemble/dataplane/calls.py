@@ -276,9 +276,9 @@ def _sent(
         attributes["ensemble.link.delay_seconds"] = link.settings.delay_ms / 1000
         attributes["ensemble.link.partitioned"] = link.settings.partitioned
     endpoint = getattr(innermost(replica), "endpoint", None)
-    if isinstance(endpoint, str):
-        attributes.update(tracing.peer_attributes(endpoint))
-    remote = isinstance(endpoint, str)
+    remote = isinstance(endpoint, str)  # a replica with an endpoint is another process's
+    if remote:
+        attributes.update(tracing.peer_attributes(str(endpoint)))
     return tracing.attempt(call, f"call {member.name}", attributes, remote=remote)
 
 

@@ -170,11 +170,10 @@ class Dispatcher:
     def model_ready(self, name: str, version: str | None = None) -> bool:
         """Whether the model serves now: False for one the repository holds unloaded (as
         Triton answers), ModelNotFound for a name or version it does not know."""
-        repository = self.repository
         try:
-            return repository.get(name, version).ready()
+            return self.repository.get(name, version).ready()
         except ModelNotFound:
-            if any(n == name and version in (None, v) for n, v in repository.unloaded):
+            if self.repository.holds_unloaded(name, version):
                 return False
             raise
 

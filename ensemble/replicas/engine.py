@@ -133,9 +133,10 @@ def _signature_key(call: _Call) -> tuple[object, ...]:
 
 
 def _run_batch(batch: _Batch) -> list[Outputs | BaseException]:
-    """Run one batch in a pool thread; one result (or error) per call, in order; its start
-    and end stamped on it. A batch whose every caller gave up while it waited behind earlier
-    batches of its job is not run (reading a future's state from this thread is a plain read;
+    """Run one batch (on a pool thread, or the loop's for small work); one result (or error)
+    per call, in order; its start and end stamped on it. A batch whose every caller gave up
+    while it waited behind earlier batches of its job is not run (reading a future's state from
+    a pool thread is a plain read;
     a call cancelled just after it is run anyway, as any call cancelled mid-run is)."""
     if all(call.future.done() for call in batch.calls):
         return [_GAVE_UP] * len(batch.calls)
