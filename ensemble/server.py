@@ -10,11 +10,10 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import uvicorn
 
 from ensemble import tracing
@@ -28,8 +27,15 @@ from ensemble.control.provisioning import Fleet
 from ensemble.control.ray_runtime import RayRuntime
 from ensemble.control.reload import Reloader
 from ensemble.dataplane.dispatcher import Dispatcher
-from ensemble.frontends.connections import ConnectionGuard, ConnectionLimits, GatewayHttpProtocol
-from ensemble.frontends.grpc import start_grpc_server
+from ensemble.frontends.connections import (
+    ConnectionGuard,
+    ConnectionLimits,
+    GatewayHttpProtocol,
+    QuietUvicorn,
+    listen,
+)
+from ensemble.frontends.grpc import GrpcServer, start_grpc_server
+from ensemble.frontends.grpc_h2 import start_h2_grpc_server
 from ensemble.frontends.http import HttpFrontend
 from ensemble.frontends.limits import Offload, RequestLimits
 from ensemble.frontends.routes import LocalRoutes, Reloads, SharedRoutes
@@ -39,29 +45,6 @@ from ensemble.replicas.links import Links
 from ensemble.tls import TlsFileError, TlsFiles, load_tls_files
 
 log = logging.getLogger("ensemble.server")
-
-
-class _Uvicorn(uvicorn.Server):
-    """Uvicorn without its own signal handling: the gateway drains both frontends together."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0: a free port); OSError naming the address."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(socket.SOMAXCONN)  # the kernel caps it at net.core.somaxconn
-    sock.setblocking(False)
-    return sock
 
 
 def _tls_files(tls: TlsConfig | None) -> TlsFiles | None:
@@ -186,9 +169,9 @@ class Gateway:
         """The routes over state a gateway's workers share."""
         self.control = ControlLoop(lambda: self.fleet, self.metrics) if config is not None else None
         """The control loop (it acts only while the config has `autoscaling`)."""
-        self._http: _Uvicorn | None = None
+        self._http: QuietUvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc: GrpcServer | None = None
         self.http_app: HttpFrontend | None = None
         """The OIP REST application, once started."""
 
@@ -278,7 +261,7 @@ class Gateway:
                 host, grpc_port, tls, api_keys, conns, reuse_port
             )
             return Addresses(host, 0, bound_grpc)
-        sock = _listen(host, http_port or 0) if http_socket is None else http_socket
+        sock = listen(host, http_port or 0) if http_socket is None else http_socket
         config = uvicorn.Config(
             app,
             lifespan="off",
@@ -291,7 +274,7 @@ class Gateway:
             timeout_graceful_shutdown=int(server.drain_timeout_s) or 1,
             timeout_keep_alive=idle_s,
         )
-        self._http = _Uvicorn(config)
+        self._http = QuietUvicorn(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
         self._grpc, bound_grpc = await self._start_grpc(
             host, grpc_port, tls, api_keys, conns, reuse_port
@@ -311,27 +294,34 @@ class Gateway:
         api_keys: ApiKeys,
         conns: ConnectionLimits,
         reuse_port: bool,
-    ) -> tuple[grpc.aio.Server, int]:
-        return await start_grpc_server(
-            self.dispatcher,
-            host,
-            port,
-            max_message_bytes=self.server.max_request_bytes,
-            limits=self.limits,
-            offload=self.offload,
-            connections=conns,
-            tls=tls,
-            api_keys=api_keys,
-            reuse_port=reuse_port,
-            lifecycle=self.lifecycle,
-            admin=admin_credential(os.environ.get(ADMIN_TOKEN_ENV)),
-        )
+    ) -> tuple[GrpcServer, int]:
+        server = self.server
+        common: dict[str, Any] = {
+            "max_message_bytes": server.max_request_bytes,
+            "limits": self.limits,
+            "offload": self.offload,
+            "connections": conns,
+            "api_keys": api_keys,
+            "reuse_port": reuse_port,
+            "lifecycle": self.lifecycle,
+            "admin": admin_credential(os.environ.get(ADMIN_TOKEN_ENV)),
+        }
+        if server.grpc_stack == "uvicorn":
+            return await start_h2_grpc_server(
+                self.dispatcher,
+                host,
+                port,
+                ssl_options=_uvicorn_tls(server.tls),
+                drain_timeout_s=server.drain_timeout_s,
+                **common,
+            )
+        return await start_grpc_server(self.dispatcher, host, port, tls=tls, **common)
 
     async def stop(self) -> None:
         """Stop taking requests, let in-flight ones finish (bounded by drain_timeout_s)."""
         self.dispatcher.draining = True
         grace = self.server.drain_timeout_s
-        waits = []
+        waits: list[Awaitable[Any]] = []
         if self._grpc is not None:
             waits.append(self._grpc.stop(grace))
         if self._http is not None and self._http_task is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from loadtest import bench_report as report
 from loadtest.bench_clients import (
@@ -245,16 +246,34 @@ def _check(name: str, where: object, result: WrkResult | LoadResult) -> None:
         )
 
 
-def start_peers(plan: Plan, logs: Path, baseline: Path | None = None) -> dict[str, Peer]:
+def stack_config(config: Path, grpc_stack: str, work: Path) -> Path:
+    """``config`` as is, or a copy in ``work`` whose gateway serves gRPC on ``grpc_stack``
+    (model paths made absolute, since they are relative to the file)."""
+    if grpc_stack == "grpcio":
+        return config
+    doc = yaml.safe_load(config.read_text())
+    for ensemble in doc["ensembles"]:
+        for member in ensemble["members"]:
+            member["model"] = str((config.parent / member["model"]).resolve())
+    doc["model_zoo"]["dir"] = str((config.parent / doc["model_zoo"]["dir"]).resolve())
+    doc.setdefault("server", {})["grpc_stack"] = grpc_stack
+    copy = work / f"{config.stem}-{grpc_stack}.yaml"
+    copy.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return copy
+
+
+def start_peers(
+    plan: Plan, logs: Path, baseline: Path | None = None, config: Path = BENCH_CONFIG
+) -> dict[str, Peer]:
     """Start the local peers at once, then wait for each ready line (Ray Serve is started later,
-    for its own turns: ``start_ray``)."""
+    for its own turns: ``start_ray``). The gateways serve ``config``."""
     serve = ["-m", "ensemble.cli", "serve"]
     ports = ["--http-port", "0", "--grpc-port", "0"]
-    pending = [spawn("gateway", [*serve, str(BENCH_CONFIG), *ports], logs)]
+    pending = [spawn("gateway", [*serve, str(config), *ports], logs)]
     if plan.workers > 1:
         workers = ["--workers", str(plan.workers)]
         name = workers_peer(plan)
-        pending.append(spawn(name, [*serve, str(BENCH_CONFIG), *ports, *workers], logs))
+        pending.append(spawn(name, [*serve, str(config), *ports, *workers], logs))
     if baseline is not None:  # its `ensemble` package first: not this tree's (PYTHONSAFEPATH)
         env = {"PYTHONPATH": str(baseline.resolve()), "PYTHONSAFEPATH": "1"}
         # Its own copy of the config and so its own zoo: model cards change between versions.
@@ -328,6 +347,8 @@ class Settings:
     baseline: Path | None = None
     """A source tree (e.g. a `git worktree` of an earlier commit) whose gateway is measured
     beside this one, as baseline-http and baseline-grpc."""
+    grpc_stack: str = "grpcio"
+    """What serves the gateways' gRPC (``server.grpc_stack``)."""
 
 
 def measure_all(bench: Bench, systems: list[Target], doc: dict[str, Any]) -> None:
@@ -380,7 +401,9 @@ def run(settings: Settings, command: str = "") -> Report:
         | {"open_loop_rates": list(plan.rates)},
         "generators": report.GENERATORS,
     }
-    peers = start_peers(plan, this.out / "logs", settings.baseline)
+    doc["plan"]["grpc_stack"] = settings.grpc_stack
+    config = stack_config(BENCH_CONFIG, settings.grpc_stack, this.out / "logs")
+    peers = start_peers(plan, this.out / "logs", settings.baseline, config)
     bench: Bench | None = None
     try:
         report.check_answers(peers, INFER_PATH, *oip_http_body(zoo))
@@ -444,6 +467,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         "COMMIT`), run by this interpreter, as baseline-http and baseline-grpc, in turn with "
         "this one; the report compares throughput and CPU per request",
     )
+    parser.add_argument(
+        "--grpc-stack",
+        choices=("grpcio", "uvicorn"),
+        default="grpcio",
+        help="what serves the gateways' gRPC (config server.grpc_stack; default: grpcio)",
+    )
     args = parser.parse_args(argv)
     if args.baseline is not None and not (args.baseline / "ensemble" / "__init__.py").is_file():
         parser.error(f"--baseline {args.baseline}: no ensemble package there")
@@ -460,7 +489,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         if args.workers < 1:
             parser.error("--workers must be at least 1")
         plan = replace(plan, workers=args.workers)
-    return Settings(plan, args.out, args.grpc_procs, not args.no_ray, args.baseline)
+    return Settings(
+        plan, args.out, args.grpc_procs, not args.no_ray, args.baseline, args.grpc_stack
+    )
 
 
 DRIVER = Driver(NAME, parse_args, run, report.table, failures=(WrkError, report.AnswerMismatch))

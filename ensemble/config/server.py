@@ -151,6 +151,13 @@ class ServerConfig(StrictModel):
         description="gRPC connections older than this are asked to reconnect (GOAWAY, with "
         "their calls finishing first); none by default.",
     )
+    grpc_stack: Literal["grpcio", "uvicorn"] = Field(
+        "grpcio",
+        description="What serves gRPC: `grpcio` (gRPC core through grpc.aio, the reference "
+        "implementation) or `uvicorn` (the gateway's own gRPC framing on uvicorn's HTTP/2, "
+        "zttp; about a third of grpcio's CPU per call, unary calls only, 128 calls per "
+        "connection, no compression; docs/performance.md).",
+    )
     executor_threads: int = Field(
         2,
         ge=1,
@@ -198,6 +205,15 @@ class ServerConfig(StrictModel):
     tracing: TracingConfig = Field(
         default_factory=TracingConfig, description="OpenTelemetry traces (off by default)."
     )
+
+    @model_validator(mode="after")
+    def _grpc_stack_limits(self) -> ServerConfig:
+        if self.grpc_stack == "uvicorn" and self.grpc_max_concurrent_streams != 128:
+            raise ValueError(
+                "grpc_max_concurrent_streams: the uvicorn gRPC stack serves 128 calls per "
+                "connection (zttp's fixed setting); set 128 or use grpc_stack: grpcio"
+            )
+        return self
 
 
 class GatewayReplicas(StrictModel):

@@ -8,12 +8,16 @@ limits as gRPC core channel arguments.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
+import socket
+from collections.abc import Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ensemble.config import ServerConfig
@@ -87,6 +91,32 @@ class ConnectionLimits:
                 ("grpc.max_connection_age_grace_ms", int(self.idle_timeout_s * 1000)),
             ]
         return options
+
+
+class QuietUvicorn(uvicorn.Server):
+    """Uvicorn without its own signal handling: the gateway drains its frontends together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: a free port), SO_REUSEPORT when the
+    gateway's workers share it; OSError naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(socket.SOMAXCONN)  # the kernel caps it at net.core.somaxconn
+    sock.setblocking(False)
+    return sock
 
 
 class ConnectionGuard:

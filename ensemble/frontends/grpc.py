@@ -6,7 +6,7 @@ import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, NoReturn, TypeAlias
+from typing import Any, Final, NoReturn, Protocol, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -61,6 +61,14 @@ _CONFIG_TYPES: Final[dict[str, Any]] = {
     "FP64": model_config_pb2.TYPE_FP64,
     "BYTES": model_config_pb2.TYPE_STRING,
 }
+
+
+class GrpcServer(Protocol):
+    """A running gRPC frontend, whichever stack serves it."""
+
+    async def stop(self, grace: float | None) -> None:
+        """Refuse new calls, let those in flight finish within ``grace`` seconds, close."""
+
 
 _Handler: TypeAlias = Callable[["InferenceServicer", Any, Any], Awaitable[Any]]
 
@@ -279,12 +287,40 @@ class InferenceServicer:
         return encode_infer_response(response)
 
 
-def _raw_handler(servicer: InferenceServicer, name: str, keys: ApiKeys | None = None) -> Any:
-    """A unary handler that parses the request itself, so a malformed message is the client's
-    fault (INVALID_ARGUMENT) instead of grpcio's UNKNOWN with parser internals; with ``keys``,
-    a call without one of them is refused first, before its message is parsed."""
+UnaryHandler: TypeAlias = Callable[[bytes, Any], Awaitable[Any]]
+"""One RPC: its serialized request and a call context in, its response message out."""
+
+
+def rpc_handlers(
+    dispatcher: Dispatcher,
+    limits: RequestLimits,
+    offload: Offload | None = None,
+    api_keys: ApiKeys | None = None,
+    lifecycle: ModelLifecycle | None = None,
+    admin: BearerToken | None = None,
+) -> dict[str, tuple[UnaryHandler, Any]]:
+    """The RPCs the gateway serves by name, each with its response type: handlers that parse
+    the request themselves, so a malformed message is the client's fault (INVALID_ARGUMENT)
+    instead of a stack's UNKNOWN with parser internals; with ``api_keys`` that require a key,
+    a ``GUARDED`` call without one is refused first, before its message is parsed. Either gRPC
+    stack serves these (grpc.aio here, uvicorn's HTTP/2 in ``grpc_h2``)."""
+    servicer = InferenceServicer(dispatcher, limits, offload or Offload(limits), lifecycle, admin)
+    keys = api_keys if api_keys is not None and api_keys.required else None
+    served = [
+        *servicer.IMPLEMENTED,
+        *(servicer.REPOSITORY if servicer.lifecycle is not None else ()),
+    ]
+    return {
+        name: (
+            _unary(servicer, name, keys if name in GUARDED else None),
+            getattr(service_pb2, f"{name}Response"),
+        )
+        for name in served
+    }
+
+
+def _unary(servicer: InferenceServicer, name: str, keys: ApiKeys | None) -> UnaryHandler:
     request_type = getattr(service_pb2, f"{name}Request")
-    response_type = getattr(service_pb2, f"{name}Response")
     method = getattr(servicer, name)
 
     async def handle(raw: bytes, context: Any) -> Any:
@@ -299,9 +335,7 @@ def _raw_handler(servicer: InferenceServicer, name: str, keys: ApiKeys | None = 
             await _abort(context, exc)
         return await method(request, context)
 
-    return grpc.unary_unary_rpc_method_handler(
-        handle, request_deserializer=None, response_serializer=response_type.SerializeToString
-    )
+    return handle
 
 
 def _parse(request_type: Any, raw: bytes) -> Any:
@@ -358,11 +392,12 @@ async def start_grpc_server(
     ]
     server = grpc.aio.server(options=options)
     limits = limits or RequestLimits(max_bytes=max_message_bytes)
-    servicer = InferenceServicer(dispatcher, limits, offload or Offload(limits), lifecycle, admin)
-    keys = api_keys if api_keys is not None and api_keys.required else None
-    served = [*servicer.IMPLEMENTED, *(servicer.REPOSITORY if lifecycle is not None else ())]
+    rpcs = rpc_handlers(dispatcher, limits, offload, api_keys, lifecycle, admin)
     handlers = {
-        name: _raw_handler(servicer, name, keys if name in GUARDED else None) for name in served
+        name: grpc.unary_unary_rpc_method_handler(
+            handle, request_deserializer=None, response_serializer=response.SerializeToString
+        )
+        for name, (handle, response) in rpcs.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     address = _address(host, port)

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from ensemble.config import ProfileConfig
 from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.frontends.grpc import start_grpc_server
+from ensemble.frontends.grpc_h2 import start_h2_grpc_server
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.engine import InProcessEngine, SessionRunner
 from ensemble.replicas.inprocess import InProcessReplica
@@ -113,14 +114,20 @@ def dispatcher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dispatcher]
     engine.shutdown()
 
 
-@pytest.fixture(scope="module")
-def url(dispatcher: Dispatcher) -> Iterator[str]:
+STARTS = {"grpcio": start_grpc_server, "uvicorn": start_h2_grpc_server}
+"""Both gRPC stacks; every test below runs against each."""
+
+
+@pytest.fixture(scope="module", params=sorted(STARTS))
+def url(dispatcher: Dispatcher, request: pytest.FixtureRequest) -> Iterator[str]:
     """The gateway's gRPC server on a free port, in an event loop on a background thread."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-server", daemon=True)
     thread.start()
     try:
-        start = start_grpc_server(dispatcher, "127.0.0.1", 0, max_message_bytes=MAX_MESSAGE_BYTES)
+        start = STARTS[request.param](
+            dispatcher, "127.0.0.1", 0, max_message_bytes=MAX_MESSAGE_BYTES
+        )
         server, port = asyncio.run_coroutine_threadsafe(start, loop).result(timeout=30)
         try:
             yield f"127.0.0.1:{port}"
@@ -427,13 +434,14 @@ class ExplodingDispatcher(Dispatcher):
         raise RuntimeError("secret detail /etc/gateway")
 
 
+@pytest.mark.parametrize("stack", sorted(STARTS))
 def test_unexpected_error_is_internal_and_logged(
-    dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture
+    dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture, stack: str
 ) -> None:
     exploding = ExplodingDispatcher(dispatcher.repository, GatewayMetrics())
 
     async def scenario() -> None:
-        server, port = await start_grpc_server(
+        server, port = await STARTS[stack](
             exploding, "127.0.0.1", 0, max_message_bytes=MAX_MESSAGE_BYTES
         )
         try:
@@ -453,11 +461,12 @@ def test_unexpected_error_is_internal_and_logged(
     assert record.exc_info is not None and "secret detail" in str(record.exc_info[1])
 
 
-def test_busy_port_is_an_error(dispatcher: Dispatcher, url: str) -> None:
+@pytest.mark.parametrize("stack", sorted(STARTS))
+def test_busy_port_is_an_error(dispatcher: Dispatcher, url: str, stack: str) -> None:
     port = int(url.rsplit(":", 1)[1])
 
     async def scenario() -> None:
         with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
-            await start_grpc_server(dispatcher, "127.0.0.1", port, max_message_bytes=1024)
+            await STARTS[stack](dispatcher, "127.0.0.1", port, max_message_bytes=1024)
 
     asyncio.run(scenario())

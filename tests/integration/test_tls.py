@@ -217,16 +217,19 @@ def test_mutual_tls_needs_a_client_certificate_signed_by_the_ca(
             grpcs.close()
 
 
+@pytest.mark.parametrize("stack", ["grpcio", "uvicorn"])
 def test_workers_serve_https_and_grpcs_with_the_configs_files(
-    zoo_dir: Path, tmp_path: Path
+    zoo_dir: Path, tmp_path: Path, stack: str
 ) -> None:
-    """`--workers 2`: each worker loads the config's TLS files; both ports speak TLS only."""
+    """`--workers 2`: each worker loads the config's TLS files; both ports speak TLS only,
+    whichever stack serves gRPC (uvicorn's offers HTTP/2 by ALPN, and shares the port)."""
     import yaml
 
     pki = mint(tmp_path / "certs")
+    tls = {"cert_file": "certs/server.pem", "key_file": "certs/server.key"}
     config = {
         "model_zoo": {"dir": str(ZOO)},
-        "server": {"tls": {"cert_file": "certs/server.pem", "key_file": "certs/server.key"}},
+        "server": {"tls": tls, "grpc_stack": stack},
         "ensembles": [{"name": "digits", "members": [zoo_member("logreg")]}],
     }
     path = tmp_path / "gateway.yaml"
@@ -241,5 +244,12 @@ def test_workers_serve_https_and_grpcs_with_the_configs_files(
         plain = httpclient.InferenceServerClient(gw.http_target, network_timeout=5)
         with plain, pytest.raises(REFUSED):  # plain HTTP to a TLS port
             plain.is_server_live()
+        plain_grpc = grpcclient.InferenceServerClient(gw.grpc_target)
+        try:
+            with pytest.raises(InferenceServerException, match="UNAVAILABLE"):
+                plain_grpc.is_server_live(client_timeout=5)
+        finally:
+            plain_grpc.close()
     finally:
         assert gw.stop() == 0, gw.log()
+    assert "Traceback" not in gw.log(), gw.log()

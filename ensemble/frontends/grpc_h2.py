@@ -1,0 +1,472 @@
+"""OIP gRPC on uvicorn's HTTP/2 (zttp) instead of gRPC core: the same RPCs, cheaper per call.
+
+gRPC is HTTP/2 with a framing of its own: a POST to ``/<service>/<method>`` with content type
+``application/grpc``, a body of length-prefixed messages (one for a unary call), the answer's
+status in trailers (``grpc-status``, ``grpc-message``). The gateway serves unary RPCs only, so
+this module speaks that subset as an ASGI application on uvicorn's HTTP/2 protocol, on the event
+loop the gateway already runs: no gRPC core, no poller thread handing each call across threads.
+The handlers are ``grpc.rpc_handlers``: both stacks answer alike, statuses included.
+
+zttp keeps lifetime budgets per connection (4096 streams opened, 256 resets by the peer) and
+answers the next stream past them with GOAWAY ENHANCE_YOUR_CALM, failing the calls in flight.
+``GatewayH2Protocol`` retires a connection gracefully well before: a GOAWAY NO_ERROR naming the
+last stream it will serve, later streams refused (REFUSED_STREAM, which clients retry on a new
+connection), the connection closed when its last call ends. The same retirement serves
+``server.grpc_max_connection_age_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import logging
+import re
+import socket
+import struct
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final, NoReturn, TypeAlias
+
+import grpc
+import uvicorn
+import zttp
+from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
+
+from ensemble.auth import ApiKeys, BearerToken
+from ensemble.control.lifecycle import ModelLifecycle
+from ensemble.dataplane.dispatcher import Dispatcher
+from ensemble.frontends.connections import ConnectionLimits, QuietUvicorn, listen
+from ensemble.frontends.grpc import SERVICE_NAME, UnaryHandler, rpc_handlers
+from ensemble.frontends.limits import Offload, RequestLimits
+from ensemble.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+Scope: TypeAlias = MutableMapping[str, Any]
+Receive: TypeAlias = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send: TypeAlias = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+RETIRE_AFTER_STREAMS: Final = 3584
+"""Streams a connection serves before it is retired: zttp's budget (4096) less room for the
+streams a client opens before it reads the GOAWAY (at most the concurrency cap, 128)."""
+RETIRE_AFTER_RESETS: Final = 192
+"""Resets by the client (cancelled calls) a connection takes before it is retired: zttp's
+budget (256) less room for those that cross the GOAWAY."""
+REFUSED_STREAM: Final = 0x7
+LINGER_S: Final = 1.0
+"""How long a retired connection reads and drops what still arrives before it closes."""
+HANDSHAKE_BYTES: Final = 24 + 9
+"""The client preface and one frame header: the connection has begun to speak HTTP/2."""
+RESERVED_METADATA: Final = frozenset(
+    {"content-type", "te", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"}
+)
+"""Headers that carry the protocol itself, not the caller's metadata."""
+_TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
+_TIMEOUT_UNIT: Final = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+_RESPONSE_HEADERS: Final = [(b"content-type", b"application/grpc")]
+
+
+class H2Abort(grpc.aio.AbortError):  # type: ignore[misc]
+    """A call ended with a status other than OK (``H2Call.abort``)."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.trailing = trailing
+
+
+class H2Call:
+    """What a handler may ask of its call: the caller's metadata, the time left, an abort.
+    The subset of grpc.aio's ServicerContext the gateway's handlers use."""
+
+    __slots__ = ("_deadline", "_loop", "_metadata")
+
+    def __init__(
+        self, metadata: tuple[tuple[str, str | bytes], ...], timeout_s: float | None
+    ) -> None:
+        self._metadata = metadata
+        self._loop = asyncio.get_running_loop()
+        self._deadline = None if timeout_s is None else self._loop.time() + timeout_s
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - self._loop.time())
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> NoReturn:
+        raise H2Abort(code, details, tuple(trailing_metadata))
+
+
+def parse_timeout(value: bytes) -> float:
+    """Seconds of a ``grpc-timeout`` header (``100m``: 100 ms); ValueError when malformed."""
+    match = _TIMEOUT.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"malformed grpc-timeout {value[:32]!r}")
+    return int(match.group(1)) * _TIMEOUT_UNIT[match.group(2)]
+
+
+def encode_message(text: str) -> bytes:
+    """``grpc-message``'s percent-encoding: printable ASCII but ``%`` as is, other bytes %XX."""
+    out = bytearray()
+    for byte in text.encode("utf-8"):
+        if 0x20 <= byte <= 0x7E and byte != 0x25:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % byte
+    return bytes(out)
+
+
+def metadata_of(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | bytes], ...]:
+    """The caller's metadata from the request headers, as grpc.aio gives it: ``-bin`` values
+    decoded from base64, others as text; the protocol's own headers left out."""
+    out: list[tuple[str, str | bytes]] = []
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1")
+        if name in RESERVED_METADATA:
+            continue
+        if name.endswith("-bin"):
+            padded = raw_value + b"=" * (-len(raw_value) % 4)
+            with contextlib.suppress(ValueError):
+                out.append((name, base64.b64decode(padded)))
+            continue
+        out.append((name, raw_value.decode("latin-1")))
+    return tuple(out)
+
+
+class GrpcApp:
+    """gRPC unary calls as an ASGI application over the gateway's RPC handlers."""
+
+    def __init__(
+        self,
+        handlers: dict[str, tuple[UnaryHandler, Any]],
+        max_message_bytes: int,
+        max_header_bytes: int = 64 * 1024,
+    ) -> None:
+        prefix = f"/{SERVICE_NAME}/"
+        self.handlers = {prefix + name: pair for name, pair in handlers.items()}
+        self.max_message_bytes = max_message_bytes
+        self.max_header_bytes = max_header_bytes
+        """Metadata a call may carry (zttp itself refuses header blocks over 64 KiB)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        fields = dict(headers)
+        if scope["method"] != "POST":
+            await _plain(send, 405, b"gRPC calls are POST requests")
+            return
+        if not fields.get(b"content-type", b"").startswith(b"application/grpc"):
+            await _plain(send, 415, b"content-type must be application/grpc")
+            return
+        if fields.get(b"te") != b"trailers":
+            await _plain(send, 400, b"gRPC needs te: trailers (the status travels in trailers)")
+            return
+        try:
+            payload = await self._call(scope["path"], fields, headers, receive)
+        except H2Abort as exc:
+            await _answer(send, b"", exc.code, exc.details, exc.trailing)
+            return
+        await _answer(send, payload, grpc.StatusCode.OK, "", ())
+
+    async def _call(
+        self,
+        path: str,
+        fields: dict[bytes, bytes],
+        headers: list[tuple[bytes, bytes]],
+        receive: Receive,
+    ) -> bytes:
+        """The framed response of one call; H2Abort for any other status."""
+        size = sum(len(name) + len(value) for name, value in headers)
+        if size > self.max_header_bytes:
+            raise H2Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"metadata of {size} bytes exceeds {self.max_header_bytes} "
+                "(server.max_header_bytes)",
+            )
+        pair = self.handlers.get(path)
+        if pair is None:
+            raise H2Abort(grpc.StatusCode.UNIMPLEMENTED, f"method {path[:200]!r} not found")
+        encoding = fields.get(b"grpc-encoding", b"identity")
+        if encoding != b"identity":
+            name = encoding[:32].decode("latin-1")
+            raise H2Abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"grpc-encoding {name!r} is not supported (identity only)",
+                (("grpc-accept-encoding", "identity"),),
+            )
+        timeout_s = None
+        if b"grpc-timeout" in fields:
+            try:
+                timeout_s = parse_timeout(fields[b"grpc-timeout"])
+            except ValueError as exc:
+                raise H2Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        raw = _unframe(await self._body(receive))
+        handle, _ = pair
+        call = H2Call(metadata_of(headers), timeout_s)
+        try:
+            async with asyncio.timeout(timeout_s):
+                message = await handle(raw, call)
+        except TimeoutError:
+            raise H2Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        except H2Abort:
+            raise
+        except Exception:
+            log.exception("gRPC %s failed", path[:200])
+            raise H2Abort(grpc.StatusCode.INTERNAL, "internal error; see the gateway log") from None
+        body: bytes = message.SerializeToString()
+        return struct.pack(">BI", 0, len(body)) + body
+
+    async def _body(self, receive: Receive) -> bytes:
+        """The request body, refused once it holds more than one message may."""
+        limit = self.max_message_bytes + 5
+        parts: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise H2Abort(grpc.StatusCode.CANCELLED, "the client went away")
+            part = message.get("body", b"")
+            size += len(part)
+            if size > limit:
+                raise H2Abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"message larger than max ({size - 5} vs. {self.max_message_bytes} bytes)",
+                )
+            parts.append(part)
+            more = message.get("more_body", False)
+        return b"".join(parts)
+
+
+def _unframe(body: bytes) -> bytes:
+    """The one message of a unary call's body (1 byte compressed flag, 4 bytes length)."""
+    if len(body) < 5:
+        raise H2Abort(grpc.StatusCode.INTERNAL, "a unary call carries exactly one message")
+    flag, length = struct.unpack_from(">BI", body)
+    if flag != 0:
+        raise H2Abort(grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
+    if len(body) != 5 + length:
+        raise H2Abort(grpc.StatusCode.INTERNAL, "a unary call carries exactly one message")
+    return body[5:]
+
+
+async def _answer(
+    send: Send,
+    payload: bytes,
+    code: grpc.StatusCode,
+    details: str,
+    trailing: tuple[tuple[str, str], ...],
+) -> None:
+    trailers = [(b"grpc-status", b"%d" % code.value[0])]
+    if details:
+        trailers.append((b"grpc-message", encode_message(details[:4000])))
+    trailers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in trailing]
+    start = {"type": "http.response.start", "status": 200, "trailers": True}
+    await send({**start, "headers": _RESPONSE_HEADERS})
+    await send({"type": "http.response.body", "body": payload})
+    await send({"type": "http.response.trailers", "headers": trailers})
+
+
+async def _plain(send: Send, status: int, text: bytes) -> None:
+    """An answer for a request that is not a gRPC call at all."""
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(text))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": text})
+
+
+class H2Guard:
+    """The gRPC frontend's connections: how many are open, against the cap."""
+
+    def __init__(self, limits: ConnectionLimits, metrics: GatewayMetrics) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.open = 0
+
+
+class GatewayH2Protocol(ZttpH2Protocol):
+    """uvicorn's HTTP/2 protocol with the gateway's connection limits (cap, handshake and idle
+    timeouts, age) and graceful retirement before zttp's lifetime budgets run out."""
+
+    alpn_protocols = ["h2"]
+
+    def __init__(self, *args: Any, guard: H2Guard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self._received = 0
+        self._streams = 0
+        self._resets = 0
+        self._last_served: int | None = None
+        """The last stream served once a GOAWAY went out; later ones are refused."""
+        self._timers: list[asyncio.TimerHandle] = []
+        self._lingering = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        guard = self.guard
+        guard.open += 1
+        if guard.open > guard.limits.max_connections:
+            self._close("limit")
+            return
+        limits = guard.limits
+        self._timers.append(self.loop.call_later(limits.header_timeout_s, self._handshake_late))
+        if limits.grpc_max_connection_age_s is not None:
+            self._timers.append(self.loop.call_later(limits.grpc_max_connection_age_s, self._aged))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.open -= 1
+        for timer in self._timers:
+            timer.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
+        self._received += len(data)
+        super().data_received(data)
+
+    def handle_request(self, event: zttp.Request) -> None:
+        self._streams += 1
+        if self._last_served is not None and event.stream_id > self._last_served:
+            self.conn.stream(event.stream_id).reset(REFUSED_STREAM)  # the client retries it
+            return
+        super().handle_request(event)
+        if self._streams >= RETIRE_AFTER_STREAMS:
+            self.retire(event.stream_id)
+
+    def handle_rst_stream(self, event: zttp.RstStream) -> None:
+        self._resets += 1
+        super().handle_rst_stream(event)
+        if self._resets >= RETIRE_AFTER_RESETS:
+            self.retire(self._last_served or event.stream_id)
+
+    def retire(self, last_stream_id: int) -> None:
+        """Serve no stream after ``last_stream_id``: GOAWAY NO_ERROR naming it now, the
+        connection closed once its calls end (uvicorn's shutdown path)."""
+        if self._last_served is not None or self.transport.is_closing():
+            return
+        self._last_served = last_stream_id
+        self.conn.close(0, last_stream_id)
+        self.flush()
+        self.shutdown_requested = True
+        if not self.cycles:
+            self._close_connection()
+
+    def _close_connection(self) -> None:
+        """GOAWAY and close. A retired connection's GOAWAY names the same last stream again
+        (a later one may not raise it: clients retry only the streams above it), and it
+        closes lingering: closed at once, the kernel would answer the client's unread frames
+        with a reset and drop the last answers still queued for it. So only the writing side
+        closes; what arrives is discarded until the client closes too, or ``LINGER_S``."""
+        if self._last_served is None:
+            super()._close_connection()
+            return
+        if self.transport.is_closing() or self._lingering:
+            return
+        self.conn.close(0, self._last_served)
+        self.flush()
+        self._lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._timers.append(self.loop.call_later(LINGER_S, self.transport.close))
+
+    def _handshake_late(self) -> None:
+        if self._received < HANDSHAKE_BYTES:
+            self._close("header_timeout")
+
+    def _aged(self) -> None:
+        """``grpc_max_connection_age_s`` passed: retire, and close after a grace period."""
+        self.retire(self._highest())
+        grace = self.guard.limits.idle_timeout_s
+        self._timers.append(self.loop.call_later(grace, self._close, "max_age"))
+
+    def _highest(self) -> int:
+        return max(self.cycles, default=0)
+
+    def timeout_keep_alive_handler(self) -> None:
+        self.guard.metrics.record_connection_closed("grpc", "idle_timeout")
+        super().timeout_keep_alive_handler()
+
+    def _close(self, reason: str) -> None:
+        if self.transport.is_closing():
+            return
+        self.guard.metrics.record_connection_closed("grpc", reason)
+        self.transport.close()
+
+
+class H2GrpcServer:
+    """The running server: ``stop(grace)`` as grpc.aio's server has."""
+
+    def __init__(self, server: QuietUvicorn, task: asyncio.Task[None], sock: socket.socket) -> None:
+        self._server = server
+        self.task = task
+        self._sock = sock
+
+    async def stop(self, grace: float | None) -> None:
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await self.task
+        self._sock.close()  # uvicorn closes what it made of the socket, not the socket
+
+
+async def start_h2_grpc_server(
+    dispatcher: Dispatcher,
+    host: str,
+    port: int,
+    *,
+    max_message_bytes: int,
+    limits: RequestLimits | None = None,
+    offload: Offload | None = None,
+    connections: ConnectionLimits | None = None,
+    ssl_options: dict[str, Any] | None = None,
+    api_keys: ApiKeys | None = None,
+    reuse_port: bool = False,
+    lifecycle: ModelLifecycle | None = None,
+    admin: BearerToken | None = None,
+    drain_timeout_s: float = 1.0,
+) -> tuple[H2GrpcServer, int]:
+    """``grpc.start_grpc_server``'s twin on uvicorn's HTTP/2: the same RPCs, limits and
+    options; clear-text HTTP/2 with prior knowledge (as gRPC clients speak), or TLS with ALPN
+    ``h2`` given uvicorn's ``ssl_options`` (the HTTP frontend's)."""
+    limits = limits or RequestLimits(max_bytes=max_message_bytes)
+    handlers = rpc_handlers(dispatcher, limits, offload, api_keys, lifecycle, admin)
+    conns = connections or ConnectionLimits()
+    app = GrpcApp(handlers, max_message_bytes, conns.max_header_bytes)
+    guard = H2Guard(conns, dispatcher.metrics)
+
+    # uvicorn builds each connection's protocol from this (any factory works) and reads the
+    # ALPN protocols TLS offers from it.
+    protocol: Any = functools.partial(GatewayH2Protocol, guard=guard)
+    protocol.alpn_protocols = GatewayH2Protocol.alpn_protocols
+    idle_s: Any = conns.idle_timeout_s
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        http=protocol,
+        loop="none",
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=int(drain_timeout_s) or 1,
+        timeout_keep_alive=idle_s,
+        **(ssl_options or {}),
+    )
+    sock = listen(host, port, reuse_port=reuse_port)
+    server = QuietUvicorn(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("gRPC server stopped during start-up")
+        await asyncio.sleep(0.01)
+    bound: int = sock.getsockname()[1]
+    return H2GrpcServer(server, task, sock), bound
