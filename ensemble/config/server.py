@@ -155,8 +155,8 @@ class ServerConfig(StrictModel):
         "grpcio",
         description="What serves gRPC: `grpcio` (gRPC core through grpc.aio, the reference "
         "implementation) or `uvicorn` (the gateway's own gRPC framing on uvicorn's HTTP/2, "
-        "zttp; about a third of grpcio's CPU per call, unary calls only, 128 calls per "
-        "connection, no compression; docs/performance.md).",
+        "zttp; under half grpcio's CPU per gateway request in the benchmark; unary calls, "
+        "128 calls per connection, answers uncompressed; docs/performance.md).",
     )
     executor_threads: int = Field(
         2,

@@ -13,6 +13,9 @@ answers the next stream past them with GOAWAY ENHANCE_YOUR_CALM, failing the cal
 last stream it will serve, later streams refused (REFUSED_STREAM, which clients retry on a new
 connection), the connection closed when its last call ends. The same retirement serves
 ``server.grpc_max_connection_age_s``.
+
+Requests may come compressed (``grpc-encoding`` gzip or deflate, inflated within
+``max_request_bytes``); answers go uncompressed, which every client accepts.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import logging
 import re
 import socket
 import struct
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final, NoReturn, TypeAlias
 
@@ -64,7 +68,13 @@ RESERVED_METADATA: Final = frozenset(
 """Headers that carry the protocol itself, not the caller's metadata."""
 _TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
 _TIMEOUT_UNIT: Final = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-_RESPONSE_HEADERS: Final = [(b"content-type", b"application/grpc")]
+_WBITS: Final = {b"gzip": 31, b"deflate": 15}
+"""zlib's window bits for each message encoding a client may send (answers are identity)."""
+ACCEPTED_ENCODINGS: Final = "identity,deflate,gzip"
+_RESPONSE_HEADERS: Final = [
+    (b"content-type", b"application/grpc"),
+    (b"grpc-accept-encoding", ACCEPTED_ENCODINGS.encode()),
+]
 
 
 class H2Abort(grpc.aio.AbortError):  # type: ignore[misc]
@@ -150,12 +160,15 @@ class GrpcApp:
         handlers: dict[str, tuple[UnaryHandler, Any]],
         max_message_bytes: int,
         max_header_bytes: int = 64 * 1024,
+        offload: Offload | None = None,
     ) -> None:
         prefix = f"/{SERVICE_NAME}/"
         self.handlers = {prefix + name: pair for name, pair in handlers.items()}
         self.max_message_bytes = max_message_bytes
         self.max_header_bytes = max_header_bytes
         """Metadata a call may carry (zttp itself refuses header blocks over 64 KiB)."""
+        self.offload = offload or Offload(RequestLimits(max_bytes=max_message_bytes))
+        """The thread large compressed messages are inflated in."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -197,12 +210,12 @@ class GrpcApp:
         if pair is None:
             raise H2Abort(grpc.StatusCode.UNIMPLEMENTED, f"method {path[:200]!r} not found")
         encoding = fields.get(b"grpc-encoding", b"identity")
-        if encoding != b"identity":
+        if encoding != b"identity" and encoding not in _WBITS:
             name = encoding[:32].decode("latin-1")
             raise H2Abort(
                 grpc.StatusCode.UNIMPLEMENTED,
-                f"grpc-encoding {name!r} is not supported (identity only)",
-                (("grpc-accept-encoding", "identity"),),
+                f"grpc-encoding {name!r} is not supported ({ACCEPTED_ENCODINGS})",
+                (("grpc-accept-encoding", ACCEPTED_ENCODINGS),),
             )
         timeout_s = None
         if b"grpc-timeout" in fields:
@@ -210,7 +223,10 @@ class GrpcApp:
                 timeout_s = parse_timeout(fields[b"grpc-timeout"])
             except ValueError as exc:
                 raise H2Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        raw = _unframe(await self._body(receive))
+        body = await self._body(receive)
+        wbits = _WBITS.get(encoding)
+        limit = self.max_message_bytes
+        raw = await self.offload.run(len(body), lambda: _unframe(body, wbits, limit))
         handle, _ = pair
         call = H2Call(metadata_of(headers), timeout_s)
         try:
@@ -223,8 +239,8 @@ class GrpcApp:
         except Exception:
             log.exception("gRPC %s failed", path[:200])
             raise H2Abort(grpc.StatusCode.INTERNAL, "internal error; see the gateway log") from None
-        body: bytes = message.SerializeToString()
-        return struct.pack(">BI", 0, len(body)) + body
+        answer: bytes = message.SerializeToString()
+        return struct.pack(">BI", 0, len(answer)) + answer
 
     async def _body(self, receive: Receive) -> bytes:
         """The request body, refused once it holds more than one message may."""
@@ -248,16 +264,31 @@ class GrpcApp:
         return b"".join(parts)
 
 
-def _unframe(body: bytes) -> bytes:
-    """The one message of a unary call's body (1 byte compressed flag, 4 bytes length)."""
+def _unframe(body: bytes, wbits: int | None, limit: int) -> bytes:
+    """The one message of a unary call's body (1 byte compressed flag, 4 bytes length),
+    inflated when compressed with the call's encoding (zlib ``wbits``), within ``limit``."""
     if len(body) < 5:
         raise H2Abort(grpc.StatusCode.INTERNAL, "a unary call carries exactly one message")
     flag, length = struct.unpack_from(">BI", body)
-    if flag != 0:
-        raise H2Abort(grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
     if len(body) != 5 + length:
         raise H2Abort(grpc.StatusCode.INTERNAL, "a unary call carries exactly one message")
-    return body[5:]
+    if flag == 0:
+        return body[5:]
+    if wbits is None:
+        raise H2Abort(grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
+    inflate = zlib.decompressobj(wbits)
+    try:
+        message = inflate.decompress(body[5:], limit + 1)
+    except zlib.error as exc:
+        raise H2Abort(grpc.StatusCode.INTERNAL, f"corrupt compressed message: {exc}") from None
+    if len(message) > limit:
+        raise H2Abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"message inflates past max ({limit} bytes)",
+        )
+    if not inflate.eof:
+        raise H2Abort(grpc.StatusCode.INTERNAL, "truncated compressed message")
+    return message
 
 
 async def _answer(
@@ -438,9 +469,10 @@ async def start_h2_grpc_server(
     options; clear-text HTTP/2 with prior knowledge (as gRPC clients speak), or TLS with ALPN
     ``h2`` given uvicorn's ``ssl_options`` (the HTTP frontend's)."""
     limits = limits or RequestLimits(max_bytes=max_message_bytes)
+    offload = offload or Offload(limits)
     handlers = rpc_handlers(dispatcher, limits, offload, api_keys, lifecycle, admin)
     conns = connections or ConnectionLimits()
-    app = GrpcApp(handlers, max_message_bytes, conns.max_header_bytes)
+    app = GrpcApp(handlers, max_message_bytes, conns.max_header_bytes, offload)
     guard = H2Guard(conns, dispatcher.metrics)
 
     # uvicorn builds each connection's protocol from this (any factory works) and reads the

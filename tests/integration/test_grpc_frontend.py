@@ -265,6 +265,15 @@ def test_infer_member_with_requested_output(client: triton.InferenceServerClient
     assert result.get_response().parameters["members_answered"].string_param == "linear_b@edge"
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_are_answered(
+    client: triton.InferenceServerClient, algorithm: str
+) -> None:
+    result = client.infer("iris", [fp32_input("input", X)], compression_algorithm=algorithm)
+    expected = (softmax(X @ WEIGHTS_A) + softmax(X @ WEIGHTS_B)) / 2
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5)
+
+
 def test_infer_two_inputs(client: triton.InferenceServerClient) -> None:
     result = client.infer("pair", [fp32_input("x", X), fp32_input("y", X)])
     np.testing.assert_allclose(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import socket
 import struct
 import time
@@ -209,11 +210,29 @@ LIVE = service_pb2.ServerLiveRequest().SerializeToString()
         (
             b"POST",
             "ServerLive",
-            [*GRPC, (b"grpc-encoding", b"gzip")],
+            [*GRPC, (b"grpc-encoding", b"br")],
             framed(LIVE),
             200,
             b"12",
-            b"identity only",
+            b"identity,deflate,gzip",
+        ),
+        (
+            b"POST",
+            "ServerLive",
+            [*GRPC, (b"grpc-encoding", b"gzip")],
+            framed(gzip.compress(b"\0" * (MAX_MESSAGE_BYTES + 1)), 1),
+            200,
+            b"8",
+            b"inflates past max",
+        ),
+        (
+            b"POST",
+            "ServerLive",
+            [*GRPC, (b"grpc-encoding", b"gzip")],
+            framed(b"not gzip", 1),
+            200,
+            b"13",
+            b"corrupt",
         ),
         (
             b"POST",
