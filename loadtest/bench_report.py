@@ -44,7 +44,7 @@ class AnswerMismatch(RuntimeError):
 def versions() -> dict[str, str]:
     """Versions of what the systems under test and the generators run on."""
     out = {}
-    for name in ("onnxruntime", "ray", "uvicorn", "httptools", "uvloop", "grpcio", "numpy"):
+    for name in ("onnxruntime", "ray", "uvicorn", "httptools", "uvloop", "grpcio", "zttp", "numpy"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
