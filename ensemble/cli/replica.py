@@ -29,6 +29,7 @@ def _server_settings(args: argparse.Namespace) -> ServerConfig | None:
         "batching": not args.no_batching,
         "batch_max_rows": args.batch_max_rows,
         "drain_timeout_s": args.drain_timeout_s,
+        "grpc_stack": args.grpc_stack,
     }
     if args.trace is not None:  # `server.tracing` of a gateway config
         given["tracing"] = {
@@ -182,6 +183,13 @@ def _add_server_flags(replica: argparse.ArgumentParser) -> None:
         metavar="PORT",
         default=9001,
         help="OIP gRPC port (default 9001; 0 = any free).",
+    )
+    replica.add_argument(
+        "--grpc-stack",
+        choices=("grpcio", "uvicorn"),
+        default="grpcio",
+        help="What serves gRPC: grpcio (gRPC core, default) or uvicorn (uvicorn's HTTP/2, "
+        "under half the CPU per call; unary calls; docs/performance.md#grpc-stacks).",
     )
     replica.add_argument(
         "--executor-threads",

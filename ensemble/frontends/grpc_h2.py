@@ -149,6 +149,7 @@ class GrpcApp:
         max_message_bytes: int,
         max_header_bytes: int = 64 * 1024,
         offload: Offload | None = None,
+        read_timeout_s: float = 60.0,
     ) -> None:
         prefix = f"/{SERVICE_NAME}/"
         self.handlers = {prefix + name: pair for name, pair in handlers.items()}
@@ -157,6 +158,8 @@ class GrpcApp:
         """Metadata a call may carry (zttp itself refuses header blocks over 64 KiB)."""
         self.offload = offload or Offload(RequestLimits(max_bytes=max_message_bytes))
         """The thread large compressed messages are inflated in."""
+        self.read_timeout_s = read_timeout_s
+        """Time a message may take to arrive once its call began (``server.read_timeout_s``)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -231,24 +234,38 @@ class GrpcApp:
         return struct.pack(">BI", 0, len(answer)) + answer
 
     async def _body(self, receive: Receive) -> bytes:
-        """The request body, refused once it holds more than one message may."""
-        limit = self.max_message_bytes + 5
+        """The request body, refused once it holds more than one message may or takes longer
+        than ``read_timeout_s`` (timed only when it did not come whole at once)."""
         parts: list[bytes] = []
         size = 0
-        more = True
-        while more:
+
+        async def more() -> bool:
+            nonlocal size
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise H2Abort(grpc.StatusCode.CANCELLED, "the client went away")
             part = message.get("body", b"")
             size += len(part)
-            if size > limit:
+            if size > self.max_message_bytes + 5:
                 raise H2Abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"message larger than max ({size - 5} vs. {self.max_message_bytes} bytes)",
                 )
             parts.append(part)
-            more = message.get("more_body", False)
+            following: bool = message.get("more_body", False)
+            return following
+
+        if await more():
+            try:
+                async with asyncio.timeout(self.read_timeout_s):
+                    while await more():
+                        pass
+            except TimeoutError:
+                raise H2Abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the message did not arrive within {self.read_timeout_s:g} s "
+                    "(server.read_timeout_s)",
+                ) from None
         return b"".join(parts)
 
 
@@ -312,6 +329,8 @@ class H2GrpcServer:
         self._sock = sock
 
     async def stop(self, grace: float | None) -> None:
+        if grace is not None:  # calls in flight get this long (else the drain timeout)
+            self._server.config.timeout_graceful_shutdown = max(1, int(grace))
         self._server.should_exit = True
         with contextlib.suppress(Exception):
             await self.task
@@ -341,7 +360,9 @@ async def start_h2_grpc_server(
     offload = offload or Offload(limits)
     handlers = rpc_handlers(dispatcher, limits, offload, api_keys, lifecycle, admin)
     conns = connections or ConnectionLimits()
-    app = GrpcApp(handlers, max_message_bytes, conns.max_header_bytes, offload)
+    app = GrpcApp(
+        handlers, max_message_bytes, conns.max_header_bytes, offload, limits.read_timeout_s
+    )
     guard = H2Guard(conns, dispatcher.metrics)
 
     # uvicorn builds each connection's protocol from this (any factory works) and reads the

@@ -26,6 +26,7 @@ from ensemble.frontends.connections import (
     ConnectionLimits,
 )
 from ensemble.frontends.grpc_h2 import start_h2_grpc_server as start
+from ensemble.frontends.limits import RequestLimits
 from ensemble.metrics import GatewayMetrics
 from ensemble.types import InferRequest, InferResponse
 from tests.integration.test_grpc_frontend import MAX_MESSAGE_BYTES, X
@@ -55,11 +56,18 @@ def infer_request() -> Any:
 
 @contextlib.asynccontextmanager
 async def served(
-    dispatcher: Dispatcher, limits: ConnectionLimits | None = None
+    dispatcher: Dispatcher,
+    limits: ConnectionLimits | None = None,
+    requests: RequestLimits | None = None,
 ) -> AsyncIterator[int]:
     """The stack serving ``dispatcher`` on a free port (yielded), stopped on exit."""
     server, port = await start(
-        dispatcher, "127.0.0.1", 0, max_message_bytes=MAX_MESSAGE_BYTES, connections=limits
+        dispatcher,
+        "127.0.0.1",
+        0,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        connections=limits,
+        limits=requests,
     )
     try:
         yield port
@@ -158,13 +166,20 @@ class RawH2:
         self.sock.sendall(self.conn.data_to_send())  # the preface: the handshake begins
 
     def call(
-        self, path: str, body: bytes, headers: list[tuple[bytes, bytes]], method: bytes = b"POST"
+        self,
+        path: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        method: bytes = b"POST",
+        end: bool = True,
     ) -> tuple[int, dict[bytes, bytes], bytes]:
-        """(HTTP status, headers and trailers, body) of one request."""
+        """(HTTP status, headers and trailers, body) of one request (``end``: False leaves
+        the request body unfinished)."""
         stream = self.conn.send_request(method, path.encode(), b"HTTP/2", headers)
         if body:
             stream.send_data(body)
-        stream.end_message()
+        if end:
+            stream.end_message()
         self.sock.sendall(self.conn.data_to_send())
         status, fields, data = 0, {}, b""
         deadline = time.monotonic() + 10
@@ -286,6 +301,28 @@ def test_requests_that_are_not_well_formed_calls_get_clear_answers(
                     client.call, SERVICE + "ServerLive", framed(LIVE), GRPC
                 )
                 assert (code, fields[b"grpc-status"]) == (200, b"0")
+            finally:
+                client.close()
+
+    run(scenario)
+
+
+def test_a_message_that_trickles_in_is_cut_off(dispatcher: Dispatcher) -> None:
+    """A call whose message never finishes arriving ends at ``read_timeout_s``."""
+    requests = RequestLimits(max_bytes=MAX_MESSAGE_BYTES, read_timeout_s=0.3)
+
+    async def scenario() -> None:
+        async with served(dispatcher, requests=requests) as port:
+            client = RawH2(port)
+            try:
+                half = framed(LIVE + b"\0" * 64)[:20]
+                started = time.monotonic()
+                code, fields, _ = await asyncio.to_thread(
+                    client.call, SERVICE + "ServerLive", half, GRPC, b"POST", False
+                )
+                assert (code, fields[b"grpc-status"]) == (200, b"4")
+                assert b"read_timeout_s" in fields[b"grpc-message"]
+                assert time.monotonic() - started < 5
             finally:
                 client.close()
 

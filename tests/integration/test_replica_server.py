@@ -23,10 +23,14 @@ from tests.integration.process import ZOO, GatewayProcess, inflight, start_repli
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def replica(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+@pytest.fixture(scope="module", params=["grpcio", "uvicorn"])
+def replica(
+    zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[GatewayProcess]:
+    """`ensemble replica` on each gRPC stack."""
     log = tmp_path_factory.mktemp("replica") / "replica.log"
-    proc = start_replica(ZOO / "logreg.onnx", log, "--name", "digits_lr")
+    stack = ["--grpc-stack", request.param]
+    proc = start_replica(ZOO / "logreg.onnx", log, "--name", "digits_lr", *stack)
     yield proc
     assert proc.stop() == 0, proc.log()
     assert "Traceback" not in proc.log(), proc.log()
