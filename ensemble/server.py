@@ -14,8 +14,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
-
 from ensemble import tracing
 from ensemble.auth import ADMIN_TOKEN_ENV, FEEDBACK_TOKEN_ENV, ApiKeys, admin_credential
 from ensemble.cluster.slots import Slots
@@ -236,12 +234,9 @@ class Gateway:
         if self.control is not None:
             self.control.start()
         conns = ConnectionLimits.of(server).fit_descriptors()
-        # uvicorn builds each connection's protocol from this (any factory works), and arms
-        # its keep-alive timer with loop.call_later (its `int` hint is too narrow).
-        protocol: Any = functools.partial(
+        protocol = functools.partial(
             GatewayHttpProtocol, guard=ConnectionGuard(conns, self.metrics)
         )
-        idle_s: Any = conns.idle_timeout_s
         app = HttpFrontend(
             self.dispatcher,
             self.metrics,
@@ -262,28 +257,17 @@ class Gateway:
             )
             return Addresses(host, 0, bound_grpc)
         sock = listen(host, http_port or 0) if http_socket is None else http_socket
-        config = uvicorn.Config(
+        self._http = QuietUvicorn.of(
             app,
-            lifespan="off",
-            http=protocol,
-            loop="none",
-            log_level="warning",
-            access_log=False,
-            proxy_headers=False,  # no proxy in front to trust; its middleware costs per request
-            **_uvicorn_tls(server.tls),
-            timeout_graceful_shutdown=int(server.drain_timeout_s) or 1,
-            timeout_keep_alive=idle_s,
+            protocol,
+            idle_timeout_s=conns.idle_timeout_s,
+            drain_timeout_s=server.drain_timeout_s,
+            ssl_options=_uvicorn_tls(server.tls),
         )
-        self._http = QuietUvicorn(config)
-        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+        self._http_task = await self._http.start(sock)
         self._grpc, bound_grpc = await self._start_grpc(
             host, grpc_port, tls, api_keys, conns, reuse_port
         )
-        while not self._http.started:
-            if self._http_task.done():
-                self._http_task.result()  # re-raises why the HTTP server could not start
-                raise RuntimeError("HTTP server stopped during start-up")
-            await asyncio.sleep(0.01)
         return Addresses(host, sock.getsockname()[1], bound_grpc)
 
     async def _start_grpc(

@@ -111,6 +111,44 @@ class ConnectionLimits:
 class QuietUvicorn(uvicorn.Server):
     """Uvicorn without its own signal handling: the gateway drains its frontends together."""
 
+    @classmethod
+    def of(
+        cls,
+        app: Any,
+        protocol: Any,
+        *,
+        idle_timeout_s: float,
+        drain_timeout_s: float,
+        ssl_options: dict[str, Any] | None = None,
+    ) -> QuietUvicorn:
+        """A server for one of the gateway's frontends: ``protocol`` builds each connection
+        (any factory works), ``idle_timeout_s`` is its keep-alive, ``ssl_options`` uvicorn's
+        TLS settings (none: plain text)."""
+        idle: Any = idle_timeout_s  # uvicorn arms it with loop.call_later; its `int` hint is narrow
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            http=protocol,
+            loop="none",
+            log_level="warning",
+            access_log=False,
+            proxy_headers=False,  # no proxy in front to trust; its middleware costs per request
+            timeout_graceful_shutdown=int(drain_timeout_s) or 1,
+            timeout_keep_alive=idle,
+            **(ssl_options or {}),
+        )
+        return cls(config)
+
+    async def start(self, sock: socket.socket) -> asyncio.Task[None]:
+        """Serve on ``sock``; returns once listening, re-raising why it could not start."""
+        task = asyncio.create_task(self.serve(sockets=[sock]))
+        while not self.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the server stopped during start-up")
+            await asyncio.sleep(0.01)
+        return task
+
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield

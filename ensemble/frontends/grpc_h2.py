@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final, NoReturn, TypeAlias
 
 import grpc
-import uvicorn
 
 from ensemble.auth import ApiKeys, BearerToken
 from ensemble.control.lifecycle import ModelLifecycle
@@ -369,26 +368,14 @@ async def start_h2_grpc_server(
     # ALPN protocols TLS offers from it.
     protocol: Any = functools.partial(GatewayH2Protocol, guard=guard)
     protocol.alpn_protocols = GatewayH2Protocol.alpn_protocols
-    idle_s: Any = conns.idle_timeout_s
-    config = uvicorn.Config(
+    server = QuietUvicorn.of(
         app,
-        lifespan="off",
-        http=protocol,
-        loop="none",
-        log_level="warning",
-        access_log=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=int(drain_timeout_s) or 1,
-        timeout_keep_alive=idle_s,
-        **(ssl_options or {}),
+        protocol,
+        idle_timeout_s=conns.idle_timeout_s,
+        drain_timeout_s=drain_timeout_s,
+        ssl_options=ssl_options,
     )
     sock = listen(host, port, reuse_port=reuse_port)
-    server = QuietUvicorn(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("gRPC server stopped during start-up")
-        await asyncio.sleep(0.01)
+    task = await server.start(sock)
     bound: int = sock.getsockname()[1]
     return H2GrpcServer(server, task, sock), bound
