@@ -322,12 +322,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
 
 class H2Guard:
-    """The gRPC frontend's connections: how many are open, against the cap."""
+    """The uvicorn gRPC stack's connections: how many are open, against the cap (shown beside
+    the HTTP frontend's in ``ensemble_open_connections``)."""
 
     def __init__(self, limits: ConnectionLimits, metrics: GatewayMetrics) -> None:
         self.limits = limits
         self.metrics = metrics
         self.open = 0
+        others = metrics.open_connections
+        metrics.open_connections = lambda: (
+            *(pair for pair in others() if pair[0] != "grpc"),
+            ("grpc", self.open),
+        )
 
 
 class GatewayH2Protocol(ZttpH2Protocol):
@@ -353,6 +359,7 @@ class GatewayH2Protocol(ZttpH2Protocol):
         """The last stream served once a GOAWAY went out; later ones are refused."""
         self._timers: list[asyncio.TimerHandle] = []
         self._lingering = False
+        self._highest_seen = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -380,6 +387,7 @@ class GatewayH2Protocol(ZttpH2Protocol):
 
     def handle_request(self, event: zttp.Request) -> None:
         self._streams += 1
+        self._highest_seen = max(self._highest_seen, event.stream_id)
         if self._last_served is not None and event.stream_id > self._last_served:
             self.conn.stream(event.stream_id).reset(REFUSED_STREAM)  # the client retries it
             return
@@ -428,13 +436,14 @@ class GatewayH2Protocol(ZttpH2Protocol):
             self._close("header_timeout")
 
     def _aged(self) -> None:
-        """``grpc_max_connection_age_s`` passed: retire, and close after a grace period."""
-        self.retire(self._highest())
+        """``grpc_max_connection_age_s`` passed: retire (counted as ``max_age``), and close
+        after a grace period of ``idle_timeout_s`` whatever is still in flight."""
+        if self._last_served is not None or self.transport.is_closing():
+            return
+        self.guard.metrics.record_connection_closed("grpc", "max_age")
+        self.retire(self._highest_seen)
         grace = self.guard.limits.idle_timeout_s
-        self._timers.append(self.loop.call_later(grace, self._close, "max_age"))
-
-    def _highest(self) -> int:
-        return max(self.cycles, default=0)
+        self._timers.append(self.loop.call_later(grace, self.transport.close))
 
     def timeout_keep_alive_handler(self) -> None:
         self.guard.metrics.record_connection_closed("grpc", "idle_timeout")

@@ -56,13 +56,14 @@ def frontend_families(m: GatewayMetrics) -> Iterator[Metric]:
         "Client connections the gateway closed or refused, by protocol (http, grpc) and "
         "reason: limit "
         "(refused at server.max_connections), evicted (not in a request, closed for a new "
-        "connection at the cap), header_timeout, header_too_large, idle_timeout.",
+        "connection at the cap), header_timeout, header_too_large, idle_timeout, max_age "
+        "(grpc on the uvicorn stack: retired at server.grpc_max_connection_age_s).",
         ["protocol", "reason"],
         m.connections_closed.items(),
     )
     open_now = GaugeMetricFamily(
         "ensemble_open_connections",
-        "Client connections open now, by protocol (http).",
+        "Client connections open now, by protocol (http; grpc on the uvicorn stack).",
         labels=["protocol"],
     )
     for protocol, count in m.open_connections():

@@ -18,27 +18,40 @@ pytestmark = pytest.mark.integration
 CAP = 8
 
 
-@pytest.fixture(scope="module")
-def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+SERVER = {
+    "max_connections": CAP,
+    "header_timeout_s": 0.5,
+    "idle_timeout_s": 1.0,
+    "read_timeout_s": 0.5,
+    "max_header_bytes": 4096,
+}
+
+
+def limited_gateway(tmp: Path, **server: object) -> Iterator[GatewayProcess]:
     config = {
-        "server": {
-            "max_connections": CAP,
-            "header_timeout_s": 0.5,
-            "idle_timeout_s": 1.0,
-            "read_timeout_s": 0.5,
-            "max_header_bytes": 4096,
-        },
+        "server": {**SERVER, **server},
         "ensembles": [{"name": "digits", "members": [zoo_member("logreg")]}],
     }
-    gateway = start_from_config(config, tmp_path_factory.mktemp("conns"))
+    gateway = start_from_config(config, tmp)
     yield gateway
     assert gateway.stop() == 0, gateway.log()
     assert "Traceback" not in gateway.log(), gateway.log()
 
 
-def closed_count(gw: GatewayProcess, reason: str) -> float:
+@pytest.fixture(scope="module")
+def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    yield from limited_gateway(tmp_path_factory.mktemp("conns"))
+
+
+@pytest.fixture(scope="module")
+def gw_h2(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """The same limits, gRPC served by the uvicorn stack."""
+    yield from limited_gateway(tmp_path_factory.mktemp("conns-h2"), grpc_stack="uvicorn")
+
+
+def closed_count(gw: GatewayProcess, reason: str, protocol: str = "http") -> float:
     text = httpx.get(f"{gw.http_url}/metrics", timeout=10).text
-    key = f'ensemble_connections_closed_total{{protocol="http",reason="{reason}"}}'
+    key = f'ensemble_connections_closed_total{{protocol="{protocol}",reason="{reason}"}}'
     return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(key))
 
 
@@ -162,3 +175,25 @@ def test_grpc_refuses_past_its_cap_and_closes_idle_connections(gw: GatewayProces
     client = grpcclient.InferenceServerClient(gw.grpc_target)
     assert client.is_server_live()
     client.close()
+
+
+def test_the_uvicorn_grpc_stack_holds_the_cap_and_the_handshake_timeout(
+    gw_h2: GatewayProcess,
+) -> None:
+    """Past the cap a connection is closed at once; a socket that never speaks HTTP/2 is closed
+    after header_timeout_s; both counted; a gRPC client is served afterwards."""
+    idle = [
+        socket.create_connection((gw_h2.host, gw_h2.grpc_port), timeout=5) for _ in range(2 * CAP)
+    ]
+    try:
+        assert all(closed_by_server(sock, within_s=10) for sock in idle)
+    finally:
+        for sock in idle:
+            sock.close()
+    assert closed_count(gw_h2, "limit", "grpc") >= CAP
+    assert closed_count(gw_h2, "header_timeout", "grpc") >= 1
+    client = grpcclient.InferenceServerClient(gw_h2.grpc_target)
+    try:
+        assert client.is_server_live()
+    finally:
+        client.close()

@@ -153,6 +153,32 @@ def test_cancelled_calls_do_not_fail_calls_in_flight(
     run(scenario)
 
 
+def test_connections_past_their_age_are_retired_without_failing_calls(
+    dispatcher: Dispatcher,
+) -> None:
+    """``grpc_max_connection_age_s``: connections are retired (counted) while calls run, the
+    client moves to new ones, and no call fails."""
+    limits = ConnectionLimits(grpc_max_connection_age_s=0.2)
+    metrics = dispatcher.metrics
+
+    async def scenario() -> None:
+        async with (
+            served(dispatcher, limits) as port,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            ends = time.monotonic() + 1.5
+            answered = 0
+            while time.monotonic() < ends:
+                await stub.ModelInfer(infer_request(), timeout=10)
+                answered += 1
+            assert answered > 10
+
+    before = metrics.connections_closed.get(("grpc", "max_age"), 0)
+    run(scenario)
+    assert metrics.connections_closed.get(("grpc", "max_age"), 0) - before >= 3
+
+
 # -- requests that are not well-formed gRPC calls ----------------------------------------
 
 
