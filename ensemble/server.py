@@ -33,7 +33,7 @@ from ensemble.frontends.connections import (
     listen,
 )
 from ensemble.frontends.grpc import GrpcServer, start_grpc_server
-from ensemble.frontends.grpc_h2 import start_h2_grpc_server
+from ensemble.frontends.grpc_h2 import H2GrpcServer, start_h2_grpc_server
 from ensemble.frontends.http import HttpFrontend
 from ensemble.frontends.limits import Offload, RequestLimits
 from ensemble.frontends.routes import LocalRoutes, Reloads, SharedRoutes
@@ -327,7 +327,9 @@ class Gateway:
         """Returns if a frontend dies on its own (a bug, or a lost socket)."""
         if self._http_task is not None:
             await asyncio.shield(self._http_task)
-        else:  # gRPC alone: grpc.aio reports no death of its own
+        elif isinstance(self._grpc, H2GrpcServer):  # gRPC alone, on uvicorn
+            await asyncio.shield(self._grpc.task)
+        else:  # gRPC alone on grpc.aio, which reports no death of its own
             await asyncio.Event().wait()
 
 

@@ -393,13 +393,13 @@ class GatewayH2Protocol(ZttpH2Protocol):
             return
         super().handle_request(event)
         if self._streams >= RETIRE_AFTER_STREAMS:
-            self.retire(event.stream_id)
+            self.retire(self._highest_seen)
 
     def handle_rst_stream(self, event: zttp.RstStream) -> None:
         self._resets += 1
         super().handle_rst_stream(event)
         if self._resets >= RETIRE_AFTER_RESETS:
-            self.retire(self._last_served or event.stream_id)
+            self.retire(self._highest_seen)  # every stream begun is still served
 
     def retire(self, last_stream_id: int) -> None:
         """Serve no stream after ``last_stream_id``: GOAWAY NO_ERROR naming it now, the
