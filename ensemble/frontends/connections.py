@@ -360,6 +360,8 @@ class GatewayH2Protocol(ZttpH2Protocol):
         self._timers: list[asyncio.TimerHandle] = []
         self._lingering = False
         self._highest_seen = 0
+        self._running = 0
+        """Calls started on this connection and not yet finished, reset streams' included."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -388,12 +390,21 @@ class GatewayH2Protocol(ZttpH2Protocol):
     def handle_request(self, event: zttp.Request) -> None:
         self._streams += 1
         self._highest_seen = max(self._highest_seen, event.stream_id)
-        if self._last_served is not None and event.stream_id > self._last_served:
-            self.conn.stream(event.stream_id).reset(REFUSED_STREAM)  # the client retries it
+        retired = self._last_served is not None and event.stream_id > self._last_served
+        # zttp counts live streams; a stream the client reset is gone from its count while
+        # its call still runs here. Calls running, not streams open, are what is capped, so
+        # resetting streams (Rapid Reset) cannot start more work than open ones could.
+        if retired or self._running >= self.guard.limits.grpc_max_concurrent_streams:
+            self.conn.stream(event.stream_id).reset(REFUSED_STREAM)  # the client may retry
             return
+        self._running += 1
         super().handle_request(event)
         if self._streams >= RETIRE_AFTER_STREAMS:
             self.retire(self._highest_seen)
+
+    def on_response_complete(self, stream_id: int) -> None:
+        self._running -= 1  # uvicorn calls this once per call, answered or not
+        super().on_response_complete(stream_id)
 
     def handle_rst_stream(self, event: zttp.RstStream) -> None:
         self._resets += 1

@@ -38,17 +38,26 @@ SERVICE = "/inference.GRPCInferenceService/"
 
 
 class SlowDispatcher(Dispatcher):
-    """Answers inference after ``delay_s`` (0: at once)."""
+    """Answers inference after ``delay_s`` (0: at once), a request with id "kept" after
+    ``kept_s``; counts the calls running at once."""
 
     delay_s = 0.0
+    kept_s = 0.0
+    running = 0
+    most = 0
 
     async def infer(self, request: InferRequest, protocol: str) -> InferResponse:
-        await asyncio.sleep(self.delay_s)
-        return await super().infer(request, protocol)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(self.kept_s if request.id == "kept" else self.delay_s)
+            return await super().infer(request, protocol)
+        finally:
+            self.running -= 1
 
 
-def infer_request() -> Any:
-    request = service_pb2.ModelInferRequest(model_name="iris")
+def infer_request(request_id: str = "") -> Any:
+    request = service_pb2.ModelInferRequest(model_name="iris", id=request_id)
     request.inputs.add(name="input", datatype="FP32", shape=list(X.shape))
     request.raw_input_contents.append(X.astype(np.float32).tobytes())
     return request
@@ -133,14 +142,17 @@ def test_cancelled_calls_do_not_fail_calls_in_flight(
     """More cancelled calls (client resets) than zttp's budget on one connection: the
     connection is retired in time, so a call in flight across it still answers."""
     slow_one = slow(dispatcher)
-    slow_one.delay_s = 0.3
+    slow_one.delay_s = 0.1  # the cancelled calls run on briefly: fewer than 128 at once
+    slow_one.kept_s = 2.0
 
     async def scenario() -> None:
         async with stub_of(slow_one) as stub:
-            kept = asyncio.ensure_future(stub.ModelInfer(infer_request()))
+            kept = asyncio.ensure_future(stub.ModelInfer(infer_request("kept")))
             cancelled = 0
-            for _ in range((RETIRE_AFTER_RESETS + 80) // 40):
-                calls = [stub.ModelInfer(infer_request()) for _ in range(40)]
+            for _ in range(40):  # bounded: enough rounds on a slow machine too
+                if cancelled > RETIRE_AFTER_RESETS + 60:
+                    break
+                calls = [stub.ModelInfer(infer_request()) for _ in range(30)]
                 await asyncio.sleep(0.05)  # sent, and waiting on the slow dispatcher
                 for call in calls:
                     cancelled += call.cancel()
@@ -177,6 +189,48 @@ def test_connections_past_their_age_are_retired_without_failing_calls(
     before = metrics.connections_closed.get(("grpc", "max_age"), 0)
     run(scenario)
     assert metrics.connections_closed.get(("grpc", "max_age"), 0) - before >= 3
+
+
+def test_reset_streams_start_no_more_calls_than_open_ones_could(
+    dispatcher: Dispatcher,
+) -> None:
+    """Rapid Reset: streams reset once their calls started, then new ones opened, faster than
+    the calls end. The calls running on one connection stay within the stream cap (128), not
+    200, and the connection is retired gracefully (GOAWAY NO_ERROR) before zttp's reset
+    budget."""
+    slow_one = slow(dispatcher)
+    slow_one.delay_s = 2.0
+    body = framed(infer_request().SerializeToString())
+
+    def attack(port: int) -> list[int]:
+        """Twice: open 100 calls, let them start, reset them all (200 resets)."""
+        client = RawH2(port)
+        try:
+            for _ in range(2):
+                streams = []
+                for _ in range(100):
+                    stream = client.conn.send_request(
+                        b"POST", (SERVICE + "ModelInfer").encode(), b"HTTP/2", GRPC
+                    )
+                    stream.send_data(body)
+                    stream.end_message()
+                    streams.append(stream)
+                client.sock.sendall(client.conn.data_to_send())
+                client.drain_goaways(0.3)  # the calls start on the slow dispatcher
+                for stream in streams:
+                    stream.reset(0x8)  # CANCEL
+                client.sock.sendall(client.conn.data_to_send())
+            return client.drain_goaways(0.5)
+        finally:
+            client.close()
+
+    async def scenario() -> None:
+        async with served(slow_one) as port:
+            goaways = await asyncio.to_thread(attack, port)
+            assert goaways and set(goaways) == {0}, goaways  # NO_ERROR, never ENHANCE_YOUR_CALM
+            assert 100 <= slow_one.most <= 128
+
+    run(scenario)
 
 
 # -- requests that are not well-formed gRPC calls ----------------------------------------
@@ -226,6 +280,22 @@ class RawH2:
             if pending:
                 self.sock.sendall(pending)
         raise AssertionError("no answer")
+
+    def drain_goaways(self, seconds: float) -> list[int]:
+        """The error codes of the GOAWAYs that arrive within ``seconds`` (the rest dropped)."""
+        codes = []
+        self.sock.settimeout(seconds)
+        try:
+            while chunk := self.sock.recv(65536):
+                self.conn.receive_data(chunk)
+                while (event := self.conn.next_event()) is not zttp.NEED_DATA:
+                    if isinstance(event, zttp.GoAway):
+                        codes.append(event.error_code)
+        except TimeoutError:
+            pass
+        finally:
+            self.sock.settimeout(10)
+        return codes
 
     def close(self) -> None:
         self.sock.close()
