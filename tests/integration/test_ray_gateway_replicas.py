@@ -38,8 +38,11 @@ ROWS = range(100, 140)
 
 
 def _config(ray: dict[str, Any] | None) -> dict[str, Any]:
+    """The gateway's config; its replicas serve gRPC on the uvicorn stack (test_ray_cluster.py
+    covers grpcio on Ray)."""
     doc: dict[str, Any] = {
         "model_zoo": {"dir": str(ZOO)},
+        "server": {"grpc_stack": "uvicorn"},
         "ensembles": [
             {"name": "digits", "policy": "learn", "members": [zoo_member(m) for m in MEMBERS]}
         ],
