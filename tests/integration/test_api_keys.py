@@ -25,10 +25,16 @@ X = np.zeros((1, 64), np.float32)
 CHALLENGE = 'Bearer realm="ensemble"'
 
 
-@pytest.fixture(scope="module")
-def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+@pytest.fixture(scope="module", params=["grpcio", "uvicorn"])
+def gw(
+    zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[GatewayProcess]:
+    """A gateway needing API keys, its gRPC served by each stack."""
     tmp = tmp_path_factory.mktemp("api-keys")
-    config = {"ensembles": [{"name": "digits", "members": [zoo_member("logreg")]}]}
+    config = {
+        "server": {"grpc_stack": request.param},
+        "ensembles": [{"name": "digits", "members": [zoo_member("logreg")]}],
+    }
     proc = start_from_config(config, tmp, env={"ENSEMBLE_API_KEYS": KEYS})
     yield proc
     assert proc.stop() == 0, proc.log()

@@ -256,6 +256,23 @@ async def _over_grpc(grpc_target: str, spans: InMemorySpanExporter) -> None:
     assert request.attributes["rpc.grpc.status_code"] == 0
 
 
+def test_grpc_spans_on_the_uvicorn_stack(spans: InMemorySpanExporter) -> None:
+    """The uvicorn gRPC stack hands the same metadata to the same handlers: same span."""
+
+    async def scenario() -> None:
+        server = ServerConfig(host="127.0.0.1", http_port=0, grpc_port=0, grpc_stack="uvicorn")
+        gateway = Gateway(
+            server, lambda engine: single_model(ZOO / "logreg.onnx", "logreg", engine)
+        )
+        where = await gateway.start("127.0.0.1", 0, 0)
+        try:
+            await _over_grpc(where.grpc_target, spans)
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
+
+
 def test_tracing_is_off_by_default() -> None:
     assert ServerConfig().tracing.enabled is False
     assert not tracing.enabled()
