@@ -3,7 +3,8 @@
     python -m loadtest.stack_cost [--concurrency C ...] [--handler-cpu-us US] [--pythonpath DIR]
 
 Runs the no-op OIP server (loadtest.peers.noop: the gateway's stack, uvicorn and httptools for
-HTTP and grpc.aio for gRPC on one uvloop event loop, answering a fixed response) and drives it
+HTTP and, for gRPC, grpc.aio or the gateway's gRPC on uvicorn's HTTP/2 (``grpc_stack:
+uvicorn``), on one uvloop event loop, answering a fixed response) and drives it
 closed-loop at each concurrency, wrk over HTTP and the benchmark's grpc.aio generator processes
 over gRPC, printing throughput and the server's CPU time per call: what each protocol costs a
 server before it does any work. Two things move that cost, and each has an option:
@@ -30,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from loadtest.bench import INFER_PATH
@@ -43,12 +45,17 @@ NAME = "stack_cost"
 
 @dataclass
 class Server:
-    """One no-op server, what it is measured over, and the environment that selects its grpcio."""
+    """One no-op server, what it is measured over, and the environment that selects its grpcio
+    (or the flags that select the uvicorn gRPC stack)."""
 
     label: str
     protocol: str  # "http" or "grpc"
     env: dict[str, str]
     peer: Peer | None = None
+    args: tuple[str, ...] = ()
+
+
+UVICORN_GRPC = ("--grpc-stack", "uvicorn")
 
 
 def grpcio_version(env: dict[str, str]) -> str:
@@ -69,6 +76,8 @@ def servers(pythonpaths: list[Path]) -> list[Server]:
     found = [
         Server("http (uvicorn, httptools)", "http", {}),
         Server(f"grpc (grpcio {grpcio_version({})})", "grpc", {}),
+        # The gateway's own gRPC on uvicorn's HTTP/2 (`server.grpc_stack: uvicorn`).
+        Server(f"grpc (uvicorn, zttp {version('zttp')})", "grpc", {}, args=UVICORN_GRPC),
     ]
     for path in pythonpaths:
         env = {"PYTHONPATH": str(path.resolve())}
@@ -131,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             # One server per grpcio; the first one also answers HTTP.
             for i, server in enumerate(found[1:]):
-                args_ = ["-m", "loadtest.peers.noop", *extra]
+                args_ = ["-m", "loadtest.peers.noop", *extra, *server.args]
                 pending = spawn(f"noop{i}", args_, Path(work), server.env)
                 server.peer = pending.wait_ready(timeout_s=60)
             found[0].peer = found[1].peer

@@ -80,16 +80,18 @@ class H2Call:
     """What a handler may ask of its call: the caller's metadata, the time left, an abort.
     The subset of grpc.aio's ServicerContext the gateway's handlers use."""
 
-    __slots__ = ("_deadline", "_loop", "_metadata")
+    __slots__ = ("_deadline", "_headers", "_loop", "_metadata")
 
-    def __init__(
-        self, metadata: tuple[tuple[str, str | bytes], ...], timeout_s: float | None
-    ) -> None:
-        self._metadata = metadata
+    def __init__(self, headers: list[tuple[bytes, bytes]], timeout_s: float | None) -> None:
+        self._headers = headers
+        self._metadata: tuple[tuple[str, str | bytes], ...] | None = None
         self._loop = asyncio.get_running_loop()
         self._deadline = None if timeout_s is None else self._loop.time() + timeout_s
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """The caller's metadata (decoded when first asked: most calls never ask)."""
+        if self._metadata is None:
+            self._metadata = metadata_of(self._headers)
         return self._metadata
 
     def time_remaining(self) -> float | None:
@@ -218,10 +220,13 @@ class GrpcApp:
         limit = self.max_message_bytes
         raw = await self.offload.run(len(body), lambda: _unframe(body, wbits, limit))
         handle, _ = pair
-        call = H2Call(metadata_of(headers), timeout_s)
+        call = H2Call(headers, timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
+            if timeout_s is None:
                 message = await handle(raw, call)
+            else:
+                async with asyncio.timeout(timeout_s):
+                    message = await handle(raw, call)
         except TimeoutError:
             raise H2Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
         except H2Abort:

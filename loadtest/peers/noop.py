@@ -1,21 +1,25 @@
-"""A no-op OIP server on the gateway's stack (uvicorn, httptools, uvloop; grpc.aio): the ceiling."""
+"""A no-op OIP server on the gateway's stack (uvicorn, httptools, uvloop; grpc.aio, or with
+`--grpc-stack uvicorn` the gateway's gRPC on uvicorn's HTTP/2): the ceiling."""
 
 # It reads each request body and answers a fixed, small OIP response of the gateway's shape, so
 # what it sustains is the most any Python server on this stack can do on this machine. Run as
-# `python -m loadtest.peers.noop`: prints `noop ready: http=H:P grpc=H:P grpcio=VERSION`, exits 0
-# on SIGTERM. With `--handler-cpu-us N` each handler first keeps the event loop busy for N us, as
-# a real server's work would (what the stack itself costs around a busy loop: loadtest.stack_cost).
+# `python -m loadtest.peers.noop`: prints `noop ready: http=H:P grpc=H:P grpcio=VERSION` (or
+# `zttp=VERSION`), exits 0 on SIGTERM. With `--handler-cpu-us N` each handler first keeps the
+# event loop busy for N us, as a real server's work would (what the stack itself costs around a
+# busy loop: loadtest.stack_cost).
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import functools
 import signal
 import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from importlib.metadata import version
 from typing import Any, TypeAlias
 
 import grpc
@@ -88,6 +92,59 @@ async def _model_infer(request: bytes, context: grpc.aio.ServicerContext[Any, An
     return GRPC_RESPONSE
 
 
+class _Serialized:
+    """The fixed response, already serialized: the no-op does no protobuf work."""
+
+    def SerializeToString(self) -> bytes:
+        return GRPC_RESPONSE
+
+
+_SERIALIZED = _Serialized()
+
+
+async def _model_infer_h2(request: bytes, call: Any) -> _Serialized:
+    _work()
+    return _SERIALIZED
+
+
+async def _start_grpcio(host: str, port: int) -> tuple[Callable[[], Awaitable[None]], int]:
+    # Raw bytes in and out, like the gateway's handlers: no protobuf work on the no-op path.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    handler = grpc.unary_unary_rpc_method_handler(_model_infer)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService", {"ModelInfer": handler}
+            ),
+        )
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return lambda: server.stop(1.0), bound
+
+
+async def _start_uvicorn(host: str, port: int) -> tuple[Callable[[], Awaitable[None]], int]:
+    """The gateway's uvicorn gRPC stack (its framing and HTTP/2 protocol) around the no-op."""
+    from ensemble.frontends.connections import (
+        ConnectionLimits,
+        GatewayH2Protocol,
+        H2Guard,
+        QuietUvicorn,
+        listen,
+    )
+    from ensemble.frontends.grpc_h2 import GrpcApp, H2GrpcServer
+    from ensemble.metrics import GatewayMetrics
+
+    app = GrpcApp({"ModelInfer": (_model_infer_h2, None)}, max_message_bytes=64 * 1024 * 1024)
+    protocol: Any = functools.partial(
+        GatewayH2Protocol, guard=H2Guard(ConnectionLimits(), GatewayMetrics())
+    )
+    server = QuietUvicorn.of(app, protocol, idle_timeout_s=30, drain_timeout_s=1)
+    sock = listen(host, port)
+    running = H2GrpcServer(server, await server.start(sock), sock)
+    return lambda: running.stop(1.0), sock.getsockname()[1]
+
+
 class _Uvicorn(uvicorn.Server):
     """Uvicorn without its own signal handling, so SIGTERM stops HTTP and gRPC together."""
 
@@ -96,7 +153,7 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-async def serve(host: str, http_port: int, grpc_port: int) -> int:
+async def serve(host: str, http_port: int, grpc_port: int, grpc_stack: str = "grpcio") -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, http_port))
@@ -114,25 +171,16 @@ async def serve(host: str, http_port: int, grpc_port: int) -> int:
     http = _Uvicorn(config)
     http_task = asyncio.create_task(http.serve(sockets=[sock]))
 
-    # Raw bytes in and out, like the gateway's handlers: no protobuf work on the no-op path.
-    grpc_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    handler = grpc.unary_unary_rpc_method_handler(_model_infer)
-    grpc_server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "inference.GRPCInferenceService", {"ModelInfer": handler}
-            ),
-        )
-    )
-    bound_grpc = grpc_server.add_insecure_port(f"{host}:{grpc_port}")
-    await grpc_server.start()
+    start = _start_uvicorn if grpc_stack == "uvicorn" else _start_grpcio
+    stop_grpc, bound_grpc = await start(host, grpc_port)
     while not http.started:
         if http_task.done():
             http_task.result()
             return 1
         await asyncio.sleep(0.01)
     port = sock.getsockname()[1]
-    ready = f"noop ready: http={host}:{port} grpc={host}:{bound_grpc} grpcio={grpc.__version__}"
+    stack = f"grpcio={grpc.__version__}" if grpc_stack == "grpcio" else "zttp=" + version("zttp")
+    ready = f"noop ready: http={host}:{port} grpc={host}:{bound_grpc} {stack}"
     print(ready, flush=True)
 
     stop = asyncio.Event()
@@ -141,7 +189,7 @@ async def serve(host: str, http_port: int, grpc_port: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     http.should_exit = True
-    await asyncio.gather(grpc_server.stop(1.0), http_task)
+    await asyncio.gather(stop_grpc(), http_task)
     return 0
 
 
@@ -156,12 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="microseconds each handler keeps the event loop busy before answering (default 0)",
     )
+    parser.add_argument(
+        "--grpc-stack",
+        choices=("grpcio", "uvicorn"),
+        default="grpcio",
+        help="what serves gRPC: grpc.aio (default) or the gateway's uvicorn gRPC stack",
+    )
     args = parser.parse_args(argv)
     if args.handler_cpu_us < 0:
         parser.error("--handler-cpu-us must be at least 0")
     global HANDLER_CPU_S
     HANDLER_CPU_S = args.handler_cpu_us * 1e-6
-    return uvloop.run(serve(args.host, args.http_port, args.grpc_port))
+    return uvloop.run(serve(args.host, args.http_port, args.grpc_port, args.grpc_stack))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from importlib.metadata import version
 from pathlib import Path
 
 import grpc
@@ -25,6 +26,7 @@ def test_measures_each_server_with_its_loop_kept_busy(
     assert [r[0] for r in rows] == [
         "http (uvicorn, httptools)",
         f"grpc (grpcio {grpc.__version__})",
+        f"grpc (uvicorn, zttp {version('zttp')})",
         f"grpc (grpcio {grpc.__version__}, {tmp_path})",
     ]
     for _, level, calls_per_s, cpu_us in rows:
