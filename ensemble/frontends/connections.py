@@ -120,10 +120,12 @@ class QuietUvicorn(uvicorn.Server):
         idle_timeout_s: float,
         drain_timeout_s: float,
         ssl_options: dict[str, Any] | None = None,
+        http_headers: bool = True,
     ) -> QuietUvicorn:
         """A server for one of the gateway's frontends: ``protocol`` builds each connection
         (any factory works), ``idle_timeout_s`` is its keep-alive, ``ssl_options`` uvicorn's
-        TLS settings (none: plain text)."""
+        TLS settings (none: plain text); ``http_headers``: answers carry ``server`` and
+        ``date`` (HTTP wants a date; gRPC answers need neither)."""
         idle: Any = idle_timeout_s  # uvicorn arms it with loop.call_later; its `int` hint is narrow
         config = uvicorn.Config(
             app,
@@ -135,6 +137,8 @@ class QuietUvicorn(uvicorn.Server):
             proxy_headers=False,  # no proxy in front to trust; its middleware costs per request
             timeout_graceful_shutdown=int(drain_timeout_s) or 1,
             timeout_keep_alive=idle,
+            server_header=http_headers,
+            date_header=http_headers,
             **(ssl_options or {}),
         )
         return cls(config)

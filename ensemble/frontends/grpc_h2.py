@@ -379,6 +379,7 @@ async def start_h2_grpc_server(
         idle_timeout_s=conns.idle_timeout_s,
         drain_timeout_s=drain_timeout_s,
         ssl_options=ssl_options,
+        http_headers=False,
     )
     sock = listen(host, port, reuse_port=reuse_port)
     task = await server.start(sock)

@@ -139,7 +139,9 @@ async def _start_uvicorn(host: str, port: int) -> tuple[Callable[[], Awaitable[N
     protocol: Any = functools.partial(
         GatewayH2Protocol, guard=H2Guard(ConnectionLimits(), GatewayMetrics())
     )
-    server = QuietUvicorn.of(app, protocol, idle_timeout_s=30, drain_timeout_s=1)
+    server = QuietUvicorn.of(
+        app, protocol, idle_timeout_s=30, drain_timeout_s=1, http_headers=False
+    )
     sock = listen(host, port)
     running = H2GrpcServer(server, await server.start(sock), sock)
     return lambda: running.stop(1.0), sock.getsockname()[1]
