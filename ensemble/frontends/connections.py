@@ -2,8 +2,8 @@
 
 HTTP: uvicorn's httptools protocol with the limits added (uvicorn has no head timeout, times
 no connection before its first request, and lets a head grow without bound). gRPC: the same
-limits as gRPC core channel arguments, or, on the uvicorn gRPC stack, held by its HTTP/2
-protocol (which also retires connections before zttp's lifetime budgets).
+limits as gRPC core channel arguments, or held by the uvicorn gRPC stack's HTTP/2 protocol
+(``h2_connections``).
 """
 
 from __future__ import annotations
@@ -15,30 +15,16 @@ import resource
 import socket
 from collections.abc import Generator
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Any
 
 import orjson
 import uvicorn
-import zttp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
 
 from ensemble.config import ServerConfig
 from ensemble.metrics import GatewayMetrics
 
 log = logging.getLogger("ensemble.connections")
-
-RETIRE_AFTER_STREAMS: Final = 3584
-"""Streams a connection serves before it is retired: zttp's budget (4096) less room for the
-streams a client opens before it reads the GOAWAY (at most the concurrency cap, 128)."""
-RETIRE_AFTER_RESETS: Final = 192
-"""Resets by the client (cancelled calls) a connection takes before it is retired: zttp's
-budget (256) less room for those that cross the GOAWAY."""
-REFUSED_STREAM: Final = 0x7
-LINGER_S: Final = 1.0
-"""How long a retired connection reads and drops what still arrives before it closes."""
-HANDSHAKE_BYTES: Final = 24 + 9
-"""The client preface and one frame header: the connection has begun to speak HTTP/2."""
 
 RESERVED_DESCRIPTORS = 1024
 """Descriptors kept for everything but client connections: replica clients, files, Ray."""
@@ -322,150 +308,4 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n%s\r\n%s" % (status, reason, len(body), extra, body)
         )
-        self.transport.close()
-
-
-class H2Guard:
-    """The uvicorn gRPC stack's connections: how many are open, against the cap (shown beside
-    the HTTP frontend's in ``ensemble_open_connections``)."""
-
-    def __init__(self, limits: ConnectionLimits, metrics: GatewayMetrics) -> None:
-        self.limits = limits
-        self.metrics = metrics
-        self.open = 0
-        others = metrics.open_connections
-        metrics.open_connections = lambda: (
-            *(pair for pair in others() if pair[0] != "grpc"),
-            ("grpc", self.open),
-        )
-
-
-class GatewayH2Protocol(ZttpH2Protocol):
-    """uvicorn's HTTP/2 protocol (the uvicorn gRPC stack's) with the gateway's connection
-    limits (cap, handshake and idle timeouts, age) and graceful retirement.
-
-    zttp keeps lifetime budgets per connection (4096 streams opened, 256 resets by the peer)
-    and answers the next stream past either with GOAWAY ENHANCE_YOUR_CALM, failing the calls
-    in flight. Well before, a connection is retired: GOAWAY NO_ERROR naming the last stream it
-    serves, later streams refused (REFUSED_STREAM: clients retry them on a new connection),
-    the connection closed lingering once its last call answers. ``grpc_max_connection_age_s``
-    retires the same way."""
-
-    alpn_protocols = ["h2"]
-
-    def __init__(self, *args: Any, guard: H2Guard, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.guard = guard
-        self._received = 0
-        self._streams = 0
-        self._resets = 0
-        self._last_served: int | None = None
-        """The last stream served once a GOAWAY went out; later ones are refused."""
-        self._timers: list[asyncio.TimerHandle] = []
-        self._lingering = False
-        self._highest_seen = 0
-        self._running = 0
-        """Calls started on this connection and not yet finished, reset streams' included."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        guard = self.guard
-        guard.open += 1
-        if guard.open > guard.limits.max_connections:
-            self._close("limit")
-            return
-        limits = guard.limits
-        self._timers.append(self.loop.call_later(limits.header_timeout_s, self._handshake_late))
-        if limits.grpc_max_connection_age_s is not None:
-            self._timers.append(self.loop.call_later(limits.grpc_max_connection_age_s, self._aged))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.guard.open -= 1
-        for timer in self._timers:
-            timer.cancel()
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self._lingering:
-            return
-        self._received += len(data)
-        super().data_received(data)
-
-    def handle_request(self, event: zttp.Request) -> None:
-        self._streams += 1
-        self._highest_seen = max(self._highest_seen, event.stream_id)
-        retired = self._last_served is not None and event.stream_id > self._last_served
-        # zttp counts live streams; a stream the client reset is gone from its count while
-        # its call still runs here. Calls running, not streams open, are what is capped, so
-        # resetting streams (Rapid Reset) cannot start more work than open ones could.
-        if retired or self._running >= self.guard.limits.grpc_max_concurrent_streams:
-            self.conn.stream(event.stream_id).reset(REFUSED_STREAM)  # the client may retry
-            return
-        self._running += 1
-        super().handle_request(event)
-        if self._streams >= RETIRE_AFTER_STREAMS:
-            self.retire(self._highest_seen)
-
-    def on_response_complete(self, stream_id: int) -> None:
-        self._running -= 1  # uvicorn calls this once per call, answered or not
-        super().on_response_complete(stream_id)
-
-    def handle_rst_stream(self, event: zttp.RstStream) -> None:
-        self._resets += 1
-        super().handle_rst_stream(event)
-        if self._resets >= RETIRE_AFTER_RESETS:
-            self.retire(self._highest_seen)  # every stream begun is still served
-
-    def retire(self, last_stream_id: int) -> None:
-        """Serve no stream after ``last_stream_id``: GOAWAY NO_ERROR naming it now, the
-        connection closed once its calls end (uvicorn's shutdown path)."""
-        if self._last_served is not None or self.transport.is_closing():
-            return
-        self._last_served = last_stream_id
-        self.conn.close(0, last_stream_id)
-        self.flush()
-        self.shutdown_requested = True
-        if not self.cycles:
-            self._close_connection()
-
-    def _close_connection(self) -> None:
-        """GOAWAY and close. A retired connection's GOAWAY names the same last stream again
-        (a later one may not raise it: clients retry only the streams above it), and it
-        closes lingering: closed at once, the kernel would answer the client's unread frames
-        with a reset and drop the last answers still queued for it. So only the writing side
-        closes; what arrives is discarded until the client closes too, or ``LINGER_S``."""
-        if self._last_served is None:
-            super()._close_connection()
-            return
-        if self.transport.is_closing() or self._lingering:
-            return
-        self.conn.close(0, self._last_served)
-        self.flush()
-        self._lingering = True
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        self._timers.append(self.loop.call_later(LINGER_S, self.transport.close))
-
-    def _handshake_late(self) -> None:
-        if self._received < HANDSHAKE_BYTES:
-            self._close("header_timeout")
-
-    def _aged(self) -> None:
-        """``grpc_max_connection_age_s`` passed: retire (counted as ``max_age``), and close
-        after a grace period of ``idle_timeout_s`` whatever is still in flight."""
-        if self._last_served is not None or self.transport.is_closing():
-            return
-        self.guard.metrics.record_connection_closed("grpc", "max_age")
-        self.retire(self._highest_seen)
-        grace = self.guard.limits.idle_timeout_s
-        self._timers.append(self.loop.call_later(grace, self.transport.close))
-
-    def timeout_keep_alive_handler(self) -> None:
-        self.guard.metrics.record_connection_closed("grpc", "idle_timeout")
-        super().timeout_keep_alive_handler()
-
-    def _close(self, reason: str) -> None:
-        if self.transport.is_closing():
-            return
-        self.guard.metrics.record_connection_closed("grpc", reason)
         self.transport.close()

@@ -7,7 +7,7 @@ this module speaks that subset as an ASGI application on uvicorn's HTTP/2 protoc
 loop the gateway already runs: no gRPC core, no poller thread handing each call across threads.
 The handlers are ``grpc.rpc_handlers``: both stacks answer alike, statuses included.
 
-The connections are ``connections.GatewayH2Protocol``'s: the frontend's limits, and retirement
+The connections are ``h2_connections.GatewayH2Protocol``'s: the frontend's limits, and retirement
 before zttp's lifetime budgets per connection (past them zttp drops a connection with its calls).
 
 Requests may come compressed (``grpc-encoding`` gzip or deflate, inflated within
@@ -33,14 +33,9 @@ import grpc
 from ensemble.auth import ApiKeys, BearerToken
 from ensemble.control.lifecycle import ModelLifecycle
 from ensemble.dataplane.dispatcher import Dispatcher
-from ensemble.frontends.connections import (
-    ConnectionLimits,
-    GatewayH2Protocol,
-    H2Guard,
-    QuietUvicorn,
-    listen,
-)
+from ensemble.frontends.connections import ConnectionLimits, QuietUvicorn, listen
 from ensemble.frontends.grpc import SERVICE_NAME, UnaryHandler, rpc_handlers
+from ensemble.frontends.h2_connections import GatewayH2Protocol, H2Guard
 from ensemble.frontends.limits import Offload, RequestLimits
 
 log = logging.getLogger(__name__)

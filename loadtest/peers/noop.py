@@ -125,14 +125,9 @@ async def _start_grpcio(host: str, port: int) -> tuple[Callable[[], Awaitable[No
 
 async def _start_uvicorn(host: str, port: int) -> tuple[Callable[[], Awaitable[None]], int]:
     """The gateway's uvicorn gRPC stack (its framing and HTTP/2 protocol) around the no-op."""
-    from ensemble.frontends.connections import (
-        ConnectionLimits,
-        GatewayH2Protocol,
-        H2Guard,
-        QuietUvicorn,
-        listen,
-    )
+    from ensemble.frontends.connections import ConnectionLimits, QuietUvicorn, listen
     from ensemble.frontends.grpc_h2 import GrpcApp, H2GrpcServer
+    from ensemble.frontends.h2_connections import GatewayH2Protocol, H2Guard
     from ensemble.metrics import GatewayMetrics
 
     app = GrpcApp({"ModelInfer": (_model_infer_h2, None)}, max_message_bytes=64 * 1024 * 1024)

@@ -20,12 +20,9 @@ import zttp
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from ensemble.dataplane.dispatcher import Dispatcher
-from ensemble.frontends.connections import (
-    RETIRE_AFTER_RESETS,
-    RETIRE_AFTER_STREAMS,
-    ConnectionLimits,
-)
+from ensemble.frontends.connections import ConnectionLimits
 from ensemble.frontends.grpc_h2 import start_h2_grpc_server as start
+from ensemble.frontends.h2_connections import RETIRE_AFTER_RESETS, RETIRE_AFTER_STREAMS
 from ensemble.frontends.limits import RequestLimits
 from ensemble.metrics import GatewayMetrics
 from ensemble.types import InferRequest, InferResponse
