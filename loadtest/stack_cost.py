@@ -3,8 +3,9 @@
     python -m loadtest.stack_cost [--concurrency C ...] [--handler-cpu-us US] [--pythonpath DIR]
 
 Runs the no-op OIP server (loadtest.peers.noop: the gateway's stack, uvicorn and httptools for
-HTTP and, for gRPC, grpc.aio or the gateway's gRPC on uvicorn's HTTP/2 (``grpc_stack:
-uvicorn``), on one uvloop event loop, answering a fixed response) and drives it
+HTTP, stock or with the gateway's HTTP protocol, and, for gRPC, grpc.aio or the gateway's gRPC
+on uvicorn's HTTP/2 (``grpc_stack: uvicorn``), on one uvloop event loop, answering a fixed
+response) and drives it
 closed-loop at each concurrency, wrk over HTTP and the benchmark's grpc.aio generator processes
 over gRPC, printing throughput and the server's CPU time per call: what each protocol costs a
 server before it does any work. Two things move that cost, and each has an option:
@@ -55,7 +56,8 @@ class Server:
     args: tuple[str, ...] = ()
 
 
-UVICORN_GRPC = ("--grpc-stack", "uvicorn")
+GATEWAY_STACKS = ("--grpc-stack", "uvicorn", "--http-stack", "gateway")
+"""The no-op on the gateway's own protocols: its HTTP protocol and its gRPC on uvicorn."""
 
 
 def grpcio_version(env: dict[str, str]) -> str:
@@ -75,9 +77,11 @@ def grpcio_version(env: dict[str, str]) -> str:
 def servers(pythonpaths: list[Path]) -> list[Server]:
     found = [
         Server("http (uvicorn, httptools)", "http", {}),
+        # The gateway's HTTP protocol: uvicorn's with connection limits and coalesced writes.
+        Server("http (the gateway's protocol)", "http", {}, args=GATEWAY_STACKS),
         Server(f"grpc (grpcio {grpcio_version({})})", "grpc", {}),
         # The gateway's own gRPC on uvicorn's HTTP/2 (`server.grpc_stack: uvicorn`).
-        Server(f"grpc (uvicorn, zttp {version('zttp')})", "grpc", {}, args=UVICORN_GRPC),
+        Server(f"grpc (uvicorn, zttp {version('zttp')})", "grpc", {}, args=GATEWAY_STACKS),
     ]
     for path in pythonpaths:
         env = {"PYTHONPATH": str(path.resolve())}
@@ -137,13 +141,16 @@ def run(args: argparse.Namespace) -> int:
     extra = ["--handler-cpu-us", str(args.handler_cpu_us)]
     with tempfile.TemporaryDirectory(prefix="stack-cost-") as work:
         driver = Driver(Path(work), args.grpc_procs)
+        peers: dict[tuple[object, ...], Peer] = {}
         try:
-            # One server per grpcio; the first one also answers HTTP.
-            for i, server in enumerate(found[1:]):
-                args_ = ["-m", "loadtest.peers.noop", *extra, *server.args]
-                pending = spawn(f"noop{i}", args_, Path(work), server.env)
-                server.peer = pending.wait_ready(timeout_s=60)
-            found[0].peer = found[1].peer
+            # One server per environment and flags, answering both protocols.
+            for server in found:
+                key = (tuple(sorted(server.env.items())), server.args)
+                if key not in peers:
+                    args_ = ["-m", "loadtest.peers.noop", *extra, *server.args]
+                    pending = spawn(f"noop{len(peers)}", args_, Path(work), server.env)
+                    peers[key] = pending.wait_ready(timeout_s=60)
+                server.peer = peers[key]
             rows = []
             for level in args.concurrency:
                 best: dict[str, tuple[float, float]] = {}
@@ -158,9 +165,8 @@ def run(args: argparse.Namespace) -> int:
             _table(rows, print)
         finally:
             driver.close()
-            for server in found[1:]:
-                if server.peer is not None:
-                    server.peer.stop()
+            for peer in peers.values():
+                peer.stop()
     return 0
 
 

@@ -162,6 +162,49 @@ def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+class CoalescedWrites:
+    """A transport whose writes within one event-loop iteration leave in one socket write
+    (writev, no copy): uvicorn writes an HTTP answer's head and body apart, and its HTTP/2
+    protocol a gRPC answer's headers, message and trailers, a system call each."""
+
+    __slots__ = ("_loop", "_pending", "_scheduled", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._pending.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            pending, self._pending = self._pending, []
+            if not self._transport.is_closing():  # lost meanwhile: nowhere to send them
+                self._transport.writelines(pending)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def is_closing(self) -> bool:  # asked for on every answer
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class ConnectionGuard:
     """The HTTP frontend's connections: how many are open, and those not in a request, oldest
     first. At the cap one of these is closed to make room, so connections held open doing
@@ -208,7 +251,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     # -- connection ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]
         guard = self.guard
         guard.open += 1
         if guard.open > guard.limits.max_connections and not guard.make_room():

@@ -9,7 +9,7 @@ from typing import Any, Final
 import zttp
 from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
 
-from ensemble.frontends.connections import ConnectionLimits
+from ensemble.frontends.connections import CoalescedWrites, ConnectionLimits
 from ensemble.metrics import GatewayMetrics
 
 RETIRE_AFTER_STREAMS: Final = 3584
@@ -38,45 +38,6 @@ class H2Guard:
             *(pair for pair in others() if pair[0] != "grpc"),
             ("grpc", self.open),
         )
-
-
-class CoalescedWrites:
-    """A transport whose writes within one event-loop iteration leave as one: uvicorn's HTTP/2
-    protocol writes each answer's headers, message and trailers apart, a socket write each."""
-
-    __slots__ = ("_loop", "_pending", "_scheduled", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: list[bytes] = []
-        self._scheduled = False
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        self._pending.append(data)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            self._transport.write(data)
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
 
 
 class GatewayH2Protocol(ZttpH2Protocol):

@@ -1,5 +1,6 @@
 """A no-op OIP server on the gateway's stack (uvicorn, httptools, uvloop; grpc.aio, or with
-`--grpc-stack uvicorn` the gateway's gRPC on uvicorn's HTTP/2): the ceiling."""
+`--grpc-stack uvicorn` the gateway's gRPC on uvicorn's HTTP/2; with `--http-stack gateway` the
+gateway's HTTP protocol on uvicorn): the ceiling."""
 
 # It reads each request body and answers a fixed, small OIP response of the gateway's shape, so
 # what it sustains is the most any Python server on this stack can do on this machine. Run as
@@ -15,7 +16,6 @@ import asyncio
 import contextlib
 import functools
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
@@ -150,24 +150,52 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-async def serve(host: str, http_port: int, grpc_port: int, grpc_stack: str = "grpcio") -> int:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, http_port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    config = uvicorn.Config(
-        app,
-        lifespan="off",
-        http="httptools",
-        loop="none",
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=30,
+async def _start_http(
+    host: str, port: int, http_stack: str
+) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    """Stock uvicorn with httptools, or the gateway's HTTP protocol (its connection limits
+    and coalesced writes) as the gateway configures uvicorn."""
+    from ensemble.frontends.connections import (
+        ConnectionGuard,
+        ConnectionLimits,
+        GatewayHttpProtocol,
+        QuietUvicorn,
+        listen,
     )
-    http = _Uvicorn(config)
-    http_task = asyncio.create_task(http.serve(sockets=[sock]))
 
+    sock = listen(host, port)
+    if http_stack == "gateway":
+        from ensemble.metrics import GatewayMetrics
+
+        protocol: Any = functools.partial(
+            GatewayHttpProtocol, guard=ConnectionGuard(ConnectionLimits(), GatewayMetrics())
+        )
+        server: uvicorn.Server = QuietUvicorn.of(
+            app, protocol, idle_timeout_s=30, drain_timeout_s=1
+        )
+    else:
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            http="httptools",
+            loop="none",
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=30,
+        )
+        server = _Uvicorn(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    return server, task, sock.getsockname()[1]
+
+
+async def serve(
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    grpc_stack: str = "grpcio",
+    http_stack: str = "uvicorn",
+) -> int:
+    http, http_task, port = await _start_http(host, http_port, http_stack)
     start = _start_uvicorn if grpc_stack == "uvicorn" else _start_grpcio
     stop_grpc, bound_grpc = await start(host, grpc_port)
     while not http.started:
@@ -175,7 +203,6 @@ async def serve(host: str, http_port: int, grpc_port: int, grpc_stack: str = "gr
             http_task.result()
             return 1
         await asyncio.sleep(0.01)
-    port = sock.getsockname()[1]
     stack = f"grpcio={grpc.__version__}" if grpc_stack == "grpcio" else "zttp=" + version("zttp")
     ready = f"noop ready: http={host}:{port} grpc={host}:{bound_grpc} {stack}"
     print(ready, flush=True)
@@ -207,12 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         default="grpcio",
         help="what serves gRPC: grpc.aio (default) or the gateway's uvicorn gRPC stack",
     )
+    parser.add_argument(
+        "--http-stack",
+        choices=("uvicorn", "gateway"),
+        default="uvicorn",
+        help="what serves HTTP: stock uvicorn with httptools (default) or the gateway's HTTP "
+        "protocol on it (connection limits, coalesced writes)",
+    )
     args = parser.parse_args(argv)
     if args.handler_cpu_us < 0:
         parser.error("--handler-cpu-us must be at least 0")
     global HANDLER_CPU_S
     HANDLER_CPU_S = args.handler_cpu_us * 1e-6
-    return uvloop.run(serve(args.host, args.http_port, args.grpc_port, args.grpc_stack))
+    return uvloop.run(
+        serve(args.host, args.http_port, args.grpc_port, args.grpc_stack, args.http_stack)
+    )
 
 
 if __name__ == "__main__":

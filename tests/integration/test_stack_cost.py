@@ -25,6 +25,7 @@ def test_measures_each_server_with_its_loop_kept_busy(
     rows = ROW.findall(capsys.readouterr().out)
     assert [r[0] for r in rows] == [
         "http (uvicorn, httptools)",
+        "http (the gateway's protocol)",
         f"grpc (grpcio {grpc.__version__})",
         f"grpc (uvicorn, zttp {version('zttp')})",
         f"grpc (grpcio {grpc.__version__}, {tmp_path})",

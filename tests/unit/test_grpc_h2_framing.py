@@ -3,14 +3,12 @@ its writes."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 
 import pytest
 
 from ensemble.config import ServerConfig
 from ensemble.frontends.grpc_h2 import encode_message, metadata_of, parse_timeout
-from ensemble.frontends.h2_connections import CoalescedWrites
 
 
 @pytest.mark.parametrize(
@@ -50,39 +48,3 @@ def test_the_uvicorn_stack_takes_only_its_fixed_stream_cap() -> None:
     assert ServerConfig(grpc_stack="uvicorn").grpc_stack == "uvicorn"
     with pytest.raises(ValueError, match="128 calls per connection"):
         ServerConfig(grpc_stack="uvicorn", grpc_max_concurrent_streams=64)
-
-
-class _Recording:
-    """A transport that records its writes."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
-def test_writes_within_one_loop_iteration_leave_as_one() -> None:
-    async def scenario() -> None:
-        raw = _Recording()
-        coalesced = CoalescedWrites(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
-        coalesced.write(b"headers")
-        coalesced.write(b"")
-        coalesced.write(b"message")
-        coalesced.write(b"trailers")
-        assert raw.writes == []
-        await asyncio.sleep(0)  # the iteration ends
-        assert raw.writes == [b"headersmessagetrailers"]
-        coalesced.write(b"goaway")
-        coalesced.close()  # what is pending leaves first
-        assert raw.writes[-1] == b"goaway" and raw.closed
-        assert coalesced.is_closing()
-
-    asyncio.run(scenario())
