@@ -234,7 +234,8 @@ class GrpcApp:
 
     async def _body(self, receive: Receive) -> bytes:
         """The request body, refused once it holds more than one message may or takes longer
-        than ``read_timeout_s`` (timed only when it did not come whole at once)."""
+        than ``read_timeout_s`` from the call's headers (a stream opened and never sent on
+        must not hold a call slot)."""
         parts: list[bytes] = []
         size = 0
 
@@ -254,17 +255,16 @@ class GrpcApp:
             following: bool = message.get("more_body", False)
             return following
 
-        if await more():
-            try:
-                async with asyncio.timeout(self.read_timeout_s):
-                    while await more():
-                        pass
-            except TimeoutError:
-                raise H2Abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"the message did not arrive within {self.read_timeout_s:g} s "
-                    "(server.read_timeout_s)",
-                ) from None
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                while await more():
+                    pass
+        except TimeoutError:
+            raise H2Abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the message did not arrive within {self.read_timeout_s:g} s "
+                "(server.read_timeout_s)",
+            ) from None
         return b"".join(parts)
 
 

@@ -400,15 +400,17 @@ def test_requests_that_are_not_well_formed_calls_get_clear_answers(
     run(scenario)
 
 
-def test_a_message_that_trickles_in_is_cut_off(dispatcher: Dispatcher) -> None:
-    """A call whose message never finishes arriving ends at ``read_timeout_s``."""
+@pytest.mark.parametrize("sent", [20, 0], ids=["part of a message", "headers alone"])
+def test_a_message_that_trickles_in_is_cut_off(dispatcher: Dispatcher, sent: int) -> None:
+    """A call whose message never finishes arriving, or never begins to, ends at
+    ``read_timeout_s``."""
     requests = RequestLimits(max_bytes=MAX_MESSAGE_BYTES, read_timeout_s=0.3)
 
     async def scenario() -> None:
         async with served(dispatcher, requests=requests) as port:
             client = RawH2(port)
             try:
-                half = framed(LIVE + b"\0" * 64)[:20]
+                half = framed(LIVE + b"\0" * 64)[:sent]
                 started = time.monotonic()
                 code, fields, _ = await asyncio.to_thread(
                     client.call, SERVICE + "ServerLive", half, GRPC, b"POST", False
