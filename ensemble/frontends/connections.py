@@ -167,16 +167,17 @@ class CoalescedWrites:
     (writev, no copy): uvicorn writes an HTTP answer's head and body apart, and its HTTP/2
     protocol a gRPC answer's headers, message and trailers, a system call each."""
 
-    __slots__ = ("_loop", "_pending", "_scheduled", "_transport")
+    __slots__ = ("_ended", "_loop", "_pending", "_scheduled", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
         self._scheduled = False
+        self._ended = False
 
     def write(self, data: bytes) -> None:
-        if not data:
+        if not data or self._ended:  # nothing leaves after the end of the stream
             return
         self._pending.append(data)
         if not self._scheduled:
@@ -192,6 +193,7 @@ class CoalescedWrites:
 
     def write_eof(self) -> None:
         self._flush()
+        self._ended = True
         self._transport.write_eof()
 
     def is_closing(self) -> bool:  # asked for on every answer

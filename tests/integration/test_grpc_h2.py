@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import logging
 import socket
 import struct
 import time
@@ -478,5 +479,46 @@ def test_connection_limits_hold(dispatcher: Dispatcher) -> None:
             finally:
                 silent.close()
                 speaking.close()
+
+    run(scenario)
+
+
+def _zero_window_calls(port: int, calls: int) -> RawH2:
+    """A client that sets its receive window to 0 (answers cannot leave) and sends
+    ``calls`` calls without reading."""
+    client = RawH2(port)
+    params = struct.pack(">HI", 0x4, 0)  # SETTINGS_INITIAL_WINDOW_SIZE = 0
+    client.sock.sendall(struct.pack(">I", len(params))[1:] + b"\x04\x00" + bytes(4) + params)
+    for _ in range(calls):
+        stream = client.conn.send_request(
+            b"POST", SERVICE.encode() + b"ServerLive", b"HTTP/2", GRPC
+        )
+        stream.send_data(framed(LIVE))
+        stream.end_message()
+        client.sock.sendall(client.conn.data_to_send())
+    return client
+
+
+@pytest.mark.parametrize(
+    ("calls", "within_s"),
+    [(100, 5.0), (400, 3.0)],
+    ids=["under the stream cap: closed when idle", "past it: refused, then retired"],
+)
+def test_a_client_that_never_reads_its_answers_holds_nothing_for_long(
+    dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture, calls: int, within_s: float
+) -> None:
+    """Answers a client's zero window holds back keep their streams open: past the stream
+    cap the next ones are refused and, with the refusals counted as resets, the connection
+    is retired; under it, the connection is closed at the idle timeout."""
+    limits = ConnectionLimits(idle_timeout_s=1.0)
+
+    async def scenario() -> None:
+        async with served(dispatcher, limits) as port:
+            client = await asyncio.to_thread(_zero_window_calls, port, calls)
+            try:
+                assert await asyncio.to_thread(_closed_within, client.sock, within_s)
+            finally:
+                client.close()
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
     run(scenario)

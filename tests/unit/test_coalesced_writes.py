@@ -20,6 +20,9 @@ class _Recording:
     def close(self) -> None:
         self.closed = True
 
+    def write_eof(self) -> None:
+        self.writes.append([b"<eof>"])
+
     def is_closing(self) -> bool:
         return self.closed
 
@@ -55,5 +58,18 @@ def test_writes_pending_when_the_connection_is_lost_are_dropped() -> None:
         raw.close()  # the transport closed itself (the peer reset it) in the same iteration
         await asyncio.sleep(0)
         assert raw.writes == []  # not written into a closed transport (uvloop would raise)
+
+    asyncio.run(scenario())
+
+
+def test_nothing_is_written_after_the_end_of_the_stream() -> None:
+    async def scenario() -> None:
+        raw = _Recording()
+        coalesced = CoalescedWrites(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+        coalesced.write(b"goaway")
+        coalesced.write_eof()  # a lingering close: the pending write leaves first
+        coalesced.write(b"late")  # a transport would raise: writing after write_eof
+        await asyncio.sleep(0)
+        assert raw.writes == [[b"goaway"], [b"<eof>"]]
 
     asyncio.run(scenario())
