@@ -8,8 +8,10 @@ request body: C concurrent callers, R rounds of N requests each. Prints the CPU 
 process used per request in each round (the event loop and onnxruntime's threads together):
 the minimum, the 25th percentile and the median. On a shared machine whose speed moves between
 runs, the minimum of many short rounds is the steadiest reading of what a change to the request
-path costs: compare two source trees by running this command in each, one after the other
-(`PYTHONPATH=TREE python -m loadtest.app_cost`), a few times. Exit 1 when a request failed.
+path costs: compare two source trees by running this command on each, one after the other, a
+few times (`PYTHONSAFEPATH=1 PYTHONPATH=TREE python -m loadtest.app_cost`: without
+PYTHONSAFEPATH, `-m` puts the current directory first and its tree wins). It prints the tree
+it measured. Exit 1 when a request failed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import uvloop
 
+import ensemble
 from loadtest.bench import BENCH_CONFIG, INFER_PATH
 from loadtest.bench_clients import oip_http_body, oip_http_headers
 from loadtest.experiment import ROOT
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"app_cost: {exc}", file=sys.stderr)
         return 1
     us = sorted(r * 1e6 for r in readings)
+    print(f"gateway code: {Path(ensemble.__file__).parent.parent}")
     print(
         f"CPU per request (us) over {len(us)} rounds of {args.requests} at concurrency "
         f"{args.concurrency}: min {us[0]:.1f}, p25 {us[len(us) // 4]:.1f}, "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import ensemble
 from ensemble.auth import API_KEYS_ENV
 from loadtest import app_cost
 
@@ -23,6 +24,7 @@ def test_prints_cpu_per_request_over_the_rounds(
     assert found, out
     low, quarter, median = (float(x) for x in found.groups())
     assert 0 < low <= quarter <= median < 100_000  # microseconds: a request is never 0.1 s
+    assert f"gateway code: {Path(ensemble.__file__).parent.parent}" in out  # the tree measured
 
 
 @pytest.mark.integration
