@@ -59,6 +59,29 @@ def test_concurrent_calls_are_batched_and_split_back(tmp_path: Path) -> None:
     assert len(runner.row_counts) < 20  # calls queued together ran together
 
 
+def test_concurrent_calls_wait_one_iteration_for_the_next_tick_s_calls(tmp_path: Path) -> None:
+    """Several calls of a session queued in one tick (concurrent requests) wait one more
+    loop iteration, so calls queued in the next tick (requests read meanwhile) join their run;
+    a lone call per session is dispatched at once."""
+    runner = CountingRunner(doubler(tmp_path / "d.onnx"))
+    engine = InProcessEngine(1)
+
+    async def main() -> None:
+        first = [engine.submit(runner, rows(1, i), ("y",)) for i in range(2)]
+        await asyncio.sleep(0)  # the next tick: more requests' calls
+        assert engine.queued == 2  # still waiting
+        later = engine.submit(runner, rows(1, 9.0), ("y",))
+        await asyncio.gather(*first, later)
+        assert runner.row_counts == [3]  # one run
+        alone = engine.submit(runner, rows(1, 0.0), ("y",))
+        await asyncio.sleep(0)
+        assert engine.queued == 0  # dispatched: no wait for company
+        await alone
+
+    asyncio.run(main())
+    engine.shutdown()
+
+
 def test_each_run_of_an_owned_session_is_reported_with_its_calls(tmp_path: Path) -> None:
     from ensemble.metrics.gateway import GatewayMetrics
 
