@@ -39,7 +39,7 @@ from ensemble.control.ray_runtime import (
 )
 from ensemble.errors import EnsembleError, require_extra
 from ensemble.replicas.ray_loopback import LOOPBACK_ENV
-from ensemble.server import Addresses, Gateway
+from ensemble.server import Addresses, Gateway, tune_collector
 from ensemble.worker import Worker
 
 log = logging.getLogger("ensemble.ray")
@@ -88,6 +88,7 @@ class GatewayDeployment:
         self._stop = asyncio.Event()
         server = self._cfg.server
         link = RayHubLink(ray.get_actor(self._hub, namespace=HUB_NAMESPACE))
+        tune_collector()
         gateway = Gateway.from_config(
             self._cfg, log.info, ray=self._runtime, slots=ShareSlots(lambda: link.workers)
         )

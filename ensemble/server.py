@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -333,6 +334,23 @@ class Gateway:
             await asyncio.Event().wait()
 
 
+YOUNG_COLLECTION_ALLOCATIONS = 10_000
+"""Net allocations of container objects between collections of the cyclic collector's
+youngest generation in a serving process (CPython's default: 700)."""
+
+
+def tune_collector() -> None:
+    """Run the cyclic collector's young collections a fourteenth as often. A request allocates
+    hundreds of container objects, nearly all freed by reference counting; at CPython's 700
+    the collector ran every couple of requests, scanning the requests in flight and promoting
+    them into older generations, whose collections then scan everything the gateway loaded:
+    8 % of a busy gateway's CPU (py-spy, 32 concurrent requests), and the CPU per request fell
+    by 9 % at 10,000. What waits for a collection is the little cyclic garbage of a few dozen
+    requests."""
+    young, middle, oldest = gc.get_threshold()
+    gc.set_threshold(max(YOUNG_COLLECTION_ALLOCATIONS, young), middle, oldest)
+
+
 async def run_gateway(
     make: Callable[[], Gateway],
     host: str,
@@ -353,6 +371,7 @@ async def run_gateway(
     # Installed before the models load, so a stop request during start-up is also orderly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tune_collector()
     gateway = make()
     orphaned = await join(gateway) if join is not None else asyncio.Event()
     reloads: set[asyncio.Task[object]] = set()
