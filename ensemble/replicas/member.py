@@ -229,15 +229,14 @@ class Member:
         """What selection policies see of this member (rebuilt only when readiness, the
         rolling accuracy or a placement's live figures change)."""
         placements = self._placements()
-        ready = any(p.ready for p in placements)
         view = self._view
+        # Readiness follows from the placements; an unchanged placement is the same object.
         if (
             view is None
-            or view.ready != ready
+            or view.placements != placements
             or view.rolling_accuracy != self.rolling_accuracy
-            or any(a is not b for a, b in zip(view.placements, placements, strict=False))
-            or len(view.placements) != len(placements)
         ):
+            ready = any(p.ready for p in placements)
             card = self.card
             per_class = None
             if card is not None:
@@ -277,10 +276,17 @@ class Member:
         now = self.clock.now()
         out = []
         for tier, serving in self._tiers():
-            ready = [r for r in serving if r.ready()]
-            trip = min((self._round_trip_s(r) for r in ready or serving), default=0.0)
+            ready = False
+            trip = 0.0
+            for replica in serving:  # read on every request: loops, not comprehensions
+                if replica.ready():
+                    this = self._round_trip_s(replica)
+                    trip = this if not ready or this < trip else trip
+                    ready = True
+            if not ready and serving:
+                trip = min(self._round_trip_s(r) for r in serving)
             cost = self.tier_costs.get(tier, 0.0)
-            out.append(self._estimate(tier).view(bool(ready), trip, cost, now))
+            out.append(self._estimate(tier).view(ready, trip, cost, now))
         return tuple(out)
 
     def replica_views(self) -> list[ReplicaView]:
