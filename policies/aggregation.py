@@ -41,7 +41,7 @@ class MeanProbability:
             total += answer.probabilities
         total /= len(answers)
         winner = total.argmax(axis=1)
-        confidence = total[np.arange(total.shape[0]), winner].astype(np.float64)
+        confidence = total.max(axis=1).astype(np.float64)  # the winner's mean probability
         return Aggregate(total, winner, confidence)
 
 
