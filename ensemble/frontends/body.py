@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any, TypeAlias
@@ -14,6 +13,7 @@ from ensemble.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
+from ensemble.frontends.deadlines import ReadDeadlines
 from ensemble.frontends.limits import Offload, RequestLimits, ValueGuard
 
 Receive: TypeAlias = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -27,11 +27,13 @@ async def read_body(
     headers: Mapping[str, str],
     limits: RequestLimits,
     offload: Offload,
+    deadlines: ReadDeadlines,
     guard: ValueGuard | None = None,
 ) -> bytes:
     """The body, inflated when it is gzip or deflate; raises the EnsembleError a client gets
-    for a body too large, too slow, inflating too far, holding too many values (``guard``)
-    or not valid compressed data. Large bodies inflate in the offload thread."""
+    for a body too large, too slow (``deadlines``: the frontend's, of ``read_timeout_s``),
+    inflating too far, holding too many values (``guard``) or not valid compressed data.
+    Large bodies inflate in the offload thread."""
     limit = limits.max_bytes
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -46,11 +48,10 @@ async def read_body(
             f"unsupported Content-Encoding {encoding[:64]!r}; use gzip or deflate"
         )
     try:
-        async with asyncio.timeout(limits.read_timeout_s):
-            body = await _receive(receive, limit, None if compressed else guard)
+        body = await deadlines.read(_receive(receive, limit, None if compressed else guard))
     except TimeoutError:
         raise RequestTimeout(
-            f"request body not received within {limits.read_timeout_s:g} s (server.read_timeout_s)"
+            f"request body not received within {deadlines.timeout_s:g} s (server.read_timeout_s)"
         ) from None
     if not compressed:
         return body

@@ -34,6 +34,7 @@ from ensemble.auth import ApiKeys, BearerToken
 from ensemble.control.lifecycle import ModelLifecycle
 from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.frontends.connections import ConnectionLimits, QuietUvicorn, listen
+from ensemble.frontends.deadlines import ReadDeadlines
 from ensemble.frontends.grpc import SERVICE_NAME, UnaryHandler, rpc_handlers
 from ensemble.frontends.h2_connections import GatewayH2Protocol, H2Guard
 from ensemble.frontends.limits import Offload, RequestLimits
@@ -154,8 +155,8 @@ class GrpcApp:
         """Metadata a call may carry (zttp itself refuses header blocks over 64 KiB)."""
         self.offload = offload or Offload(RequestLimits(max_bytes=max_message_bytes))
         """The thread large compressed messages are inflated in."""
-        self.read_timeout_s = read_timeout_s
-        """Time a message may take to arrive once its call began (``server.read_timeout_s``)."""
+        self.deadlines = ReadDeadlines(read_timeout_s)
+        """The messages arriving, each within ``server.read_timeout_s`` of its call's start."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -255,14 +256,16 @@ class GrpcApp:
             following: bool = message.get("more_body", False)
             return following
 
+        async def whole() -> None:
+            while await more():
+                pass
+
         try:
-            async with asyncio.timeout(self.read_timeout_s):
-                while await more():
-                    pass
+            await self.deadlines.read(whole())
         except TimeoutError:
             raise H2Abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the message did not arrive within {self.read_timeout_s:g} s "
+                f"the message did not arrive within {self.deadlines.timeout_s:g} s "
                 "(server.read_timeout_s)",
             ) from None
         return b"".join(parts)

@@ -34,6 +34,7 @@ from ensemble.errors import (
     Unauthorized,
 )
 from ensemble.frontends.body import read_body
+from ensemble.frontends.deadlines import ReadDeadlines
 from ensemble.frontends.limits import Offload, RequestLimits, ValueGuard, counts_values
 from ensemble.frontends.routes import LocalRoutes, Reloads, SharedRoutes
 from ensemble.metrics import GatewayMetrics
@@ -148,6 +149,8 @@ class HttpFrontend:
         self.limits = limits
         self.offload = offload
         """The thread large request bodies are inflated and decoded in."""
+        self.deadlines = ReadDeadlines(limits.read_timeout_s)
+        """The bodies being read, each within ``read_timeout_s``."""
         self.reloader = reloader
         self.admin = admin_credential(admin_token)
         self.feedback = BearerToken(
@@ -320,7 +323,7 @@ class HttpFrontend:
     async def _read_body(
         self, headers: dict[str, str], receive: Receive, guard: ValueGuard | None = None
     ) -> bytes:
-        return await read_body(receive, headers, self.limits, self.offload, guard)
+        return await read_body(receive, headers, self.limits, self.offload, self.deadlines, guard)
 
     def _authorize(self, scope: Scope, credential: BearerToken) -> None:
         given = None

@@ -24,6 +24,7 @@ from ensemble.errors import (
     clip,
 )
 from ensemble.frontends.body import inflate, read_body
+from ensemble.frontends.deadlines import ReadDeadlines
 from ensemble.frontends.limits import (
     INFLATE_FLOOR_BYTES,
     SEPARATOR_SLACK,
@@ -126,7 +127,8 @@ def read(chunks: list[bytes], headers: dict[str, str], **kw: Any) -> bytes:
     offload = Offload(limits)
     try:
         receive = FakeReceive(chunks, hang=kw.get("read_timeout_s") == 0.001)
-        return asyncio.run(read_body(receive, headers, limits, offload, None))
+        deadlines = ReadDeadlines(limits.read_timeout_s)
+        return asyncio.run(read_body(receive, headers, limits, offload, deadlines, None))
     finally:
         offload.shutdown()
 
