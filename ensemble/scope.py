@@ -5,8 +5,6 @@ so replica clients send them on to the servers they call (Go's ``context.Context
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -30,14 +28,20 @@ class RequestScope:
 _CURRENT: ContextVar[RequestScope | None] = ContextVar("ensemble_request", default=None)
 
 
-@contextlib.contextmanager
-def request_scope(deadline: float | None, priority: int, clock: Clock) -> Iterator[None]:
-    """Work started inside (and the tasks it creates) belongs to this request."""
-    token = _CURRENT.set(RequestScope(deadline, priority, clock))
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
+class request_scope:  # lower case: used like the function it replaced
+    """Work started inside (and the tasks it creates) belongs to this request (a class, not
+    a generator context manager: it runs on every request)."""
+
+    __slots__ = ("_scope", "_token")
+
+    def __init__(self, deadline: float | None, priority: int, clock: Clock) -> None:
+        self._scope = RequestScope(deadline, priority, clock)
+
+    def __enter__(self) -> None:
+        self._token = _CURRENT.set(self._scope)
+
+    def __exit__(self, *exc: object) -> None:
+        _CURRENT.reset(self._token)
 
 
 def current() -> RequestScope | None:

@@ -12,9 +12,8 @@ request queueing into a timeout. For an adaptive policy the gate also keeps the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from ensemble.clock import SYSTEM_CLOCK, Clock
 from ensemble.cluster.slots import LocalSlots, Slots
@@ -97,11 +96,12 @@ class AdmissionGate:
         else:
             self._limit = self._adaptive.start(self._limit, self.clock.now())
 
-    @contextlib.asynccontextmanager
-    async def slot(
-        self, policy: AdmissionPolicy, priority: int, deadline: float | None
-    ) -> AsyncIterator[None]:
-        """Hold a running slot for the ``async with`` body; Overloaded when shed."""
+    def slot(self, policy: AdmissionPolicy, priority: int, deadline: float | None) -> Slot:
+        """A running slot held for an ``async with`` body; entering raises Overloaded when the
+        request is shed."""
+        return Slot(self, policy, priority, deadline)
+
+    async def _enter(self, policy: AdmissionPolicy, priority: int, deadline: float | None) -> None:
         if policy is not self._policy:
             self._switch(policy)
         decision = policy.admit(self._view(), priority)
@@ -121,24 +121,19 @@ class AdmissionGate:
             self._start()
         else:
             await self._wait(policy, priority, deadline)
-        started = self.clock.now()
-        finished = True
-        try:
-            yield
-        except asyncio.CancelledError:
-            finished = False  # the client went away: its time says nothing about service
-            raise
-        finally:
-            self.slots.add(-1)
-            if finished:
-                service_s = self.clock.now() - started
-                typical = self.typical_service_s
-                self.typical_service_s = (
-                    service_s if typical == 0 else typical + _EWMA * (service_s - typical)
-                )
-                if self._adaptive is not None and policy is self._policy:
-                    self._record(self._adaptive, service_s)
-            self.wake(policy)
+
+    def _leave(self, policy: AdmissionPolicy, service_s: float | None) -> None:
+        """A slot given back; ``service_s``: how long it was held (None: the client went away,
+        and its time says nothing about service)."""
+        self.slots.add(-1)
+        if service_s is not None:
+            typical = self.typical_service_s
+            self.typical_service_s = (
+                service_s if typical == 0 else typical + _EWMA * (service_s - typical)
+            )
+            if self._adaptive is not None and policy is self._policy:
+                self._record(self._adaptive, service_s)
+        self.wake(policy)
 
     def sheds(self, policy: AdmissionPolicy, priority: int) -> Overloaded | None:
         """The error a request of ``priority`` arriving now would be shed with, or None when it
@@ -251,6 +246,36 @@ class AdmissionGate:
                     continue
             self._start()
             waiter.future.set_result(None)
+
+
+class Slot:
+    """One request's hold on a running slot (an ``async with`` body): a class, not a generator
+    context manager, which cost a request several microseconds."""
+
+    __slots__ = ("_deadline", "_gate", "_policy", "_priority", "_started")
+
+    def __init__(
+        self, gate: AdmissionGate, policy: AdmissionPolicy, priority: int, deadline: float | None
+    ) -> None:
+        self._gate = gate
+        self._policy = policy
+        self._priority = priority
+        self._deadline = deadline
+        self._started = 0.0
+
+    async def __aenter__(self) -> None:
+        await self._gate._enter(self._policy, self._priority, self._deadline)
+        self._started = self._gate.clock.now()
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        gate = self._gate
+        cancelled = kind is not None and issubclass(kind, asyncio.CancelledError)
+        gate._leave(self._policy, None if cancelled else gate.clock.now() - self._started)
 
 
 def _full(policy: AdmissionPolicy, reason: str) -> Overloaded:
