@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,19 +77,15 @@ def _check_finite(data: np.ndarray, where: str) -> None:
     with NaN scores, or worse, a confident wrong class)."""
     if data.dtype.kind != "f" or not data.size:
         return
-    # A finite float64 sum means every element is finite (float32 and float16 cannot overflow
-    # it); only otherwise look element-wise.
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = float(data.sum(dtype=np.float64))
-    if math.isfinite(total):
+    finite = np.isfinite(data)
+    if finite.all():  # (a float64 sum instead cost twice as much: a cast and an errstate)
         return
-    bad = ~np.isfinite(data)
-    if bad.any():
-        position = [int(i) for i in np.argwhere(bad)[0]]
-        raise InvalidInput(
-            f"{where}: holds {int(bad.sum())} NaN or infinite value(s), the first at "
-            f"{position}; send finite numbers (server.non_finite_inputs: allow passes them)"
-        )
+    bad = ~finite
+    position = [int(i) for i in np.argwhere(bad)[0]]
+    raise InvalidInput(
+        f"{where}: holds {int(bad.sum())} NaN or infinite value(s), the first at "
+        f"{position}; send finite numbers (server.non_finite_inputs: allow passes them)"
+    )
 
 
 def check_outputs(meta: ModelMetadata, outputs: Sequence[RequestedOutput] | None) -> None:
