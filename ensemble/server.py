@@ -344,9 +344,9 @@ def tune_collector() -> None:
     hundreds of container objects, nearly all freed by reference counting; at CPython's 700
     the collector ran every couple of requests, scanning the requests in flight and promoting
     them into older generations, whose collections then scan everything the gateway loaded:
-    8 % of a busy gateway's CPU (py-spy, 32 concurrent requests), and the CPU per request fell
-    by 9 % at 10,000. What waits for a collection is the little cyclic garbage of a few dozen
-    requests."""
+    8 % of a busy gateway's CPU (py-spy, 32 concurrent requests); at 10,000 its CPU per
+    request fell by 9-13 % (`loadtest.bench --baseline`). What waits for a collection is the
+    little cyclic garbage of a few dozen requests."""
     young, middle, oldest = gc.get_threshold()
     gc.set_threshold(max(YOUNG_COLLECTION_ALLOCATIONS, young), middle, oldest)
 

@@ -8,8 +8,8 @@ from load itself, so an idle gateway adds no wait and a busy one amortises per-c
 (concurrent requests), the dispatch waits one more loop iteration: a request's calls are queued
 in the iteration after its bytes arrived, so otherwise only requests read in one iteration batch
 together and the requests in flight split into as many cohorts as a request spends iterations
-in the gateway; with it, they join into one (at 32 concurrent requests: 6 calls a run became
-about 30, and the gateway's CPU per request fell by a seventh).
+in the gateway; with it, they join into one (at 32 concurrent requests 6 calls a run became
+about 27, and the gateway's CPU per request fell by an eighth: `loadtest.bench --baseline`).
 
 Work estimated under ``INLINE_MAX_S`` of CPU runs on the loop's own thread; larger work is
 handed to threads in jobs of roughly equal estimated cost, so both cores of a small machine
