@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from importlib.metadata import version
 from typing import Any, TypeAlias
 
@@ -142,19 +141,12 @@ async def _start_uvicorn(host: str, port: int) -> tuple[Callable[[], Awaitable[N
     return lambda: running.stop(1.0), sock.getsockname()[1]
 
 
-class _Uvicorn(uvicorn.Server):
-    """Uvicorn without its own signal handling, so SIGTERM stops HTTP and gRPC together."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 async def _start_http(
     host: str, port: int, http_stack: str
 ) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     """Stock uvicorn with httptools, or the gateway's HTTP protocol (its connection limits
-    and coalesced writes) as the gateway configures uvicorn."""
+    and coalesced writes) as the gateway configures uvicorn; either without uvicorn's signal
+    handling, so SIGTERM stops HTTP and gRPC together."""
     from ensemble.frontends.connections import (
         ConnectionGuard,
         ConnectionLimits,
@@ -163,16 +155,13 @@ async def _start_http(
         listen,
     )
 
-    sock = listen(host, port)
     if http_stack == "gateway":
         from ensemble.metrics import GatewayMetrics
 
         protocol: Any = functools.partial(
             GatewayHttpProtocol, guard=ConnectionGuard(ConnectionLimits(), GatewayMetrics())
         )
-        server: uvicorn.Server = QuietUvicorn.of(
-            app, protocol, idle_timeout_s=30, drain_timeout_s=1
-        )
+        server = QuietUvicorn.of(app, protocol, idle_timeout_s=30, drain_timeout_s=1)
     else:
         config = uvicorn.Config(
             app,
@@ -183,9 +172,9 @@ async def _start_http(
             access_log=False,
             timeout_keep_alive=30,
         )
-        server = _Uvicorn(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    return server, task, sock.getsockname()[1]
+        server = QuietUvicorn(config)
+    sock = listen(host, port)
+    return server, await server.start(sock), sock.getsockname()[1]
 
 
 async def serve(
@@ -198,11 +187,6 @@ async def serve(
     http, http_task, port = await _start_http(host, http_port, http_stack)
     start = _start_uvicorn if grpc_stack == "uvicorn" else _start_grpcio
     stop_grpc, bound_grpc = await start(host, grpc_port)
-    while not http.started:
-        if http_task.done():
-            http_task.result()
-            return 1
-        await asyncio.sleep(0.01)
     stack = f"grpcio={grpc.__version__}" if grpc_stack == "grpcio" else "zttp=" + version("zttp")
     ready = f"noop ready: http={host}:{port} grpc={host}:{bound_grpc} {stack}"
     print(ready, flush=True)
