@@ -98,6 +98,8 @@ class EnsembleRun:
             if not await self.stage(chosen):
                 break
             self.stages += 1
+            if len(self.asked) >= len(self.views):
+                break  # everyone was asked: no stage could ask anyone more
         tier = self.contract.tier
         self.unreachable = tuple(
             v.name
