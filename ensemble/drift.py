@@ -110,11 +110,15 @@ def psi(rows: np.ndarray, edges: np.ndarray, expected: np.ndarray) -> float:
     """Mean over features of the population stability index of ``rows`` ([N, F]) against the
     ``expected`` shares per bin ([F, B], NaN past a feature's bins), binned by ``edges``
     ([F, B-1], +inf padded): sum over bins of (actual - expected) * ln(actual / expected)."""
-    bins = (rows[:, :, None] > edges[None, :, :]).sum(axis=2)  # [N, F]
     width, slots = expected.shape
-    counts = np.zeros((width, slots))
-    np.add.at(counts, (np.broadcast_to(np.arange(width), bins.shape), bins), 1.0)
-    actual = np.maximum(counts / len(rows), SMOOTHING)
+    # A row's bin is the number of its feature's edges below it: one [N, F] comparison per
+    # edge (a single [N, F, B-1] one and np.add.at cost three times as much).
+    values = rows.astype(np.float64)
+    bins = np.zeros(values.shape, dtype=np.intp)
+    for edge in edges.T:
+        bins += values > edge
+    counts = np.bincount((bins + np.arange(width) * slots).ravel(), minlength=width * slots)
+    actual = np.maximum(counts.reshape(width, slots) / len(rows), SMOOTHING)
     known = ~np.isnan(expected)
     wanted = np.maximum(np.where(known, expected, 1.0), SMOOTHING)
     terms = np.where(known, (actual - wanted) * np.log(actual / wanted), 0.0)
