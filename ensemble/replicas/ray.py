@@ -32,9 +32,8 @@ class _Waiting:
     outputs: tuple[str, ...]
     rows: int
     future: asyncio.Future[Outputs]
-    deadline_unix: float | None = None
-    """When its request gives up, on the wall clock (the Serve replica may be on another
-    node); None: no deadline."""
+    deadline: float | None = None
+    """When its request gives up, in ``time.monotonic`` seconds; None: no deadline."""
 
 
 class RayReplica(RemoteReplica):
@@ -122,7 +121,7 @@ class RayReplica(RemoteReplica):
         loop = asyncio.get_running_loop()
         rows = len(next(iter(feed.values()))) if feed else 0
         timeout_us, _ = outgoing(self.timeout_s)
-        deadline = None if timeout_us is None else time.time() + timeout_us / 1e6
+        deadline = None if timeout_us is None else time.monotonic() + timeout_us / 1e6
         waiting = _Waiting(feed, tuple(outputs), rows, loop.create_future(), deadline)
         self._queue.append(waiting)
         if not self._pumping:
@@ -194,12 +193,15 @@ class RayReplica(RemoteReplica):
     ) -> Outputs:
         """One Ray request; cancelled once every call in ``batch`` has stopped waiting."""
         self.requests_sent += 1
-        # The request carries the latest deadline of the calls riding in it: work past it is
-        # for nobody, and the Serve replica skips it (it is cancelled, too, once every call
-        # has given up).
-        deadlines = [w.deadline_unix for w in batch]
-        latest = None if None in deadlines else max(d for d in deadlines if d is not None)
-        response = self._handle.remote(feed, list(outputs), latest)
+        # The request carries the time left to the latest deadline of the calls riding in
+        # it: work past it is for nobody, and the Serve replica skips it (it is cancelled,
+        # too, once every call has given up). Time left, not a deadline: the replica may be
+        # on a node whose clock is not this one's.
+        deadlines = [w.deadline for w in batch]
+        left = None
+        if None not in deadlines:
+            left = max(0.0, max(d for d in deadlines if d is not None) - time.monotonic())
+        response = self._handle.remote(feed, list(outputs), left)
 
         def abandon(_: object) -> None:
             if all(w.future.done() for w in batch):

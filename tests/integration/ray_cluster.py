@@ -6,8 +6,9 @@ Prints ``cluster ready: ADDRESS`` and then answers one JSON line per command lin
 a ``node`` method), ``nodes APP DEPLOYMENT CALLS`` the tiers of the nodes whichever replicas
 answered CALLS calls ran on, ``hub APP`` the gateway replicas' hub state (leader, replicas and
 their pids), ``apps`` the Serve applications, ``declare NAME IMPORT_PATH PORT ARGS_JSON`` deploys
-an application by import path as KubeRay's RayService does; EOF or SIGTERM shuts the cluster
-down.
+an application by import path as KubeRay's RayService does; ``call APP DEPLOYMENT TIME_LEFT_S``
+calls a member deployment with one digits row and that time left (``none``: no limit) and gives
+its answer's shape or its error; EOF or SIGTERM shuts the cluster down.
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ def declare(name: str, import_path: str, port: int, args: dict[str, str]) -> lis
     return sorted(serve.status().applications)
 
 
+def call(app: str, deployment: str, time_left: str) -> dict[str, object]:
+    import numpy as np
+
+    left = None if time_left == "none" else float(time_left)
+    feed = {"input": np.full((1, 64), 8.0, np.float32)}
+    handle = serve.get_deployment_handle(deployment, app)
+    try:
+        out = handle.remote(feed, ["probabilities"], left).result(timeout_s=60)
+    except Exception as exc:  # RayTaskError carries the replica's exception
+        cause = getattr(exc, "cause", exc)
+        return {"error": type(cause).__name__, "message": str(cause)}
+    return {"shape": list(out["probabilities"].shape)}
+
+
 def main() -> int:
     cluster = Cluster(
         initialize_head=True,
@@ -83,6 +98,8 @@ def main() -> int:
             elif words[0] == "hub":  # the gateway replicas' hub actor: leader and replicas
                 hub = ray.get_actor(f"{words[1]}-hub", namespace="ensemble")
                 answer = ray.get(hub.state.remote(), timeout=30)
+            elif words[0] == "call":  # a member deployment called as the gateway calls it
+                answer = call(words[1], words[2], words[3])
             elif words[0] == "nodes":  # the node resources of whichever replica answers
                 app, name, calls = words[1], words[2], int(words[3])
                 handle = serve.get_deployment_handle(name, app)

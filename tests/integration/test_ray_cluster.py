@@ -71,6 +71,18 @@ def test_gateway_and_members_run_on_their_tiers_nodes(
     }
 
 
+def test_a_member_replica_skips_a_call_with_no_time_left(
+    cluster: RayCluster, gw: GatewayProcess
+) -> None:
+    # The gateway sends the time left, which the replica counts on its own clock from the call's
+    # arrival: none left, and the work is for nobody; time left or no limit, and it runs.
+    skipped = cluster.ask("call", APP, "mlp_large-cloud-0", "0")
+    assert skipped["error"] == "DeadlineExceeded", skipped  # type: ignore[index]
+    assert "time ran out" in skipped["message"]  # type: ignore[index]
+    assert cluster.ask("call", APP, "mlp_large-cloud-0", "30") == {"shape": [1, 10]}
+    assert cluster.ask("call", APP, "forest-edge-0", "none") == {"shape": [1, 10]}
+
+
 def test_clients_reach_the_gateway_in_the_cluster(gw: GatewayProcess) -> None:
     with httpclient.InferenceServerClient(gw.http_target) as client:
         assert client.is_server_ready()
