@@ -1,17 +1,19 @@
 """CPU per request of the gateway's own code, with no sockets and no HTTP server around it.
 
-    python -m loadtest.app_cost [CONFIG] [--requests N] [--rounds R] [--concurrency C]
+    python -m loadtest.app_cost [CONFIG] [--model NAME] [--requests N] [--rounds R]
+                                [--concurrency C]
 
 Builds the gateway of CONFIG (default: the benchmark's three-member ensemble) in this process and
 calls its OIP REST application directly (ASGI, as uvicorn would) with the benchmark's binary
-request body: C concurrent callers, R rounds of N requests each. Prints the CPU time this
-process used per request in each round (the event loop and onnxruntime's threads together):
-the minimum, the 25th percentile and the median. On a shared machine whose speed moves between
-runs, the minimum of many short rounds is the steadiest reading of what a change to the request
-path costs: compare two source trees by running this command on each, one after the other, a
-few times (`PYTHONSAFEPATH=1 PYTHONPATH=TREE python -m loadtest.app_cost`: without
-PYTHONSAFEPATH, `-m` puts the current directory first and its tree wins). It prints the tree
-it measured. Exit 1 when a request failed.
+request body, addressed to model NAME (default: the benchmark's ensemble, `digits`; a member's name
+measures a member addressed directly): C concurrent callers, R rounds of N requests each. Prints
+the CPU time this process used per request in each round (the event loop and onnxruntime's threads
+together): the minimum, the 25th percentile and the median. On a shared machine whose speed moves
+between runs, the minimum of many short rounds is the steadiest reading of what a change to the
+request path costs: compare two source trees by running this command on each, one after the other,
+a few times (`PYTHONSAFEPATH=1 PYTHONPATH=TREE python -m loadtest.app_cost`: without
+PYTHONSAFEPATH, `-m` puts the current directory first and its tree wins). It prints the tree it
+measured. Exit 1 when a request failed.
 """
 
 from __future__ import annotations
@@ -28,20 +30,20 @@ from typing import Any
 import uvloop
 
 import ensemble
-from loadtest.bench import BENCH_CONFIG, INFER_PATH
+from loadtest.bench import BENCH_CONFIG
 from loadtest.bench_clients import oip_http_body, oip_http_headers
 from loadtest.experiment import ROOT
 
 
-def _scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+def _scope(path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": INFER_PATH,
-        "raw_path": INFER_PATH.encode(),
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": headers,
@@ -50,7 +52,9 @@ def _scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
     }
 
 
-async def measure(config: Path, requests: int, rounds: int, concurrency: int) -> list[float]:
+async def measure(
+    config: Path, requests: int, rounds: int, concurrency: int, model: str = "digits"
+) -> list[float]:
     """CPU seconds per request in each round (after a warm-up round); raises on a failure."""
     from ensemble.config import load_config
     from ensemble.server import Gateway
@@ -67,6 +71,7 @@ async def measure(config: Path, requests: int, rounds: int, concurrency: int) ->
     }
     # As ASGI hands them over: lower-case names, bytes.
     headers = [(k.lower().encode(), v.encode()) for k, v in sent_headers.items()]
+    scope = _scope(f"/v2/models/{model}/infer", headers)
     statuses: Counter[int] = Counter()
 
     async def one() -> None:
@@ -83,7 +88,7 @@ async def measure(config: Path, requests: int, rounds: int, concurrency: int) ->
             if message["type"] == "http.response.start":
                 statuses[message["status"]] += 1
 
-        await app(_scope(headers), receive, send)
+        await app(scope, receive, send)
 
     async def caller(count: int) -> None:
         for _ in range(count):
@@ -113,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", nargs="?", type=Path, default=BENCH_CONFIG, help="gateway config")
+    parser.add_argument(
+        "--model", default="digits", help="the model requests ask (default: digits)"
+    )
     parser.add_argument("--requests", type=int, default=2000, help="per round (default 2000)")
     parser.add_argument("--rounds", type=int, default=15, help="rounds measured (default 15)")
     parser.add_argument(
@@ -122,15 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.requests, args.rounds, args.concurrency) < 1:
         parser.error("--requests, --rounds and --concurrency must be at least 1")
     try:
-        readings = uvloop.run(measure(args.config, args.requests, args.rounds, args.concurrency))
+        readings = uvloop.run(
+            measure(args.config, args.requests, args.rounds, args.concurrency, args.model)
+        )
     except RuntimeError as exc:
         print(f"app_cost: {exc}", file=sys.stderr)
         return 1
     us = sorted(r * 1e6 for r in readings)
     print(f"gateway code: {Path(ensemble.__file__).parent.parent}")
     print(
-        f"CPU per request (us) over {len(us)} rounds of {args.requests} at concurrency "
-        f"{args.concurrency}: min {us[0]:.1f}, p25 {us[len(us) // 4]:.1f}, "
+        f"CPU per request (us) of {args.model} over {len(us)} rounds of {args.requests} at "
+        f"concurrency {args.concurrency}: min {us[0]:.1f}, p25 {us[len(us) // 4]:.1f}, "
         f"median {us[len(us) // 2]:.1f}"
     )
     return 0
