@@ -153,7 +153,7 @@ class OnnxDeployment:
         self._runner = SessionRunner(session, read_signature(path, session, model))
 
     async def __call__(
-        self, feed: dict[str, np.ndarray], outputs: list[str], time_left_s: float | None = None
+        self, feed: dict[str, np.ndarray], outputs: list[str], *, time_left_s: float | None = None
     ) -> Outputs:
         """Run the model on a thread of the replica (as Serve runs a plain method), unless the
         request's time (``time_left_s`` when the gateway sent it) ran out while it waited for

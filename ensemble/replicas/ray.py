@@ -201,7 +201,7 @@ class RayReplica(RemoteReplica):
         left = None
         if None not in deadlines:
             left = max(0.0, max(d for d in deadlines if d is not None) - time.monotonic())
-        response = self._handle.remote(feed, list(outputs), left)
+        response = self._handle.remote(feed, list(outputs), time_left_s=left)
 
         def abandon(_: object) -> None:
             if all(w.future.done() for w in batch):

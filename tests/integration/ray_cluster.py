@@ -55,7 +55,7 @@ def call(app: str, deployment: str, time_left: str) -> dict[str, object]:
     feed = {"input": np.full((1, 64), 8.0, np.float32)}
     handle = serve.get_deployment_handle(deployment, app)
     try:
-        out = handle.remote(feed, ["probabilities"], left).result(timeout_s=60)
+        out = handle.remote(feed, ["probabilities"], time_left_s=left).result(timeout_s=60)
     except Exception as exc:  # RayTaskError carries the replica's exception
         cause = getattr(exc, "cause", exc)
         return {"error": type(cause).__name__, "message": str(cause)}

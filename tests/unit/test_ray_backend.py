@@ -175,7 +175,8 @@ def test_the_deployment_skips_a_call_whose_time_ran_out_while_it_waited(
     model = (ZOO / "logreg.onnx").read_bytes()
     clock = Ticks(100.0, 100.0 + waited_s)
     deployment = OnnxDeployment("logreg", model, hashlib.sha256(model).hexdigest(), clock)
-    call = deployment({"input": np.full((1, 64), 8.0, np.float32)}, ["label"], left_s)
+    feed = {"input": np.full((1, 64), 8.0, np.float32)}
+    call = deployment(feed, ["label"], time_left_s=left_s)
     if runs:
         assert asyncio.run(call)["label"].shape == (1,)
     else:
@@ -274,8 +275,8 @@ class Handle:
         self.calls: list[tuple[Any, ...]] = []
         self.ready = Method(ready or Response(True))
 
-    def remote(self, *args: Any) -> Response:
-        self.calls.append(args)
+    def remote(self, *args: Any, **kwargs: Any) -> Response:
+        self.calls.append((*args, kwargs))
         return self.answers.pop(0)
 
 
@@ -305,7 +306,8 @@ def test_calls_pass_the_feed_and_the_outputs() -> None:
             assert r.ready() and "ray://ensemble/m-cloud-0" in str(r)
             out = await r.infer(FEED, ["probabilities"])
             assert out["probabilities"] is probs
-            assert handle.calls == [(FEED, ["probabilities"], None)]  # no request: no time limit
+            # No request: no time limit.
+            assert handle.calls == [(FEED, ["probabilities"], {"time_left_s": None})]
         finally:
             await r.close()
 
@@ -377,7 +379,11 @@ class EchoHandle:
         self.responses: list[Response] = []
 
     def remote(
-        self, feed: dict[str, np.ndarray], outputs: list[str], time_left_s: float | None = None
+        self,
+        feed: dict[str, np.ndarray],
+        outputs: list[str],
+        *,
+        time_left_s: float | None = None,
     ) -> Response:
         x = feed["input"]
         self.requests.append(len(x))
