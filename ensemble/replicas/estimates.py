@@ -8,6 +8,8 @@ import functools
 from array import array
 from collections.abc import Callable
 
+import numpy as np
+
 from ensemble.replicas.base import Replica, innermost
 from ensemble.replicas.links import LinkedReplica, round_trip_s
 from ensemble.types import PlacementView
@@ -130,14 +132,17 @@ class PlacementEstimate:
         self._new = 0
         self._computed_at = now
         since = now - HORIZON_S
-        recent = sorted(s for s, t in zip(self._service, self._stamps, strict=True) if t >= since)
+        # Copies, not views: a view of the ring would keep it from growing.
+        recent = np.array(self._service)[np.array(self._stamps) >= since]
         n = len(recent)
         quantiles = None
         if n >= MIN_SAMPLES:
+            ranks = (n // 2, min(n - 1, int(0.95 * n)), n - 1 if n < 100 else int(0.99 * n))
+            ordered = np.partition(recent, ranks)  # those ranks in sorted order, the rest not
             quantiles = (
-                recent[n // 2],
-                recent[min(n - 1, int(0.95 * n))],
-                recent[-1 if n < 100 else int(0.99 * n)],
+                float(ordered[ranks[0]]),
+                float(ordered[ranks[1]]),
+                float(ordered[ranks[2]]),
             )
         if quantiles != self._quantiles or n != self._fresh:
             self._quantiles, self._fresh = quantiles, n
