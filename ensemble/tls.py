@@ -1,4 +1,5 @@
-"""TLS material for both frontends: the files read and checked once, with clear reasons."""
+"""TLS material, the files read and checked once with clear reasons: both frontends' (server
+side) and what the gateway presents to remote replicas (client side)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ class _Encrypted(Exception):
     """Raised by the password callback: the gateway takes unencrypted keys only."""
 
 
-def _no_password() -> str:
-    # Without a callback OpenSSL would prompt on the terminal for a passphrase, and a gateway
-    # (or `ensemble validate`) started from a script would hang there.
+def no_password() -> str:
+    """The password callback for loading keys: raises, since the gateway takes unencrypted
+    keys only (without a callback OpenSSL would prompt on the terminal for a passphrase, and a
+    gateway, or `ensemble validate`, started from a script would hang there)."""
     raise _Encrypted
 
 
@@ -83,7 +85,7 @@ def _cert_and_key(cert_file: Path, key_file: Path) -> tuple[bytes, bytes]:
         raise TlsFileError("key_file", f"{key_file} holds no PEM private key")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert_file, key_file, password=_no_password)
+        context.load_cert_chain(cert_file, key_file, password=no_password)
     except _Encrypted:
         raise TlsFileError(
             "key_file", f"{key_file} is encrypted; give the gateway an unencrypted key"
@@ -100,7 +102,11 @@ def _cert_and_key(cert_file: Path, key_file: Path) -> tuple[bytes, bytes]:
 
 
 def _client_ca(client_ca_file: Path) -> bytes:
-    ca = _read("client_ca_file", client_ca_file)
+    return _ca("client_ca_file", client_ca_file)
+
+
+def _ca(field: str, path: Path) -> bytes:
+    ca = _read(field, path)
     problem = None if _CERT_MARK in ca else "no PEM certificate in it"
     if problem is None:
         try:
@@ -109,7 +115,39 @@ def _client_ca(client_ca_file: Path) -> bytes:
         except ssl.SSLError as exc:
             problem = exc.reason or str(exc)
     if problem is not None:
-        raise TlsFileError(
-            "client_ca_file", f"{client_ca_file} holds no usable CA certificate: {problem}"
-        )
+        raise TlsFileError(field, f"{path} holds no usable CA certificate: {problem}")
     return ca
+
+
+@dataclass(frozen=True)
+class ClientTlsFiles:
+    """The PEM contents of a remote placement's TLS settings (client side)."""
+
+    ca: bytes | None
+    """CA certificates the servers' certificates must chain to (None: the system's)."""
+    cert_chain: bytes | None
+    """The certificate the gateway presents (mutual TLS), or None."""
+    private_key: bytes | None
+
+
+def load_client_tls_files(
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> ClientTlsFiles:
+    """Read and check a remote placement's files (``cert_file`` and ``key_file`` come
+    together); raises TlsFileError with the first problem."""
+    ca = None if ca_file is None else _ca("ca_file", ca_file)
+    if cert_file is None or key_file is None:
+        return ClientTlsFiles(ca, None, None)
+    cert, key = _cert_and_key(cert_file, key_file)
+    return ClientTlsFiles(ca, cert, key)
+
+
+def client_tls_file_error(
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> TlsFileError | None:
+    """The first problem with a remote placement's files (None: they load)."""
+    try:
+        load_client_tls_files(ca_file, cert_file, key_file)
+    except TlsFileError as exc:
+        return exc
+    return None

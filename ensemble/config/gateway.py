@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from pydantic import Field, PrivateAttr, ValidationError
 
 from ensemble.config.base import Name, StrictModel
 from ensemble.config.members import EnsembleConfig, MemberConfig, ModelZooConfig
+from ensemble.config.placement import Placement
 from ensemble.config.policies import AutoscalingConfig, PolicySpec, ProfileConfig
 from ensemble.config.server import RayConfig, ServerConfig
 from ensemble.config.tiers import TierConfig
@@ -24,7 +26,7 @@ from ensemble.config_errors import (
 )
 from ensemble.errors import ConfigError
 from ensemble.model_checks import class_errors, input_errors
-from ensemble.tls import tls_file_errors
+from ensemble.tls import client_tls_file_error, tls_file_errors
 from policies import registry
 
 
@@ -204,9 +206,26 @@ def _member_errors(cfg: GatewayConfig, member: MemberConfig, loc: Loc) -> list[L
             errors.append(
                 ((*loc, "placement", pi, "tier"), f"unknown tier {place.tier!r}; defined: {known}")
             )
+        errors.extend(_credential_errors(cfg, place, (*loc, "placement", pi)))
     errors.extend(_file_errors(cfg, member, loc))
     if member.split is not None:
         errors.extend(_policy_errors("split", member.split.policy, (*loc, "split", "policy")))
+    return errors
+
+
+def _credential_errors(cfg: GatewayConfig, place: Placement, loc: Loc) -> list[LocatedError]:
+    """A remote placement's TLS files that do not load, an API key's variable that is unset."""
+    errors: list[LocatedError] = []
+    tls = place.tls
+    if tls is not None:
+        paths = [None if p is None else cfg.resolve(p) for p in (tls.ca_file, tls.cert_file)]
+        key = None if tls.key_file is None else cfg.resolve(tls.key_file)
+        problem = client_tls_file_error(paths[0], paths[1], key)
+        if problem is not None:
+            errors.append(((*loc, "tls", problem.field), problem.message))
+    name = place.api_key_env
+    if name is not None and not os.environ.get(name):
+        errors.append(((*loc, "api_key_env"), f"environment variable {name} is not set"))
     return errors
 
 

@@ -1,7 +1,11 @@
-"""Config of a member's placement: backend, endpoints, replica bounds, fault emulation."""
+"""Config of a member's placement: backend, endpoints and credentials, replica bounds, fault
+emulation."""
 
 from __future__ import annotations
 
+import ipaddress
+import re
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -55,11 +59,38 @@ class FailureConfig(StrictModel):
     seed: int = Field(0, description="Seed of the choice of failing calls (repeatable runs).")
 
 
+class ReplicaTlsConfig(StrictModel):
+    """TLS from the gateway to a remote placement's servers."""
+
+    ca_file: Path | None = Field(
+        None,
+        description="PEM CA certificates the servers' certificates must chain to (default: "
+        "the system's trusted roots), relative to this config file's directory.",
+    )
+    cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain the gateway presents to the servers (mutual TLS), "
+        "with key_file; relative to this config file's directory.",
+    )
+    key_file: Path | None = Field(
+        None, description="Unencrypted PEM private key of cert_file, relative likewise."
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> ReplicaTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file come together (a client certificate)")
+        return self
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 # `triton` is another name for `oip-grpc` (Triton's own gRPC endpoint, port 8001 by default).
 Backend = Literal["inprocess", "oip-http", "oip-grpc", "triton", "ray", "process"]
 REMOTE_BACKENDS: tuple[Backend, ...] = ("oip-http", "oip-grpc", "triton")
 """Backends whose replicas are servers at configured endpoints."""
-_ENDPOINT_ONLY = ("endpoints", "remote_model")
+_ENDPOINT_ONLY = ("endpoints", "remote_model", "tls", "api_key_env")
 _NETWORK_ONLY = (
     "timeout_s",
     "health_check_interval_s",
@@ -162,6 +193,19 @@ class Placement(StrictModel):
         description="Remote backends only: the model's name on the server (default: the "
         "member name).",
     )
+    tls: ReplicaTlsConfig | None = Field(
+        None,
+        description="Remote backends only: TLS to the servers. oip-grpc and triton connect "
+        "over TLS when it is set; oip-http when an endpoint is https:// (every endpoint must "
+        "be, when it is set).",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Remote backends only: the environment variable holding the key sent as "
+        "`Authorization: Bearer <key>` with every call and health check (an `ensemble "
+        "replica` started with ENSEMBLE_API_KEYS checks it). Sent only over TLS or to a "
+        "loopback endpoint.",
+    )
     timeout_s: float = Field(
         30.0,
         gt=0,
@@ -253,6 +297,7 @@ class Placement(StrictModel):
             raise ValueError("; ".join(problems))
         if len(set(self.endpoints)) != len(self.endpoints):
             raise ValueError("endpoints must not repeat (each one is a replica)")
+        self._check_credentials(self.endpoints)
         n, bounds = len(self.endpoints), self.replicas
         if not bounds.min <= n <= bounds.max:
             raise ValueError(
@@ -262,6 +307,27 @@ class Placement(StrictModel):
                 "leave `replicas` out to use the endpoint count"
             )
         return self
+
+    def _check_credentials(self, endpoints: list[str]) -> None:
+        http = self.backend == "oip-http"
+        if self.tls is not None and http:
+            plain = [e for e in endpoints if urlsplit(e).scheme != "https"]
+            if plain:
+                raise ValueError(f"tls: for https:// endpoints only, not {plain[0]!r}")
+        if self.api_key_env is None:
+            return
+        if not ENV_NAME.fullmatch(self.api_key_env):
+            raise ValueError(
+                f"api_key_env {self.api_key_env!r} is not an environment variable name"
+            )
+        for endpoint in endpoints:
+            secure = urlsplit(endpoint).scheme == "https" if http else self.tls is not None
+            if not secure and not _loopback(endpoint, http):
+                fix = "an https:// endpoint" if http else "`tls`"
+                raise ValueError(
+                    f"api_key_env: the key would cross the network in clear text to "
+                    f"{endpoint!r}; use {fix}, or a loopback endpoint"
+                )
 
     def _endpoint_problem(self, endpoint: str) -> str | None:
         """Why ``endpoint`` is not an address this backend can use (None when it is)."""
@@ -282,3 +348,14 @@ class Placement(StrictModel):
         if not 0 < int(port) < 65536:
             return f"endpoint {endpoint!r} has an invalid port"
         return None
+
+
+def _loopback(endpoint: str, url: bool) -> bool:
+    """Whether ``endpoint`` (a URL, or HOST:PORT) names this machine."""
+    host = urlsplit(endpoint).hostname if url else endpoint.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False

@@ -8,6 +8,7 @@ endpoint; the builder wraps it in the placement's emulated faults and link.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from ensemble.errors import EnsembleError
 from ensemble.integrity import Digest
 from ensemble.models.card import MemberCard
 from ensemble.replicas.base import Replica, innermost
+from ensemble.replicas.credentials import ClientCredentials
 from ensemble.replicas.engine import InProcessEngine, SessionRunner
 from ensemble.replicas.inprocess import InProcessReplica
 from ensemble.replicas.links import Link
@@ -193,11 +195,38 @@ def _remote(kind: type[HttpReplica] | type[GrpcReplica]) -> MakeReplica:
             site.signature.outputs,
             timeout_s=place.timeout_s,
             health=health_check(place),
+            credentials=_credentials(site),
         )
         remote.link = site.link  # its health checks cross the link too
         return remote
 
     return make
+
+
+def _credentials(site: Site) -> ClientCredentials | None:
+    """What the placement's replicas present to their servers (None: nothing)."""
+    place, cfg = site.place, site.cfg
+    tls, name = place.tls, place.api_key_env
+    if tls is None and name is None:
+        return None
+
+    def path(given: Path | None) -> Path | None:
+        if given is None or cfg is None:
+            return given
+        return cfg.resolve(given)
+
+    api_key = None if name is None else os.environ.get(name)
+    if name is not None and not api_key:  # checked when the config loaded; changed since
+        raise EnsembleError(f"environment variable {name} (api_key_env) is not set")
+    if tls is None:
+        return ClientCredentials(tls=False, api_key=api_key)
+    return ClientCredentials(
+        tls=True,
+        ca_file=path(tls.ca_file),
+        cert_file=path(tls.cert_file),
+        key_file=path(tls.key_file),
+        api_key=api_key,
+    )
 
 
 def _static(member: Member, site: Site, grow: Callable[[str], Replica]) -> Provisioner:

@@ -14,6 +14,7 @@ from ensemble import tracing
 from ensemble.errors import EnsembleError, InvalidInput, MemberFailed
 from ensemble.oip.datatypes import numpy_to_oip
 from ensemble.oip.grpc import decode_infer_response
+from ensemble.replicas.credentials import ClientCredentials
 from ensemble.replicas.remote import Outputs, RemoteReplica
 from ensemble.scope import outgoing
 
@@ -41,12 +42,16 @@ def status_error(replica: object, exc: InferenceServerException) -> EnsembleErro
     return MemberFailed(f"{replica} failed ({status}): {message}")
 
 
-Connect = Callable[[str], Any]
+Connect = Callable[[str, ClientCredentials | None], Any]
 """Makes the client for an endpoint: ``tritonclient.grpc.aio.InferenceServerClient``'s shape."""
 
 
-def _new_client(endpoint: str) -> Any:
-    return grpcaio.InferenceServerClient(endpoint, channel_args=CHANNEL_OPTIONS)
+def _new_client(endpoint: str, credentials: ClientCredentials | None) -> Any:
+    if credentials is None or not credentials.tls:
+        return grpcaio.InferenceServerClient(endpoint, channel_args=CHANNEL_OPTIONS)
+    return grpcaio.InferenceServerClient(
+        endpoint, creds=credentials.grpc_credentials(), channel_args=CHANNEL_OPTIONS
+    )
 
 
 class GrpcReplica(RemoteReplica):
@@ -60,9 +65,11 @@ class GrpcReplica(RemoteReplica):
     connect: Connect = staticmethod(_new_client)
     """Makes the client (unit tests set a fake)."""
     _client: Any
+    _headers: dict[str, str]
 
     def _connect(self) -> None:
-        self._client = self.connect(self.endpoint)
+        self._client = self.connect(self.endpoint, self.credentials)
+        self._headers = {} if self.credentials is None else self.credentials.headers()
 
     async def _disconnect(self) -> None:
         await self._client.close()
@@ -79,7 +86,7 @@ class GrpcReplica(RemoteReplica):
         # `timeout` parameter): the gateway's timers cancel the call first, so a deadline
         # the request missed does not count as the replica's failure.
         deadline_s = None if timeout_us is None else timeout_us / 1e6 + GRPC_DEADLINE_GRACE_S
-        headers: dict[str, str] = {}
+        headers = dict(self._headers)
         tracing.inject(headers)  # the call's span is the server's parent (gRPC metadata)
         try:
             result = await self._client.infer(
@@ -101,7 +108,9 @@ class GrpcReplica(RemoteReplica):
     async def _check(self) -> str | None:
         try:
             ready = await self._client.is_model_ready(
-                self.model, client_timeout=self.health.timeout_s
+                self.model,
+                client_timeout=self.health.timeout_s,
+                **({"headers": self._headers} if self._headers else {}),
             )
         except InferenceServerException as exc:
             return f"{exc.status() or 'error'}: {exc.message()}"

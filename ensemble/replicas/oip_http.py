@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -59,19 +60,23 @@ class HttpReplica(RemoteReplica):
         self._infer_path, self._ready_path = f"{path}/infer", f"{path}/ready"
         base = self.endpoint.rstrip("/")
         connect_s = min(self.timeout_s, CONNECT_TIMEOUT_S)
+        credentials = self.credentials
+        shared: dict[str, Any] = {
+            "base_url": base,
+            "transport": self.transport,
+            "trust_env": False,  # no proxies from the environment between gateway and replicas
+        }
+        if credentials is not None:
+            shared["headers"] = credentials.headers()
+            if base.startswith("https://"):
+                shared["verify"] = credentials.ssl_context()
         self._client = httpx.AsyncClient(
-            base_url=base,
-            limits=LIMITS,
-            timeout=httpx.Timeout(self.timeout_s, connect=connect_s),
-            transport=self.transport,
-            trust_env=False,  # no proxies from the environment between gateway and replicas
+            limits=LIMITS, timeout=httpx.Timeout(self.timeout_s, connect=connect_s), **shared
         )
         self._checker = httpx.AsyncClient(
-            base_url=base,
             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
             timeout=self.health.timeout_s,
-            transport=self.transport,
-            trust_env=False,
+            **shared,
         )
 
     async def _disconnect(self) -> None:

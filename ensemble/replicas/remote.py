@@ -15,6 +15,7 @@ import numpy as np
 
 from ensemble.errors import MemberFailed
 from ensemble.oip.datatypes import numpy_to_oip
+from ensemble.replicas.credentials import ClientCredentials
 from ensemble.types import TensorSpec
 
 if TYPE_CHECKING:
@@ -57,10 +58,13 @@ class RemoteReplica(ABC):
         *,
         timeout_s: float = 30.0,
         health: HealthCheck | None = None,
+        credentials: ClientCredentials | None = None,
     ) -> None:
         self.name = name
         self.tier = tier
         self.endpoint = endpoint
+        self.credentials = credentials
+        """TLS settings and API key its connections present (None: none)."""
         self.model = model
         self.timeout_s = timeout_s
         self.health = health or HealthCheck()

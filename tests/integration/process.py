@@ -90,10 +90,11 @@ def start_replica(
     http_port: int = 0,
     grpc_port: int = 0,
     timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
 ) -> GatewayProcess:
     """Run `ensemble replica MODEL` (free ports unless given) and wait for its ready line."""
     args = ["replica", str(model), "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    return _start([*args, *extra], log_path, timeout_s, None)
+    return _start([*args, *extra], log_path, timeout_s, env)
 
 
 def _start(

@@ -510,7 +510,7 @@ def grpc_call(client: FakeGrpcClient) -> tuple[GrpcReplica, dict[str, np.ndarray
             OUTPUTS,
             health=HealthCheck(interval_s=60),
         )
-        replica.connect = lambda _: client
+        replica.connect = lambda *_: client
         await replica.start()
         try:
             return replica, await replica.infer(FEED, ["probabilities", "label"])
@@ -559,7 +559,7 @@ def test_grpc_health_check_reads_model_ready() -> None:
 
     async def main() -> str | None:
         replica = GrpcReplica("cloud/0", "cloud", "h:1", "m", OUTPUTS, health=FAST)
-        replica.connect = lambda _: client
+        replica.connect = lambda *_: client
         await replica.start()
         assert not replica.ready()
         client.ready = True
@@ -626,7 +626,7 @@ def test_grpc_calls_send_the_time_left_the_priority_and_a_backstop_deadline() ->
 
     async def main() -> None:
         replica = GrpcReplica("cloud/0", "cloud", "127.0.0.1:9001", "m", OUTPUTS)
-        replica.connect = lambda _: client
+        replica.connect = lambda *_: client
         await replica.start()
         try:
             await replica.infer(FEED)
