@@ -60,6 +60,20 @@ class InputWatch:
         """Whether the last score was at or above the threshold."""
         self.windows = 0
 
+    def carry(self, earlier: InputWatch) -> None:
+        """Continue ``earlier``'s window and score (a reload), when it watched the same
+        features against the same reference over a window as long; otherwise start afresh."""
+        same = (
+            earlier.window == self.window
+            and np.array_equal(earlier._edges, self._edges)
+            and np.array_equal(earlier._expected, self._expected, equal_nan=True)
+        )
+        if not same:
+            return
+        self._rows[:] = earlier._rows
+        self._filled = earlier._filled
+        self.score, self.drifting, self.windows = earlier.score, earlier.drifting, earlier.windows
+
     @property
     def width(self) -> int:
         return int(self._low.shape[0])

@@ -18,12 +18,14 @@ accuracy                                   (``ensemble.dataplane.feedback``)
 admission (requests running and queued,    ``AdmissionGate`` on the    the gateway
 adaptive limit)                            ``Dispatcher``
 replica stats, ejections                   ``Member.stats``            the config
-live estimates per tier                    ``Member.estimates``        the config
+live estimates per tier                    ``Member.estimates``        the placement's
+                                                                       definition
 which version serves, rollout evidence     ``Versions`` (one per       the config (a reload
 and decision                               member with several)        that keeps it keeps it)
 a split member's measured parts and        ``Member.splitter``         the config
 overheads, its ways' call counts
-input drift window and score               ``EnsembleModel.watch``     the config
+input drift window and score               ``EnsembleModel.watch``     its inputs, reference
+                                                                       and window
 emulated link settings and partitions      ``Links``                   the gateway
 replicas added or drained, scaling state   ``ControlLoop`` and the     the gateway / the config
                                            ``Fleet``'s provisioners
@@ -32,8 +34,9 @@ the tracer and its exporter                ``ensemble.tracing``        the proce
 =========================================  ==========================  ========================
 
 "The config" means a hot reload replaces it; a reload keeps the learning cell of each profile
-it leaves unchanged. A gateway of several workers keeps a copy of this state in each; what they
-share, and how, is ``ensemble.worker``'s table.
+it leaves unchanged, and carries the estimates and drift windows over while what they are
+defined by stays as it was. A gateway of several workers keeps a copy of this state in each;
+what they share, and how, is ``ensemble.worker``'s table.
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ class Reloader:
         cfg, built = prepared
         old = Built(self._dispatcher.repository, self.fleet)
         repository = built.repository
-        _carry_state(old.repository, repository)
+        _carry_state(old.repository, repository, _unchanged_placements(self.cfg, cfg))
         self._dispatcher.repository = repository  # new requests see it from now on
         self.fleet = built.fleet
         await old.fleet.close()  # replicas it is still starting or draining: not its own
@@ -217,11 +217,23 @@ def _check_restart_only(old: GatewayConfig, new: GatewayConfig) -> None:
         raise ConfigError("reload", changed)
 
 
-def _carry_state(old: Repository, new: Repository) -> None:
+def _carry_state(old: Repository, new: Repository, unchanged: set[Key]) -> None:
     """What an unchanged profile learned (its learning cell: bandit weights) survives a
     reload; its hedge and retry budgets start afresh with the new config. A rollout the
     reload leaves as it was keeps its evidence and its decision (a promoted version keeps
-    serving)."""
+    serving). An ``unchanged`` placement keeps its live estimates (service time quantiles,
+    error rate), an ensemble watching the same inputs against the same reference its drift
+    window."""
+    for member, tier in unchanged:
+        was, now = old.members.get(member), new.members.get(member)
+        if was is not None and now is not None and was.version == now.version:
+            carried = was.estimates.get(tier)
+            if carried is not None:
+                now.estimates[tier] = carried
+    for name, model in new.ensembles.items():
+        watched = old.ensembles[name].watch if name in old.ensembles else None
+        if model.watch is not None and watched is not None:
+            model.watch.carry(watched)
     for name, versions in new.versions.items():
         earlier = old.versions.get(name)
         if earlier is not None:

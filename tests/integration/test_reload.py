@@ -143,3 +143,30 @@ def test_sighup_rereads_the_file(gw: tuple[GatewayProcess, Path]) -> None:
     assert infer(proc).json()["parameters"]["members_asked"] == "mlp_small"
     put_empty = put(proc, "")  # an empty PUT also re-reads the file
     assert put_empty.status_code == 200 and reloads(proc, "success") == 2
+
+
+def estimate_calls(gw: GatewayProcess, member: str) -> float:
+    prefix = f'ensemble_placement_estimate_calls{{member="{member}",tier="edge"}}'
+    for line in httpx.get(f"{gw.http_url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_reload_keeps_the_live_estimates_of_unchanged_placements(
+    zoo_dir: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config(["logreg"])))
+    proc = start_gateway(path, tmp_path / "gw.log", env={"ENSEMBLE_ADMIN_TOKEN": TOKEN})
+    try:
+        for _ in range(20):
+            assert infer(proc).status_code == 200
+        learned = estimate_calls(proc, "logreg")
+        assert learned >= 8  # enough calls to replace the card's figures
+        # A new profile, the same placement: the estimates go on from the calls seen.
+        assert put(proc, yaml.safe_dump(config(["logreg"], profiles=True))).status_code == 200
+        assert infer(proc).status_code == 200
+        assert estimate_calls(proc, "logreg") >= learned
+    finally:
+        assert proc.stop() == 0, proc.log()

@@ -1,5 +1,6 @@
 """A reload keeps the replicas the control loop added to unchanged placements (clamped to their
-new bounds), on real in-process repositories; and the process backend's restart backoff."""
+new bounds) and their live estimates, and an ensemble's drift window, on real in-process
+repositories; and the process backend's restart backoff."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ensemble.config import GatewayConfig, parse_yaml
 from ensemble.control.build import Built, build
 from ensemble.control.provisioning import ReplicaSet
-from ensemble.control.reload import _keep_replica_counts, _unchanged_placements
+from ensemble.control.reload import _carry_state, _keep_replica_counts, _unchanged_placements
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.process import restart_delay
 
@@ -23,6 +25,7 @@ def config(
     edge: str = "{tier: edge, replicas: {min: 1, max: 4}}",
     extra_member: bool = False,
     model: str = "logreg",
+    drift_window: int = 500,
 ) -> GatewayConfig:
     members = f"""
       - name: logreg
@@ -36,6 +39,7 @@ def config(
     text = f"""
 ensembles:
   - name: e
+    drift: {{window: {drift_window}}}
     members:{members}
 autoscaling: {{interval_s: 1, window_s: 5}}
 """
@@ -116,6 +120,31 @@ def test_unchanged_means_the_same_model_and_placement_whatever_the_bounds() -> N
     assert _unchanged_placements(cfg, config(model="svm")) == set()
     moved = config("{tier: cloud, replicas: {min: 1, max: 4}}")
     assert ("logreg", "edge") not in _unchanged_placements(cfg, moved)
+
+
+def test_unchanged_placements_keep_their_live_estimates_and_the_drift_window(
+    engine: InProcessEngine,
+) -> None:
+    cfg = config()
+    old = build(cfg, engine).repository
+    member = old.members["logreg"]
+    for tier in ("edge", "cloud"):
+        member._estimate(tier).record(0.004, 0.0, "success", 1.0)
+    watch = old.ensembles["e"].watch
+    assert watch is not None
+    watch.observe(np.full((7, 64), 8.0, np.float32))
+    changed = config("{tier: edge, replicas: {min: 1, max: 4}, straggler: {probability: 0.5, "
+                     "delay_ms: 5}}")  # fmt: skip
+    new = build(changed, engine).repository
+    _carry_state(old, new, _unchanged_placements(cfg, changed))
+    carried = new.members["logreg"].estimates
+    assert carried["cloud"] is member.estimates["cloud"]  # unchanged: its estimates go on
+    assert "edge" not in carried  # changed (a straggler now): its estimates start over
+    assert new.ensembles["e"].watch is not None and new.ensembles["e"].watch._filled == 7
+    # A window of another length starts afresh.
+    longer = build(config(drift_window=600), engine).repository
+    _carry_state(old, longer, _unchanged_placements(cfg, config(drift_window=600)))
+    assert longer.ensembles["e"].watch is not None and longer.ensembles["e"].watch._filled == 0
 
 
 def test_restart_backoff_doubles_from_the_minimum_to_the_maximum() -> None:
