@@ -218,9 +218,11 @@ def _credential_errors(cfg: GatewayConfig, place: Placement, loc: Loc) -> list[L
     errors: list[LocatedError] = []
     tls = place.tls
     if tls is not None:
-        paths = [None if p is None else cfg.resolve(p) for p in (tls.ca_file, tls.cert_file)]
-        key = None if tls.key_file is None else cfg.resolve(tls.key_file)
-        problem = client_tls_file_error(paths[0], paths[1], key)
+        ca, cert, key = (
+            None if p is None else cfg.resolve(p)
+            for p in (tls.ca_file, tls.cert_file, tls.key_file)
+        )
+        problem = client_tls_file_error(ca, cert, key)
         if problem is not None:
             errors.append(((*loc, "tls", problem.field), problem.message))
     name = place.api_key_env

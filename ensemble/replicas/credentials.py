@@ -5,7 +5,7 @@ Bearer`` on every call and health check."""
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ensemble.tls import load_client_tls_files, no_password
@@ -22,7 +22,7 @@ class ClientCredentials:
     cert_file: Path | None = None
     """The certificate chain the gateway presents (mutual TLS), with ``key_file``."""
     key_file: Path | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a log line
 
     def headers(self) -> dict[str, str]:
         """Headers (gRPC metadata) every request carries."""
