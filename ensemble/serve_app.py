@@ -144,11 +144,23 @@ def _gateway_actor(cfg: GatewayConfig) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": cfg.ray.gateway_num_cpus}
     if cfg.ray.gateway_tier is not None:
         actor["resources"] = {cfg.ray.gateway_tier: RESOURCE_PER_REPLICA}
-    names = (ADMIN_TOKEN_ENV, API_KEYS_ENV, FEEDBACK_TOKEN_ENV)
+    names = [ADMIN_TOKEN_ENV, API_KEYS_ENV, FEEDBACK_TOKEN_ENV, *_replica_key_names(cfg)]
     credentials = {name: os.environ[name] for name in names if os.environ.get(name)}
     if credentials:  # the gateway's process reads them from its environment
         actor["runtime_env"] = {"env_vars": credentials}
     return actor
+
+
+def _replica_key_names(cfg: GatewayConfig) -> list[str]:
+    """The variables remote placements read their API keys from (`api_key_env`)."""
+    placements = [
+        place
+        for ensemble in cfg.ensembles
+        for member in ensemble.members
+        for places in (member.placement, *(v.placement or () for v in member.versions))
+        for place in places
+    ]
+    return sorted({p.api_key_env for p in placements if p.api_key_env is not None})
 
 
 def _gateway_sizing(cfg: GatewayConfig) -> dict[str, Any]:

@@ -171,3 +171,16 @@ def test_the_grpc_client_gets_tls_and_sends_the_key(tmp_path: Path) -> None:
     assert headers[0] == {"authorization": "Bearer s3cret"}
     assert credentials.grpc_credentials() is not None  # the files make channel credentials
     assert credentials.ssl_context().verify_mode.name == "CERT_REQUIRED"
+
+
+def test_gateway_replicas_on_ray_get_the_keys_in_their_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ensemble.serve_app import _gateway_actor
+
+    monkeypatch.setenv(KEY_ENV, "k")
+    placement = (
+        f"{{tier: edge, backend: oip-grpc, endpoints: ['127.0.0.1:1'], api_key_env: {KEY_ENV}}}"
+    )
+    cfg = load_config(config_with(tmp_path, placement))
+    assert _gateway_actor(cfg)["runtime_env"]["env_vars"][KEY_ENV] == "k"
