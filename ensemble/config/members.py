@@ -222,13 +222,6 @@ class MemberConfig(StrictModel):
             raise ValueError("loaded_versions: empty; keep a version loaded or set loaded: false")
         if self.loaded and self.default_version not in (None, *served):
             raise ValueError(f"default_version: version {self.default_version} is not loaded")
-        for spec in self.versions:
-            if any(p.backend == "ray" for p in spec.placement or self.placement):
-                raise ValueError(
-                    f"versions: version {spec.version} would run on the `ray` backend; only a "
-                    "member's first version (`model`) may (a Ray Serve deployment per version "
-                    "is not supported yet)"
-                )
         if self.rollout is not None and self.loaded:
             candidate = self.rollout.version
             if candidate == self.default_version:

@@ -243,7 +243,7 @@ def _ray(site: Site, name: str, endpoint: str | None) -> Replica:
             f"member {member.name!r} is placed on the ray backend, which needs Ray: "
             "`ensemble serve` starts one (or joins --ray-address)"
         )
-    spec = spec_for(cfg, member, place, name, site.expected)
+    spec = spec_for(cfg, member, place, name, site.expected, site.label)
     sizing = place.ray or RayDeploymentConfig()
     signature = site.signature
     replica = RayReplica(

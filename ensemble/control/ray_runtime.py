@@ -1,14 +1,15 @@
 """The Ray runtime: members' `ray` placements as Ray Serve deployments, placed by tier resource.
 
-Each `ray` placement becomes one Ray Serve deployment (``MEMBER-TIER-INDEX``) of
-``placement.replicas.min`` replicas, each an onnxruntime session of the member's model, scheduled
-on Ray nodes that offer the tier's custom resource (a node started with ``--resources
-'{"cloud": 8}'`` hosts cloud members). The gateway sees one replica per deployment and calls it
-through a ``DeploymentHandle``; Ray Serve routes among the deployment's own replicas (power of two
-choices). All deployments of a gateway form one Serve application (``ray.app``) whose ingress is
-either a small directory (the gateway runs in its own process and started a local Ray) or the
-gateway itself (``ensemble serve --ray-address``, `ensemble.serve_app`). The control loop sets a
-scaled deployment's replica count through Serve's custom autoscaling policy (`follow_gateway`).
+Each `ray` placement of a served version becomes one Ray Serve deployment (``MEMBER-TIER-INDEX``;
+``MEMBER-vVERSION-TIER-INDEX`` for a member's further versions) of ``placement.replicas.min``
+replicas, each an onnxruntime session of the member's model, scheduled on Ray nodes that offer the
+tier's custom resource (a node started with ``--resources '{"cloud": 8}'`` hosts cloud members).
+The gateway sees one replica per deployment and calls it through a ``DeploymentHandle``; Ray Serve
+routes among the deployment's own replicas (power of two choices). All deployments of a gateway
+form one Serve application (``ray.app``) whose ingress is either a small directory (the gateway
+runs in its own process and started a local Ray) or the gateway itself (``ensemble serve
+--ray-address``, `ensemble.serve_app`). The control loop sets a scaled deployment's replica count
+through Serve's custom autoscaling policy (`follow_gateway`).
 
 Ray is imported lazily: configs without `ray` placements never load it.
 """
@@ -75,8 +76,9 @@ class RaySpec:
 
 
 def deployment_name(member: str, replica: str) -> str:
-    """``mlp_large`` + ``cloud/0`` -> ``mlp_large-cloud-0``."""
-    return f"{member}-{replica.replace('/', '-')}"
+    """``mlp_large`` + ``cloud/0`` -> ``mlp_large-cloud-0``; a further version's label
+    (``forest:2``) -> ``forest-v2-cloud-0``."""
+    return f"{member.replace(':', '-v')}-{replica.replace('/', '-')}"
 
 
 def spec_for(
@@ -85,14 +87,16 @@ def spec_for(
     place: Placement,
     replica: str,
     expected: Sequence[Digest],
+    label: str | None = None,
 ) -> RaySpec:
-    """The deployment of one `ray` placement; its model file is read and checked against the
-    ``expected`` digests (ModelIntegrityError on a mismatch or with none)."""
+    """The deployment of one `ray` placement of ``member`` (as one version serves it;
+    ``label``: that version's name, default the member's); its model file is read and checked
+    against the ``expected`` digests (ModelIntegrityError on a mismatch or with none)."""
     sizing = place.ray or RayDeploymentConfig()
     path = cfg.resolve(member.model)
     digest = sha256_hex(read_verified(member.name, path, expected))
     return RaySpec(
-        deployment_name(member.name, replica),
+        deployment_name(label or member.name, replica),
         member.name,
         place.tier,
         path,
@@ -110,23 +114,31 @@ def ray_specs(cfg: GatewayConfig) -> dict[str, RaySpec]:
     specs: dict[str, RaySpec] = {}
     refused: list[ModelIntegrityError] = []
     for ens in cfg.ensembles:
-        for member in ens.members:
-            names = member.replica_names()
-            for place, replicas in zip(member.placement, names, strict=True):
-                if place.backend != "ray":
-                    continue
-                expected = member_digests(cfg, member, member_card(cfg, member))
+        for config in ens.members:
+            for version in config.served_versions():
+                member = config.at_version(version)
                 try:
-                    spec = spec_for(cfg, member, place, replicas[0], expected)
+                    specs.update(_version_specs(cfg, member, config.label(version)))
                 except ModelIntegrityError as exc:
-                    refused.append(exc)
-                    break  # one report per member
-                specs[spec.deployment] = spec
+                    refused.append(exc)  # one report per version
     if refused:
         raise ModelIntegrityError(
             [p for exc in refused for p in exc.problems],
             [m for exc in refused for m in exc.members],
         )
+    return specs
+
+
+def _version_specs(cfg: GatewayConfig, member: MemberConfig, label: str) -> dict[str, RaySpec]:
+    """The deployments of one served version's `ray` placements."""
+    specs: dict[str, RaySpec] = {}
+    expected: Sequence[Digest] | None = None
+    for place, replicas in zip(member.placement, member.replica_names(), strict=True):
+        if place.backend == "ray":
+            if expected is None:
+                expected = member_digests(cfg, member, member_card(cfg, member))
+            spec = spec_for(cfg, member, place, replicas[0], expected, label)
+            specs[spec.deployment] = spec
     return specs
 
 

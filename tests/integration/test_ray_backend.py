@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 
 from tests.helpers import wait_for
 from tests.integration.conftest import array_input
-from tests.integration.process import GatewayProcess, start_from_config, zoo_member
+from tests.integration.process import ZOO, GatewayProcess, start_from_config, zoo_member
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TOKEN = "ray-test-token"
@@ -49,7 +49,12 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
                         "mlp_large",
                         {**RAY, "replicas": {"min": 2, "max": 2}, "ray": {"num_cpus": 0.25}},
                     ),
-                    zoo_member("forest", RAY),
+                    {
+                        **zoo_member("forest", RAY),
+                        # A second version, on Ray too: a deployment of its own.
+                        "versions": [{"version": "2", "model": str(ZOO / "mlp_small.onnx")}],
+                        "default_version": "1",
+                    },
                 ],
             },
             {
@@ -61,6 +66,7 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
                     {**zoo_member("forest"), "name": "forest_local"},
                 ],
             },
+            {"name": "second", "members": [{**zoo_member("mlp_small"), "name": "mlp_small_local"}]},
         ],
         "policies": {"default": {"on_violation": "degrade"}},
     }
@@ -116,6 +122,17 @@ def test_tritonclient_reaches_ray_members_over_both_protocols(gw: GatewayProcess
         _, forest = infer(gw, "forest_local")
         np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities(forest))
         assert result.get_response().parameters["members_answered"].string_param == "forest@cloud"
+
+
+def test_a_further_version_runs_on_ray_as_its_own_deployment(gw: GatewayProcess) -> None:
+    status, second = infer(gw, "forest/versions/2")
+    assert status == 200, second
+    assert second["model_version"] == "2"
+    _, expected = infer(gw, "mlp_small_local")  # version 2 is mlp_small's file
+    np.testing.assert_allclose(probabilities(second), probabilities(expected), atol=1e-6)
+    _, first = infer(gw, "forest")  # the default, version 1, still forest's
+    _, forest = infer(gw, "forest_local")
+    np.testing.assert_allclose(probabilities(first), probabilities(forest), atol=1e-6)
 
 
 def test_bad_input_to_a_ray_member_is_a_400(gw: GatewayProcess) -> None:

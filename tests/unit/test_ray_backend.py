@@ -118,6 +118,28 @@ def test_specs_name_each_deployment_and_pin_the_model_bytes() -> None:
     assert len(spec.digest) == 64 and spec.model == ZOO / "logreg.onnx"
 
 
+def test_each_served_version_on_ray_is_a_deployment_of_its_own() -> None:
+    def specs(loaded: str) -> dict[str, RaySpec]:
+        text = f"""
+ensembles:
+  - name: e
+    members:
+      - name: m
+        model: {ZOO / "logreg.onnx"}
+        placement: [{{tier: cloud, backend: ray}}]
+        versions: [{{version: "2", model: {ZOO / "mlp_small.onnx"}}}]
+        default_version: "1"
+        loaded_versions: {loaded}
+"""
+        return ray_specs(parse_yaml(text, source="t.yaml", base_dir=ZOO))
+
+    both = specs('["1", "2"]')
+    assert sorted(both) == ["m-cloud-0", "m-v2-cloud-0"]
+    assert both["m-v2-cloud-0"].model == ZOO / "mlp_small.onnx"
+    assert both["m-v2-cloud-0"].digest != both["m-cloud-0"].digest
+    assert sorted(specs('["1"]')) == ["m-cloud-0"]  # an unloaded version is not deployed
+
+
 def test_runtime_refuses_deployments_it_did_not_make() -> None:
     cfg = config("[{tier: cloud, backend: ray}]")
     specs = ray_specs(cfg)

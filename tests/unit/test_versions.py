@@ -197,18 +197,6 @@ def test_served_versions_and_a_versions_own_config() -> None:
         ({"rollout": {"version": "2"}, "loaded_versions": ["1"]}, "needs the candidate"),
         ({"loaded_versions": []}, "loaded_versions: empty"),
         ({"default_version": "2", "loaded_versions": ["1"]}, "version 2 is not loaded"),
-        (
-            {
-                "versions": [
-                    {
-                        "version": "2",
-                        "model": "b.onnx",
-                        "placement": [{"tier": "cloud", "backend": "ray"}],
-                    }
-                ]
-            },
-            "only a member's first version",
-        ),
         ({"versions": [{"version": "v2", "model": "b.onnx"}]}, "should match pattern"),
     ],
 )
