@@ -131,15 +131,16 @@ def ray_specs(cfg: GatewayConfig) -> dict[str, RaySpec]:
 
 def _version_specs(cfg: GatewayConfig, member: MemberConfig, label: str) -> dict[str, RaySpec]:
     """The deployments of one served version's `ray` placements."""
-    specs: dict[str, RaySpec] = {}
-    expected: Sequence[Digest] | None = None
-    for place, replicas in zip(member.placement, member.replica_names(), strict=True):
-        if place.backend == "ray":
-            if expected is None:
-                expected = member_digests(cfg, member, member_card(cfg, member))
-            spec = spec_for(cfg, member, place, replicas[0], expected, label)
-            specs[spec.deployment] = spec
-    return specs
+    on_ray = [
+        (place, replicas[0])
+        for place, replicas in zip(member.placement, member.replica_names(), strict=True)
+        if place.backend == "ray"
+    ]
+    if not on_ray:
+        return {}
+    expected = member_digests(cfg, member, member_card(cfg, member))
+    specs = (spec_for(cfg, member, place, name, expected, label) for place, name in on_ray)
+    return {spec.deployment: spec for spec in specs}
 
 
 # -- the deployments (classes Ray Serve instantiates inside its replica actors) ---------------
