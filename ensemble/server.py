@@ -38,10 +38,11 @@ from ensemble.frontends.grpc_h2 import H2GrpcServer, start_h2_grpc_server
 from ensemble.frontends.http import HttpFrontend
 from ensemble.frontends.limits import Offload, RequestLimits
 from ensemble.frontends.routes import LocalRoutes, Reloads, SharedRoutes
+from ensemble.frontends.tls_accept import tls_protocol
 from ensemble.metrics import GatewayMetrics
 from ensemble.replicas.engine import InProcessEngine
 from ensemble.replicas.links import Links
-from ensemble.tls import TlsFileError, TlsFiles, load_tls_files
+from ensemble.tls import TlsFileError, TlsFiles, load_tls_files, server_context
 
 log = logging.getLogger("ensemble.server")
 
@@ -57,17 +58,12 @@ def _tls_files(tls: TlsConfig | None) -> TlsFiles | None:
         raise OSError(f"server.tls.{exc.field}: {exc.message}") from None
 
 
-def _uvicorn_tls(tls: TlsConfig | None) -> dict[str, Any]:
-    """uvicorn's settings for HTTPS (mutual TLS with a client CA); none for plain HTTP."""
+def _tls_context(tls: TlsConfig | None, alpn: str) -> ssl.SSLContext | None:
+    """A uvicorn-served frontend's TLS, offering application protocol ``alpn`` (none: plain
+    text); after ``_tls_files`` checked the files."""
     if tls is None:
-        return {}
-    return {
-        "ssl_certfile": str(tls.cert_file),
-        "ssl_keyfile": str(tls.key_file),
-        "ssl_ca_certs": None if tls.client_ca_file is None else str(tls.client_ca_file),
-        "ssl_cert_reqs": ssl.CERT_NONE if tls.client_ca_file is None else ssl.CERT_REQUIRED,
-        "ssl_ciphers": None,  # OpenSSL's defaults (older uvicorn narrowed them to "TLSv1")
-    }
+        return None
+    return server_context(tls.cert_file, tls.key_file, tls.client_ca_file, [alpn])
 
 
 @dataclass(frozen=True)
@@ -235,9 +231,11 @@ class Gateway:
         if self.control is not None:
             self.control.start()
         conns = ConnectionLimits.of(server).fit_descriptors()
-        protocol = functools.partial(
-            GatewayHttpProtocol, guard=ConnectionGuard(conns, self.metrics)
-        )
+        guard = ConnectionGuard(conns, self.metrics)
+        protocol: Any = functools.partial(GatewayHttpProtocol, guard=guard)
+        http_tls = _tls_context(server.tls, "http/1.1")
+        if http_tls is not None:
+            protocol = tls_protocol(protocol, http_tls, guard)
         app = HttpFrontend(
             self.dispatcher,
             self.metrics,
@@ -263,7 +261,6 @@ class Gateway:
             protocol,
             idle_timeout_s=conns.idle_timeout_s,
             drain_timeout_s=server.drain_timeout_s,
-            ssl_options=_uvicorn_tls(server.tls),
         )
         self._http_task = await self._http.start(sock)
         self._grpc, bound_grpc = await self._start_grpc(
@@ -296,7 +293,7 @@ class Gateway:
                 self.dispatcher,
                 host,
                 port,
-                ssl_options=_uvicorn_tls(server.tls),
+                tls=_tls_context(server.tls, "h2"),
                 drain_timeout_s=server.drain_timeout_s,
                 **common,
             )

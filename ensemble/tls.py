@@ -56,6 +56,21 @@ def load_tls_files(cert_file: Path, key_file: Path, client_ca_file: Path | None)
     return TlsFiles(cert, key, ca)
 
 
+def server_context(
+    cert_file: Path, key_file: Path, client_ca_file: Path | None, alpn: list[str]
+) -> ssl.SSLContext:
+    """A frontend's server side from the files (``load_tls_files`` checked them): mutual TLS
+    with a client CA, offering the application protocols ``alpn`` (OpenSSL's ciphers and
+    versions: TLS 1.2 and later)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file, password=no_password)
+    if client_ca_file is not None:
+        context.load_verify_locations(client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(alpn)
+    return context
+
+
 def tls_file_errors(
     cert_file: Path, key_file: Path, client_ca_file: Path | None
 ) -> list[TlsFileError]:

@@ -126,7 +126,8 @@ class ServerConfig(StrictModel):
         gt=0,
         le=3600,
         description="Time a client has to send a request's head (HTTP) or finish the "
-        "connection handshake (gRPC, TLS included) once it started; then it is closed.",
+        "connection handshake (gRPC) once it started, and (with `tls`) to finish the TLS "
+        "handshake once it connected; then it is closed.",
     )
     read_timeout_s: float = Field(
         60.0,

@@ -105,13 +105,13 @@ class QuietUvicorn(uvicorn.Server):
         *,
         idle_timeout_s: float,
         drain_timeout_s: float,
-        ssl_options: dict[str, Any] | None = None,
         http_headers: bool = True,
     ) -> QuietUvicorn:
         """A server for one of the gateway's frontends: ``protocol`` builds each connection
-        (any factory works), ``idle_timeout_s`` is its keep-alive, ``ssl_options`` uvicorn's
-        TLS settings (none: plain text); ``http_headers``: answers carry ``server`` and
-        ``date`` (HTTP wants a date; gRPC answers need neither)."""
+        (any factory works; ``tls_accept.tls_protocol`` puts TLS in front of one: uvicorn's
+        own listener takes plain TCP), ``idle_timeout_s`` is its keep-alive;
+        ``http_headers``: answers carry ``server`` and ``date`` (HTTP wants a date; gRPC
+        answers need neither)."""
         idle: Any = idle_timeout_s  # uvicorn arms it with loop.call_later; its `int` hint is narrow
         config = uvicorn.Config(
             app,
@@ -125,7 +125,6 @@ class QuietUvicorn(uvicorn.Server):
             timeout_keep_alive=idle,
             server_header=http_headers,
             date_header=http_headers,
-            **(ssl_options or {}),
         )
         return cls(config)
 
@@ -207,16 +206,35 @@ class CoalescedWrites:
         return getattr(self._transport, name)
 
 
-class ConnectionGuard:
+class OpenConnections:
+    """One frontend's connections against its cap: how many are open, and (over TLS) those
+    accepted and still in their handshake, which count too (``tls_accept``)."""
+
+    def __init__(self, limits: ConnectionLimits, metrics: GatewayMetrics, label: str) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.label = label
+        """The frontend's ``protocol`` label on the connection metrics."""
+        self.open = 0
+        """Connections whose protocol was told of them (after TLS, once the handshake is
+        done)."""
+        self.handshaking: dict[object, Any] = {}
+        """Connections in their TLS handshake by their protocol, oldest first."""
+
+    def make_room(self) -> bool:
+        """Close an established connection doing nothing to make room for a new one; False
+        when there is none."""
+        return False
+
+
+class ConnectionGuard(OpenConnections):
     """The HTTP frontend's connections: how many are open, and those not in a request, oldest
     first. At the cap one of these is closed to make room, so connections held open doing
     nothing cannot lock clients out: first those that never finished a request head (new,
     or sending one slowly), then those idle between requests (clients that were served)."""
 
     def __init__(self, limits: ConnectionLimits, metrics: GatewayMetrics) -> None:
-        self.limits = limits
-        self.metrics = metrics
-        self.open = 0
+        super().__init__(limits, metrics, "http")
         self.fresh: dict[GatewayHttpProtocol, None] = {}
         """Connections that never sent a whole request head; insertion-ordered, oldest first."""
         self.idle: dict[GatewayHttpProtocol, None] = {}
@@ -255,6 +273,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]
         guard = self.guard
+        guard.handshaking.pop(self, None)  # over TLS: the handshake is done
         guard.open += 1
         if guard.open > guard.limits.max_connections and not guard.make_room():
             guard.metrics.record_connection_closed("http", "limit")

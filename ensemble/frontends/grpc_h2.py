@@ -23,6 +23,7 @@ import functools
 import logging
 import re
 import socket
+import ssl
 import struct
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -38,6 +39,7 @@ from ensemble.frontends.deadlines import ReadDeadlines
 from ensemble.frontends.grpc import SERVICE_NAME, UnaryHandler, rpc_handlers
 from ensemble.frontends.h2_connections import GatewayH2Protocol, H2Guard
 from ensemble.frontends.limits import Offload, RequestLimits
+from ensemble.frontends.tls_accept import tls_protocol
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +350,7 @@ async def start_h2_grpc_server(
     limits: RequestLimits | None = None,
     offload: Offload | None = None,
     connections: ConnectionLimits | None = None,
-    ssl_options: dict[str, Any] | None = None,
+    tls: ssl.SSLContext | None = None,
     api_keys: ApiKeys | None = None,
     reuse_port: bool = False,
     lifecycle: ModelLifecycle | None = None,
@@ -356,8 +358,8 @@ async def start_h2_grpc_server(
     drain_timeout_s: float = 1.0,
 ) -> tuple[H2GrpcServer, int]:
     """``grpc.start_grpc_server``'s twin on uvicorn's HTTP/2: the same RPCs, limits and
-    options; clear-text HTTP/2 with prior knowledge (as gRPC clients speak), or TLS with ALPN
-    ``h2`` given uvicorn's ``ssl_options`` (the HTTP frontend's)."""
+    options; clear-text HTTP/2 with prior knowledge (as gRPC clients speak), or TLS given a
+    context (offering ALPN ``h2``)."""
     limits = limits or RequestLimits(max_bytes=max_message_bytes)
     offload = offload or Offload(limits)
     handlers = rpc_handlers(dispatcher, limits, offload, api_keys, lifecycle, admin)
@@ -367,16 +369,15 @@ async def start_h2_grpc_server(
     )
     guard = H2Guard(conns, dispatcher.metrics)
 
-    # uvicorn builds each connection's protocol from this (any factory works) and reads the
-    # ALPN protocols TLS offers from it.
+    # uvicorn builds each connection's protocol from this (any factory works).
     protocol: Any = functools.partial(GatewayH2Protocol, guard=guard)
-    protocol.alpn_protocols = GatewayH2Protocol.alpn_protocols
+    if tls is not None:
+        protocol = tls_protocol(protocol, tls, guard)
     server = QuietUvicorn.of(
         app,
         protocol,
         idle_timeout_s=conns.idle_timeout_s,
         drain_timeout_s=drain_timeout_s,
-        ssl_options=ssl_options,
         http_headers=False,
     )
     sock = listen(host, port, reuse_port=reuse_port)

@@ -9,7 +9,7 @@ from typing import Any, Final
 import zttp
 from uvicorn.protocols.http.zttp_h2_impl import ZttpH2Protocol
 
-from ensemble.frontends.connections import CoalescedWrites, ConnectionLimits
+from ensemble.frontends.connections import CoalescedWrites, ConnectionLimits, OpenConnections
 from ensemble.metrics import GatewayMetrics
 
 RETIRE_AFTER_STREAMS: Final = 3584
@@ -25,14 +25,12 @@ HANDSHAKE_BYTES: Final = 24 + 9
 """The client preface and one frame header: the connection has begun to speak HTTP/2."""
 
 
-class H2Guard:
+class H2Guard(OpenConnections):
     """The uvicorn gRPC stack's connections: how many are open, against the cap (shown beside
     the HTTP frontend's in ``ensemble_open_connections``)."""
 
     def __init__(self, limits: ConnectionLimits, metrics: GatewayMetrics) -> None:
-        self.limits = limits
-        self.metrics = metrics
-        self.open = 0
+        super().__init__(limits, metrics, "grpc")
         others = metrics.open_connections
         metrics.open_connections = lambda: (
             *(pair for pair in others() if pair[0] != "grpc"),
@@ -71,6 +69,7 @@ class GatewayH2Protocol(ZttpH2Protocol):
         super().connection_made(transport)
         self.transport = CoalescedWrites(transport, self.loop)  # type: ignore[assignment]
         guard = self.guard
+        guard.handshaking.pop(self, None)  # over TLS: the handshake is done
         guard.open += 1
         if guard.open > guard.limits.max_connections:
             self._close("limit")
