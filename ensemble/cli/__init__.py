@@ -1,4 +1,4 @@
-"""The `ensemble` command: serve, replica, validate, schema, models build, profile, and the
+"""The `ensemble` command: serve, replica, validate, schema, models build, profile, rules, and the
 commands other packages plug in (`ensemble.commands` entry points, e.g. loadtest)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 
 from ensemble import __version__
-from ensemble.cli import models, profile, replica, serve, validate
+from ensemble.cli import models, profile, replica, rules, serve, validate
 from ensemble.cli.plugins import COMMANDS_GROUP, add_plugin_commands
 
 __all__ = ["COMMANDS_GROUP", "add_plugin_commands", "build_parser", "main"]
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", help="Logging level for the gateway (default: INFO)."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, replica, validate, models, profile):
+    for module in (serve, replica, validate, models, profile, rules):
         module.register(sub)
     add_plugin_commands(sub)
     return parser

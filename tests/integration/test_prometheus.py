@@ -20,6 +20,7 @@ import httpx
 import pytest
 import yaml
 
+from ensemble.replicas.process import cli_command
 from tests.helpers import wait_for
 from tests.integration.conftest import good_input
 from tests.integration.process import ROOT, GatewayProcess, free_port, start_from_config, zoo_member
@@ -103,6 +104,70 @@ def test_burn_rate_alerts_use_a_long_and_a_short_window() -> None:
         assert series[0][0] == series[1][0] and re.search(r"\band\b", rule["expr"]), rule["alert"]
     ejections = next(rule for rule in rules if rule.get("alert") == "EnsembleReplicaEjections")
     assert "increase1h" in ejections["expr"] and "increase15m" in ejections["expr"]
+
+
+OTHER_OBJECTIVES_TEST = """
+rule_files: [rules.yml]
+evaluation_interval: 1m
+tests:
+  # 1 request in 11 fails (9 %): over the slow threshold of a 99 % objective (6 %), under its
+  # fast one (14.4 %); 4 in 10 take over 250 ms: over 95 %'s slow threshold (30 %) only.
+  - interval: 1m
+    input_series:
+      - series: 'ensemble_requests_total{model="digits",protocol="http",outcome="success"}'
+        values: '0+600x90'
+      - series: 'ensemble_requests_total{model="digits",protocol="http",outcome="server_error"}'
+        values: '0+60x90'
+      - series: 'ensemble_request_duration_seconds_bucket{model="digits",protocol="http",le="0.25"}'
+        values: '0+6x90'
+      - series: 'ensemble_request_duration_seconds_count{model="digits",protocol="http"}'
+        values: '0+10x90'
+    alert_rule_test:
+      - eval_time: 70m
+        alertname: EnsembleErrorBudgetFastBurn
+        exp_alerts: []
+      - eval_time: 70m
+        alertname: EnsembleErrorBudgetSlowBurn
+        exp_alerts:
+          - exp_labels: {severity: ticket, model: digits}
+            exp_annotations:
+              summary: "digits burns its error budget 6x too fast"
+              description: "More than 6 % of digits's requests failed on the gateway's side
+                (5xx) over the last 6 hours and 30 minutes (SLO 99 %)."
+      - eval_time: 70m
+        alertname: EnsembleLatencyBudgetFastBurn
+        exp_alerts: []
+      - eval_time: 70m
+        alertname: EnsembleLatencyBudgetSlowBurn
+        exp_alerts:
+          - exp_labels: {severity: ticket, model: digits}
+            exp_annotations:
+              summary: "digits is slow: its latency budget burns 6x too fast"
+              description: "More than 30 % of digits's requests took over 250 ms over the last
+                6 hours and 30 minutes (SLO 95 % within 250 ms)."
+"""
+
+
+def test_rules_for_other_objectives_load_and_fire_at_their_thresholds(tmp_path: Path) -> None:
+    """`ensemble rules` run as a command with other objectives: promtool loads the result, and
+    its alerts fire at the new thresholds (and quote them), not at the defaults'."""
+    made = subprocess.run(
+        cli_command(
+            *("rules", "--availability", "99", "--latency", "95", "--latency-bound", "0.25"),
+            *("--out", str(tmp_path / "rules.yml")),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "test.yml").write_text(OTHER_OBJECTIVES_TEST)
+    assert PROMTOOL is not None, "promtool missing: apt-get install prometheus (.ci/run does)"
+    for args in (["check", "rules", "rules.yml"], ["test", "rules", "test.yml"]):
+        done = subprocess.run(
+            [PROMTOOL, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
