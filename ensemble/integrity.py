@@ -1,14 +1,14 @@
-"""Model file integrity: the SHA-256 digests a model file must have, and reading it verified."""
+"""Model integrity: the SHA-256 digests a model must have, and reading it verified."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ensemble.errors import EnsembleError, ModelIntegrityError
 from ensemble.models.card import MemberCard
+from ensemble.onnx_files import ModelFiles, read_model_files, sha256_hex
 
 PIN_SOURCE = "the `sha256` pinned in its config"
 EXIT_INTEGRITY = 3
@@ -38,10 +38,6 @@ def expected_digests(
     if card is not None:
         found.append(Digest(card.sha256, f"its card {card_path}" if card_path else "its card"))
     return tuple(found)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def problem(member: str, what: str, actual: str, expected: Sequence[Digest]) -> str | None:
@@ -74,16 +70,42 @@ def verify(member: str, data: bytes, expected: Sequence[Digest], what: str) -> N
 def read_verified(
     member: str, path: Path, expected: Sequence[Digest], *, allow_unverified: bool = False
 ) -> bytes:
-    """The bytes of ``path``, read once, when they hash to every ``expected`` digest; these
-    very bytes are what gets loaded, so the file cannot change between check and load.
+    """The model at ``path`` as one self-contained byte string, its files (the model file and
+    any external data files) read once, when they hash to every ``expected`` digest: these
+    very bytes are what gets loaded, so no file can change between check and load.
     ModelIntegrityError otherwise (also with no expected digest, unless ``allow_unverified``).
     Blocking: call it off the event loop."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EnsembleError(
-            f"member {member!r}: cannot read model file {path}: {exc.strerror or exc}"
-        ) from exc
+    files = _read(member, path)
     if expected or not allow_unverified:
-        verify(member, data, expected, f"model file {path}")
-    return data
+        _check(member, files, expected)
+    try:
+        return files.self_contained()
+    except EnsembleError as exc:
+        raise EnsembleError(f"member {member!r}: {exc}") from exc
+
+
+def verified_digest(member: str, path: Path, expected: Sequence[Digest]) -> str:
+    """The digest of the model at ``path`` once its files were read and checked against the
+    ``expected`` digests (as ``read_verified``)."""
+    files = _read(member, path)
+    _check(member, files, expected)
+    return files.digest()
+
+
+def model_digest(path: Path) -> str:
+    """The SHA-256 of the model at ``path`` (its external data files included), as cards and
+    pins give it; EnsembleError when a file cannot be read."""
+    return read_model_files(path).digest()
+
+
+def _read(member: str, path: Path) -> ModelFiles:
+    try:
+        return read_model_files(path)
+    except EnsembleError as exc:
+        raise EnsembleError(f"member {member!r}: {exc}") from exc
+
+
+def _check(member: str, files: ModelFiles, expected: Sequence[Digest]) -> None:
+    why = problem(member, files.describe(), files.digest(), expected)
+    if why is not None:
+        raise ModelIntegrityError([why], [member])

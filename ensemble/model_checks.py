@@ -291,7 +291,8 @@ def digest_errors(cfg: GatewayConfig) -> list[LocatedError]:
     """Members whose model file does not match its card's or config pin's SHA-256, or has
     neither; at the `sha256` key when the pin is wrong, else at `model` (the check the gateway
     makes again on the bytes it loads)."""
-    from ensemble.integrity import PIN_SOURCE, expected_digests, problem, sha256_hex
+    from ensemble.integrity import PIN_SOURCE, expected_digests, problem
+    from ensemble.onnx_files import read_model_files
 
     errors: list[LocatedError] = []
     for loc, member in cfg.member_specs():
@@ -304,11 +305,12 @@ def digest_errors(cfg: GatewayConfig) -> list[LocatedError]:
             continue
         expected = expected_digests(card, card_path, member.sha256)
         try:
-            actual = sha256_hex(path.read_bytes())
-        except OSError as exc:
-            errors.append(((*loc, "model"), f"cannot read {path}: {exc.strerror or exc}"))
+            files = read_model_files(path)
+        except EnsembleError as exc:
+            errors.append(((*loc, "model"), str(exc)))
             continue
-        why = problem(member.name, f"model file {path}", actual, expected)
+        actual = files.digest()
+        why = problem(member.name, files.describe(), actual, expected)
         if why is not None:
             pin_wrong = member.sha256 is not None and member.sha256 != actual
             key = "sha256" if pin_wrong and PIN_SOURCE in why else "model"

@@ -1,10 +1,12 @@
-"""Helpers the tests share: polling for a condition, reading a metric out of a scrape."""
+"""Helpers the tests share: polling for a condition, reading a metric out of a scrape, a model
+with external data."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final, overload
 
 import httpx
@@ -90,3 +92,23 @@ def labelled(text: str, name: str, **labels: str) -> float | None:
         if sample.name == name and labels.items() <= sample.labels.items()
     ]
     return sum(found) if found else None
+
+
+def save_with_external_data(source: Path, target: Path, location: str = "weights.bin") -> Path:
+    """``source``'s model saved as ``target`` with its larger tensors (over 1 KiB) kept in the
+    external data file ``location`` beside it, as exporters write big models; ``target``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    for tensor in model.graph.initializer:  # only raw_data can move out of the model file
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    onnx.save_model(
+        model,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=1024,
+    )
+    return target

@@ -125,7 +125,8 @@ class MemberConfig(StrictModel):
     )
     sha256: Sha256Hex | None = Field(
         None,
-        description="Hex SHA-256 the model file must have; the gateway refuses a file that "
+        description="Hex SHA-256 the model file must have (with external data files, the "
+        "digest over them all that `ensemble validate` prints); the gateway refuses a file that "
         "hashes otherwise (on start, reload and every new replica). Needed for a model without "
         "a member card; with a card, the file must match both.",
     )

@@ -33,7 +33,8 @@ import numpy as np
 from ensemble.cards import member_card, member_digests
 from ensemble.config import GatewayConfig, MemberConfig, Placement, RayDeploymentConfig
 from ensemble.errors import DeadlineExceeded, EnsembleError, ModelIntegrityError, require_extra
-from ensemble.integrity import Digest, read_verified, sha256_hex, verify
+from ensemble.integrity import Digest, read_verified, verified_digest, verify
+from ensemble.onnx_files import sha256_hex
 from ensemble.replicas.ray_loopback import loopback_environment
 from ensemble.replicas.remote import Outputs
 
@@ -94,7 +95,7 @@ def spec_for(
     against the ``expected`` digests (ModelIntegrityError on a mismatch or with none)."""
     sizing = place.ray or RayDeploymentConfig()
     path = cfg.resolve(member.model)
-    digest = sha256_hex(read_verified(member.name, path, expected))
+    digest = verified_digest(member.name, path, expected)
     return RaySpec(
         deployment_name(label or member.name, replica),
         member.name,
@@ -148,9 +149,9 @@ def _version_specs(cfg: GatewayConfig, member: MemberConfig, label: str) -> dict
 
 class OnnxDeployment:
     """One Ray Serve replica of a member: an onnxruntime session of the model's bytes, which
-    must hash to ``digest`` (the one checked against the card or pin when the gateway read
-    them): a replica refuses to start on any other bytes. ``clock``: monotonic seconds (tests
-    pass their own)."""
+    must hash to ``digest`` (that of the bytes the gateway read, checked against the card or
+    pin, and sent): a replica refuses to start on any other bytes. ``clock``: monotonic
+    seconds (tests pass their own)."""
 
     def __init__(
         self, name: str, model: bytes, digest: str, clock: Callable[[], float] = time.monotonic
@@ -351,7 +352,7 @@ def serve_deployment(cls: type, **options: Any) -> Any:
 
 
 def member_app(spec: RaySpec) -> Any:
-    # Read again (it travels to the replicas with the deployment): still the checked file?
+    # Read again (it travels to the replicas with the deployment): still the checked files?
     model = read_verified(spec.member, spec.model, [Digest(spec.digest, "its Ray deployment")])
     sizing: dict[str, Any] = {"num_replicas": spec.num_replicas}
     if spec.max_replicas > spec.num_replicas:  # the control loop sets its count
@@ -376,7 +377,7 @@ def member_app(spec: RaySpec) -> Any:
             "num_cpus": spec.num_cpus,
             "resources": {spec.tier: RESOURCE_PER_REPLICA},
         },
-    ).bind(spec.member, model, spec.digest)
+    ).bind(spec.member, model, sha256_hex(model))  # what the replicas must receive
 
 
 def deploy(

@@ -1,7 +1,7 @@
 """Cloud members on Ray Serve: a gateway whose config places members on the `ray` backend starts
 a private Ray on loopback, deploys them there and calls them by handle; answers equal the
 in-process ones, over HTTP and gRPC (tritonclient), and a partitioned link to the Ray tier
-degrades the ensemble without losing a request."""
+degrades the ensemble without losing a request; a model with external data runs there too."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from tests.helpers import wait_for
+from ensemble.integrity import model_digest
+from tests.helpers import save_with_external_data, wait_for
 from tests.integration.conftest import array_input
 from tests.integration.process import ZOO, GatewayProcess, start_from_config, zoo_member
 
@@ -38,6 +39,8 @@ def ray_processes(pid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     tmp = tmp_path_factory.mktemp("ray")
+    # Version 2 is mlp_small's model with its weights in an external data file, pinned.
+    second = save_with_external_data(ZOO / "mlp_small.onnx", tmp / "second.onnx")
     config = {
         "tiers": {"edge": {}, "cloud": {"link": {"emulate": True, "delay_ms": 1}}},
         "ensembles": [
@@ -52,7 +55,9 @@ def gw(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
                     {
                         **zoo_member("forest", RAY),
                         # A second version, on Ray too: a deployment of its own.
-                        "versions": [{"version": "2", "model": str(ZOO / "mlp_small.onnx")}],
+                        "versions": [
+                            {"version": "2", "model": str(second), "sha256": model_digest(second)}
+                        ],
                         "default_version": "1",
                     },
                 ],
@@ -128,7 +133,7 @@ def test_a_further_version_runs_on_ray_as_its_own_deployment(gw: GatewayProcess)
     status, second = infer(gw, "forest/versions/2")
     assert status == 200, second
     assert second["model_version"] == "2"
-    _, expected = infer(gw, "mlp_small_local")  # version 2 is mlp_small's file
+    _, expected = infer(gw, "mlp_small_local")  # version 2 is mlp_small's, weights apart
     np.testing.assert_allclose(probabilities(second), probabilities(expected), atol=1e-6)
     _, first = infer(gw, "forest")  # the default, version 1, still forest's
     _, forest = infer(gw, "forest_local")
