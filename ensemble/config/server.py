@@ -144,7 +144,11 @@ class ServerConfig(StrictModel):
         "keep-alive; gRPC max connection idle).",
     )
     grpc_max_concurrent_streams: int = Field(
-        128, ge=1, le=1_000_000, description="Calls one gRPC connection may have open at once."
+        128,
+        ge=1,
+        le=1_000_000,
+        description="Calls one gRPC connection may have open at once; also the requests of one "
+        "ModelStreamInfer stream read and not yet answered.",
     )
     grpc_max_connection_age_s: float | None = Field(
         None,

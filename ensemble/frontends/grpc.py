@@ -20,6 +20,7 @@ from ensemble.dataplane.catalog import ConfigTensor, ModelConfig, model_config, 
 from ensemble.dataplane.dispatcher import Dispatcher
 from ensemble.errors import EnsembleError, InvalidInput, Overloaded
 from ensemble.frontends.connections import ConnectionLimits
+from ensemble.frontends.grpc_stream import StreamInfer
 from ensemble.frontends.limits import Offload, RequestLimits
 from ensemble.oip.grpc import decode_infer_request, encode_infer_response
 from ensemble.tls import TlsFiles
@@ -249,6 +250,21 @@ class InferenceServicer:
 
     @_rpc
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self.infer(request, context)
+
+    async def parse_infer(self, raw: bytes) -> Any:
+        """A serialized ModelInferRequest parsed (off the loop when large); InvalidInput when
+        it is malformed."""
+        return await self.offload.run(len(raw), lambda: _parse(service_pb2.ModelInferRequest, raw))
+
+    async def refuse(self, context: Any, exc: EnsembleError) -> NoReturn:
+        """End the call with ``exc``'s status, counted as a rejection."""
+        self.metrics.record_rejection(PROTOCOL, exc.reason)
+        await _abort(context, exc)
+
+    async def infer(self, request: Any, context: Any) -> Any:
+        """One ModelInfer request answered (a span of its own when tracing is on); the
+        gateway's errors raised."""
         if not tracing.enabled():
             return await self._infer(request, context)
         carrier = {k: v for k, v in context.invocation_metadata() if k in TRACE_KEYS}
@@ -331,8 +347,7 @@ def _unary(servicer: InferenceServicer, name: str, keys: ApiKeys | None) -> Unar
                 keys.check(header, "metadata `authorization: Bearer <key>`")
             request = await servicer.offload.run(len(raw), lambda: _parse(request_type, raw))
         except EnsembleError as exc:
-            servicer.metrics.record_rejection(PROTOCOL, exc.reason)
-            await _abort(context, exc)
+            await servicer.refuse(context, exc)
         return await method(request, context)
 
     return handle
@@ -392,6 +407,7 @@ async def start_grpc_server(
     ]
     server = grpc.aio.server(options=options)
     limits = limits or RequestLimits(max_bytes=max_message_bytes)
+    offload = offload or Offload(limits)
     rpcs = rpc_handlers(dispatcher, limits, offload, api_keys, lifecycle, admin)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
@@ -399,6 +415,16 @@ async def start_grpc_server(
         )
         for name, (handle, response) in rpcs.items()
     }
+    stream = StreamInfer(
+        InferenceServicer(dispatcher, limits, offload, lifecycle, admin),
+        api_keys if api_keys is not None and api_keys.required else None,
+        (connections or ConnectionLimits()).grpc_max_concurrent_streams,
+    )
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        stream.handle,
+        request_deserializer=None,
+        response_serializer=service_pb2.ModelStreamInferResponse.SerializeToString,
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     address = _address(host, port)
     try:

@@ -1,0 +1,100 @@
+"""ModelStreamInfer on the grpc.aio stack: a stream of inference requests answered as each one
+is done (tritonclient's ``start_stream`` / ``async_stream_infer``).
+
+Every request on the stream is one ModelInfer call (limits, admission, its own contract and
+deadline, metrics); its answer carries the request's ``id``, so answers may overtake each
+other, as they do on Triton. A request that fails gets a response with ``error_message`` and
+the stream goes on. At most ``max_in_flight`` requests of one stream are read and not yet
+answered: past that the gateway stops reading the stream, so a client that sends faster than
+it reads its answers holds that many, not more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from tritonclient.grpc import service_pb2
+
+from ensemble.auth import ApiKeys
+from ensemble.errors import EnsembleError, Overloaded
+
+logger = logging.getLogger(__name__)
+
+_END: Final = object()
+
+
+class StreamInfer:
+    """The ModelStreamInfer handler over a servicer's ``parse_infer`` and ``infer``."""
+
+    def __init__(self, servicer: Any, keys: ApiKeys | None, max_in_flight: int) -> None:
+        self.servicer = servicer
+        self.keys = keys
+        self.max_in_flight = max_in_flight
+
+    async def handle(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+        """One stream (grpc.aio serves an async generator method as a streaming handler)."""
+        if self.keys is not None:
+            header = next(
+                (v for k, v in context.invocation_metadata() if k == "authorization"), None
+            )
+            try:
+                self.keys.check(header, "metadata `authorization: Bearer <key>`")
+            except EnsembleError as exc:
+                await self.servicer.refuse(context, exc)
+        slots = asyncio.Semaphore(self.max_in_flight)
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        reader = asyncio.create_task(self._read(requests, context, slots, answers))
+        try:
+            while (answer := await answers.get()) is not _END:
+                yield answer
+                slots.release()  # answered and written: the stream may carry one more
+            await reader  # the stream's own failure, if reading it failed
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read(
+        self,
+        requests: AsyncIterator[bytes],
+        context: Any,
+        slots: asyncio.Semaphore,
+        answers: asyncio.Queue[Any],
+    ) -> None:
+        try:
+            async with asyncio.TaskGroup() as running:
+                async for raw in requests:
+                    await slots.acquire()
+                    running.create_task(self._answer(raw, context, answers))
+        finally:
+            answers.put_nowait(_END)
+
+    async def _answer(self, raw: bytes, context: Any, answers: asyncio.Queue[Any]) -> None:
+        request_id = ""
+        try:
+            request = await self.servicer.parse_infer(raw)
+            request_id = request.id
+            response = await self.servicer.infer(request, context)
+        except EnsembleError as exc:
+            self.servicer.metrics.record_rejection("grpc", exc.reason)
+            message = f"{exc.grpc_code}: {exc.message}"
+            if isinstance(exc, Overloaded):
+                message += f" (retry after {exc.retry_after_s:g} s)"
+            answers.put_nowait(_failed(request_id, message))
+        except Exception:
+            logger.exception("gRPC ModelStreamInfer request %r failed", request_id)
+            answers.put_nowait(_failed(request_id, "INTERNAL: internal error; see the gateway log"))
+        else:
+            answers.put_nowait(service_pb2.ModelStreamInferResponse(infer_response=response))
+
+
+def _failed(request_id: str, message: str) -> Any:
+    """The answer to a request that failed: its error (naming the request when it has an id)
+    and its id."""
+    if request_id:
+        message = f"request {request_id!r}: {message}"
+    return service_pb2.ModelStreamInferResponse(
+        error_message=message, infer_response=service_pb2.ModelInferResponse(id=request_id)
+    )

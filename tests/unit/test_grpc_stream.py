@@ -1,0 +1,98 @@
+"""ModelStreamInfer's handler without sockets: a stream holds at most its cap of requests read
+and not yet answered (a client that does not read its answers stops the reading), and each
+failure becomes that request's error response, named by its id."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+from tritonclient.grpc import service_pb2
+
+from ensemble.errors import InvalidInput, Overloaded
+from ensemble.frontends.grpc_stream import StreamInfer
+
+
+class Servicer:
+    """What the handler needs of the gRPC servicer: each request waits for ``gate``; some fail."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.gate = asyncio.Event()
+        self.metrics = SimpleNamespace(rejections=Counter())
+        self.metrics.record_rejection = lambda protocol, reason: self.metrics.rejections.update(
+            [(protocol, reason)]
+        )
+
+    async def parse_infer(self, raw: bytes) -> Any:
+        if raw == b"garbage":
+            raise InvalidInput("malformed ModelInferRequest message")
+        return SimpleNamespace(id=raw.decode())
+
+    async def infer(self, request: Any, context: Any) -> Any:
+        self.started.append(request.id)
+        await self.gate.wait()
+        if request.id == "shed":
+            raise Overloaded("too many requests", retry_after_s=2)
+        if request.id == "bug":
+            raise RuntimeError("a bug")
+        return service_pb2.ModelInferResponse(id=request.id)
+
+
+async def sent(*items: bytes) -> AsyncIterator[bytes]:
+    for item in items:
+        yield item
+
+
+async def settle() -> None:
+    for _ in range(50):  # let every task run as far as it can (no time passes)
+        await asyncio.sleep(0)
+
+
+def test_a_client_that_does_not_read_its_answers_holds_the_cap_and_no_more() -> None:
+    async def main() -> tuple[list[int], list[str]]:
+        servicer = Servicer()
+        answers = StreamInfer(servicer, None, max_in_flight=3).handle(
+            sent(*(str(i).encode() for i in range(10))), None
+        )
+        seen = []
+        first = asyncio.ensure_future(anext(answers))
+        await settle()
+        seen.append(len(servicer.started))  # 3 read, none answered
+        servicer.gate.set()
+        ids = [(await first).infer_response.id]
+        await settle()
+        seen.append(len(servicer.started))  # one answered, not yet written: still 3
+        ids.append((await anext(answers)).infer_response.id)  # the first written: one more
+        await settle()
+        seen.append(len(servicer.started))
+        ids += [a.infer_response.id async for a in answers]
+        return seen, ids
+
+    seen, ids = asyncio.run(main())
+    assert seen == [3, 3, 4]
+    assert sorted(ids, key=int) == [str(i) for i in range(10)]
+
+
+def test_each_failure_is_its_own_requests_error_and_the_stream_goes_on() -> None:
+    async def main() -> tuple[dict[str, str], Servicer]:
+        servicer = Servicer()
+        servicer.gate.set()
+        handler = StreamInfer(servicer, None, max_in_flight=8)
+        stream = handler.handle(sent(b"ok-1", b"garbage", b"shed", b"bug", b"ok-2"), None)
+        out = {}
+        async for answer in stream:
+            out[answer.infer_response.id or "?"] = answer.error_message
+        return out, servicer
+
+    out, servicer = asyncio.run(main())
+    assert out["ok-1"] == out["ok-2"] == ""
+    assert out["?"] == "INVALID_ARGUMENT: malformed ModelInferRequest message"
+    assert out["shed"] == "request 'shed': RESOURCE_EXHAUSTED: too many requests (retry after 2 s)"
+    assert out["bug"] == "request 'bug': INTERNAL: internal error; see the gateway log"
+    assert servicer.metrics.rejections == Counter(
+        {("grpc", "invalid_input"): 1, ("grpc", "shed"): 1}
+    )
