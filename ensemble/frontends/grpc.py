@@ -257,6 +257,15 @@ class InferenceServicer:
         it is malformed."""
         return await self.offload.run(len(raw), lambda: _parse(service_pb2.ModelInferRequest, raw))
 
+    async def authorize(self, context: Any, keys: ApiKeys) -> None:
+        """End the call UNAUTHENTICATED unless its metadata carries one of ``keys``."""
+        metadata = context.invocation_metadata()
+        header = next((v for k, v in metadata if k == "authorization"), None)
+        try:
+            keys.check(header, "metadata `authorization: Bearer <key>`")
+        except EnsembleError as exc:
+            await self.refuse(context, exc)
+
     async def refuse(self, context: Any, exc: EnsembleError) -> NoReturn:
         """End the call with ``exc``'s status, counted as a rejection."""
         self.metrics.record_rejection(PROTOCOL, exc.reason)
@@ -340,11 +349,9 @@ def _unary(servicer: InferenceServicer, name: str, keys: ApiKeys | None) -> Unar
     method = getattr(servicer, name)
 
     async def handle(raw: bytes, context: Any) -> Any:
+        if keys is not None:
+            await servicer.authorize(context, keys)
         try:
-            if keys is not None:
-                metadata = context.invocation_metadata()
-                header = next((v for k, v in metadata if k == "authorization"), None)
-                keys.check(header, "metadata `authorization: Bearer <key>`")
             request = await servicer.offload.run(len(raw), lambda: _parse(request_type, raw))
         except EnsembleError as exc:
             await servicer.refuse(context, exc)

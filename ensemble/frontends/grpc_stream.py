@@ -37,13 +37,7 @@ class StreamInfer:
     async def handle(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
         """One stream (grpc.aio serves an async generator method as a streaming handler)."""
         if self.keys is not None:
-            header = next(
-                (v for k, v in context.invocation_metadata() if k == "authorization"), None
-            )
-            try:
-                self.keys.check(header, "metadata `authorization: Bearer <key>`")
-            except EnsembleError as exc:
-                await self.servicer.refuse(context, exc)
+            await self.servicer.authorize(context, self.keys)
         slots = asyncio.Semaphore(self.max_in_flight)
         answers: asyncio.Queue[Any] = asyncio.Queue()
         reader = asyncio.create_task(self._read(requests, context, slots, answers))
