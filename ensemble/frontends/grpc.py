@@ -271,19 +271,19 @@ class InferenceServicer:
         self.metrics.record_rejection(PROTOCOL, exc.reason)
         await _abort(context, exc)
 
-    async def infer(self, request: Any, context: Any) -> Any:
-        """One ModelInfer request answered (a span of its own when tracing is on); the
-        gateway's errors raised."""
+    async def infer(self, request: Any, context: Any, method: str = "ModelInfer") -> Any:
+        """One ModelInfer request answered (a span of its own, named after the RPC ``method``
+        that carried it, when tracing is on); the gateway's errors raised."""
         if not tracing.enabled():
             return await self._infer(request, context)
         carrier = {k: v for k, v in context.invocation_metadata() if k in TRACE_KEYS}
         attributes = {
             "rpc.system": "grpc",
             "rpc.service": SERVICE_NAME,
-            "rpc.method": "ModelInfer",
+            "rpc.method": method,
             "ensemble.model": request.model_name,
         }
-        with tracing.request_span(f"{SERVICE_NAME}/ModelInfer", carrier, attributes) as span:
+        with tracing.request_span(f"{SERVICE_NAME}/{method}", carrier, attributes) as span:
             try:
                 response = await self._infer(request, context)
             except Exception as exc:

@@ -70,7 +70,7 @@ class StreamInfer:
         try:
             request = await self.servicer.parse_infer(raw)
             request_id = request.id
-            response = await self.servicer.infer(request, context)
+            response = await self.servicer.infer(request, context, "ModelStreamInfer")
         except EnsembleError as exc:
             self.servicer.metrics.record_rejection("grpc", exc.reason)
             message = f"{exc.grpc_code}: {exc.message}"

@@ -198,6 +198,7 @@ async def _say_so(spans: InMemorySpanExporter) -> None:
         await _hedged_and_retried(url, spans)
         await _partitioned(gateway, url, spans)
         await _over_grpc(grpc_target, spans)
+        await _over_a_grpc_stream(grpc_target, spans)
 
 
 async def _hedged_and_retried(url: str, spans: InMemorySpanExporter) -> None:
@@ -254,6 +255,31 @@ async def _over_grpc(grpc_target: str, spans: InMemorySpanExporter) -> None:
     assert request.context.trace_id == int(TRACE_ID, 16)
     assert request.attributes["rpc.system"] == "grpc"
     assert request.attributes["rpc.grpc.status_code"] == 0
+
+
+async def _over_a_grpc_stream(grpc_target: str, spans: InMemorySpanExporter) -> None:
+    """Each request of a ModelStreamInfer stream: a span of its own, named after the stream's
+    RPC, continuing the stream's metadata."""
+    spans.clear()
+    client = grpcaio.InferenceServerClient(grpc_target)
+
+    async def requests() -> AsyncIterator[dict[str, Any]]:
+        for i in range(2):
+            tensor = grpcaio.InferInput("input", [1, 64], "FP32")
+            tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
+            yield {"model_name": "logreg", "inputs": [tensor], "request_id": str(i)}
+
+    try:
+        answers = client.stream_infer(requests(), headers={"traceparent": TRACEPARENT})
+        got = [await anext(answers) for _ in range(2)]
+        answers.cancel()
+    finally:
+        await client.close()
+    assert [error for _, error in got] == [None, None]
+    served = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert [s.name for s in served] == ["inference.GRPCInferenceService/ModelStreamInfer"] * 2
+    assert {s.context.trace_id for s in served} == {int(TRACE_ID, 16)}
+    assert all(s.attributes["rpc.method"] == "ModelStreamInfer" for s in served)
 
 
 def test_grpc_spans_on_the_uvicorn_stack(spans: InMemorySpanExporter) -> None:

@@ -32,7 +32,8 @@ class Servicer:
             raise InvalidInput("malformed ModelInferRequest message")
         return SimpleNamespace(id=raw.decode())
 
-    async def infer(self, request: Any, context: Any) -> Any:
+    async def infer(self, request: Any, context: Any, method: str) -> Any:
+        assert method == "ModelStreamInfer"
         self.started.append(request.id)
         await self.gate.wait()
         if request.id == "shed":
