@@ -109,7 +109,7 @@ def register(sub: Subparsers) -> None:
         help="replica ejections by outlier detection an hour still acceptable",
     )
     out = parser.add_mutually_exclusive_group()
-    out.add_argument("--out", type=Path, help="write the rules to this file")
+    out.add_argument("--out", type=Path, metavar="FILE", help="write the rules to FILE")
     out.add_argument(
         "--check",
         type=Path,
