@@ -1,31 +1,50 @@
 """An ONNX model as the files it is stored in: the model file and the external data files its
-tensors name (ONNX keeps large weights beside the graph that way, a path relative to the model
-file's folder per tensor), each read once. The model's digest covers all of them, and the
-model handed to onnxruntime is made self-contained from those very bytes, so what was checked
-is what is loaded, and no file is opened again.
+tensors name (ONNX keeps large weights beside the graph that way: a path relative to the model
+file's folder, an offset and a length per tensor), each read once. The model's digest covers
+all of them, and the model handed to onnxruntime is made self-contained from those very bytes,
+so what was checked is what is loaded, and no file is opened again.
+
+A model file is untrusted until its digest is checked, and that needs its external files read:
+so a location must be a relative path that stays in the model's folder (as onnxruntime asks),
+each file is opened once without blocking and read only when it is a regular file, all of them
+together within what one model may hold, and every offset and length must be a byte count
+inside its file; anything else is an EnsembleError naming the tensor or the file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from google.protobuf.message import Message
 
 from ensemble.errors import EnsembleError
 
 MAX_EXTERNAL_FILES = 4096
 """External data files one model may name."""
 PROTOBUF_LIMIT = 2**31 - 1
-"""The largest model protobuf can hold in one message: a model whose tensors add up to more
+"""The largest model protobuf can hold in one message: a model whose files add up to more
 cannot be made self-contained."""
+_EXTERNAL = onnx.TensorProto.EXTERNAL
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Slice:
+    """Where one tensor's data lies: its file (by normalised location), offset, length."""
+
+    tensor: onnx.TensorProto
+    location: str
+    offset: int
+    length: int | None
 
 
 @dataclass(frozen=True)
@@ -35,7 +54,8 @@ class ModelFiles:
     path: Path
     model: bytes
     external: Mapping[str, bytes] = field(default_factory=dict)
-    """Each external data file's bytes by its location (as the model names it), sorted."""
+    """Each external data file's bytes by its location (normalised: ``./w.bin`` is
+    ``w.bin``), sorted."""
 
     def digest(self) -> str:
         """The model's SHA-256: the model file's, or with external data files the SHA-256 of
@@ -56,42 +76,27 @@ class ModelFiles:
 
     def self_contained(self) -> bytes:
         """The model with every external tensor's data in it (the model file's own bytes
-        when it has none); EnsembleError when a tensor's data lies outside its file, or the
-        whole exceeds what protobuf can hold."""
+        when it has none)."""
         if not self.external:
             return self.model
         model = onnx.load_model_from_string(self.model)
-        total = len(self.model)
-        for tensor in _external_tensors(model):
-            info = ExternalDataInfo(tensor)
-            data = self.external[info.location]
-            offset = info.offset or 0
-            length = len(data) - offset if info.length is None else info.length
-            if offset < 0 or length < 0 or offset + length > len(data):
-                raise EnsembleError(
-                    f"model {self.path}: tensor {tensor.name!r} reads bytes {offset} to "
-                    f"{offset + length} of {info.location!r}, which holds {len(data)}"
-                )
-            total += length
-            if total > PROTOBUF_LIMIT:
-                raise EnsembleError(
-                    f"model {self.path}: its tensors hold over 2 GiB, more than one ONNX "
-                    "protobuf can carry; models that large cannot be served yet"
-                )
-            tensor.raw_data = data[offset : offset + length]
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
+        for part in _slices(model, self.path):
+            data = self.external[part.location]
+            end = len(data) if part.length is None else part.offset + part.length
+            part.tensor.raw_data = data[part.offset : end]
+            part.tensor.data_location = onnx.TensorProto.DEFAULT
+            del part.tensor.external_data[:]
         return model.SerializeToString()
 
 
 def read_model_files(path: Path) -> ModelFiles:
     """Read ``path`` and the external data files it names (each once); EnsembleError naming
-    the file when one cannot be read, or a location is not a file inside the model's folder."""
+    the file or the tensor when the model cannot be read so."""
     try:
         model = path.read_bytes()
     except OSError as exc:
         raise EnsembleError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
-    # Tensors kept outside say so with a `location` entry: without those bytes there are none,
+    # A tensor kept outside says so with a `location` entry: without those bytes there is none,
     # and the model need not be parsed here.
     if b"location" not in model:
         return ModelFiles(path, model)
@@ -99,72 +104,154 @@ def read_model_files(path: Path) -> ModelFiles:
         proto = onnx.load_model_from_string(model)
     except Exception as exc:  # protobuf's DecodeError, or onnx's own
         raise EnsembleError(f"{path} is not an ONNX model: {exc}") from exc
-    locations = sorted({ExternalDataInfo(t).location for t in _external_tensors(proto)})
+    slices = _slices(proto, path)
+    locations = sorted({part.location for part in slices})
     if len(locations) > MAX_EXTERNAL_FILES:
         raise EnsembleError(
             f"model {path} names {len(locations)} external data files; at most "
             f"{MAX_EXTERNAL_FILES} are read"
         )
-    external = {name: _read_external(path, name) for name in locations}
+    external = _read_all(path, locations, PROTOBUF_LIMIT - len(model))
+    for part in slices:
+        size = len(external[part.location])
+        end = size if part.length is None else part.offset + part.length
+        if part.offset > size or end > size:
+            raise EnsembleError(
+                f"model {path}: tensor {part.tensor.name[:80]!r} reads bytes {part.offset} to "
+                f"{end} of {part.location!r}, which holds {size}"
+            )
     return ModelFiles(path, model, external)
 
 
-def _read_external(path: Path, location: str) -> bytes:
-    folder = path.parent.resolve()
-    why = None
-    if not location or any(
-        p.is_absolute() or p.anchor or ".." in p.parts
-        for p in (PurePosixPath(location), PureWindowsPath(location))
-    ):
-        why = "not a path inside the model's folder"
-    else:
-        target = (folder / location).resolve()
-        if not target.is_relative_to(folder):
-            why = "a link out of the model's folder"
-        elif not target.is_file():
-            why = "missing" if not target.exists() else "not a regular file"
-    if why is not None:
-        raise EnsembleError(f"model {path}: external data file {location!r} is {why}")
-    try:
-        return target.read_bytes()
-    except OSError as exc:
-        raise EnsembleError(
-            f"model {path}: cannot read external data file {location!r}: {exc.strerror or exc}"
-        ) from exc
-
-
-def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of the model whose data is kept in an external file."""
+def _slices(model: onnx.ModelProto, path: Path) -> list[_Slice]:
+    """Every tensor of ``model`` kept in an external file, with where its data lies."""
+    found = []
     for tensor in _tensors(model):
-        if uses_external_data(tensor):
-            yield tensor
+        if tensor.data_location != _EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        name = tensor.name[:80]
+        found.append(
+            _Slice(
+                tensor,
+                _location(path, name, entries.get("location")),
+                _count(path, name, "offset", entries.get("offset")) or 0,
+                _count(path, name, "length", entries.get("length")),
+            )
+        )
+    return found
 
 
-def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    yield from _graph_tensors(model.graph)
-    for function in model.functions:
-        for node in function.node:
-            yield from _node_tensors(node)
+def _location(path: Path, tensor: str, location: object) -> str:
+    """A tensor's external data location, normalised; EnsembleError unless it is a relative
+    path that stays in the model's folder."""
+    if not isinstance(location, str) or not location or "\0" in location:
+        why = "has no location" if not location else f"location {location!r:.80} is not a name"
+        raise EnsembleError(f"model {path}: external tensor {tensor!r}: {why}")
+    posix = PurePosixPath(location)
+    if any(
+        p.is_absolute() or p.anchor or ".." in p.parts for p in (posix, PureWindowsPath(location))
+    ):
+        raise EnsembleError(
+            f"model {path}: external data file {location[:200]!r} of tensor {tensor!r} is not "
+            "a path inside the model's folder"
+        )
+    return str(posix)
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from _node_tensors(node)
+def _count(path: Path, tensor: str, key: str, value: object) -> int | None:
+    """An offset or length in bytes (None when absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise EnsembleError(
+            f"model {path}: external tensor {tensor!r} has {key} {value!r:.40}, not a byte count"
+        )
+    return int(value)
 
 
-def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
-    for attribute in node.attribute:
-        if attribute.HasField("t"):
-            yield attribute.t
-        yield from attribute.tensors
-        if attribute.HasField("sparse_tensor"):
-            yield attribute.sparse_tensor.values
-            yield attribute.sparse_tensor.indices
-        if attribute.HasField("g"):
-            yield from _graph_tensors(attribute.g)
-        for graph in attribute.graphs:
-            yield from _graph_tensors(graph)
+def _read_all(path: Path, locations: list[str], budget: int) -> dict[str, bytes]:
+    """Each external data file's bytes; the files together within ``budget`` bytes, checked
+    from their sizes before any is read."""
+    folder = path.parent
+    total = 0
+    for location in locations:
+        try:
+            info = os.stat(folder / location)
+        except (OSError, ValueError) as exc:
+            raise _unreadable(path, location, exc) from None
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(path, location)
+        total += info.st_size
+    if total > budget:
+        raise _too_large(path)
+    read: dict[tuple[int, int], bytes] = {}  # by file, for locations naming the same one
+    external = {}
+    for location in locations:
+        external[location] = _read_one(path, location, read, budget)
+        budget -= len(external[location])
+    return external
+
+
+def _read_one(path: Path, location: str, read: dict[tuple[int, int], bytes], budget: int) -> bytes:
+    """One file, opened once without blocking (a FIFO put there since must not hang the
+    gateway) and read from that descriptor only when it is a regular file."""
+    try:
+        fd = os.open(path.parent / location, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, location, exc) from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(path, location)
+        key = (info.st_dev, info.st_ino)
+        if key in read:
+            return read[key]
+        try:
+            data = file.read(budget + 1)
+        except OSError as exc:
+            raise _unreadable(path, location, exc) from None
+        except MemoryError:
+            raise _too_large(path) from None
+    if len(data) > budget:
+        raise _too_large(path)
+    read[key] = data
+    return data
+
+
+def _unreadable(path: Path, location: str, exc: Exception) -> EnsembleError:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return EnsembleError(f"model {path}: cannot read external data file {location[:200]!r}: {why}")
+
+
+def _not_regular(path: Path, location: str) -> EnsembleError:
+    return EnsembleError(
+        f"model {path}: external data file {location[:200]!r} is not a regular file"
+    )
+
+
+def _too_large(path: Path) -> EnsembleError:
+    return EnsembleError(
+        f"model {path}: its files hold over 2 GiB, more than one ONNX protobuf can carry; "
+        "models that large cannot be served yet"
+    )
+
+
+def _tensors(message: Message) -> Iterator[onnx.TensorProto]:
+    """Every tensor anywhere in ``message``: initializers, node attributes, subgraphs,
+    functions' bodies and attribute defaults, sparse tensors' parts."""
+    for descriptor, value in message.ListFields():
+        kind = descriptor.message_type
+        if kind is None:  # not a message field
+            continue
+        if kind.GetOptions().map_entry:
+            items = list(value.values())
+        elif descriptor.is_repeated:
+            items = list(value)
+        else:
+            items = [value]
+        for item in items:
+            if isinstance(item, onnx.TensorProto):
+                yield item
+            elif isinstance(item, Message):
+                yield from _tensors(item)

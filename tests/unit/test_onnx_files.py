@@ -13,7 +13,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import helper
 
+from ensemble import onnx_files
 from ensemble.cli import main
 from ensemble.errors import EnsembleError, ModelIntegrityError
 from ensemble.integrity import Digest, model_digest, read_verified
@@ -85,21 +87,113 @@ def test_a_changed_weight_file_fails_the_digest(model: Path) -> None:
         ("../weights.bin", "not a path inside the model's folder"),
         ("/etc/hostname", "not a path inside the model's folder"),
         ("sub/../../weights.bin", "not a path inside the model's folder"),
-        ("absent.bin", "is missing"),
-        ("link.bin", "a link out of the model's folder"),
+        ("C:weights.bin", "not a path inside the model's folder"),
+        ("absent.bin", "cannot read external data file 'absent.bin'"),
+        ("loop", "cannot read external data file 'loop'"),
         ("fifo", "not a regular file"),
+        ("folder", "not a regular file"),
+        ("x" * 300, "cannot read external data file"),
+        ("nul\0.bin", "is not a name"),
+        ("", "has no location"),
     ],
 )
 def test_a_location_outside_the_folder_or_not_a_file_is_refused(
     model: Path, tmp_path: Path, location: str, reason: str
 ) -> None:
-    outside = tmp_path.parent / f"{tmp_path.name}-outside.bin"
-    outside.write_bytes((tmp_path / "weights.bin").read_bytes())
-    (tmp_path / "link.bin").symlink_to(outside)
-    os.mkfifo(tmp_path / "fifo")  # reading it would block: never opened
-    relocate(model, location)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # opened without blocking, and refused
+    relocate(model, location.replace("\\0", "\0"))
     with pytest.raises(EnsembleError, match=reason):
         read_verified("mlp", model, [], allow_unverified=True)
+
+
+def test_a_symlink_is_followed_and_what_it_names_is_checked(model: Path, tmp_path: Path) -> None:
+    """As onnxruntime follows links from a model's folder (model caches link their files):
+    the bytes read are digested wherever they lie."""
+    outside = tmp_path.parent / f"{tmp_path.name}-weights.bin"
+    (tmp_path / "weights.bin").rename(outside)
+    (tmp_path / "weights.bin").symlink_to(outside)
+    pin = Digest(model_digest(model), "its pin")
+    read_verified("mlp", model, [pin])
+    outside.write_bytes(outside.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ModelIntegrityError):
+        read_verified("mlp", model, [pin])
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("offset", "abc"), ("offset", "-1"), ("length", "1e3"), ("length", "9" * 5000)],
+)
+def test_an_offset_or_length_that_is_not_a_byte_count_is_refused(
+    model: Path, key: str, value: str
+) -> None:
+    proto = onnx.load(str(model), load_external_data=False)
+    tensor = next(
+        t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    )
+    tensor.external_data.add(key=key, value=value)  # the last entry of a key counts
+    model.write_bytes(proto.SerializeToString())
+    with pytest.raises(EnsembleError, match=f"has {key} .*, not a byte count"):
+        read_model_files(model)
+
+
+def test_a_location_that_is_not_text_is_refused(model: Path) -> None:
+    data = model.read_bytes().replace(b"weights.bin", b"weights.bi\xee", 1)
+    model.write_bytes(data)
+    with pytest.raises(EnsembleError, match="is not a name"):
+        read_model_files(model)
+
+
+def test_files_named_twice_are_read_once_and_all_together_stay_under_the_limit(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proto = onnx.load(str(model), load_external_data=False)
+    externals = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor, alias in zip(externals, ("./weights.bin", "weights.bin/"), strict=False):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = alias
+    model.write_bytes(proto.SerializeToString())
+    assert list(read_model_files(model).external) == ["weights.bin"]  # one file, one name
+    size = (model.parent / "weights.bin").stat().st_size
+    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", len(model.read_bytes()) + size - 1)
+    with pytest.raises(EnsembleError, match="over 2 GiB"):
+        read_model_files(model)
+
+
+def test_a_tensor_in_a_functions_attribute_default_is_read_and_inlined(tmp_path: Path) -> None:
+    """Every tensor counts wherever the model keeps it: here a model-local function's default
+    for an attribute, which onnxruntime would otherwise read from the working directory."""
+    weights = np.full(4, 2.0, np.float32)
+    (tmp_path / "w.bin").write_bytes(weights.tobytes())
+    tensor = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[4])
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="w.bin")
+    const = helper.make_node("Constant", [], ["c"])
+    attribute = const.attribute.add()
+    attribute.name, attribute.ref_attr_name = "value", "w"
+    attribute.type = onnx.AttributeProto.TENSOR
+    add = helper.make_node("Add", ["x", "c"], ["y"])
+    function = helper.make_function(
+        "local", "F", ["x"], ["y"], [const, add], [helper.make_opsetid("", 17)]
+    )
+    function.attribute_proto.append(helper.make_attribute("w", tensor))
+    graph = helper.make_graph(
+        [helper.make_node("F", ["X"], ["Y"], domain="local")],
+        "g",
+        [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [4])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    proto = helper.make_model(graph, opset_imports=opsets, functions=[function], ir_version=9)
+    (tmp_path / "f.onnx").write_bytes(proto.SerializeToString())
+    files = read_model_files(tmp_path / "f.onnx")
+    assert list(files.external) == ["w.bin"]
+    session = ort.InferenceSession(files.self_contained(), providers=["CPUExecutionProvider"])
+    (tmp_path / "w.bin").write_bytes(np.full(4, 666.0, np.float32).tobytes())  # too late
+    result = session.run(None, {"X": np.zeros(4, np.float32)})[0]
+    assert np.array_equal(result, weights)
 
 
 def test_a_tensor_past_the_end_of_its_file_is_refused(model: Path) -> None:
