@@ -4,7 +4,8 @@ is done (tritonclient's ``start_stream`` / ``async_stream_infer``).
 Every request on the stream is one ModelInfer call (limits, admission, its own contract and
 deadline, metrics); its answer carries the request's ``id``, so answers may overtake each
 other, as they do on Triton. A request that fails gets a response with ``error_message`` and
-the stream goes on. At most ``max_in_flight`` requests of one stream are read and not yet
+the stream goes on (a message over ``max_request_bytes`` is refused by gRPC core itself, which
+ends the stream). At most ``max_in_flight`` requests of one stream are read and not yet
 answered: past that the gateway stops reading the stream, so a client that sends faster than
 it reads its answers holds that many, not more.
 """
@@ -20,6 +21,7 @@ from tritonclient.grpc import service_pb2
 
 from ensemble.auth import ApiKeys
 from ensemble.errors import EnsembleError, Overloaded
+from ensemble.oip.checks import MAX_ID_CHARS
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,26 @@ class StreamInfer:
         self.keys = keys
         self.max_in_flight = max_in_flight
 
-    async def handle(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
-        """One stream (grpc.aio serves an async generator method as a streaming handler)."""
+    async def handle(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        """One stream, each answer written as it is done. A client that went away ends it
+        quietly (a write to a cancelled call fails; that is no error of the gateway's)."""
+        answers = self.answers(requests, context)
+        try:
+            async for answer in answers:
+                try:
+                    await context.write(answer)
+                except Exception as exc:
+                    # gRPC core failed the send: the call is gone (the client cancelled or
+                    # its connection broke, which the call may not show yet).
+                    if type(exc).__name__ == "ExecuteBatchError" or context.done():
+                        return
+                    raise
+        finally:
+            await answers.aclose()
+
+    async def answers(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+        """The stream's answers as they are done; each taken from here frees the place of one
+        more request."""
         if self.keys is not None:
             await self.servicer.authorize(context, self.keys)
         slots = asyncio.Semaphore(self.max_in_flight)
@@ -69,7 +89,8 @@ class StreamInfer:
         request_id = ""
         try:
             request = await self.servicer.parse_infer(raw)
-            request_id = request.id
+            if len(request.id) <= MAX_ID_CHARS:  # a longer one is refused, not echoed
+                request_id = request.id
             response = await self.servicer.infer(request, context, "ModelStreamInfer")
         except EnsembleError as exc:
             self.servicer.metrics.record_rejection("grpc", exc.reason)
@@ -88,7 +109,7 @@ def _failed(request_id: str, message: str) -> Any:
     """The answer to a request that failed: its error (naming the request when it has an id)
     and its id."""
     if request_id:
-        message = f"request {request_id!r}: {message}"
+        message = f"request '{request_id}': {message}"
     return service_pb2.ModelStreamInferResponse(
         error_message=message, infer_response=service_pb2.ModelInferResponse(id=request_id)
     )

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
-from tests.helpers import labelled, scrape
+from tests.helpers import labelled, scrape, wait_for
 from tests.integration.process import GatewayProcess, start_from_config, zoo_member
 
 pytestmark = pytest.mark.integration
@@ -109,6 +111,37 @@ def test_a_bad_request_fails_alone_and_the_stream_goes_on(gw: GatewayProcess) ->
     assert len(errors) == 2
     assert "request 'unknown': NOT_FOUND" in errors[0]
     assert "request 'wrong-shape': INVALID_ARGUMENT" in errors[1]
+
+
+def test_a_client_that_cancels_a_stalled_stream_leaves_nothing_behind(gw: GatewayProcess) -> None:
+    """Many large answers unread (the gateway's writes block on flow control), then the call
+    cancelled: the gateway goes idle again, and logs no error for a client that went away
+    (the module's gateway is checked for tracebacks when it stops)."""
+    inputs = service_pb2.ModelInferRequest.InferInputTensor(
+        name="input", datatype="FP32", shape=[1000, 64]
+    )
+    message = service_pb2.ModelInferRequest(
+        model_name="digits", inputs=[inputs], raw_input_contents=[bytes(1000 * 64 * 4)]
+    ).SerializeToString()
+    with grpc.insecure_channel(gw.grpc_target) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=None,
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )(iter([message] * 2000), timeout=60)
+        seen: list[float] = []
+
+        def stalled() -> bool:  # answered requests stop growing: the writes are blocked
+            seen.append(grpc_successes(gw))
+            return len(seen) > 3 and seen[-1] == seen[-3] > seen[0]
+
+        wait_for(stalled, "the stream to stall on unread answers", timeout_s=30, interval_s=0.2)
+        call.cancel()
+    wait_for(
+        lambda: labelled(scrape(gw.http_url), "ensemble_inflight_requests") == 0,
+        "the gateway idle again",
+        timeout_s=30,
+    )
 
 
 def test_an_api_key_guards_the_stream(zoo_dir: Path, tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ class Servicer:
             raise Overloaded("too many requests", retry_after_s=2)
         if request.id == "bug":
             raise RuntimeError("a bug")
+        if len(request.id) > 1024:  # as decoding refuses it
+            raise InvalidInput(f"'id' has {len(request.id):,} characters; at most 1024")
         return service_pb2.ModelInferResponse(id=request.id)
 
 
@@ -56,7 +58,7 @@ async def settle() -> None:
 def test_a_client_that_does_not_read_its_answers_holds_the_cap_and_no_more() -> None:
     async def main() -> tuple[list[int], list[str]]:
         servicer = Servicer()
-        answers = StreamInfer(servicer, None, max_in_flight=3).handle(
+        answers = StreamInfer(servicer, None, max_in_flight=3).answers(
             sent(*(str(i).encode() for i in range(10))), None
         )
         seen = []
@@ -83,7 +85,7 @@ def test_each_failure_is_its_own_requests_error_and_the_stream_goes_on() -> None
         servicer = Servicer()
         servicer.gate.set()
         handler = StreamInfer(servicer, None, max_in_flight=8)
-        stream = handler.handle(sent(b"ok-1", b"garbage", b"shed", b"bug", b"ok-2"), None)
+        stream = handler.answers(sent(b"ok-1", b"garbage", b"shed", b"bug", b"ok-2"), None)
         out = {}
         async for answer in stream:
             out[answer.infer_response.id or "?"] = answer.error_message
@@ -97,3 +99,48 @@ def test_each_failure_is_its_own_requests_error_and_the_stream_goes_on() -> None
     assert servicer.metrics.rejections == Counter(
         {("grpc", "invalid_input"): 1, ("grpc", "shed"): 1}
     )
+
+
+def test_an_id_over_the_limit_is_refused_and_not_echoed() -> None:
+    async def main() -> list[Any]:
+        servicer = Servicer()
+        servicer.gate.set()
+        stream = StreamInfer(servicer, None, max_in_flight=8).answers(sent(b"y" * 100_000), None)
+        return [answer async for answer in stream]
+
+    (answer,) = asyncio.run(main())
+    assert answer.infer_response.id == ""
+    assert answer.error_message == "INVALID_ARGUMENT: 'id' has 100,000 characters; at most 1024"
+
+
+class ExecuteBatchError(Exception):
+    """Named as the error grpc.aio raises when gRPC core fails a write."""
+
+
+class GoneContext:
+    """A call whose client went away: writes fail, and the call says it was cancelled."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    async def write(self, message: Any) -> None:
+        self.writes += 1
+        raise ExecuteBatchError("execute_batch failed")
+
+    def done(self) -> bool:
+        return False  # not yet: gRPC core may fail the write before the call shows it
+
+
+def test_a_client_gone_mid_stream_ends_it_quietly_with_nothing_left_running() -> None:
+    async def main() -> tuple[int, int]:
+        servicer = Servicer()
+        servicer.gate.set()
+        context = GoneContext()
+        before = len(asyncio.all_tasks())
+        requests = sent(*(str(i).encode() for i in range(20)))
+        await StreamInfer(servicer, None, max_in_flight=4).handle(requests, context)
+        await settle()
+        return context.writes, len(asyncio.all_tasks()) - before
+
+    writes, left = asyncio.run(main())
+    assert writes == 1 and left == 0
