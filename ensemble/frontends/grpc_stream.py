@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final
 
 from tritonclient.grpc import service_pb2
@@ -53,7 +53,7 @@ class StreamInfer:
         finally:
             await answers.aclose()
 
-    async def answers(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+    async def answers(self, requests: AsyncIterator[bytes], context: Any) -> AsyncGenerator[Any]:
         """The stream's answers as they are done; each taken from here frees the place of one
         more request."""
         if self.keys is not None:
