@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from typing import Any, Literal
@@ -60,9 +61,12 @@ EXTENSIONS = ("binary_tensor_data", "parameters", "model_configuration", "model_
 
 
 def outcome_of(exc: BaseException | None) -> str:
-    """The `outcome` label for a finished request."""
+    """The `outcome` label for a finished request: a request its caller cancelled (a gRPC
+    client that cancelled or went away) is the client's doing, as an HTTP 499 is."""
     if exc is None:
         return "success"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
     status = exc.http_status if isinstance(exc, EnsembleError) else 500
     if status == 503:
         return "unavailable"

@@ -39,7 +39,7 @@ def frontend_families(m: GatewayMetrics) -> Iterator[Metric]:
     yield _counter(
         "ensemble_requests",
         "Inference requests by model, protocol (http, grpc) and outcome "
-        "(success, client_error, server_error, unavailable).",
+        "(success, client_error, server_error, unavailable, cancelled: by its caller).",
         ["model", "protocol", "outcome"],
         m.requests.items(),
     )

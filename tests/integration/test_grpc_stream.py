@@ -117,6 +117,7 @@ def test_a_client_that_cancels_a_stalled_stream_leaves_nothing_behind(gw: Gatewa
     """Many large answers unread (the gateway's writes block on flow control), then the call
     cancelled: the gateway goes idle again, and logs no error for a client that went away
     (the module's gateway is checked for tracebacks when it stops)."""
+    failed = labelled(scrape(gw.http_url), "ensemble_requests_total", outcome="server_error")
     inputs = service_pb2.ModelInferRequest.InferInputTensor(
         name="input", datatype="FP32", shape=[1000, 64]
     )
@@ -142,6 +143,43 @@ def test_a_client_that_cancels_a_stalled_stream_leaves_nothing_behind(gw: Gatewa
         "the gateway idle again",
         timeout_s=30,
     )
+    # Requests the cancel cut short are the client's doing, not server errors.
+    assert (
+        labelled(scrape(gw.http_url), "ensemble_requests_total", outcome="server_error") == failed
+    )
+
+
+def test_a_call_its_client_cancels_is_counted_as_cancelled(zoo_dir: Path, tmp_path: Path) -> None:
+    """A member behind a 2 s link: a unary call and a stream request in flight when their
+    client cancels are `cancelled`, not server errors (they burn no availability budget)."""
+    slow = {
+        "tiers": {"cloud": {"link": {"emulate": True, "delay_ms": 2000}}},
+        "ensembles": [{"name": "far", "members": [zoo_member("logreg", {"tier": "cloud"})]}],
+    }
+    gw = start_from_config(slow, tmp_path)
+    try:
+        client = grpcclient.InferenceServerClient(gw.grpc_target)
+        unary = client.async_infer("far", [row(0)], callback=lambda result, error: None)
+        client.start_stream(callback=lambda result, error: None)
+        client.async_stream_infer("far", [row(1)], request_id="s")
+
+        def running() -> bool:
+            return labelled(scrape(gw.http_url), "ensemble_inflight_requests") == 2
+
+        wait_for(running, "both requests in flight", timeout_s=10)
+        unary.cancel()
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+        def counted() -> bool:
+            text = scrape(gw.http_url)
+            return labelled(text, "ensemble_requests_total", model="far", outcome="cancelled") == 2
+
+        wait_for(counted, "both counted as cancelled", timeout_s=10)
+        text = scrape(gw.http_url)
+        assert labelled(text, "ensemble_requests_total", outcome="server_error") is None
+    finally:
+        assert gw.stop() == 0, gw.log()
 
 
 def test_an_api_key_guards_the_stream(zoo_dir: Path, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def populated() -> GatewayMetrics:
     """Metrics with every value of every closed-set label recorded once."""
     m = GatewayMetrics()
     for protocol in ("http", "grpc"):
-        for outcome in ("success", "client_error", "server_error", "unavailable"):
+        for outcome in ("success", "client_error", "server_error", "unavailable", "cancelled"):
             m.record_request("digits", protocol, outcome, 0.01)
         for reason in REJECTION_REASONS:
             m.record_rejection(protocol, reason)
