@@ -13,7 +13,7 @@ import contextlib
 import logging
 import resource
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -166,14 +166,21 @@ class CoalescedWrites:
     (writev, no copy): uvicorn writes an HTTP answer's head and body apart, and its HTTP/2
     protocol a gRPC answer's headers, message and trailers, a system call each."""
 
-    __slots__ = ("_ended", "_loop", "_pending", "_scheduled", "_transport")
+    __slots__ = ("_closed", "_ended", "_loop", "_pending", "_scheduled", "_transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        closed: Callable[[], None] | None = None,
+    ) -> None:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
         self._scheduled = False
         self._ended = False
+        self._closed = closed
+        """Told when the connection is closed here (it may take a while to be gone)."""
 
     def write(self, data: bytes) -> None:
         if not data or self._ended:  # nothing leaves after the end of the stream
@@ -200,7 +207,10 @@ class CoalescedWrites:
 
     def close(self) -> None:
         self._flush()
+        starting = not self._transport.is_closing()  # not already closing (or lost)
         self._transport.close()
+        if starting and self._closed is not None:
+            self._closed()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -220,11 +230,60 @@ class OpenConnections:
         done)."""
         self.handshaking: dict[object, Any] = {}
         """Connections in their TLS handshake by their protocol, oldest first."""
+        self.closing: dict[object, asyncio.Transport] = {}
+        """Connections closed here and not gone yet, by their protocol, oldest first: a TLS
+        connection waits for the client's close_notify (``header_timeout_s`` at most), and
+        any waits for its last bytes to leave. They still count, so they are the first to go
+        when room is needed: aborted, which only skips that wait."""
 
-    def make_room(self) -> bool:
-        """Close an established connection doing nothing to make room for a new one; False
-        when there is none."""
+    def closed(self, conn: object, transport: asyncio.Transport) -> None:
+        """``conn`` was closed here; ``transport`` aborts it. Kept when it will linger: a TLS
+        connection, or one with bytes still to send (a plain one is gone at once)."""
+        if transport.get_extra_info("sslcontext") is not None or transport.get_write_buffer_size():
+            self.closing[conn] = transport
+
+    def gone(self, conn: object) -> None:
+        """``conn``'s connection is lost."""
+        self.closing.pop(conn, None)
+
+    def make_room(self, newcomer: object = None) -> bool:
+        """Make room for ``newcomer`` (a new connection; with TLS, its protocol, in its
+        handshake): abort the oldest connection closed here and still lingering, else close
+        whichever waited longest without a request, the oldest other TLS handshake or (HTTP)
+        the oldest connection that never sent a whole head, else (HTTP) the oldest idle one.
+        False when every connection is in a request."""
+        if self.closing:
+            conn = next(iter(self.closing))
+            self.closing.pop(conn).abort()
+            return True
+        handshake = next((h for c, h in self.handshaking.items() if c is not newcomer), None)
+        waiting = self._oldest_waiting()
+        if handshake is not None and (waiting is None or handshake.started <= waiting):
+            del self.handshaking[handshake.app]
+            handshake.close_for("evicted")
+            return True
+        return self._close_waiting()
+
+    def _oldest_waiting(self) -> float | None:
+        """Since when the oldest established connection without a request has waited."""
+        return None
+
+    def _close_waiting(self) -> bool:
+        """Close the oldest established connection not in a request."""
         return False
+
+    def finish_closing(self, conn: object) -> None:
+        """The gateway is stopping: abort ``conn`` if it is a TLS connection closed here with
+        nothing left to send, rather than wait for its client's close_notify (a plain one with
+        nothing left to send is gone at once)."""
+        transport = self.closing.get(conn)
+        if (
+            transport is not None
+            and transport.get_extra_info("sslcontext") is not None
+            and not transport.get_write_buffer_size()
+        ):
+            self.closing.pop(conn)
+            transport.abort()
 
 
 class ConnectionGuard(OpenConnections):
@@ -235,14 +294,17 @@ class ConnectionGuard(OpenConnections):
 
     def __init__(self, limits: ConnectionLimits, metrics: GatewayMetrics) -> None:
         super().__init__(limits, metrics, "http")
-        self.fresh: dict[GatewayHttpProtocol, None] = {}
-        """Connections that never sent a whole request head; insertion-ordered, oldest first."""
+        self.fresh: dict[GatewayHttpProtocol, float] = {}
+        """Connections that never sent a whole request head, since when (the loop's clock);
+        insertion-ordered, oldest first."""
         self.idle: dict[GatewayHttpProtocol, None] = {}
         """Connections idle after a request, oldest first."""
         metrics.open_connections = lambda: (("http", self.open),)
 
-    def make_room(self) -> bool:
-        """Close the oldest connection not in a request; False when every one is in one."""
+    def _oldest_waiting(self) -> float | None:
+        return next(iter(self.fresh.values()), None)
+
+    def _close_waiting(self) -> bool:
         for waiting in (self.fresh, self.idle):
             while waiting:
                 oldest = next(iter(waiting))
@@ -271,7 +333,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     # -- connection ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[arg-type]
+        writes = CoalescedWrites(transport, self.loop, lambda: self.guard.closed(self, transport))
+        super().connection_made(writes)  # type: ignore[arg-type]
         guard = self.guard
         guard.handshaking.pop(self, None)  # over TLS: the handshake is done
         guard.open += 1
@@ -284,14 +347,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 b"retry-after: 1\r\n",
             )
             return
-        guard.fresh[self] = None
+        guard.fresh[self] = self.loop.time()
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.open -= 1
         self.guard.forget(self)
+        self.guard.gone(self)
         self._cancel_head_timer()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        super().shutdown()  # closes the connection now when no request is on it
+        self.guard.finish_closing(self)
 
     def close(self, reason: str) -> bool:
         """Close this connection for ``reason`` (counted); False if it was closing already."""

@@ -67,11 +67,13 @@ class GatewayH2Protocol(ZttpH2Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.transport = CoalescedWrites(transport, self.loop)  # type: ignore[assignment]
+        self.transport = CoalescedWrites(  # type: ignore[assignment]
+            transport, self.loop, lambda: self.guard.closed(self, transport)
+        )
         guard = self.guard
         guard.handshaking.pop(self, None)  # over TLS: the handshake is done
         guard.open += 1
-        if guard.open > guard.limits.max_connections:
+        if guard.open > guard.limits.max_connections and not guard.make_room():
             self._close("limit")
             return
         limits = guard.limits
@@ -81,9 +83,14 @@ class GatewayH2Protocol(ZttpH2Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.open -= 1
+        self.guard.gone(self)
         for timer in self._timers:
             timer.cancel()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        super().shutdown()  # closes the connection now when no call is on it
+        self.guard.finish_closing(self)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:

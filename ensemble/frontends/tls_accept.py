@@ -5,8 +5,9 @@ application of a connection only once its handshake is done: connections still s
 escape the frontend's cap and its head timer. Here the listener takes plain TCP and every
 accepted connection is wrapped in the running loop's own TLS protocol (uvloop's, or asyncio's)
 by ``tls_protocol``: counted against ``max_connections`` from its accept, given
-``header_timeout_s`` to finish its handshake, and closed first when the frontend is full (the
-oldest handshake, as the oldest connection that never sent a request head is over plain text).
+``header_timeout_s`` to finish its handshake, and, when the frontend is full, closed to make
+room if it has waited longest of the connections without a request (``OpenConnections.
+make_room``).
 Go's net/http bounds the handshake the same way, by its head timeout.
 """
 
@@ -52,6 +53,8 @@ class _Handshake:
         self.app = app
         self.guard = guard
         self.loop = loop
+        self.started = loop.time()
+        """When it was accepted (the loop's clock): the oldest handshake goes first."""
         self.raw: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
 
@@ -60,7 +63,7 @@ class _Handshake:
         raw = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         guard.handshaking[self.app] = self
         full = len(guard.handshaking) + guard.open > guard.limits.max_connections
-        if full and not self._make_room():
+        if full and not guard.make_room(self.app):
             del guard.handshaking[self.app]
             guard.metrics.record_connection_closed(guard.label, "limit")
             raw.abort()  # before any TLS work: nothing to unwind when it is lost
@@ -76,20 +79,12 @@ class _Handshake:
         if self.raw is not None:
             super().connection_lost(exc)  # type: ignore[misc]
 
-    def _make_room(self) -> bool:
-        """Close the oldest other handshake, else an established connection doing nothing."""
-        guard = self.guard
-        oldest = next(iter(guard.handshaking))
-        if oldest is not self.app:
-            guard.handshaking.pop(oldest)._close_for("evicted")
-            return True
-        return guard.make_room()
-
     def _late(self) -> None:
         if self.guard.handshaking.pop(self.app, None) is not None:
-            self._close_for("header_timeout")
+            self.close_for("header_timeout")
 
-    def _close_for(self, reason: str) -> None:
+    def close_for(self, reason: str) -> None:
+        """Close it in its handshake, for ``reason`` (counted)."""
         self.guard.metrics.record_connection_closed(self.guard.label, reason)
         if self.raw is not None:
             self.raw.abort()
