@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import wait_for
 from tests.integration.process import GatewayProcess, start_from_config, zoo_member
 from tests.integration.test_connection_limits import closed_by_server
 from tests.integration.test_tls import Pki, grpcs_client, mint
@@ -56,8 +57,18 @@ def https(gw: GatewayProcess, pki: Pki) -> httpx.Client:
 
 
 def closed_count(gw: GatewayProcess, pki: Pki, reason: str, protocol: str) -> float:
-    with https(gw, pki) as client:
-        text = client.get("/metrics").text
+    text = ""
+
+    def scraped() -> bool:  # a full frontend refuses until it sees clients' closes
+        nonlocal text
+        try:
+            with https(gw, pki) as client:
+                text = client.get("/metrics").text
+        except httpx.TransportError:
+            return False
+        return True
+
+    wait_for(scraped, "a scrape of /metrics", timeout_s=10, interval_s=0.1)
     key = f'ensemble_connections_closed_total{{protocol="{protocol}",reason="{reason}"}}'
     return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(key))
 
