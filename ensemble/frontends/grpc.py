@@ -391,7 +391,7 @@ async def start_grpc_server(
     reuse_port: bool = False,
     lifecycle: ModelLifecycle | None = None,
     admin: BearerToken | None = None,
-) -> tuple[grpc.aio.Server, int]:
+) -> tuple[GrpcioServer, int]:
     """Bind ``host:port`` (0 picks a free port), start serving, return the server and its port.
 
     ``max_message_bytes`` caps received messages (responses are the gateway's own). gRPC
@@ -449,4 +449,16 @@ async def start_grpc_server(
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     await server.start()
-    return server, bound
+    return GrpcioServer(server, stream), bound
+
+
+class GrpcioServer:
+    """The running grpc.aio server: ``stop(grace)`` ends its streams first (``drain``)."""
+
+    def __init__(self, server: grpc.aio.Server, stream: StreamInfer) -> None:
+        self.server = server
+        self.stream = stream
+
+    async def stop(self, grace: float | None) -> None:
+        self.stream.drain()
+        await self.server.stop(grace)

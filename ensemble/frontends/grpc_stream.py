@@ -7,7 +7,8 @@ other, as they do on Triton. A request that fails gets a response with ``error_m
 the stream goes on (a message over ``max_request_bytes`` is refused by gRPC core itself, which
 ends the stream). At most ``max_in_flight`` requests of one stream are read and not yet
 answered: past that the gateway stops reading the stream, so a client that sends faster than
-it reads its answers holds that many, not more.
+it reads its answers holds that many, not more. When the gateway stops, every stream answers
+what it read and ends (``drain``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class StreamInfer:
         self.servicer = servicer
         self.keys = keys
         self.max_in_flight = max_in_flight
+        self.draining = False
+        self._pumps: set[asyncio.Task[None]] = set()
+        """Each open stream's reader."""
 
     async def handle(self, requests: AsyncIterator[bytes], context: Any) -> None:
         """One stream, each answer written as it is done. A client that went away ends it
@@ -60,28 +64,52 @@ class StreamInfer:
             await self.servicer.authorize(context, self.keys)
         slots = asyncio.Semaphore(self.max_in_flight)
         answers: asyncio.Queue[Any] = asyncio.Queue()
-        reader = asyncio.create_task(self._read(requests, context, slots, answers))
+        running: set[asyncio.Task[None]] = set()
+        pump = asyncio.create_task(self._pump(requests, context, slots, answers, running))
+        self._pumps.add(pump)
         try:
             while (answer := await answers.get()) is not _END:
                 yield answer
                 slots.release()  # answered and written: the stream may carry one more
-            await reader  # the stream's own failure, if reading it failed
+            await pump  # the stream's own failure, if reading it failed
         finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            self._pumps.discard(pump)
+            pump.cancel()
+            for task in running:
+                task.cancel()
+            await asyncio.gather(pump, *running, return_exceptions=True)
 
-    async def _read(
+    def drain(self) -> None:
+        """The gateway is stopping: every stream reads no more requests, answers those it
+        read, and ends (OK), as a stream that its client closed does; new streams end at
+        once. Without it an open stream would hold the stop for all of its grace period."""
+        self.draining = True
+        for pump in self._pumps:
+            pump.cancel()
+
+    async def _pump(
         self,
         requests: AsyncIterator[bytes],
         context: Any,
         slots: asyncio.Semaphore,
         answers: asyncio.Queue[Any],
+        running: set[asyncio.Task[None]],
     ) -> None:
+        """Read the stream's requests and start each, until it ends or the gateway drains;
+        then the answer of every request read, then the end."""
         try:
-            async with asyncio.TaskGroup() as running:
-                async for raw in requests:
-                    await slots.acquire()
-                    running.create_task(self._answer(raw, context, answers))
+            try:
+                if not self.draining:
+                    async for raw in requests:
+                        await slots.acquire()
+                        task = asyncio.create_task(self._answer(raw, context, answers))
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+            except asyncio.CancelledError:
+                if not self.draining:
+                    raise
+            if running:
+                await asyncio.wait(set(running))
         finally:
             answers.put_nowait(_END)
 

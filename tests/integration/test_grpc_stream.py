@@ -6,6 +6,7 @@ gRPC stack, which serves unary calls only, answers UNIMPLEMENTED."""
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,41 @@ def test_a_call_its_client_cancels_is_counted_as_cancelled(zoo_dir: Path, tmp_pa
         assert labelled(text, "ensemble_requests_total", outcome="server_error") is None
     finally:
         assert gw.stop() == 0, gw.log()
+
+
+def test_a_stopping_gateway_answers_streams_in_flight_and_ends_them(
+    zoo_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM with two streams open: one idle, one with a request behind a 1 s link. The
+    request is answered, both streams end, and the gateway exits 0 well within its drain time
+    (30 s), as Triton does once no request is in flight."""
+    slow = {
+        "tiers": {"cloud": {"link": {"emulate": True, "delay_ms": 1000}}},
+        "ensembles": [{"name": "far", "members": [zoo_member("logreg", {"tier": "cloud"})]}],
+    }
+    gw = start_from_config(slow, tmp_path)
+    got: queue.Queue[Answer] = queue.Queue()
+    idle = grpcclient.InferenceServerClient(gw.grpc_target)
+    busy = grpcclient.InferenceServerClient(gw.grpc_target)
+    try:
+        idle.start_stream(callback=lambda result, error: None)
+        busy.start_stream(callback=lambda result, error: got.put((result, error)))
+        busy.async_stream_infer("far", [row(0)], request_id="in-flight")
+        wait_for(
+            lambda: labelled(scrape(gw.http_url), "ensemble_inflight_requests") == 1,
+            "the request in flight",
+            timeout_s=10,
+        )
+        started = time.monotonic()
+        assert gw.stop() == 0, gw.log()
+        assert time.monotonic() - started < 10
+        result, error = got.get(timeout=10)
+        assert error is None and result.get_response().id == "in-flight"
+    finally:
+        for client in (idle, busy):
+            client.stop_stream()
+            client.close()
+    assert "Traceback" not in gw.log(), gw.log()
 
 
 def test_an_api_key_guards_the_stream(zoo_dir: Path, tmp_path: Path) -> None:

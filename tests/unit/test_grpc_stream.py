@@ -144,3 +144,29 @@ def test_a_client_gone_mid_stream_ends_it_quietly_with_nothing_left_running() ->
 
     writes, left = asyncio.run(main())
     assert writes == 1 and left == 0
+
+
+def test_a_draining_gateway_answers_what_a_stream_read_and_ends_it() -> None:
+    async def main() -> tuple[list[str], list[str], list[Any]]:
+        servicer = Servicer()
+        handler = StreamInfer(servicer, None, max_in_flight=2)
+
+        async def endless() -> AsyncIterator[bytes]:
+            for i in range(1000):
+                yield str(i).encode()
+
+        answers = handler.answers(endless(), None)
+        first = asyncio.ensure_future(anext(answers))
+        await settle()
+        read = list(servicer.started)  # the cap's worth read, waiting to be answered
+        handler.drain()
+        servicer.gate.set()
+        got = [(await first).infer_response.id]
+        got += [a.infer_response.id async for a in answers]  # then the stream ends
+        late = [a async for a in handler.answers(sent(b"x"), None)]  # opened while draining
+        return read, got, late
+
+    read, got, late = asyncio.run(main())
+    assert read == ["0", "1"]
+    assert sorted(got) == ["0", "1"]
+    assert late == []
