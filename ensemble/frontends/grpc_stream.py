@@ -108,8 +108,12 @@ class StreamInfer:
             except asyncio.CancelledError:
                 if not self.draining:
                     raise
-            if running:
-                await asyncio.wait(set(running))
+            while running:  # a drain that comes now changes nothing: these are answered
+                try:
+                    await asyncio.wait(set(running))
+                except asyncio.CancelledError:
+                    if not self.draining:
+                        raise
         finally:
             answers.put_nowait(_END)
 

@@ -170,3 +170,18 @@ def test_a_draining_gateway_answers_what_a_stream_read_and_ends_it() -> None:
     assert read == ["0", "1"]
     assert sorted(got) == ["0", "1"]
     assert late == []
+
+
+def test_a_drain_after_the_client_closed_its_side_still_answers_what_was_read() -> None:
+    async def main() -> list[str]:
+        servicer = Servicer()
+        handler = StreamInfer(servicer, None, max_in_flight=4)
+        answers = handler.answers(sent(b"a", b"b"), None)  # the client sends two, then closes
+        first = asyncio.ensure_future(anext(answers))
+        await settle()
+        handler.drain()  # both are being answered: the drain must not cut them off
+        await settle()
+        servicer.gate.set()
+        return [(await first).infer_response.id] + [a.infer_response.id async for a in answers]
+
+    assert sorted(asyncio.run(main())) == ["a", "b"]
