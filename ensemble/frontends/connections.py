@@ -230,6 +230,11 @@ class OpenConnections:
         done)."""
         self.handshaking: dict[object, Any] = {}
         """Connections in their TLS handshake by their protocol, oldest first."""
+        self.fresh: dict[Any, float] = {}
+        """Connections that never sent a whole request (HTTP: a head; gRPC: the HTTP/2
+        preface), since when (the loop's clock), oldest first; each has ``close(reason)``."""
+        self.idle: dict[Any, float] = {}
+        """Connections idle after a request (call), since when, oldest first."""
         self.closing: dict[object, asyncio.Transport] = {}
         """Connections closed here and not gone yet, by their protocol, oldest first: a TLS
         connection waits for the client's close_notify (``header_timeout_s`` at most), and
@@ -249,9 +254,9 @@ class OpenConnections:
     def make_room(self, newcomer: object = None) -> bool:
         """Make room for ``newcomer`` (a new connection; with TLS, its protocol, in its
         handshake): abort the oldest connection closed here and still lingering, else close
-        whichever waited longest without a request, the oldest other TLS handshake or (HTTP)
-        the oldest connection that never sent a whole head, else (HTTP) the oldest idle one.
-        False when every connection is in a request."""
+        whichever waited longest without a request, the oldest other TLS handshake or the
+        oldest connection that never sent one, else the oldest idle one. False when every
+        connection is in a request."""
         if self.closing:
             conn = next(iter(self.closing))
             self.closing.pop(conn).abort()
@@ -265,12 +270,24 @@ class OpenConnections:
         return self._close_waiting()
 
     def _oldest_waiting(self) -> float | None:
-        """Since when the oldest established connection without a request has waited."""
-        return None
+        """Since when the oldest established connection that never sent a request waited."""
+        return next(iter(self.fresh.values()), None)
 
     def _close_waiting(self) -> bool:
-        """Close the oldest established connection not in a request."""
+        """Close the oldest established connection that never sent a request, else the
+        oldest idle between requests; False when there is none."""
+        for waiting in (self.fresh, self.idle):
+            while waiting:
+                oldest = next(iter(waiting))
+                del waiting[oldest]
+                if oldest.close("evicted"):
+                    return True
         return False
+
+    def forget(self, conn: object) -> None:
+        """``conn`` is in a request now, or gone."""
+        self.fresh.pop(conn, None)
+        self.idle.pop(conn, None)
 
     def finish_closing(self, conn: object) -> None:
         """The gateway is stopping: abort ``conn`` if it is a TLS connection closed here with
@@ -294,29 +311,7 @@ class ConnectionGuard(OpenConnections):
 
     def __init__(self, limits: ConnectionLimits, metrics: GatewayMetrics) -> None:
         super().__init__(limits, metrics, "http")
-        self.fresh: dict[GatewayHttpProtocol, float] = {}
-        """Connections that never sent a whole request head, since when (the loop's clock);
-        insertion-ordered, oldest first."""
-        self.idle: dict[GatewayHttpProtocol, None] = {}
-        """Connections idle after a request, oldest first."""
         metrics.open_connections = lambda: (("http", self.open),)
-
-    def _oldest_waiting(self) -> float | None:
-        return next(iter(self.fresh.values()), None)
-
-    def _close_waiting(self) -> bool:
-        for waiting in (self.fresh, self.idle):
-            while waiting:
-                oldest = next(iter(waiting))
-                del waiting[oldest]
-                if oldest.close("evicted"):
-                    return True
-        return False
-
-    def forget(self, conn: GatewayHttpProtocol) -> None:
-        """``conn`` is in a request now, or gone."""
-        self.fresh.pop(conn, None)
-        self.idle.pop(conn, None)
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -413,7 +408,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline:
-            self.guard.idle[self] = None  # uvicorn's keep-alive timer runs meanwhile
+            self.guard.idle[self] = self.loop.time()  # uvicorn's keep-alive timer runs too
 
     def timeout_keep_alive_handler(self) -> None:
         self.close("idle_timeout")

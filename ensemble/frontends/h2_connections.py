@@ -27,7 +27,8 @@ HANDSHAKE_BYTES: Final = 24 + 9
 
 class H2Guard(OpenConnections):
     """The uvicorn gRPC stack's connections: how many are open, against the cap (shown beside
-    the HTTP frontend's in ``ensemble_open_connections``)."""
+    the HTTP frontend's in ``ensemble_open_connections``); at the cap, as the HTTP frontend's,
+    one that never spoke HTTP/2, else one idle between calls, is closed to make room."""
 
     def __init__(self, limits: ConnectionLimits, metrics: GatewayMetrics) -> None:
         super().__init__(limits, metrics, "grpc")
@@ -74,8 +75,9 @@ class GatewayH2Protocol(ZttpH2Protocol):
         guard.handshaking.pop(self, None)  # over TLS: the handshake is done
         guard.open += 1
         if guard.open > guard.limits.max_connections and not guard.make_room():
-            self._close("limit")
+            self.close("limit")
             return
+        guard.fresh[self] = self.loop.time()  # until it speaks HTTP/2
         limits = guard.limits
         self._timers.append(self.loop.call_later(limits.header_timeout_s, self._handshake_late))
         if limits.grpc_max_connection_age_s is not None:
@@ -83,6 +85,7 @@ class GatewayH2Protocol(ZttpH2Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.open -= 1
+        self.guard.forget(self)
         self.guard.gone(self)
         for timer in self._timers:
             timer.cancel()
@@ -96,6 +99,8 @@ class GatewayH2Protocol(ZttpH2Protocol):
         if self._lingering:
             return
         self._received += len(data)
+        if self._received >= HANDSHAKE_BYTES and self.guard.fresh.pop(self, None) is not None:
+            self.guard.idle[self] = self.loop.time()  # it speaks HTTP/2: idle until a call
         super().data_received(data)
 
     def handle_request(self, event: zttp.Request) -> None:
@@ -109,12 +114,15 @@ class GatewayH2Protocol(ZttpH2Protocol):
             self.conn.stream(event.stream_id).reset(REFUSED_STREAM)  # the client may retry
             return
         self._running += 1
+        self.guard.idle.pop(self, None)
         super().handle_request(event)
         if self._streams >= RETIRE_AFTER_STREAMS:
             self.retire(self._highest_seen)
 
     def on_response_complete(self, stream_id: int) -> None:
         self._running -= 1  # uvicorn calls this once per call, answered or not
+        if not self._running and not self.transport.is_closing():
+            self.guard.idle[self] = self.loop.time()
         super().on_response_complete(stream_id)
 
     def handle_rst_stream(self, event: zttp.RstStream) -> None:
@@ -155,7 +163,7 @@ class GatewayH2Protocol(ZttpH2Protocol):
 
     def _handshake_late(self) -> None:
         if self._received < HANDSHAKE_BYTES:
-            self._close("header_timeout")
+            self.close("header_timeout")
 
     def _aged(self) -> None:
         """``grpc_max_connection_age_s`` passed: retire (counted as ``max_age``), and close
@@ -171,8 +179,12 @@ class GatewayH2Protocol(ZttpH2Protocol):
         self.guard.metrics.record_connection_closed("grpc", "idle_timeout")
         super().timeout_keep_alive_handler()
 
-    def _close(self, reason: str) -> None:
+    def close(self, reason: str) -> bool:
+        """Close this connection for ``reason`` (counted); False if it was closing already.
+        A connection closed to make room has no call running: its client reconnects for the
+        next one."""
         if self.transport.is_closing():
-            return
+            return False
         self.guard.metrics.record_connection_closed("grpc", reason)
         self.transport.close()
+        return True

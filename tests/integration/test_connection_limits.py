@@ -177,23 +177,44 @@ def test_grpc_refuses_past_its_cap_and_closes_idle_connections(gw: GatewayProces
     client.close()
 
 
-def test_the_uvicorn_grpc_stack_holds_the_cap_and_the_handshake_timeout(
+def test_the_uvicorn_grpc_stack_makes_room_and_times_out_silent_connections(
     gw_h2: GatewayProcess,
 ) -> None:
-    """Past the cap a connection is closed at once; a socket that never speaks HTTP/2 is closed
-    after header_timeout_s; both counted; a gRPC client is served afterwards."""
+    """Twice the cap in sockets that never speak HTTP/2: a gRPC client is served meanwhile
+    (the oldest silent one is closed to make room, as on the HTTP frontend), and every silent
+    socket is closed, to make room or after header_timeout_s; both counted."""
+    evicted = closed_count(gw_h2, "evicted", "grpc")
     idle = [
         socket.create_connection((gw_h2.host, gw_h2.grpc_port), timeout=5) for _ in range(2 * CAP)
     ]
     try:
+        client = grpcclient.InferenceServerClient(gw_h2.grpc_target)
+        try:
+            assert client.is_server_live()
+        finally:
+            client.close()
         assert all(closed_by_server(sock, within_s=10) for sock in idle)
     finally:
         for sock in idle:
             sock.close()
-    assert closed_count(gw_h2, "limit", "grpc") >= CAP
+    assert closed_count(gw_h2, "evicted", "grpc") - evicted >= CAP
     assert closed_count(gw_h2, "header_timeout", "grpc") >= 1
-    client = grpcclient.InferenceServerClient(gw_h2.grpc_target)
+
+
+def test_idle_grpc_clients_make_room_and_reconnect(gw_h2: GatewayProcess) -> None:
+    """The cap filled with gRPC clients idle between calls: one more client is served (the
+    longest idle is closed), and that one's next call reconnects and is served too."""
+    evicted = closed_count(gw_h2, "evicted", "grpc")
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a connection each, not one shared
+    clients = [
+        grpcclient.InferenceServerClient(gw_h2.grpc_target, channel_args=own)
+        for _ in range(CAP + 1)
+    ]
     try:
-        assert client.is_server_live()
+        for client in clients:  # one connection each; the last one finds the frontend full
+            assert client.is_server_live()
+        assert closed_count(gw_h2, "evicted", "grpc") - evicted >= 1
+        assert clients[0].is_server_live()  # closed to make room, it reconnects
     finally:
-        client.close()
+        for client in clients:
+            client.close()
