@@ -136,6 +136,13 @@ class ServerConfig(StrictModel):
         description="Time a client has to send a request body once its head arrived (408 "
         "after it).",
     )
+    write_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="Time an answer may wait on a client that does not read it (the "
+        "connection's send buffers full); then the connection is closed (HTTP).",
+    )
     idle_timeout_s: float = Field(
         30.0,
         gt=0,

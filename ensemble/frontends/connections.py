@@ -36,6 +36,7 @@ class ConnectionLimits:
 
     max_connections: int = 4096
     header_timeout_s: float = 10.0
+    write_timeout_s: float = 60.0
     idle_timeout_s: float = 30.0
     max_header_bytes: int = 64 * 1024
     grpc_max_concurrent_streams: int = 128
@@ -46,6 +47,7 @@ class ConnectionLimits:
         return cls(
             max_connections=server.max_connections,
             header_timeout_s=server.header_timeout_s,
+            write_timeout_s=server.write_timeout_s,
             idle_timeout_s=server.idle_timeout_s,
             max_header_bytes=server.max_header_bytes,
             grpc_max_concurrent_streams=server.grpc_max_concurrent_streams,
@@ -322,6 +324,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.guard = guard
         self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._head_too_large = False
 
@@ -350,11 +353,34 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.guard.forget(self)
         self.guard.gone(self)
         self._cancel_head_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
         super().shutdown()  # closes the connection now when no request is on it
         self.guard.finish_closing(self)
+
+    # -- a client that does not read -----------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The send buffers are full: the answer waits for the client to read, for at most
+        ``write_timeout_s`` (uvicorn would wait forever, the request holding its slot)."""
+        super().pause_writing()
+        if self._write_timer is None:
+            timeout = self.guard.limits.write_timeout_s
+            self._write_timer = self.loop.call_later(timeout, self._write_late)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_late(self) -> None:
+        self._write_timer = None
+        self.guard.metrics.record_connection_closed("http", "write_timeout")
+        self.transport.abort()  # a close would wait for the buffers to drain
 
     def close(self, reason: str) -> bool:
         """Close this connection for ``reason`` (counted); False if it was closing already."""

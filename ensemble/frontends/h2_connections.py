@@ -186,5 +186,10 @@ class GatewayH2Protocol(ZttpH2Protocol):
         if self.transport.is_closing():
             return False
         self.guard.metrics.record_connection_closed("grpc", reason)
+        if self._received >= HANDSHAKE_BYTES:  # it speaks HTTP/2: GOAWAY first
+            # A call the client started meanwhile is past the last stream named: it knows
+            # the call was not served and retries it on a new connection.
+            self.conn.close(0, self._highest_seen)
+            self.flush()
         self.transport.close()
         return True

@@ -56,7 +56,8 @@ def frontend_families(m: GatewayMetrics) -> Iterator[Metric]:
         "Client connections the gateway closed or refused, by protocol (http, grpc) and "
         "reason: limit "
         "(refused at server.max_connections), evicted (not in a request, closed for a new "
-        "connection at the cap), header_timeout, header_too_large, idle_timeout, max_age "
+        "connection at the cap), header_timeout, header_too_large, idle_timeout, "
+        "write_timeout (http: an answer unread past server.write_timeout_s), max_age "
         "(grpc on the uvicorn stack: retired at server.grpc_max_connection_age_s).",
         ["protocol", "reason"],
         m.connections_closed.items(),

@@ -133,7 +133,7 @@ class GatewayMetrics:
 
     def record_connection_closed(self, protocol: str, reason: str) -> None:
         """Count a client connection closed by the gateway: limit, evicted, header_timeout,
-        header_too_large, idle_timeout."""
+        header_too_large, idle_timeout, write_timeout."""
         self.connections_closed[(protocol, reason)] += 1
 
     def record_member_call(self, member: str, tier: str, outcome: str, seconds: float) -> None:

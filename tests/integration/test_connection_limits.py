@@ -3,6 +3,8 @@ fill, head and idle timeouts, a head size limit, a body read timeout; every clos
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tests.helpers import wait_for
 from tests.integration.process import GatewayProcess, start_from_config, zoo_member
 
 pytestmark = pytest.mark.integration
@@ -23,7 +26,9 @@ SERVER = {
     "header_timeout_s": 0.5,
     "idle_timeout_s": 1.0,
     "read_timeout_s": 0.5,
+    "write_timeout_s": 1.0,
     "max_header_bytes": 4096,
+    "max_batch_size": 2000,
 }
 
 
@@ -218,3 +223,61 @@ def test_idle_grpc_clients_make_room_and_reconnect(gw_h2: GatewayProcess) -> Non
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_client_that_never_reads_its_answers_is_closed_at_the_write_timeout(
+    gw: GatewayProcess,
+) -> None:
+    """Requests pipelined for large answers, none read: the answer waits on full buffers, in
+    a request (so never closed to make room), until write_timeout_s closes the connection."""
+    before = closed_count(gw, "write_timeout")
+    rows = {"name": "input", "shape": [2000, 64], "datatype": "FP32", "data": [0.5] * 128_000}
+    body = json.dumps({"inputs": [rows]}).encode()
+    head = (
+        b"POST /v2/models/logreg/infer HTTP/1.1\r\nhost: gw\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+    )
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect((gw.host, gw.http_port))
+    try:
+        with contextlib.suppress(TimeoutError, OSError):  # the gateway stops reading too
+            sock.sendall((head + body) * 20)
+        wait_for(
+            lambda: closed_count(gw, "write_timeout") > before,
+            "the connection closed for its unread answers",
+            timeout_s=20,
+        )
+    finally:
+        sock.close()
+
+
+def test_a_grpc_connection_closed_to_make_room_is_told_with_goaway(gw_h2: GatewayProcess) -> None:
+    """The cap filled with connections that spoke HTTP/2 and went idle: the oldest, closed to
+    make room, gets GOAWAY (NO_ERROR, naming the last stream served) before the close, so a
+    call its client started meanwhile is retried elsewhere rather than failed."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    idle = []
+    try:
+        for _ in range(CAP):
+            sock = socket.create_connection((gw_h2.host, gw_h2.grpc_port), timeout=5)
+            sock.sendall(preface)
+            idle.append(sock)
+        time.sleep(0.2)  # the prefaces are read: each connection is idle between calls
+        newcomer = socket.create_connection((gw_h2.host, gw_h2.grpc_port), timeout=5)
+        try:
+            received = b""
+            while chunk := idle[0].recv(65536):  # until the gateway closes it
+                received += chunk
+        finally:
+            newcomer.close()
+        kinds = []
+        while len(received) >= 9:  # HTTP/2 frames: 3-byte length, type, flags, stream id
+            length = int.from_bytes(received[:3], "big")
+            kinds.append(received[3])
+            received = received[9 + length :]
+        assert 7 in kinds, kinds  # GOAWAY
+    finally:
+        for sock in idle:
+            sock.close()

@@ -34,7 +34,8 @@ def populated() -> GatewayMetrics:
             m.record_request("digits", protocol, outcome, 0.01)
         for reason in REJECTION_REASONS:
             m.record_rejection(protocol, reason)
-        for reason in ("limit", "evicted", "header_timeout", "header_too_large", "idle_timeout"):
+        closes = ("limit", "evicted", "header_timeout", "header_too_large", "idle_timeout")
+        for reason in (*closes, "write_timeout"):
             m.record_connection_closed(protocol, reason)
     for outcome in ("success", "error", "timeout"):
         m.record_member_call("logreg", "edge", outcome, 0.001)
