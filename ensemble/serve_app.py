@@ -152,15 +152,10 @@ def _gateway_actor(cfg: GatewayConfig) -> dict[str, Any]:
 
 
 def _replica_key_names(cfg: GatewayConfig) -> list[str]:
-    """The variables remote placements read their API keys from (`api_key_env`)."""
-    placements = [
-        place
-        for ensemble in cfg.ensembles
-        for member in ensemble.members
-        for places in (member.placement, *(v.placement or () for v in member.versions))
-        for place in places
-    ]
-    return sorted({p.api_key_env for p in placements if p.api_key_env is not None})
+    """The variables remote placements read their API keys from (`api_key_env`), every
+    version's."""
+    names = {p.api_key_env for _, member in cfg.member_specs() for p in member.placement}
+    return sorted(name for name in names if name is not None)
 
 
 def _gateway_sizing(cfg: GatewayConfig) -> dict[str, Any]:

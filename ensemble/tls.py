@@ -52,7 +52,7 @@ def load_tls_files(cert_file: Path, key_file: Path, client_ca_file: Path | None)
     """Read and check the files (PEM, the key matching the certificate, the CA loadable);
     raises TlsFileError with the first problem."""
     cert, key = _cert_and_key(cert_file, key_file)
-    ca = None if client_ca_file is None else _client_ca(client_ca_file)
+    ca = None if client_ca_file is None else _ca("client_ca_file", client_ca_file)
     return TlsFiles(cert, key, ca)
 
 
@@ -83,7 +83,7 @@ def tls_file_errors(
         errors.append(exc)
     if client_ca_file is not None:
         try:
-            _client_ca(client_ca_file)
+            _ca("client_ca_file", client_ca_file)
         except TlsFileError as exc:
             errors.append(exc)
     return errors
@@ -114,10 +114,6 @@ def _cert_and_key(cert_file: Path, key_file: Path) -> tuple[bytes, bytes]:
     except OSError as exc:  # the file changed between the reads above and this one
         raise TlsFileError("key_file", f"cannot load {key_file}: {exc.strerror or exc}") from None
     return cert, key
-
-
-def _client_ca(client_ca_file: Path) -> bytes:
-    return _ca("client_ca_file", client_ca_file)
 
 
 def _ca(field: str, path: Path) -> bytes:

@@ -50,8 +50,6 @@ class GatewayH2Protocol(ZttpH2Protocol):
     the connection closed lingering once its last call answers. ``grpc_max_connection_age_s``
     retires the same way."""
 
-    alpn_protocols = ["h2"]
-
     def __init__(self, *args: Any, guard: H2Guard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.guard = guard
